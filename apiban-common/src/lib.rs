@@ -1,0 +1,180 @@
+//! Types and constants shared by the XDP program (`apiban-ebpf`) and the agent (`apiban-user`).
+//!
+//! Everything here is `#[repr(C)]` plain data: the same bytes are written by one side and read
+//! by the other through BPF maps, so layouts must never depend on the compiler.
+#![no_std]
+
+/// Names of the maps in the eBPF object. The agent pins each under its bpffs directory with
+/// this name, so a renamed map is a breaking change for adoption of pinned state.
+pub mod map_names {
+    pub const DENY_V4: &str = "DENY_V4";
+    pub const DENY_V6: &str = "DENY_V6";
+    pub const ALLOW_V4: &str = "ALLOW_V4";
+    pub const ALLOW_V6: &str = "ALLOW_V6";
+    pub const STATS: &str = "STATS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const SCOPE_PORTS: &str = "SCOPE_PORTS";
+    /// Only used by the benchmark program; never pinned.
+    pub const BENCH_PARAMS: &str = "BENCH_PARAMS";
+
+    /// The maps that hold enforcement state and are pinned for adoption across restarts.
+    pub const PINNED: [&str; 7] = [
+        DENY_V4,
+        DENY_V6,
+        ALLOW_V4,
+        ALLOW_V6,
+        STATS,
+        CONFIG,
+        SCOPE_PORTS,
+    ];
+}
+
+/// Names of the programs in the eBPF object.
+pub mod program_names {
+    /// The production XDP program.
+    pub const APIBAN: &str = "apiban";
+    /// A bare `XDP_DROP`: the cost floor of an XDP program on this machine.
+    pub const BENCH_FLOOR: &str = "bench_floor";
+    /// The production logic behind a step that rewrites the source address on every run, so
+    /// that `BPF_PROG_TEST_RUN` with `repeat` cycles through many distinct keys.
+    pub const BENCH_CYCLE: &str = "bench_cycle";
+}
+
+/// Capacity defaults. LPM tries are created with `BPF_F_NO_PREALLOC`, so an unused capacity
+/// costs no kernel memory; it only bounds how far the maps may grow.
+pub const DEFAULT_DENY_V4_ENTRIES: u32 = 1_048_576;
+pub const DEFAULT_DENY_V6_ENTRIES: u32 = 262_144;
+pub const DEFAULT_ALLOW_V4_ENTRIES: u32 = 65_536;
+pub const DEFAULT_ALLOW_V6_ENTRIES: u32 = 16_384;
+
+/// One slot per destination port: a byte array is a single inlined array lookup on the hot path.
+pub const SCOPE_PORT_SLOTS: u32 = 65_536;
+
+pub const ETH_P_IPV4: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86DD;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88A8;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ROUTING: u8 = 43;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_AH: u8 = 51;
+pub const IPPROTO_DSTOPTS: u8 = 60;
+
+/// What the XDP program decided about a packet; the index of its counter in `STATS`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// From a banned source (and, in port scope, to a scoped port): XDP_DROP.
+    Dropped = 0,
+    /// From a banned source that the allowlist covers: passed. Counts what the allowlist saved.
+    Allowed = 1,
+    /// IP from a source that is not banned, or out of scope: passed.
+    Passed = 2,
+    /// Not IPv4/IPv6 (ARP, LLDP, more than two VLAN tags, ...): passed.
+    NotIp = 3,
+    /// IP but truncated or inconsistent headers: passed, since the source cannot be trusted.
+    Malformed = 4,
+}
+
+pub const VERDICT_COUNT: u32 = 5;
+
+impl Verdict {
+    pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
+        Verdict::Dropped,
+        Verdict::Allowed,
+        Verdict::Passed,
+        Verdict::NotIp,
+        Verdict::Malformed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Dropped => "dropped",
+            Verdict::Allowed => "allowed",
+            Verdict::Passed => "passed",
+            Verdict::NotIp => "not_ip",
+            Verdict::Malformed => "malformed",
+        }
+    }
+}
+
+/// Per-CPU packet and byte counter for one verdict.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The value of a deny entry: how often the banned prefix was hit and when last.
+///
+/// `last_hit_ns` is CLOCK_MONOTONIC (coarse) in nanoseconds, as `bpf_ktime_get_coarse_ns`
+/// returns it; zero means never hit. `prefix_len` repeats the key's prefix length: an LPM
+/// lookup does not say which prefix matched, the value does, so userspace answers "which entry
+/// covers this address" and "is this exact prefix present" with one lookup each.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyEntry {
+    pub hits: u64,
+    pub last_hit_ns: u64,
+    pub prefix_len: u32,
+    pub _reserved: u32,
+}
+
+/// The value of an allow entry. The allowlist carries no hit bookkeeping: the `Allowed`
+/// verdict counter says how often it saved a packet. See [`DenyEntry`] for `prefix_len`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllowEntry {
+    pub prefix_len: u32,
+}
+
+/// Runtime switches of the XDP program, in the single slot of the `CONFIG` array.
+/// A map rather than load-time globals, so a restarted agent can change them on the pinned,
+/// running program without reloading it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataplaneConfig {
+    pub flags: u32,
+    pub _reserved: u32,
+}
+
+impl DataplaneConfig {
+    /// Drop only packets to the destination ports marked in `SCOPE_PORTS` (TCP/UDP).
+    pub const SCOPE_PORTS: u32 = 1 << 0;
+    /// Do not record per-entry hit counts and last-hit time (saves an atomic per drop).
+    pub const NO_HIT_TRACKING: u32 = 1 << 1;
+    /// Emit an aya-log event for each drop and allowlist match. Debug only: costly under load.
+    pub const DEBUG_EVENTS: u32 = 1 << 2;
+}
+
+/// Parameters of the `bench_cycle` program: source address of run `i` is
+/// `(base + (i & mask)).wrapping_mul(BENCH_MULTIPLIER)`, big-endian. The multiplier is odd, so
+/// the mapping is a bijection and spreads keys over the whole address space like real attackers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BenchParams {
+    pub base: u32,
+    pub mask: u32,
+}
+
+pub const BENCH_MULTIPLIER: u32 = 0x9E37_79B1;
+
+/// The IPv4 address the benchmark program uses for index `i` (host order).
+pub const fn bench_address(base: u32, mask: u32, i: u32) -> u32 {
+    base.wrapping_add(i & mask).wrapping_mul(BENCH_MULTIPLIER)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), contain only integers and have no padding.
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for DenyEntry {}
+    unsafe impl aya::Pod for AllowEntry {}
+    unsafe impl aya::Pod for DataplaneConfig {}
+    unsafe impl aya::Pod for BenchParams {}
+}

@@ -1,0 +1,35 @@
+//! Compiles the XDP program (apiban-ebpf) with the pinned nightly and bpf-linker, so that
+//! `cargo build --release` yields one `apiban` binary with the eBPF object embedded.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+/// Must match xtask's EBPF_TOOLCHAIN and ../shared/toolchain.md: its LLVM major version has to
+/// equal bpf-linker's.
+const EBPF_TOOLCHAIN: &str = "nightly-2026-07-01";
+
+fn main() -> anyhow::Result<()> {
+    // A clear message beats aya-build's spawn error when the eBPF toolchain is missing.
+    let toolchain_ok = Command::new("rustup")
+        .args(["run", EBPF_TOOLCHAIN, "rustc", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !toolchain_ok {
+        bail!("the eBPF toolchain {EBPF_TOOLCHAIN} is not installed: run `cargo xtask setup`");
+    }
+    let linker_ok = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !linker_ok {
+        bail!("bpf-linker is not on PATH: run `cargo xtask setup`");
+    }
+    let ebpf = aya_build::Package {
+        name: "apiban-ebpf",
+        root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../apiban-ebpf"),
+        ..Default::default()
+    };
+    aya_build::build_ebpf([ebpf], aya_build::Toolchain::Custom(EBPF_TOOLCHAIN))
+        .context("building the XDP program (apiban-ebpf) failed")
+}

@@ -1,0 +1,92 @@
+//! `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` through the raw syscall: aya 0.16 has no
+//! batch API, and one syscall per entry dominates the cost of loading 100k bans.
+
+use std::{io, mem, os::fd::BorrowedFd, os::fd::AsRawFd as _};
+
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+
+/// The `batch` member of `union bpf_attr` (linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// The outcome of a batch call: how many elements the kernel applied, and the error that
+/// stopped it, if any (elements after `done` were not touched).
+#[derive(Debug)]
+pub struct BatchOutcome {
+    pub done: usize,
+    pub error: Option<io::Error>,
+}
+
+fn call(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
+    // SAFETY: attr is a valid bpf_attr prefix of the size passed; the kernel reads the key and
+    // value arrays it points to, which the callers keep alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut BatchAttr,
+            mem::size_of::<BatchAttr>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Inserts or replaces `keys[i] -> values[i]` for all i, in one syscall per `chunk`.
+pub fn update<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> BatchOutcome {
+    assert_eq!(keys.len(), values.len(), "one value per key");
+    let mut done = 0;
+    for (ks, vs) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
+        let mut attr = BatchAttr {
+            keys: ks.as_ptr() as u64,
+            values: vs.as_ptr() as u64,
+            count: ks.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let result = call(BPF_MAP_UPDATE_BATCH, &mut attr);
+        // On error the kernel reports in `count` how many elements it applied.
+        done += attr.count as usize;
+        if let Err(error) = result {
+            return BatchOutcome { done, error: Some(error) };
+        }
+    }
+    BatchOutcome { done, error: None }
+}
+
+/// Deletes all `keys`. A missing key stops the batch with ENOENT, like the kernel does.
+pub fn delete<K>(map: BorrowedFd<'_>, keys: &[K]) -> BatchOutcome {
+    let mut done = 0;
+    for ks in keys.chunks(CHUNK) {
+        let mut attr = BatchAttr {
+            keys: ks.as_ptr() as u64,
+            count: ks.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let result = call(BPF_MAP_DELETE_BATCH, &mut attr);
+        done += attr.count as usize;
+        if let Err(error) = result {
+            return BatchOutcome { done, error: Some(error) };
+        }
+    }
+    BatchOutcome { done, error: None }
+}
+
+/// Elements per syscall: large enough to amortise the syscall, small enough that one call
+/// never holds the CPU for long (the kernel reschedules between elements anyway).
+const CHUNK: usize = 16_384;

@@ -1,0 +1,526 @@
+//! The dataplane: the XDP program's maps behind a typed API, and the loader that loads,
+//! adopts, attaches and detaches the program.
+//!
+//! Only the ledger's owner writes through [`Dataplane`]; everything else reads.
+
+pub mod batch;
+pub mod bpffs;
+pub mod loader;
+
+use std::{collections::BTreeSet, io, net::IpAddr, os::fd::AsFd as _};
+
+use apiban_common::{
+    AllowEntry, Counter, DataplaneConfig, DenyEntry, SCOPE_PORT_SLOTS, VERDICT_COUNT, Verdict,
+    map_names,
+};
+use aya::maps::{
+    Array, IterableMap as _, Map, MapData, MapError, PerCpuArray,
+    lpm_trie::{Key, LpmTrie},
+};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("the {list} map for {family} is full ({capacity} entries); raise its capacity")]
+    MapFull {
+        list: List,
+        family: Family,
+        capacity: u32,
+    },
+    #[error("map {name} is missing from the eBPF object")]
+    MissingMap { name: &'static str },
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("batch update of {name} failed after {done} entries: {source}")]
+    Batch {
+        name: &'static str,
+        done: usize,
+        #[source]
+        source: io::Error,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum List {
+    Deny,
+    Allow,
+}
+
+impl std::fmt::Display for List {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            List::Deny => "deny",
+            List::Allow => "allow",
+        })
+    }
+}
+
+/// Which traffic from a banned source is dropped.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// Everything (what the existing APIBAN clients do).
+    #[default]
+    All,
+    /// Only TCP/UDP to these destination ports (and non-first fragments, which carry no port).
+    Ports(BTreeSet<u16>),
+}
+
+/// Packets and bytes for every verdict, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub counters: [Counter; VERDICT_COUNT as usize],
+}
+
+impl Stats {
+    pub fn get(&self, verdict: Verdict) -> Counter {
+        self.counters[verdict as usize]
+    }
+}
+
+/// A deny entry as the dataplane sees it: the prefix and its hit bookkeeping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DenyHits {
+    pub net: IpNet,
+    pub entry: DenyEntry,
+}
+
+/// A map value that records the prefix length of its own key (see [`DenyEntry`]).
+pub trait PrefixValue: aya::Pod {
+    fn for_prefix(prefix_len: u32) -> Self;
+    fn prefix_len(&self) -> u32;
+}
+
+impl PrefixValue for DenyEntry {
+    fn for_prefix(prefix_len: u32) -> Self {
+        DenyEntry {
+            prefix_len,
+            ..Default::default()
+        }
+    }
+    fn prefix_len(&self) -> u32 {
+        self.prefix_len
+    }
+}
+
+impl PrefixValue for AllowEntry {
+    fn for_prefix(prefix_len: u32) -> Self {
+        AllowEntry { prefix_len }
+    }
+    fn prefix_len(&self) -> u32 {
+        self.prefix_len
+    }
+}
+
+/// One LPM trie with prefix keys of `N` octets: IPv4 (`N = 4`) or IPv6 (`N = 16`).
+pub struct PrefixMap<const N: usize, V: PrefixValue> {
+    name: &'static str,
+    list: List,
+    family: Family,
+    capacity: u32,
+    trie: LpmTrie<MapData, [u8; N], V>,
+}
+
+pub type DenyMap<const N: usize> = PrefixMap<N, DenyEntry>;
+pub type AllowMap<const N: usize> = PrefixMap<N, AllowEntry>;
+
+fn is_errno(e: &MapError, errno: i32) -> bool {
+    matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(errno))
+}
+
+impl<const N: usize, V: PrefixValue> PrefixMap<N, V> {
+    fn new(map: Map, name: &'static str, list: List, family: Family) -> Result<Self, DataplaneError> {
+        let trie: LpmTrie<MapData, [u8; N], V> =
+            LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
+        let capacity = trie
+            .map()
+            .info()
+            .map_err(|source| DataplaneError::Map { name, source })?
+            .max_entries();
+        Ok(Self {
+            name,
+            list,
+            family,
+            capacity,
+            trie,
+        })
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    fn map_err(&self, source: MapError) -> DataplaneError {
+        if is_errno(&source, libc::ENOSPC) {
+            return self.full();
+        }
+        DataplaneError::Map {
+            name: self.name,
+            source,
+        }
+    }
+
+    fn full(&self) -> DataplaneError {
+        DataplaneError::MapFull {
+            list: self.list,
+            family: self.family,
+            capacity: self.capacity,
+        }
+    }
+
+    /// Adds a prefix. An existing entry keeps its value (and so its hit count).
+    pub fn insert(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
+        match self.trie.insert(&key, &V::for_prefix(key.prefix_len()), BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
+            Err(e) => Err(self.map_err(e)),
+        }
+    }
+
+    /// Removes an exact prefix; removing an absent one is not an error.
+    pub fn remove(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
+        match self.trie.remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+            Err(e) => Err(self.map_err(e)),
+        }
+    }
+
+    /// Whether exactly this prefix is present (not whether something covers it).
+    pub fn contains(&self, key: Key<[u8; N]>) -> Result<bool, DataplaneError> {
+        Ok(self
+            .longest_match(key)?
+            .is_some_and(|(len, _)| len == key.prefix_len()))
+    }
+
+    /// The value of the longest prefix covering `key`, with that prefix's length: what the
+    /// XDP program finds for a packet when `key` is a full-length address.
+    pub fn longest_match(&self, key: Key<[u8; N]>) -> Result<Option<(u32, V)>, DataplaneError> {
+        match self.trie.get(&key, 0) {
+            Ok(v) => Ok(Some((v.prefix_len(), v))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(None),
+            Err(e) => Err(self.map_err(e)),
+        }
+    }
+
+    /// Adds many prefixes in as few syscalls as the kernel allows. Prefixes already present
+    /// are overwritten with a fresh value, so callers pass only prefixes that are new.
+    pub fn insert_batch(&mut self, keys: &[Key<[u8; N]>]) -> Result<usize, DataplaneError> {
+        let values: Vec<V> = keys.iter().map(|k| V::for_prefix(k.prefix_len())).collect();
+        let outcome = batch::update(self.trie.map().fd().as_fd(), keys, &values);
+        match outcome.error {
+            None => Ok(outcome.done),
+            Some(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(self.full()),
+            Some(source) => Err(DataplaneError::Batch {
+                name: self.name,
+                done: outcome.done,
+                source,
+            }),
+        }
+    }
+
+    /// Removes many exact prefixes; all must be present.
+    pub fn remove_batch(&mut self, keys: &[Key<[u8; N]>]) -> Result<usize, DataplaneError> {
+        let outcome = batch::delete(self.trie.map().fd().as_fd(), keys);
+        match outcome.error {
+            None => Ok(outcome.done),
+            Some(source) => Err(DataplaneError::Batch {
+                name: self.name,
+                done: outcome.done,
+                source,
+            }),
+        }
+    }
+
+    /// All entries with their values.
+    pub fn entries(&self) -> Result<Vec<(Key<[u8; N]>, V)>, DataplaneError> {
+        self.trie
+            .iter()
+            .map(|r| r.map_err(|e| self.map_err(e)))
+            .collect()
+    }
+
+    /// Number of entries; walks the trie, so it costs O(n) syscalls.
+    pub fn count(&self) -> usize {
+        self.trie.keys().filter(Result::is_ok).count()
+    }
+}
+
+const BPF_NOEXIST: u64 = 1;
+
+pub fn v4_key(net: Ipv4Net) -> Key<[u8; 4]> {
+    Key::new(u32::from(net.prefix_len()), net.trunc().addr().octets())
+}
+
+pub fn v6_key(net: Ipv6Net) -> Key<[u8; 16]> {
+    Key::new(u32::from(net.prefix_len()), net.trunc().addr().octets())
+}
+
+/// The prefix a key stands for, with host bits cleared. Keys come from our own maps, where
+/// the prefix length never exceeds the address width; `min` keeps that an invariant here.
+fn net_from_v4(key: Key<[u8; 4]>) -> IpNet {
+    let len = key.prefix_len().min(32) as u8;
+    IpNet::V4(Ipv4Net::new_assert(key.data().into(), len).trunc())
+}
+
+fn net_from_v6(key: Key<[u8; 16]>) -> IpNet {
+    let len = key.prefix_len().min(128) as u8;
+    IpNet::V6(Ipv6Net::new_assert(key.data().into(), len).trunc())
+}
+
+/// The XDP program's maps. Owned by whoever owns the ledger; nothing else writes them.
+pub struct Dataplane {
+    pub deny_v4: DenyMap<4>,
+    pub deny_v6: DenyMap<16>,
+    pub allow_v4: AllowMap<4>,
+    pub allow_v6: AllowMap<16>,
+    stats: PerCpuArray<MapData, Counter>,
+    config: Array<MapData, DataplaneConfig>,
+    scope_ports: Array<MapData, u8>,
+}
+
+impl Dataplane {
+    /// Takes the maps out of a loaded eBPF object.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, DataplaneError> {
+        let mut take = |name: &'static str| {
+            ebpf.take_map(name)
+                .ok_or(DataplaneError::MissingMap { name })
+        };
+        let typed = |name: &'static str, source| DataplaneError::Map { name, source };
+        Ok(Self {
+            deny_v4: PrefixMap::new(take(map_names::DENY_V4)?, map_names::DENY_V4, List::Deny, Family::V4)?,
+            deny_v6: PrefixMap::new(take(map_names::DENY_V6)?, map_names::DENY_V6, List::Deny, Family::V6)?,
+            allow_v4: PrefixMap::new(take(map_names::ALLOW_V4)?, map_names::ALLOW_V4, List::Allow, Family::V4)?,
+            allow_v6: PrefixMap::new(take(map_names::ALLOW_V6)?, map_names::ALLOW_V6, List::Allow, Family::V6)?,
+            stats: PerCpuArray::try_from(take(map_names::STATS)?)
+                .map_err(|e| typed(map_names::STATS, e))?,
+            config: Array::try_from(take(map_names::CONFIG)?)
+                .map_err(|e| typed(map_names::CONFIG, e))?,
+            scope_ports: Array::try_from(take(map_names::SCOPE_PORTS)?)
+                .map_err(|e| typed(map_names::SCOPE_PORTS, e))?,
+        })
+    }
+
+    pub fn deny(&mut self, net: IpNet) -> Result<(), DataplaneError> {
+        match net {
+            IpNet::V4(n) => self.deny_v4.insert(v4_key(n)),
+            IpNet::V6(n) => self.deny_v6.insert(v6_key(n)),
+        }
+    }
+
+    pub fn undeny(&mut self, net: IpNet) -> Result<(), DataplaneError> {
+        match net {
+            IpNet::V4(n) => self.deny_v4.remove(v4_key(n)),
+            IpNet::V6(n) => self.deny_v6.remove(v6_key(n)),
+        }
+    }
+
+    pub fn is_denied(&self, net: IpNet) -> Result<bool, DataplaneError> {
+        match net {
+            IpNet::V4(n) => self.deny_v4.contains(v4_key(n)),
+            IpNet::V6(n) => self.deny_v6.contains(v6_key(n)),
+        }
+    }
+
+    pub fn allow(&mut self, net: IpNet) -> Result<(), DataplaneError> {
+        match net {
+            IpNet::V4(n) => self.allow_v4.insert(v4_key(n)),
+            IpNet::V6(n) => self.allow_v6.insert(v6_key(n)),
+        }
+    }
+
+    pub fn unallow(&mut self, net: IpNet) -> Result<(), DataplaneError> {
+        match net {
+            IpNet::V4(n) => self.allow_v4.remove(v4_key(n)),
+            IpNet::V6(n) => self.allow_v6.remove(v6_key(n)),
+        }
+    }
+
+    pub fn is_allowed(&self, net: IpNet) -> Result<bool, DataplaneError> {
+        match net {
+            IpNet::V4(n) => self.allow_v4.contains(v4_key(n)),
+            IpNet::V6(n) => self.allow_v6.contains(v6_key(n)),
+        }
+    }
+
+    /// What the XDP program would decide for a packet from `addr` (ignoring port scope),
+    /// with the deny prefix that matched, if any.
+    pub fn verdict_for(&self, addr: IpAddr) -> Result<(Verdict, Option<IpNet>), DataplaneError> {
+        let (deny, allowed) = match addr {
+            IpAddr::V4(a) => {
+                let key = Key::new(32, a.octets());
+                let deny = self.deny_v4.longest_match(key)?.map(|(len, _)| {
+                    net_from_v4(Key::new(len, a.octets()))
+                });
+                (deny, self.allow_v4.longest_match(key)?.is_some())
+            }
+            IpAddr::V6(a) => {
+                let key = Key::new(128, a.octets());
+                let deny = self.deny_v6.longest_match(key)?.map(|(len, _)| {
+                    net_from_v6(Key::new(len, a.octets()))
+                });
+                (deny, self.allow_v6.longest_match(key)?.is_some())
+            }
+        };
+        Ok(match deny {
+            None => (Verdict::Passed, None),
+            Some(net) if allowed => (Verdict::Allowed, Some(net)),
+            Some(net) => (Verdict::Dropped, Some(net)),
+        })
+    }
+
+    /// Adds many deny prefixes with batched map updates. Prefixes already present are
+    /// skipped so that their hit counters survive.
+    pub fn deny_batch(&mut self, nets: &[IpNet]) -> Result<usize, DataplaneError> {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for net in nets {
+            match *net {
+                IpNet::V4(n) => v4.push(v4_key(n)),
+                IpNet::V6(n) => v6.push(v6_key(n)),
+            }
+        }
+        Ok(self.deny_v4.insert_batch(&v4)? + self.deny_v6.insert_batch(&v6)?)
+    }
+
+    /// Removes many deny prefixes with batched map deletes.
+    pub fn undeny_batch(&mut self, nets: &[IpNet]) -> Result<usize, DataplaneError> {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for net in nets {
+            match *net {
+                IpNet::V4(n) => v4.push(v4_key(n)),
+                IpNet::V6(n) => v6.push(v6_key(n)),
+            }
+        }
+        Ok(self.deny_v4.remove_batch(&v4)? + self.deny_v6.remove_batch(&v6)?)
+    }
+
+    /// Per-verdict packet and byte counts, summed over CPUs.
+    pub fn stats(&self) -> Result<Stats, DataplaneError> {
+        let mut stats = Stats::default();
+        for verdict in Verdict::ALL {
+            let per_cpu = self
+                .stats
+                .get(&(verdict as u32), 0)
+                .map_err(|source| DataplaneError::Map {
+                    name: map_names::STATS,
+                    source,
+                })?;
+            let total = &mut stats.counters[verdict as usize];
+            for c in per_cpu.iter() {
+                total.packets += c.packets;
+                total.bytes += c.bytes;
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Every deny entry with its hit count and last-hit time, IPv4 then IPv6.
+    pub fn deny_hits(&self) -> Result<Vec<DenyHits>, DataplaneError> {
+        let v4 = self.deny_v4.entries()?.into_iter().map(|(k, entry)| DenyHits {
+            net: net_from_v4(k),
+            entry,
+        });
+        let v6 = self.deny_v6.entries()?.into_iter().map(|(k, entry)| DenyHits {
+            net: net_from_v6(k),
+            entry,
+        });
+        Ok(v4.chain(v6).collect())
+    }
+
+    pub fn config(&self) -> Result<DataplaneConfig, DataplaneError> {
+        self.config.get(&0, 0).map_err(|source| DataplaneError::Map {
+            name: map_names::CONFIG,
+            source,
+        })
+    }
+
+    fn set_config(&mut self, config: DataplaneConfig) -> Result<(), DataplaneError> {
+        self.config
+            .set(0, &config, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: map_names::CONFIG,
+                source,
+            })
+    }
+
+    /// Sets the scope on the running program. Ports are written before the switch is
+    /// flipped, so a packet never sees port scope with an empty port set.
+    pub fn set_scope(&mut self, scope: &Scope) -> Result<(), DataplaneError> {
+        let wanted: BTreeSet<u16> = match scope {
+            Scope::All => BTreeSet::new(),
+            Scope::Ports(ports) => ports.clone(),
+        };
+        let mut config = self.config()?;
+        if matches!(scope, Scope::All) {
+            config.flags &= !DataplaneConfig::SCOPE_PORTS;
+            self.set_config(config)?;
+        }
+        for port in 0..SCOPE_PORT_SLOTS {
+            let on = u8::from(u16::try_from(port).is_ok_and(|p| wanted.contains(&p)));
+            let current = self.scope_ports.get(&port, 0).map_err(|source| DataplaneError::Map {
+                name: map_names::SCOPE_PORTS,
+                source,
+            })?;
+            if current != on {
+                self.scope_ports
+                    .set(port, &on, 0)
+                    .map_err(|source| DataplaneError::Map {
+                        name: map_names::SCOPE_PORTS,
+                        source,
+                    })?;
+            }
+        }
+        if matches!(scope, Scope::Ports(_)) {
+            config.flags |= DataplaneConfig::SCOPE_PORTS;
+            self.set_config(config)?;
+        }
+        Ok(())
+    }
+
+    pub fn scope(&self) -> Result<Scope, DataplaneError> {
+        if self.config()?.flags & DataplaneConfig::SCOPE_PORTS == 0 {
+            return Ok(Scope::All);
+        }
+        let mut ports = BTreeSet::new();
+        for (port, on) in self.scope_ports.iter().enumerate() {
+            let on = on.map_err(|source| DataplaneError::Map {
+                name: map_names::SCOPE_PORTS,
+                source,
+            })?;
+            if on != 0 {
+                ports.insert(port as u16);
+            }
+        }
+        Ok(Scope::Ports(ports))
+    }
+
+    /// Sets one of the [`DataplaneConfig`] switches other than scope.
+    pub fn set_flag(&mut self, flag: u32, on: bool) -> Result<(), DataplaneError> {
+        let mut config = self.config()?;
+        if on {
+            config.flags |= flag;
+        } else {
+            config.flags &= !flag;
+        }
+        self.set_config(config)
+    }
+}
