@@ -1,0 +1,398 @@
+//! The XDP program's verdicts, run through BPF_PROG_TEST_RUN on frames built byte by byte,
+//! with the per-verdict counters and per-entry hits checked after every frame.
+
+use std::{collections::BTreeSet, net::IpAddr};
+
+use apiban::dataplane::{
+    Scope,
+    loader::{self, Capacities, LoadOptions, Loaded},
+};
+use apiban_common::{DataplaneConfig, Verdict, program_names};
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use ipnet::IpNet;
+use tests::{
+    BpffsDir,
+    frame::{Frame, PROTO_ICMP, PROTO_UDP, TPID_8021AD, TPID_8021Q, udp},
+    require_root,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("test address")
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().expect("test prefix")
+}
+
+/// A loaded program with a test deny/allow set, in its own bpffs directory.
+struct Harness {
+    loaded: Loaded,
+    _dir: BpffsDir,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with_capacities(Capacities::default())
+    }
+
+    fn with_capacities(capacities: Capacities) -> Self {
+        require_root();
+        let dir = BpffsDir::new();
+        let loaded = loader::load(&LoadOptions {
+            bpffs_dir: dir.path.clone(),
+            capacities,
+            debug_events: false,
+        })
+        .expect("load the XDP program");
+        Self { loaded, _dir: dir }
+    }
+
+    fn with_test_lists() -> Self {
+        let mut h = Self::new();
+        let dp = &mut h.loaded.dataplane;
+        for n in ["203.0.113.7/32", "198.51.100.0/24", "2001:db8::66/128", "2001:db8:bad::/48"] {
+            dp.deny(net(n)).expect("deny");
+        }
+        for n in ["198.51.100.10/32", "198.51.100.128/25", "2001:db8:bad::1/128"] {
+            dp.allow(net(n)).expect("allow");
+        }
+        h
+    }
+
+    fn run(&mut self, frame: &[u8]) -> u32 {
+        let prog: &mut Xdp = self
+            .loaded
+            .ebpf_mut()
+            .program_mut(program_names::APIBAN)
+            .expect("program")
+            .try_into()
+            .expect("xdp");
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    }
+
+    /// Runs `frame` and asserts the action and that exactly one counter moved, by one
+    /// packet and the frame's length in bytes.
+    fn expect(&mut self, case: &str, frame: &[u8], verdict: Verdict) {
+        let before = self.loaded.dataplane.stats().expect("stats");
+        let action = self.run(frame);
+        let after = self.loaded.dataplane.stats().expect("stats");
+        let want_action = if verdict == Verdict::Dropped { XDP_DROP } else { XDP_PASS };
+        assert_eq!(action, want_action, "{case}: XDP action");
+        for v in Verdict::ALL {
+            let (b, a) = (before.get(v), after.get(v));
+            let (dp, db) = (a.packets - b.packets, a.bytes - b.bytes);
+            if v == verdict {
+                assert_eq!((dp, db), (1, frame.len() as u64), "{case}: {} counter", v.name());
+            } else {
+                assert_eq!((dp, db), (0, 0), "{case}: {} counter moved", v.name());
+            }
+        }
+    }
+}
+
+#[test]
+fn verdicts_when_scope_is_all() {
+    let mut h = Harness::with_test_lists();
+    let dst4 = ip("192.0.2.1");
+    let dst6 = ip("2001:db8::1");
+    let cases: Vec<(&str, Vec<u8>, Verdict)> = vec![
+        ("v4 banned host", Frame::udp(ip("203.0.113.7"), dst4, 5060).build(), Verdict::Dropped),
+        ("v4 clean host", Frame::udp(ip("203.0.113.8"), dst4, 5060).build(), Verdict::Passed),
+        ("v4 inside banned /24", Frame::udp(ip("198.51.100.77"), dst4, 53).build(), Verdict::Dropped),
+        ("v4 allow /32 beats deny /24", Frame::udp(ip("198.51.100.10"), dst4, 5060).build(), Verdict::Allowed),
+        ("v4 allow /25 beats deny /24", Frame::udp(ip("198.51.100.200"), dst4, 5060).build(), Verdict::Allowed),
+        ("v4 banned TCP", Frame::tcp(ip("203.0.113.7"), dst4, 22).build(), Verdict::Dropped),
+        ("v6 banned host", Frame::udp(ip("2001:db8::66"), dst6, 5060).build(), Verdict::Dropped),
+        ("v6 inside banned /48", Frame::udp(ip("2001:db8:bad::99"), dst6, 5060).build(), Verdict::Dropped),
+        ("v6 allow beats deny", Frame::udp(ip("2001:db8:bad::1"), dst6, 5060).build(), Verdict::Allowed),
+        ("v6 clean host", Frame::udp(ip("2001:db8::67"), dst6, 5060).build(), Verdict::Passed),
+        ("802.1Q banned", Frame::udp(ip("203.0.113.7"), dst4, 5060).vlan(TPID_8021Q).build(), Verdict::Dropped),
+        ("802.1Q clean", Frame::udp(ip("203.0.113.9"), dst4, 5060).vlan(TPID_8021Q).build(), Verdict::Passed),
+        (
+            "QinQ banned",
+            Frame::udp(ip("203.0.113.7"), dst4, 5060).vlan(TPID_8021AD).vlan(TPID_8021Q).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "QinQ clean",
+            Frame::udp(ip("203.0.113.9"), dst4, 5060).vlan(TPID_8021AD).vlan(TPID_8021Q).build(),
+            Verdict::Passed,
+        ),
+        (
+            "double 802.1Q v6 banned",
+            Frame::udp(ip("2001:db8::66"), dst6, 5060).vlan(TPID_8021Q).vlan(TPID_8021Q).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "three tags are not parsed",
+            Frame::udp(ip("203.0.113.7"), dst4, 5060)
+                .vlan(TPID_8021AD)
+                .vlan(TPID_8021Q)
+                .vlan(TPID_8021Q)
+                .build(),
+            Verdict::NotIp,
+        ),
+        ("ARP", Frame::arp().build(), Verdict::NotIp),
+        ("LLDP", Frame::raw(0x88CC, vec![0; 46]).build(), Verdict::NotIp),
+        (
+            "banned first fragment",
+            Frame::udp(ip("203.0.113.7"), dst4, 5060).fragment(0, true).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "banned later fragment",
+            Frame::ip(ip("203.0.113.7"), dst4, PROTO_UDP, vec![0xab; 64]).fragment(185, false).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "clean later fragment",
+            Frame::ip(ip("203.0.113.9"), dst4, PROTO_UDP, vec![0xab; 64]).fragment(185, false).build(),
+            Verdict::Passed,
+        ),
+    ];
+    for (case, frame, verdict) in &cases {
+        h.expect(case, frame, *verdict);
+    }
+}
+
+#[test]
+fn what_cannot_be_parsed_passes_and_is_counted() {
+    let mut h = Harness::with_test_lists();
+    let banned_v4 = Frame::udp(ip("203.0.113.7"), ip("192.0.2.1"), 5060);
+    let banned_v6 = Frame::udp(ip("2001:db8::66"), ip("2001:db8::1"), 5060);
+    let tagged = banned_v4.clone().vlan(TPID_8021Q);
+    let full_v4 = banned_v4.build();
+    let full_v6 = banned_v6.build();
+    let full_tagged = tagged.build();
+
+    // BPF_PROG_TEST_RUN (like every driver) rejects frames shorter than an Ethernet header,
+    // so the shortest frames here are a bare Ethernet header with nothing behind it.
+    h.expect("Ethernet header only, IPv4 ethertype", &full_v4[..14], Verdict::Malformed);
+    h.expect("Ethernet header only, VLAN ethertype", &full_tagged[..14], Verdict::Malformed);
+    h.expect("IPv4 header cut at 10 bytes", &full_v4[..14 + 10], Verdict::Malformed);
+    h.expect("IPv4 header cut before source", &full_v4[..14 + 15], Verdict::Malformed);
+    h.expect("IPv6 header cut at 20 bytes", &full_v6[..14 + 20], Verdict::Malformed);
+    h.expect("VLAN tag cut short", &full_tagged[..16], Verdict::Malformed);
+    h.expect("IPv4 after tag cut short", &full_tagged[..18 + 12], Verdict::Malformed);
+
+    let mut bad_ihl = full_v4.clone();
+    bad_ihl[14] = 0x44;
+    h.expect("IHL below 5", &bad_ihl, Verdict::Malformed);
+    let mut wrong_version = full_v4.clone();
+    wrong_version[14] = 0x65;
+    h.expect("version 6 in an IPv4 ethertype", &wrong_version, Verdict::Malformed);
+    let mut v6_wrong_version = full_v6.clone();
+    v6_wrong_version[14] = 0x40;
+    h.expect("version 4 in an IPv6 ethertype", &v6_wrong_version, Verdict::Malformed);
+}
+
+#[test]
+fn port_scope_drops_only_scoped_ports() {
+    let mut h = Harness::with_test_lists();
+    h.loaded
+        .dataplane
+        .set_scope(&Scope::Ports(BTreeSet::from([5060, 5061])))
+        .expect("set scope");
+    assert_eq!(
+        h.loaded.dataplane.scope().expect("scope"),
+        Scope::Ports(BTreeSet::from([5060, 5061]))
+    );
+    let (banned4, clean4, dst4) = (ip("203.0.113.7"), ip("203.0.113.8"), ip("192.0.2.1"));
+    let (banned6, dst6) = (ip("2001:db8::66"), ip("2001:db8::1"));
+    // A destination-options header (6 bytes of PadN body) before UDP.
+    let dest_opts = vec![1, 4, 0, 0, 0, 0];
+    // A fragment header body for a non-first fragment (offset 185 * 8 bytes).
+    let later_fragment = {
+        let off = (185u16 << 3).to_be_bytes();
+        vec![off[0], off[1], 0, 0, 0x12, 0x34]
+    };
+    let cases: Vec<(&str, Vec<u8>, Verdict)> = vec![
+        ("banned UDP 5060", Frame::udp(banned4, dst4, 5060).build(), Verdict::Dropped),
+        ("banned TCP 5061", Frame::tcp(banned4, dst4, 5061).build(), Verdict::Dropped),
+        ("banned UDP 53", Frame::udp(banned4, dst4, 53).build(), Verdict::Passed),
+        ("banned TCP 443", Frame::tcp(banned4, dst4, 443).build(), Verdict::Passed),
+        ("banned ICMP", Frame::ip(banned4, dst4, PROTO_ICMP, vec![8, 0, 0, 0, 0, 0, 0, 0]).build(), Verdict::Passed),
+        ("clean UDP 5060", Frame::udp(clean4, dst4, 5060).build(), Verdict::Passed),
+        ("allowed UDP 5060", Frame::udp(ip("198.51.100.10"), dst4, 5060).build(), Verdict::Allowed),
+        (
+            "banned first fragment to 5060",
+            Frame::udp(banned4, dst4, 5060).fragment(0, true).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "banned first fragment to 80",
+            Frame::udp(banned4, dst4, 80).fragment(0, true).build(),
+            Verdict::Passed,
+        ),
+        (
+            "banned later fragment (no port to see)",
+            Frame::ip(banned4, dst4, PROTO_UDP, vec![0; 64]).fragment(185, false).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "banned UDP 5060 behind QinQ",
+            Frame::udp(banned4, dst4, 5060).vlan(TPID_8021AD).vlan(TPID_8021Q).build(),
+            Verdict::Dropped,
+        ),
+        ("v6 banned UDP 5060", Frame::udp(banned6, dst6, 5060).build(), Verdict::Dropped),
+        ("v6 banned UDP 53", Frame::udp(banned6, dst6, 53).build(), Verdict::Passed),
+        (
+            "v6 banned UDP 5060 after destination options",
+            Frame::ip(banned6, dst6, PROTO_UDP, udp(4000, 5060, b"x")).ipv6_ext(60, dest_opts.clone()).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "v6 banned UDP 53 after destination options",
+            Frame::ip(banned6, dst6, PROTO_UDP, udp(4000, 53, b"x")).ipv6_ext(60, dest_opts).build(),
+            Verdict::Passed,
+        ),
+        (
+            "v6 banned later fragment",
+            Frame::ip(banned6, dst6, PROTO_UDP, vec![0; 32]).ipv6_ext(44, later_fragment).build(),
+            Verdict::Dropped,
+        ),
+    ];
+    for (case, frame, verdict) in &cases {
+        h.expect(case, frame, *verdict);
+    }
+    let udp_header_cut = Frame::udp(banned4, dst4, 5060).build();
+    h.expect("banned, UDP header cut short", &udp_header_cut[..14 + 20 + 2], Verdict::Malformed);
+
+    h.loaded.dataplane.set_scope(&Scope::All).expect("scope all");
+    h.expect("banned UDP 53 with scope all", &Frame::udp(banned4, dst4, 53).build(), Verdict::Dropped);
+}
+
+#[test]
+fn drops_record_hits_on_the_matching_entry() {
+    let mut h = Harness::with_test_lists();
+    let dst = ip("192.0.2.1");
+    for _ in 0..3 {
+        h.expect("host", &Frame::udp(ip("203.0.113.7"), dst, 5060).build(), Verdict::Dropped);
+    }
+    h.expect("in /24", &Frame::udp(ip("198.51.100.1"), dst, 5060).build(), Verdict::Dropped);
+    h.expect("allowed", &Frame::udp(ip("198.51.100.10"), dst, 5060).build(), Verdict::Allowed);
+
+    let hits = |h: &Harness, n: &str| {
+        h.loaded
+            .dataplane
+            .deny_hits()
+            .expect("hits")
+            .into_iter()
+            .find(|e| e.net == net(n))
+            .unwrap_or_else(|| panic!("{n} is in the deny map"))
+            .entry
+    };
+    let host = hits(&h, "203.0.113.7/32");
+    assert_eq!(host.hits, 3);
+    assert!(host.last_hit_ns > 0, "last hit time recorded");
+    assert_eq!(hits(&h, "198.51.100.0/24").hits, 1, "allowlisted packets are not hits");
+    assert_eq!(hits(&h, "2001:db8::66/128").hits, 0);
+    assert_eq!(hits(&h, "2001:db8::66/128").last_hit_ns, 0);
+
+    // Re-adding an entry that is already there keeps its counters.
+    h.loaded.dataplane.deny(net("203.0.113.7/32")).expect("deny again");
+    assert_eq!(hits(&h, "203.0.113.7/32").hits, 3);
+
+    h.loaded
+        .dataplane
+        .set_flag(DataplaneConfig::NO_HIT_TRACKING, true)
+        .expect("flag");
+    h.expect("untracked", &Frame::udp(ip("203.0.113.7"), dst, 5060).build(), Verdict::Dropped);
+    assert_eq!(hits(&h, "203.0.113.7/32").hits, 3, "hit tracking switched off");
+}
+
+#[test]
+fn map_api_insert_remove_contains_and_lookup() {
+    let mut h = Harness::new();
+    let dp = &mut h.loaded.dataplane;
+    for n in ["203.0.113.0/24", "2001:db8:1::/48"] {
+        let n = net(n);
+        assert!(!dp.is_denied(n).expect("contains"));
+        dp.deny(n).expect("deny");
+        assert!(dp.is_denied(n).expect("contains"));
+    }
+    // contains is exact: a covered host or a wider prefix is not "present".
+    assert!(!dp.is_denied(net("203.0.113.5/32")).expect("contains"));
+    assert!(!dp.is_denied(net("203.0.0.0/16")).expect("contains"));
+    // Host bits are cleared: 203.0.113.99/24 is the same prefix.
+    assert!(dp.is_denied(net("203.0.113.99/24")).expect("contains"));
+
+    assert_eq!(
+        dp.verdict_for(ip("203.0.113.5")).expect("verdict"),
+        (Verdict::Dropped, Some(net("203.0.113.0/24")))
+    );
+    assert_eq!(
+        dp.verdict_for(ip("2001:db8:1::5")).expect("verdict"),
+        (Verdict::Dropped, Some(net("2001:db8:1::/48")))
+    );
+    dp.deny(net("203.0.113.5/32")).expect("deny host");
+    assert_eq!(
+        dp.verdict_for(ip("203.0.113.5")).expect("verdict").1,
+        Some(net("203.0.113.5/32")),
+        "the longest prefix matches"
+    );
+    dp.allow(net("203.0.113.5/32")).expect("allow");
+    assert!(dp.is_allowed(net("203.0.113.5/32")).expect("allowed"));
+    assert_eq!(dp.verdict_for(ip("203.0.113.5")).expect("verdict").0, Verdict::Allowed);
+    dp.unallow(net("203.0.113.5/32")).expect("unallow");
+    assert!(!dp.is_allowed(net("203.0.113.5/32")).expect("allowed"));
+
+    dp.undeny(net("203.0.113.0/24")).expect("undeny");
+    dp.undeny(net("203.0.113.0/24")).expect("undeny twice is fine");
+    assert!(!dp.is_denied(net("203.0.113.0/24")).expect("contains"));
+    assert_eq!(dp.verdict_for(ip("203.0.113.6")).expect("verdict"), (Verdict::Passed, None));
+    assert_eq!(dp.deny_v4.count(), 1);
+}
+
+#[test]
+fn batched_updates_match_one_by_one() {
+    let mut h = Harness::new();
+    let nets: Vec<IpNet> = (0..5000u32)
+        .map(|i| IpNet::new(IpAddr::V4((0x2d00_0000 + i * 7).into()), 32).expect("net"))
+        .chain((0..100u128).map(|i| {
+            IpNet::new(IpAddr::V6((0x2001_0db8_0000_0000_0000_0000_0000_0000u128 + (i << 64)).into()), 64)
+                .expect("net")
+        }))
+        .collect();
+    let dp = &mut h.loaded.dataplane;
+    assert_eq!(dp.deny_batch(&nets).expect("batch insert"), nets.len());
+    assert_eq!(dp.deny_v4.count(), 5000);
+    assert_eq!(dp.deny_v6.count(), 100);
+    for n in nets.iter().step_by(97) {
+        assert!(dp.is_denied(*n).expect("contains"), "{n} present after batch");
+    }
+    assert_eq!(dp.undeny_batch(&nets[..2500]).expect("batch delete"), 2500);
+    assert_eq!(dp.deny_v4.count(), 2500);
+    assert!(!dp.is_denied(nets[0]).expect("contains"));
+    assert!(dp.is_denied(nets[2500]).expect("contains"));
+}
+
+#[test]
+fn a_full_map_is_reported_and_keeps_existing_bans() {
+    let mut h = Harness::with_capacities(Capacities {
+        deny_v4: 4,
+        ..Capacities::default()
+    });
+    let dp = &mut h.loaded.dataplane;
+    for i in 1..=4u8 {
+        dp.deny(net(&format!("203.0.113.{i}/32"))).expect("fits");
+    }
+    let err = dp.deny(net("203.0.113.5/32")).expect_err("fifth entry does not fit");
+    assert!(
+        matches!(err, apiban::dataplane::DataplaneError::MapFull { capacity: 4, .. }),
+        "{err}"
+    );
+    let batch: Vec<IpNet> = (6..=9u8).map(|i| net(&format!("203.0.113.{i}/32"))).collect();
+    assert!(matches!(
+        dp.deny_batch(&batch),
+        Err(apiban::dataplane::DataplaneError::MapFull { .. })
+    ));
+    for i in 1..=4u8 {
+        assert!(dp.is_denied(net(&format!("203.0.113.{i}/32"))).expect("contains"));
+    }
+}
