@@ -5,6 +5,8 @@
 pub mod frame;
 
 use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket},
     path::{Path, PathBuf},
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -107,36 +109,159 @@ impl Drop for Netns {
     }
 }
 
-/// A veth pair with `host` in the test's namespace and `peer` moved into `ns`.
-/// Deleting one end deletes both; the namespace guard covers the peer as well.
-pub struct Veth {
-    pub host: String,
-    pub peer: String,
+/// Two namespaces joined by a veth pair: `server` (where XDP attaches and receivers listen)
+/// and `attacker` (which sends from as many source addresses as a test adds). Nothing is
+/// linked to the host's network; dropping the topology deletes both namespaces and the pair.
+pub struct Topology {
+    pub server: Netns,
+    pub attacker: Netns,
+    /// The server's end of the pair (in `server`).
+    pub server_if: String,
+    /// The attacker's end of the pair (in `attacker`).
+    pub attacker_if: String,
+    pub server_v4: Ipv4Addr,
+    pub server_v6: Ipv6Addr,
 }
 
-impl Veth {
-    /// Creates the pair, addresses both ends (`host_addr`/`peer_addr` with prefix) and brings
-    /// them up.
-    pub fn new(ns: &Netns, host_cidr: &str, peer_cidr: &str) -> Self {
-        let host = unique_name("apbh");
-        let peer = unique_name("apbp");
-        sh("ip", &["link", "add", &host, "type", "veth", "peer", "name", &peer]);
-        let veth = Self { host, peer };
-        sh("ip", &["link", "set", &veth.peer, "netns", &ns.name]);
-        sh("ip", &["addr", "add", host_cidr, "dev", &veth.host]);
-        sh("ip", &["link", "set", &veth.host, "up"]);
-        ns.exec("ip", &["addr", "add", peer_cidr, "dev", &veth.peer]);
-        ns.exec("ip", &["link", "set", &veth.peer, "up"]);
-        veth
+impl Topology {
+    /// Addresses: server 10.77.0.1/24 and fd77::1/64, attacker 10.77.0.2/24 and fd77::2/64.
+    pub fn new() -> Self {
+        let server = Netns::new("apbs");
+        let attacker = Netns::new("apba");
+        let server_if = unique_name("apbs");
+        let attacker_if = unique_name("apba");
+        sh(
+            "ip",
+            &[
+                "link", "add", &server_if, "netns", &server.name, "type", "veth", "peer", "name",
+                &attacker_if, "netns", &attacker.name,
+            ],
+        );
+        let topo = Self {
+            server,
+            attacker,
+            server_if,
+            attacker_if,
+            server_v4: Ipv4Addr::new(10, 77, 0, 1),
+            server_v6: "fd77::1".parse().expect("literal"),
+        };
+        for (ns, ifname, v4, v6) in [
+            (&topo.server, &topo.server_if, "10.77.0.1/24", "fd77::1/64"),
+            (&topo.attacker, &topo.attacker_if, "10.77.0.2/24", "fd77::2/64"),
+        ] {
+            ns.exec("ip", &["addr", "add", v4, "dev", ifname]);
+            ns.exec("ip", &["addr", "add", v6, "dev", ifname, "nodad"]);
+            ns.exec("ip", &["link", "set", ifname, "up"]);
+        }
+        topo
+    }
+
+    /// Gives the attacker another source address (an IPv4 /32 or IPv6 /128), routed back
+    /// from the server so replies and reverse-path checks work.
+    pub fn add_attacker_source(&self, addr: IpAddr) {
+        let (cidr, via) = match addr {
+            IpAddr::V4(a) => (format!("{a}/32"), "10.77.0.2".to_owned()),
+            IpAddr::V6(a) => (format!("{a}/128"), "fd77::2".to_owned()),
+        };
+        self.attacker
+            .exec("ip", &["addr", "add", &cidr, "dev", &self.attacker_if, "nodad"]);
+        self.server.exec("ip", &["route", "add", &cidr, "via", &via]);
     }
 }
 
-impl Drop for Veth {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.host])
-            .output();
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new()
     }
+}
+
+/// A UDP receiver in the server namespace that counts datagrams per source address.
+pub struct UdpReceiver {
+    socket: UdpSocket,
+    pub counts: HashMap<IpAddr, usize>,
+}
+
+impl UdpReceiver {
+    pub fn bind(ns: &Netns, addr: SocketAddr) -> Self {
+        let socket = in_netns(ns, move || UdpSocket::bind(addr).expect("bind receiver"));
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .expect("read timeout");
+        Self {
+            socket,
+            counts: HashMap::new(),
+        }
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.socket.local_addr().expect("local addr")
+    }
+
+    /// Reads whatever has arrived into `counts`.
+    pub fn drain(&mut self) {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = self.socket.recv_from(&mut buf) {
+            *self.counts.entry(from.ip()).or_default() += 1;
+        }
+    }
+
+    pub fn count(&self, from: IpAddr) -> usize {
+        self.counts.get(&from).copied().unwrap_or(0)
+    }
+
+    /// Waits until `from` has delivered `n` datagrams in total.
+    pub fn wait_for(&mut self, from: IpAddr, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.drain();
+            let got = self.count(from);
+            if got >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?}: {got} of {n} datagrams from {from} arrived"
+            );
+        }
+    }
+}
+
+/// Sends `n` datagrams from `src` (an attacker address) to `dst`, from the attacker namespace.
+pub fn send_udp(ns: &Netns, src: IpAddr, dst: SocketAddr, n: usize) {
+    in_netns(ns, move || {
+        let socket = UdpSocket::bind(SocketAddr::new(src, 0))
+            .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+        for _ in 0..n {
+            socket
+                .send_to(b"OPTIONS sip:probe@apiban.test SIP/2.0\r\n\r\n", dst)
+                .unwrap_or_else(|e| panic!("send {src} -> {dst}: {e}"));
+        }
+    });
+}
+
+/// Sends `n` datagrams from each banned source and then from a clean one, waits until all
+/// the clean ones arrived (they travel the same veth after the banned ones, so anything
+/// banned that got through has arrived too) and returns how many arrived per banned source.
+pub fn probe(
+    topo: &Topology,
+    rx: &mut UdpReceiver,
+    banned: &[IpAddr],
+    clean: IpAddr,
+    n: usize,
+) -> Vec<usize> {
+    let dst = rx.local_addr();
+    let before: Vec<usize> = banned.iter().map(|b| rx.count(*b)).collect();
+    let clean_before = rx.count(clean);
+    for b in banned {
+        send_udp(&topo.attacker, *b, dst, n);
+    }
+    send_udp(&topo.attacker, clean, dst, n);
+    rx.wait_for(clean, clean_before + n, Duration::from_secs(10));
+    banned
+        .iter()
+        .zip(before)
+        .map(|(b, before)| rx.count(*b) - before)
+        .collect()
 }
 
 /// Waits until `condition` holds, polling; panics with `what` after `timeout`.
