@@ -20,8 +20,8 @@ use apiban_common::{
     AllowEntry, BENCH_MULTIPLIER, BenchParams, Counter, DEFAULT_ALLOW_V4_ENTRIES,
     DEFAULT_ALLOW_V6_ENTRIES, DEFAULT_DENY_V4_ENTRIES, DEFAULT_DENY_V6_ENTRIES, DataplaneConfig,
     DenyEntry, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_AH, IPPROTO_DSTOPTS,
-    IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP,
-    SCOPE_PORT_SLOTS, VERDICT_COUNT, Verdict,
+    IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS,
+    VERDICT_COUNT, Verdict,
 };
 use aya_ebpf::{
     bindings::xdp_action,
@@ -147,11 +147,16 @@ fn classify(ctx: &XdpContext, flags: u32) -> Result<Verdict, ()> {
     // Up to two tags: 802.1Q, or 802.1ad (QinQ) outer + 802.1Q inner. Written out rather than
     // looped so the verifier sees two straight-line bounds checks.
     if is_vlan(ethertype) {
-        ethertype = u16::from_be(load::<u16>(ctx, offset + mem::offset_of!(VlanHdr, ether_type))?);
+        ethertype = u16::from_be(load::<u16>(
+            ctx,
+            offset + mem::offset_of!(VlanHdr, ether_type),
+        )?);
         offset += VlanHdr::LEN;
         if is_vlan(ethertype) {
-            ethertype =
-                u16::from_be(load::<u16>(ctx, offset + mem::offset_of!(VlanHdr, ether_type))?);
+            ethertype = u16::from_be(load::<u16>(
+                ctx,
+                offset + mem::offset_of!(VlanHdr, ether_type),
+            )?);
             offset += VlanHdr::LEN;
         }
     }
@@ -171,7 +176,8 @@ fn is_vlan(ethertype: u16) -> bool {
 fn classify_v4(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, ()> {
     let ip: *const Ipv4Hdr = ptr_at(ctx, offset)?;
     // SAFETY: the whole fixed header was bounds-checked by ptr_at.
-    let (vihl, frags, proto, src) = unsafe { ((*ip).vihl, (*ip).frags, (*ip).proto, (*ip).src_addr) };
+    let (vihl, frags, proto, src) =
+        unsafe { ((*ip).vihl, (*ip).frags, (*ip).proto, (*ip).src_addr) };
     let header_len = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || header_len < Ipv4Hdr::LEN {
         return Err(());

@@ -11,7 +11,11 @@ use apiban_common::Verdict;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "apiban", version, about = "Drops known SIP attackers at line rate with XDP")]
+#[command(
+    name = "apiban",
+    version,
+    about = "Drops known SIP attackers at line rate with XDP"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

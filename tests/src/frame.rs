@@ -84,7 +84,12 @@ impl Frame {
 
     /// UDP to `dport` from `src` to `dst` (both of one family).
     pub fn udp(src: IpAddr, dst: IpAddr, dport: u16) -> Self {
-        Self::ip(src, dst, PROTO_UDP, udp(40000, dport, b"OPTIONS sip:probe SIP/2.0\r\n\r\n"))
+        Self::ip(
+            src,
+            dst,
+            PROTO_UDP,
+            udp(40000, dport, b"OPTIONS sip:probe SIP/2.0\r\n\r\n"),
+        )
     }
 
     pub fn tcp(src: IpAddr, dst: IpAddr, dport: u16) -> Self {

@@ -133,8 +133,18 @@ impl Topology {
         sh(
             "ip",
             &[
-                "link", "add", &server_if, "netns", &server.name, "type", "veth", "peer", "name",
-                &attacker_if, "netns", &attacker.name,
+                "link",
+                "add",
+                &server_if,
+                "netns",
+                &server.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &attacker_if,
+                "netns",
+                &attacker.name,
             ],
         );
         let topo = Self {
@@ -147,7 +157,12 @@ impl Topology {
         };
         for (ns, ifname, v4, v6) in [
             (&topo.server, &topo.server_if, "10.77.0.1/24", "fd77::1/64"),
-            (&topo.attacker, &topo.attacker_if, "10.77.0.2/24", "fd77::2/64"),
+            (
+                &topo.attacker,
+                &topo.attacker_if,
+                "10.77.0.2/24",
+                "fd77::2/64",
+            ),
         ] {
             ns.exec("ip", &["addr", "add", v4, "dev", ifname]);
             ns.exec("ip", &["addr", "add", v6, "dev", ifname, "nodad"]);
@@ -163,9 +178,12 @@ impl Topology {
             IpAddr::V4(a) => (format!("{a}/32"), "10.77.0.2".to_owned()),
             IpAddr::V6(a) => (format!("{a}/128"), "fd77::2".to_owned()),
         };
-        self.attacker
-            .exec("ip", &["addr", "add", &cidr, "dev", &self.attacker_if, "nodad"]);
-        self.server.exec("ip", &["route", "add", &cidr, "via", &via]);
+        self.attacker.exec(
+            "ip",
+            &["addr", "add", &cidr, "dev", &self.attacker_if, "nodad"],
+        );
+        self.server
+            .exec("ip", &["route", "add", &cidr, "via", &via]);
     }
 }
 
@@ -229,8 +247,8 @@ impl UdpReceiver {
 /// Sends `n` datagrams from `src` (an attacker address) to `dst`, from the attacker namespace.
 pub fn send_udp(ns: &Netns, src: IpAddr, dst: SocketAddr, n: usize) {
     in_netns(ns, move || {
-        let socket = UdpSocket::bind(SocketAddr::new(src, 0))
-            .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+        let socket =
+            UdpSocket::bind(SocketAddr::new(src, 0)).unwrap_or_else(|e| panic!("bind {src}: {e}"));
         for _ in 0..n {
             socket
                 .send_to(b"OPTIONS sip:probe@apiban.test SIP/2.0\r\n\r\n", dst)
@@ -268,7 +286,10 @@ pub fn probe(
 pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -278,8 +299,8 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
     let path = ns.path();
     std::thread::spawn(move || {
-        let file = std::fs::File::open(&path)
-            .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        let file =
+            std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
         use std::os::fd::AsRawFd as _;
         // SAFETY: file is an open namespace fd.
         let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };

@@ -53,10 +53,19 @@ impl Harness {
     fn with_test_lists() -> Self {
         let mut h = Self::new();
         let dp = &mut h.loaded.dataplane;
-        for n in ["203.0.113.7/32", "198.51.100.0/24", "2001:db8::66/128", "2001:db8:bad::/48"] {
+        for n in [
+            "203.0.113.7/32",
+            "198.51.100.0/24",
+            "2001:db8::66/128",
+            "2001:db8:bad::/48",
+        ] {
             dp.deny(net(n)).expect("deny");
         }
-        for n in ["198.51.100.10/32", "198.51.100.128/25", "2001:db8:bad::1/128"] {
+        for n in [
+            "198.51.100.10/32",
+            "198.51.100.128/25",
+            "2001:db8:bad::1/128",
+        ] {
             dp.allow(net(n)).expect("allow");
         }
         h
@@ -81,13 +90,22 @@ impl Harness {
         let before = self.loaded.dataplane.stats().expect("stats");
         let action = self.run(frame);
         let after = self.loaded.dataplane.stats().expect("stats");
-        let want_action = if verdict == Verdict::Dropped { XDP_DROP } else { XDP_PASS };
+        let want_action = if verdict == Verdict::Dropped {
+            XDP_DROP
+        } else {
+            XDP_PASS
+        };
         assert_eq!(action, want_action, "{case}: XDP action");
         for v in Verdict::ALL {
             let (b, a) = (before.get(v), after.get(v));
             let (dp, db) = (a.packets - b.packets, a.bytes - b.bytes);
             if v == verdict {
-                assert_eq!((dp, db), (1, frame.len() as u64), "{case}: {} counter", v.name());
+                assert_eq!(
+                    (dp, db),
+                    (1, frame.len() as u64),
+                    "{case}: {} counter",
+                    v.name()
+                );
             } else {
                 assert_eq!((dp, db), (0, 0), "{case}: {} counter moved", v.name());
             }
@@ -101,31 +119,92 @@ fn verdicts_when_scope_is_all() {
     let dst4 = ip("192.0.2.1");
     let dst6 = ip("2001:db8::1");
     let cases: Vec<(&str, Vec<u8>, Verdict)> = vec![
-        ("v4 banned host", Frame::udp(ip("203.0.113.7"), dst4, 5060).build(), Verdict::Dropped),
-        ("v4 clean host", Frame::udp(ip("203.0.113.8"), dst4, 5060).build(), Verdict::Passed),
-        ("v4 inside banned /24", Frame::udp(ip("198.51.100.77"), dst4, 53).build(), Verdict::Dropped),
-        ("v4 allow /32 beats deny /24", Frame::udp(ip("198.51.100.10"), dst4, 5060).build(), Verdict::Allowed),
-        ("v4 allow /25 beats deny /24", Frame::udp(ip("198.51.100.200"), dst4, 5060).build(), Verdict::Allowed),
-        ("v4 banned TCP", Frame::tcp(ip("203.0.113.7"), dst4, 22).build(), Verdict::Dropped),
-        ("v6 banned host", Frame::udp(ip("2001:db8::66"), dst6, 5060).build(), Verdict::Dropped),
-        ("v6 inside banned /48", Frame::udp(ip("2001:db8:bad::99"), dst6, 5060).build(), Verdict::Dropped),
-        ("v6 allow beats deny", Frame::udp(ip("2001:db8:bad::1"), dst6, 5060).build(), Verdict::Allowed),
-        ("v6 clean host", Frame::udp(ip("2001:db8::67"), dst6, 5060).build(), Verdict::Passed),
-        ("802.1Q banned", Frame::udp(ip("203.0.113.7"), dst4, 5060).vlan(TPID_8021Q).build(), Verdict::Dropped),
-        ("802.1Q clean", Frame::udp(ip("203.0.113.9"), dst4, 5060).vlan(TPID_8021Q).build(), Verdict::Passed),
+        (
+            "v4 banned host",
+            Frame::udp(ip("203.0.113.7"), dst4, 5060).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "v4 clean host",
+            Frame::udp(ip("203.0.113.8"), dst4, 5060).build(),
+            Verdict::Passed,
+        ),
+        (
+            "v4 inside banned /24",
+            Frame::udp(ip("198.51.100.77"), dst4, 53).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "v4 allow /32 beats deny /24",
+            Frame::udp(ip("198.51.100.10"), dst4, 5060).build(),
+            Verdict::Allowed,
+        ),
+        (
+            "v4 allow /25 beats deny /24",
+            Frame::udp(ip("198.51.100.200"), dst4, 5060).build(),
+            Verdict::Allowed,
+        ),
+        (
+            "v4 banned TCP",
+            Frame::tcp(ip("203.0.113.7"), dst4, 22).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "v6 banned host",
+            Frame::udp(ip("2001:db8::66"), dst6, 5060).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "v6 inside banned /48",
+            Frame::udp(ip("2001:db8:bad::99"), dst6, 5060).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "v6 allow beats deny",
+            Frame::udp(ip("2001:db8:bad::1"), dst6, 5060).build(),
+            Verdict::Allowed,
+        ),
+        (
+            "v6 clean host",
+            Frame::udp(ip("2001:db8::67"), dst6, 5060).build(),
+            Verdict::Passed,
+        ),
+        (
+            "802.1Q banned",
+            Frame::udp(ip("203.0.113.7"), dst4, 5060)
+                .vlan(TPID_8021Q)
+                .build(),
+            Verdict::Dropped,
+        ),
+        (
+            "802.1Q clean",
+            Frame::udp(ip("203.0.113.9"), dst4, 5060)
+                .vlan(TPID_8021Q)
+                .build(),
+            Verdict::Passed,
+        ),
         (
             "QinQ banned",
-            Frame::udp(ip("203.0.113.7"), dst4, 5060).vlan(TPID_8021AD).vlan(TPID_8021Q).build(),
+            Frame::udp(ip("203.0.113.7"), dst4, 5060)
+                .vlan(TPID_8021AD)
+                .vlan(TPID_8021Q)
+                .build(),
             Verdict::Dropped,
         ),
         (
             "QinQ clean",
-            Frame::udp(ip("203.0.113.9"), dst4, 5060).vlan(TPID_8021AD).vlan(TPID_8021Q).build(),
+            Frame::udp(ip("203.0.113.9"), dst4, 5060)
+                .vlan(TPID_8021AD)
+                .vlan(TPID_8021Q)
+                .build(),
             Verdict::Passed,
         ),
         (
             "double 802.1Q v6 banned",
-            Frame::udp(ip("2001:db8::66"), dst6, 5060).vlan(TPID_8021Q).vlan(TPID_8021Q).build(),
+            Frame::udp(ip("2001:db8::66"), dst6, 5060)
+                .vlan(TPID_8021Q)
+                .vlan(TPID_8021Q)
+                .build(),
             Verdict::Dropped,
         ),
         (
@@ -138,20 +217,30 @@ fn verdicts_when_scope_is_all() {
             Verdict::NotIp,
         ),
         ("ARP", Frame::arp().build(), Verdict::NotIp),
-        ("LLDP", Frame::raw(0x88CC, vec![0; 46]).build(), Verdict::NotIp),
+        (
+            "LLDP",
+            Frame::raw(0x88CC, vec![0; 46]).build(),
+            Verdict::NotIp,
+        ),
         (
             "banned first fragment",
-            Frame::udp(ip("203.0.113.7"), dst4, 5060).fragment(0, true).build(),
+            Frame::udp(ip("203.0.113.7"), dst4, 5060)
+                .fragment(0, true)
+                .build(),
             Verdict::Dropped,
         ),
         (
             "banned later fragment",
-            Frame::ip(ip("203.0.113.7"), dst4, PROTO_UDP, vec![0xab; 64]).fragment(185, false).build(),
+            Frame::ip(ip("203.0.113.7"), dst4, PROTO_UDP, vec![0xab; 64])
+                .fragment(185, false)
+                .build(),
             Verdict::Dropped,
         ),
         (
             "clean later fragment",
-            Frame::ip(ip("203.0.113.9"), dst4, PROTO_UDP, vec![0xab; 64]).fragment(185, false).build(),
+            Frame::ip(ip("203.0.113.9"), dst4, PROTO_UDP, vec![0xab; 64])
+                .fragment(185, false)
+                .build(),
             Verdict::Passed,
         ),
     ];
@@ -172,23 +261,55 @@ fn what_cannot_be_parsed_passes_and_is_counted() {
 
     // BPF_PROG_TEST_RUN (like every driver) rejects frames shorter than an Ethernet header,
     // so the shortest frames here are a bare Ethernet header with nothing behind it.
-    h.expect("Ethernet header only, IPv4 ethertype", &full_v4[..14], Verdict::Malformed);
-    h.expect("Ethernet header only, VLAN ethertype", &full_tagged[..14], Verdict::Malformed);
-    h.expect("IPv4 header cut at 10 bytes", &full_v4[..14 + 10], Verdict::Malformed);
-    h.expect("IPv4 header cut before source", &full_v4[..14 + 15], Verdict::Malformed);
-    h.expect("IPv6 header cut at 20 bytes", &full_v6[..14 + 20], Verdict::Malformed);
+    h.expect(
+        "Ethernet header only, IPv4 ethertype",
+        &full_v4[..14],
+        Verdict::Malformed,
+    );
+    h.expect(
+        "Ethernet header only, VLAN ethertype",
+        &full_tagged[..14],
+        Verdict::Malformed,
+    );
+    h.expect(
+        "IPv4 header cut at 10 bytes",
+        &full_v4[..14 + 10],
+        Verdict::Malformed,
+    );
+    h.expect(
+        "IPv4 header cut before source",
+        &full_v4[..14 + 15],
+        Verdict::Malformed,
+    );
+    h.expect(
+        "IPv6 header cut at 20 bytes",
+        &full_v6[..14 + 20],
+        Verdict::Malformed,
+    );
     h.expect("VLAN tag cut short", &full_tagged[..16], Verdict::Malformed);
-    h.expect("IPv4 after tag cut short", &full_tagged[..18 + 12], Verdict::Malformed);
+    h.expect(
+        "IPv4 after tag cut short",
+        &full_tagged[..18 + 12],
+        Verdict::Malformed,
+    );
 
     let mut bad_ihl = full_v4.clone();
     bad_ihl[14] = 0x44;
     h.expect("IHL below 5", &bad_ihl, Verdict::Malformed);
     let mut wrong_version = full_v4.clone();
     wrong_version[14] = 0x65;
-    h.expect("version 6 in an IPv4 ethertype", &wrong_version, Verdict::Malformed);
+    h.expect(
+        "version 6 in an IPv4 ethertype",
+        &wrong_version,
+        Verdict::Malformed,
+    );
     let mut v6_wrong_version = full_v6.clone();
     v6_wrong_version[14] = 0x40;
-    h.expect("version 4 in an IPv6 ethertype", &v6_wrong_version, Verdict::Malformed);
+    h.expect(
+        "version 4 in an IPv6 ethertype",
+        &v6_wrong_version,
+        Verdict::Malformed,
+    );
 }
 
 #[test]
@@ -212,13 +333,41 @@ fn port_scope_drops_only_scoped_ports() {
         vec![off[0], off[1], 0, 0, 0x12, 0x34]
     };
     let cases: Vec<(&str, Vec<u8>, Verdict)> = vec![
-        ("banned UDP 5060", Frame::udp(banned4, dst4, 5060).build(), Verdict::Dropped),
-        ("banned TCP 5061", Frame::tcp(banned4, dst4, 5061).build(), Verdict::Dropped),
-        ("banned UDP 53", Frame::udp(banned4, dst4, 53).build(), Verdict::Passed),
-        ("banned TCP 443", Frame::tcp(banned4, dst4, 443).build(), Verdict::Passed),
-        ("banned ICMP", Frame::ip(banned4, dst4, PROTO_ICMP, vec![8, 0, 0, 0, 0, 0, 0, 0]).build(), Verdict::Passed),
-        ("clean UDP 5060", Frame::udp(clean4, dst4, 5060).build(), Verdict::Passed),
-        ("allowed UDP 5060", Frame::udp(ip("198.51.100.10"), dst4, 5060).build(), Verdict::Allowed),
+        (
+            "banned UDP 5060",
+            Frame::udp(banned4, dst4, 5060).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "banned TCP 5061",
+            Frame::tcp(banned4, dst4, 5061).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "banned UDP 53",
+            Frame::udp(banned4, dst4, 53).build(),
+            Verdict::Passed,
+        ),
+        (
+            "banned TCP 443",
+            Frame::tcp(banned4, dst4, 443).build(),
+            Verdict::Passed,
+        ),
+        (
+            "banned ICMP",
+            Frame::ip(banned4, dst4, PROTO_ICMP, vec![8, 0, 0, 0, 0, 0, 0, 0]).build(),
+            Verdict::Passed,
+        ),
+        (
+            "clean UDP 5060",
+            Frame::udp(clean4, dst4, 5060).build(),
+            Verdict::Passed,
+        ),
+        (
+            "allowed UDP 5060",
+            Frame::udp(ip("198.51.100.10"), dst4, 5060).build(),
+            Verdict::Allowed,
+        ),
         (
             "banned first fragment to 5060",
             Frame::udp(banned4, dst4, 5060).fragment(0, true).build(),
@@ -231,29 +380,48 @@ fn port_scope_drops_only_scoped_ports() {
         ),
         (
             "banned later fragment (no port to see)",
-            Frame::ip(banned4, dst4, PROTO_UDP, vec![0; 64]).fragment(185, false).build(),
+            Frame::ip(banned4, dst4, PROTO_UDP, vec![0; 64])
+                .fragment(185, false)
+                .build(),
             Verdict::Dropped,
         ),
         (
             "banned UDP 5060 behind QinQ",
-            Frame::udp(banned4, dst4, 5060).vlan(TPID_8021AD).vlan(TPID_8021Q).build(),
+            Frame::udp(banned4, dst4, 5060)
+                .vlan(TPID_8021AD)
+                .vlan(TPID_8021Q)
+                .build(),
             Verdict::Dropped,
         ),
-        ("v6 banned UDP 5060", Frame::udp(banned6, dst6, 5060).build(), Verdict::Dropped),
-        ("v6 banned UDP 53", Frame::udp(banned6, dst6, 53).build(), Verdict::Passed),
+        (
+            "v6 banned UDP 5060",
+            Frame::udp(banned6, dst6, 5060).build(),
+            Verdict::Dropped,
+        ),
+        (
+            "v6 banned UDP 53",
+            Frame::udp(banned6, dst6, 53).build(),
+            Verdict::Passed,
+        ),
         (
             "v6 banned UDP 5060 after destination options",
-            Frame::ip(banned6, dst6, PROTO_UDP, udp(4000, 5060, b"x")).ipv6_ext(60, dest_opts.clone()).build(),
+            Frame::ip(banned6, dst6, PROTO_UDP, udp(4000, 5060, b"x"))
+                .ipv6_ext(60, dest_opts.clone())
+                .build(),
             Verdict::Dropped,
         ),
         (
             "v6 banned UDP 53 after destination options",
-            Frame::ip(banned6, dst6, PROTO_UDP, udp(4000, 53, b"x")).ipv6_ext(60, dest_opts).build(),
+            Frame::ip(banned6, dst6, PROTO_UDP, udp(4000, 53, b"x"))
+                .ipv6_ext(60, dest_opts)
+                .build(),
             Verdict::Passed,
         ),
         (
             "v6 banned later fragment",
-            Frame::ip(banned6, dst6, PROTO_UDP, vec![0; 32]).ipv6_ext(44, later_fragment).build(),
+            Frame::ip(banned6, dst6, PROTO_UDP, vec![0; 32])
+                .ipv6_ext(44, later_fragment)
+                .build(),
             Verdict::Dropped,
         ),
     ];
@@ -261,10 +429,21 @@ fn port_scope_drops_only_scoped_ports() {
         h.expect(case, frame, *verdict);
     }
     let udp_header_cut = Frame::udp(banned4, dst4, 5060).build();
-    h.expect("banned, UDP header cut short", &udp_header_cut[..14 + 20 + 2], Verdict::Malformed);
+    h.expect(
+        "banned, UDP header cut short",
+        &udp_header_cut[..14 + 20 + 2],
+        Verdict::Malformed,
+    );
 
-    h.loaded.dataplane.set_scope(&Scope::All).expect("scope all");
-    h.expect("banned UDP 53 with scope all", &Frame::udp(banned4, dst4, 53).build(), Verdict::Dropped);
+    h.loaded
+        .dataplane
+        .set_scope(&Scope::All)
+        .expect("scope all");
+    h.expect(
+        "banned UDP 53 with scope all",
+        &Frame::udp(banned4, dst4, 53).build(),
+        Verdict::Dropped,
+    );
 }
 
 #[test]
@@ -272,10 +451,22 @@ fn drops_record_hits_on_the_matching_entry() {
     let mut h = Harness::with_test_lists();
     let dst = ip("192.0.2.1");
     for _ in 0..3 {
-        h.expect("host", &Frame::udp(ip("203.0.113.7"), dst, 5060).build(), Verdict::Dropped);
+        h.expect(
+            "host",
+            &Frame::udp(ip("203.0.113.7"), dst, 5060).build(),
+            Verdict::Dropped,
+        );
     }
-    h.expect("in /24", &Frame::udp(ip("198.51.100.1"), dst, 5060).build(), Verdict::Dropped);
-    h.expect("allowed", &Frame::udp(ip("198.51.100.10"), dst, 5060).build(), Verdict::Allowed);
+    h.expect(
+        "in /24",
+        &Frame::udp(ip("198.51.100.1"), dst, 5060).build(),
+        Verdict::Dropped,
+    );
+    h.expect(
+        "allowed",
+        &Frame::udp(ip("198.51.100.10"), dst, 5060).build(),
+        Verdict::Allowed,
+    );
 
     let hits = |h: &Harness, n: &str| {
         h.loaded
@@ -290,20 +481,35 @@ fn drops_record_hits_on_the_matching_entry() {
     let host = hits(&h, "203.0.113.7/32");
     assert_eq!(host.hits, 3);
     assert!(host.last_hit_ns > 0, "last hit time recorded");
-    assert_eq!(hits(&h, "198.51.100.0/24").hits, 1, "allowlisted packets are not hits");
+    assert_eq!(
+        hits(&h, "198.51.100.0/24").hits,
+        1,
+        "allowlisted packets are not hits"
+    );
     assert_eq!(hits(&h, "2001:db8::66/128").hits, 0);
     assert_eq!(hits(&h, "2001:db8::66/128").last_hit_ns, 0);
 
     // Re-adding an entry that is already there keeps its counters.
-    h.loaded.dataplane.deny(net("203.0.113.7/32")).expect("deny again");
+    h.loaded
+        .dataplane
+        .deny(net("203.0.113.7/32"))
+        .expect("deny again");
     assert_eq!(hits(&h, "203.0.113.7/32").hits, 3);
 
     h.loaded
         .dataplane
         .set_flag(DataplaneConfig::NO_HIT_TRACKING, true)
         .expect("flag");
-    h.expect("untracked", &Frame::udp(ip("203.0.113.7"), dst, 5060).build(), Verdict::Dropped);
-    assert_eq!(hits(&h, "203.0.113.7/32").hits, 3, "hit tracking switched off");
+    h.expect(
+        "untracked",
+        &Frame::udp(ip("203.0.113.7"), dst, 5060).build(),
+        Verdict::Dropped,
+    );
+    assert_eq!(
+        hits(&h, "203.0.113.7/32").hits,
+        3,
+        "hit tracking switched off"
+    );
 }
 
 #[test]
@@ -338,14 +544,21 @@ fn map_api_insert_remove_contains_and_lookup() {
     );
     dp.allow(net("203.0.113.5/32")).expect("allow");
     assert!(dp.is_allowed(net("203.0.113.5/32")).expect("allowed"));
-    assert_eq!(dp.verdict_for(ip("203.0.113.5")).expect("verdict").0, Verdict::Allowed);
+    assert_eq!(
+        dp.verdict_for(ip("203.0.113.5")).expect("verdict").0,
+        Verdict::Allowed
+    );
     dp.unallow(net("203.0.113.5/32")).expect("unallow");
     assert!(!dp.is_allowed(net("203.0.113.5/32")).expect("allowed"));
 
     dp.undeny(net("203.0.113.0/24")).expect("undeny");
-    dp.undeny(net("203.0.113.0/24")).expect("undeny twice is fine");
+    dp.undeny(net("203.0.113.0/24"))
+        .expect("undeny twice is fine");
     assert!(!dp.is_denied(net("203.0.113.0/24")).expect("contains"));
-    assert_eq!(dp.verdict_for(ip("203.0.113.6")).expect("verdict"), (Verdict::Passed, None));
+    assert_eq!(
+        dp.verdict_for(ip("203.0.113.6")).expect("verdict"),
+        (Verdict::Passed, None)
+    );
     assert_eq!(dp.deny_v4.count(), 1);
 }
 
@@ -355,8 +568,11 @@ fn batched_updates_match_one_by_one() {
     let nets: Vec<IpNet> = (0..5000u32)
         .map(|i| IpNet::new(IpAddr::V4((0x2d00_0000 + i * 7).into()), 32).expect("net"))
         .chain((0..100u128).map(|i| {
-            IpNet::new(IpAddr::V6((0x2001_0db8_0000_0000_0000_0000_0000_0000u128 + (i << 64)).into()), 64)
-                .expect("net")
+            IpNet::new(
+                IpAddr::V6((0x2001_0db8_0000_0000_0000_0000_0000_0000u128 + (i << 64)).into()),
+                64,
+            )
+            .expect("net")
         }))
         .collect();
     let dp = &mut h.loaded.dataplane;
@@ -364,7 +580,10 @@ fn batched_updates_match_one_by_one() {
     assert_eq!(dp.deny_v4.count(), 5000);
     assert_eq!(dp.deny_v6.count(), 100);
     for n in nets.iter().step_by(97) {
-        assert!(dp.is_denied(*n).expect("contains"), "{n} present after batch");
+        assert!(
+            dp.is_denied(*n).expect("contains"),
+            "{n} present after batch"
+        );
     }
     assert_eq!(dp.undeny_batch(&nets[..2500]).expect("batch delete"), 2500);
     assert_eq!(dp.deny_v4.count(), 2500);
@@ -382,17 +601,27 @@ fn a_full_map_is_reported_and_keeps_existing_bans() {
     for i in 1..=4u8 {
         dp.deny(net(&format!("203.0.113.{i}/32"))).expect("fits");
     }
-    let err = dp.deny(net("203.0.113.5/32")).expect_err("fifth entry does not fit");
+    let err = dp
+        .deny(net("203.0.113.5/32"))
+        .expect_err("fifth entry does not fit");
     assert!(
-        matches!(err, apiban::dataplane::DataplaneError::MapFull { capacity: 4, .. }),
+        matches!(
+            err,
+            apiban::dataplane::DataplaneError::MapFull { capacity: 4, .. }
+        ),
         "{err}"
     );
-    let batch: Vec<IpNet> = (6..=9u8).map(|i| net(&format!("203.0.113.{i}/32"))).collect();
+    let batch: Vec<IpNet> = (6..=9u8)
+        .map(|i| net(&format!("203.0.113.{i}/32")))
+        .collect();
     assert!(matches!(
         dp.deny_batch(&batch),
         Err(apiban::dataplane::DataplaneError::MapFull { .. })
     ));
     for i in 1..=4u8 {
-        assert!(dp.is_denied(net(&format!("203.0.113.{i}/32"))).expect("contains"));
+        assert!(
+            dp.is_denied(net(&format!("203.0.113.{i}/32")))
+                .expect("contains")
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` through the raw syscall: aya 0.16 has no
 //! batch API, and one syscall per entry dominates the cost of loading 100k bans.
 
-use std::{io, mem, os::fd::BorrowedFd, os::fd::AsRawFd as _};
+use std::{io, mem, os::fd::AsRawFd as _, os::fd::BorrowedFd};
 
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
@@ -62,7 +62,10 @@ pub fn update<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> BatchOutco
         // On error the kernel reports in `count` how many elements it applied.
         done += attr.count as usize;
         if let Err(error) = result {
-            return BatchOutcome { done, error: Some(error) };
+            return BatchOutcome {
+                done,
+                error: Some(error),
+            };
         }
     }
     BatchOutcome { done, error: None }
@@ -81,7 +84,10 @@ pub fn delete<K>(map: BorrowedFd<'_>, keys: &[K]) -> BatchOutcome {
         let result = call(BPF_MAP_DELETE_BATCH, &mut attr);
         done += attr.count as usize;
         if let Err(error) = result {
-            return BatchOutcome { done, error: Some(error) };
+            return BatchOutcome {
+                done,
+                error: Some(error),
+            };
         }
     }
     BatchOutcome { done, error: None }

@@ -92,7 +92,7 @@ pub enum LoaderError {
         "loading the XDP program failed: {0}; the kernel needs BTF and BPF support \
          (Linux >= 5.15) and the agent needs root or CAP_BPF + CAP_NET_ADMIN"
     )]
-    Load(#[source] aya::EbpfError),
+    Load(#[source] Box<aya::EbpfError>),
     #[error(
         "the maps pinned in {dir} do not match this build ({source}); if the capacities \
          changed, run `apiban detach --bpffs-dir {dir}` first (this drops all bans until \
@@ -101,7 +101,7 @@ pub enum LoaderError {
     IncompatiblePins {
         dir: PathBuf,
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("program {name}: {source}")]
     Program {
@@ -217,10 +217,10 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
         aya::EbpfError::MapError(aya::maps::MapError::IncompatiblePinnedMap { .. }) => {
             LoaderError::IncompatiblePins {
                 dir: dir.clone(),
-                source,
+                source: Box::new(source),
             }
         }
-        other => LoaderError::Load(other),
+        other => LoaderError::Load(Box::new(other)),
     })?;
     if options.debug_events
         && let Err(e) = aya_log::EbpfLogger::init(&mut ebpf)
@@ -307,7 +307,8 @@ impl Loaded {
             self.replace_pinned(&pinned)?;
             return Ok(pinned.mode);
         }
-        let if_name = CString::new(iface).map_err(|_| LoaderError::NoSuchInterface(iface.into()))?;
+        let if_name =
+            CString::new(iface).map_err(|_| LoaderError::NoSuchInterface(iface.into()))?;
         // SAFETY: if_name is a valid NUL-terminated string.
         if unsafe { libc::if_nametoindex(if_name.as_ptr()) } == 0 {
             return Err(LoaderError::NoSuchInterface(iface.into()));
@@ -333,7 +334,8 @@ impl Loaded {
             source,
         };
         let prog = program_mut(&mut self.ebpf, program_names::APIBAN)?;
-        let if_name = CString::new(iface).map_err(|_| LoaderError::NoSuchInterface(iface.into()))?;
+        let if_name =
+            CString::new(iface).map_err(|_| LoaderError::NoSuchInterface(iface.into()))?;
         let id = prog
             .attach(if_name.as_c_str(), mode.xdp_mode())
             .map_err(attach_err)?;

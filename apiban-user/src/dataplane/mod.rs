@@ -139,6 +139,9 @@ pub struct PrefixMap<const N: usize, V: PrefixValue> {
     trie: LpmTrie<MapData, [u8; N], V>,
 }
 
+/// A key and its value, as read back from a map.
+pub type Entry<const N: usize, V> = (Key<[u8; N]>, V);
+
 pub type DenyMap<const N: usize> = PrefixMap<N, DenyEntry>;
 pub type AllowMap<const N: usize> = PrefixMap<N, AllowEntry>;
 
@@ -147,7 +150,12 @@ fn is_errno(e: &MapError, errno: i32) -> bool {
 }
 
 impl<const N: usize, V: PrefixValue> PrefixMap<N, V> {
-    fn new(map: Map, name: &'static str, list: List, family: Family) -> Result<Self, DataplaneError> {
+    fn new(
+        map: Map,
+        name: &'static str,
+        list: List,
+        family: Family,
+    ) -> Result<Self, DataplaneError> {
         let trie: LpmTrie<MapData, [u8; N], V> =
             LpmTrie::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
         let capacity = trie
@@ -188,7 +196,10 @@ impl<const N: usize, V: PrefixValue> PrefixMap<N, V> {
 
     /// Adds a prefix. An existing entry keeps its value (and so its hit count).
     pub fn insert(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
-        match self.trie.insert(&key, &V::for_prefix(key.prefix_len()), BPF_NOEXIST) {
+        match self
+            .trie
+            .insert(&key, &V::for_prefix(key.prefix_len()), BPF_NOEXIST)
+        {
             Ok(()) => Ok(()),
             Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
             Err(e) => Err(self.map_err(e)),
@@ -252,7 +263,7 @@ impl<const N: usize, V: PrefixValue> PrefixMap<N, V> {
     }
 
     /// All entries with their values.
-    pub fn entries(&self) -> Result<Vec<(Key<[u8; N]>, V)>, DataplaneError> {
+    pub fn entries(&self) -> Result<Vec<Entry<N, V>>, DataplaneError> {
         self.trie
             .iter()
             .map(|r| r.map_err(|e| self.map_err(e)))
@@ -307,10 +318,30 @@ impl Dataplane {
         };
         let typed = |name: &'static str, source| DataplaneError::Map { name, source };
         Ok(Self {
-            deny_v4: PrefixMap::new(take(map_names::DENY_V4)?, map_names::DENY_V4, List::Deny, Family::V4)?,
-            deny_v6: PrefixMap::new(take(map_names::DENY_V6)?, map_names::DENY_V6, List::Deny, Family::V6)?,
-            allow_v4: PrefixMap::new(take(map_names::ALLOW_V4)?, map_names::ALLOW_V4, List::Allow, Family::V4)?,
-            allow_v6: PrefixMap::new(take(map_names::ALLOW_V6)?, map_names::ALLOW_V6, List::Allow, Family::V6)?,
+            deny_v4: PrefixMap::new(
+                take(map_names::DENY_V4)?,
+                map_names::DENY_V4,
+                List::Deny,
+                Family::V4,
+            )?,
+            deny_v6: PrefixMap::new(
+                take(map_names::DENY_V6)?,
+                map_names::DENY_V6,
+                List::Deny,
+                Family::V6,
+            )?,
+            allow_v4: PrefixMap::new(
+                take(map_names::ALLOW_V4)?,
+                map_names::ALLOW_V4,
+                List::Allow,
+                Family::V4,
+            )?,
+            allow_v6: PrefixMap::new(
+                take(map_names::ALLOW_V6)?,
+                map_names::ALLOW_V6,
+                List::Allow,
+                Family::V6,
+            )?,
             stats: PerCpuArray::try_from(take(map_names::STATS)?)
                 .map_err(|e| typed(map_names::STATS, e))?,
             config: Array::try_from(take(map_names::CONFIG)?)
@@ -368,16 +399,18 @@ impl Dataplane {
         let (deny, allowed) = match addr {
             IpAddr::V4(a) => {
                 let key = Key::new(32, a.octets());
-                let deny = self.deny_v4.longest_match(key)?.map(|(len, _)| {
-                    net_from_v4(Key::new(len, a.octets()))
-                });
+                let deny = self
+                    .deny_v4
+                    .longest_match(key)?
+                    .map(|(len, _)| net_from_v4(Key::new(len, a.octets())));
                 (deny, self.allow_v4.longest_match(key)?.is_some())
             }
             IpAddr::V6(a) => {
                 let key = Key::new(128, a.octets());
-                let deny = self.deny_v6.longest_match(key)?.map(|(len, _)| {
-                    net_from_v6(Key::new(len, a.octets()))
-                });
+                let deny = self
+                    .deny_v6
+                    .longest_match(key)?
+                    .map(|(len, _)| net_from_v6(Key::new(len, a.octets())));
                 (deny, self.allow_v6.longest_match(key)?.is_some())
             }
         };
@@ -417,13 +450,13 @@ impl Dataplane {
     pub fn stats(&self) -> Result<Stats, DataplaneError> {
         let mut stats = Stats::default();
         for verdict in Verdict::ALL {
-            let per_cpu = self
-                .stats
-                .get(&(verdict as u32), 0)
-                .map_err(|source| DataplaneError::Map {
-                    name: map_names::STATS,
-                    source,
-                })?;
+            let per_cpu =
+                self.stats
+                    .get(&(verdict as u32), 0)
+                    .map_err(|source| DataplaneError::Map {
+                        name: map_names::STATS,
+                        source,
+                    })?;
             let total = &mut stats.counters[verdict as usize];
             for c in per_cpu.iter() {
                 total.packets += c.packets;
@@ -435,22 +468,32 @@ impl Dataplane {
 
     /// Every deny entry with its hit count and last-hit time, IPv4 then IPv6.
     pub fn deny_hits(&self) -> Result<Vec<DenyHits>, DataplaneError> {
-        let v4 = self.deny_v4.entries()?.into_iter().map(|(k, entry)| DenyHits {
-            net: net_from_v4(k),
-            entry,
-        });
-        let v6 = self.deny_v6.entries()?.into_iter().map(|(k, entry)| DenyHits {
-            net: net_from_v6(k),
-            entry,
-        });
+        let v4 = self
+            .deny_v4
+            .entries()?
+            .into_iter()
+            .map(|(k, entry)| DenyHits {
+                net: net_from_v4(k),
+                entry,
+            });
+        let v6 = self
+            .deny_v6
+            .entries()?
+            .into_iter()
+            .map(|(k, entry)| DenyHits {
+                net: net_from_v6(k),
+                entry,
+            });
         Ok(v4.chain(v6).collect())
     }
 
     pub fn config(&self) -> Result<DataplaneConfig, DataplaneError> {
-        self.config.get(&0, 0).map_err(|source| DataplaneError::Map {
-            name: map_names::CONFIG,
-            source,
-        })
+        self.config
+            .get(&0, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: map_names::CONFIG,
+                source,
+            })
     }
 
     fn set_config(&mut self, config: DataplaneConfig) -> Result<(), DataplaneError> {
@@ -476,10 +519,13 @@ impl Dataplane {
         }
         for port in 0..SCOPE_PORT_SLOTS {
             let on = u8::from(u16::try_from(port).is_ok_and(|p| wanted.contains(&p)));
-            let current = self.scope_ports.get(&port, 0).map_err(|source| DataplaneError::Map {
-                name: map_names::SCOPE_PORTS,
-                source,
-            })?;
+            let current = self
+                .scope_ports
+                .get(&port, 0)
+                .map_err(|source| DataplaneError::Map {
+                    name: map_names::SCOPE_PORTS,
+                    source,
+                })?;
             if current != on {
                 self.scope_ports
                     .set(port, &on, 0)

@@ -1,0 +1,262 @@
+//! `cargo xtask bench dataplane`: what the XDP program costs per packet, measured under
+//! BPF_PROG_TEST_RUN, and how long loading bans into the maps takes.
+//!
+//! The floor is a bare XDP_DROP program: the cost of running any XDP program here. Ours runs
+//! as `bench_cycle`, which rewrites the source address on every repeat so lookups walk many
+//! distinct keys spread over the address space (`apiban_common::bench_address`) instead of
+//! one hot cache line; its rewrite costs a few instructions that the floor does not pay.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::{Duration, Instant},
+};
+
+use apiban::dataplane::loader::{self, LoadOptions, Loaded};
+use apiban_common::{BenchParams, DataplaneConfig, bench_address, map_names, program_names};
+use aya::{
+    maps::Array,
+    programs::{TestRun as _, TestRunOptions, Xdp},
+};
+use ipnet::{IpNet, Ipv4Net};
+use tests::{BpffsDir, frame::Frame, require_root};
+
+struct Config {
+    repeat: u32,
+    rounds: usize,
+    sizes: Vec<u32>,
+    load_sizes: Vec<u32>,
+}
+
+fn main() {
+    require_root();
+    let quick = std::env::args().any(|a| a == "--quick");
+    let config = if quick {
+        Config {
+            repeat: 200_000,
+            rounds: 3,
+            sizes: vec![0, 1_000, 10_000, 100_000],
+            load_sizes: vec![10_000],
+        }
+    } else {
+        Config {
+            repeat: 2_000_000,
+            rounds: 7,
+            sizes: vec![0, 1_000, 10_000, 100_000, 1_000_000],
+            load_sizes: vec![10_000, 100_000],
+        }
+    };
+    let dir = BpffsDir::new();
+    let mut loaded = loader::load(&LoadOptions {
+        bpffs_dir: dir.path.clone(),
+        ..Default::default()
+    })
+    .expect("load the XDP program (root, bpffs)");
+    for name in [program_names::BENCH_FLOOR, program_names::BENCH_CYCLE] {
+        program(&mut loaded, name)
+            .load()
+            .expect("load bench program");
+    }
+
+    let frame = Frame::udp(
+        IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)),
+        IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+        5060,
+    )
+    .build();
+    println!(
+        "dataplane: ns per packet under BPF_PROG_TEST_RUN, {}-byte UDP/IPv4 frame, repeat {}, \
+         median of {} rounds",
+        frame.len(),
+        config.repeat,
+        config.rounds
+    );
+    println!(
+        "{:<34} {:>9} {:>9} {:>8} {:>8}",
+        "program", "entries", "sources", "ns/pkt", "x floor"
+    );
+    let floor = measure(&mut loaded, program_names::BENCH_FLOOR, &frame, &config);
+    row("bare XDP_DROP (floor)", None, 1, floor, floor);
+
+    let mut inserted = 0u32;
+    let mut at_100k = None;
+    for &size in &config.sizes {
+        grow_to(&mut loaded, &mut inserted, size);
+        let miss_sources = 65_536;
+        set_params(&mut loaded, size, miss_sources - 1);
+        let miss = measure(&mut loaded, program_names::BENCH_CYCLE, &frame, &config);
+        row(
+            "apiban, source not banned",
+            Some(size),
+            miss_sources,
+            miss,
+            floor,
+        );
+        if size > 0 {
+            let sources = 1u32 << (31 - size.leading_zeros());
+            set_params(&mut loaded, 0, sources - 1);
+            let hit = measure(&mut loaded, program_names::BENCH_CYCLE, &frame, &config);
+            row(
+                "apiban, source banned (drop)",
+                Some(size),
+                sources,
+                hit,
+                floor,
+            );
+            set_flag(&mut loaded, DataplaneConfig::NO_HIT_TRACKING, true);
+            let untracked = measure(&mut loaded, program_names::BENCH_CYCLE, &frame, &config);
+            set_flag(&mut loaded, DataplaneConfig::NO_HIT_TRACKING, false);
+            row(
+                "  same, per-entry hits off",
+                Some(size),
+                sources,
+                untracked,
+                floor,
+            );
+            if size == 100_000 {
+                at_100k = Some((miss, hit));
+            }
+        }
+    }
+
+    println!();
+    println!("loading bans into an empty map (IPv4 /32s)");
+    println!(
+        "{:<34} {:>9} {:>12} {:>12}",
+        "method", "entries", "total ms", "ns/entry"
+    );
+    let mut batched_100k = None;
+    for &size in &config.load_sizes {
+        let nets = addresses(0, size);
+        loaded
+            .dataplane
+            .undeny_batch(&addresses(0, inserted))
+            .expect("clear");
+        inserted = 0;
+        let one_by_one = time(|| {
+            for n in &nets {
+                loaded.dataplane.deny(*n).expect("insert");
+            }
+        });
+        load_row("one by one (BPF_MAP_UPDATE_ELEM)", size, one_by_one);
+        loaded.dataplane.undeny_batch(&nets).expect("clear");
+        let batched = time(|| {
+            loaded.dataplane.deny_batch(&nets).expect("batch");
+        });
+        load_row("batched (BPF_MAP_UPDATE_BATCH)", size, batched);
+        loaded.dataplane.undeny_batch(&nets).expect("clear");
+        if size == 100_000 {
+            batched_100k = Some(batched);
+        }
+    }
+
+    println!();
+    if let Some((miss, hit)) = at_100k {
+        let worst = miss.max(hit);
+        verdict(
+            "ours at 100k entries within 1.6x the floor",
+            worst <= floor * 1.6,
+            format!("{:.2}x (worst of hit and miss)", worst / floor),
+        );
+    }
+    if let Some(batched) = batched_100k {
+        verdict(
+            "loading 100k entries under 100 ms",
+            batched < Duration::from_millis(100),
+            format!("{:.1} ms batched", batched.as_secs_f64() * 1e3),
+        );
+    }
+}
+
+fn program<'a>(loaded: &'a mut Loaded, name: &str) -> &'a mut Xdp {
+    loaded
+        .ebpf_mut()
+        .program_mut(name)
+        .expect("program in object")
+        .try_into()
+        .expect("xdp program")
+}
+
+/// Median ns per run over `rounds` calls of `repeat` runs each.
+fn measure(loaded: &mut Loaded, name: &str, frame: &[u8], config: &Config) -> f64 {
+    let prog = program(loaded, name);
+    let mut warm = TestRunOptions::new();
+    warm.data_in = Some(frame);
+    warm.repeat = config.repeat / 10;
+    prog.test_run(warm).expect("warm-up run");
+    let mut samples: Vec<f64> = (0..config.rounds)
+        .map(|_| {
+            let mut opts = TestRunOptions::new();
+            opts.data_in = Some(frame);
+            opts.repeat = config.repeat;
+            // The kernel reports the mean time of one run.
+            prog.test_run(opts).expect("test run").duration.as_nanos() as f64
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
+fn set_params(loaded: &mut Loaded, base: u32, mask: u32) {
+    let map = loaded
+        .ebpf_mut()
+        .map_mut(map_names::BENCH_PARAMS)
+        .expect("bench params map");
+    let mut params: Array<_, BenchParams> = Array::try_from(map).expect("array");
+    params
+        .set(0, &BenchParams { base, mask }, 0)
+        .expect("set params");
+}
+
+fn set_flag(loaded: &mut Loaded, flag: u32, on: bool) {
+    loaded.dataplane.set_flag(flag, on).expect("set flag");
+}
+
+fn addresses(from: u32, to: u32) -> Vec<IpNet> {
+    (from..to)
+        .map(|i| {
+            IpNet::V4(Ipv4Net::new_assert(
+                bench_address(0, u32::MAX, i).into(),
+                32,
+            ))
+        })
+        .collect()
+}
+
+fn grow_to(loaded: &mut Loaded, inserted: &mut u32, size: u32) {
+    if size > *inserted {
+        loaded
+            .dataplane
+            .deny_batch(&addresses(*inserted, size))
+            .expect("fill deny map");
+        *inserted = size;
+    }
+}
+
+fn time(f: impl FnOnce()) -> Duration {
+    let start = Instant::now();
+    f();
+    start.elapsed()
+}
+
+fn row(what: &str, entries: Option<u32>, sources: u32, ns: f64, floor: f64) {
+    let entries = entries.map_or("-".to_owned(), |e| e.to_string());
+    println!(
+        "{what:<34} {entries:>9} {sources:>9} {ns:>8.1} {:>7.2}x",
+        ns / floor
+    );
+}
+
+fn load_row(what: &str, entries: u32, took: Duration) {
+    println!(
+        "{what:<34} {entries:>9} {:>12.1} {:>12.0}",
+        took.as_secs_f64() * 1e3,
+        took.as_nanos() as f64 / f64::from(entries)
+    );
+}
+
+fn verdict(target: &str, met: bool, detail: String) {
+    println!(
+        "target: {target}: {} ({detail})",
+        if met { "met" } else { "MISSED" }
+    );
+}

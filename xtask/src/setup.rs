@@ -1,0 +1,193 @@
+//! `cargo xtask setup`: installs what building apiban needs, skipping what is there.
+//! The pins follow ../shared/toolchain.md, a recipe verified on the project's machines.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+/// Must match apiban-user/build.rs. Its LLVM major (22) must equal bpf-linker's.
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-07-01";
+const LLVM_MAJOR: u32 = 22;
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> anyhow::Result<()> {
+    ensure_rustup()?;
+    ensure_host_components()?;
+    ensure_ebpf_toolchain()?;
+    ensure_bpf_linker()?;
+    ensure_iproute2()?;
+    Ok(())
+}
+
+fn progress(what: &str, outcome: &str) {
+    eprintln!("[setup] {what}: {outcome}");
+}
+
+fn output(program: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(program).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run_step(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
+    progress(what, "installing");
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not run {cmd:?} to install {what}"))?;
+    if !status.success() {
+        bail!("installing {what} failed: {cmd:?} exited with {status}");
+    }
+    progress(what, "installed");
+    Ok(())
+}
+
+fn ensure_rustup() -> anyhow::Result<()> {
+    if output("rustup", &["--version"]).is_none() {
+        bail!("rustup is missing: install it from https://rustup.rs, then run `cargo xtask setup`");
+    }
+    progress("rustup", "present");
+    Ok(())
+}
+
+/// The host toolchain comes from rust-toolchain.toml; cargo is already running on it, but
+/// rustup may not have added the components (RUSTUP_AUTO_INSTALL=0 on some machines).
+fn ensure_host_components() -> anyhow::Result<()> {
+    let toolchain = host_toolchain()?;
+    let installed = output(
+        "rustup",
+        &[
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            &toolchain,
+        ],
+    )
+    .unwrap_or_default();
+    let missing: Vec<&str> = ["rustfmt", "clippy"]
+        .into_iter()
+        .filter(|c| !installed.lines().any(|l| l.starts_with(c)))
+        .collect();
+    let what = format!("host toolchain {toolchain} (rustfmt, clippy)");
+    if missing.is_empty() {
+        progress(&what, "present");
+        return Ok(());
+    }
+    let mut cmd = Command::new("rustup");
+    cmd.args(["component", "add", "--toolchain", &toolchain])
+        .args(&missing);
+    run_step(&what, &mut cmd)
+}
+
+fn host_toolchain() -> anyhow::Result<String> {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rust-toolchain.toml");
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("could not read {}", file.display()))?;
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("channel"))
+        .and_then(|rest| rest.split('"').nth(1))
+        .map(str::to_owned)
+        .with_context(|| format!("no channel in {}", file.display()))
+}
+
+fn ensure_ebpf_toolchain() -> anyhow::Result<()> {
+    let what = format!("eBPF toolchain {EBPF_TOOLCHAIN} + rust-src");
+    let has_toolchain = output("rustup", &["run", EBPF_TOOLCHAIN, "rustc", "--version"]).is_some();
+    let has_src = has_toolchain
+        && output(
+            "rustup",
+            &[
+                "component",
+                "list",
+                "--installed",
+                "--toolchain",
+                EBPF_TOOLCHAIN,
+            ],
+        )
+        .is_some_and(|l| l.lines().any(|c| c.starts_with("rust-src")));
+    if has_src {
+        progress(&what, "present");
+        return Ok(());
+    }
+    let mut cmd = Command::new("rustup");
+    cmd.args([
+        "toolchain",
+        "install",
+        EBPF_TOOLCHAIN,
+        "--profile",
+        "minimal",
+        "--component",
+        "rust-src",
+    ]);
+    run_step(&what, &mut cmd)
+}
+
+fn bpf_linker_ok() -> bool {
+    output("bpf-linker", &["--version"]).is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+}
+
+fn ensure_bpf_linker() -> anyhow::Result<()> {
+    let what = format!("bpf-linker {BPF_LINKER_VERSION} (LLVM {LLVM_MAJOR})");
+    if bpf_linker_ok() {
+        progress(&what, "present");
+        return Ok(());
+    }
+    let prefix = format!("/usr/lib/llvm-{LLVM_MAJOR}");
+    ensure_llvm(&prefix)?;
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.env("LLVM_PREFIX", &prefix).args([
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--locked",
+        "--no-default-features",
+        "--features",
+        &format!("llvm-{LLVM_MAJOR}"),
+    ]);
+    run_step(
+        &format!("{what}, building from crates.io (a few minutes)"),
+        &mut cmd,
+    )?;
+    if !bpf_linker_ok() {
+        bail!("bpf-linker was installed but does not run: is ~/.cargo/bin on PATH?");
+    }
+    Ok(())
+}
+
+fn ensure_llvm(prefix: &str) -> anyhow::Result<()> {
+    let package = format!("llvm-{LLVM_MAJOR}-dev");
+    if Path::new(prefix).join("bin/llvm-config").exists() {
+        progress(&package, "present");
+        return Ok(());
+    }
+    apt_install(&package, "bpf-linker links against it")
+}
+
+fn ensure_iproute2() -> anyhow::Result<()> {
+    if output("ip", &["-V"]).is_some() {
+        progress("iproute2", "present");
+        return Ok(());
+    }
+    apt_install("iproute2", "the tests build network namespaces with `ip`")
+}
+
+fn apt_install(package: &str, why: &str) -> anyhow::Result<()> {
+    let debian = Path::new("/etc/debian_version").exists();
+    let root = crate::is_root();
+    if !(debian && root) {
+        bail!(
+            "{package} is missing ({why}); install it with your package manager \
+             (Debian/Ubuntu: `apt-get install {package}` as root), then run `cargo xtask setup`"
+        );
+    }
+    run_step(
+        "apt package lists",
+        Command::new("apt-get").arg("update").arg("-q"),
+    )?;
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q", package]);
+    run_step(package, &mut cmd)
+}
