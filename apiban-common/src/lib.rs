@@ -7,6 +7,10 @@
 /// Names of the maps in the eBPF object. The agent pins each under its bpffs directory with
 /// this name, so a renamed map is a breaking change for adoption of pinned state.
 pub mod map_names {
+    /// Banned single hosts (/32, /128): an exact-match hash, one lookup whatever the size.
+    pub const DENY_V4_HOSTS: &str = "DENY_V4_HOSTS";
+    pub const DENY_V6_HOSTS: &str = "DENY_V6_HOSTS";
+    /// Banned prefixes shorter than a host: LPM tries.
     pub const DENY_V4: &str = "DENY_V4";
     pub const DENY_V6: &str = "DENY_V6";
     pub const ALLOW_V4: &str = "ALLOW_V4";
@@ -18,7 +22,9 @@ pub mod map_names {
     pub const BENCH_PARAMS: &str = "BENCH_PARAMS";
 
     /// The maps that hold enforcement state and are pinned for adoption across restarts.
-    pub const PINNED: [&str; 7] = [
+    pub const PINNED: [&str; 9] = [
+        DENY_V4_HOSTS,
+        DENY_V6_HOSTS,
         DENY_V4,
         DENY_V6,
         ALLOW_V4,
@@ -40,8 +46,10 @@ pub mod program_names {
     pub const BENCH_CYCLE: &str = "bench_cycle";
 }
 
-/// Capacity defaults. LPM tries are created with `BPF_F_NO_PREALLOC`, so an unused capacity
-/// costs no kernel memory; it only bounds how far the maps may grow.
+/// Capacity defaults. All deny and allow maps are created with `BPF_F_NO_PREALLOC`: entries
+/// are allocated on use, so an unused capacity costs no entry memory (a host hash still
+/// allocates its bucket array, 16 bytes per entry of capacity). The deny capacities bound the
+/// host hashes and the prefix tries each.
 pub const DEFAULT_DENY_V4_ENTRIES: u32 = 1_048_576;
 pub const DEFAULT_DENY_V6_ENTRIES: u32 = 262_144;
 pub const DEFAULT_ALLOW_V4_ENTRIES: u32 = 65_536;

@@ -206,6 +206,8 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
     let mut loader = EbpfLoader::new();
     let caps = options.capacities;
     loader
+        .map_max_entries(map_names::DENY_V4_HOSTS, caps.deny_v4)
+        .map_max_entries(map_names::DENY_V6_HOSTS, caps.deny_v6)
         .map_max_entries(map_names::DENY_V4, caps.deny_v4)
         .map_max_entries(map_names::DENY_V6, caps.deny_v6)
         .map_max_entries(map_names::ALLOW_V4, caps.allow_v4)

@@ -14,7 +14,7 @@ use apiban_common::{
     map_names,
 };
 use aya::maps::{
-    Array, IterableMap as _, Map, MapData, MapError, PerCpuArray,
+    Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -142,11 +142,228 @@ pub struct PrefixMap<const N: usize, V: PrefixValue> {
 /// A key and its value, as read back from a map.
 pub type Entry<const N: usize, V> = (Key<[u8; N]>, V);
 
-pub type DenyMap<const N: usize> = PrefixMap<N, DenyEntry>;
 pub type AllowMap<const N: usize> = PrefixMap<N, AllowEntry>;
 
 fn is_errno(e: &MapError, errno: i32) -> bool {
     matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(errno))
+}
+
+/// A full map answers ENOSPC (LPM trie) or E2BIG (hash).
+fn is_full_errno(errno: Option<i32>) -> bool {
+    matches!(errno, Some(libc::ENOSPC) | Some(libc::E2BIG))
+}
+
+/// The deny list of one family: single hosts in an exact-match hash (one lookup on the hot
+/// path whatever the size), shorter prefixes in an LPM trie.
+pub struct DenyMap<const N: usize> {
+    hosts: HostMap<N>,
+    prefixes: PrefixMap<N, DenyEntry>,
+}
+
+impl<const N: usize> DenyMap<N> {
+    const HOST_LEN: u32 = (N * 8) as u32;
+
+    fn is_host(key: &Key<[u8; N]>) -> bool {
+        key.prefix_len() == Self::HOST_LEN
+    }
+
+    /// Single-host keys (as bare addresses for the hash) and the shorter prefixes.
+    fn split(keys: &[Key<[u8; N]>]) -> (Vec<[u8; N]>, Vec<Key<[u8; N]>>) {
+        let mut hosts = Vec::with_capacity(keys.len());
+        let mut prefixes = Vec::new();
+        for key in keys {
+            if Self::is_host(key) {
+                hosts.push(key.data());
+            } else {
+                prefixes.push(*key);
+            }
+        }
+        (hosts, prefixes)
+    }
+
+    /// Capacity of each of the two maps (hosts and prefixes).
+    pub fn capacity(&self) -> u32 {
+        self.hosts.capacity
+    }
+
+    /// Adds a prefix. An existing entry keeps its value (and so its hit count).
+    pub fn insert(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
+        if Self::is_host(&key) {
+            self.hosts.insert(key.data())
+        } else {
+            self.prefixes.insert(key)
+        }
+    }
+
+    /// Removes an exact prefix; removing an absent one is not an error.
+    pub fn remove(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
+        if Self::is_host(&key) {
+            self.hosts.remove(key.data())
+        } else {
+            self.prefixes.remove(key)
+        }
+    }
+
+    /// Whether exactly this prefix is present (not whether something covers it).
+    pub fn contains(&self, key: Key<[u8; N]>) -> Result<bool, DataplaneError> {
+        if Self::is_host(&key) {
+            Ok(self.hosts.get(key.data())?.is_some())
+        } else {
+            self.prefixes.contains(key)
+        }
+    }
+
+    /// The entry the XDP program finds for a packet from the full-length address `key`, with
+    /// the length of its prefix.
+    pub fn longest_match(
+        &self,
+        key: Key<[u8; N]>,
+    ) -> Result<Option<(u32, DenyEntry)>, DataplaneError> {
+        if let Some(v) = self.hosts.get(key.data())? {
+            return Ok(Some((Self::HOST_LEN, v)));
+        }
+        self.prefixes.longest_match(key)
+    }
+
+    /// Adds many new prefixes with batched updates (see [`PrefixMap::insert_batch`]).
+    pub fn insert_batch(&mut self, keys: &[Key<[u8; N]>]) -> Result<usize, DataplaneError> {
+        let (hosts, prefixes) = Self::split(keys);
+        Ok(self.hosts.insert_batch(&hosts)? + self.prefixes.insert_batch(&prefixes)?)
+    }
+
+    /// Removes many exact prefixes, all of which must be present.
+    pub fn remove_batch(&mut self, keys: &[Key<[u8; N]>]) -> Result<usize, DataplaneError> {
+        let (hosts, prefixes) = Self::split(keys);
+        Ok(self.hosts.remove_batch(&hosts)? + self.prefixes.remove_batch(&prefixes)?)
+    }
+
+    /// All entries with their values, hosts first.
+    pub fn entries(&self) -> Result<Vec<Entry<N, DenyEntry>>, DataplaneError> {
+        let mut all: Vec<Entry<N, DenyEntry>> = self
+            .hosts
+            .entries()?
+            .into_iter()
+            .map(|(addr, v)| (Key::new(Self::HOST_LEN, addr), v))
+            .collect();
+        all.extend(self.prefixes.entries()?);
+        Ok(all)
+    }
+
+    /// Number of entries; walks both maps, so it costs O(n) syscalls.
+    pub fn count(&self) -> usize {
+        self.hosts.count() + self.prefixes.count()
+    }
+}
+
+/// Banned single hosts of one family: exact-match keys of `N` octets.
+pub struct HostMap<const N: usize> {
+    name: &'static str,
+    family: Family,
+    capacity: u32,
+    map: HashMap<MapData, [u8; N], DenyEntry>,
+}
+
+impl<const N: usize> HostMap<N> {
+    fn new(map: Map, name: &'static str, family: Family) -> Result<Self, DataplaneError> {
+        let map: HashMap<MapData, [u8; N], DenyEntry> =
+            HashMap::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
+        let capacity = map
+            .map()
+            .info()
+            .map_err(|source| DataplaneError::Map { name, source })?
+            .max_entries();
+        Ok(Self {
+            name,
+            family,
+            capacity,
+            map,
+        })
+    }
+
+    fn error(&self, source: MapError) -> DataplaneError {
+        match &source {
+            MapError::SyscallError(e) if is_full_errno(e.io_error.raw_os_error()) => self.full(),
+            _ => DataplaneError::Map {
+                name: self.name,
+                source,
+            },
+        }
+    }
+
+    fn full(&self) -> DataplaneError {
+        DataplaneError::MapFull {
+            list: List::Deny,
+            family: self.family,
+            capacity: self.capacity,
+        }
+    }
+
+    fn value() -> DenyEntry {
+        DenyEntry::for_prefix((N * 8) as u32)
+    }
+
+    fn insert(&mut self, addr: [u8; N]) -> Result<(), DataplaneError> {
+        match self.map.insert(&addr, &Self::value(), BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    fn remove(&mut self, addr: [u8; N]) -> Result<(), DataplaneError> {
+        match self.map.remove(&addr) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    fn get(&self, addr: [u8; N]) -> Result<Option<DenyEntry>, DataplaneError> {
+        match self.map.get(&addr, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(None),
+            Err(e) => Err(self.error(e)),
+        }
+    }
+
+    fn insert_batch(&mut self, addrs: &[[u8; N]]) -> Result<usize, DataplaneError> {
+        let values = vec![Self::value(); addrs.len()];
+        let outcome = batch::update(self.map.map().fd().as_fd(), addrs, &values);
+        batch_result(self.name, outcome, || self.full())
+    }
+
+    fn remove_batch(&mut self, addrs: &[[u8; N]]) -> Result<usize, DataplaneError> {
+        let outcome = batch::delete(self.map.map().fd().as_fd(), addrs);
+        batch_result(self.name, outcome, || self.full())
+    }
+
+    fn entries(&self) -> Result<Vec<([u8; N], DenyEntry)>, DataplaneError> {
+        self.map
+            .iter()
+            .map(|r| r.map_err(|e| self.error(e)))
+            .collect()
+    }
+
+    fn count(&self) -> usize {
+        self.map.keys().filter(Result::is_ok).count()
+    }
+}
+
+fn batch_result(
+    name: &'static str,
+    outcome: batch::BatchOutcome,
+    full: impl FnOnce() -> DataplaneError,
+) -> Result<usize, DataplaneError> {
+    match outcome.error {
+        None => Ok(outcome.done),
+        Some(e) if is_full_errno(e.raw_os_error()) => Err(full()),
+        Some(source) => Err(DataplaneError::Batch {
+            name,
+            done: outcome.done,
+            source,
+        }),
+    }
 }
 
 impl<const N: usize, V: PrefixValue> PrefixMap<N, V> {
@@ -177,12 +394,12 @@ impl<const N: usize, V: PrefixValue> PrefixMap<N, V> {
     }
 
     fn map_err(&self, source: MapError) -> DataplaneError {
-        if is_errno(&source, libc::ENOSPC) {
-            return self.full();
-        }
-        DataplaneError::Map {
-            name: self.name,
-            source,
+        match &source {
+            MapError::SyscallError(e) if is_full_errno(e.io_error.raw_os_error()) => self.full(),
+            _ => DataplaneError::Map {
+                name: self.name,
+                source,
+            },
         }
     }
 
@@ -238,28 +455,13 @@ impl<const N: usize, V: PrefixValue> PrefixMap<N, V> {
     pub fn insert_batch(&mut self, keys: &[Key<[u8; N]>]) -> Result<usize, DataplaneError> {
         let values: Vec<V> = keys.iter().map(|k| V::for_prefix(k.prefix_len())).collect();
         let outcome = batch::update(self.trie.map().fd().as_fd(), keys, &values);
-        match outcome.error {
-            None => Ok(outcome.done),
-            Some(e) if e.raw_os_error() == Some(libc::ENOSPC) => Err(self.full()),
-            Some(source) => Err(DataplaneError::Batch {
-                name: self.name,
-                done: outcome.done,
-                source,
-            }),
-        }
+        batch_result(self.name, outcome, || self.full())
     }
 
     /// Removes many exact prefixes; all must be present.
     pub fn remove_batch(&mut self, keys: &[Key<[u8; N]>]) -> Result<usize, DataplaneError> {
         let outcome = batch::delete(self.trie.map().fd().as_fd(), keys);
-        match outcome.error {
-            None => Ok(outcome.done),
-            Some(source) => Err(DataplaneError::Batch {
-                name: self.name,
-                done: outcome.done,
-                source,
-            }),
-        }
+        batch_result(self.name, outcome, || self.full())
     }
 
     /// All entries with their values.
@@ -318,18 +520,32 @@ impl Dataplane {
         };
         let typed = |name: &'static str, source| DataplaneError::Map { name, source };
         Ok(Self {
-            deny_v4: PrefixMap::new(
-                take(map_names::DENY_V4)?,
-                map_names::DENY_V4,
-                List::Deny,
-                Family::V4,
-            )?,
-            deny_v6: PrefixMap::new(
-                take(map_names::DENY_V6)?,
-                map_names::DENY_V6,
-                List::Deny,
-                Family::V6,
-            )?,
+            deny_v4: DenyMap {
+                hosts: HostMap::new(
+                    take(map_names::DENY_V4_HOSTS)?,
+                    map_names::DENY_V4_HOSTS,
+                    Family::V4,
+                )?,
+                prefixes: PrefixMap::new(
+                    take(map_names::DENY_V4)?,
+                    map_names::DENY_V4,
+                    List::Deny,
+                    Family::V4,
+                )?,
+            },
+            deny_v6: DenyMap {
+                hosts: HostMap::new(
+                    take(map_names::DENY_V6_HOSTS)?,
+                    map_names::DENY_V6_HOSTS,
+                    Family::V6,
+                )?,
+                prefixes: PrefixMap::new(
+                    take(map_names::DENY_V6)?,
+                    map_names::DENY_V6,
+                    List::Deny,
+                    Family::V6,
+                )?,
+            },
             allow_v4: PrefixMap::new(
                 take(map_names::ALLOW_V4)?,
                 map_names::ALLOW_V4,
