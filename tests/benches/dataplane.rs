@@ -77,22 +77,25 @@ fn main() {
     let floor = measure(&mut loaded, program_names::BENCH_FLOOR, &frame, &config);
     row("bare XDP_DROP (floor)", None, 1, floor, floor);
 
+    // Two working sets: 1,024 sources stay in the CPU caches (a burst from a thousand
+    // scanners); 65,536 sources make nearly every lookup a cache and TLB miss.
     let mut inserted = 0u32;
-    let mut at_100k = None;
+    let mut at_100k = Vec::new();
     for &size in &config.sizes {
         grow_to(&mut loaded, &mut inserted, size);
-        let miss_sources = 65_536;
-        set_params(&mut loaded, size, miss_sources - 1);
-        let miss = measure(&mut loaded, program_names::BENCH_CYCLE, &frame, &config);
-        row(
-            "apiban, source not banned",
-            Some(size),
-            miss_sources,
-            miss,
-            floor,
-        );
-        if size > 0 {
-            let sources = 1u32 << (31 - size.leading_zeros());
+        for sources in [1_024u32, 65_536] {
+            set_params(&mut loaded, size, sources - 1);
+            let miss = measure(&mut loaded, program_names::BENCH_CYCLE, &frame, &config);
+            row(
+                "apiban, source not banned",
+                Some(size),
+                sources,
+                miss,
+                floor,
+            );
+            if size < sources {
+                continue;
+            }
             set_params(&mut loaded, 0, sources - 1);
             let hit = measure(&mut loaded, program_names::BENCH_CYCLE, &frame, &config);
             row(
@@ -113,7 +116,7 @@ fn main() {
                 floor,
             );
             if size == 100_000 {
-                at_100k = Some((miss, hit));
+                at_100k.push((sources, miss.max(hit)));
             }
         }
     }
@@ -150,12 +153,11 @@ fn main() {
     }
 
     println!();
-    if let Some((miss, hit)) = at_100k {
-        let worst = miss.max(hit);
+    for (sources, worst) in at_100k {
         verdict(
-            "ours at 100k entries within 1.6x the floor",
+            &format!("ours at 100k entries within 1.6x the floor, {sources} sources"),
             worst <= floor * 1.6,
-            format!("{:.2}x (worst of hit and miss)", worst / floor),
+            format!("{:.2}x, worst of hit and miss", worst / floor),
         );
     }
     if let Some(batched) = batched_100k {
