@@ -1,6 +1,12 @@
-//! The apiban agent: keeps the addresses of known SIP attackers off a host's network with an
-//! XDP program fed from APIBAN.
-//!
-//! Data flows one way: sources -> sanitiser -> ledger -> diff -> [`dataplane`] maps.
+//! apiban's agent as a library: the dataplane (XDP maps and loader), the sources, the
+//! sanitiser, the ledger and its engine, the state store and the sync tasks.
 
 pub mod dataplane;
+pub mod engine;
+pub mod human;
+pub mod ledger;
+pub mod rate_budget;
+pub mod sanitise;
+pub mod source;
+pub mod state;
+pub mod sync;

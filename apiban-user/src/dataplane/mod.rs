@@ -703,6 +703,21 @@ impl Dataplane {
         Ok(v4.chain(v6).collect())
     }
 
+    /// Every allow prefix, IPv4 then IPv6.
+    pub fn allow_entries(&self) -> Result<Vec<IpNet>, DataplaneError> {
+        let v4 = self
+            .allow_v4
+            .entries()?
+            .into_iter()
+            .map(|(k, _)| net_from_v4(k));
+        let v6 = self
+            .allow_v6
+            .entries()?
+            .into_iter()
+            .map(|(k, _)| net_from_v6(k));
+        Ok(v4.chain(v6).collect())
+    }
+
     pub fn config(&self) -> Result<DataplaneConfig, DataplaneError> {
         self.config
             .get(&0, 0)

@@ -1,0 +1,359 @@
+//! The ledger: the single record of what is banned, by whom, since when and until when.
+//!
+//! One prefix may be banned by several sources at once (APIBAN and a blocklist, say); each
+//! source keeps its own record, and the prefix stays banned while any record is alive.
+//! Times are Unix seconds, passed in by the caller so that expiry is testable.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    str::FromStr,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::sanitise::AllowList;
+
+/// Where a ban came from.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum SourceId {
+    Apiban,
+    /// A plain-text blocklist, by the name given in the configuration.
+    List(String),
+    /// `apiban ban`.
+    Manual,
+}
+
+impl SourceId {
+    /// Remote feeds are sanitised and reconciled; manual bans are the operator's word.
+    pub fn is_remote(&self) -> bool {
+        !matches!(self, SourceId::Manual)
+    }
+}
+
+impl fmt::Display for SourceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceId::Apiban => f.write_str("apiban"),
+            SourceId::List(name) => write!(f, "list:{name}"),
+            SourceId::Manual => f.write_str("manual"),
+        }
+    }
+}
+
+impl FromStr for SourceId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "apiban" => Ok(SourceId::Apiban),
+            "manual" => Ok(SourceId::Manual),
+            _ => match s.strip_prefix("list:") {
+                Some(name) if !name.is_empty() => Ok(SourceId::List(name.to_owned())),
+                _ => Err(format!(
+                    "unknown source `{s}`; expected apiban, manual or list:<name>"
+                )),
+            },
+        }
+    }
+}
+
+impl From<SourceId> for String {
+    fn from(s: SourceId) -> String {
+        s.to_string()
+    }
+}
+
+impl TryFrom<String> for SourceId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+/// One source's ban of one prefix.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub first_seen: u64,
+    pub last_seen: u64,
+    /// None: until removed (manual bans without a TTL).
+    pub expires: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+impl Record {
+    pub fn is_live(&self, now: u64) -> bool {
+        self.expires.is_none_or(|e| e > now)
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    entries: BTreeMap<IpNet, BTreeMap<SourceId, Record>>,
+}
+
+/// What must change in the dataplane to make it equal to the ledger.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    pub add: Vec<IpNet>,
+    pub remove: Vec<IpNet>,
+}
+
+impl Diff {
+    pub fn between(applied: &BTreeSet<IpNet>, desired: &BTreeSet<IpNet>) -> Self {
+        Self {
+            add: desired.difference(applied).copied().collect(),
+            remove: applied.difference(desired).copied().collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+impl Ledger {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `source` reports `net` at `now`: a new record, or a refresh that extends its expiry.
+    /// Returns true when the record is new (or had expired and is reactivated).
+    pub fn observe(
+        &mut self,
+        net: IpNet,
+        source: &SourceId,
+        now: u64,
+        ttl_secs: Option<u64>,
+        comment: Option<String>,
+    ) -> bool {
+        let expires = ttl_secs.map(|t| now.saturating_add(t));
+        let records = self.entries.entry(net).or_default();
+        match records.get_mut(source) {
+            Some(r) if r.is_live(now) => {
+                r.last_seen = now;
+                r.expires = expires;
+                if comment.is_some() {
+                    r.comment = comment;
+                }
+                false
+            }
+            _ => {
+                records.insert(
+                    source.clone(),
+                    Record {
+                        first_seen: now,
+                        last_seen: now,
+                        expires,
+                        comment,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// Restores a record as saved.
+    pub fn insert_record(&mut self, net: IpNet, source: SourceId, record: Record) {
+        self.entries.entry(net).or_default().insert(source, record);
+    }
+
+    /// Drops `source`'s record of `net`; true if there was one.
+    pub fn remove(&mut self, net: &IpNet, source: &SourceId) -> bool {
+        let Some(records) = self.entries.get_mut(net) else {
+            return false;
+        };
+        let removed = records.remove(source).is_some();
+        if records.is_empty() {
+            self.entries.remove(net);
+        }
+        removed
+    }
+
+    fn retain_records(&mut self, mut keep: impl FnMut(&SourceId, &Record) -> bool) -> usize {
+        let mut dropped = 0;
+        self.entries.retain(|_, records| {
+            let before = records.len();
+            records.retain(|s, r| keep(s, r));
+            dropped += before - records.len();
+            !records.is_empty()
+        });
+        dropped
+    }
+
+    /// Removes records whose expiry has passed; returns how many.
+    pub fn sweep(&mut self, now: u64) -> usize {
+        self.retain_records(|_, r| r.is_live(now))
+    }
+
+    /// After a complete pull of `source`'s list that began at `pull_started`: every record
+    /// of that source not seen since is no longer on the list. Returns how many were removed.
+    pub fn reconcile(&mut self, source: &SourceId, pull_started: u64) -> usize {
+        self.retain_records(|s, r| s != source || r.last_seen >= pull_started)
+    }
+
+    /// The prefixes that must be in the deny maps now. Remote bans the allowlist covers are
+    /// left out (the allowlist always wins); manual bans stay, and the XDP allow trie carves
+    /// the operator's exceptions out of them.
+    pub fn desired(&self, now: u64, allow: &AllowList) -> BTreeSet<IpNet> {
+        self.entries
+            .iter()
+            .filter(|(net, records)| {
+                records.iter().any(|(source, record)| {
+                    record.is_live(now) && (!source.is_remote() || !allow.covers(net))
+                })
+            })
+            .map(|(net, _)| *net)
+            .collect()
+    }
+
+    pub fn get(&self, net: &IpNet) -> Option<&BTreeMap<SourceId, Record>> {
+        self.entries.get(net)
+    }
+
+    /// The most specific entry containing `addr`, as the XDP program would match it.
+    pub fn longest_match(
+        &self,
+        addr: std::net::IpAddr,
+    ) -> Option<(&IpNet, &BTreeMap<SourceId, Record>)> {
+        self.entries
+            .iter()
+            .filter(|(net, _)| net.contains(&addr))
+            .max_by_key(|(net, _)| net.prefix_len())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&IpNet, &BTreeMap<SourceId, Record>)> {
+        self.entries.iter()
+    }
+
+    /// Prefixes in the ledger (live or not yet swept).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Records per source and family: (source, is_ipv6) -> count.
+    pub fn counts(&self) -> BTreeMap<(SourceId, bool), usize> {
+        let mut out = BTreeMap::new();
+        for (net, records) in &self.entries {
+            for source in records.keys() {
+                *out.entry((source.clone(), matches!(net, IpNet::V6(_))))
+                    .or_default() += 1;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNet {
+        crate::sanitise::parse_net(s).unwrap()
+    }
+
+    const DAY: u64 = 86_400;
+
+    #[test]
+    fn seen_again_extends_expiry_and_sweep_removes_the_rest() {
+        let mut l = Ledger::new();
+        let src = SourceId::Apiban;
+        assert!(l.observe(net("1.1.1.1"), &src, 1000, Some(7 * DAY), None));
+        assert!(l.observe(net("2.2.2.2"), &src, 1000, Some(7 * DAY), None));
+        assert!(!l.observe(net("1.1.1.1"), &src, 1000 + 3 * DAY, Some(7 * DAY), None));
+        let r = &l.get(&net("1.1.1.1")).unwrap()[&src];
+        assert_eq!(
+            (r.first_seen, r.last_seen, r.expires),
+            (1000, 1000 + 3 * DAY, Some(1000 + 10 * DAY))
+        );
+
+        let at = 1000 + 8 * DAY;
+        assert_eq!(
+            l.desired(at, &AllowList::default()),
+            BTreeSet::from([net("1.1.1.1")])
+        );
+        assert_eq!(l.sweep(at), 1);
+        assert!(l.get(&net("2.2.2.2")).is_none());
+        // Reactivation after expiry starts a new record.
+        assert!(l.observe(net("2.2.2.2"), &src, at, Some(7 * DAY), None));
+        assert_eq!(l.get(&net("2.2.2.2")).unwrap()[&src].first_seen, at);
+    }
+
+    #[test]
+    fn a_prefix_stays_banned_while_any_source_holds_it() {
+        let mut l = Ledger::new();
+        let list = SourceId::List("voipbl".into());
+        l.observe(net("3.3.3.3"), &SourceId::Apiban, 10, Some(100), None);
+        l.observe(net("3.3.3.3"), &list, 10, Some(1000), None);
+        assert_eq!(l.sweep(200), 1);
+        assert!(
+            l.desired(200, &AllowList::default())
+                .contains(&net("3.3.3.3"))
+        );
+        assert!(l.remove(&net("3.3.3.3"), &list));
+        assert!(l.desired(200, &AllowList::default()).is_empty());
+        assert!(l.is_empty());
+    }
+
+    #[test]
+    fn reconcile_removes_only_what_left_that_sources_list() {
+        let mut l = Ledger::new();
+        let list = SourceId::List("x".into());
+        l.observe(net("4.4.4.4"), &SourceId::Apiban, 10, Some(DAY), None);
+        l.observe(net("5.5.5.5"), &SourceId::Apiban, 10, Some(DAY), None);
+        l.observe(net("6.6.6.6"), &list, 10, Some(DAY), None);
+        // A full pull starts at 50 and sees only 5.5.5.5.
+        l.observe(net("5.5.5.5"), &SourceId::Apiban, 50, Some(DAY), None);
+        assert_eq!(l.reconcile(&SourceId::Apiban, 50), 1);
+        let d = l.desired(60, &AllowList::default());
+        assert_eq!(d, BTreeSet::from([net("5.5.5.5"), net("6.6.6.6")]));
+    }
+
+    #[test]
+    fn allowlist_beats_remote_bans_not_manual_ones() {
+        let mut l = Ledger::new();
+        l.observe(net("7.7.7.7"), &SourceId::Apiban, 0, Some(DAY), None);
+        l.observe(
+            net("8.8.8.0/24"),
+            &SourceId::Manual,
+            0,
+            None,
+            Some("lab".into()),
+        );
+        let allow = AllowList::new([net("7.7.0.0/16"), net("8.8.8.8")]);
+        assert_eq!(l.desired(1, &allow), BTreeSet::from([net("8.8.8.0/24")]));
+        assert_eq!(
+            l.longest_match("8.8.8.9".parse().unwrap()).unwrap().0,
+            &net("8.8.8.0/24")
+        );
+    }
+
+    #[test]
+    fn diff_is_adds_and_removes_only() {
+        let applied = BTreeSet::from([net("1.0.0.1"), net("1.0.0.2")]);
+        let desired = BTreeSet::from([net("1.0.0.2"), net("1.0.0.3")]);
+        let d = Diff::between(&applied, &desired);
+        assert_eq!(d.add, vec![net("1.0.0.3")]);
+        assert_eq!(d.remove, vec![net("1.0.0.1")]);
+        assert!(Diff::between(&desired, &desired).is_empty());
+    }
+
+    #[test]
+    fn source_names_round_trip() {
+        for s in [
+            SourceId::Apiban,
+            SourceId::Manual,
+            SourceId::List("voipbl".into()),
+        ] {
+            assert_eq!(s.to_string().parse::<SourceId>(), Ok(s));
+        }
+        assert!("list:".parse::<SourceId>().is_err());
+        assert!("nope".parse::<SourceId>().is_err());
+    }
+}

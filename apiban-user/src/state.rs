@@ -1,0 +1,377 @@
+//! The state directory: what the agent must remember across restarts, crashes and upgrades.
+//!
+//! One JSON file, replaced atomically (write a temporary file, fsync it, rename it over the
+//! old one, fsync the directory), so a kill -9 at any moment leaves either the previous state
+//! or the new one, never a torn file. A file that cannot be read is moved aside, not deleted:
+//! the operator may want to look at it, and the agent starts over with a full pull.
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File, OpenOptions},
+    io::{self, Write as _},
+    os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::{Ledger, Record, SourceId};
+
+pub const STATE_FILE: &str = "state.json";
+const TEMP_FILE: &str = "state.json.tmp";
+const LOCK_FILE: &str = "lock";
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot use state directory {dir}: {source}")]
+    Dir {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("state directory {dir} is in use by another apiban agent (pid {pid})")]
+    Locked { dir: PathBuf, pid: String },
+    #[error("cannot write state file in {dir}: {source}")]
+    Write {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A full pull in progress, saved after every batch so that it resumes where it stopped.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FullPull {
+    pub started_at: u64,
+    pub next_id: String,
+    /// Addresses received so far; a pull that ends with none does not reconcile (an empty
+    /// list from the server is far likelier a fault than the end of all attacks).
+    pub seen: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApibanCursor {
+    /// Where the next incremental poll starts; None until a full pull has completed.
+    pub next_id: Option<String>,
+    pub full_pull: Option<FullPull>,
+    pub last_full_pull: Option<u64>,
+    /// Unix milliseconds of recent requests, so a restart does not overspend the budget.
+    #[serde(default)]
+    pub requests_ms: Vec<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListCursor {
+    pub last_refresh: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedEntry {
+    pub net: IpNet,
+    pub source: SourceId,
+    pub first_seen: u64,
+    pub last_seen: u64,
+    pub expires: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub version: u32,
+    pub saved_at: u64,
+    #[serde(default)]
+    pub apiban: ApibanCursor,
+    #[serde(default)]
+    pub lists: BTreeMap<String, ListCursor>,
+    /// Allow entries added with `apiban allow add` (the configured ones live in the config).
+    #[serde(default)]
+    pub allow: Vec<IpNet>,
+    #[serde(default)]
+    pub entries: Vec<SavedEntry>,
+}
+
+impl State {
+    pub fn ledger(&self) -> Ledger {
+        let mut ledger = Ledger::new();
+        for e in &self.entries {
+            ledger.insert_record(
+                e.net,
+                e.source.clone(),
+                Record {
+                    first_seen: e.first_seen,
+                    last_seen: e.last_seen,
+                    expires: e.expires,
+                    comment: e.comment.clone(),
+                },
+            );
+        }
+        ledger
+    }
+
+    pub fn set_ledger(&mut self, ledger: &Ledger) {
+        self.entries.clear();
+        self.entries.reserve(ledger.len());
+        for (net, records) in ledger.iter() {
+            for (source, r) in records {
+                self.entries.push(SavedEntry {
+                    net: *net,
+                    source: source.clone(),
+                    first_seen: r.first_seen,
+                    last_seen: r.last_seen,
+                    expires: r.expires,
+                    comment: r.comment.clone(),
+                });
+            }
+        }
+    }
+}
+
+/// What loading found.
+#[derive(Debug)]
+pub enum Loaded {
+    /// No state yet: first start.
+    Fresh,
+    State(Box<State>),
+    /// The file was unreadable; it was moved to `moved_to`.
+    Corrupt {
+        moved_to: PathBuf,
+        reason: String,
+    },
+}
+
+/// The state directory, held exclusively (flock) while the agent runs.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+    _lock: File,
+}
+
+impl StateStore {
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let dir_err = |source| StateError::Dir {
+            dir: dir.to_owned(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(dir_err)?;
+        // Bans are not secret, but the state names the operator's allowlist and comments.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(dir.join(LOCK_FILE))
+            .map_err(dir_err)?;
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe {
+            libc::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&lock),
+                libc::LOCK_EX | libc::LOCK_NB,
+            )
+        } != 0
+        {
+            let pid = fs::read_to_string(dir.join(LOCK_FILE)).unwrap_or_default();
+            return Err(StateError::Locked {
+                dir: dir.to_owned(),
+                pid: pid.trim().to_owned(),
+            });
+        }
+        let mut lock = lock;
+        let _ = lock.set_len(0);
+        let _ = write!(lock, "{}", std::process::id());
+        Ok(Self {
+            dir: dir.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(STATE_FILE)
+    }
+
+    pub fn load(&self) -> Loaded {
+        // A temporary file is a save that was interrupted before its rename: the previous
+        // state file is still whole and authoritative.
+        let _ = fs::remove_file(self.dir.join(TEMP_FILE));
+        let path = self.path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Loaded::Fresh,
+            Err(e) => return self.move_aside(format!("cannot read it: {e}")),
+        };
+        match serde_json::from_slice::<State>(&bytes) {
+            Ok(state) if state.version == FORMAT_VERSION => Loaded::State(Box::new(state)),
+            Ok(state) => self.move_aside(format!(
+                "format version {} is not {FORMAT_VERSION}",
+                state.version
+            )),
+            Err(e) => self.move_aside(format!("not valid state JSON: {e}")),
+        }
+    }
+
+    fn move_aside(&self, reason: String) -> Loaded {
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let moved_to = self.dir.join(format!("{STATE_FILE}.corrupt-{stamp}"));
+        match fs::rename(self.path(), &moved_to) {
+            Ok(()) => Loaded::Corrupt { moved_to, reason },
+            Err(e) => Loaded::Corrupt {
+                moved_to: self.path(),
+                reason: format!("{reason}; moving it aside failed too: {e}"),
+            },
+        }
+    }
+
+    /// Replaces the state file atomically; returns how long it took.
+    pub fn save(&self, state: &State) -> Result<Duration, StateError> {
+        let started = Instant::now();
+        let write_err = |source| StateError::Write {
+            dir: self.dir.clone(),
+            source,
+        };
+        let mut state_bytes = serde_json::to_vec(state).map_err(|e| write_err(e.into()))?;
+        state_bytes.push(b'\n');
+        let tmp = self.dir.join(TEMP_FILE);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(write_err)?;
+        file.write_all(&state_bytes).map_err(write_err)?;
+        file.sync_all().map_err(write_err)?;
+        drop(file);
+        fs::rename(&tmp, self.path()).map_err(write_err)?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write_err)?;
+        Ok(started.elapsed())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("apiban-state-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn sample() -> State {
+        let mut ledger = Ledger::new();
+        ledger.observe(
+            "1.2.3.4/32".parse().unwrap(),
+            &SourceId::Apiban,
+            10,
+            Some(100),
+            None,
+        );
+        ledger.observe(
+            "2a01:4f8::/32".parse().unwrap(),
+            &SourceId::Manual,
+            11,
+            None,
+            Some("scanner \"x\"".into()),
+        );
+        let mut state = State {
+            version: FORMAT_VERSION,
+            saved_at: 12,
+            apiban: ApibanCursor {
+                next_id: Some("1636221410".into()),
+                full_pull: Some(FullPull {
+                    started_at: 5,
+                    next_id: "77".into(),
+                    seen: 250,
+                }),
+                last_full_pull: Some(1),
+                requests_ms: vec![1, 2, 3],
+            },
+            lists: BTreeMap::from([(
+                "voipbl".into(),
+                ListCursor {
+                    last_refresh: Some(9),
+                },
+            )]),
+            allow: vec!["192.0.2.0/24".parse().unwrap()],
+            entries: vec![],
+        };
+        state.set_ledger(&ledger);
+        state
+    }
+
+    #[test]
+    fn round_trip() {
+        let dir = temp_dir("rt");
+        let store = StateStore::open(&dir).unwrap();
+        assert!(matches!(store.load(), Loaded::Fresh));
+        let state = sample();
+        store.save(&state).unwrap();
+        let Loaded::State(back) = store.load() else {
+            panic!("state did not load")
+        };
+        assert_eq!(*back, state);
+        assert_eq!(back.ledger().len(), 2);
+        let mode = fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        drop(store);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn corrupt_state_is_moved_aside() {
+        let dir = temp_dir("corrupt");
+        let store = StateStore::open(&dir).unwrap();
+        fs::write(store.path(), b"{\"version\":1,\"entries\":[{\"net\":").unwrap();
+        let Loaded::Corrupt { moved_to, reason } = store.load() else {
+            panic!("truncated state must not load")
+        };
+        assert!(reason.contains("JSON"), "{reason}");
+        assert!(moved_to.exists() && !store.path().exists());
+        assert!(matches!(store.load(), Loaded::Fresh));
+        drop(store);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_crash_between_write_and_rename_keeps_the_previous_state() {
+        let dir = temp_dir("crash");
+        let store = StateStore::open(&dir).unwrap();
+        let state = sample();
+        store.save(&state).unwrap();
+        // What a kill -9 after the write and before the rename leaves behind.
+        fs::write(dir.join(TEMP_FILE), b"{\"version\":1,\"entries\":[").unwrap();
+        let Loaded::State(back) = store.load() else {
+            panic!("the previous state must load")
+        };
+        assert_eq!(*back, state);
+        assert!(!dir.join(TEMP_FILE).exists());
+        drop(store);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn one_agent_per_state_directory() {
+        let dir = temp_dir("lock");
+        let first = StateStore::open(&dir).unwrap();
+        let second = StateStore::open(&dir).unwrap_err();
+        assert!(matches!(second, StateError::Locked { .. }), "{second}");
+        assert!(second.to_string().contains(&std::process::id().to_string()));
+        drop(first);
+        StateStore::open(&dir).unwrap();
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

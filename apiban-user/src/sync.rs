@@ -1,0 +1,503 @@
+//! The async side of syncing: source tasks fetch, the owner task applies.
+//!
+//! Sources never touch the ledger or the maps. They send what they fetched to the task that
+//! owns the [`Engine`] and wait for its acknowledgement, which comes after the batch is in
+//! the maps and on disk; only then do they ask for the next batch. So a full pull grows
+//! protection batch by batch, and an interruption at any point loses nothing.
+
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    engine::{Enforcer, Engine, IngestReport},
+    human::RateLimit,
+    rate_budget::RateBudget,
+    source::{
+        apiban::{ApibanClient, Batch, ClientError},
+        blocklist::{self, ListSpec},
+    },
+    state::ApibanCursor,
+};
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[derive(Clone, Debug)]
+pub struct PollSettings {
+    pub poll_interval: Duration,
+    pub resync_interval: Duration,
+    pub rate_limit: RateLimit,
+    /// First retry delay after a server error, timeout or bad body; doubles up to the cap.
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    /// Retry delay after 403: the key will not fix itself quickly.
+    pub key_retry: Duration,
+}
+
+impl Default for PollSettings {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(60),
+            resync_interval: Duration::from_secs(86_400),
+            rate_limit: RateLimit::APIBAN,
+            backoff_base: Duration::from_secs(5),
+            backoff_cap: Duration::from_secs(600),
+            key_retry: Duration::from_secs(1800),
+        }
+    }
+}
+
+/// Messages from the sources to the engine's owner.
+#[derive(Debug)]
+pub enum Update {
+    BeginFullPull {
+        reply: oneshot::Sender<()>,
+    },
+    ApibanBatch {
+        addresses: Vec<String>,
+        next_id: String,
+        reply: oneshot::Sender<IngestReport>,
+    },
+    ApibanDone {
+        reply: oneshot::Sender<IngestReport>,
+    },
+    /// Every request's outcome, for status and metrics, with the budget to persist.
+    ApibanRequest(RequestReport),
+    ListSnapshot {
+        name: String,
+        text: String,
+        reply: oneshot::Sender<IngestReport>,
+    },
+    ListFailed {
+        name: String,
+        error: String,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct RequestReport {
+    pub outcome: &'static str,
+    pub at: u64,
+    pub requests_ms: Vec<u64>,
+    pub budget_left: u32,
+    /// When the poller will send its next request.
+    pub next_request: Option<u64>,
+    pub waited_for_budget: bool,
+}
+
+/// What the owner knows about syncing, for `apiban status` and /metrics.
+#[derive(Clone, Debug, Default)]
+pub struct SyncStatus {
+    pub requests: BTreeMap<&'static str, u64>,
+    pub last_request: Option<(u64, &'static str)>,
+    /// The last time a poll cycle or full pull completed.
+    pub last_success: Option<u64>,
+    pub next_request: Option<u64>,
+    pub budget_left: u32,
+    pub rate_limit_waits: u64,
+    pub lists: BTreeMap<String, ListStatus>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ListStatus {
+    pub last_success: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+/// The engine and what the owner tracks beside it.
+pub struct Owner<E: Enforcer> {
+    pub engine: Engine<E>,
+    pub sync: SyncStatus,
+}
+
+impl<E: Enforcer> Owner<E> {
+    pub fn new(engine: Engine<E>) -> Self {
+        Self {
+            engine,
+            sync: SyncStatus::default(),
+        }
+    }
+
+    /// Applies one update from a source. Acknowledgements are sent after the change is in
+    /// the maps and saved.
+    pub fn handle(&mut self, update: Update) {
+        let now = unix_now();
+        match update {
+            Update::BeginFullPull { reply } => {
+                self.engine.begin_full_pull(now);
+                tracing::info!("APIBAN full pull started");
+                let _ = reply.send(());
+            }
+            Update::ApibanBatch {
+                addresses,
+                next_id,
+                reply,
+            } => {
+                let report = self.engine.apiban_batch(&addresses, next_id, now);
+                log_sync(
+                    "apiban",
+                    &report,
+                    self.engine.apiban_cursor().full_pull.is_some(),
+                );
+                let _ = reply.send(report);
+            }
+            Update::ApibanDone { reply } => {
+                let full = self.engine.apiban_cursor().full_pull.is_some();
+                let report = self.engine.apiban_done(now);
+                if full {
+                    tracing::info!(
+                        reconciled = report.reconciled,
+                        removed = report.applied.removed,
+                        "APIBAN full pull complete"
+                    );
+                }
+                self.sync.last_success = Some(now);
+                let _ = reply.send(report);
+            }
+            Update::ApibanRequest(r) => {
+                *self.sync.requests.entry(r.outcome).or_default() += 1;
+                self.sync.last_request = Some((r.at, r.outcome));
+                self.sync.budget_left = r.budget_left;
+                self.sync.next_request = r.next_request;
+                if r.waited_for_budget {
+                    self.sync.rate_limit_waits += 1;
+                }
+                self.engine.set_apiban_requests(r.requests_ms);
+            }
+            Update::ListSnapshot { name, text, reply } => {
+                let items = blocklist::parse_list(&text);
+                let report = self.engine.list_snapshot(&name, &items, now);
+                log_sync(&format!("list:{name}"), &report, false);
+                let status = self.sync.lists.entry(name).or_default();
+                status.last_success = Some(now);
+                status.last_error = None;
+                let _ = reply.send(report);
+            }
+            Update::ListFailed { name, error } => {
+                tracing::warn!(list = %name, %error, "blocklist refresh failed; keeping its bans");
+                self.sync.lists.entry(name).or_default().last_error = Some(error);
+            }
+        }
+    }
+
+    /// Expires what is due; one log line when anything expired.
+    pub fn sweep(&mut self) {
+        let (expired, applied) = self.engine.sweep(unix_now());
+        if expired > 0 {
+            tracing::info!(expired, removed = applied.removed, "expired bans removed");
+        }
+    }
+}
+
+fn log_sync(source: &str, r: &IngestReport, full_pull: bool) {
+    tracing::info!(
+        source,
+        full_pull,
+        received = r.received,
+        added = r.applied.added,
+        removed = r.applied.removed,
+        refreshed = r.accepted - r.new,
+        skipped = r.skipped_total(),
+        reconciled = r.reconciled,
+        not_enforced = r.applied.not_enforced,
+        "sync"
+    );
+}
+
+/// Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling to a cap.
+#[derive(Debug)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        Self {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        jitter_between(d / 2, d)
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+fn jitter_between(low: Duration, high: Duration) -> Duration {
+    if high <= low {
+        return low;
+    }
+    let span = (high - low).as_millis() as u64;
+    low + Duration::from_millis(fastrand::u64(0..=span))
+}
+
+/// The APIBAN poller: full pulls, incremental polls and reconciliation, within the budget.
+pub struct ApibanPoller {
+    client: ApibanClient,
+    settings: PollSettings,
+    budget: RateBudget,
+    updates: mpsc::Sender<Update>,
+}
+
+enum Position {
+    Full(String),
+    Incremental(String),
+}
+
+/// The owner went away: the agent is stopping.
+struct Stopped;
+
+impl ApibanPoller {
+    pub fn new(
+        client: ApibanClient,
+        settings: PollSettings,
+        cursor: &ApibanCursor,
+        updates: mpsc::Sender<Update>,
+    ) -> Self {
+        let budget =
+            RateBudget::from_wall_clock(settings.rate_limit, &cursor.requests_ms, Instant::now());
+        Self {
+            client,
+            settings,
+            budget,
+            updates,
+        }
+    }
+
+    /// Runs until the owner stops listening. `cursor` is the engine's at start.
+    pub async fn run(mut self, cursor: ApibanCursor) {
+        let mut last_full_pull = cursor.last_full_pull;
+        let mut position = match (&cursor.full_pull, &cursor.next_id) {
+            (Some(pull), _) => {
+                tracing::info!(id = %pull.next_id, "resuming the interrupted APIBAN full pull");
+                Some(Position::Full(pull.next_id.clone()))
+            }
+            (None, Some(id)) => Some(Position::Incremental(id.clone())),
+            (None, None) => None,
+        };
+        loop {
+            let resync_due = last_full_pull.is_none_or(|t| {
+                unix_now().saturating_sub(t) >= self.settings.resync_interval.as_secs()
+            });
+            let start = match position.take() {
+                Some(Position::Full(id)) => Position::Full(id),
+                Some(Position::Incremental(id)) if !resync_due => Position::Incremental(id),
+                // No state yet, or reconciliation is due.
+                _ => {
+                    if self
+                        .ask(|reply| Update::BeginFullPull { reply })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    Position::Full(crate::source::apiban::FIRST_ID.into())
+                }
+            };
+            let full = matches!(start, Position::Full(_));
+            let last_id = match self.cycle(start).await {
+                Ok(id) => id,
+                Err(Stopped) => return,
+            };
+            if full {
+                last_full_pull = Some(unix_now());
+            }
+            position = Some(Position::Incremental(last_id));
+            tokio::time::sleep(self.settings.poll_interval).await;
+        }
+    }
+
+    /// Fetches batches from `start` until "no new bans"; returns the ID to poll from next.
+    async fn cycle(&mut self, start: Position) -> Result<String, Stopped> {
+        let (mut id, full) = match start {
+            Position::Full(id) => (id, true),
+            Position::Incremental(id) => (id, false),
+        };
+        let mut backoff = Backoff::new(self.settings.backoff_base, self.settings.backoff_cap);
+        let mut key_rejected_logged = false;
+        loop {
+            let waited = self.wait_for_budget().await;
+            let sent_at = Instant::now();
+            self.budget.record(sent_at);
+            let result = self.client.fetch(&id).await;
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(e) => e.outcome(),
+            };
+            let mut delay = None;
+            match result {
+                Ok(Batch::Addresses { addresses, next_id }) => {
+                    backoff.reset();
+                    if next_id == id && !addresses.is_empty() {
+                        // A server that hands back the ID it was given would loop forever.
+                        tracing::warn!(%id, "APIBAN returned the same ID again; polling later");
+                        self.report(outcome, waited).await?;
+                        return Ok(id);
+                    }
+                    self.report(outcome, waited).await?;
+                    self.ask(|reply| Update::ApibanBatch {
+                        addresses,
+                        next_id: next_id.clone(),
+                        reply,
+                    })
+                    .await?;
+                    id = next_id;
+                    continue;
+                }
+                Ok(Batch::Done) => {
+                    self.report(outcome, waited).await?;
+                    self.ask(|reply| Update::ApibanDone { reply }).await?;
+                    return Ok(id);
+                }
+                Err(ClientError::RateLimited) => {
+                    // Our count says we were within the limit; the server's disagrees (the
+                    // same key used elsewhere, or requests before a restart). Wait a window.
+                    tracing::warn!("APIBAN says the rate limit is exceeded; waiting a full window");
+                    self.budget.exhaust(Instant::now());
+                }
+                Err(ClientError::KeyRejected) => {
+                    if !key_rejected_logged {
+                        tracing::error!(
+                            "API key rejected (403): check --api-key/APIBAN_KEY; enforcing the \
+                             bans already known and retrying every {}",
+                            crate::human::format_duration(self.settings.key_retry)
+                        );
+                        key_rejected_logged = true;
+                    }
+                    delay = Some(self.settings.key_retry);
+                }
+                Err(e) => {
+                    let d = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?d, full, "APIBAN request failed");
+                    delay = Some(d);
+                }
+            }
+            self.report(outcome, waited).await?;
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+        }
+    }
+
+    /// Sleeps until one more request fits in every window; true if it had to wait.
+    async fn wait_for_budget(&mut self) -> bool {
+        let now = Instant::now();
+        let at = self.budget.next_allowed(now);
+        if at <= now {
+            return false;
+        }
+        // Jitter so that many agents released by the same window do not arrive together.
+        let window = self.budget.limit().window;
+        let extra = jitter_between(Duration::ZERO, (window / 20).min(Duration::from_secs(5)));
+        tokio::time::sleep_until((at + extra).into()).await;
+        true
+    }
+
+    async fn report(&mut self, outcome: &'static str, waited: bool) -> Result<(), Stopped> {
+        let now = Instant::now();
+        let next = self.budget.next_allowed(now);
+        let report = RequestReport {
+            outcome,
+            at: unix_now(),
+            requests_ms: self.budget.to_wall_clock(now),
+            budget_left: self.budget.remaining(now),
+            next_request: Some(unix_now() + next.saturating_duration_since(now).as_secs()),
+            waited_for_budget: waited,
+        };
+        self.updates
+            .send(Update::ApibanRequest(report))
+            .await
+            .map_err(|_| Stopped)
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Update) -> Result<T, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        self.updates.send(make(tx)).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+}
+
+/// Refreshes one blocklist on its interval; a failed fetch keeps the list's bans and retries
+/// with backoff.
+pub async fn run_blocklist(
+    spec: ListSpec,
+    http: reqwest::Client,
+    last_refresh: Option<u64>,
+    updates: mpsc::Sender<Update>,
+) {
+    if let Some(last) = last_refresh {
+        let age = Duration::from_secs(unix_now().saturating_sub(last));
+        if age < spec.refresh {
+            tokio::time::sleep(spec.refresh - age).await;
+        }
+    }
+    let mut backoff = Backoff::new(
+        Duration::from_secs(5),
+        spec.refresh.max(Duration::from_secs(5)),
+    );
+    loop {
+        let delay = match blocklist::fetch(&spec.location, &http).await {
+            Ok(text) => {
+                let (tx, rx) = oneshot::channel();
+                let update = Update::ListSnapshot {
+                    name: spec.name.clone(),
+                    text,
+                    reply: tx,
+                };
+                if updates.send(update).await.is_err() || rx.await.is_err() {
+                    return;
+                }
+                backoff.reset();
+                spec.refresh
+            }
+            Err(e) => {
+                let update = Update::ListFailed {
+                    name: spec.name.clone(),
+                    error: e.to_string(),
+                };
+                if updates.send(update).await.is_err() {
+                    return;
+                }
+                backoff.next_delay()
+            }
+        };
+        tokio::time::sleep(delay).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(10));
+        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        for (i, d) in delays.iter().enumerate() {
+            let full = Duration::from_secs(1 << i.min(10)).min(Duration::from_secs(10));
+            assert!(*d >= full / 2 && *d <= full, "attempt {i}: {d:?}");
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_secs(1));
+    }
+}
