@@ -197,6 +197,32 @@ impl<E: Enforcer> Owner<E> {
     }
 }
 
+/// The owner's loop: applies source updates in arrival order and sweeps expired bans.
+/// Returns when every sender is gone.
+pub async fn run_owner<E: Enforcer>(
+    owner: std::sync::Arc<std::sync::Mutex<Owner<E>>>,
+    mut updates: mpsc::Receiver<Update>,
+    sweep_every: Duration,
+) {
+    let mut sweep = tokio::time::interval(sweep_every);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            update = updates.recv() => match update {
+                Some(u) => lock(&owner).handle(u),
+                None => return,
+            },
+            _ = sweep.tick() => lock(&owner).sweep(),
+        }
+    }
+}
+
+/// A panic while holding the owner poisons the mutex; the data is still the ledger's last
+/// consistent state (each change completes before the next), so keep going.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn log_sync(source: &str, r: &IngestReport, full_pull: bool) {
     tracing::info!(
         source,

@@ -2,7 +2,9 @@
 //! guards that clean up namespaces, veth pairs and pins even when a test panics, and a frame
 //! builder for the packets the tests send.
 
+pub mod fake_apiban;
 pub mod frame;
+pub mod sync_harness;
 
 use std::{
     collections::HashMap,

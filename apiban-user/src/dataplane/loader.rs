@@ -287,6 +287,12 @@ pub fn pinned_attachments(bpffs_dir: &Path) -> Result<Vec<PinnedAttachment>, Loa
 }
 
 impl Loaded {
+    /// Splits off the maps so that their owner (the engine) can hold them; the program object
+    /// must be kept alive alongside while links are managed through it.
+    pub fn into_parts(self) -> (Ebpf, Dataplane) {
+        (self.ebpf, self.dataplane)
+    }
+
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }

@@ -1,0 +1,518 @@
+//! A local server that speaks APIBAN's protocol, odd corners included, with switchable
+//! faults and a log of every request so tests can check the client's rate budget.
+//!
+//! Addresses are published with IDs that grow by one, like APIBAN's timestamps: a batch's
+//! `ID` is the ID of the entry after it, and asking from that ID returns only what was
+//! published since.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+/// What the server does to a request instead of answering it properly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// 429 with the documented body.
+    RateLimited,
+    /// 400 with "rate limit exceeded", as some clients saw.
+    RateLimited400,
+    Forbidden,
+    ServerError,
+    /// Accepts the request and never answers.
+    Hang,
+    NonJson,
+    /// Announces a longer body than it sends, then closes.
+    Truncated,
+    /// A 4 MiB body.
+    Huge,
+    /// A 200 whose JSON has the wrong shape.
+    WrongShape,
+}
+
+/// How "no new bans" is written (both forms occur).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoNewBans {
+    Array,
+    String,
+}
+
+#[derive(Clone, Debug)]
+pub struct RequestLog {
+    pub at: Instant,
+    pub method: String,
+    /// The path with the key replaced by `<key>`.
+    pub path: String,
+    pub id: Option<String>,
+    pub set: Option<String>,
+    pub status: u16,
+}
+
+struct Inner {
+    key: String,
+    entries: Vec<(u64, String)>,
+    next_id: u64,
+    batch_size: usize,
+    persistent_fault: Option<Fault>,
+    queued_faults: VecDeque<Fault>,
+    /// The server's own limit: over it, 429 (like APIBAN's).
+    limit: Option<(usize, Duration)>,
+    no_new_bans: NoNewBans,
+    log: Vec<RequestLog>,
+    lists: BTreeMap<String, String>,
+}
+
+pub struct FakeApiban {
+    addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+const FIRST_PUBLISHED_ID: u64 = 1_600_000_000;
+
+impl FakeApiban {
+    /// Starts on 127.0.0.1, port 0.
+    pub fn start(key: &str) -> Self {
+        Self::start_on(key, "127.0.0.1:0".parse().expect("literal address"))
+    }
+
+    pub fn start_on(key: &str, bind: SocketAddr) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("fake APIBAN runtime");
+        // Bound with std so this works from inside a test's own runtime too.
+        let listener = std::net::TcpListener::bind(bind)
+            .unwrap_or_else(|e| panic!("fake APIBAN cannot bind {bind}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let addr = listener.local_addr().expect("bound address");
+        let inner = Arc::new(Mutex::new(Inner {
+            key: key.to_owned(),
+            entries: Vec::new(),
+            next_id: FIRST_PUBLISHED_ID,
+            batch_size: 250,
+            persistent_fault: None,
+            queued_faults: VecDeque::new(),
+            limit: None,
+            no_new_bans: NoNewBans::Array,
+            log: Vec::new(),
+            lists: BTreeMap::new(),
+        }));
+        let shared = inner.clone();
+        runtime.spawn(async move {
+            let listener = TcpListener::from_std(listener).expect("tokio listener");
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let _ = serve(stream, shared).await;
+                });
+            }
+        });
+        Self {
+            addr,
+            inner,
+            runtime: Some(runtime),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        f(&mut self.inner.lock().expect("fake APIBAN state"))
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:<port>/api/`
+    pub fn base_url(&self) -> String {
+        format!("http://{}/api/", self.addr)
+    }
+
+    /// URL of a plain-text list set with [`set_list`](Self::set_list).
+    pub fn list_url(&self, name: &str) -> String {
+        format!("http://{}/lists/{name}", self.addr)
+    }
+
+    /// Publishes addresses (or any text: feeds carry junk too). An address already listed
+    /// moves to the end with a new ID, as a reactivation does.
+    pub fn publish<S: AsRef<str>>(&self, items: &[S]) {
+        self.with(|s| {
+            for item in items {
+                let item = item.as_ref().to_owned();
+                s.entries.retain(|(_, e)| *e != item);
+                let id = s.next_id;
+                s.next_id += 1;
+                s.entries.push((id, item));
+            }
+        })
+    }
+
+    /// Takes addresses off the list (they left the active set).
+    pub fn unpublish<S: AsRef<str>>(&self, items: &[S]) {
+        self.with(|s| {
+            s.entries
+                .retain(|(_, e)| !items.iter().any(|i| i.as_ref() == e))
+        })
+    }
+
+    pub fn set_batch_size(&self, n: usize) {
+        self.with(|s| s.batch_size = n.max(1))
+    }
+
+    pub fn set_fault(&self, fault: Option<Fault>) {
+        self.with(|s| s.persistent_fault = fault)
+    }
+
+    /// The next `n` requests get `fault`, then service resumes.
+    pub fn fail_next(&self, fault: Fault, n: usize) {
+        self.with(|s| s.queued_faults.extend(std::iter::repeat_n(fault, n)))
+    }
+
+    pub fn set_rate_limit(&self, limit: Option<(usize, Duration)>) {
+        self.with(|s| s.limit = limit)
+    }
+
+    pub fn set_no_new_bans(&self, form: NoNewBans) {
+        self.with(|s| s.no_new_bans = form)
+    }
+
+    pub fn set_list(&self, name: &str, text: &str) {
+        self.with(|s| {
+            s.lists.insert(name.to_owned(), text.to_owned());
+        })
+    }
+
+    pub fn requests(&self) -> Vec<RequestLog> {
+        self.with(|s| s.log.clone())
+    }
+
+    /// The most requests the server saw inside any window of length `window`.
+    pub fn max_in_window(&self, window: Duration) -> usize {
+        let times: Vec<Instant> = self.with(|s| {
+            s.log
+                .iter()
+                .filter(|r| !r.path.starts_with("/lists/"))
+                .map(|r| r.at)
+                .collect()
+        });
+        (0..times.len())
+            .map(|i| {
+                times[i..]
+                    .iter()
+                    .take_while(|t| t.duration_since(times[i]) < window)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for FakeApiban {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+async fn read_request(stream: &mut TcpStream) -> Option<Request> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos;
+        }
+        if buf.len() > 64 * 1024 {
+            return None;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let method = first.next()?.to_owned();
+    let path = first.next()?.to_owned();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = buf[head_end + 4..].to_vec();
+    while body.len() < len {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Some(Request {
+        method,
+        path,
+        headers,
+        body,
+    })
+}
+
+async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) {
+    let head = format!(
+        "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = stream.write_all(head.as_bytes()).await;
+    let _ = stream.write_all(body).await;
+    let _ = stream.shutdown().await;
+}
+
+enum Reply {
+    Json(u16, String),
+    Text(u16, String),
+    Fault(Fault),
+}
+
+async fn serve(mut stream: TcpStream, shared: Arc<Mutex<Inner>>) -> Option<()> {
+    let request = read_request(&mut stream).await?;
+    let reply = {
+        let mut s = shared.lock().ok()?;
+        decide(&mut s, &request)
+    };
+    match reply {
+        Reply::Json(status, body) => {
+            respond(&mut stream, status, "application/json", body.as_bytes()).await
+        }
+        Reply::Text(status, body) => {
+            respond(&mut stream, status, "text/plain", body.as_bytes()).await
+        }
+        Reply::Fault(fault) => match fault {
+            Fault::RateLimited => {
+                respond(
+                    &mut stream,
+                    429,
+                    "application/json",
+                    RATE_LIMITED.as_bytes(),
+                )
+                .await
+            }
+            Fault::RateLimited400 => {
+                respond(
+                    &mut stream,
+                    400,
+                    "application/json",
+                    RATE_LIMITED.as_bytes(),
+                )
+                .await
+            }
+            Fault::Forbidden => {
+                respond(&mut stream, 403, "application/json", FORBIDDEN.as_bytes()).await
+            }
+            Fault::ServerError => {
+                respond(
+                    &mut stream,
+                    500,
+                    "text/html",
+                    b"<h1>Internal Server Error</h1>",
+                )
+                .await
+            }
+            Fault::Hang => {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            Fault::NonJson => {
+                respond(&mut stream, 200, "text/html", b"<html>maintenance</html>").await
+            }
+            Fault::WrongShape => {
+                respond(
+                    &mut stream,
+                    200,
+                    "application/json",
+                    br#"{"banned":{"a":1}}"#,
+                )
+                .await
+            }
+            Fault::Truncated => {
+                let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                            Content-Length: 4000\r\nConnection: close\r\n\r\n";
+                let _ = stream.write_all(head.as_bytes()).await;
+                let _ = stream.write_all(br#"{"ipaddress":["1.2.3.4","5.6."#).await;
+                let _ = stream.shutdown().await;
+            }
+            Fault::Huge => {
+                let mut body = String::from(r#"{"ipaddress":["#);
+                while body.len() < 4 << 20 {
+                    body.push_str(r#""9.9.9.9","#);
+                }
+                body.push_str(r#""9.9.9.9"],"ID":"1"}"#);
+                respond(&mut stream, 200, "application/json", body.as_bytes()).await
+            }
+        },
+    }
+    Some(())
+}
+
+const RATE_LIMITED: &str = r#"{"ipaddress":"rate limit exceeded","ID":"unauthorized"}"#;
+const FORBIDDEN: &str = r#"{"ipaddress":"none","ID":"unauthorized"}"#;
+
+fn decide(s: &mut Inner, req: &Request) -> Reply {
+    let now = Instant::now();
+    let redacted = if s.key.is_empty() {
+        req.path.clone()
+    } else {
+        req.path.replace(&s.key, "<key>")
+    };
+    let mut log = RequestLog {
+        at: now,
+        method: req.method.clone(),
+        path: redacted,
+        id: None,
+        set: None,
+        status: 0,
+    };
+    let reply = route(s, req, &mut log, now);
+    log.status = match &reply {
+        Reply::Json(st, _) | Reply::Text(st, _) => *st,
+        Reply::Fault(Fault::RateLimited) => 429,
+        Reply::Fault(Fault::Forbidden) => 403,
+        Reply::Fault(Fault::ServerError) => 500,
+        Reply::Fault(Fault::RateLimited400) => 400,
+        Reply::Fault(_) => 200,
+    };
+    s.log.push(log);
+    reply
+}
+
+fn route(s: &mut Inner, req: &Request, log: &mut RequestLog, now: Instant) -> Reply {
+    if let Some(name) = req.path.strip_prefix("/lists/") {
+        return match s.lists.get(name) {
+            Some(text) => Reply::Text(200, text.clone()),
+            None => Reply::Text(404, "not found".into()),
+        };
+    }
+    if let Some((n, window)) = s.limit {
+        let recent = s
+            .log
+            .iter()
+            .filter(|r| !r.path.starts_with("/lists/") && now.duration_since(r.at) < window)
+            .count();
+        if recent >= n {
+            return Reply::Fault(Fault::RateLimited);
+        }
+    }
+    if let Some(f) = s.queued_faults.pop_front().or(s.persistent_fault) {
+        return Reply::Fault(f);
+    }
+    let v2_key = req
+        .headers
+        .iter()
+        .find(|(k, _)| k == "authorization")
+        .and_then(|(_, v)| v.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
+    let field = |name: &str| body.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+    let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    match (req.method.as_str(), parts.as_slice()) {
+        ("POST", ["api", "get"]) => {
+            if v2_key.as_deref() != Some(s.key.as_str()) {
+                return Reply::Fault(Fault::Forbidden);
+            }
+            log.id = field("id");
+            log.set = field("set");
+            banned(s, log.id.as_deref().unwrap_or("100"))
+        }
+        ("POST", ["api", "check"]) => {
+            if v2_key.as_deref() != Some(s.key.as_str()) {
+                return Reply::Fault(Fault::Forbidden);
+            }
+            check(s, field("ipaddress").as_deref().unwrap_or(""))
+        }
+        ("GET", ["api", key, "banned", rest @ ..]) => {
+            if *key != s.key {
+                return Reply::Fault(Fault::Forbidden);
+            }
+            let id = rest.first().copied().unwrap_or("100").to_owned();
+            log.id = Some(id.clone());
+            banned(s, &id)
+        }
+        ("GET", ["api", key, "check", ip]) => {
+            if *key != s.key {
+                return Reply::Fault(Fault::Forbidden);
+            }
+            check(s, ip)
+        }
+        _ => Reply::Text(404, "no such endpoint".into()),
+    }
+}
+
+fn banned(s: &Inner, id: &str) -> Reply {
+    let from = match id {
+        "100" => 0,
+        other => match other.parse::<u64>() {
+            Ok(n) => n,
+            Err(_) => return Reply::Json(400, r#"{"ipaddress":"bad id","ID":"none"}"#.into()),
+        },
+    };
+    let batch: Vec<&(u64, String)> = s
+        .entries
+        .iter()
+        .filter(|(i, _)| *i >= from)
+        .take(s.batch_size)
+        .collect();
+    let Some(last) = batch.last() else {
+        return Reply::Json(
+            400,
+            match s.no_new_bans {
+                NoNewBans::Array => r#"{"ipaddress":["no new bans"],"ID":"none"}"#.into(),
+                NoNewBans::String => r#"{"ipaddress":"no new bans","ID":"none"}"#.into(),
+            },
+        );
+    };
+    let next = s
+        .entries
+        .iter()
+        .find(|(i, _)| *i > last.0)
+        .map(|(i, _)| *i)
+        .unwrap_or(last.0 + 1);
+    let ips: Vec<&str> = batch.iter().map(|(_, ip)| ip.as_str()).collect();
+    Reply::Json(
+        200,
+        serde_json::json!({"ipaddress": ips, "ID": next.to_string()}).to_string(),
+    )
+}
+
+fn check(s: &Inner, ip: &str) -> Reply {
+    if s.entries.iter().any(|(_, e)| e == ip) {
+        Reply::Json(
+            200,
+            serde_json::json!({"ipaddress": [ip], "ID": "987654321"}).to_string(),
+        )
+    } else {
+        Reply::Json(404, r#"{"ipaddress":["not blocked"],"ID":"none"}"#.into())
+    }
+}

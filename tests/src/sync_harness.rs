@@ -1,0 +1,117 @@
+//! Runs the sync machinery (owner task, APIBAN poller, blocklists) inside a test's runtime,
+//! and aborts every task on drop.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use apiban::{
+    engine::{Enforcer, Engine},
+    source::{apiban::ApibanClient, blocklist::ListSpec},
+    sync::{self, ApibanPoller, Owner, PollSettings},
+};
+use tokio::task::JoinHandle;
+
+pub struct SyncHarness<E: Enforcer + Send + 'static> {
+    pub owner: Arc<Mutex<Owner<E>>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl<E: Enforcer + Send + 'static> SyncHarness<E> {
+    /// Must be called from inside a tokio runtime.
+    pub fn start(
+        engine: Engine<E>,
+        client: Option<ApibanClient>,
+        poll: PollSettings,
+        lists: Vec<ListSpec>,
+    ) -> Self {
+        let cursor = engine.apiban_cursor().clone();
+        let list_cursors: Vec<Option<u64>> = lists
+            .iter()
+            .map(|l| engine.list_cursor(&l.name).and_then(|c| c.last_refresh))
+            .collect();
+        let owner = Arc::new(Mutex::new(Owner::new(engine)));
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut tasks = vec![tokio::spawn(sync::run_owner(
+            owner.clone(),
+            rx,
+            Duration::from_millis(100),
+        ))];
+        if let Some(client) = client {
+            let poller = ApibanPoller::new(client, poll, &cursor, tx.clone());
+            tasks.push(tokio::spawn(poller.run(cursor)));
+        }
+        let http = reqwest::Client::new();
+        for (spec, last) in lists.into_iter().zip(list_cursors) {
+            tasks.push(tokio::spawn(sync::run_blocklist(
+                spec,
+                http.clone(),
+                last,
+                tx.clone(),
+            )));
+        }
+        Self { owner, tasks }
+    }
+
+    pub fn with<T>(&self, f: impl FnOnce(&mut Owner<E>) -> T) -> T {
+        f(&mut sync::lock(&self.owner))
+    }
+
+    /// Polls `condition` every 20 ms; panics with `what` after `timeout`.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut condition: impl FnMut(&Owner<E>) -> bool,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.with(|o| condition(o)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops every task, as a kill would: nothing is saved beyond what already was.
+    pub fn kill(self) -> Arc<Mutex<Owner<E>>> {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.owner.clone()
+    }
+}
+
+impl<E: Enforcer + Send + 'static> Drop for SyncHarness<E> {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// A temporary directory, removed on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Self {
+        let path = std::env::temp_dir().join(crate::unique_name(prefix));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create temp dir");
+        Self { path }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
