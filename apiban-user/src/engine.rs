@@ -18,7 +18,8 @@ use crate::{
     sanitise::{AllowList, Rejection, Sanitiser},
     source::apiban::FIRST_ID,
     state::{
-        ApibanCursor, FORMAT_VERSION, FullPull, ListCursor, Loaded, State, StateError, StateStore,
+        ApibanCursor, EntriesView, FORMAT_VERSION, FullPull, ListCursor, Loaded, State, StateError,
+        StateStore, StateView,
     },
 };
 
@@ -458,15 +459,14 @@ impl<E: Enforcer> Engine<E> {
     /// on, and the next save carries everything.
     pub fn save(&mut self, now: u64) {
         let Some(store) = &self.store else { return };
-        let mut state = State {
+        let state = StateView {
             version: FORMAT_VERSION,
             saved_at: now,
-            apiban: self.apiban.clone(),
-            lists: self.lists.clone(),
+            apiban: &self.apiban,
+            lists: &self.lists,
             allow: self.manual_allow.iter().copied().collect(),
-            entries: Vec::new(),
+            entries: EntriesView(&self.ledger),
         };
-        state.set_ledger(&self.ledger);
         match store.save(&state) {
             Ok(took) => {
                 self.counters.saves += 1;
@@ -602,7 +602,7 @@ impl<E: Enforcer> Engine<E> {
         let sources: Vec<SourceId> = self
             .ledger
             .get(&net)
-            .map(|r| r.keys().cloned().collect())
+            .map(|r| r.iter().map(|(s, _)| s.clone()).collect())
             .unwrap_or_default();
         for source in &sources {
             self.ledger.remove(&net, source);

@@ -89,9 +89,14 @@ impl Record {
     }
 }
 
+/// The records of one prefix, one per source. Almost always exactly one: a Vec costs one
+/// small allocation where a map would cost a whole node per prefix (measured: 109 MiB vs
+/// about a fifth of that for 100k entries).
+pub type Records = Vec<(SourceId, Record)>;
+
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
-    entries: BTreeMap<IpNet, BTreeMap<SourceId, Record>>,
+    entries: BTreeMap<IpNet, Records>,
 }
 
 /// What must change in the dataplane to make it equal to the ledger.
@@ -131,8 +136,8 @@ impl Ledger {
     ) -> bool {
         let expires = ttl_secs.map(|t| now.saturating_add(t));
         let records = self.entries.entry(net).or_default();
-        match records.get_mut(source) {
-            Some(r) if r.is_live(now) => {
+        match records.iter_mut().find(|(s, _)| s == source) {
+            Some((_, r)) if r.is_live(now) => {
                 r.last_seen = now;
                 r.expires = expires;
                 if comment.is_some() {
@@ -140,16 +145,20 @@ impl Ledger {
                 }
                 false
             }
-            _ => {
-                records.insert(
-                    source.clone(),
-                    Record {
-                        first_seen: now,
-                        last_seen: now,
-                        expires,
-                        comment,
-                    },
-                );
+            existing => {
+                let record = Record {
+                    first_seen: now,
+                    last_seen: now,
+                    expires,
+                    comment,
+                };
+                match existing {
+                    Some((_, r)) => *r = record,
+                    None => {
+                        records.push((source.clone(), record));
+                        records.shrink_to_fit();
+                    }
+                }
                 true
             }
         }
@@ -157,7 +166,14 @@ impl Ledger {
 
     /// Restores a record as saved.
     pub fn insert_record(&mut self, net: IpNet, source: SourceId, record: Record) {
-        self.entries.entry(net).or_default().insert(source, record);
+        let records = self.entries.entry(net).or_default();
+        match records.iter_mut().find(|(s, _)| *s == source) {
+            Some((_, r)) => *r = record,
+            None => {
+                records.push((source, record));
+                records.shrink_to_fit();
+            }
+        }
     }
 
     /// Drops `source`'s record of `net`; true if there was one.
@@ -165,7 +181,9 @@ impl Ledger {
         let Some(records) = self.entries.get_mut(net) else {
             return false;
         };
-        let removed = records.remove(source).is_some();
+        let before = records.len();
+        records.retain(|(s, _)| s != source);
+        let removed = records.len() < before;
         if records.is_empty() {
             self.entries.remove(net);
         }
@@ -176,7 +194,7 @@ impl Ledger {
         let mut dropped = 0;
         self.entries.retain(|_, records| {
             let before = records.len();
-            records.retain(|s, r| keep(s, r));
+            records.retain(|(s, r)| keep(s, r));
             dropped += before - records.len();
             !records.is_empty()
         });
@@ -209,22 +227,28 @@ impl Ledger {
             .collect()
     }
 
-    pub fn get(&self, net: &IpNet) -> Option<&BTreeMap<SourceId, Record>> {
+    pub fn get(&self, net: &IpNet) -> Option<&Records> {
         self.entries.get(net)
     }
 
+    /// One source's record of `net`.
+    pub fn record(&self, net: &IpNet, source: &SourceId) -> Option<&Record> {
+        self.entries
+            .get(net)?
+            .iter()
+            .find(|(s, _)| s == source)
+            .map(|(_, r)| r)
+    }
+
     /// The most specific entry containing `addr`, as the XDP program would match it.
-    pub fn longest_match(
-        &self,
-        addr: std::net::IpAddr,
-    ) -> Option<(&IpNet, &BTreeMap<SourceId, Record>)> {
+    pub fn longest_match(&self, addr: std::net::IpAddr) -> Option<(&IpNet, &Records)> {
         self.entries
             .iter()
             .filter(|(net, _)| net.contains(&addr))
             .max_by_key(|(net, _)| net.prefix_len())
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&IpNet, &BTreeMap<SourceId, Record>)> {
+    pub fn iter(&self) -> impl Iterator<Item = (&IpNet, &Records)> {
         self.entries.iter()
     }
 
@@ -241,7 +265,7 @@ impl Ledger {
     pub fn counts(&self) -> BTreeMap<(SourceId, bool), usize> {
         let mut out = BTreeMap::new();
         for (net, records) in &self.entries {
-            for source in records.keys() {
+            for (source, _) in records {
                 *out.entry((source.clone(), matches!(net, IpNet::V6(_))))
                     .or_default() += 1;
             }
@@ -267,7 +291,7 @@ mod tests {
         assert!(l.observe(net("1.1.1.1"), &src, 1000, Some(7 * DAY), None));
         assert!(l.observe(net("2.2.2.2"), &src, 1000, Some(7 * DAY), None));
         assert!(!l.observe(net("1.1.1.1"), &src, 1000 + 3 * DAY, Some(7 * DAY), None));
-        let r = &l.get(&net("1.1.1.1")).unwrap()[&src];
+        let r = l.record(&net("1.1.1.1"), &src).unwrap();
         assert_eq!(
             (r.first_seen, r.last_seen, r.expires),
             (1000, 1000 + 3 * DAY, Some(1000 + 10 * DAY))
@@ -282,7 +306,7 @@ mod tests {
         assert!(l.get(&net("2.2.2.2")).is_none());
         // Reactivation after expiry starts a new record.
         assert!(l.observe(net("2.2.2.2"), &src, at, Some(7 * DAY), None));
-        assert_eq!(l.get(&net("2.2.2.2")).unwrap()[&src].first_seen, at);
+        assert_eq!(l.record(&net("2.2.2.2"), &src).unwrap().first_seen, at);
     }
 
     #[test]

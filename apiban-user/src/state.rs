@@ -130,6 +130,51 @@ impl State {
     }
 }
 
+/// The state as saved, borrowed from the engine: serialised straight into the file, with no
+/// copy of 100k entries in between.
+#[derive(Serialize)]
+pub struct StateView<'a> {
+    pub version: u32,
+    pub saved_at: u64,
+    pub apiban: &'a ApibanCursor,
+    pub lists: &'a BTreeMap<String, ListCursor>,
+    pub allow: Vec<IpNet>,
+    pub entries: EntriesView<'a>,
+}
+
+pub struct EntriesView<'a>(pub &'a Ledger);
+
+#[derive(Serialize)]
+struct SavedEntryRef<'a> {
+    net: &'a IpNet,
+    source: &'a SourceId,
+    first_seen: u64,
+    last_seen: u64,
+    expires: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    comment: &'a Option<String>,
+}
+
+impl Serialize for EntriesView<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq as _;
+        let mut seq = serializer.serialize_seq(None)?;
+        for (net, records) in self.0.iter() {
+            for (source, r) in records {
+                seq.serialize_element(&SavedEntryRef {
+                    net,
+                    source,
+                    first_seen: r.first_seen,
+                    last_seen: r.last_seen,
+                    expires: r.expires,
+                    comment: &r.comment,
+                })?;
+            }
+        }
+        seq.end()
+    }
+}
+
 /// What loading found.
 #[derive(Debug)]
 pub enum Loaded {
@@ -234,23 +279,24 @@ impl StateStore {
     }
 
     /// Replaces the state file atomically; returns how long it took.
-    pub fn save(&self, state: &State) -> Result<Duration, StateError> {
+    pub fn save(&self, state: &impl Serialize) -> Result<Duration, StateError> {
         let started = Instant::now();
         let write_err = |source| StateError::Write {
             dir: self.dir.clone(),
             source,
         };
-        let mut state_bytes = serde_json::to_vec(state).map_err(|e| write_err(e.into()))?;
-        state_bytes.push(b'\n');
         let tmp = self.dir.join(TEMP_FILE);
-        let mut file = OpenOptions::new()
+        let file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .mode(0o600)
             .open(&tmp)
             .map_err(write_err)?;
-        file.write_all(&state_bytes).map_err(write_err)?;
+        let mut out = io::BufWriter::with_capacity(256 * 1024, file);
+        serde_json::to_writer(&mut out, state).map_err(|e| write_err(e.into()))?;
+        out.write_all(b"\n").map_err(write_err)?;
+        let file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
         file.sync_all().map_err(write_err)?;
         drop(file);
         fs::rename(&tmp, self.path()).map_err(write_err)?;
