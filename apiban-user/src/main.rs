@@ -7,8 +7,19 @@ use apiban::dataplane::{
     Scope,
     loader::{self, AttachMode, LoadOptions},
 };
+use apiban::{
+    engine::{Engine, EngineSettings},
+    human::{HumanDuration, RateLimit},
+    source::{
+        apiban::{ApiKey, ApiVersion, ApibanClient, ClientConfig, DataSet},
+        blocklist::{ListLocation, ListSpec},
+    },
+    state::StateStore,
+    sync::{self, ApibanPoller, Owner, PollSettings},
+};
 use apiban_common::Verdict;
 use clap::{Parser, Subcommand};
+use ipnet::IpNet;
 
 #[derive(Parser)]
 #[command(
@@ -26,7 +37,7 @@ enum Command {
     /// Load (or adopt) the XDP program, attach it and keep it enforcing until stopped.
     ///
     /// Example: apiban run --iface eth0 --scope ports --ports 5060,5061
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Remove the XDP program from interfaces and delete everything pinned.
     ///
     /// Example: apiban detach            (all interfaces, maps too)
@@ -59,6 +70,45 @@ struct RunArgs {
     /// Log each drop and allowlist match from the XDP program (debugging only).
     #[arg(long)]
     debug_events: bool,
+    /// APIBAN API key (get one at https://apiban.org/getkey.html). Prefer APIBAN_KEY or
+    /// --api-key-file: flags show up in `ps`.
+    #[arg(long, env = "APIBAN_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// File whose first line is the API key (e.g. a systemd credential).
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// APIBAN base URL, up to and including /api/ (a mirror, or a local test server).
+    #[arg(long, default_value = apiban::source::apiban::DEFAULT_BASE_URL)]
+    api_url: String,
+    #[arg(long, value_enum, default_value_t = ApiVersion::V2)]
+    api_version: ApiVersion,
+    /// APIBAN data set.
+    #[arg(long = "set", value_enum, default_value_t = DataSet::Sip)]
+    data_set: DataSet,
+    /// Time between incremental polls.
+    #[arg(long, default_value = "60s")]
+    poll_interval: HumanDuration,
+    /// Time between full pulls that reconcile the list (remove what left it).
+    #[arg(long, default_value = "24h")]
+    resync_interval: HumanDuration,
+    /// At most N requests in any window T (APIBAN allows 11 per 2 minutes).
+    #[arg(long, default_value = "11/120s")]
+    rate_limit: RateLimit,
+    /// How long a feed entry stays banned after it was last seen.
+    #[arg(long, default_value = "7d")]
+    ttl: HumanDuration,
+    /// Never ban this prefix (repeatable); wins over every source.
+    #[arg(long = "allow", value_parser = parse_cidr)]
+    allow: Vec<IpNet>,
+    /// Plain-text blocklist as NAME=PATH or NAME=URL (repeatable), refreshed every
+    /// --list-refresh.
+    #[arg(long = "list")]
+    lists: Vec<String>,
+    #[arg(long, default_value = "1h")]
+    list_refresh: HumanDuration,
+    /// Where the ledger and sync position are saved.
+    #[arg(long, default_value = "/var/lib/apiban")]
+    state_dir: PathBuf,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -71,7 +121,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Detach { iface, bpffs_dir } => detach(&bpffs_dir, iface.as_deref()),
     };
     match result {
@@ -113,23 +163,125 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .with_context(|| format!("could not attach to {iface}"))?;
         tracing::info!(iface, %mode, adopted = loaded.adopted, "XDP program attached");
     }
+    let key = api_key(&args)?;
+    let lists = args
+        .lists
+        .iter()
+        .map(|l| {
+            let (name, location) = l
+                .split_once('=')
+                .filter(|(n, loc)| !n.is_empty() && !loc.is_empty())
+                .with_context(|| format!("--list {l}: write NAME=PATH or NAME=URL"))?;
+            Ok(ListSpec {
+                name: name.to_owned(),
+                location: ListLocation::parse(location),
+                refresh: args.list_refresh.0,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (_ebpf, dataplane) = loaded.into_parts();
+    let store = StateStore::open(&args.state_dir).context("cannot open the state directory")?;
+    let settings = EngineSettings {
+        ttl: args.ttl.0,
+        allow: args.allow.clone(),
+        ..Default::default()
+    };
+    let (engine, report) = Engine::start(dataplane, Some(store), settings, sync::unix_now())
+        .context("cannot restore the ban list")?;
+    tracing::info!(
+        restored = report.restored_entries,
+        added = report.applied.added,
+        removed = report.applied.removed,
+        "ban list restored from state"
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("could not start the async runtime")?;
     runtime.block_on(async {
+        let cursor = engine.apiban_cursor().clone();
+        let list_cursors: Vec<Option<u64>> = lists
+            .iter()
+            .map(|l| engine.list_cursor(&l.name).and_then(|c| c.last_refresh))
+            .collect();
+        let owner = std::sync::Arc::new(std::sync::Mutex::new(Owner::new(engine)));
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let mut tasks = vec![tokio::spawn(sync::run_owner(
+            owner.clone(),
+            rx,
+            Duration::from_secs(60),
+        ))];
+        match key {
+            Some(key) => {
+                let mut config = ClientConfig::new(&args.api_url, key);
+                config.version = args.api_version;
+                config.set = args.data_set;
+                let client = ApibanClient::new(config).context("cannot build the HTTP client")?;
+                let poll = PollSettings {
+                    poll_interval: args.poll_interval.0,
+                    resync_interval: args.resync_interval.0,
+                    rate_limit: args.rate_limit,
+                    ..Default::default()
+                };
+                let poller = ApibanPoller::new(client, poll, &cursor, tx.clone());
+                tasks.push(tokio::spawn(poller.run(cursor)));
+            }
+            None => tracing::warn!(
+                "no APIBAN key (--api-key, APIBAN_KEY or --api-key-file): enforcing saved bans, \
+                 lists and manual bans only; get a free key at https://apiban.org/getkey.html"
+            ),
+        }
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .context("cannot build the HTTP client")?;
+        for (spec, last) in lists.into_iter().zip(list_cursors) {
+            tasks.push(tokio::spawn(sync::run_blocklist(
+                spec,
+                http.clone(),
+                last,
+                tx.clone(),
+            )));
+        }
+        drop(tx);
         let mut ticker = tokio::time::interval(Duration::from_secs(60));
         loop {
             tokio::select! {
-                _ = ticker.tick() => log_stats(&loaded.dataplane),
+                _ = ticker.tick() => log_stats(sync::lock(&owner).engine.enforcer()),
                 _ = shutdown_signal() => break,
             }
         }
+        for task in &tasks {
+            task.abort();
+        }
+        sync::lock(&owner).engine.save(sync::unix_now());
         anyhow::Ok(())
     })?;
-    // Dropping `loaded` leaves links and maps pinned: the program keeps enforcing.
+    // The maps and links stay pinned: the program keeps enforcing.
     tracing::info!(dir = %args.bpffs_dir.display(), "stopping; the XDP program stays attached");
     Ok(())
+}
+
+fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    apiban::sanitise::parse_net(text).ok_or_else(|| {
+        format!("`{text}` is not an address or CIDR (e.g. 192.0.2.7 or 2001:db8::/32)")
+    })
+}
+
+/// The key from --api-key or APIBAN_KEY, else from --api-key-file; none is allowed (the
+/// agent then enforces what it has), a malformed one is not.
+fn api_key(args: &RunArgs) -> anyhow::Result<Option<ApiKey>> {
+    if let Some(key) = &args.api_key {
+        return ApiKey::new(key)
+            .map(Some)
+            .context("--api-key / APIBAN_KEY is not a usable key");
+    }
+    match &args.api_key_file {
+        Some(path) => ApiKey::from_file(path)
+            .map(Some)
+            .context("--api-key-file is not usable"),
+        None => Ok(None),
+    }
 }
 
 async fn shutdown_signal() {
