@@ -15,7 +15,7 @@ use apiban::{
         blocklist::{ListLocation, ListSpec},
     },
     state::StateStore,
-    sync::{self, ApibanPoller, Owner, PollSettings},
+    sync::{self, PollSettings},
 };
 use apiban_common::Verdict;
 use clap::{Parser, Subcommand};
@@ -199,19 +199,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("could not start the async runtime")?;
     runtime.block_on(async {
-        let cursor = engine.apiban_cursor().clone();
-        let list_cursors: Vec<Option<u64>> = lists
-            .iter()
-            .map(|l| engine.list_cursor(&l.name).and_then(|c| c.last_refresh))
-            .collect();
-        let owner = std::sync::Arc::new(std::sync::Mutex::new(Owner::new(engine)));
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let mut tasks = vec![tokio::spawn(sync::run_owner(
-            owner.clone(),
-            rx,
-            Duration::from_secs(60),
-        ))];
-        match key {
+        let apiban = match key {
             Some(key) => {
                 let mut config = ClientConfig::new(&args.api_url, key);
                 config.version = args.api_version;
@@ -223,27 +211,23 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                     rate_limit: args.rate_limit,
                     ..Default::default()
                 };
-                let poller = ApibanPoller::new(client, poll, &cursor, tx.clone());
-                tasks.push(tokio::spawn(poller.run(cursor)));
+                Some((client, poll))
             }
-            None => tracing::warn!(
-                "no APIBAN key (--api-key, APIBAN_KEY or --api-key-file): enforcing saved bans, \
-                 lists and manual bans only; get a free key at https://apiban.org/getkey.html"
-            ),
-        }
+            None => {
+                tracing::warn!(
+                    "no APIBAN key (--api-key, APIBAN_KEY or --api-key-file): enforcing saved \
+                     bans, lists and manual bans only; get a free key at \
+                     https://apiban.org/getkey.html"
+                );
+                None
+            }
+        };
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()
             .context("cannot build the HTTP client")?;
-        for (spec, last) in lists.into_iter().zip(list_cursors) {
-            tasks.push(tokio::spawn(sync::run_blocklist(
-                spec,
-                http.clone(),
-                last,
-                tx.clone(),
-            )));
-        }
-        drop(tx);
+        let running = sync::spawn(engine, apiban, lists, http, Duration::from_secs(60));
+        let owner = running.owner.clone();
         let mut ticker = tokio::time::interval(Duration::from_secs(60));
         loop {
             tokio::select! {
@@ -251,9 +235,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 _ = shutdown_signal() => break,
             }
         }
-        for task in &tasks {
-            task.abort();
-        }
+        running.abort();
         sync::lock(&owner).engine.save(sync::unix_now());
         anyhow::Ok(())
     })?;

@@ -217,6 +217,53 @@ pub async fn run_owner<E: Enforcer>(
     }
 }
 
+/// The running sync machinery: the owner and every task feeding it.
+pub struct Running<E: Enforcer> {
+    pub owner: std::sync::Arc<std::sync::Mutex<Owner<E>>>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl<E: Enforcer> Running<E> {
+    /// Stops every task. Nothing is lost: each change was saved when it was applied.
+    pub fn abort(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Starts the owner loop, the APIBAN poller (when there is a client) and one task per
+/// blocklist. Must be called inside a tokio runtime.
+pub fn spawn<E: Enforcer + Send + 'static>(
+    engine: Engine<E>,
+    apiban: Option<(ApibanClient, PollSettings)>,
+    lists: Vec<ListSpec>,
+    http: reqwest::Client,
+    sweep_every: Duration,
+) -> Running<E> {
+    let cursor = engine.apiban_cursor().clone();
+    let list_cursors: Vec<Option<u64>> = lists
+        .iter()
+        .map(|l| engine.list_cursor(&l.name).and_then(|c| c.last_refresh))
+        .collect();
+    let owner = std::sync::Arc::new(std::sync::Mutex::new(Owner::new(engine)));
+    let (tx, rx) = mpsc::channel(16);
+    let mut tasks = vec![tokio::spawn(run_owner(owner.clone(), rx, sweep_every))];
+    if let Some((client, settings)) = apiban {
+        let poller = ApibanPoller::new(client, settings, &cursor, tx.clone());
+        tasks.push(tokio::spawn(poller.run(cursor)));
+    }
+    for (spec, last) in lists.into_iter().zip(list_cursors) {
+        tasks.push(tokio::spawn(run_blocklist(
+            spec,
+            http.clone(),
+            last,
+            tx.clone(),
+        )));
+    }
+    Running { owner, tasks }
+}
+
 /// A panic while holding the owner poisons the mutex; the data is still the ledger's last
 /// consistent state (each change completes before the next), so keep going.
 pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

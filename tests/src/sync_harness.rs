@@ -10,7 +10,7 @@ use std::{
 use apiban::{
     engine::{Enforcer, Engine},
     source::{apiban::ApibanClient, blocklist::ListSpec},
-    sync::{self, ApibanPoller, Owner, PollSettings},
+    sync::{self, Owner, PollSettings},
 };
 use tokio::task::JoinHandle;
 
@@ -27,31 +27,14 @@ impl<E: Enforcer + Send + 'static> SyncHarness<E> {
         poll: PollSettings,
         lists: Vec<ListSpec>,
     ) -> Self {
-        let cursor = engine.apiban_cursor().clone();
-        let list_cursors: Vec<Option<u64>> = lists
-            .iter()
-            .map(|l| engine.list_cursor(&l.name).and_then(|c| c.last_refresh))
-            .collect();
-        let owner = Arc::new(Mutex::new(Owner::new(engine)));
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
-        let mut tasks = vec![tokio::spawn(sync::run_owner(
-            owner.clone(),
-            rx,
+        let running = sync::spawn(
+            engine,
+            client.map(|c| (c, poll)),
+            lists,
+            reqwest::Client::new(),
             Duration::from_millis(100),
-        ))];
-        if let Some(client) = client {
-            let poller = ApibanPoller::new(client, poll, &cursor, tx.clone());
-            tasks.push(tokio::spawn(poller.run(cursor)));
-        }
-        let http = reqwest::Client::new();
-        for (spec, last) in lists.into_iter().zip(list_cursors) {
-            tasks.push(tokio::spawn(sync::run_blocklist(
-                spec,
-                http.clone(),
-                last,
-                tx.clone(),
-            )));
-        }
+        );
+        let (owner, tasks) = (running.owner, running.tasks);
         Self { owner, tasks }
     }
 
