@@ -18,11 +18,13 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const CONFIG: &str = "CONFIG";
     pub const SCOPE_PORTS: &str = "SCOPE_PORTS";
+    /// ifindex -> counter slot, so counters are per interface without a hash lookup.
+    pub const IFACE_SLOTS: &str = "IFACE_SLOTS";
     /// Only used by the benchmark program; never pinned.
     pub const BENCH_PARAMS: &str = "BENCH_PARAMS";
 
     /// The maps that hold enforcement state and are pinned for adoption across restarts.
-    pub const PINNED: [&str; 9] = [
+    pub const PINNED: [&str; 10] = [
         DENY_V4_HOSTS,
         DENY_V6_HOSTS,
         DENY_V4,
@@ -32,6 +34,7 @@ pub mod map_names {
         STATS,
         CONFIG,
         SCOPE_PORTS,
+        IFACE_SLOTS,
     ];
 }
 
@@ -55,6 +58,12 @@ pub const DEFAULT_DENY_V6_ENTRIES: u32 = 262_144;
 pub const DEFAULT_ALLOW_V4_ENTRIES: u32 = 65_536;
 pub const DEFAULT_ALLOW_V6_ENTRIES: u32 = 16_384;
 
+/// Interfaces are numbered by ifindex up to this bound for per-interface counters; a larger
+/// ifindex counts in slot 0 with every interface that has no slot.
+pub const IFACE_SLOT_INDEXES: u32 = 65_536;
+/// Counter slots: slot 0 is "other", slots 1.. are the interfaces the agent attached to.
+pub const IFACE_COUNTER_SLOTS: u32 = 16;
+
 /// One slot per destination port: a byte array is a single inlined array lookup on the hot path.
 pub const SCOPE_PORT_SLOTS: u32 = 65_536;
 
@@ -71,7 +80,8 @@ pub const IPPROTO_FRAGMENT: u8 = 44;
 pub const IPPROTO_AH: u8 = 51;
 pub const IPPROTO_DSTOPTS: u8 = 60;
 
-/// What the XDP program decided about a packet; the index of its counter in `STATS`.
+/// What the XDP program decided about a packet. Its counter in `STATS` is at
+/// `slot * VERDICT_COUNT + verdict`, where `slot` is the interface's counter slot.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {

@@ -19,9 +19,9 @@ use core::{
 use apiban_common::{
     AllowEntry, BENCH_MULTIPLIER, BenchParams, Counter, DEFAULT_ALLOW_V4_ENTRIES,
     DEFAULT_ALLOW_V6_ENTRIES, DEFAULT_DENY_V4_ENTRIES, DEFAULT_DENY_V6_ENTRIES, DataplaneConfig,
-    DenyEntry, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_AH, IPPROTO_DSTOPTS,
-    IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS,
-    VERDICT_COUNT, Verdict,
+    DenyEntry, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IFACE_COUNTER_SLOTS,
+    IFACE_SLOT_INDEXES, IPPROTO_AH, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS,
+    IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS, VERDICT_COUNT, Verdict,
 };
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, xdp_action},
@@ -59,7 +59,12 @@ static ALLOW_V4: LpmTrie<[u8; 4], AllowEntry> =
 static ALLOW_V6: LpmTrie<[u8; 16], AllowEntry> =
     LpmTrie::with_max_entries(DEFAULT_ALLOW_V6_ENTRIES, 0);
 #[map]
-static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(VERDICT_COUNT, 0);
+static STATS: PerCpuArray<Counter> =
+    PerCpuArray::with_max_entries(VERDICT_COUNT * IFACE_COUNTER_SLOTS, 0);
+// An array indexed by ifindex rather than a hash: one bounds check on the hot path.
+#[map]
+static IFACE_SLOTS: Array<u32> = Array::with_max_entries(IFACE_SLOT_INDEXES, 0);
+
 #[map]
 static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
 #[map]
@@ -311,7 +316,13 @@ fn record_hit(entry: *mut DenyEntry, flags: u32) {
 
 #[inline(always)]
 fn count(ctx: &XdpContext, verdict: Verdict) {
-    if let Some(counter) = STATS.get_ptr_mut(verdict as u32) {
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let slot = IFACE_SLOTS
+        .get(ifindex)
+        .copied()
+        .filter(|s| *s < IFACE_COUNTER_SLOTS)
+        .unwrap_or(0);
+    if let Some(counter) = STATS.get_ptr_mut(slot * VERDICT_COUNT + verdict as u32) {
         let bytes = (ctx.data_end() - ctx.data()) as u64;
         // SAFETY: a per-CPU slot is only ever touched by the CPU running this program.
         unsafe {

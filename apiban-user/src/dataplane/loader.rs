@@ -260,6 +260,14 @@ pub struct PinnedAttachment {
     pub path: PathBuf,
 }
 
+/// The interface's index, or None if there is no such interface.
+pub fn ifindex(iface: &str) -> Option<u32> {
+    let name = CString::new(iface).ok()?;
+    // SAFETY: name is a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
 /// The interfaces with a pinned XDP link under `bpffs_dir`.
 pub fn pinned_attachments(bpffs_dir: &Path) -> Result<Vec<PinnedAttachment>, LoaderError> {
     let links = bpffs_dir.join("links");
@@ -300,6 +308,19 @@ impl Loaded {
     /// Attaches to `iface`, or, if a previous agent left a pinned link there, swaps this
     /// program into it without a moment of the interface running without one.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachedMode, LoaderError> {
+        let attached = self.attach_link(iface, mode)?;
+        let others: Vec<u32> = pinned_attachments(&self.bpffs_dir)?
+            .iter()
+            .filter(|p| p.iface != iface)
+            .filter_map(|p| ifindex(&p.iface))
+            .collect();
+        if let Some(index) = ifindex(iface) {
+            self.dataplane.assign_counter_slot(index, &others)?;
+        }
+        Ok(attached)
+    }
+
+    fn attach_link(&mut self, iface: &str, mode: AttachMode) -> Result<AttachedMode, LoaderError> {
         if let Some(pinned) = pinned_attachments(&self.bpffs_dir)?
             .into_iter()
             .find(|p| p.iface == iface)
@@ -315,10 +336,7 @@ impl Loaded {
             self.replace_pinned(&pinned)?;
             return Ok(pinned.mode);
         }
-        let if_name =
-            CString::new(iface).map_err(|_| LoaderError::NoSuchInterface(iface.into()))?;
-        // SAFETY: if_name is a valid NUL-terminated string.
-        if unsafe { libc::if_nametoindex(if_name.as_ptr()) } == 0 {
+        if ifindex(iface).is_none() {
             return Err(LoaderError::NoSuchInterface(iface.into()));
         }
         let attached = match mode {

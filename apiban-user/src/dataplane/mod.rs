@@ -10,11 +10,11 @@ pub mod loader;
 use std::{collections::BTreeSet, io, net::IpAddr, os::fd::AsFd as _};
 
 use apiban_common::{
-    AllowEntry, Counter, DataplaneConfig, DenyEntry, SCOPE_PORT_SLOTS, VERDICT_COUNT, Verdict,
-    map_names,
+    AllowEntry, Counter, DataplaneConfig, DenyEntry, IFACE_COUNTER_SLOTS, IFACE_SLOT_INDEXES,
+    SCOPE_PORT_SLOTS, VERDICT_COUNT, Verdict, map_names,
 };
 use aya::maps::{
-    Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray,
+    Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
@@ -35,6 +35,8 @@ pub enum DataplaneError {
         #[source]
         source: MapError,
     },
+    #[error("cannot size per-CPU counters: {0}")]
+    Io(#[source] io::Error),
     #[error("batch update of {name} failed after {done} entries: {source}")]
     Batch {
         name: &'static str,
@@ -93,6 +95,13 @@ pub struct Stats {
 impl Stats {
     pub fn get(&self, verdict: Verdict) -> Counter {
         self.counters[verdict as usize]
+    }
+
+    fn add(&mut self, other: &Stats) {
+        for (total, c) in self.counters.iter_mut().zip(other.counters.iter()) {
+            total.packets += c.packets;
+            total.bytes += c.bytes;
+        }
     }
 }
 
@@ -509,6 +518,7 @@ pub struct Dataplane {
     stats: PerCpuArray<MapData, Counter>,
     config: Array<MapData, DataplaneConfig>,
     scope_ports: Array<MapData, u8>,
+    iface_slots: Array<MapData, u32>,
 }
 
 impl Dataplane {
@@ -564,6 +574,8 @@ impl Dataplane {
                 .map_err(|e| typed(map_names::CONFIG, e))?,
             scope_ports: Array::try_from(take(map_names::SCOPE_PORTS)?)
                 .map_err(|e| typed(map_names::SCOPE_PORTS, e))?,
+            iface_slots: Array::try_from(take(map_names::IFACE_SLOTS)?)
+                .map_err(|e| typed(map_names::IFACE_SLOTS, e))?,
         })
     }
 
@@ -662,17 +674,47 @@ impl Dataplane {
         Ok(self.deny_v4.remove_batch(&v4)? + self.deny_v6.remove_batch(&v6)?)
     }
 
-    /// Per-verdict packet and byte counts, summed over CPUs.
+    /// Per-verdict packet and byte counts, summed over CPUs and interfaces.
     pub fn stats(&self) -> Result<Stats, DataplaneError> {
+        let mut total = Stats::default();
+        for slot in 0..IFACE_COUNTER_SLOTS {
+            total.add(&self.slot_stats(slot)?);
+        }
+        Ok(total)
+    }
+
+    /// Counters of the interfaces given as (name, ifindex), then "other": packets on
+    /// interfaces without a counter slot of their own.
+    pub fn stats_by_interface(
+        &self,
+        ifaces: &[(String, u32)],
+    ) -> Result<Vec<(String, Stats)>, DataplaneError> {
+        let mut out = Vec::with_capacity(ifaces.len() + 1);
+        let mut counted = BTreeSet::new();
+        for (name, ifindex) in ifaces {
+            let slot = self.counter_slot(*ifindex)?;
+            if slot != 0 && counted.insert(slot) {
+                out.push((name.clone(), self.slot_stats(slot)?));
+            }
+        }
+        let mut other = Stats::default();
+        for slot in (0..IFACE_COUNTER_SLOTS).filter(|s| !counted.contains(s)) {
+            other.add(&self.slot_stats(slot)?);
+        }
+        out.push(("other".to_owned(), other));
+        Ok(out)
+    }
+
+    fn slot_stats(&self, slot: u32) -> Result<Stats, DataplaneError> {
         let mut stats = Stats::default();
         for verdict in Verdict::ALL {
-            let per_cpu =
-                self.stats
-                    .get(&(verdict as u32), 0)
-                    .map_err(|source| DataplaneError::Map {
-                        name: map_names::STATS,
-                        source,
-                    })?;
+            let per_cpu = self
+                .stats
+                .get(&(slot * VERDICT_COUNT + verdict as u32), 0)
+                .map_err(|source| DataplaneError::Map {
+                    name: map_names::STATS,
+                    source,
+                })?;
             let total = &mut stats.counters[verdict as usize];
             for c in per_cpu.iter() {
                 total.packets += c.packets;
@@ -680,6 +722,57 @@ impl Dataplane {
             }
         }
         Ok(stats)
+    }
+
+    /// The counter slot of an interface; 0 ("other") when it has none.
+    pub fn counter_slot(&self, ifindex: u32) -> Result<u32, DataplaneError> {
+        if ifindex >= IFACE_SLOT_INDEXES {
+            return Ok(0);
+        }
+        self.iface_slots
+            .get(&ifindex, 0)
+            .map_err(|source| DataplaneError::Map {
+                name: map_names::IFACE_SLOTS,
+                source,
+            })
+    }
+
+    /// Gives `ifindex` a counter slot of its own unless it has one or all are taken (then its
+    /// packets count as "other"). `others` are the ifindexes of the other attached interfaces,
+    /// whose slots are in use. A new slot starts from zero.
+    pub fn assign_counter_slot(
+        &mut self,
+        ifindex: u32,
+        others: &[u32],
+    ) -> Result<u32, DataplaneError> {
+        if ifindex >= IFACE_SLOT_INDEXES {
+            return Ok(0);
+        }
+        let mut taken = BTreeSet::new();
+        for other in others.iter().filter(|o| **o != ifindex) {
+            taken.insert(self.counter_slot(*other)?);
+        }
+        // A slot left behind by a detached interface may since have gone to another one.
+        let current = self.counter_slot(ifindex)?;
+        if current != 0 && !taken.contains(&current) {
+            return Ok(current);
+        }
+        let Some(slot) = (1..IFACE_COUNTER_SLOTS).find(|s| !taken.contains(s)) else {
+            return Ok(0);
+        };
+        let map_err = |name: &'static str| move |source| DataplaneError::Map { name, source };
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Io(e))?;
+        for verdict in Verdict::ALL {
+            let zero = PerCpuValues::try_from(vec![Counter::default(); cpus.get() as usize])
+                .map_err(DataplaneError::Io)?;
+            self.stats
+                .set(slot * VERDICT_COUNT + verdict as u32, zero, 0)
+                .map_err(map_err(map_names::STATS))?;
+        }
+        self.iface_slots
+            .set(ifindex, &slot, 0)
+            .map_err(map_err(map_names::IFACE_SLOTS))?;
+        Ok(slot)
     }
 
     /// Every deny entry with its hit count and last-hit time, IPv4 then IPv6.
