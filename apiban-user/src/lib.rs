@@ -1,6 +1,7 @@
 //! apiban's agent as a library: the dataplane (XDP maps and loader), the sources, the
 //! sanitiser, the ledger and its engine, the state store and the sync tasks.
 
+pub mod config;
 pub mod dataplane;
 pub mod engine;
 pub mod human;
