@@ -31,6 +31,14 @@ pub trait Enforcer {
     fn undeny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError>;
     fn allow(&mut self, net: IpNet) -> Result<(), DataplaneError>;
     fn unallow(&mut self, net: IpNet) -> Result<(), DataplaneError>;
+    /// The XDP maps behind this enforcer, for counters and hits; None in a dry run.
+    fn dataplane(&self) -> Option<&Dataplane> {
+        None
+    }
+    /// Which packets a ban applies to; a dry run has no packets.
+    fn set_scope(&mut self, _scope: &crate::dataplane::Scope) -> Result<(), DataplaneError> {
+        Ok(())
+    }
 }
 
 impl Enforcer for Dataplane {
@@ -56,6 +64,14 @@ impl Enforcer for Dataplane {
 
     fn unallow(&mut self, net: IpNet) -> Result<(), DataplaneError> {
         Dataplane::unallow(self, net)
+    }
+
+    fn dataplane(&self) -> Option<&Dataplane> {
+        Some(self)
+    }
+
+    fn set_scope(&mut self, scope: &crate::dataplane::Scope) -> Result<(), DataplaneError> {
+        Dataplane::set_scope(self, scope)
     }
 }
 
@@ -290,6 +306,11 @@ impl<E: Enforcer> Engine<E> {
 
     pub fn enforcer(&self) -> &E {
         &self.enforcer
+    }
+
+    /// For settings that are not ledger state (the port scope); bans go through the engine.
+    pub fn enforcer_mut(&mut self) -> &mut E {
+        &mut self.enforcer
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -568,6 +589,32 @@ impl<E: Enforcer> Engine<E> {
         self.lists.entry(name.to_owned()).or_default().last_refresh = Some(now);
         report.applied = self.commit(now);
         report
+    }
+
+    /// Blocklists the engine has state for.
+    pub fn list_names(&self) -> Vec<String> {
+        let mut names: BTreeSet<String> = self.lists.keys().cloned().collect();
+        for (_, records) in self.ledger.iter() {
+            for (source, _) in records {
+                if let SourceId::List(name) = source {
+                    names.insert(name.clone());
+                }
+            }
+        }
+        names.into_iter().collect()
+    }
+
+    /// A blocklist left the configuration: its bans go with it.
+    pub fn drop_list(&mut self, name: &str, now: u64) -> (usize, Applied) {
+        let removed = self.ledger.remove_source(&SourceId::List(name.to_owned()));
+        self.lists.remove(name);
+        (removed, self.commit(now))
+    }
+
+    /// Settings changed (SIGHUP): re-evaluate what is enforced under them.
+    pub fn reconfigure(&mut self, settings: EngineSettings, now: u64) -> Applied {
+        self.set_settings(settings);
+        self.commit(now)
     }
 
     /// `apiban ban`: any prefix, the operator's own TTL or none.

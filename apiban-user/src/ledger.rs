@@ -201,6 +201,11 @@ impl Ledger {
         dropped
     }
 
+    /// Removes every record of `source` (a list taken out of the configuration).
+    pub fn remove_source(&mut self, source: &SourceId) -> usize {
+        self.retain_records(|s, _| s != source)
+    }
+
     /// Removes records whose expiry has passed; returns how many.
     pub fn sweep(&mut self, now: u64) -> usize {
         self.retain_records(|_, r| r.is_live(now))

@@ -1,13 +1,18 @@
 //! apiban's agent as a library: the dataplane (XDP maps and loader), the sources, the
 //! sanitiser, the ledger and its engine, the state store and the sync tasks.
 
+pub mod agent;
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod engine;
 pub mod human;
 pub mod ledger;
+pub mod metrics;
+pub mod notify;
 pub mod rate_budget;
 pub mod sanitise;
 pub mod source;
 pub mod state;
+pub mod status;
 pub mod sync;

@@ -1,23 +1,21 @@
-//! The `apiban` command.
+//! The `apiban` command: the agent (`run`) and the clients that talk to it.
 
-use std::{collections::BTreeSet, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
-use apiban::dataplane::{
-    Scope,
-    loader::{self, AttachMode, LoadOptions},
-};
 use apiban::{
-    engine::{Engine, EngineSettings},
-    human::{HumanDuration, RateLimit},
-    source::{
-        apiban::{ApiKey, ApiVersion, ApibanClient, ClientConfig, DataSet},
-        blocklist::{ListLocation, ListSpec},
-    },
-    state::StateStore,
-    sync::{self, PollSettings},
+    config::{self, ConfigError, LogFormat, RunArgs},
+    control::{self, Request},
+    dataplane::loader,
+    human::HumanDuration,
+    source::apiban::{ApibanClient, CheckOutcome, ClientConfig},
+    status::{self, CheckReport, ListRow, StatusReport},
+    sync::unix_now,
 };
-use apiban_common::Verdict;
 use clap::{Parser, Subcommand};
 use ipnet::IpNet;
 
@@ -25,19 +23,99 @@ use ipnet::IpNet;
 #[command(
     name = "apiban",
     version,
-    about = "Drops known SIP attackers at line rate with XDP"
+    about = "Drops known SIP attackers at line rate with XDP, from the APIBAN feed",
+    after_help = "Every `run` flag is also an APIBAN_* variable and a key in the config file \
+                  (/etc/apiban/config.toml); flags win over the environment, which wins over \
+                  the file."
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct Client {
+    /// The running agent's control socket [default: the config's, else
+    /// /run/apiban/control.sock].
+    #[arg(long, env = "APIBAN_CONTROL_SOCKET")]
+    control_socket: Option<PathBuf>,
+    /// Config file to read the control socket path from.
+    #[arg(long, env = "APIBAN_CONFIG", hide = true)]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
-    /// Load (or adopt) the XDP program, attach it and keep it enforcing until stopped.
+    /// Load (or adopt) the XDP program, attach it, sync the ban list and keep enforcing.
     ///
-    /// Example: apiban run --iface eth0 --scope ports --ports 5060,5061
+    /// Example: apiban run --iface eth0 --api-key-file /etc/apiban/key --scope ports
     Run(Box<RunArgs>),
+    /// What the running agent enforces, what it dropped, and how syncing goes.
+    ///
+    /// Example: apiban status          apiban status --json | jq .sync
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Whether an address is banned, and why (entry, source, seen, expiry, hits).
+    ///
+    /// Example: apiban check 192.0.2.7          apiban check 192.0.2.7 --remote
+    Check {
+        addr: IpAddr,
+        /// Ask APIBAN's check endpoint instead of the agent (uses the configured key; one
+        /// request against its rate limit).
+        #[arg(long)]
+        remote: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Every banned prefix with its source, first/last seen and expiry.
+    ///
+    /// Example: apiban list --source manual          apiban list --json
+    List {
+        /// Only this source: apiban, manual or list:NAME.
+        #[arg(long)]
+        source: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Ban a prefix now, in the running agent; persists across restarts.
+    ///
+    /// Example: apiban ban 203.0.113.0/24 --ttl 30d --comment "REGISTER flood 2026-11-22"
+    Ban {
+        #[arg(value_parser = parse_cidr)]
+        net: IpNet,
+        /// How long; without it the ban lasts until `apiban unban`.
+        #[arg(long)]
+        ttl: Option<HumanDuration>,
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Remove a prefix from every source now. A feed that lists it again bans it again; use
+    /// `apiban allow add` to keep it out for good.
+    ///
+    /// Example: apiban unban 203.0.113.0/24
+    Unban {
+        #[arg(value_parser = parse_cidr)]
+        net: IpNet,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Never ban a prefix, whatever the feeds say (manual bans are carved out too).
+    ///
+    /// Example: apiban allow add 198.51.100.10      apiban allow list
+    Allow {
+        #[command(subcommand)]
+        action: AllowAction,
+    },
     /// Remove the XDP program from interfaces and delete everything pinned.
     ///
     /// Example: apiban detach            (all interfaces, maps too)
@@ -46,202 +124,88 @@ enum Command {
         /// Only this interface; keeps the maps and the other interfaces.
         #[arg(long)]
         iface: Option<String>,
-        #[arg(long, default_value = loader::DEFAULT_BPFFS_DIR)]
+        #[arg(long, env = "APIBAN_BPFFS_DIR", default_value = loader::DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
+        /// Accepted so scripts can pass the same flags to every command; detach works on the
+        /// pins alone.
+        #[arg(long, hide = true)]
+        control_socket: Option<PathBuf>,
     },
 }
 
-#[derive(clap::Args)]
-struct RunArgs {
-    /// Interface to protect; repeat for several.
-    #[arg(long = "iface", required = true)]
-    ifaces: Vec<String>,
-    #[arg(long, value_enum, default_value_t = AttachMode::Auto)]
-    xdp_mode: AttachMode,
-    /// Where maps and links are pinned, so enforcement survives the agent.
-    #[arg(long, default_value = loader::DEFAULT_BPFFS_DIR)]
-    bpffs_dir: PathBuf,
-    /// Drop everything from banned sources (all), or only TCP/UDP to --ports (ports).
-    #[arg(long, value_enum, default_value_t = ScopeArg::All)]
-    scope: ScopeArg,
-    /// Destination ports for --scope ports.
-    #[arg(long, value_delimiter = ',', default_value = "5060,5061")]
-    ports: Vec<u16>,
-    /// Log each drop and allowlist match from the XDP program (debugging only).
-    #[arg(long)]
-    debug_events: bool,
-    /// APIBAN API key (get one at https://apiban.org/getkey.html). Prefer APIBAN_KEY or
-    /// --api-key-file: flags show up in `ps`.
-    #[arg(long, env = "APIBAN_KEY", hide_env_values = true)]
-    api_key: Option<String>,
-    /// File whose first line is the API key (e.g. a systemd credential).
-    #[arg(long)]
-    api_key_file: Option<PathBuf>,
-    /// APIBAN base URL, up to and including /api/ (a mirror, or a local test server).
-    #[arg(long, default_value = apiban::source::apiban::DEFAULT_BASE_URL)]
-    api_url: String,
-    #[arg(long, value_enum, default_value_t = ApiVersion::V2)]
-    api_version: ApiVersion,
-    /// APIBAN data set.
-    #[arg(long = "set", value_enum, default_value_t = DataSet::Sip)]
-    data_set: DataSet,
-    /// Time between incremental polls.
-    #[arg(long, default_value = "60s")]
-    poll_interval: HumanDuration,
-    /// Time between full pulls that reconcile the list (remove what left it).
-    #[arg(long, default_value = "24h")]
-    resync_interval: HumanDuration,
-    /// At most N requests in any window T (APIBAN allows 11 per 2 minutes).
-    #[arg(long, default_value = "11/120s")]
-    rate_limit: RateLimit,
-    /// How long a feed entry stays banned after it was last seen.
-    #[arg(long, default_value = "7d")]
-    ttl: HumanDuration,
-    /// Never ban this prefix (repeatable); wins over every source.
-    #[arg(long = "allow", value_parser = parse_cidr)]
-    allow: Vec<IpNet>,
-    /// Plain-text blocklist as NAME=PATH or NAME=URL (repeatable), refreshed every
-    /// --list-refresh.
-    #[arg(long = "list")]
-    lists: Vec<String>,
-    #[arg(long, default_value = "1h")]
-    list_refresh: HumanDuration,
-    /// Where the ledger and sync position are saved.
-    #[arg(long, default_value = "/var/lib/apiban")]
-    state_dir: PathBuf,
+#[derive(Subcommand)]
+enum AllowAction {
+    /// Example: apiban allow add 198.51.100.0/24
+    Add {
+        #[arg(value_parser = parse_cidr)]
+        net: IpNet,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Example: apiban allow remove 198.51.100.0/24
+    Remove {
+        #[arg(value_parser = parse_cidr)]
+        net: IpNet,
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Example: apiban allow list
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: Client,
+    },
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ScopeArg {
-    All,
-    Ports,
-}
+/// Exit code 2: the command line or the configuration is wrong, not the world.
+const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
     let result = match cli.command {
         Command::Run(args) => run(*args),
-        Command::Detach { iface, bpffs_dir } => detach(&bpffs_dir, iface.as_deref()),
+        Command::Detach {
+            iface, bpffs_dir, ..
+        } => {
+            init_tracing(LogFormat::Text);
+            detach(&bpffs_dir, iface.as_deref())
+        }
+        other => client(other),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("apiban: {e:#}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(USAGE)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
 
-fn init_tracing() {
+fn init_tracing(format: LogFormat) {
     use std::io::IsTerminal as _;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    let options = LoadOptions {
-        bpffs_dir: args.bpffs_dir.clone(),
-        debug_events: args.debug_events,
-        ..Default::default()
-    };
-    let mut loaded = loader::load(&options).context("could not load the XDP program")?;
-    let scope = match args.scope {
-        ScopeArg::All => Scope::All,
-        ScopeArg::Ports => Scope::Ports(args.ports.iter().copied().collect::<BTreeSet<_>>()),
-    };
-    loaded.dataplane.set_scope(&scope)?;
-    for iface in &args.ifaces {
-        let mode = loaded
-            .attach(iface, args.xdp_mode)
-            .with_context(|| format!("could not attach to {iface}"))?;
-        tracing::info!(iface, %mode, adopted = loaded.adopted, "XDP program attached");
+    let config = config::load(&args)?;
+    init_tracing(config.log_format);
+    if let Some(file) = &config.file {
+        tracing::info!(file = %file.display(), "configuration read");
     }
-    let key = api_key(&args)?;
-    let lists = args
-        .lists
-        .iter()
-        .map(|l| {
-            let (name, location) = l
-                .split_once('=')
-                .filter(|(n, loc)| !n.is_empty() && !loc.is_empty())
-                .with_context(|| format!("--list {l}: write NAME=PATH or NAME=URL"))?;
-            Ok(ListSpec {
-                name: name.to_owned(),
-                location: ListLocation::parse(location),
-                refresh: args.list_refresh.0,
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let (_ebpf, dataplane) = loaded.into_parts();
-    let store = StateStore::open(&args.state_dir).context("cannot open the state directory")?;
-    let settings = EngineSettings {
-        ttl: args.ttl.0,
-        allow: args.allow.clone(),
-        ..Default::default()
-    };
-    let (engine, report) = Engine::start(dataplane, Some(store), settings, sync::unix_now())
-        .context("cannot restore the ban list")?;
-    tracing::info!(
-        restored = report.restored_entries,
-        added = report.applied.added,
-        removed = report.applied.removed,
-        "ban list restored from state"
-    );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("could not start the async runtime")?;
-    runtime.block_on(async {
-        let apiban = match key {
-            Some(key) => {
-                let mut config = ClientConfig::new(&args.api_url, key);
-                config.version = args.api_version;
-                config.set = args.data_set;
-                let client = ApibanClient::new(config).context("cannot build the HTTP client")?;
-                let poll = PollSettings {
-                    poll_interval: args.poll_interval.0,
-                    resync_interval: args.resync_interval.0,
-                    rate_limit: args.rate_limit,
-                    ..Default::default()
-                };
-                Some((client, poll))
-            }
-            None => {
-                tracing::warn!(
-                    "no APIBAN key (--api-key, APIBAN_KEY or --api-key-file): enforcing saved \
-                     bans, lists and manual bans only; get a free key at \
-                     https://apiban.org/getkey.html"
-                );
-                None
-            }
-        };
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .context("cannot build the HTTP client")?;
-        let running = sync::spawn(engine, apiban, lists, http, Duration::from_secs(60));
-        let owner = running.owner.clone();
-        let mut ticker = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => log_stats(sync::lock(&owner).engine.enforcer()),
-                _ = shutdown_signal() => break,
-            }
-        }
-        running.abort();
-        sync::lock(&owner).engine.save(sync::unix_now());
-        anyhow::Ok(())
-    })?;
-    // The maps and links stay pinned: the program keeps enforcing.
-    tracing::info!(dir = %args.bpffs_dir.display(), "stopping; the XDP program stays attached");
-    Ok(())
+    apiban::agent::run(args, config)
 }
 
 fn parse_cidr(text: &str) -> Result<IpNet, String> {
@@ -250,52 +214,174 @@ fn parse_cidr(text: &str) -> Result<IpNet, String> {
     })
 }
 
-/// The key from --api-key or APIBAN_KEY, else from --api-key-file; none is allowed (the
-/// agent then enforces what it has), a malformed one is not.
-fn api_key(args: &RunArgs) -> anyhow::Result<Option<ApiKey>> {
-    if let Some(key) = &args.api_key {
-        return ApiKey::new(key)
-            .map(Some)
-            .context("--api-key / APIBAN_KEY is not a usable key");
-    }
-    match &args.api_key_file {
-        Some(path) => ApiKey::from_file(path)
-            .map(Some)
-            .context("--api-key-file is not usable"),
-        None => Ok(None),
-    }
+fn socket(client: &Client) -> anyhow::Result<PathBuf> {
+    Ok(config::control_socket(
+        client.control_socket.as_deref(),
+        client.config.as_deref(),
+    )?)
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+fn client(command: Command) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")?;
+    runtime.block_on(async {
+        match command {
+            Command::Status { json, client } => {
+                let v = control::request(&socket(&client)?, &Request::Status).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    let report: StatusReport =
+                        serde_json::from_value(v).context("unexpected status answer")?;
+                    print!("{}", report.to_text());
+                }
             }
+            Command::Check {
+                addr,
+                remote,
+                json,
+                client,
+            } => {
+                if remote {
+                    return check_remote(addr, client.config.as_deref(), json).await;
+                }
+                let v = control::request(&socket(&client)?, &Request::Check { addr }).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    let report: CheckReport =
+                        serde_json::from_value(v).context("unexpected check answer")?;
+                    print!("{}", report.to_text(unix_now()));
+                }
+            }
+            Command::List {
+                source,
+                json,
+                client,
+            } => {
+                let v = control::request(&socket(&client)?, &Request::List { source }).await?;
+                if json {
+                    println!("{}", serde_json::to_string(&v)?);
+                } else {
+                    let rows: Vec<ListRow> =
+                        serde_json::from_value(v).context("unexpected list answer")?;
+                    print_list(&rows);
+                }
+            }
+            Command::Ban {
+                net,
+                ttl,
+                comment,
+                client,
+            } => {
+                let req = Request::Ban {
+                    net,
+                    ttl_secs: ttl.map(|t| t.0.as_secs()),
+                    comment,
+                };
+                print_message(control::request(&socket(&client)?, &req).await?);
+            }
+            Command::Unban { net, client } => {
+                print_message(control::request(&socket(&client)?, &Request::Unban { net }).await?);
+            }
+            Command::Allow { action } => match action {
+                AllowAction::Add { net, client } => print_message(
+                    control::request(&socket(&client)?, &Request::AllowAdd { net }).await?,
+                ),
+                AllowAction::Remove { net, client } => print_message(
+                    control::request(&socket(&client)?, &Request::AllowRemove { net }).await?,
+                ),
+                AllowAction::List { json, client } => {
+                    let v = control::request(&socket(&client)?, &Request::AllowList).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&v)?);
+                    } else {
+                        for row in v.as_array().into_iter().flatten() {
+                            println!(
+                                "{:<40} {}",
+                                row["net"].as_str().unwrap_or("?"),
+                                row["origin"].as_str().unwrap_or("?")
+                            );
+                        }
+                    }
+                }
+            },
+            Command::Run(_) | Command::Detach { .. } => unreachable!("handled in main"),
         }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        anyhow::Ok(())
+    })
+}
+
+fn print_message(v: serde_json::Value) {
+    match v.as_str() {
+        Some(s) => println!("{s}"),
+        None => println!("{v}"),
     }
 }
 
-fn log_stats(dataplane: &apiban::dataplane::Dataplane) {
-    match dataplane.stats() {
-        Ok(stats) => tracing::info!(
-            dropped = stats.get(Verdict::Dropped).packets,
-            allowed = stats.get(Verdict::Allowed).packets,
-            passed = stats.get(Verdict::Passed).packets,
-            not_ip = stats.get(Verdict::NotIp).packets,
-            malformed = stats.get(Verdict::Malformed).packets,
-            "dataplane counters"
+fn print_list(rows: &[ListRow]) {
+    let now = unix_now();
+    println!(
+        "{:<40} {:<14} {:<14} {:<14} {:<12} comment",
+        "prefix", "source", "first seen", "last seen", "expires"
+    );
+    for r in rows {
+        println!(
+            "{:<40} {:<14} {:<14} {:<14} {:<12} {}{}",
+            r.net.to_string(),
+            r.source,
+            status::relative(r.first_seen, now),
+            status::relative(r.last_seen, now),
+            r.expires
+                .map(|t| status::relative(t, now))
+                .unwrap_or_else(|| "never".into()),
+            r.comment.as_deref().unwrap_or(""),
+            if r.enforced { "" } else { " (not enforced)" }
+        );
+    }
+    println!("{} entries", rows.len());
+}
+
+/// `check --remote`: one request to APIBAN's check endpoint with the configured key.
+async fn check_remote(addr: IpAddr, config_file: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let args = RunArgs {
+        config: config_file.map(Path::to_path_buf),
+        dry_run: Some(true),
+        ..Default::default()
+    };
+    let config = config::load(&args)?;
+    let key = match &config.key {
+        Some(config::KeySource::Value(k)) => apiban::source::apiban::ApiKey::new(k)?,
+        Some(config::KeySource::File(p)) => apiban::source::apiban::ApiKey::from_file(p)?,
+        None => anyhow::bail!(
+            "--remote needs an API key: set APIBAN_KEY (or api-key/api-key-file in the config); \
+             get one at https://apiban.org/getkey.html"
         ),
-        Err(e) => tracing::warn!(error = %e, "could not read dataplane counters"),
+    };
+    let mut client_config = ClientConfig::new(&config.api_url, key);
+    client_config.version = config.api_version;
+    client_config.set = config.data_set;
+    let client = ApibanClient::new(client_config)?;
+    let listed = matches!(
+        client
+            .check(addr)
+            .await
+            .context("APIBAN check request failed")?,
+        CheckOutcome::Banned
+    );
+    if json {
+        println!("{}", serde_json::json!({"addr": addr, "listed": listed}));
+    } else if listed {
+        println!("{addr} is LISTED by APIBAN");
+    } else {
+        println!("{addr} is not listed by APIBAN");
     }
+    Ok(())
 }
 
-fn detach(bpffs_dir: &std::path::Path, iface: Option<&str>) -> anyhow::Result<()> {
+fn detach(bpffs_dir: &Path, iface: Option<&str>) -> anyhow::Result<()> {
     let report = loader::detach(bpffs_dir, iface)
         .with_context(|| format!("could not detach using {}", bpffs_dir.display()))?;
     if report.interfaces.is_empty() && !report.maps_removed {

@@ -148,6 +148,15 @@ impl AllowList {
         self.nets.is_empty()
     }
 
+    /// The most specific allow entry that covers `addr`.
+    pub fn covering(&self, addr: IpAddr) -> Option<IpNet> {
+        self.nets
+            .iter()
+            .filter(|a| a.contains(&addr))
+            .max_by_key(|a| a.prefix_len())
+            .copied()
+    }
+
     /// True when an allow entry covers all of `net`.
     pub fn covers(&self, net: &IpNet) -> bool {
         // Allowlists are short (tens of entries); a scan is cheaper than an index to keep.

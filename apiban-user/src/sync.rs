@@ -12,8 +12,11 @@ use std::{
 
 use tokio::sync::{mpsc, oneshot};
 
+use ipnet::IpNet;
+
 use crate::{
-    engine::{Enforcer, Engine, IngestReport},
+    dataplane::Scope,
+    engine::{Enforcer, Engine, EngineSettings, IngestReport},
     human::RateLimit,
     rate_budget::RateBudget,
     source::{
@@ -69,6 +72,11 @@ pub enum Update {
     ApibanDone {
         reply: oneshot::Sender<IngestReport>,
     },
+    /// A request is about to go out: its send time is persisted before the answer comes,
+    /// so a poller restarted mid-request (reload, crash) still counts it against the budget.
+    ApibanSending {
+        requests_ms: Vec<u64>,
+    },
     /// Every request's outcome, for status and metrics, with the budget to persist.
     ApibanRequest(RequestReport),
     ListSnapshot {
@@ -79,6 +87,39 @@ pub enum Update {
     ListFailed {
         name: String,
         error: String,
+    },
+    /// From the control socket or a reload; the reply says what happened, or why not.
+    Control {
+        change: Change,
+        reply: oneshot::Sender<Result<String, String>>,
+    },
+}
+
+/// A change an operator asks for.
+#[derive(Clone, Debug)]
+pub enum Change {
+    Ban {
+        net: IpNet,
+        ttl: Option<Duration>,
+        comment: Option<String>,
+    },
+    Unban {
+        net: IpNet,
+    },
+    AllowAdd {
+        net: IpNet,
+    },
+    AllowRemove {
+        net: IpNet,
+    },
+    /// Reloaded configuration: TTL, prefix limits, allowlist and port scope.
+    Settings {
+        engine: EngineSettings,
+        scope: Scope,
+    },
+    /// A blocklist left the configuration.
+    DropList {
+        name: String,
     },
 }
 
@@ -162,6 +203,10 @@ impl<E: Enforcer> Owner<E> {
                 self.sync.last_success = Some(now);
                 let _ = reply.send(report);
             }
+            Update::ApibanSending { requests_ms } => {
+                self.engine.set_apiban_requests(requests_ms);
+                self.engine.save(now);
+            }
             Update::ApibanRequest(r) => {
                 *self.sync.requests.entry(r.outcome).or_default() += 1;
                 self.sync.last_request = Some((r.at, r.outcome));
@@ -185,7 +230,85 @@ impl<E: Enforcer> Owner<E> {
                 tracing::warn!(list = %name, %error, "blocklist refresh failed; keeping its bans");
                 self.sync.lists.entry(name).or_default().last_error = Some(error);
             }
+            Update::Control { change, reply } => {
+                let _ = reply.send(self.change(change, now));
+            }
         }
+    }
+
+    /// Applies an operator's change; the answer is one line for the operator.
+    pub fn change(&mut self, change: Change, now: u64) -> Result<String, String> {
+        let effect = |a: crate::engine::Applied| {
+            format!(
+                "{} added to and {} removed from the dataplane",
+                a.added, a.removed
+            )
+        };
+        let out = match change {
+            Change::Ban { net, ttl, comment } => {
+                let applied = self
+                    .engine
+                    .ban(net, ttl, comment, now)
+                    .map_err(|e| e.to_string())?;
+                let until = match ttl {
+                    Some(t) => format!("for {}", crate::human::format_duration(t)),
+                    None => "until unbanned".to_owned(),
+                };
+                format!("banned {} {until}; {}", net.trunc(), effect(applied))
+            }
+            Change::Unban { net } => {
+                let (sources, applied) = self.engine.unban(net, now);
+                if sources.is_empty() {
+                    return Err(format!("{} is not in the ban list", net.trunc()));
+                }
+                let names: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+                let mut msg = format!(
+                    "unbanned {} (held by {}); {}",
+                    net.trunc(),
+                    names.join(", "),
+                    effect(applied)
+                );
+                if sources.iter().any(|s| s.is_remote()) {
+                    msg.push_str(
+                        "; a feed that lists it again bans it again: `apiban allow add` keeps it out",
+                    );
+                }
+                msg
+            }
+            Change::AllowAdd { net } => {
+                let applied = self.engine.allow_add(net, now);
+                format!("allowed {}; {}", net.trunc(), effect(applied))
+            }
+            Change::AllowRemove { net } => {
+                let applied = self
+                    .engine
+                    .allow_remove(net, now)
+                    .map_err(|e| e.to_string())?;
+                format!(
+                    "removed {} from the allowlist; {}",
+                    net.trunc(),
+                    effect(applied)
+                )
+            }
+            Change::Settings { engine, scope } => {
+                self.engine
+                    .enforcer_mut()
+                    .set_scope(&scope)
+                    .map_err(|e| format!("cannot set the port scope: {e}"))?;
+                let applied = self.engine.reconfigure(engine, now);
+                format!("settings applied; {}", effect(applied))
+            }
+            Change::DropList { name } => {
+                let (records, applied) = self.engine.drop_list(&name, now);
+                self.sync.lists.remove(&name);
+                format!(
+                    "dropped list {name} ({records} records); {}",
+                    effect(applied)
+                )
+            }
+        };
+        tracing::info!("{out}");
+        Ok(out)
     }
 
     /// Expires what is due; one log line when anything expired.
@@ -220,15 +343,73 @@ pub async fn run_owner<E: Enforcer>(
 /// The running sync machinery: the owner and every task feeding it.
 pub struct Running<E: Enforcer> {
     pub owner: std::sync::Arc<std::sync::Mutex<Owner<E>>>,
-    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The owner's inbox, for the control socket and reloads.
+    pub updates: mpsc::Sender<Update>,
+    owner_task: tokio::task::JoinHandle<()>,
+    poller: Option<tokio::task::JoinHandle<()>>,
+    lists: BTreeMap<String, (ListSpec, tokio::task::JoinHandle<()>)>,
+    http: reqwest::Client,
 }
 
 impl<E: Enforcer> Running<E> {
     /// Stops every task. Nothing is lost: each change was saved when it was applied.
     pub fn abort(&self) {
-        for task in &self.tasks {
+        self.owner_task.abort();
+        if let Some(p) = &self.poller {
+            p.abort();
+        }
+        for (_, task) in self.lists.values() {
             task.abort();
         }
+    }
+
+    /// Replaces the APIBAN poller (new key, URL or intervals) and starts, stops or restarts
+    /// the blocklists whose configuration changed. The poller resumes from the engine's
+    /// cursor with the budget the engine saved, so a reload never overspends it.
+    pub fn restart_poller(&mut self, apiban: Option<(ApibanClient, PollSettings)>) {
+        if let Some(p) = self.poller.take() {
+            p.abort();
+        }
+        if let Some((client, settings)) = apiban {
+            let cursor = lock(&self.owner).engine.apiban_cursor().clone();
+            let poller = ApibanPoller::new(client, settings, &cursor, self.updates.clone());
+            self.poller = Some(tokio::spawn(poller.run(cursor)));
+        }
+    }
+
+    /// Brings the running blocklists in line with `lists`; returns the names that left the
+    /// configuration (their bans are for the owner to drop).
+    pub fn set_lists(&mut self, lists: Vec<ListSpec>) -> Vec<String> {
+        let wanted: BTreeMap<String, ListSpec> =
+            lists.into_iter().map(|l| (l.name.clone(), l)).collect();
+        let mut gone = Vec::new();
+        self.lists.retain(|name, (spec, task)| {
+            let keep = wanted.get(name) == Some(spec);
+            if !keep {
+                task.abort();
+                if !wanted.contains_key(name) {
+                    gone.push(name.clone());
+                }
+            }
+            keep
+        });
+        for (name, spec) in wanted {
+            if self.lists.contains_key(&name) {
+                continue;
+            }
+            let last = lock(&self.owner)
+                .engine
+                .list_cursor(&name)
+                .and_then(|c| c.last_refresh);
+            let task = tokio::spawn(run_blocklist(
+                spec.clone(),
+                self.http.clone(),
+                last,
+                self.updates.clone(),
+            ));
+            self.lists.insert(name, (spec, task));
+        }
+        gone
     }
 }
 
@@ -241,27 +422,20 @@ pub fn spawn<E: Enforcer + Send + 'static>(
     http: reqwest::Client,
     sweep_every: Duration,
 ) -> Running<E> {
-    let cursor = engine.apiban_cursor().clone();
-    let list_cursors: Vec<Option<u64>> = lists
-        .iter()
-        .map(|l| engine.list_cursor(&l.name).and_then(|c| c.last_refresh))
-        .collect();
     let owner = std::sync::Arc::new(std::sync::Mutex::new(Owner::new(engine)));
     let (tx, rx) = mpsc::channel(16);
-    let mut tasks = vec![tokio::spawn(run_owner(owner.clone(), rx, sweep_every))];
-    if let Some((client, settings)) = apiban {
-        let poller = ApibanPoller::new(client, settings, &cursor, tx.clone());
-        tasks.push(tokio::spawn(poller.run(cursor)));
-    }
-    for (spec, last) in lists.into_iter().zip(list_cursors) {
-        tasks.push(tokio::spawn(run_blocklist(
-            spec,
-            http.clone(),
-            last,
-            tx.clone(),
-        )));
-    }
-    Running { owner, tasks }
+    let owner_task = tokio::spawn(run_owner(owner.clone(), rx, sweep_every));
+    let mut running = Running {
+        owner,
+        updates: tx,
+        owner_task,
+        poller: None,
+        lists: BTreeMap::new(),
+        http,
+    };
+    running.restart_poller(apiban);
+    running.set_lists(lists);
+    running
 }
 
 /// A panic while holding the owner poisons the mutex; the data is still the ledger's last
@@ -412,6 +586,11 @@ impl ApibanPoller {
             let waited = self.wait_for_budget().await;
             let sent_at = Instant::now();
             self.budget.record(sent_at);
+            let requests_ms = self.budget.to_wall_clock(sent_at);
+            self.updates
+                .send(Update::ApibanSending { requests_ms })
+                .await
+                .map_err(|_| Stopped)?;
             let result = self.client.fetch(&id).await;
             let outcome = match &result {
                 Ok(_) => "ok",

@@ -12,11 +12,10 @@ use apiban::{
     source::{apiban::ApibanClient, blocklist::ListSpec},
     sync::{self, Owner, PollSettings},
 };
-use tokio::task::JoinHandle;
 
 pub struct SyncHarness<E: Enforcer + Send + 'static> {
     pub owner: Arc<Mutex<Owner<E>>>,
-    tasks: Vec<JoinHandle<()>>,
+    running: sync::Running<E>,
 }
 
 impl<E: Enforcer + Send + 'static> SyncHarness<E> {
@@ -34,8 +33,10 @@ impl<E: Enforcer + Send + 'static> SyncHarness<E> {
             reqwest::Client::new(),
             Duration::from_millis(100),
         );
-        let (owner, tasks) = (running.owner, running.tasks);
-        Self { owner, tasks }
+        Self {
+            owner: running.owner.clone(),
+            running,
+        }
     }
 
     pub fn with<T>(&self, f: impl FnOnce(&mut Owner<E>) -> T) -> T {
@@ -64,18 +65,14 @@ impl<E: Enforcer + Send + 'static> SyncHarness<E> {
 
     /// Stops every task, as a kill would: nothing is saved beyond what already was.
     pub fn kill(self) -> Arc<Mutex<Owner<E>>> {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.running.abort();
         self.owner.clone()
     }
 }
 
 impl<E: Enforcer + Send + 'static> Drop for SyncHarness<E> {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.running.abort();
     }
 }
 

@@ -621,6 +621,28 @@ impl Dataplane {
         }
     }
 
+    /// The deny entry that covers `addr` (the longest match) and its hit bookkeeping.
+    pub fn deny_match(&self, addr: IpAddr) -> Result<Option<DenyHits>, DataplaneError> {
+        Ok(match addr {
+            IpAddr::V4(a) => {
+                self.deny_v4
+                    .longest_match(Key::new(32, a.octets()))?
+                    .map(|(len, entry)| DenyHits {
+                        net: net_from_v4(Key::new(len, a.octets())),
+                        entry,
+                    })
+            }
+            IpAddr::V6(a) => {
+                self.deny_v6
+                    .longest_match(Key::new(128, a.octets()))?
+                    .map(|(len, entry)| DenyHits {
+                        net: net_from_v6(Key::new(len, a.octets())),
+                        entry,
+                    })
+            }
+        })
+    }
+
     /// What the XDP program would decide for a packet from `addr` (ignoring port scope),
     /// with the deny prefix that matched, if any.
     pub fn verdict_for(&self, addr: IpAddr) -> Result<(Verdict, Option<IpNet>), DataplaneError> {

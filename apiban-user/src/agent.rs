@@ -1,0 +1,408 @@
+//! `apiban run`: wires the dataplane, the engine, the sync tasks, the control socket,
+//! /metrics and systemd together, and handles the signals that stop and reload it.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::{self, AgentConfig, KeySource, RunArgs},
+    control::{self, ControlContext},
+    dataplane::{Scope, loader},
+    engine::{Enforcer, Engine, EngineSettings, MemoryEnforcer},
+    metrics,
+    notify::Notifier,
+    source::apiban::{ApiKey, ApibanClient, ClientConfig},
+    state::StateStore,
+    status::{AgentInfo, InterfaceInfo},
+    sync::{self, Change, PollSettings, Running},
+};
+
+/// How often expired bans are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+fn scope_text(scope: &Scope) -> String {
+    match scope {
+        Scope::All => "all traffic".into(),
+        Scope::Ports(p) => {
+            let ports: Vec<String> = p.iter().map(u16::to_string).collect();
+            format!("TCP/UDP to ports {}", ports.join(","))
+        }
+    }
+}
+
+fn engine_settings(c: &AgentConfig) -> EngineSettings {
+    EngineSettings {
+        ttl: c.ttl,
+        min_prefix_v4: c.min_prefix_v4,
+        min_prefix_v6: c.min_prefix_v6,
+        allow: c.allow.clone(),
+    }
+}
+
+fn poll_settings(c: &AgentConfig) -> PollSettings {
+    PollSettings {
+        poll_interval: c.poll_interval,
+        resync_interval: c.resync_interval,
+        rate_limit: c.rate_limit,
+        ..Default::default()
+    }
+}
+
+/// The key, if one is configured; a configured key that cannot be read is an error.
+fn read_key(c: &AgentConfig) -> anyhow::Result<Option<ApiKey>> {
+    match &c.key {
+        None => Ok(None),
+        Some(KeySource::Value(k)) => ApiKey::new(k)
+            .map(Some)
+            .context("the API key (--api-key, APIBAN_KEY or api-key) is not usable"),
+        Some(KeySource::File(p)) => ApiKey::from_file(p)
+            .map(Some)
+            .with_context(|| format!("cannot use the API key file {}", p.display())),
+    }
+}
+
+fn apiban_client(c: &AgentConfig) -> anyhow::Result<Option<(ApibanClient, PollSettings)>> {
+    let Some(key) = read_key(c)? else {
+        return Ok(None);
+    };
+    let mut config = ClientConfig::new(&c.api_url, key);
+    config.version = c.api_version;
+    config.set = c.data_set;
+    let client = ApibanClient::new(config).context("cannot build the HTTP client")?;
+    Ok(Some((client, poll_settings(c))))
+}
+
+fn info(
+    c: &AgentConfig,
+    interfaces: Vec<InterfaceInfo>,
+    apiban: bool,
+    started_at: u64,
+) -> AgentInfo {
+    AgentInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        started_at,
+        dry_run: c.dry_run,
+        interfaces,
+        scope: scope_text(&c.scope),
+        apiban_enabled: apiban,
+        rate_limit: c.rate_limit.to_string(),
+        poll_interval: crate::human::format_duration(c.poll_interval),
+        config_file: c.file.as_ref().map(|p| p.display().to_string()),
+    }
+}
+
+/// Runs the agent until SIGTERM/SIGINT. `args` are kept to re-resolve on SIGHUP.
+pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
+    let started_at = sync::unix_now();
+    let apiban = apiban_client(&config)?;
+    if apiban.is_none() {
+        tracing::warn!(
+            "no APIBAN key (--api-key, APIBAN_KEY, --api-key-file or api-key in the config): \
+             enforcing saved bans, lists and manual bans only; get a free key at \
+             https://apiban.org/getkey.html"
+        );
+    }
+    if config.dry_run {
+        tracing::info!("dry run: fetching and reporting only; nothing is loaded or attached");
+        let engine = Engine::start(
+            MemoryEnforcer::default(),
+            None,
+            engine_settings(&config),
+            started_at,
+        )
+        .context("cannot start the engine")?
+        .0;
+        let info = info(&config, Vec::new(), apiban.is_some(), started_at);
+        return serve(args, config, engine, apiban, info);
+    }
+
+    let options = loader::LoadOptions {
+        bpffs_dir: config.bpffs_dir.clone(),
+        debug_events: config.debug_events,
+        ..Default::default()
+    };
+    let mut loaded = loader::load(&options).context("could not load the XDP program")?;
+    loaded
+        .dataplane
+        .set_scope(&config.scope)
+        .context("could not set the port scope")?;
+    let mut interfaces = Vec::new();
+    for iface in &config.ifaces {
+        let mode = loaded
+            .attach(iface, config.xdp_mode)
+            .with_context(|| format!("could not attach to {iface}"))?;
+        tracing::info!(iface, %mode, adopted = loaded.adopted, "XDP program attached");
+        interfaces.push(InterfaceInfo {
+            name: iface.clone(),
+            mode: mode.to_string(),
+        });
+    }
+    let (ebpf, dataplane) = loaded.into_parts();
+    let store = StateStore::open(&config.state_dir).with_context(|| {
+        format!(
+            "cannot use the state directory {}",
+            config.state_dir.display()
+        )
+    })?;
+    let (engine, report) =
+        Engine::start(dataplane, Some(store), engine_settings(&config), started_at)
+            .context("cannot restore the ban list")?;
+    tracing::info!(
+        restored = report.restored_entries,
+        added = report.applied.added,
+        removed = report.applied.removed,
+        "ban list restored from state"
+    );
+    let info = info(&config, interfaces, apiban.is_some(), started_at);
+    let result = serve(args, config, engine, apiban, info);
+    // The program object goes last: links and maps are pinned, so it keeps enforcing.
+    drop(ebpf);
+    result
+}
+
+fn serve<E: Enforcer + Send + 'static>(
+    args: RunArgs,
+    mut config: AgentConfig,
+    mut engine: Engine<E>,
+    apiban: Option<(ApibanClient, PollSettings)>,
+    info: AgentInfo,
+) -> anyhow::Result<()> {
+    let now = sync::unix_now();
+    let configured: Vec<&str> = config.lists.iter().map(|l| l.name.as_str()).collect();
+    for name in engine.list_names() {
+        if !configured.contains(&name.as_str()) {
+            let (records, _) = engine.drop_list(&name, now);
+            tracing::info!(list = %name, records, "blocklist no longer configured; its bans are dropped");
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("could not start the async runtime")?;
+    let dry_run = config.dry_run;
+    runtime.block_on(async move {
+        let notifier = Notifier::from_env();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .context("cannot build the HTTP client")?;
+        let mut running = sync::spawn(engine, apiban, config.lists.clone(), http, SWEEP_EVERY);
+        let info = Arc::new(Mutex::new(info));
+        let mut servers = Vec::new();
+        let control_listener = match control::bind(&config.control_socket).await {
+            Ok(l) => Some(l),
+            Err(e) if config.dry_run => {
+                tracing::warn!(error = %e, "dry run without a control socket");
+                None
+            }
+            Err(e) => {
+                running.abort();
+                return Err(e).context("cannot open the control socket");
+            }
+        };
+        if let Some(listener) = control_listener {
+            let ctx = ControlContext {
+                owner: running.owner.clone(),
+                updates: running.updates.clone(),
+                info: info.clone(),
+            };
+            servers.push(tokio::spawn(control::serve(listener, ctx)));
+            tracing::info!(path = %config.control_socket.display(), "control socket ready");
+        }
+        if let Some(addr) = config.metrics_addr {
+            match metrics::bind(addr).await {
+                Ok(listener) => {
+                    let local = listener.local_addr().unwrap_or(addr);
+                    servers.push(tokio::spawn(metrics::serve(
+                        listener,
+                        running.owner.clone(),
+                        info.clone(),
+                    )));
+                    tracing::info!(%local, "metrics at http://{local}/metrics");
+                }
+                Err(e) if config.dry_run => {
+                    tracing::warn!(error = %e, %addr, "dry run without metrics");
+                }
+                Err(e) => {
+                    running.abort();
+                    return Err(e).with_context(|| {
+                        format!(
+                            "cannot serve metrics on {addr}; pick another --metrics-addr or `off`"
+                        )
+                    });
+                }
+            }
+        }
+        let enforced = sync::lock(&running.owner).engine.enforced().len();
+        notifier.ready(&format!("enforcing {enforced} prefixes"));
+
+        let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+        let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+        let mut ticker = tokio::time::interval(Duration::from_secs(60));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watchdog = tokio::time::interval(
+            notifier
+                .watchdog_interval()
+                .unwrap_or(Duration::from_secs(3600)),
+        );
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let owner = sync::lock(&running.owner);
+                    let enforced = owner.engine.enforced().len();
+                    log_stats(owner.engine.enforcer(), enforced);
+                    notifier.status(&format!("enforcing {enforced} prefixes"));
+                }
+                _ = watchdog.tick(), if notifier.watchdog_interval().is_some() => {
+                    // Taking the owner's lock proves the owner is not stuck.
+                    drop(sync::lock(&running.owner));
+                    notifier.watchdog();
+                }
+                _ = hup.recv() => {
+                    notifier.reloading();
+                    reload(&args, &mut config, &mut running, &info).await;
+                    let enforced = sync::lock(&running.owner).engine.enforced().len();
+                    notifier.ready(&format!("enforcing {enforced} prefixes"));
+                }
+                _ = term.recv() => break,
+                _ = tokio::signal::ctrl_c() => break,
+            }
+        }
+        notifier.stopping();
+        for s in &servers {
+            s.abort();
+        }
+        running.abort();
+        let mut owner = sync::lock(&running.owner);
+        owner.engine.save(sync::unix_now());
+        if config.dry_run {
+            report_dry_run(owner.engine.enforced());
+        }
+        drop(owner);
+        let _ = std::fs::remove_file(&config.control_socket);
+        anyhow::Ok(())
+    })?;
+    if !dry_run {
+        tracing::info!("stopped; the XDP program stays attached and keeps enforcing");
+    }
+    Ok(())
+}
+
+/// SIGHUP: re-reads the config file with the same flags and environment, and applies what
+/// can change without re-attaching. A config that does not resolve changes nothing.
+async fn reload<E: Enforcer + Send + 'static>(
+    args: &RunArgs,
+    config: &mut AgentConfig,
+    running: &mut Running<E>,
+    info: &Arc<Mutex<AgentInfo>>,
+) {
+    let new = match config::load(args) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused; still running with the previous configuration");
+            return;
+        }
+    };
+    let apiban = match apiban_client(&new) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "reload refused; still running with the previous configuration"
+            );
+            return;
+        }
+    };
+    for key in config.restart_only_changes(&new) {
+        tracing::warn!(
+            key,
+            "changed in the configuration, but only takes effect on restart"
+        );
+    }
+    let change = Change::Settings {
+        engine: engine_settings(&new),
+        scope: new.scope.clone(),
+    };
+    if let Err(e) = control::send_change(&running.updates, change).await {
+        tracing::error!(error = %e, "reload: cannot apply the settings");
+        return;
+    }
+    let api_changed = new.key != config.key
+        || new.api_url != config.api_url
+        || new.api_version != config.api_version
+        || new.data_set != config.data_set
+        || poll_settings(&new).poll_interval != poll_settings(config).poll_interval
+        || new.resync_interval != config.resync_interval
+        || new.rate_limit != config.rate_limit;
+    let apiban_enabled = apiban.is_some();
+    if api_changed {
+        tracing::info!("APIBAN settings changed; restarting the poller from its saved position");
+        running.restart_poller(apiban);
+    }
+    for name in running.set_lists(new.lists.clone()) {
+        let _ = control::send_change(&running.updates, Change::DropList { name }).await;
+    }
+    {
+        let mut i = sync::lock(info);
+        i.scope = scope_text(&new.scope);
+        i.rate_limit = new.rate_limit.to_string();
+        i.poll_interval = crate::human::format_duration(new.poll_interval);
+        i.apiban_enabled = apiban_enabled;
+    }
+    // Keep what cannot change until restart, so the next reload compares against reality.
+    let kept = config.clone();
+    *config = AgentConfig {
+        ifaces: kept.ifaces,
+        xdp_mode: kept.xdp_mode,
+        bpffs_dir: kept.bpffs_dir,
+        debug_events: kept.debug_events,
+        state_dir: kept.state_dir,
+        control_socket: kept.control_socket,
+        metrics_addr: kept.metrics_addr,
+        dry_run: kept.dry_run,
+        log_format: kept.log_format,
+        ..new
+    };
+    tracing::info!("configuration reloaded");
+}
+
+fn log_stats<E: Enforcer>(enforcer: &E, enforced: usize) {
+    let Some(dataplane) = enforcer.dataplane() else {
+        tracing::info!(would_block = enforced, "dry run");
+        return;
+    };
+    match dataplane.stats() {
+        Ok(stats) => {
+            use apiban_common::Verdict;
+            tracing::info!(
+                enforced,
+                dropped = stats.get(Verdict::Dropped).packets,
+                allowed = stats.get(Verdict::Allowed).packets,
+                passed = stats.get(Verdict::Passed).packets,
+                not_ip = stats.get(Verdict::NotIp).packets,
+                malformed = stats.get(Verdict::Malformed).packets,
+                "dataplane counters"
+            )
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read dataplane counters"),
+    }
+}
+
+/// What a dry run would have blocked, on stdout, one prefix per line.
+fn report_dry_run(enforced: &std::collections::BTreeSet<ipnet::IpNet>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    for net in enforced {
+        let _ = writeln!(out, "{net}");
+    }
+    tracing::info!(
+        prefixes = enforced.len(),
+        "dry run: the prefixes above would be blocked"
+    );
+}
