@@ -2,6 +2,7 @@
 //! guards that clean up namespaces, veth pairs and pins even when a test panics, and a frame
 //! builder for the packets the tests send.
 
+pub mod agent;
 pub mod fake_apiban;
 pub mod frame;
 pub mod sync_harness;

@@ -1,0 +1,241 @@
+//! The real `apiban` binary as a child process: built once per test binary, killed and its
+//! pins removed on drop, so a failing test leaves no agent, socket or XDP program behind.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use crate::{Netns, in_netns};
+
+/// The `apiban` binary of this workspace, built (debug) on first use. Cargo sets CARGO for
+/// the tests it runs, so this builds with the same toolchain and target directory.
+pub fn apiban_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("tests/ lives in the workspace");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace)
+            .args(["build", "--quiet", "-p", "apiban-user", "--bin", "apiban"])
+            .status()
+            .expect("run cargo build for the apiban binary");
+        assert!(status.success(), "building the apiban binary failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace.join("target"));
+        let bin = target.join("debug").join("apiban");
+        assert!(bin.exists(), "{} was not built", bin.display());
+        bin
+    })
+}
+
+/// Runs an `apiban` client command and returns its output.
+pub fn apiban(args: &[&str]) -> Output {
+    Command::new(apiban_bin())
+        .args(args)
+        .env_remove("APIBAN_KEY")
+        .env_remove("APIBAN_CONFIG")
+        .output()
+        .expect("run apiban")
+}
+
+/// Like [`apiban`], but panics with stderr unless the command succeeds; returns stdout.
+pub fn apiban_ok(args: &[&str]) -> String {
+    let out = apiban(args);
+    assert!(
+        out.status.success(),
+        "apiban {} failed ({}): {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A running `apiban run`; SIGKILLed on drop unless stopped first.
+pub struct AgentProcess {
+    child: Option<Child>,
+    pub control_socket: PathBuf,
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `apiban run <args>` inside `netns` (or the host namespace), logging to a file,
+    /// and waits until its control socket answers.
+    pub fn start(
+        netns: Option<&Netns>,
+        control_socket: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let log = std::env::temp_dir().join(format!("{}.log", crate::unique_name("apiban-agent-")));
+        let log_file = std::fs::File::create(&log).expect("agent log file");
+        let mut cmd = Command::new(apiban_bin());
+        // Enter only the network namespace: `ip netns exec` would also give the agent a
+        // private mount namespace with its own /sys, and pins made there vanish with it.
+        let ns_file = netns.map(|ns| std::fs::File::open(ns.path()).expect("open the netns"));
+        if let Some(ns_file) = &ns_file {
+            use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+            let fd = ns_file.as_raw_fd();
+            // SAFETY: setns is async-signal-safe; fd stays open until spawn returns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.arg("run")
+            .args(["--control-socket", &control_socket.display().to_string()])
+            .args(args)
+            .env_remove("APIBAN_KEY")
+            .env_remove("APIBAN_CONFIG")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start apiban run");
+        drop(ns_file);
+        let mut agent = Self {
+            child: Some(child),
+            control_socket: control_socket.to_path_buf(),
+            log,
+        };
+        agent.wait_ready(Duration::from_secs(30));
+        agent
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let sock = self.control_socket.display().to_string();
+            if apiban(&["status", "--json", "--control-socket", &sock])
+                .status
+                .success()
+            {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("apiban run exited with {status}:\n{}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "apiban run not ready after {timeout:?}:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status code.
+    pub fn stop(mut self) -> Option<i32> {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for apiban") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("apiban did not stop on SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `apiban <args> --control-socket <this agent's>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let sock = self.control_socket.display().to_string();
+        let mut full = args.to_vec();
+        full.extend_from_slice(&["--control-socket", &sock]);
+        apiban(&full)
+    }
+
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "apiban {} failed: {}\nagent log:\n{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_text()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn status_json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(&["status", "--json"])).expect("status is JSON")
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.control_socket);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        }
+    }
+}
+
+/// GET over plain HTTP/1.1 from inside `netns` (or the host); returns (status code, body).
+pub fn http_get(netns: Option<&Netns>, addr: SocketAddr, path: &str) -> (u16, String) {
+    let path = path.to_owned();
+    let get = move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )
+        .expect("send request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("read response");
+        let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status code");
+        (code, body.to_owned())
+    };
+    match netns {
+        Some(ns) => in_netns(ns, get),
+        None => get(),
+    }
+}
