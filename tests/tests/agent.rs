@@ -80,8 +80,11 @@ fn usage_errors_exit_2_runtime_failures_exit_1() {
     }
 }
 
-/// A Prometheus scrape, parsed by a real text-format parser, as (name, labels) -> value.
-fn scrape(topo: &Topology, addr: SocketAddr) -> BTreeMap<(String, Vec<(String, String)>), f64> {
+/// Samples by (metric name, sorted labels).
+type Samples = BTreeMap<(String, Vec<(String, String)>), f64>;
+
+/// A Prometheus scrape, parsed by a real text-format parser.
+fn scrape(topo: &Topology, addr: SocketAddr) -> Samples {
     let (code, body) = http_get(Some(&topo.server), addr, "/metrics");
     assert_eq!(code, 200, "{body}");
     let lines = body.lines().map(|l| Ok(l.to_owned()));
@@ -119,11 +122,7 @@ fn scrape(topo: &Topology, addr: SocketAddr) -> BTreeMap<(String, Vec<(String, S
         .collect()
 }
 
-fn metric(
-    m: &BTreeMap<(String, Vec<(String, String)>), f64>,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> f64 {
+fn metric(m: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut want: Vec<(String, String)> = labels
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
