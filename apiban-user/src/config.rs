@@ -760,4 +760,48 @@ mod tests {
         let c = resolve(&args(&["--dry-run"]), None, FileConfig::default()).unwrap();
         assert!(c.dry_run && c.ifaces.is_empty());
     }
+
+    /// packaging/config.toml is what operators start from: it must parse, and document
+    /// every `apiban run` flag as a key.
+    #[test]
+    fn the_packaged_config_parses_and_documents_every_flag() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/config.toml");
+        let text = std::fs::read_to_string(&path).expect("packaging/config.toml");
+        let parsed = parse_file(&text).expect("the packaged config parses");
+        assert_eq!(parsed.iface, Some(vec!["eth0".to_owned()]));
+        // Uncommented, every documented key must still parse as its type.
+        let uncommented: String = text
+            .lines()
+            .map(|l| {
+                let t = l.trim_start_matches("# ");
+                if t.starts_with(|c: char| c.is_ascii_lowercase() || c == '[')
+                    && t.contains(['=', ']'])
+                {
+                    t.to_owned()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("iface = [\"eth0\"]\n", "");
+        let all = parse_file(&uncommented).expect("every documented key parses");
+        assert!(all.ttl.is_some() && all.list.as_ref().is_some_and(|l| l.len() == 2));
+        let cmd = <RunArgs as clap::Args>::augment_args(clap::Command::new("run"));
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "config" || long == "help" {
+                continue;
+            }
+            let key = if long == "list" {
+                "[[list]]".to_owned()
+            } else {
+                format!("{long} =")
+            };
+            assert!(
+                text.contains(&format!("\n{key}")) || text.contains(&format!("# {key}")),
+                "--{long} is not documented in packaging/config.toml"
+            );
+        }
+    }
 }

@@ -75,9 +75,28 @@ impl AgentProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::start_wrapped(&[], netns, control_socket, args, env)
+    }
+
+    /// Like [`AgentProcess::start`], with the agent run by `wrapper` (e.g. setpriv with the
+    /// systemd unit's capabilities).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        netns: Option<&Netns>,
+        control_socket: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let log = std::env::temp_dir().join(format!("{}.log", crate::unique_name("apiban-agent-")));
         let log_file = std::fs::File::create(&log).expect("agent log file");
-        let mut cmd = Command::new(apiban_bin());
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(apiban_bin());
+                c
+            }
+            None => Command::new(apiban_bin()),
+        };
         // Enter only the network namespace: `ip netns exec` would also give the agent a
         // private mount namespace with its own /sys, and pins made there vanish with it.
         let ns_file = netns.map(|ns| std::fs::File::open(ns.path()).expect("open the netns"));
