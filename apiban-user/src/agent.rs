@@ -99,6 +99,7 @@ fn info(
 
 /// Runs the agent until SIGTERM/SIGINT. `args` are kept to re-resolve on SIGHUP.
 pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
+    unblock_signals();
     let started_at = sync::unix_now();
     let apiban = apiban_client(&config)?;
     if apiban.is_none() {
@@ -370,6 +371,20 @@ async fn reload<E: Enforcer + Send + 'static>(
         ..new
     };
     tracing::info!("configuration reloaded");
+}
+
+/// A blocked signal mask is inherited across exec: an agent started by a parent that blocks
+/// SIGTERM would never stop cleanly. Take the signals the agent handles back.
+fn unblock_signals() {
+    // SAFETY: plain libc signal-set calls on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+    }
 }
 
 fn log_stats<E: Enforcer>(enforcer: &E, enforced: usize) {

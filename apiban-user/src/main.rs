@@ -346,11 +346,20 @@ fn print_list(rows: &[ListRow]) {
 
 /// `check --remote`: one request to APIBAN's check endpoint with the configured key.
 async fn check_remote(addr: IpAddr, config_file: Option<&Path>, json: bool) -> anyhow::Result<()> {
-    let args = RunArgs {
-        config: config_file.map(Path::to_path_buf),
-        dry_run: Some(true),
-        ..Default::default()
-    };
+    // The same resolution as `apiban run`: APIBAN_* variables, then the config file.
+    #[derive(Parser)]
+    struct FromEnvironment {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+    let mut args = FromEnvironment::try_parse_from(["apiban"])
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("an APIBAN_* variable is not valid")?
+        .run;
+    if config_file.is_some() {
+        args.config = config_file.map(Path::to_path_buf);
+    }
+    args.dry_run = Some(true);
     let config = config::load(&args)?;
     let key = match &config.key {
         Some(config::KeySource::Value(k)) => apiban::source::apiban::ApiKey::new(k)?,

@@ -79,6 +79,8 @@ pub enum Update {
     },
     /// Every request's outcome, for status and metrics, with the budget to persist.
     ApibanRequest(RequestReport),
+    /// The poller is idle until this time (Unix seconds).
+    ApibanNextPoll(u64),
     ListSnapshot {
         name: String,
         text: String,
@@ -207,6 +209,7 @@ impl<E: Enforcer> Owner<E> {
                 self.engine.set_apiban_requests(requests_ms);
                 self.engine.save(now);
             }
+            Update::ApibanNextPoll(at) => self.sync.next_request = Some(at),
             Update::ApibanRequest(r) => {
                 *self.sync.requests.entry(r.outcome).or_default() += 1;
                 self.sync.last_request = Some((r.at, r.outcome));
@@ -570,6 +573,15 @@ impl ApibanPoller {
                 last_full_pull = Some(unix_now());
             }
             position = Some(Position::Incremental(last_id));
+            let next = unix_now() + self.settings.poll_interval.as_secs();
+            if self
+                .updates
+                .send(Update::ApibanNextPoll(next))
+                .await
+                .is_err()
+            {
+                return;
+            }
             tokio::time::sleep(self.settings.poll_interval).await;
         }
     }

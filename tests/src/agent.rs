@@ -12,10 +12,16 @@ use std::{
 
 use crate::{Netns, in_netns};
 
+static BIN: OnceLock<PathBuf> = OnceLock::new();
+
+/// Use this `apiban` binary instead of building one (the demo runs the release build).
+pub fn use_apiban_bin(path: PathBuf) {
+    let _ = BIN.set(path);
+}
+
 /// The `apiban` binary of this workspace, built (debug) on first use. Cargo sets CARGO for
 /// the tests it runs, so this builds with the same toolchain and target directory.
 pub fn apiban_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
@@ -38,12 +44,19 @@ pub fn apiban_bin() -> &'static Path {
 
 /// Runs an `apiban` client command and returns its output.
 pub fn apiban(args: &[&str]) -> Output {
-    Command::new(apiban_bin())
-        .args(args)
-        .env_remove("APIBAN_KEY")
-        .env_remove("APIBAN_CONFIG")
-        .output()
-        .expect("run apiban")
+    apiban_env(args, &[])
+}
+
+/// [`apiban`] with environment variables set (and no APIBAN_* inherited from the caller).
+pub fn apiban_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(apiban_bin());
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("APIBAN_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().copied()).output().expect("run apiban")
 }
 
 /// Like [`apiban`], but panics with stderr unless the command succeeds; returns stdout.
@@ -100,18 +113,24 @@ impl AgentProcess {
         // Enter only the network namespace: `ip netns exec` would also give the agent a
         // private mount namespace with its own /sys, and pins made there vanish with it.
         let ns_file = netns.map(|ns| std::fs::File::open(ns.path()).expect("open the netns"));
-        if let Some(ns_file) = &ns_file {
-            use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
-            let fd = ns_file.as_raw_fd();
-            // SAFETY: setns is async-signal-safe; fd stays open until spawn returns.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+        let ns_fd = ns_file.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: setns and sigprocmask are async-signal-safe; the fd stays open until spawn
+        // returns.
+        unsafe {
+            cmd.pre_exec(move || {
+                // The caller may block signals (the demo does, to clean up on Ctrl-C); the
+                // agent must get SIGTERM and SIGHUP like under systemd.
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+                if let Some(fd) = ns_fd
+                    && libc::setns(fd, libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
         }
         cmd.arg("run")
             .args(["--control-socket", &control_socket.display().to_string()])

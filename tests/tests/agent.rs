@@ -11,7 +11,7 @@ use std::{
 
 use tests::{
     BpffsDir, Topology, UdpReceiver,
-    agent::{AgentProcess, apiban, http_get},
+    agent::{AgentProcess, apiban, apiban_env, http_get},
     fake_apiban::FakeApiban,
     in_netns, probe, require_root,
     sync_harness::TempDir,
@@ -67,6 +67,19 @@ fn usage_errors_exit_2_runtime_failures_exit_1() {
     }
     let out = apiban(&["ban", "not-a-cidr", "--control-socket", &sock]);
     assert_eq!(out.status.code(), Some(2));
+    // check --remote asks the API directly, with the key and URL from the environment.
+    let server = FakeApiban::start(KEY);
+    server.publish(&["45.9.0.66"]);
+    let url = server.base_url();
+    let env = [("APIBAN_KEY", KEY), ("APIBAN_API_URL", url.as_str())];
+    let out = apiban_env(&["check", "45.9.0.66", "--remote"], &env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("LISTED"));
+    let out = apiban_env(&["check", "45.9.9.9", "--remote"], &env);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("not listed"));
+    let out = apiban_env(&["check", "45.9.0.66", "--remote"], &env[1..]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("getkey"), "{}", stderr(&out));
     // Every command explains itself with an example.
     for cmd in [
         "run", "status", "check", "list", "ban", "unban", "allow", "detach",

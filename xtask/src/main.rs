@@ -1,4 +1,4 @@
-//! Developer commands: `cargo xtask setup|build|run|test|bench`.
+//! Developer commands: `cargo xtask setup|build|run|test|demo|install|bench`.
 //!
 //! xtask depends on nothing that needs the eBPF toolchain, so it compiles on a fresh machine
 //! and can install that toolchain before anything else is built.
@@ -39,6 +39,19 @@ enum Cmd {
     },
     /// Lints, unit tests, and the kernel-touching tests (root; one at a time).
     Test,
+    /// apiban end to end in about a minute, with no key and no internet (root): two network
+    /// namespaces, a local APIBAN-compatible server, the real agent, SIP OPTIONS from listed
+    /// and clean addresses, and what got through. Cleans up after itself, also on Ctrl-C.
+    Demo,
+    /// Install the release binary, the systemd unit and the config (root).
+    ///
+    /// Example: cargo xtask install          (then edit /etc/apiban/config.toml)
+    ///          cargo xtask install --destdir /tmp/pkg   (staging, for packaging)
+    Install {
+        /// Install under this directory instead of / (no systemctl calls).
+        #[arg(long)]
+        destdir: Option<PathBuf>,
+    },
     /// Benchmarks. `dataplane`: ns per packet and map load times. `sync`: ingesting 100k
     /// addresses end to end, and the engine's memory.
     Bench {
@@ -70,6 +83,14 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             require_root("cargo xtask run attaches an XDP program")?;
             build_release(&root)?;
+            if !key_configured(&agent_args) {
+                eprintln!(
+                    "[run] no APIBAN key: the agent will enforce saved bans, lists and manual                      bans only.
+[run] get a free key at https://apiban.org/getkey.html, then                      `APIBAN_KEY=<key> cargo xtask run --iface {}`.
+[run] to see apiban work                      without a key or internet: `cargo xtask demo`.",
+                    ifaces.join(" --iface ")
+                );
+            }
             let mut cmd = Command::new(root.join("target/release/apiban"));
             cmd.arg("run");
             for iface in &ifaces {
@@ -80,7 +101,33 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test => {
             setup::run()?;
+            setup::ensure_test_tools()?;
             test(&root)
+        }
+        Cmd::Demo => {
+            setup::run()?;
+            require_root("the demo creates network namespaces and attaches XDP")?;
+            build_release(&root)?;
+            let mut cmd = cargo(&root);
+            cmd.args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "tests",
+                "--bin",
+                "apiban-demo",
+                "--",
+                "--agent",
+            ])
+            .arg(root.join("target/release/apiban"));
+            // exec, so Ctrl-C reaches the demo, which cleans up, rather than killing xtask.
+            exec(cmd)
+        }
+        Cmd::Install { destdir } => {
+            setup::run()?;
+            build_release(&root)?;
+            install(&root, destdir.as_deref())
         }
         Cmd::Bench { kind, quick } => {
             setup::run()?;
@@ -97,6 +144,71 @@ fn main() -> anyhow::Result<()> {
             status(cmd)
         }
     }
+}
+
+/// Whether `apiban run` will find a key: in its flags, the environment, or the config file.
+fn key_configured(agent_args: &[String]) -> bool {
+    let in_flags = agent_args
+        .iter()
+        .any(|a| a.starts_with("--api-key") || a.starts_with("--config"));
+    let in_env = ["APIBAN_KEY", "APIBAN_KEY_FILE", "APIBAN_CONFIG"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    let in_file = std::fs::read_to_string("/etc/apiban/config.toml")
+        .is_ok_and(|t| t.lines().any(|l| l.trim_start().starts_with("api-key")));
+    in_flags || in_env || in_file
+}
+
+/// Installs binary, unit and config; an existing config is never overwritten.
+fn install(root: &Path, destdir: Option<&Path>) -> anyhow::Result<()> {
+    if destdir.is_none() {
+        require_root("installing into /usr/local, /etc/systemd and /etc/apiban")?;
+    }
+    let base = destdir.unwrap_or(Path::new("/"));
+    let at = |p: &str| base.join(p.trim_start_matches('/'));
+    let copy = |from: PathBuf, to: PathBuf, mode: u32| -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        // Copy to a temporary name and rename: replacing a running binary in place fails
+        // (ETXTBSY) and a half-written one must never be executed.
+        let tmp = to.with_extension("apiban-new");
+        std::fs::copy(&from, &tmp)
+            .with_context(|| format!("cannot copy {} to {}", from.display(), tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, &to).with_context(|| format!("cannot install {}", to.display()))?;
+        eprintln!("[install] {}", to.display());
+        Ok(())
+    };
+    copy(
+        root.join("target/release/apiban"),
+        at("/usr/local/bin/apiban"),
+        0o755,
+    )?;
+    copy(
+        root.join("packaging/apiban.service"),
+        at("/etc/systemd/system/apiban.service"),
+        0o644,
+    )?;
+    let config = at("/etc/apiban/config.toml");
+    if config.exists() {
+        eprintln!("[install] {} exists; left as it is", config.display());
+    } else {
+        copy(root.join("packaging/config.toml"), config, 0o600)?;
+    }
+    if destdir.is_none() && Path::new("/run/systemd/system").exists() {
+        status({
+            let mut c = Command::new("systemctl");
+            c.arg("daemon-reload");
+            c
+        })?;
+    }
+    eprintln!(
+        "[install] next: set `iface` in /etc/apiban/config.toml, put the APIBAN key in          /etc/apiban/key (chmod 600; free at https://apiban.org/getkey.html), then          `systemctl enable --now apiban`"
+    );
+    Ok(())
 }
 
 fn workspace_root() -> PathBuf {

@@ -166,11 +166,37 @@ fn ensure_llvm(prefix: &str) -> anyhow::Result<()> {
 }
 
 fn ensure_iproute2() -> anyhow::Result<()> {
-    if output("ip", &["-V"]).is_some() {
-        progress("iproute2", "present");
+    ensure_tool(
+        "ip",
+        &["-V"],
+        "iproute2",
+        "the tests build network namespaces with `ip`",
+    )
+}
+
+/// What the tests use beyond building: systemd-analyze verifies the unit, setpriv runs the
+/// agent with exactly the unit's capabilities.
+pub fn ensure_test_tools() -> anyhow::Result<()> {
+    ensure_tool(
+        "systemd-analyze",
+        &["--version"],
+        "systemd",
+        "the tests verify packaging/apiban.service with systemd-analyze",
+    )?;
+    ensure_tool(
+        "setpriv",
+        &["--version"],
+        "util-linux",
+        "the tests run the agent with the unit's capabilities via setpriv",
+    )
+}
+
+fn ensure_tool(program: &str, args: &[&str], package: &str, why: &str) -> anyhow::Result<()> {
+    if output(program, args).is_some() {
+        progress(package, "present");
         return Ok(());
     }
-    apt_install("iproute2", "the tests build network namespaces with `ip`")
+    apt_install(package, why)
 }
 
 fn apt_install(package: &str, why: &str) -> anyhow::Result<()> {
