@@ -372,3 +372,73 @@ fn control_socket_metrics_reload_and_stop_with_real_packets() {
     assert_eq!(probe(&topo, &mut rx, &[manual], clean, N), vec![0]);
     assert_eq!(agent.stop(), Some(0));
 }
+
+/// Under systemd: READY once serving, watchdog pings, RELOADING then READY on SIGHUP,
+/// STOPPING on SIGTERM; JSON logs on request. A dry run needs no root and attaches nothing.
+#[test]
+fn systemd_notify_watchdog_and_json_logs() {
+    let dir = TempDir::new("apiban-notify-");
+    let notify_path = dir.path.join("notify.sock");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let notify = notify_path.display().to_string();
+    let sock = dir.path.join("control.sock");
+    let agent = AgentProcess::start(
+        None,
+        &sock,
+        &["--dry-run", "--metrics-addr", "off", "--log-format", "json"],
+        &[("NOTIFY_SOCKET", &notify), ("WATCHDOG_USEC", "400000")],
+    );
+    let try_next = || {
+        let mut buf = [0u8; 512];
+        let n = systemd.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+    };
+    let next = || try_next().expect("a notification from the agent within 10s");
+    let mut seen = Vec::new();
+    while !seen.iter().any(|m: &String| m.starts_with("READY=1")) {
+        seen.push(next());
+    }
+    // Pings at half the watchdog interval: several within a second.
+    let mut pings = 0;
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        if next() == "WATCHDOG=1" {
+            pings += 1;
+        }
+    }
+    assert!(pings >= 3, "{pings} watchdog pings in a second");
+    agent.signal(libc::SIGHUP);
+    let mut after_hup = Vec::new();
+    while !after_hup.iter().any(|m: &String| m.starts_with("READY=1")) {
+        let m = next();
+        if m != "WATCHDOG=1" {
+            after_hup.push(m);
+        }
+    }
+    assert!(
+        after_hup[0].starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{after_hup:?}"
+    );
+    let log = agent.log_text();
+    let code = agent.stop();
+    assert_eq!(code, Some(0));
+    let mut stopping = false;
+    while let Some(m) = try_next() {
+        if m.starts_with("STOPPING=1") {
+            stopping = true;
+            break;
+        }
+    }
+    assert!(stopping, "no STOPPING=1");
+    for line in log.lines().filter(|l| !l.is_empty()) {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
+}
