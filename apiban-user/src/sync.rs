@@ -72,8 +72,8 @@ pub enum Update {
     ApibanDone {
         reply: oneshot::Sender<IngestReport>,
     },
-    /// A request is about to go out: its send time is persisted before the answer comes,
-    /// so a poller restarted mid-request (reload, crash) still counts it against the budget.
+    /// A request is about to go out: the owner learns its send time at once, so a poller
+    /// restarted by a reload mid-request still counts it against the budget.
     ApibanSending {
         requests_ms: Vec<u64>,
     },
@@ -205,10 +205,10 @@ impl<E: Enforcer> Owner<E> {
                 self.sync.last_success = Some(now);
                 let _ = reply.send(report);
             }
-            Update::ApibanSending { requests_ms } => {
-                self.engine.set_apiban_requests(requests_ms);
-                self.engine.save(now);
-            }
+            // Kept in memory (a poller restarted by a reload starts from it) and saved with
+            // the batch it fetches. Saving here would hold the runtime while the request
+            // waits to go out, so the server would see it later than the budget counts it.
+            Update::ApibanSending { requests_ms } => self.engine.set_apiban_requests(requests_ms),
             Update::ApibanNextPoll(at) => self.sync.next_request = Some(at),
             Update::ApibanRequest(r) => {
                 *self.sync.requests.entry(r.outcome).or_default() += 1;
