@@ -85,9 +85,10 @@ fn main() -> anyhow::Result<()> {
             build_release(&root)?;
             if !key_configured(&agent_args) {
                 eprintln!(
-                    "[run] no APIBAN key: the agent will enforce saved bans, lists and manual                      bans only.
-[run] get a free key at https://apiban.org/getkey.html, then                      `APIBAN_KEY=<key> cargo xtask run --iface {}`.
-[run] to see apiban work                      without a key or internet: `cargo xtask demo`.",
+                    "[run] no APIBAN key: the agent will enforce saved bans, lists and manual \
+                     bans only.\n[run] get a free key at https://apiban.org/getkey.html, then \
+                     `APIBAN_KEY=<key> cargo xtask run --iface {}`.\n[run] to see apiban work \
+                     without a key or internet: `cargo xtask demo`.",
                     ifaces.join(" --iface ")
                 );
             }
@@ -206,7 +207,9 @@ fn install(root: &Path, destdir: Option<&Path>) -> anyhow::Result<()> {
         })?;
     }
     eprintln!(
-        "[install] next: set `iface` in /etc/apiban/config.toml, put the APIBAN key in          /etc/apiban/key (chmod 600; free at https://apiban.org/getkey.html), then          `systemctl enable --now apiban`"
+        "[install] next: set `iface` in /etc/apiban/config.toml, put the APIBAN key in \
+         /etc/apiban/key (chmod 600; free at https://apiban.org/getkey.html), then \
+         `systemctl enable --now apiban`"
     );
     Ok(())
 }
