@@ -22,8 +22,11 @@ use crate::{
     sync::{self, Change, PollSettings, Running},
 };
 
-/// How often expired bans are swept.
-const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// How often expired bans are swept: every minute, or more often with a TTL so short that a
+/// minute would keep entries noticeably past it.
+fn sweep_every(ttl: Duration) -> Duration {
+    (ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(60))
+}
 
 fn scope_text(scope: &Scope) -> String {
     match scope {
@@ -71,6 +74,8 @@ fn apiban_client(c: &AgentConfig) -> anyhow::Result<Option<(ApibanClient, PollSe
         return Ok(None);
     };
     let mut config = ClientConfig::new(&c.api_url, key);
+    config.timeout = c.api_timeout;
+    config.connect_timeout = config.connect_timeout.min(c.api_timeout);
     config.version = c.api_version;
     config.set = c.data_set;
     let client = ApibanClient::new(config).context("cannot build the HTTP client")?;
@@ -187,13 +192,20 @@ fn serve<E: Enforcer + Send + 'static>(
         .build()
         .context("could not start the async runtime")?;
     let dry_run = config.dry_run;
+    let mut key_in_use = apiban.as_ref().map(|(client, _)| client.key().clone());
     runtime.block_on(async move {
         let notifier = Notifier::from_env();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()
             .context("cannot build the HTTP client")?;
-        let mut running = sync::spawn(engine, apiban, config.lists.clone(), http, SWEEP_EVERY);
+        let mut running = sync::spawn(
+            engine,
+            apiban,
+            config.lists.clone(),
+            http,
+            sweep_every(config.ttl),
+        );
         let info = Arc::new(Mutex::new(info));
         let mut servers = Vec::new();
         let control_listener = match control::bind(&config.control_socket).await {
@@ -267,7 +279,7 @@ fn serve<E: Enforcer + Send + 'static>(
                 }
                 _ = hup.recv() => {
                     notifier.reloading();
-                    reload(&args, &mut config, &mut running, &info).await;
+                    reload(&args, &mut config, &mut running, &info, &mut key_in_use).await;
                     let enforced = sync::lock(&running.owner).engine.enforced().len();
                     notifier.ready(&format!("enforcing {enforced} prefixes"));
                 }
@@ -302,6 +314,7 @@ async fn reload<E: Enforcer + Send + 'static>(
     config: &mut AgentConfig,
     running: &mut Running<E>,
     info: &Arc<Mutex<AgentInfo>>,
+    key_in_use: &mut Option<ApiKey>,
 ) {
     let new = match config::load(args) {
         Ok(c) => c,
@@ -334,8 +347,12 @@ async fn reload<E: Enforcer + Send + 'static>(
         tracing::error!(error = %e, "reload: cannot apply the settings");
         return;
     }
-    let api_changed = new.key != config.key
+    // A key file rotated in place has the same path: compare what it holds.
+    let key_now = apiban.as_ref().map(|(client, _)| client.key().clone());
+    let api_changed = key_now != *key_in_use
+        || new.key != config.key
         || new.api_url != config.api_url
+        || new.api_timeout != config.api_timeout
         || new.api_version != config.api_version
         || new.data_set != config.data_set
         || poll_settings(&new).poll_interval != poll_settings(config).poll_interval
@@ -345,6 +362,7 @@ async fn reload<E: Enforcer + Send + 'static>(
     if api_changed {
         tracing::info!("APIBAN settings changed; restarting the poller from its saved position");
         running.restart_poller(apiban);
+        *key_in_use = key_now;
     }
     for name in running.set_lists(new.lists.clone()) {
         let _ = control::send_change(&running.updates, Change::DropList { name }).await;

@@ -112,6 +112,9 @@ pub struct RunArgs {
     /// [default: https://apiban.org/api/].
     #[arg(long, env = "APIBAN_API_URL")]
     pub api_url: Option<String>,
+    /// How long one API request may take before it counts as failed [default: 30s].
+    #[arg(long, env = "APIBAN_API_TIMEOUT")]
+    pub api_timeout: Option<HumanDuration>,
     /// APIBAN API version [default: v2].
     #[arg(long, env = "APIBAN_API_VERSION", value_enum)]
     pub api_version: Option<ApiVersion>,
@@ -178,6 +181,7 @@ pub struct FileConfig {
     pub api_key: Option<String>,
     pub api_key_file: Option<PathBuf>,
     pub api_url: Option<String>,
+    pub api_timeout: Option<String>,
     pub api_version: Option<String>,
     pub set: Option<String>,
     pub poll_interval: Option<String>,
@@ -225,6 +229,7 @@ pub struct AgentConfig {
     pub debug_events: bool,
     pub key: Option<KeySource>,
     pub api_url: String,
+    pub api_timeout: Duration,
     pub api_version: ApiVersion,
     pub data_set: DataSet,
     pub poll_interval: Duration,
@@ -482,6 +487,12 @@ pub fn resolve(
         debug_events: first(args.debug_events, file.debug_events, false),
         key,
         api_url: first(args.api_url.clone(), file.api_url, DEFAULT_BASE_URL.into()),
+        api_timeout: first(
+            args.api_timeout.map(|d| d.0),
+            from_file("api-timeout", file.api_timeout.as_ref(), duration)?,
+            Duration::from_secs(30),
+        )
+        .max(Duration::from_secs(1)),
         api_version: first(
             args.api_version,
             from_file("api-version", file.api_version.as_ref(), value_enum)?,

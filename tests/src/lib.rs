@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod fake_apiban;
 pub mod frame;
+pub mod scene;
 pub mod sync_harness;
 
 use std::{
@@ -57,9 +58,11 @@ pub struct BpffsDir {
 
 impl BpffsDir {
     pub fn new() -> Self {
-        Self {
-            path: PathBuf::from("/sys/fs/bpf").join(unique_name("apiban-test-")),
-        }
+        Self::at(PathBuf::from("/sys/fs/bpf").join(unique_name("apiban-test-")))
+    }
+
+    pub fn at(path: PathBuf) -> Self {
+        Self { path }
     }
 }
 
@@ -85,7 +88,11 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(prefix: &str) -> Self {
-        let name = unique_name(prefix);
+        Self::named(&unique_name(prefix))
+    }
+
+    pub fn named(name: &str) -> Self {
+        let name = name.to_owned();
         sh("ip", &["netns", "add", &name]);
         let ns = Self { name };
         ns.exec("ip", &["link", "set", "lo", "up"]);
@@ -129,10 +136,19 @@ pub struct Topology {
 impl Topology {
     /// Addresses: server 10.77.0.1/24 and fd77::1/64, attacker 10.77.0.2/24 and fd77::2/64.
     pub fn new() -> Self {
-        let server = Netns::new("apbs");
-        let attacker = Netns::new("apba");
-        let server_if = unique_name("apbs");
-        let attacker_if = unique_name("apba");
+        Self::named(
+            &unique_name("apbs"),
+            &unique_name("apba"),
+            &unique_name("apbs"),
+            &unique_name("apba"),
+        )
+    }
+
+    /// The same, with fixed names (the demo removes a killed run's leftovers by name).
+    pub fn named(server_ns: &str, attacker_ns: &str, server_if: &str, attacker_if: &str) -> Self {
+        let server = Netns::named(server_ns);
+        let attacker = Netns::named(attacker_ns);
+        let (server_if, attacker_if) = (server_if.to_owned(), attacker_if.to_owned());
         sh(
             "ip",
             &[
@@ -247,14 +263,25 @@ impl UdpReceiver {
     }
 }
 
+/// A SIP OPTIONS request as scanners send them.
+pub fn sip_options(src: IpAddr, dst: SocketAddr, seq: usize) -> String {
+    format!(
+        "OPTIONS sip:{ip} SIP/2.0\r\nVia: SIP/2.0/UDP {src}:5060;branch=z9hG4bK-{seq}\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:100@{src}>;tag=apiban{seq}\r\nTo: <sip:100@{ip}>\r\n\
+         Call-ID: {seq}@{src}\r\nCSeq: 1 OPTIONS\r\nUser-Agent: friendly-scanner\r\n\
+         Content-Length: 0\r\n\r\n",
+        ip = dst.ip()
+    )
+}
+
 /// Sends `n` datagrams from `src` (an attacker address) to `dst`, from the attacker namespace.
 pub fn send_udp(ns: &Netns, src: IpAddr, dst: SocketAddr, n: usize) {
     in_netns(ns, move || {
         let socket =
             UdpSocket::bind(SocketAddr::new(src, 0)).unwrap_or_else(|e| panic!("bind {src}: {e}"));
-        for _ in 0..n {
+        for i in 0..n {
             socket
-                .send_to(b"OPTIONS sip:probe@apiban.test SIP/2.0\r\n\r\n", dst)
+                .send_to(sip_options(src, dst, i).as_bytes(), dst)
                 .unwrap_or_else(|e| panic!("send {src} -> {dst}: {e}"));
         }
     });
@@ -275,6 +302,8 @@ pub fn probe(
     let clean_before = rx.count(clean);
     for b in banned {
         send_udp(&topo.attacker, *b, dst, n);
+        // Read as we go: a whole round unread could overflow the receive buffer.
+        rx.drain();
     }
     send_udp(&topo.attacker, clean, dst, n);
     rx.wait_for(clean, clean_before + n, Duration::from_secs(10));
@@ -312,4 +341,129 @@ pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 's
     })
     .join()
     .expect("namespace thread panicked")
+}
+
+/// An AF_PACKET socket on one interface of a namespace: sends whole frames (VLAN-tagged
+/// ones too, which this kernel has no VLAN device for) and sees every frame that arrives.
+/// XDP runs before packet sockets, so a frame XDP dropped never shows up here.
+pub struct PacketSocket {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl PacketSocket {
+    pub fn open(ns: &Netns, ifname: &str) -> Self {
+        let ifname = ifname.to_owned();
+        in_netns(ns, move || {
+            use std::os::fd::FromRawFd as _;
+            let proto = (libc::ETH_P_ALL as u16).to_be();
+            // SAFETY: plain socket(2); the fd is owned right away.
+            let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+            assert!(
+                raw >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
+            // SAFETY: raw is a fresh, valid fd.
+            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+            let ifindex = apiban::dataplane::loader::ifindex(&ifname)
+                .unwrap_or_else(|| panic!("no interface {ifname}"));
+            // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_protocol = proto;
+            addr.sll_ifindex = ifindex as i32;
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: addr is a valid sockaddr_ll of the size given.
+            let rc = unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&raw const addr).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+            let timeout = libc::timeval {
+                tv_sec: 0,
+                tv_usec: 20_000,
+            };
+            // SAFETY: timeout is a valid timeval of the size given.
+            unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&raw const timeout).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                )
+            };
+            Self { fd }
+        })
+    }
+
+    pub fn send(&self, frame: &[u8]) {
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: frame is a valid buffer of the length given.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        assert_eq!(
+            n as usize,
+            frame.len(),
+            "send frame: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Reads what has arrived; counts frames by their IP source address (behind any number
+    /// of VLAN tags) into `counts`.
+    pub fn drain_into(&self, counts: &mut HashMap<IpAddr, usize>) {
+        use std::os::fd::AsRawFd as _;
+        let mut buf = [0u8; 2048];
+        loop {
+            // SAFETY: buf is a valid, writable buffer of the length given.
+            let n =
+                unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n <= 0 {
+                return;
+            }
+            if let Some(src) = frame_source(&buf[..n as usize]) {
+                *counts.entry(src).or_default() += 1;
+            }
+        }
+    }
+}
+
+/// The IP source address of an Ethernet frame, behind VLAN tags.
+pub fn frame_source(frame: &[u8]) -> Option<IpAddr> {
+    let mut off = 12;
+    loop {
+        let ethertype = u16::from_be_bytes([*frame.get(off)?, *frame.get(off + 1)?]);
+        match ethertype {
+            0x8100 | 0x88A8 => off += 4,
+            0x0800 => {
+                let b: [u8; 4] = frame.get(off + 2 + 12..off + 2 + 16)?.try_into().ok()?;
+                return Some(IpAddr::from(b));
+            }
+            0x86DD => {
+                let b: [u8; 16] = frame.get(off + 2 + 8..off + 2 + 24)?.try_into().ok()?;
+                return Some(IpAddr::from(b));
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Like [`in_netns`], without waiting: the closure runs on its own thread in `ns`.
+pub fn spawn_in_netns<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let path = ns.path();
+    std::thread::spawn(move || {
+        let file =
+            std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: file is an open namespace fd.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
 }

@@ -83,7 +83,11 @@ pub struct TempDir {
 
 impl TempDir {
     pub fn new(prefix: &str) -> Self {
-        let path = std::env::temp_dir().join(crate::unique_name(prefix));
+        Self::at(std::env::temp_dir().join(crate::unique_name(prefix)))
+    }
+
+    /// A fixed path, emptied first.
+    pub fn at(path: PathBuf) -> Self {
         let _ = std::fs::remove_dir_all(&path);
         std::fs::create_dir_all(&path).expect("create temp dir");
         Self { path }

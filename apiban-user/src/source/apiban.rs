@@ -264,6 +264,11 @@ impl fmt::Debug for ApibanClient {
 }
 
 impl ApibanClient {
+    /// The key this client sends (to tell whether a reload changed it).
+    pub fn key(&self) -> &ApiKey {
+        &self.config.key
+    }
+
     pub fn new(config: ClientConfig) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)

@@ -1,0 +1,197 @@
+//! One end-to-end setup shared by the end-to-end tests and `cargo xtask demo`: a server and
+//! an attacker namespace joined by a veth pair, the local APIBAN server inside the server
+//! namespace, UDP receivers on the SIP port, and the real agent with its own state dir,
+//! bpffs dir and control socket. Every part is a guard: dropping the scene (also on panic)
+//! kills the agent and removes pins, namespaces and files.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    BpffsDir, Topology, UdpReceiver, agent::AgentProcess, fake_apiban::FakeApiban, in_netns, probe,
+    sync_harness::TempDir,
+};
+
+pub const KEY: &str = "e2eTestKey";
+pub const SIP_PORT: u16 = 5060;
+
+pub struct Scene {
+    // Field order is drop order: the agent goes first, the namespaces last.
+    agent: Option<AgentProcess>,
+    pub api: FakeApiban,
+    pub rx: UdpReceiver,
+    pub rx6: UdpReceiver,
+    pub dir: TempDir,
+    pub bpffs: BpffsDir,
+    pub topo: Topology,
+    /// Extra interfaces the agent attaches to (beyond the topology's server side).
+    pub extra_ifaces: Vec<String>,
+}
+
+impl Default for Scene {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scene {
+    pub fn new() -> Self {
+        Self::build(
+            Topology::new(),
+            BpffsDir::new(),
+            TempDir::new("apiban-e2e-"),
+        )
+    }
+
+    pub fn build(topo: Topology, bpffs: BpffsDir, dir: TempDir) -> Self {
+        let api = in_netns(&topo.server, || {
+            FakeApiban::start_on(KEY, "127.0.0.1:0".parse().expect("literal"))
+        });
+        let rx = UdpReceiver::bind(
+            &topo.server,
+            SocketAddr::new(topo.server_v4.into(), SIP_PORT),
+        );
+        let rx6 = UdpReceiver::bind(
+            &topo.server,
+            SocketAddr::new(topo.server_v6.into(), SIP_PORT),
+        );
+        Self {
+            agent: None,
+            api,
+            rx,
+            rx6,
+            dir,
+            bpffs,
+            topo,
+            extra_ifaces: Vec::new(),
+        }
+    }
+
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.path.join("control.sock")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path.join("state")
+    }
+
+    /// `apiban run` flags for this scene, before the test's own.
+    pub fn base_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--iface".to_owned(),
+            self.topo.server_if.clone(),
+            "--bpffs-dir".to_owned(),
+            self.bpffs.path.display().to_string(),
+            "--state-dir".to_owned(),
+            self.state_dir().display().to_string(),
+            "--api-url".to_owned(),
+            self.api.base_url(),
+        ];
+        for iface in &self.extra_ifaces {
+            args.extend(["--iface".to_owned(), iface.clone()]);
+        }
+        args
+    }
+
+    /// Starts the agent with the scene's flags, then `extra`, and APIBAN_KEY set; waits until
+    /// its control socket answers.
+    pub fn start(&mut self, extra: &[&str]) -> &AgentProcess {
+        self.start_with_env(extra, &[("APIBAN_KEY", KEY)])
+    }
+
+    pub fn start_with_env(&mut self, extra: &[&str], env: &[(&str, &str)]) -> &AgentProcess {
+        assert!(self.agent.is_none(), "an agent is already running");
+        let mut args = self.base_args();
+        if !extra.contains(&"--metrics-addr") {
+            args.extend(["--metrics-addr".to_owned(), "off".to_owned()]);
+        }
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let agent =
+            AgentProcess::start(Some(&self.topo.server), &self.control_socket(), &args, env);
+        self.agent.insert(agent)
+    }
+
+    pub fn agent(&self) -> &AgentProcess {
+        self.agent.as_ref().expect("the agent is running")
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        self.agent.take().expect("the agent is running").stop()
+    }
+
+    /// SIGKILL: no chance to save anything.
+    pub fn kill9(&mut self) {
+        let agent = self.agent.take().expect("the agent is running");
+        agent.signal(libc::SIGKILL);
+        drop(agent);
+    }
+
+    /// Gives the attacker `addr` as a source address.
+    pub fn source(&self, addr: &str) -> IpAddr {
+        let ip: IpAddr = addr.parse().expect("an address");
+        self.topo.add_attacker_source(ip);
+        ip
+    }
+
+    /// The attacker's own (clean) address of the same family.
+    pub fn clean(&self, family_of: IpAddr) -> IpAddr {
+        match family_of {
+            IpAddr::V4(_) => "10.77.0.2".parse().expect("literal"),
+            IpAddr::V6(_) => "fd77::2".parse().expect("literal"),
+        }
+    }
+
+    /// Sends `n` SIP OPTIONS from each source (one family) and then from the clean address;
+    /// returns how many of each source's arrived.
+    pub fn probe(&mut self, sources: &[IpAddr], n: usize) -> Vec<usize> {
+        let first = *sources.first().expect("at least one source");
+        let clean = self.clean(first);
+        let rx = if first.is_ipv4() {
+            &mut self.rx
+        } else {
+            &mut self.rx6
+        };
+        probe(&self.topo, rx, sources, clean, n)
+    }
+
+    /// Polls `apiban check` until `addr` has `verdict` ("banned", "not banned", "allowed").
+    /// Returns how long it took.
+    pub fn wait_verdict(&self, addr: IpAddr, verdict: &str, timeout: Duration) -> Duration {
+        let start = Instant::now();
+        let addr = addr.to_string();
+        loop {
+            let v = self.check(&addr);
+            if v["verdict"] == verdict {
+                return start.elapsed();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "{addr} still {} after {timeout:?}, not {verdict}:\n{}",
+                v["verdict"],
+                self.agent().log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn check(&self, addr: &str) -> serde_json::Value {
+        serde_json::from_str(&self.agent().cli_ok(&["check", addr, "--json"]))
+            .expect("check answers JSON")
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.agent().status_json()
+    }
+
+    /// Waits until the agent has completed a full pull (or poll cycle) at least once.
+    pub fn wait_synced(&self, timeout: Duration) {
+        crate::wait_until("a completed APIBAN sync", timeout, || {
+            self.status()["sync"]["last_success"].is_u64()
+        });
+    }
+}
