@@ -76,6 +76,8 @@ fn main() {
     );
     let floor = measure(&mut loaded, program_names::BENCH_FLOOR, &frame, &config);
     row("bare XDP_DROP (floor)", None, 1, floor, floor);
+    let mut json = serde_json::Map::new();
+    json.insert("floor_ns".into(), round(floor));
 
     // Two working sets: 1,024 sources stay in the CPU caches (a burst from a thousand
     // scanners); 65,536 sources make nearly every lookup a cache and TLB miss.
@@ -118,6 +120,17 @@ fn main() {
             if size == 100_000 {
                 at_100k.push((sources, miss.max(hit)));
             }
+            if sources == 65_536 {
+                // Many distinct sources: the worst of hit and miss, as the issue reads it.
+                let label = match size {
+                    0 => "0".to_owned(),
+                    s if s >= 1_000_000 => format!("{}m", s / 1_000_000),
+                    s => format!("{}k", s / 1_000),
+                };
+                json.insert(format!("apiban_ns_{label}"), round(miss.max(hit)));
+                json.insert(format!("apiban_miss_ns_{label}"), round(miss));
+                json.insert(format!("apiban_hit_ns_{label}"), round(hit));
+            }
         }
     }
 
@@ -150,6 +163,10 @@ fn main() {
         if size == 100_000 {
             batched_100k = Some(batched);
         }
+        json.insert(
+            format!("load_batched_ms_{}k", size / 1_000),
+            round(batched.as_secs_f64() * 1e3),
+        );
     }
 
     println!();
@@ -167,6 +184,19 @@ fn main() {
             format!("{:.1} ms batched", batched.as_secs_f64() * 1e3),
         );
     }
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(path) = args
+        .iter()
+        .position(|a| a == "--json-out")
+        .and_then(|i| args.get(i + 1))
+    {
+        let out = serde_json::json!({ "dataplane": json });
+        std::fs::write(path, out.to_string()).expect("write the JSON results");
+    }
+}
+
+fn round(x: f64) -> serde_json::Value {
+    serde_json::json!((x * 100.0).round() / 100.0)
 }
 
 fn program<'a>(loaded: &'a mut Loaded, name: &str) -> &'a mut Xdp {

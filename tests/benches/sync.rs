@@ -127,4 +127,19 @@ fn main() {
         "    (the benchmark's own 100k input strings, freed before the reading: {:.1} MiB)",
         mib(rss_input.saturating_sub(rss_engine))
     );
+    if let Some(path) = json_out() {
+        let out = serde_json::json!({ "sync": {
+            "ingest_ms_100k": (ms(ingest) * 10.0).round() / 10.0,
+            "save_ms_100k": (ms(save) * 10.0).round() / 10.0,
+            "restart_ms_100k": (ms(restart_time) * 10.0).round() / 10.0,
+            "engine_rss_mib_100k": (mib(rss_after) * 10.0).round() / 10.0,
+        }});
+        std::fs::write(path, out.to_string()).expect("write the JSON results");
+    }
+}
+
+fn json_out() -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == "--json-out")?;
+    args.get(i + 1).cloned()
 }

@@ -52,15 +52,21 @@ enum Cmd {
         #[arg(long)]
         destdir: Option<PathBuf>,
     },
-    /// Benchmarks. `dataplane`: ns per packet and map load times. `sync`: ingesting 100k
-    /// addresses end to end, and the engine's memory.
+    /// Benchmarks, all of them by default: `dataplane` (ns per packet under
+    /// BPF_PROG_TEST_RUN, map load times), `sync` (ingesting 100k addresses, memory),
+    /// `compare` (apiban against iptables, ipset and nftables: loading, and a flood on a veth
+    /// pair). Root; installs iptables, ipset and nftables if missing.
+    ///
+    /// Example: cargo xtask bench --quick --json | tail -1 | jq .veth
     Bench {
-        #[arg(value_enum, default_value_t = BenchKind::Dataplane)]
-        kind: BenchKind,
-        /// Fewer repeats and smaller sizes: a quick look, not figures to quote (dataplane;
-        /// sync takes about a second either way).
+        #[arg(value_enum)]
+        kind: Option<BenchKind>,
+        /// Fewer repeats and smaller sizes: a few minutes, not figures to quote.
         #[arg(long)]
         quick: bool,
+        /// Print every result as one JSON object on the last line of stdout.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -68,6 +74,17 @@ enum Cmd {
 enum BenchKind {
     Dataplane,
     Sync,
+    Compare,
+}
+
+impl BenchKind {
+    fn name(self) -> &'static str {
+        match self {
+            BenchKind::Dataplane => "dataplane",
+            BenchKind::Sync => "sync",
+            BenchKind::Compare => "compare",
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -130,21 +147,97 @@ fn main() -> anyhow::Result<()> {
             build_release(&root)?;
             install(&root, destdir.as_deref())
         }
-        Cmd::Bench { kind, quick } => {
+        Cmd::Bench { kind, quick, json } => {
             setup::run()?;
             require_root("benchmarks load XDP programs")?;
-            let mut cmd = cargo(&root);
-            let name = match kind {
-                BenchKind::Dataplane => "dataplane",
-                BenchKind::Sync => "sync",
+            let kinds = match kind {
+                Some(k) => vec![k],
+                None => vec![BenchKind::Dataplane, BenchKind::Sync, BenchKind::Compare],
             };
-            cmd.args(["bench", "-p", "tests", "--bench", name, "--"]);
-            if quick {
-                cmd.arg("--quick");
+            if kinds.iter().any(|k| matches!(k, BenchKind::Compare)) {
+                setup::ensure_bench_tools()?;
             }
-            status(cmd)
+            bench(&root, &kinds, quick, json)
         }
     }
+}
+
+/// Runs each benchmark with `--json-out`, then merges their results into one object.
+fn bench(root: &Path, kinds: &[BenchKind], quick: bool, json: bool) -> anyhow::Result<()> {
+    let mut merged = serde_json::Map::new();
+    for kind in kinds {
+        let out = std::env::temp_dir().join(format!("apiban-bench-{}.json", kind.name()));
+        let _ = std::fs::remove_file(&out);
+        let mut cmd = cargo(root);
+        cmd.args(["bench", "-p", "tests", "--bench", kind.name(), "--"]);
+        if quick {
+            cmd.arg("--quick");
+        }
+        cmd.arg("--json-out").arg(&out);
+        status(cmd)?;
+        let text = std::fs::read_to_string(&out)
+            .with_context(|| format!("the {} benchmark wrote no results", kind.name()))?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("the {} benchmark's results are not JSON", kind.name()))?;
+        if let serde_json::Value::Object(map) = value {
+            merged.extend(map);
+        }
+        let _ = std::fs::remove_file(&out);
+    }
+    let merged = serde_json::Value::Object(merged);
+    println!();
+    print_targets(&merged);
+    if json {
+        println!("{merged}");
+    }
+    Ok(())
+}
+
+fn print_targets(r: &serde_json::Value) {
+    let f = |path: &str| {
+        path.split('.')
+            .try_fold(r, |v, k| v.get(k))
+            .and_then(serde_json::Value::as_f64)
+    };
+    let line = |what: &str, value: Option<f64>, met: fn(f64) -> bool, unit: &str| {
+        if let Some(v) = value {
+            let verdict = if met(v) { "met" } else { "MISSED" };
+            println!("target: {what}: {verdict} ({v:.2}{unit})");
+        }
+    };
+    println!("targets");
+    line(
+        "ours <= 1.6x the floor at 100k entries",
+        f("dataplane.apiban_ns_100k")
+            .zip(f("dataplane.floor_ns"))
+            .map(|(a, b)| a / b),
+        |x| x <= 1.6,
+        "x",
+    );
+    line(
+        "100k entries loaded in under 100 ms",
+        f("load.apiban_ms_100k"),
+        |x| x < 100.0,
+        " ms",
+    );
+    line(
+        ">= 5x iptables per address at 10k (receive CPU per packet)",
+        f("veth.xdp_vs_iptables"),
+        |x| x >= 5.0,
+        "x",
+    );
+    line(
+        ">= 1.5x the nftables set at 10k (receive CPU per packet)",
+        f("veth.xdp_vs_nft_set"),
+        |x| x >= 1.5,
+        "x",
+    );
+    line(
+        "engine under 50 MB resident with 100k entries",
+        f("sync.engine_rss_mib_100k"),
+        |x| x < 50.0,
+        " MiB",
+    );
 }
 
 /// Whether `apiban run` will find a key: in its flags, the environment, or the config file.

@@ -191,6 +191,23 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
     )
 }
 
+/// The firewalls `cargo xtask bench` compares apiban with.
+pub fn ensure_bench_tools() -> anyhow::Result<()> {
+    for (program, package) in [
+        ("iptables", "iptables"),
+        ("ipset", "ipset"),
+        ("nft", "nftables"),
+    ] {
+        ensure_tool(
+            program,
+            &["--version"],
+            package,
+            "the benchmark compares apiban with it",
+        )?;
+    }
+    Ok(())
+}
+
 fn ensure_tool(program: &str, args: &[&str], package: &str, why: &str) -> anyhow::Result<()> {
     if output(program, args).is_some() {
         progress(package, "present");
