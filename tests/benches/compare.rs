@@ -78,7 +78,7 @@ fn main() {
             n,
             batched,
         );
-        let t = best_of(3, || load_ipset(&ns, &addrs));
+        let t = best_of(3, || load_filter(&ns, Filter::Ipset, &addrs));
         report(
             &mut json,
             "ipset restore (hash:ip) + 1 iptables rule",
@@ -86,9 +86,9 @@ fn main() {
             n,
             t,
         );
-        let t = best_of(3, || load_nft(&ns, &addrs));
+        let t = best_of(3, || load_filter(&ns, Filter::NftSet, &addrs));
         report(&mut json, "nft -f (one set, all elements)", "nft_set", n, t);
-        let t = best_of(3, || load_iptables_restore(&ns, &addrs));
+        let t = best_of(3, || load_filter(&ns, Filter::Iptables, &addrs));
         report(
             &mut json,
             "iptables-restore (one rule per address)",
@@ -256,72 +256,12 @@ fn load_iptables_per_call(ns: &Netns, addrs: &[Ipv4Addr]) -> Duration {
     took
 }
 
-fn load_iptables_restore(ns: &Netns, addrs: &[Ipv4Addr]) -> Duration {
-    flush_iptables(ns);
-    let mut text = String::from("*filter\n:APIBAN - [0:0]\n-A INPUT -j APIBAN\n");
-    for a in addrs {
-        text.push_str(&format!("-A APIBAN -s {a} -j DROP\n"));
-    }
-    text.push_str("COMMIT\n");
-    let took = timed(|| run_in(ns, "iptables-restore", &["--noflush"], Some(text)));
-    flush_iptables(ns);
-    took
-}
-
-fn load_ipset(ns: &Netns, addrs: &[Ipv4Addr]) -> Duration {
-    flush_iptables(ns);
-    let _ = in_netns(ns, || {
-        Command::new("ipset").args(["destroy", "apiban"]).output()
-    });
-    let mut text = format!(
-        "create apiban hash:ip maxelem {}\n",
-        addrs.len().max(65_536) * 2
-    );
-    for a in addrs {
-        text.push_str(&format!("add apiban {a}\n"));
-    }
-    let took = timed(|| {
-        run_in(ns, "ipset", &["restore"], Some(text));
-        run_in(
-            ns,
-            "iptables",
-            &[
-                "-I",
-                "INPUT",
-                "-m",
-                "set",
-                "--match-set",
-                "apiban",
-                "src",
-                "-j",
-                "DROP",
-            ],
-            None,
-        );
-    });
-    flush_iptables(ns);
-    run_in(ns, "ipset", &["destroy", "apiban"], None);
-    took
-}
-
-fn load_nft(ns: &Netns, addrs: &[Ipv4Addr]) -> Duration {
-    let _ = in_netns(ns, || {
-        Command::new("nft")
-            .args(["delete", "table", "inet", "apiban"])
-            .output()
-    });
-    let mut text = String::from(
-        "table inet apiban {\n  set banned { type ipv4_addr; size 1048576; }\n  chain input { type filter hook input priority 0; ip saddr @banned drop; }\n}\nadd element inet apiban banned { ",
-    );
-    for (i, a) in addrs.iter().enumerate() {
-        if i > 0 {
-            text.push_str(", ");
-        }
-        text.push_str(&a.to_string());
-    }
-    text.push_str(" }\n");
-    let took = timed(|| run_in(ns, "nft", &["-f", "-"], Some(text)));
-    run_in(ns, "nft", &["delete", "table", "inet", "apiban"], None);
+/// Times installing `filter` with `addrs` (commands prepared beforehand), then removes it.
+fn load_filter(ns: &Netns, filter: Filter, addrs: &[Ipv4Addr]) -> Duration {
+    teardown_filter(ns, filter);
+    let steps = filter_steps(filter, addrs);
+    let took = timed(|| run_steps(ns, steps));
+    teardown_filter(ns, filter);
     took
 }
 
@@ -428,16 +368,7 @@ fn veth_flood(quick: bool, only: Option<&[String]>) -> serde_json::Value {
         )
     };
     let topo = Topology::new();
-    let server_mac = {
-        let path = format!("/sys/class/net/{}/address", topo.server_if);
-        let out = topo.server.exec("cat", &[&path]);
-        let v: Vec<u8> = out
-            .trim()
-            .split(':')
-            .map(|h| u8::from_str_radix(h, 16).expect("hex"))
-            .collect();
-        <[u8; 6]>::try_from(v).expect("six octets")
-    };
+    let server_mac = topo.server_mac();
     let clean: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
     let server: Ipv4Addr = topo.server_v4;
     let sink = std::net::SocketAddr::new(server.into(), 5060);
@@ -473,7 +404,7 @@ fn veth_flood(quick: bool, only: Option<&[String]>) -> serde_json::Value {
             if only.is_some_and(|o| !o.iter().any(|k| k == filter.key())) {
                 continue;
             }
-            setup_filter(&topo, filter, &addrs);
+            setup_filter(&topo.server, filter, &addrs);
             let bpffs = (filter == Filter::Xdp).then(|| {
                 let dir = BpffsDir::new();
                 attach_xdp(&topo, &dir, &addrs);
@@ -489,7 +420,7 @@ fn veth_flood(quick: bool, only: Option<&[String]>) -> serde_json::Value {
                 bpffs.as_ref(),
             );
             drop(bpffs);
-            teardown_filter(&topo, filter);
+            teardown_filter(&topo.server, filter);
             print_row(filter, n, &r);
             let size = format!("{}k", n / 1_000);
             json.insert(
@@ -658,12 +589,39 @@ fn attach_xdp(topo: &Topology, dir: &BpffsDir, addrs: &[Ipv4Addr]) {
     });
 }
 
-fn setup_filter(topo: &Topology, filter: Filter, addrs: &[Ipv4Addr]) {
-    let ns = &topo.server;
+/// One command that installs part of a filter.
+struct Step {
+    program: &'static str,
+    args: Vec<&'static str>,
+    input: Option<String>,
+}
+
+/// The commands that install `filter` for `addrs` inside a namespace, in order.
+fn filter_steps(filter: Filter, addrs: &[Ipv4Addr]) -> Vec<Step> {
+    let set_rule = vec![
+        "-I",
+        "INPUT",
+        "-m",
+        "set",
+        "--match-set",
+        "apiban",
+        "src",
+        "-j",
+        "DROP",
+    ];
     match filter {
-        Filter::Nothing | Filter::Xdp => {}
+        Filter::Nothing | Filter::Xdp => Vec::new(),
         Filter::Iptables => {
-            load_iptables_restore_keep(ns, addrs);
+            let mut text = String::from("*filter\n:APIBAN - [0:0]\n-A INPUT -j APIBAN\n");
+            for a in addrs {
+                text.push_str(&format!("-A APIBAN -s {a} -j DROP\n"));
+            }
+            text.push_str("COMMIT\n");
+            vec![Step {
+                program: "iptables-restore",
+                args: vec!["--noflush"],
+                input: Some(text),
+            }]
         }
         Filter::Ipset => {
             let mut text = format!(
@@ -673,23 +631,18 @@ fn setup_filter(topo: &Topology, filter: Filter, addrs: &[Ipv4Addr]) {
             for a in addrs {
                 text.push_str(&format!("add apiban {a}\n"));
             }
-            run_in(ns, "ipset", &["restore"], Some(text));
-            run_in(
-                ns,
-                "iptables",
-                &[
-                    "-I",
-                    "INPUT",
-                    "-m",
-                    "set",
-                    "--match-set",
-                    "apiban",
-                    "src",
-                    "-j",
-                    "DROP",
-                ],
-                None,
-            );
+            vec![
+                Step {
+                    program: "ipset",
+                    args: vec!["restore"],
+                    input: Some(text),
+                },
+                Step {
+                    program: "iptables",
+                    args: set_rule,
+                    input: None,
+                },
+            ]
         }
         Filter::NftSet => {
             let mut text = String::from(
@@ -702,30 +655,38 @@ fn setup_filter(topo: &Topology, filter: Filter, addrs: &[Ipv4Addr]) {
                 text.push_str(&a.to_string());
             }
             text.push_str(" }\n");
-            run_in(ns, "nft", &["-f", "-"], Some(text));
+            vec![Step {
+                program: "nft",
+                args: vec!["-f", "-"],
+                input: Some(text),
+            }]
         }
     }
 }
 
-fn teardown_filter(topo: &Topology, filter: Filter) {
-    let ns = &topo.server;
+fn run_steps(ns: &Netns, steps: Vec<Step>) {
+    for step in steps {
+        run_in(ns, step.program, &step.args, step.input);
+    }
+}
+
+fn setup_filter(ns: &Netns, filter: Filter, addrs: &[Ipv4Addr]) {
+    teardown_filter(ns, filter);
+    run_steps(ns, filter_steps(filter, addrs));
+}
+
+/// Removes whatever `filter` installed; nothing there is not an error.
+fn teardown_filter(ns: &Netns, filter: Filter) {
+    let quiet = |program: &'static str, args: &'static [&'static str]| {
+        let _ = in_netns(ns, move || Command::new(program).args(args).output());
+    };
     match filter {
         Filter::Nothing | Filter::Xdp => {}
         Filter::Iptables => flush_iptables(ns),
         Filter::Ipset => {
             flush_iptables(ns);
-            run_in(ns, "ipset", &["destroy", "apiban"], None);
+            quiet("ipset", &["destroy", "apiban"]);
         }
-        Filter::NftSet => run_in(ns, "nft", &["delete", "table", "inet", "apiban"], None),
+        Filter::NftSet => quiet("nft", &["delete", "table", "inet", "apiban"]),
     }
-}
-
-fn load_iptables_restore_keep(ns: &Netns, addrs: &[Ipv4Addr]) {
-    flush_iptables(ns);
-    let mut text = String::from("*filter\n:APIBAN - [0:0]\n-A INPUT -j APIBAN\n");
-    for a in addrs {
-        text.push_str(&format!("-A APIBAN -s {a} -j DROP\n"));
-    }
-    text.push_str("COMMIT\n");
-    run_in(ns, "iptables-restore", &["--noflush"], Some(text));
 }

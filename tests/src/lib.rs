@@ -190,6 +190,19 @@ impl Topology {
         topo
     }
 
+    /// The server interface's MAC address, for frames built by hand.
+    pub fn server_mac(&self) -> [u8; 6] {
+        // `ip netns exec` mounts the namespace's own /sys.
+        let path = format!("/sys/class/net/{}/address", self.server_if);
+        let out = self.server.exec("cat", &[&path]);
+        let octets: Vec<u8> = out
+            .trim()
+            .split(':')
+            .map(|h| u8::from_str_radix(h, 16).expect("a hex octet"))
+            .collect();
+        octets.try_into().expect("six octets")
+    }
+
     /// Gives the attacker another source address (an IPv4 /32 or IPv6 /128), routed back
     /// from the server so replies and reverse-path checks work.
     pub fn add_attacker_source(&self, addr: IpAddr) {
@@ -329,18 +342,9 @@ pub fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> 
 /// Runs `f` on a thread that has entered network namespace `ns` (setns affects only the
 /// calling thread, so the test's own thread stays where it was).
 pub fn in_netns<T: Send + 'static>(ns: &Netns, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = ns.path();
-    std::thread::spawn(move || {
-        let file =
-            std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-        use std::os::fd::AsRawFd as _;
-        // SAFETY: file is an open namespace fd.
-        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("namespace thread panicked")
+    spawn_in_netns(ns, f)
+        .join()
+        .expect("namespace thread panicked")
 }
 
 /// An AF_PACKET socket on one interface of a namespace: sends whole frames (VLAN-tagged

@@ -129,17 +129,7 @@ fn vlan_tagged_frames_from_a_banned_source_are_dropped() {
     s.api.publish(&["45.50.0.5", "2a01:4f8:50::5"]);
     s.start(&["--poll-interval", "1s"]);
     s.wait_synced(Duration::from_secs(20));
-    // `ip netns exec` mounts the namespace's own /sys.
-    let server_mac: [u8; 6] = {
-        let path = format!("/sys/class/net/{}/address", s.topo.server_if);
-        let out = s.topo.server.exec("cat", &[&path]);
-        let v: Vec<u8> = out
-            .trim()
-            .split(':')
-            .map(|h| u8::from_str_radix(h, 16).expect("hex"))
-            .collect();
-        v.try_into().expect("six octets")
-    };
+    let server_mac = s.topo.server_mac();
     let tx = PacketSocket::open(&s.topo.attacker, &s.topo.attacker_if);
     let rx = PacketSocket::open(&s.topo.server, &s.topo.server_if);
     let banned4: IpAddr = "45.50.0.5".parse().unwrap();
