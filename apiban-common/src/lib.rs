@@ -13,6 +13,9 @@ pub mod map_names {
     /// Banned prefixes shorter than a host: LPM tries.
     pub const DENY_V4: &str = "DENY_V4";
     pub const DENY_V6: &str = "DENY_V6";
+    /// One bit per IPv4 /24 (IPv6: per hashed /48) that a deny entry covers; see [`super::deny_filter`].
+    pub const DENY_V4_FILTER: &str = "DENY_V4_FILTER";
+    pub const DENY_V6_FILTER: &str = "DENY_V6_FILTER";
     pub const ALLOW_V4: &str = "ALLOW_V4";
     pub const ALLOW_V6: &str = "ALLOW_V6";
     pub const STATS: &str = "STATS";
@@ -24,11 +27,13 @@ pub mod map_names {
     pub const BENCH_PARAMS: &str = "BENCH_PARAMS";
 
     /// The maps that hold enforcement state and are pinned for adoption across restarts.
-    pub const PINNED: [&str; 10] = [
+    pub const PINNED: [&str; 12] = [
         DENY_V4_HOSTS,
         DENY_V6_HOSTS,
         DENY_V4,
         DENY_V6,
+        DENY_V4_FILTER,
+        DENY_V6_FILTER,
         ALLOW_V4,
         ALLOW_V6,
         STATS,
@@ -57,6 +62,52 @@ pub const DEFAULT_DENY_V4_ENTRIES: u32 = 1_048_576;
 pub const DEFAULT_DENY_V6_ENTRIES: u32 = 262_144;
 pub const DEFAULT_ALLOW_V4_ENTRIES: u32 = 65_536;
 pub const DEFAULT_ALLOW_V6_ENTRIES: u32 = 16_384;
+
+/// The deny filter: a bitmap in front of the deny maps, in which a bit is set while some deny
+/// entry covers part of its address block. A clear bit proves the source is not banned, so the
+/// clean majority of packets is answered by one array load, which the verifier inlines, instead
+/// of a hash and a trie lookup, each a call into the kernel.
+///
+/// IPv4 blocks are /24s, indexed directly. IPv6 blocks are /48s, hashed to the same number of
+/// bits. A prefix shorter than a block sets every block it spans, up to [`V4_MAX_SPAN_BITS`] /
+/// [`V6_MAX_SPAN_BITS`] of them; a wider one sets the whole bitmap while it is listed.
+///
+/// Userspace sets the bits before inserting an entry and clears them after removing the last
+/// entry in the block, so the program never sees an entry without its bit.
+pub mod deny_filter {
+    /// Bits per family: 2^24, 2 MiB.
+    pub const BITS_LOG2: u32 = 24;
+    /// 64-bit words in each filter map.
+    pub const WORDS: u32 = 1 << (BITS_LOG2 - 6);
+    /// IPv4 block size: a /24 per bit.
+    pub const V4_BLOCK_PREFIX: u32 = 24;
+    /// IPv6 block size: a /48 per (hashed) bit.
+    pub const V6_BLOCK_PREFIX: u32 = 48;
+    /// IPv4 prefixes down to /16 set up to 2^8 bits; shorter ones saturate the filter.
+    pub const V4_MAX_SPAN_BITS: u32 = 8;
+    /// IPv6 prefixes down to /32 set up to 2^16 bits; shorter ones saturate the filter.
+    pub const V6_MAX_SPAN_BITS: u32 = 16;
+    const V6_HASH_MULTIPLIER: u64 = 0x9E37_79B9_7F4A_7C15;
+
+    /// The bit of an IPv4 address (host order): its /24.
+    #[inline(always)]
+    pub const fn v4_bit(addr: u32) -> u32 {
+        addr >> (32 - V4_BLOCK_PREFIX)
+    }
+
+    /// The bit of an IPv6 /48, given as its 48 bits: a multiplicative hash spreads the few
+    /// blocks in use over the whole bitmap.
+    #[inline(always)]
+    pub const fn v6_block_bit(block: u64) -> u32 {
+        (block.wrapping_mul(V6_HASH_MULTIPLIER) >> (64 - BITS_LOG2)) as u32
+    }
+
+    /// The /48 an IPv6 address is in, as 48 bits.
+    #[inline(always)]
+    pub const fn v6_block(addr: &[u8; 16]) -> u64 {
+        u64::from_be_bytes([0, 0, addr[0], addr[1], addr[2], addr[3], addr[4], addr[5]])
+    }
+}
 
 /// Interfaces are numbered by ifindex up to this bound for per-interface counters; a larger
 /// ifindex counts in slot 0 with every interface that has no slot.

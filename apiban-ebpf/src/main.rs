@@ -22,9 +22,10 @@ use apiban_common::{
     DenyEntry, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IFACE_COUNTER_SLOTS,
     IFACE_SLOT_INDEXES, IPPROTO_AH, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS,
     IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS, VERDICT_COUNT, Verdict,
+    deny_filter,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, xdp_action},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
     helpers::bpf_ktime_get_coarse_ns,
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
@@ -52,6 +53,12 @@ static DENY_V4: LpmTrie<[u8; 4], DenyEntry> = LpmTrie::with_max_entries(DEFAULT_
 #[map]
 static DENY_V6: LpmTrie<[u8; 16], DenyEntry> =
     LpmTrie::with_max_entries(DEFAULT_DENY_V6_ENTRIES, 0);
+// Checked before either deny map (see `apiban_common::deny_filter`). Memory-mapped so that the
+// agent sets and clears bits with plain atomic stores, not a syscall per word.
+#[map]
+static DENY_V4_FILTER: Array<u64> = Array::with_max_entries(deny_filter::WORDS, BPF_F_MMAPABLE);
+#[map]
+static DENY_V6_FILTER: Array<u64> = Array::with_max_entries(deny_filter::WORDS, BPF_F_MMAPABLE);
 #[map]
 static ALLOW_V4: LpmTrie<[u8; 4], AllowEntry> =
     LpmTrie::with_max_entries(DEFAULT_ALLOW_V4_ENTRIES, 0);
@@ -206,6 +213,12 @@ fn classify_v4(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
             return Ok(Verdict::Passed);
         }
     }
+    if !may_be_denied(
+        &DENY_V4_FILTER,
+        deny_filter::v4_bit(u32::from_be_bytes(src)),
+    ) {
+        return Ok(Verdict::Passed);
+    }
     let key = Key::new(32, src);
     let deny = DENY_V4_HOSTS.get_ptr_mut(&src).or_else(|| {
         DENY_V4
@@ -241,6 +254,10 @@ fn classify_v6(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
     {
         return Ok(Verdict::Passed);
     }
+    let block = deny_filter::v6_block(&src);
+    if !may_be_denied(&DENY_V6_FILTER, deny_filter::v6_block_bit(block)) {
+        return Ok(Verdict::Passed);
+    }
     let key = Key::new(128, src);
     let deny = DENY_V6_HOSTS.get_ptr_mut(&src).or_else(|| {
         DENY_V6
@@ -255,6 +272,15 @@ fn classify_v6(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
             Verdict::Dropped
         }
     })
+}
+
+/// False only when no deny entry covers the source's block. A word the lookup cannot find
+/// (it always can: the index is below the map's size) sends the packet to the full lookup.
+#[inline(always)]
+fn may_be_denied(filter: &Array<u64>, bit: u32) -> bool {
+    filter
+        .get(bit >> 6)
+        .is_none_or(|word| word & (1 << (bit & 63)) != 0)
 }
 
 /// Walks IPv6 extension headers to the transport header. A non-first fragment is in scope

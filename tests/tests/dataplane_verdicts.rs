@@ -30,7 +30,7 @@ fn net(s: &str) -> IpNet {
 /// A loaded program with a test deny/allow set, in its own bpffs directory.
 struct Harness {
     loaded: Loaded,
-    _dir: BpffsDir,
+    dir: BpffsDir,
 }
 
 impl Harness {
@@ -47,7 +47,7 @@ impl Harness {
             debug_events: false,
         })
         .expect("load the XDP program");
-        Self { loaded, _dir: dir }
+        Self { loaded, dir }
     }
 
     fn with_test_lists() -> Self {
@@ -69,6 +69,35 @@ impl Harness {
             dp.allow(net(n)).expect("allow");
         }
         h
+    }
+
+    /// What a restarted agent does: load again over the same pins.
+    fn reload(&mut self) {
+        self.loaded = loader::load(&LoadOptions {
+            bpffs_dir: self.dir.path.clone(),
+            ..Default::default()
+        })
+        .expect("load over the pins");
+    }
+
+    /// Whether a UDP datagram from `src` is dropped.
+    fn drops(&mut self, src: &str) -> bool {
+        let dst = if src.contains(':') {
+            "2001:db8::1"
+        } else {
+            "192.0.2.1"
+        };
+        let frame = Frame::udp(ip(src), ip(dst), 5060).build();
+        self.run(&frame) == XDP_DROP
+    }
+
+    /// Whether the deny filter sends a packet from `src` on to the deny maps.
+    fn filtered_in(&self, src: &str) -> bool {
+        let dp = &self.loaded.dataplane;
+        match ip(src) {
+            IpAddr::V4(a) => dp.deny_v4.filter().may_cover(a.octets()),
+            IpAddr::V6(a) => dp.deny_v6.filter().may_cover(a.octets()),
+        }
     }
 
     fn run(&mut self, frame: &[u8]) -> u32 {
@@ -624,4 +653,158 @@ fn a_full_map_is_reported_and_keeps_existing_bans() {
                 .expect("contains")
         );
     }
+}
+
+/// The bitmap in front of the deny maps answers "not banned" without a lookup, so a bit
+/// cleared while an entry still needs it would let a banned source through. Every way an entry
+/// comes and goes is checked against real verdicts, along with the bits themselves.
+#[test]
+fn the_deny_filter_never_hides_a_ban() {
+    let mut h = Harness::new();
+    assert!(
+        !h.filtered_in("203.0.113.7"),
+        "an empty filter passes everything"
+    );
+
+    // Two hosts in one /24 share a bit: removing one keeps it for the other.
+    h.loaded
+        .dataplane
+        .deny(net("203.0.113.7/32"))
+        .expect("deny");
+    h.loaded
+        .dataplane
+        .deny(net("203.0.113.9/32"))
+        .expect("deny");
+    assert!(h.drops("203.0.113.7") && h.drops("203.0.113.9"));
+    assert!(
+        !h.drops("203.0.113.8"),
+        "same /24, not banned: full lookup, passes"
+    );
+    assert!(
+        !h.filtered_in("203.0.114.7"),
+        "a neighbouring /24 stays clear"
+    );
+    h.loaded
+        .dataplane
+        .undeny(net("203.0.113.7/32"))
+        .expect("undeny");
+    assert!(!h.drops("203.0.113.7"));
+    assert!(
+        h.drops("203.0.113.9"),
+        "the other host in the /24 keeps its bit"
+    );
+    h.loaded
+        .dataplane
+        .undeny(net("203.0.113.9/32"))
+        .expect("undeny");
+    assert!(
+        !h.filtered_in("203.0.113.9"),
+        "the last entry gone clears the bit"
+    );
+
+    // A /20 spans 16 /24s; a /8 is wider than the filter spells out and sets every bit.
+    h.loaded
+        .dataplane
+        .deny(net("198.51.96.0/20"))
+        .expect("deny /20");
+    for third in [96, 100, 111] {
+        assert!(
+            h.drops(&format!("198.51.{third}.200")),
+            "198.51.{third}.200"
+        );
+    }
+    assert!(!h.filtered_in("198.51.112.1") && !h.filtered_in("198.51.95.1"));
+    h.loaded.dataplane.deny(net("10.0.0.0/8")).expect("deny /8");
+    assert!(h.drops("10.200.3.4"));
+    assert!(
+        h.filtered_in("192.0.2.77"),
+        "a wide entry saturates the filter"
+    );
+    assert!(!h.drops("192.0.2.77"), "which only costs lookups");
+    h.loaded
+        .dataplane
+        .undeny(net("10.0.0.0/8"))
+        .expect("undeny /8");
+    assert!(
+        !h.filtered_in("192.0.2.77"),
+        "saturation ends with the wide entry"
+    );
+    assert!(!h.drops("10.200.3.4"));
+    assert!(h.drops("198.51.100.1"), "the /20 keeps its bits through it");
+    h.loaded
+        .dataplane
+        .undeny(net("198.51.96.0/20"))
+        .expect("undeny /20");
+    assert!(!h.filtered_in("198.51.100.1"));
+
+    // IPv6: hosts and /48s are hashed by their /48; a /40 spans 256 of them.
+    h.loaded
+        .dataplane
+        .deny(net("2001:db8:ff00::/40"))
+        .expect("deny /40");
+    h.loaded
+        .dataplane
+        .deny(net("2001:db8:1:2::66/128"))
+        .expect("deny host");
+    assert!(h.drops("2001:db8:ff12:1::5") && h.drops("2001:db8:ffff:ffff::1"));
+    assert!(h.drops("2001:db8:1:2::66") && !h.drops("2001:db8:1:2::67"));
+    h.loaded
+        .dataplane
+        .undeny(net("2001:db8:ff00::/40"))
+        .expect("undeny /40");
+    assert!(!h.drops("2001:db8:ff12:1::5"));
+    assert!(!h.filtered_in("2001:db8:ff12:1::5"));
+    assert!(h.drops("2001:db8:1:2::66"));
+    h.loaded
+        .dataplane
+        .deny(net("2001:db8::/16"))
+        .expect("deny /16");
+    assert!(h.filtered_in("2a00:1450::1"), "wider than /32 saturates");
+    h.loaded
+        .dataplane
+        .undeny(net("2001:db8::/16"))
+        .expect("undeny /16");
+    assert!(!h.filtered_in("2a00:1450::1"));
+    assert!(h.drops("2001:db8:1:2::66"));
+
+    // Batches: each host in its own /24, half of them removed again.
+    let hosts: Vec<IpNet> = (0..2000u32)
+        .map(|i| IpNet::new(IpAddr::V4((0x2d00_0000 + (i << 8) + 5).into()), 32).expect("net"))
+        .collect();
+    let added = h.loaded.dataplane.deny_batch(&hosts).expect("batch");
+    assert_eq!(added, hosts.len());
+    h.loaded
+        .dataplane
+        .undeny_batch(&hosts[..1000])
+        .expect("batch delete");
+    for n in hosts[..1000].iter().step_by(37) {
+        assert!(!h.filtered_in(&n.addr().to_string()), "{n} removed");
+    }
+    for n in hosts[1000..].iter().step_by(37) {
+        assert!(h.drops(&n.addr().to_string()), "{n} still banned");
+    }
+
+    // A restarted agent recounts from the pinned maps: nothing it did not add is lost.
+    h.reload();
+    assert!(h.loaded.adopted);
+    assert!(h.drops("2001:db8:1:2::66"));
+    h.loaded
+        .dataplane
+        .undeny_batch(&hosts[1000..1500])
+        .expect("delete after reload");
+    assert!(!h.filtered_in(&hosts[1000].addr().to_string()));
+    assert!(h.drops(&hosts[1500].addr().to_string()));
+
+    // An upgrade from a version without the filter: its maps are new and empty, and are
+    // filled from the deny maps before the program can use them.
+    for name in [
+        apiban_common::map_names::DENY_V4_FILTER,
+        apiban_common::map_names::DENY_V6_FILTER,
+    ] {
+        std::fs::remove_file(h.dir.path.join(name)).expect("remove the filter pin");
+    }
+    h.reload();
+    assert!(h.drops(&hosts[1999].addr().to_string()));
+    assert!(h.drops("2001:db8:1:2::66"));
+    assert!(!h.filtered_in(&hosts[0].addr().to_string()));
 }

@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod bpffs;
+pub mod filter;
 pub mod loader;
 
 use std::{collections::BTreeSet, io, net::IpAddr, os::fd::AsFd as _};
@@ -18,6 +19,8 @@ use aya::maps::{
     lpm_trie::{Key, LpmTrie},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
+use self::filter::DenyFilter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -37,6 +40,20 @@ pub enum DataplaneError {
     },
     #[error("cannot size per-CPU counters: {0}")]
     Io(#[source] io::Error),
+    #[error(
+        "map {name} has {words} words where this version expects {expected}; run `apiban detach` and start again"
+    )]
+    FilterSize {
+        name: &'static str,
+        words: usize,
+        expected: usize,
+    },
+    #[error("cannot memory-map {name}: {source}")]
+    FilterMap {
+        name: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("batch update of {name} failed after {done} entries: {source}")]
     Batch {
         name: &'static str,
@@ -163,10 +180,11 @@ fn is_full_errno(errno: Option<i32>) -> bool {
 }
 
 /// The deny list of one family: single hosts in an exact-match hash (one lookup on the hot
-/// path whatever the size), shorter prefixes in an LPM trie.
+/// path whatever the size), shorter prefixes in an LPM trie, and the filter in front of both.
 pub struct DenyMap<const N: usize> {
     hosts: HostMap<N>,
     prefixes: PrefixMap<N, DenyEntry>,
+    filter: DenyFilter<N>,
 }
 
 impl<const N: usize> DenyMap<N> {
@@ -195,8 +213,40 @@ impl<const N: usize> DenyMap<N> {
         self.hosts.capacity
     }
 
+    /// Brings the filter in line with what the maps hold: they may come from a previous
+    /// agent's pins, or meet this filter for the first time after an upgrade.
+    fn new(
+        hosts: HostMap<N>,
+        prefixes: PrefixMap<N, DenyEntry>,
+        mut filter: DenyFilter<N>,
+    ) -> Result<Self, DataplaneError> {
+        let host_entries = hosts.entries()?;
+        let prefix_entries = prefixes.entries()?;
+        filter.rebuild(
+            host_entries
+                .iter()
+                .map(|(addr, _)| (Self::HOST_LEN, *addr))
+                .chain(
+                    prefix_entries
+                        .iter()
+                        .map(|(k, _)| (k.prefix_len(), k.data())),
+                ),
+        );
+        Ok(Self {
+            hosts,
+            prefixes,
+            filter,
+        })
+    }
+
+    /// The filter in front of the maps, for status and tests.
+    pub fn filter(&self) -> &DenyFilter<N> {
+        &self.filter
+    }
+
     /// Adds a prefix. An existing entry keeps its value (and so its hit count).
     pub fn insert(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
+        self.filter.add(key.prefix_len(), key.data());
         if Self::is_host(&key) {
             self.hosts.insert(key.data())
         } else {
@@ -207,10 +257,12 @@ impl<const N: usize> DenyMap<N> {
     /// Removes an exact prefix; removing an absent one is not an error.
     pub fn remove(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
         if Self::is_host(&key) {
-            self.hosts.remove(key.data())
+            self.hosts.remove(key.data())?;
         } else {
-            self.prefixes.remove(key)
+            self.prefixes.remove(key)?;
         }
+        self.filter.remove(key.prefix_len(), key.data());
+        Ok(())
     }
 
     /// Whether exactly this prefix is present (not whether something covers it).
@@ -236,14 +288,23 @@ impl<const N: usize> DenyMap<N> {
 
     /// Adds many new prefixes with batched updates (see [`PrefixMap::insert_batch`]).
     pub fn insert_batch(&mut self, keys: &[Key<[u8; N]>]) -> Result<usize, DataplaneError> {
+        for key in keys {
+            self.filter.add(key.prefix_len(), key.data());
+        }
         let (hosts, prefixes) = Self::split(keys);
         Ok(self.hosts.insert_batch(&hosts)? + self.prefixes.insert_batch(&prefixes)?)
     }
 
-    /// Removes many exact prefixes, all of which must be present.
+    /// Removes many exact prefixes, all of which must be present. After a failure the filter
+    /// keeps the bits of every key of the failed batch: set too long costs a lookup, cleared
+    /// too early would let a banned source through.
     pub fn remove_batch(&mut self, keys: &[Key<[u8; N]>]) -> Result<usize, DataplaneError> {
         let (hosts, prefixes) = Self::split(keys);
-        Ok(self.hosts.remove_batch(&hosts)? + self.prefixes.remove_batch(&prefixes)?)
+        let removed = self.hosts.remove_batch(&hosts)? + self.prefixes.remove_batch(&prefixes)?;
+        for key in keys {
+            self.filter.remove(key.prefix_len(), key.data());
+        }
+        Ok(removed)
     }
 
     /// All entries with their values, hosts first.
@@ -530,32 +591,34 @@ impl Dataplane {
         };
         let typed = |name: &'static str, source| DataplaneError::Map { name, source };
         Ok(Self {
-            deny_v4: DenyMap {
-                hosts: HostMap::new(
+            deny_v4: DenyMap::new(
+                HostMap::new(
                     take(map_names::DENY_V4_HOSTS)?,
                     map_names::DENY_V4_HOSTS,
                     Family::V4,
                 )?,
-                prefixes: PrefixMap::new(
+                PrefixMap::new(
                     take(map_names::DENY_V4)?,
                     map_names::DENY_V4,
                     List::Deny,
                     Family::V4,
                 )?,
-            },
-            deny_v6: DenyMap {
-                hosts: HostMap::new(
+                DenyFilter::new(take(map_names::DENY_V4_FILTER)?, map_names::DENY_V4_FILTER)?,
+            )?,
+            deny_v6: DenyMap::new(
+                HostMap::new(
                     take(map_names::DENY_V6_HOSTS)?,
                     map_names::DENY_V6_HOSTS,
                     Family::V6,
                 )?,
-                prefixes: PrefixMap::new(
+                PrefixMap::new(
                     take(map_names::DENY_V6)?,
                     map_names::DENY_V6,
                     List::Deny,
                     Family::V6,
                 )?,
-            },
+                DenyFilter::new(take(map_names::DENY_V6_FILTER)?, map_names::DENY_V6_FILTER)?,
+            )?,
             allow_v4: PrefixMap::new(
                 take(map_names::ALLOW_V4)?,
                 map_names::ALLOW_V4,

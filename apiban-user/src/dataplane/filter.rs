@@ -1,0 +1,334 @@
+//! The deny filter's userspace half: keeps the bitmap in front of one family's deny maps equal to
+//! (or, transiently, a superset of) the blocks its entries cover. See
+//! `apiban_common::deny_filter` for what a bit means and why the XDP program checks it first.
+//!
+//! The bitmap is a memory-mapped BPF array, so a bit is set or cleared with one atomic
+//! operation. The count of entries per bit lives here: a bit is cleared only when the last entry
+//! covering it is gone. A bit that stays set too long costs a full lookup; a bit cleared too
+//! early would let a banned source through, so every path errs towards set.
+
+use std::{
+    io,
+    ops::Range,
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use apiban_common::deny_filter::{
+    self, V4_BLOCK_PREFIX, V4_MAX_SPAN_BITS, V6_BLOCK_PREFIX, V6_MAX_SPAN_BITS, WORDS,
+};
+use aya::maps::{Array, IterableMap as _, Map, MapData};
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
+
+use super::DataplaneError;
+
+/// A deny entry as the filter counts it: prefix length and address octets.
+type Member<const N: usize> = (u32, [u8; N]);
+
+/// The filter of one family: `N = 4` (IPv4) or `N = 16` (IPv6).
+pub struct DenyFilter<const N: usize> {
+    bits: MappedWords,
+    /// Entries counted, so that adding or removing one twice cannot skew the counts.
+    members: HashSet<Member<N>>,
+    /// Entries per set bit.
+    counts: HashMap<u32, u32>,
+    /// Entries too wide to spell out bit by bit; while there is one, every bit is set.
+    wide: usize,
+    // Keeps the map's file descriptor, and so the map, alive as long as the mapping.
+    _map: Array<MapData, u64>,
+}
+
+impl<const N: usize> DenyFilter<N> {
+    pub(super) fn new(map: Map, name: &'static str) -> Result<Self, DataplaneError> {
+        let map: Array<MapData, u64> =
+            Array::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
+        let len = map.len() as usize;
+        if len != WORDS as usize {
+            return Err(DataplaneError::FilterSize {
+                name,
+                words: len,
+                expected: WORDS as usize,
+            });
+        }
+        let bits = MappedWords::map(map.map().fd().as_fd().as_raw_fd(), len)
+            .map_err(|source| DataplaneError::FilterMap { name, source })?;
+        Ok(Self {
+            bits,
+            members: HashSet::new(),
+            counts: HashMap::new(),
+            wide: 0,
+            _map: map,
+        })
+    }
+
+    /// The bits an entry covers: one per block it overlaps, or None when it spans more than
+    /// the filter spells out.
+    fn blocks(prefix_len: u32, octets: &[u8; N]) -> Option<Blocks> {
+        if N == 4 {
+            let addr = u32::from_be_bytes([octets[0], octets[1], octets[2], octets[3]]);
+            let span = V4_BLOCK_PREFIX.saturating_sub(prefix_len);
+            if span > V4_MAX_SPAN_BITS {
+                return None;
+            }
+            let first = deny_filter::v4_bit(addr) & !((1u32 << span) - 1);
+            Some(Blocks::V4(first..first + (1 << span)))
+        } else {
+            let mut full = [0u8; 16];
+            full.copy_from_slice(&octets[..16]);
+            let span = V6_BLOCK_PREFIX.saturating_sub(prefix_len);
+            if span > V6_MAX_SPAN_BITS {
+                return None;
+            }
+            let first = deny_filter::v6_block(&full) & !((1u64 << span) - 1);
+            Some(Blocks::V6(first..first + (1 << span)))
+        }
+    }
+
+    /// Counts an entry and sets its bits. Call before the entry goes into a deny map.
+    pub(super) fn add(&mut self, prefix_len: u32, octets: [u8; N]) {
+        if !self.members.insert((prefix_len, octets)) {
+            return;
+        }
+        match Self::blocks(prefix_len, &octets) {
+            None => {
+                self.wide += 1;
+                if self.wide == 1 {
+                    self.saturate();
+                }
+            }
+            Some(bits) => {
+                for bit in bits {
+                    let count = self.counts.entry(bit).or_insert(0);
+                    *count += 1;
+                    if *count == 1 {
+                        self.bits.set(bit);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Uncounts an entry and clears the bits no other entry needs. Call only after the entry
+    /// has left its deny map.
+    pub(super) fn remove(&mut self, prefix_len: u32, octets: [u8; N]) {
+        if !self.members.remove(&(prefix_len, octets)) {
+            return;
+        }
+        match Self::blocks(prefix_len, &octets) {
+            None => {
+                self.wide -= 1;
+                if self.wide == 0 {
+                    self.write_counted();
+                }
+            }
+            Some(bits) => {
+                for bit in bits {
+                    if let Some(count) = self.counts.get_mut(&bit) {
+                        *count -= 1;
+                        if *count == 0 {
+                            self.counts.remove(&bit);
+                            if self.wide == 0 {
+                                self.bits.clear(bit);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Recounts from what the deny maps hold (a previous agent's pins, or maps this version of
+    /// the program sees for the first time) and rewrites the bitmap to match.
+    pub(super) fn rebuild(&mut self, entries: impl IntoIterator<Item = Member<N>>) {
+        self.members.clear();
+        self.counts.clear();
+        self.wide = 0;
+        for (prefix_len, octets) in entries {
+            if !self.members.insert((prefix_len, octets)) {
+                continue;
+            }
+            match Self::blocks(prefix_len, &octets) {
+                None => self.wide += 1,
+                Some(bits) => {
+                    for bit in bits {
+                        *self.counts.entry(bit).or_insert(0) += 1;
+                    }
+                }
+            }
+        }
+        if self.wide > 0 {
+            self.saturate();
+        } else {
+            self.write_counted();
+        }
+    }
+
+    /// Whether the bit of a full address is set: the XDP program goes on to its deny maps.
+    pub fn may_cover(&self, addr: [u8; N]) -> bool {
+        let bit = if N == 4 {
+            deny_filter::v4_bit(u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]))
+        } else {
+            let mut full = [0u8; 16];
+            full.copy_from_slice(&addr[..16]);
+            deny_filter::v6_block_bit(deny_filter::v6_block(&full))
+        };
+        self.bits.get(bit)
+    }
+
+    /// Bits set, for status: how much of the address space takes the full lookup.
+    pub fn bits_set(&self) -> usize {
+        if self.wide > 0 {
+            (WORDS as usize) * 64
+        } else {
+            self.counts.len()
+        }
+    }
+
+    fn saturate(&self) {
+        for word in self.bits.words() {
+            word.store(u64::MAX, Ordering::Release);
+        }
+    }
+
+    /// Writes every word from the counts. Each word is one store, so a bit that stays set
+    /// is never seen clear in between.
+    fn write_counted(&self) {
+        let mut words = vec![0u64; WORDS as usize];
+        for bit in self.counts.keys() {
+            words[(*bit >> 6) as usize] |= 1 << (bit & 63);
+        }
+        for (word, value) in self.bits.words().iter().zip(words) {
+            if word.load(Ordering::Relaxed) != value {
+                word.store(value, Ordering::Release);
+            }
+        }
+    }
+}
+
+/// The bits of the blocks one entry overlaps: IPv4 bits directly, IPv6 /48s to be hashed.
+enum Blocks {
+    V4(Range<u32>),
+    V6(Range<u64>),
+}
+
+impl Iterator for Blocks {
+    type Item = u32;
+
+    fn next(&mut self) -> Option<u32> {
+        match self {
+            Blocks::V4(bits) => bits.next(),
+            Blocks::V6(blocks) => blocks.next().map(deny_filter::v6_block_bit),
+        }
+    }
+}
+
+/// A shared, writable mapping of a `BPF_F_MMAPABLE` array of u64.
+struct MappedWords {
+    ptr: NonNull<AtomicU64>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory, accessed only through atomics.
+unsafe impl Send for MappedWords {}
+// SAFETY: as above.
+unsafe impl Sync for MappedWords {}
+
+impl MappedWords {
+    fn map(fd: i32, len: usize) -> io::Result<Self> {
+        // SAFETY: a fresh shared mapping of the map's value area; the kernel checks the size
+        // against the map and that it is mmapable.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast::<AtomicU64>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(Self { ptr, len })
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping holds `len` u64 words, is page-aligned and lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    fn set(&self, bit: u32) {
+        self.words()[(bit >> 6) as usize].fetch_or(1 << (bit & 63), Ordering::Release);
+    }
+
+    fn clear(&self, bit: u32) {
+        self.words()[(bit >> 6) as usize].fetch_and(!(1 << (bit & 63)), Ordering::Release);
+    }
+
+    fn get(&self, bit: u32) -> bool {
+        self.words()[(bit >> 6) as usize].load(Ordering::Acquire) & (1 << (bit & 63)) != 0
+    }
+}
+
+impl Drop for MappedWords {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map` mapped; no reference outlives self.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len * 8);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(prefix_len: u32, addr: [u8; 4]) -> Option<Vec<u32>> {
+        DenyFilter::<4>::blocks(prefix_len, &addr).map(Iterator::collect)
+    }
+
+    fn v6(prefix_len: u32, addr: &str) -> Option<Vec<u32>> {
+        let addr: std::net::Ipv6Addr = addr.parse().expect("address");
+        DenyFilter::<16>::blocks(prefix_len, &addr.octets()).map(Iterator::collect)
+    }
+
+    #[test]
+    fn ipv4_entries_cover_their_24s() {
+        let bit = deny_filter::v4_bit(u32::from_be_bytes([203, 0, 113, 0]));
+        assert_eq!(v4(32, [203, 0, 113, 7]), Some(vec![bit]));
+        assert_eq!(v4(25, [203, 0, 113, 128]), Some(vec![bit]));
+        assert_eq!(v4(24, [203, 0, 113, 0]), Some(vec![bit]));
+        let first = deny_filter::v4_bit(u32::from_be_bytes([198, 51, 96, 0]));
+        assert_eq!(
+            v4(20, [198, 51, 96, 0]),
+            Some((first..first + 16).collect())
+        );
+        assert_eq!(v4(16, [198, 51, 0, 0]).map(|b| b.len()), Some(256));
+        assert_eq!(v4(15, [198, 50, 0, 0]), None, "wider than /16 saturates");
+        assert_eq!(v4(0, [0, 0, 0, 0]), None);
+    }
+
+    #[test]
+    fn ipv6_entries_cover_their_hashed_48s() {
+        let block = deny_filter::v6_block(
+            &"2001:db8:1::"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("a")
+                .octets(),
+        );
+        let bit = deny_filter::v6_block_bit(block);
+        assert_eq!(v6(128, "2001:db8:1:2::66"), Some(vec![bit]));
+        assert_eq!(v6(64, "2001:db8:1:2::"), Some(vec![bit]));
+        assert_eq!(v6(48, "2001:db8:1::"), Some(vec![bit]));
+        let span = v6(40, "2001:db8:ff00::").expect("a /40 is spelled out");
+        assert_eq!(span.len(), 256);
+        assert!(span.iter().all(|b| *b < 1 << deny_filter::BITS_LOG2));
+        let distinct: std::collections::BTreeSet<_> = span.iter().collect();
+        assert!(distinct.len() > 250, "the hash spreads neighbouring /48s");
+        assert_eq!(v6(32, "2001:db8::").map(|b| b.len()), Some(65_536));
+        assert_eq!(v6(31, "2001:db8::"), None, "wider than /32 saturates");
+    }
+}
