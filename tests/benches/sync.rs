@@ -3,6 +3,11 @@
 //!
 //! Memory is this process's resident set: the engine with its ledger and dataplane handles,
 //! as the agent holds them, plus the benchmark's own input strings (reported separately).
+//!
+//! Then the real thing: the release `apiban` binary in a network namespace, pulling 100k
+//! addresses from the local APIBAN server with its default settings (60 s polls, metrics on),
+//! its resident memory read from /proc, and its CPU time while idle measured from the
+//! scheduler's per-thread nanosecond counters over a window that includes polls.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +17,7 @@ use apiban::{
     state::StateStore,
     sync::unix_now,
 };
-use tests::{BpffsDir, require_root, sync_harness::TempDir};
+use tests::{BpffsDir, agent, require_root, scene::Scene, sync_harness::TempDir};
 
 const N: u32 = 100_000;
 
@@ -127,12 +132,57 @@ fn main() {
         "    (the benchmark's own 100k input strings, freed before the reading: {:.1} MiB)",
         mib(rss_input.saturating_sub(rss_engine))
     );
+    drop(_engine);
+    drop(_ebpf);
+    drop(bpffs);
+
+    let quick = std::env::args().any(|a| a == "--quick");
+    let footprint = agent_footprint(if quick { 65 } else { 300 });
+    println!(
+        "agent: release binary, {N} entries pulled from the local APIBAN server, default settings"
+    );
+    println!(
+        "  pull of {N} entries until enforced                        {:>8.1} s",
+        footprint.pull.as_secs_f64()
+    );
+    println!(
+        "  resident memory {:.1} MiB (peak {:.1} MiB during the pull), of which {:.1} MiB its own heap and stacks          target < 50 MB",
+        mib(footprint.rss_kib),
+        mib(footprint.hwm_kib),
+        mib(footprint.anon_kib)
+    );
+    println!(
+        "  idle CPU: {:.3} s over {} s ({} polls): {:.1} s per hour ({:.4}% of a core)",
+        footprint.idle_cpu.as_secs_f64(),
+        footprint.window.as_secs(),
+        footprint.polls,
+        footprint.cpu_s_per_hour(),
+        footprint.cpu_s_per_hour() / 36.0
+    );
+    println!(
+        "target: under 50 MB resident with 100k entries: {} ({:.1} MiB agent, {:.1} MiB peak)",
+        if (footprint.rss_kib * 1024) < 50_000_000 {
+            "met"
+        } else {
+            "MISSED"
+        },
+        mib(footprint.rss_kib),
+        mib(footprint.hwm_kib)
+    );
+
     if let Some(path) = json_out() {
         let out = serde_json::json!({ "sync": {
             "ingest_ms_100k": (ms(ingest) * 10.0).round() / 10.0,
             "save_ms_100k": (ms(save) * 10.0).round() / 10.0,
             "restart_ms_100k": (ms(restart_time) * 10.0).round() / 10.0,
             "engine_rss_mib_100k": (mib(rss_after) * 10.0).round() / 10.0,
+        }, "agent": {
+            "rss_mib_100k": (mib(footprint.rss_kib) * 10.0).round() / 10.0,
+            "peak_rss_mib_100k": (mib(footprint.hwm_kib) * 10.0).round() / 10.0,
+            "anon_rss_mib_100k": (mib(footprint.anon_kib) * 10.0).round() / 10.0,
+            "idle_cpu_s_per_hour": (footprint.cpu_s_per_hour() * 100.0).round() / 100.0,
+            "idle_window_s": footprint.window.as_secs(),
+            "pull_s_100k": (footprint.pull.as_secs_f64() * 10.0).round() / 10.0,
         }});
         std::fs::write(path, out.to_string()).expect("write the JSON results");
     }
@@ -142,4 +192,113 @@ fn json_out() -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
     let i = args.iter().position(|a| a == "--json-out")?;
     args.get(i + 1).cloned()
+}
+
+struct Footprint {
+    pull: Duration,
+    rss_kib: u64,
+    hwm_kib: u64,
+    /// Anonymous memory only: without the binary's mapped pages and the shared map pages.
+    anon_kib: u64,
+    idle_cpu: Duration,
+    window: Duration,
+    polls: usize,
+}
+
+impl Footprint {
+    fn cpu_s_per_hour(&self) -> f64 {
+        self.idle_cpu.as_secs_f64() * 3600.0 / self.window.as_secs_f64()
+    }
+}
+
+/// Runs the release agent against 100k published addresses, waits for them to be enforced,
+/// then leaves it alone for `window_s` seconds.
+fn agent_footprint(window_s: u64) -> Footprint {
+    agent::use_apiban_bin(release_binary());
+    let mut scene = Scene::new();
+    let addresses: Vec<String> = (0..N)
+        .map(|i| std::net::Ipv4Addr::from(0x2d00_0000u32 + i * 97).to_string())
+        .collect();
+    scene.api.publish(&addresses);
+    // Pages of 20,000: the pull takes a handful of requests, inside the agent's default
+    // budget of 11 per 2 minutes.
+    scene.api.set_batch_size(20_000);
+    let t = Instant::now();
+    scene.start(&["--metrics-addr", "127.0.0.1:9477"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while scene.status()["enforced"]["ipv4"].as_u64() != Some(u64::from(N)) {
+        assert!(
+            Instant::now() < deadline,
+            "100k entries not enforced within 120 s; status: {}\nlog:\n{}",
+            scene.status(),
+            scene.agent().log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pull = t.elapsed();
+    let pid = scene.agent().pid();
+    let requests_before = scene.api.requests().len();
+    let cpu_before = cpu_time(pid);
+    let window = Duration::from_secs(window_s);
+    std::thread::sleep(window);
+    let idle_cpu = cpu_time(pid).saturating_sub(cpu_before);
+    let polls = scene.api.requests().len() - requests_before;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("agent status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("a memory field of /proc/PID/status")
+    };
+    Footprint {
+        pull,
+        rss_kib: field("VmRSS:"),
+        hwm_kib: field("VmHWM:"),
+        anon_kib: field("RssAnon:"),
+        idle_cpu,
+        window,
+        polls,
+    }
+}
+
+/// CPU time of every thread of `pid`, from /proc/PID/task/*/schedstat (nanoseconds, unlike
+/// the 10 ms ticks of /proc/PID/stat, which would round an idle agent to zero).
+fn cpu_time(pid: i32) -> Duration {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the agent's threads");
+    let ns: u64 = tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+/// The release agent, as operators run it.
+fn release_binary() -> std::path::PathBuf {
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "apiban-user",
+            "--bin",
+            "apiban",
+        ])
+        .status()
+        .expect("run cargo build for the release binary");
+    assert!(
+        status.success(),
+        "building the release apiban binary failed"
+    );
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    target.join("release").join("apiban")
 }
