@@ -23,8 +23,10 @@ pub mod map_names {
     pub const SCOPE_PORTS: &str = "SCOPE_PORTS";
     /// ifindex -> counter slot, so counters are per interface without a hash lookup.
     pub const IFACE_SLOTS: &str = "IFACE_SLOTS";
-    /// Only used by the benchmark program; never pinned.
+    /// Only used by the benchmark programs; never pinned.
     pub const BENCH_PARAMS: &str = "BENCH_PARAMS";
+    pub const TRAFFICGEN: &str = "TRAFFICGEN";
+    pub const TRAFFICGEN_SOURCES: &str = "TRAFFICGEN_SOURCES";
 
     /// The maps that hold enforcement state and are pinned for adoption across restarts.
     pub const PINNED: [&str; 12] = [
@@ -52,6 +54,9 @@ pub mod program_names {
     /// The production logic behind a step that rewrites the source address on every run, so
     /// that `BPF_PROG_TEST_RUN` with `repeat` cycles through many distinct keys.
     pub const BENCH_CYCLE: &str = "bench_cycle";
+    /// A traffic generator for the veth benchmark: rewrites the source address of each live
+    /// frame and redirects it into a veth, as xdp-trafficgen does.
+    pub const BENCH_TRAFFICGEN: &str = "bench_trafficgen";
 }
 
 /// Capacity defaults. All deny and allow maps are created with `BPF_F_NO_PREALLOC`: entries
@@ -232,6 +237,19 @@ pub struct BenchParams {
 
 pub const BENCH_MULTIPLIER: u32 = 0x9E37_79B1;
 
+/// Parameters of the `bench_trafficgen` program, which the veth benchmark runs under
+/// `BPF_PROG_TEST_RUN` with live frames: each frame gets the next source address from
+/// `TRAFFICGEN_SOURCES` (cycling) and is redirected out of interface `ifindex`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficgenParams {
+    pub ifindex: u32,
+    pub _reserved: u32,
+}
+
+/// Source addresses the traffic generator cycles through (a power of two).
+pub const TRAFFICGEN_SOURCE_SLOTS: u32 = 4_096;
+
 /// The IPv4 address the benchmark program uses for index `i` (host order).
 pub const fn bench_address(base: u32, mask: u32, i: u32) -> u32 {
     base.wrapping_add(i & mask).wrapping_mul(BENCH_MULTIPLIER)
@@ -246,4 +264,5 @@ mod pod {
     unsafe impl aya::Pod for AllowEntry {}
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for BenchParams {}
+    unsafe impl aya::Pod for TrafficgenParams {}
 }

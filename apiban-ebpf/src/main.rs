@@ -21,12 +21,12 @@ use apiban_common::{
     DEFAULT_ALLOW_V6_ENTRIES, DEFAULT_DENY_V4_ENTRIES, DEFAULT_DENY_V6_ENTRIES, DataplaneConfig,
     DenyEntry, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IFACE_COUNTER_SLOTS,
     IFACE_SLOT_INDEXES, IPPROTO_AH, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS,
-    IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS, VERDICT_COUNT, Verdict,
-    deny_filter,
+    IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS, TRAFFICGEN_SOURCE_SLOTS,
+    TrafficgenParams, VERDICT_COUNT, Verdict, deny_filter,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
-    helpers::bpf_ktime_get_coarse_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect},
     macros::{map, xdp},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
@@ -78,6 +78,12 @@ static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
 static SCOPE_PORTS: Array<u8> = Array::with_max_entries(SCOPE_PORT_SLOTS, 0);
 #[map]
 static BENCH_PARAMS: Array<BenchParams> = Array::with_max_entries(1, 0);
+#[map]
+static TRAFFICGEN: Array<TrafficgenParams> = Array::with_max_entries(1, 0);
+#[map]
+static TRAFFICGEN_SOURCES: Array<[u8; 4]> = Array::with_max_entries(TRAFFICGEN_SOURCE_SLOTS, 0);
+#[map]
+static TRAFFICGEN_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// How many IPv6 extension headers are walked to find the transport header in port scope.
 /// Real traffic carries zero or one; the bound keeps the verifier happy.
@@ -125,6 +131,56 @@ fn try_bench_cycle(ctx: &XdpContext) -> Result<u32, ()> {
         src.write_unaligned(addr.to_be_bytes());
     }
     try_apiban(ctx)
+}
+
+/// The veth benchmark's traffic generator, run with `BPF_F_TEST_XDP_LIVE_FRAMES`: frames
+/// leave through the redirect as XDP frames, so the receiving veth sees them without an skb,
+/// as a NIC driver does. Expects an untagged UDP/IPv4 frame with no UDP checksum.
+#[xdp]
+pub fn bench_trafficgen(ctx: XdpContext) -> u32 {
+    match try_trafficgen(&ctx) {
+        Ok(action) => action,
+        Err(()) => xdp_action::XDP_ABORTED,
+    }
+}
+
+#[inline(always)]
+fn try_trafficgen(ctx: &XdpContext) -> Result<u32, ()> {
+    let ifindex = TRAFFICGEN.get(0).ok_or(())?.ifindex;
+    let next = TRAFFICGEN_NEXT.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: a per-CPU slot, only touched by the CPU running this program.
+    let i = unsafe {
+        let i = *next;
+        *next = i.wrapping_add(1);
+        i
+    };
+    let src = *TRAFFICGEN_SOURCES
+        .get(i & (TRAFFICGEN_SOURCE_SLOTS - 1))
+        .ok_or(())?;
+    let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, EthHdr::LEN)?;
+    // SAFETY: the whole header was bounds-checked by ptr_at_mut. Live frames keep what the
+    // previous run wrote, so the checksum is updated from whatever source is there now.
+    unsafe {
+        let old = (*ip).src_addr;
+        (*ip).src_addr = src;
+        let check = checksum_replace(u16::from_be_bytes((*ip).check), old, src);
+        (*ip).check = check.to_be_bytes();
+    }
+    // SAFETY: a helper call with plain integer arguments.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
+}
+
+/// RFC 1624's incremental update of a ones' complement checksum for a changed 32-bit field.
+#[inline(always)]
+fn checksum_replace(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
+    let mut sum = u32::from(!check)
+        + u32::from(!u16::from_be_bytes([old[0], old[1]]))
+        + u32::from(!u16::from_be_bytes([old[2], old[3]]))
+        + u32::from(u16::from_be_bytes([new[0], new[1]]))
+        + u32::from(u16::from_be_bytes([new[2], new[3]]));
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
 }
 
 #[inline(always)]

@@ -359,13 +359,6 @@ impl PacketSocket {
         Self::open_with(ns, ifname, (libc::ETH_P_ALL as u16).to_be())
     }
 
-    /// A socket that only sends: protocol 0 receives nothing, so it does not get a copy of
-    /// every frame it sends (an ETH_P_ALL socket taps outgoing frames too), which would
-    /// double a flood's cost.
-    pub fn sender(ns: &Netns, ifname: &str) -> Self {
-        Self::open_with(ns, ifname, 0)
-    }
-
     fn open_with(ns: &Netns, ifname: &str, proto: u16) -> Self {
         let ifname = ifname.to_owned();
         in_netns(ns, move || {
@@ -424,33 +417,6 @@ impl PacketSocket {
             "send frame: {}",
             std::io::Error::last_os_error()
         );
-    }
-
-    /// Sends frames in batches with sendmmsg(2): one syscall per batch, so the sender is
-    /// not what limits a flood. Returns how many went out.
-    pub fn send_batch(&self, frames: &[&[u8]]) -> usize {
-        use std::os::fd::AsRawFd as _;
-        let mut iov: Vec<libc::iovec> = frames
-            .iter()
-            .map(|f| libc::iovec {
-                iov_base: f.as_ptr() as *mut libc::c_void,
-                iov_len: f.len(),
-            })
-            .collect();
-        let mut msgs: Vec<libc::mmsghdr> = iov
-            .iter_mut()
-            .map(|v| {
-                // SAFETY: mmsghdr is plain data; zero is a valid start.
-                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                m.msg_hdr.msg_iov = v;
-                m.msg_hdr.msg_iovlen = 1;
-                m
-            })
-            .collect();
-        // SAFETY: msgs points at len valid mmsghdrs whose iovecs outlive the call.
-        let n =
-            unsafe { libc::sendmmsg(self.fd.as_raw_fd(), msgs.as_mut_ptr(), msgs.len() as u32, 0) };
-        n.max(0) as usize
     }
 
     /// Reads what has arrived; counts frames by their IP source address (behind any number
