@@ -121,13 +121,17 @@ fn main() {
             if size == 100_000 {
                 at_100k.push((sources, miss.max(hit)));
             }
+            let label = match size {
+                0 => "0".to_owned(),
+                s if s >= 1_000_000 => format!("{}m", s / 1_000_000),
+                s => format!("{}k", s / 1_000),
+            };
+            if sources == 1_024 {
+                json.insert(format!("apiban_miss_ns_{label}_1024_sources"), round(miss));
+                json.insert(format!("apiban_hit_ns_{label}_1024_sources"), round(hit));
+            }
             if sources == 65_536 {
                 // Many distinct sources: the worst of hit and miss, as the issue reads it.
-                let label = match size {
-                    0 => "0".to_owned(),
-                    s if s >= 1_000_000 => format!("{}m", s / 1_000_000),
-                    s => format!("{}k", s / 1_000),
-                };
                 json.insert(format!("apiban_ns_{label}"), round(miss.max(hit)));
                 json.insert(format!("apiban_miss_ns_{label}"), round(miss));
                 json.insert(format!("apiban_hit_ns_{label}"), round(hit));
