@@ -80,6 +80,14 @@ impl Harness {
         .expect("load over the pins");
     }
 
+    fn deny(&mut self, prefix: &str) {
+        self.loaded.dataplane.deny(net(prefix)).expect("deny");
+    }
+
+    fn undeny(&mut self, prefix: &str) {
+        self.loaded.dataplane.undeny(net(prefix)).expect("undeny");
+    }
+
     /// Whether a UDP datagram from `src` is dropped.
     fn drops(&mut self, src: &str) -> bool {
         let dst = if src.contains(':') {
@@ -667,14 +675,8 @@ fn the_deny_filter_never_hides_a_ban() {
     );
 
     // Two hosts in one /24 share a bit: removing one keeps it for the other.
-    h.loaded
-        .dataplane
-        .deny(net("203.0.113.7/32"))
-        .expect("deny");
-    h.loaded
-        .dataplane
-        .deny(net("203.0.113.9/32"))
-        .expect("deny");
+    h.deny("203.0.113.7/32");
+    h.deny("203.0.113.9/32");
     assert!(h.drops("203.0.113.7") && h.drops("203.0.113.9"));
     assert!(
         !h.drops("203.0.113.8"),
@@ -684,29 +686,20 @@ fn the_deny_filter_never_hides_a_ban() {
         !h.filtered_in("203.0.114.7"),
         "a neighbouring /24 stays clear"
     );
-    h.loaded
-        .dataplane
-        .undeny(net("203.0.113.7/32"))
-        .expect("undeny");
+    h.undeny("203.0.113.7/32");
     assert!(!h.drops("203.0.113.7"));
     assert!(
         h.drops("203.0.113.9"),
         "the other host in the /24 keeps its bit"
     );
-    h.loaded
-        .dataplane
-        .undeny(net("203.0.113.9/32"))
-        .expect("undeny");
+    h.undeny("203.0.113.9/32");
     assert!(
         !h.filtered_in("203.0.113.9"),
         "the last entry gone clears the bit"
     );
 
     // A /20 spans 16 /24s; a /8 is wider than the filter spells out and sets every bit.
-    h.loaded
-        .dataplane
-        .deny(net("198.51.96.0/20"))
-        .expect("deny /20");
+    h.deny("198.51.96.0/20");
     for third in [96, 100, 111] {
         assert!(
             h.drops(&format!("198.51.{third}.200")),
@@ -714,56 +707,35 @@ fn the_deny_filter_never_hides_a_ban() {
         );
     }
     assert!(!h.filtered_in("198.51.112.1") && !h.filtered_in("198.51.95.1"));
-    h.loaded.dataplane.deny(net("10.0.0.0/8")).expect("deny /8");
+    h.deny("10.0.0.0/8");
     assert!(h.drops("10.200.3.4"));
     assert!(
         h.filtered_in("192.0.2.77"),
         "a wide entry saturates the filter"
     );
     assert!(!h.drops("192.0.2.77"), "which only costs lookups");
-    h.loaded
-        .dataplane
-        .undeny(net("10.0.0.0/8"))
-        .expect("undeny /8");
+    h.undeny("10.0.0.0/8");
     assert!(
         !h.filtered_in("192.0.2.77"),
         "saturation ends with the wide entry"
     );
     assert!(!h.drops("10.200.3.4"));
     assert!(h.drops("198.51.100.1"), "the /20 keeps its bits through it");
-    h.loaded
-        .dataplane
-        .undeny(net("198.51.96.0/20"))
-        .expect("undeny /20");
+    h.undeny("198.51.96.0/20");
     assert!(!h.filtered_in("198.51.100.1"));
 
     // IPv6: hosts and /48s are hashed by their /48; a /40 spans 256 of them.
-    h.loaded
-        .dataplane
-        .deny(net("2001:db8:ff00::/40"))
-        .expect("deny /40");
-    h.loaded
-        .dataplane
-        .deny(net("2001:db8:1:2::66/128"))
-        .expect("deny host");
+    h.deny("2001:db8:ff00::/40");
+    h.deny("2001:db8:1:2::66/128");
     assert!(h.drops("2001:db8:ff12:1::5") && h.drops("2001:db8:ffff:ffff::1"));
     assert!(h.drops("2001:db8:1:2::66") && !h.drops("2001:db8:1:2::67"));
-    h.loaded
-        .dataplane
-        .undeny(net("2001:db8:ff00::/40"))
-        .expect("undeny /40");
+    h.undeny("2001:db8:ff00::/40");
     assert!(!h.drops("2001:db8:ff12:1::5"));
     assert!(!h.filtered_in("2001:db8:ff12:1::5"));
     assert!(h.drops("2001:db8:1:2::66"));
-    h.loaded
-        .dataplane
-        .deny(net("2001:db8::/16"))
-        .expect("deny /16");
+    h.deny("2001:db8::/16");
     assert!(h.filtered_in("2a00:1450::1"), "wider than /32 saturates");
-    h.loaded
-        .dataplane
-        .undeny(net("2001:db8::/16"))
-        .expect("undeny /16");
+    h.undeny("2001:db8::/16");
     assert!(!h.filtered_in("2a00:1450::1"));
     assert!(h.drops("2001:db8:1:2::66"));
 
