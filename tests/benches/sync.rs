@@ -214,7 +214,8 @@ impl Footprint {
 /// Runs the release agent against 100k published addresses, waits for them to be enforced,
 /// then leaves it alone for `window_s` seconds.
 fn agent_footprint(window_s: u64) -> Footprint {
-    agent::use_apiban_bin(release_binary());
+    // The release agent, as operators run it.
+    agent::use_apiban_bin(agent::build_apiban(true));
     let mut scene = Scene::new();
     let addresses: Vec<String> = (0..N)
         .map(|i| std::net::Ipv4Addr::from(0x2d00_0000u32 + i * 97).to_string())
@@ -272,33 +273,4 @@ fn cpu_time(pid: i32) -> Duration {
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum();
     Duration::from_nanos(ns)
-}
-
-/// The release agent, as operators run it.
-fn release_binary() -> std::path::PathBuf {
-    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives in the workspace");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .current_dir(workspace)
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "apiban-user",
-            "--bin",
-            "apiban",
-        ])
-        .status()
-        .expect("run cargo build for the release binary");
-    assert!(
-        status.success(),
-        "building the release apiban binary failed"
-    );
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
-    target.join("release").join("apiban")
 }

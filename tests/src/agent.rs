@@ -19,27 +19,36 @@ pub fn use_apiban_bin(path: PathBuf) {
     let _ = BIN.set(path);
 }
 
-/// The `apiban` binary of this workspace, built (debug) on first use. Cargo sets CARGO for
-/// the tests it runs, so this builds with the same toolchain and target directory.
+/// The `apiban` binary of this workspace, built (debug) on first use.
 pub fn apiban_bin() -> &'static Path {
-    BIN.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("tests/ lives in the workspace");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(workspace)
-            .args(["build", "--quiet", "-p", "apiban-user", "--bin", "apiban"])
-            .status()
-            .expect("run cargo build for the apiban binary");
-        assert!(status.success(), "building the apiban binary failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace.join("target"));
-        let bin = target.join("debug").join("apiban");
-        assert!(bin.exists(), "{} was not built", bin.display());
-        bin
-    })
+    BIN.get_or_init(|| build_apiban(false))
+}
+
+/// Builds the `apiban` binary (debug or release) and returns its path. Cargo sets CARGO for
+/// the tests and benches it runs, so this builds with the same toolchain and target directory.
+pub fn build_apiban(release: bool) -> PathBuf {
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ lives in the workspace");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut args = vec!["build", "--quiet", "-p", "apiban-user", "--bin", "apiban"];
+    if release {
+        args.push("--release");
+    }
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args(&args)
+        .status()
+        .expect("run cargo build for the apiban binary");
+    assert!(status.success(), "building the apiban binary failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target"));
+    let bin = target
+        .join(if release { "release" } else { "debug" })
+        .join("apiban");
+    assert!(bin.exists(), "{} was not built", bin.display());
+    bin
 }
 
 /// Runs an `apiban` client command and returns its output.

@@ -90,22 +90,16 @@ impl<const N: usize> DenyFilter<N> {
         if !self.members.insert((prefix_len, octets)) {
             return;
         }
-        match Self::blocks(prefix_len, &octets) {
-            None => {
-                self.wide += 1;
-                if self.wide == 1 {
-                    self.saturate();
-                }
-            }
-            Some(bits) => {
-                for bit in bits {
-                    let count = self.counts.entry(bit).or_insert(0);
-                    *count += 1;
-                    if *count == 1 {
-                        self.bits.set(bit);
-                    }
-                }
-            }
+        let was_wide = self.wide > 0;
+        let bits = &self.bits;
+        tally(
+            &mut self.counts,
+            &mut self.wide,
+            Self::blocks(prefix_len, &octets),
+            |bit| bits.set(bit),
+        );
+        if !was_wide && self.wide > 0 {
+            self.saturate();
         }
     }
 
@@ -145,16 +139,13 @@ impl<const N: usize> DenyFilter<N> {
         self.counts.clear();
         self.wide = 0;
         for (prefix_len, octets) in entries {
-            if !self.members.insert((prefix_len, octets)) {
-                continue;
-            }
-            match Self::blocks(prefix_len, &octets) {
-                None => self.wide += 1,
-                Some(bits) => {
-                    for bit in bits {
-                        *self.counts.entry(bit).or_insert(0) += 1;
-                    }
-                }
+            if self.members.insert((prefix_len, octets)) {
+                tally(
+                    &mut self.counts,
+                    &mut self.wide,
+                    Self::blocks(prefix_len, &octets),
+                    |_| {},
+                );
             }
         }
         if self.wide > 0 {
@@ -176,15 +167,6 @@ impl<const N: usize> DenyFilter<N> {
         self.bits.get(bit)
     }
 
-    /// Bits set, for status: how much of the address space takes the full lookup.
-    pub fn bits_set(&self) -> usize {
-        if self.wide > 0 {
-            (WORDS as usize) * 64
-        } else {
-            self.counts.len()
-        }
-    }
-
     fn saturate(&self) {
         for word in self.bits.words() {
             word.store(u64::MAX, Ordering::Release);
@@ -202,6 +184,27 @@ impl<const N: usize> DenyFilter<N> {
             if word.load(Ordering::Relaxed) != value {
                 word.store(value, Ordering::Release);
             }
+        }
+    }
+}
+
+/// Counts one entry's blocks (or one more wide entry); `first` gets each bit that goes from no
+/// entries to one.
+fn tally(
+    counts: &mut HashMap<u32, u32>,
+    wide: &mut usize,
+    blocks: Option<Blocks>,
+    mut first: impl FnMut(u32),
+) {
+    let Some(blocks) = blocks else {
+        *wide += 1;
+        return;
+    };
+    for bit in blocks {
+        let count = counts.entry(bit).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            first(bit);
         }
     }
 }

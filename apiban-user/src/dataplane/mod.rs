@@ -239,7 +239,7 @@ impl<const N: usize> DenyMap<N> {
         })
     }
 
-    /// The filter in front of the maps, for status and tests.
+    /// The filter in front of the maps: what the XDP program checks first.
     pub fn filter(&self) -> &DenyFilter<N> {
         &self.filter
     }
