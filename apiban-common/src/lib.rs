@@ -7,9 +7,18 @@
 /// Names of the maps in the eBPF object. The agent pins each under its bpffs directory with
 /// this name, so a renamed map is a breaking change for adoption of pinned state.
 pub mod map_names {
-    /// Banned single hosts (/32, /128): an exact-match hash, one lookup whatever the size.
-    pub const DENY_V4_HOSTS: &str = "DENY_V4_HOSTS";
-    pub const DENY_V6_HOSTS: &str = "DENY_V6_HOSTS";
+    /// Banned single hosts (/32, /128): the open-addressed tables of [`super::host_table`],
+    /// keys and hit counts in separate arrays.
+    pub const DENY_V4_HOST_KEYS: &str = "DENY_V4_HOST_KEYS";
+    pub const DENY_V6_HOST_KEYS: &str = "DENY_V6_HOST_KEYS";
+    pub const DENY_V4_HOST_HITS: &str = "DENY_V4_HOST_HITS";
+    pub const DENY_V6_HOST_HITS: &str = "DENY_V6_HOST_HITS";
+    /// The bucket counts of both host tables, which the program needs to find a home bucket.
+    pub const HOST_TABLES: &str = "HOST_TABLES";
+    /// The host hashes of versions before the host tables. A starting agent moves what they
+    /// hold into the tables before its program is attached, then removes their pins.
+    pub const LEGACY_DENY_V4_HOSTS: &str = "DENY_V4_HOSTS";
+    pub const LEGACY_DENY_V6_HOSTS: &str = "DENY_V6_HOSTS";
     /// Banned prefixes shorter than a host: LPM tries.
     pub const DENY_V4: &str = "DENY_V4";
     pub const DENY_V6: &str = "DENY_V6";
@@ -19,6 +28,8 @@ pub mod map_names {
     pub const ALLOW_V4: &str = "ALLOW_V4";
     pub const ALLOW_V6: &str = "ALLOW_V6";
     pub const STATS: &str = "STATS";
+    /// Per-CPU; rebuilt on every load, so not pinned.
+    pub const HIT_CLOCK: &str = "HIT_CLOCK";
     pub const CONFIG: &str = "CONFIG";
     pub const SCOPE_PORTS: &str = "SCOPE_PORTS";
     /// ifindex -> counter slot, so counters are per interface without a hash lookup.
@@ -29,9 +40,12 @@ pub mod map_names {
     pub const TRAFFICGEN_SOURCES: &str = "TRAFFICGEN_SOURCES";
 
     /// The maps that hold enforcement state and are pinned for adoption across restarts.
-    pub const PINNED: [&str; 12] = [
-        DENY_V4_HOSTS,
-        DENY_V6_HOSTS,
+    pub const PINNED: [&str; 15] = [
+        DENY_V4_HOST_KEYS,
+        DENY_V6_HOST_KEYS,
+        DENY_V4_HOST_HITS,
+        DENY_V6_HOST_HITS,
+        HOST_TABLES,
         DENY_V4,
         DENY_V6,
         DENY_V4_FILTER,
@@ -59,10 +73,10 @@ pub mod program_names {
     pub const BENCH_TRAFFICGEN: &str = "bench_trafficgen";
 }
 
-/// Capacity defaults. All deny and allow maps are created with `BPF_F_NO_PREALLOC`: entries
-/// are allocated on use, so an unused capacity costs no entry memory (a host hash still
-/// allocates its bucket array, 16 bytes per entry of capacity). The deny capacities bound the
-/// host hashes and the prefix tries each.
+/// Capacity defaults. The tries (deny prefixes, allow) allocate entries on use. The host tables
+/// are arrays, allocated whole when created: 20 bytes per IPv4 and 32 per IPv6 slot, with 1.25
+/// slots per entry of capacity (see [`host_table::buckets`]). The deny capacities bound the host
+/// tables and the prefix tries each.
 pub const DEFAULT_DENY_V4_ENTRIES: u32 = 1_048_576;
 pub const DEFAULT_DENY_V6_ENTRIES: u32 = 262_144;
 pub const DEFAULT_ALLOW_V4_ENTRIES: u32 = 65_536;
@@ -112,6 +126,115 @@ pub mod deny_filter {
     pub const fn v6_block(addr: &[u8; 16]) -> u64 {
         u64::from_be_bytes([0, 0, addr[0], addr[1], addr[2], addr[3], addr[4], addr[5]])
     }
+}
+
+/// Banned single hosts, the bulk of every feed, in open-addressed hash tables that the XDP
+/// program searches itself: each bucket is one 64-byte array element (16 IPv4 or 4 IPv6
+/// addresses), and the verifier inlines array lookups, so finding a host costs a few loads and
+/// compares and no call into the kernel, where a BPF hash map costs a call, a jhash and a bucket
+/// walk.
+///
+/// An address lives in one of [`PROBE_BUCKETS`] buckets from its home bucket. The agent puts an
+/// address that finds them all full in the deny trie as a full-length prefix instead, where the
+/// program finds it after a table miss; so the table never has to be larger than its sizing.
+///
+/// An empty slot holds zero (for IPv6: a first word of zero). Addresses with a first word of
+/// zero (0.0.0.0, ::/32) go to the trie. The agent writes slots through a memory mapping,
+/// one atomic word at a time, so the program never sees a torn IPv4 slot; an IPv6 slot is
+/// published by writing its first word last, and freed by zeroing its first word.
+///
+/// Hit counts live in a second array indexed by slot (`bucket * slots + slot`), so lookups of
+/// other addresses in a bucket do not share a cache line that hits keep writing.
+pub mod host_table {
+    /// IPv4 addresses per bucket: one cache line.
+    pub const V4_SLOTS: u32 = 16;
+    /// IPv6 addresses per bucket: one cache line.
+    pub const V6_SLOTS: u32 = 4;
+    /// Buckets an address may live in, from its home bucket on (wrapping at the end).
+    pub const PROBE_BUCKETS: u32 = 4;
+
+    /// Buckets for a capacity: room for 1.25 slots per entry, so a full table is 80% used.
+    pub const fn buckets(capacity: u32, slots: u32) -> u32 {
+        let wanted = (capacity as u64 * 5).div_ceil(4 * slots as u64);
+        if wanted < PROBE_BUCKETS as u64 {
+            PROBE_BUCKETS
+        } else if wanted > u32::MAX as u64 / V4_SLOTS as u64 {
+            u32::MAX / V4_SLOTS
+        } else {
+            wanted as u32
+        }
+    }
+
+    /// The home bucket of a hash: its high bits scaled to the bucket count, so that any count
+    /// works, not only powers of two.
+    #[inline(always)]
+    pub const fn home(hash: u32, buckets: u32) -> u32 {
+        ((hash as u64 * buckets as u64) >> 32) as u32
+    }
+
+    /// MurmurHash3's finaliser: every input bit reaches every output bit, so addresses that
+    /// differ only in their low octet (neighbours in a scanner's /24) land in unrelated buckets.
+    #[inline(always)]
+    pub const fn mix32(mut h: u32) -> u32 {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    }
+
+    /// The hash of an IPv4 address as the packet carries it (network order, loaded natively).
+    #[inline(always)]
+    pub const fn v4_hash(addr: u32) -> u32 {
+        mix32(addr)
+    }
+
+    /// The hash of an IPv6 address as four words loaded natively from the packet.
+    #[inline(always)]
+    pub const fn v6_hash(addr: &[u32; 4]) -> u32 {
+        mix32(addr[0] ^ mix32(addr[1] ^ mix32(addr[2] ^ mix32(addr[3]))))
+    }
+}
+
+/// A bucket of the IPv4 host table (see [`host_table`]): addresses in network order, zero free.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostBucketV4 {
+    pub addrs: [u32; host_table::V4_SLOTS as usize],
+}
+
+/// A bucket of the IPv6 host table: four addresses, each as four words in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostBucketV6 {
+    pub addrs: [[u32; 4]; host_table::V6_SLOTS as usize],
+}
+
+/// Hit bookkeeping of one host-table slot; see [`DenyEntry`] for the clock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostHits {
+    pub hits: u64,
+    pub last_hit_ns: u64,
+}
+
+/// The geometry of both host tables, in the single slot of the `HOST_TABLES` array. The agent
+/// writes it from the tables' real sizes every time it loads the program.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HostTables {
+    pub v4_buckets: u32,
+    pub v6_buckets: u32,
+}
+
+/// A per-CPU clock for last-hit times: `bpf_jiffies64` is inlined by the verifier where
+/// `bpf_ktime_get_coarse_ns` is a call, and the coarse clock only moves on a tick, so the
+/// program reads it once per tick per CPU and reuses it for every hit until jiffies move on.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HitClock {
+    pub jiffies: u64,
+    pub coarse_ns: u64,
 }
 
 /// Interfaces are numbered by ifindex up to this bound for per-interface counters; a larger
@@ -265,4 +388,9 @@ mod pod {
     unsafe impl aya::Pod for DataplaneConfig {}
     unsafe impl aya::Pod for BenchParams {}
     unsafe impl aya::Pod for TrafficgenParams {}
+    unsafe impl aya::Pod for HostBucketV4 {}
+    unsafe impl aya::Pod for HostBucketV6 {}
+    unsafe impl aya::Pod for HostHits {}
+    unsafe impl aya::Pod for HostTables {}
+    unsafe impl aya::Pod for HitClock {}
 }

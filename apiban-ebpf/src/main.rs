@@ -19,16 +19,17 @@ use core::{
 use apiban_common::{
     AllowEntry, BENCH_MULTIPLIER, BenchParams, Counter, DEFAULT_ALLOW_V4_ENTRIES,
     DEFAULT_ALLOW_V6_ENTRIES, DEFAULT_DENY_V4_ENTRIES, DEFAULT_DENY_V6_ENTRIES, DataplaneConfig,
-    DenyEntry, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, IFACE_COUNTER_SLOTS,
-    IFACE_SLOT_INDEXES, IPPROTO_AH, IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS,
-    IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS, TRAFFICGEN_SOURCE_SLOTS,
-    TrafficgenParams, VERDICT_COUNT, Verdict, deny_filter,
+    DenyEntry, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, HitClock, HostBucketV4,
+    HostBucketV6, HostHits, HostTables, IFACE_COUNTER_SLOTS, IFACE_SLOT_INDEXES, IPPROTO_AH,
+    IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP,
+    SCOPE_PORT_SLOTS, TRAFFICGEN_SOURCE_SLOTS, TrafficgenParams, VERDICT_COUNT, Verdict,
+    deny_filter, host_table,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, xdp_action},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_redirect},
+    bindings::{BPF_F_MMAPABLE, xdp_action},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect},
     macros::{map, xdp},
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use aya_log_ebpf::debug;
@@ -38,14 +39,33 @@ use network_types::{
     vlan::VlanHdr,
 };
 
-// Banned single hosts, the bulk of every feed: an exact-match hash costs one lookup whatever its
-// size, where an LPM trie walks up to 32 (128) nodes, each a cache miss with many entries.
+// Banned single hosts, the bulk of every feed, in open-addressed tables searched inline (see
+// `apiban_common::host_table`). Memory-mapped so that the agent writes slots with plain atomic
+// stores. Sized by the agent at load time; these are the defaults' sizes.
 #[map]
-static DENY_V4_HOSTS: HashMap<[u8; 4], DenyEntry> =
-    HashMap::with_max_entries(DEFAULT_DENY_V4_ENTRIES, BPF_F_NO_PREALLOC);
+static DENY_V4_HOST_KEYS: Array<HostBucketV4> = Array::with_max_entries(
+    host_table::buckets(DEFAULT_DENY_V4_ENTRIES, host_table::V4_SLOTS),
+    BPF_F_MMAPABLE,
+);
 #[map]
-static DENY_V6_HOSTS: HashMap<[u8; 16], DenyEntry> =
-    HashMap::with_max_entries(DEFAULT_DENY_V6_ENTRIES, BPF_F_NO_PREALLOC);
+static DENY_V4_HOST_HITS: Array<HostHits> = Array::with_max_entries(
+    host_table::buckets(DEFAULT_DENY_V4_ENTRIES, host_table::V4_SLOTS) * host_table::V4_SLOTS,
+    BPF_F_MMAPABLE,
+);
+#[map]
+static DENY_V6_HOST_KEYS: Array<HostBucketV6> = Array::with_max_entries(
+    host_table::buckets(DEFAULT_DENY_V6_ENTRIES, host_table::V6_SLOTS),
+    BPF_F_MMAPABLE,
+);
+#[map]
+static DENY_V6_HOST_HITS: Array<HostHits> = Array::with_max_entries(
+    host_table::buckets(DEFAULT_DENY_V6_ENTRIES, host_table::V6_SLOTS) * host_table::V6_SLOTS,
+    BPF_F_MMAPABLE,
+);
+#[map]
+static HOST_TABLES: Array<HostTables> = Array::with_max_entries(1, 0);
+#[map]
+static HIT_CLOCK: PerCpuArray<HitClock> = PerCpuArray::with_max_entries(1, 0);
 // Banned prefixes shorter than a host. An empty trie answers at its root, so feeds of single
 // hosts pay nothing for it.
 #[map]
@@ -276,11 +296,7 @@ fn classify_v4(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
         return Ok(Verdict::Passed);
     }
     let key = Key::new(32, src);
-    let deny = DENY_V4_HOSTS.get_ptr_mut(&src).or_else(|| {
-        DENY_V4
-            .get(&key)
-            .map(|e| (e as *const DenyEntry).cast_mut())
-    });
+    let deny = v4_host(u32::from_ne_bytes(src)).or_else(|| DENY_V4.get(&key).map(prefix_hits));
     Ok(match deny {
         None => Verdict::Passed,
         // The allowlist is only consulted for banned sources: same verdict as looking it up
@@ -315,11 +331,13 @@ fn classify_v6(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
         return Ok(Verdict::Passed);
     }
     let key = Key::new(128, src);
-    let deny = DENY_V6_HOSTS.get_ptr_mut(&src).or_else(|| {
-        DENY_V6
-            .get(&key)
-            .map(|e| (e as *const DenyEntry).cast_mut())
-    });
+    let words = [
+        u32::from_ne_bytes([src[0], src[1], src[2], src[3]]),
+        u32::from_ne_bytes([src[4], src[5], src[6], src[7]]),
+        u32::from_ne_bytes([src[8], src[9], src[10], src[11]]),
+        u32::from_ne_bytes([src[12], src[13], src[14], src[15]]),
+    ];
+    let deny = v6_host(&words).or_else(|| DENY_V6.get(&key).map(prefix_hits));
     Ok(match deny {
         None => Verdict::Passed,
         Some(_) if ALLOW_V6.get(&key).is_some() => Verdict::Allowed,
@@ -328,6 +346,65 @@ fn classify_v6(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
             Verdict::Dropped
         }
     })
+}
+
+/// The hit bookkeeping of a banned IPv4 host, if the host table has it.
+#[inline(always)]
+fn v4_host(addr: u32) -> Option<*mut HostHits> {
+    let buckets = HOST_TABLES.get(0)?.v4_buckets;
+    let mut bucket = host_table::home(host_table::v4_hash(addr), buckets);
+    for _ in 0..host_table::PROBE_BUCKETS {
+        let keys = DENY_V4_HOST_KEYS.get(bucket)?;
+        for slot in 0..host_table::V4_SLOTS {
+            // SAFETY: in bounds of the bucket. One 32-bit load: the agent writes each slot with
+            // one atomic store, so this sees the old or the new address, never a mix.
+            let key = unsafe { (&raw const keys.addrs[slot as usize]).read_volatile() };
+            if key == addr {
+                return DENY_V4_HOST_HITS.get_ptr_mut(bucket * host_table::V4_SLOTS + slot);
+            }
+        }
+        bucket += 1;
+        if bucket >= buckets {
+            bucket = 0;
+        }
+    }
+    None
+}
+
+/// The hit bookkeeping of a banned IPv6 host, if the host table has it.
+#[inline(always)]
+fn v6_host(addr: &[u32; 4]) -> Option<*mut HostHits> {
+    let buckets = HOST_TABLES.get(0)?.v6_buckets;
+    let mut bucket = host_table::home(host_table::v6_hash(addr), buckets);
+    for _ in 0..host_table::PROBE_BUCKETS {
+        let keys = DENY_V6_HOST_KEYS.get(bucket)?;
+        for slot in 0..host_table::V6_SLOTS {
+            let key = &keys.addrs[slot as usize];
+            // SAFETY: in bounds of the bucket. The first word is read first: the agent
+            // publishes a slot by writing it last and frees it by zeroing it first.
+            let found = unsafe {
+                (&raw const key[0]).read_volatile() == addr[0]
+                    && (&raw const key[1]).read_volatile() == addr[1]
+                    && (&raw const key[2]).read_volatile() == addr[2]
+                    && (&raw const key[3]).read_volatile() == addr[3]
+            };
+            if found {
+                return DENY_V6_HOST_HITS.get_ptr_mut(bucket * host_table::V6_SLOTS + slot);
+            }
+        }
+        bucket += 1;
+        if bucket >= buckets {
+            bucket = 0;
+        }
+    }
+    None
+}
+
+/// A trie entry's hit bookkeeping: `DenyEntry` starts with the fields of `HostHits`, in the
+/// same order, so both kinds of entry are counted by one `record_hit`.
+#[inline(always)]
+fn prefix_hits(entry: &DenyEntry) -> *mut HostHits {
+    (entry as *const DenyEntry).cast_mut().cast::<HostHits>()
 }
 
 /// False only when no deny entry covers the source's block. A word the lookup cannot find
@@ -383,16 +460,38 @@ fn in_port_scope(ctx: &XdpContext, proto: u8, l4_offset: usize) -> Result<bool, 
 }
 
 #[inline(always)]
-fn record_hit(entry: *mut DenyEntry, flags: u32) {
+fn record_hit(entry: *mut HostHits, flags: u32) {
     if flags & DataplaneConfig::NO_HIT_TRACKING != 0 {
         return;
     }
+    let now = coarse_now_ns();
     // SAFETY: the pointer comes from a successful map lookup and stays valid for this run
     // (RCU). Many CPUs may hit one entry at once: the count is atomic, the timestamp a plain
-    // store where the last writer wins.
+    // store where the last writer wins, skipped when it would not change.
     unsafe {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).hits, 1);
-        (&raw mut (*entry).last_hit_ns).write_volatile(bpf_ktime_get_coarse_ns());
+        let last = &raw mut (*entry).last_hit_ns;
+        if last.read_volatile() != now {
+            last.write_volatile(now);
+        }
+    }
+}
+
+/// `bpf_ktime_get_coarse_ns`, called at most once per tick on each CPU (see `HitClock`).
+#[inline(always)]
+fn coarse_now_ns() -> u64 {
+    // SAFETY: helpers without arguments.
+    let jiffies = unsafe { bpf_jiffies64() };
+    let Some(clock) = HIT_CLOCK.get_ptr_mut(0) else {
+        return unsafe { bpf_ktime_get_coarse_ns() };
+    };
+    // SAFETY: a per-CPU slot, only touched by the CPU running this program.
+    unsafe {
+        if (*clock).jiffies != jiffies {
+            (*clock).jiffies = jiffies;
+            (*clock).coarse_ns = bpf_ktime_get_coarse_ns();
+        }
+        (*clock).coarse_ns
     }
 }
 

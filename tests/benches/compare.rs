@@ -76,14 +76,14 @@ fn main() {
         let (one, batched) = load_apiban(&addrs);
         report(
             &mut json,
-            "apiban, one by one (BPF_MAP_UPDATE_ELEM)",
+            "apiban, one call per address",
             "apiban_one_by_one",
             n,
             one,
         );
         report(
             &mut json,
-            "apiban, batched (BPF_MAP_UPDATE_BATCH)",
+            "apiban, one call per batch",
             "apiban",
             n,
             batched,
@@ -112,14 +112,14 @@ fn main() {
         let (one, batched) = load_apiban(&addresses(100_000));
         report(
             &mut json,
-            "apiban, one by one (BPF_MAP_UPDATE_ELEM)",
+            "apiban, one call per address",
             "apiban_one_by_one",
             100_000,
             one,
         );
         report(
             &mut json,
-            "apiban, batched (BPF_MAP_UPDATE_BATCH)",
+            "apiban, one call per batch",
             "apiban",
             100_000,
             batched,

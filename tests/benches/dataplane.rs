@@ -158,12 +158,12 @@ fn main() {
                 loaded.dataplane.deny(*n).expect("insert");
             }
         });
-        load_row("one by one (BPF_MAP_UPDATE_ELEM)", size, one_by_one);
+        load_row("one call per address", size, one_by_one);
         loaded.dataplane.undeny_batch(&nets).expect("clear");
         let batched = time(|| {
             loaded.dataplane.deny_batch(&nets).expect("batch");
         });
-        load_row("batched (BPF_MAP_UPDATE_BATCH)", size, batched);
+        load_row("one call per batch", size, batched);
         loaded.dataplane.undeny_batch(&nets).expect("clear");
         if size == 100_000 {
             batched_100k = Some(batched);

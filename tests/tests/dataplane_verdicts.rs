@@ -31,6 +31,7 @@ fn net(s: &str) -> IpNet {
 struct Harness {
     loaded: Loaded,
     dir: BpffsDir,
+    capacities: Capacities,
 }
 
 impl Harness {
@@ -47,7 +48,11 @@ impl Harness {
             debug_events: false,
         })
         .expect("load the XDP program");
-        Self { loaded, dir }
+        Self {
+            loaded,
+            dir,
+            capacities,
+        }
     }
 
     fn with_test_lists() -> Self {
@@ -75,7 +80,8 @@ impl Harness {
     fn reload(&mut self) {
         self.loaded = loader::load(&LoadOptions {
             bpffs_dir: self.dir.path.clone(),
-            ..Default::default()
+            capacities: self.capacities,
+            debug_events: false,
         })
         .expect("load over the pins");
     }
@@ -779,4 +785,210 @@ fn the_deny_filter_never_hides_a_ban() {
     assert!(h.drops(&hosts[1999].addr().to_string()));
     assert!(h.drops("2001:db8:1:2::66"));
     assert!(!h.filtered_in(&hosts[0].addr().to_string()));
+}
+
+/// IPv4 addresses (as prefixes) whose home bucket in a host table of `buckets` is `home`.
+fn same_home(buckets: u32, home: u32, count: usize) -> Vec<String> {
+    use apiban_common::host_table;
+    (0x0b00_0001u32..)
+        .map(std::net::Ipv4Addr::from)
+        .filter(|a| {
+            let hash = host_table::v4_hash(u32::from_ne_bytes(a.octets()));
+            host_table::home(hash, buckets) == home
+        })
+        .take(count)
+        .map(|a| format!("{a}/32"))
+        .collect()
+}
+
+/// A host whose probe window is full goes to the trie, where the program still finds it; a
+/// freed slot takes the next host and starts it from zero hits.
+#[test]
+fn the_host_table_overflows_into_the_trie_and_reuses_slots_clean() {
+    use apiban_common::host_table;
+    let mut h = Harness::with_capacities(Capacities {
+        deny_v4: 1_000,
+        ..Capacities::default()
+    });
+    let buckets = h.loaded.dataplane.deny_v4.host_buckets();
+    assert_eq!(buckets, host_table::buckets(1_000, host_table::V4_SLOTS));
+    let window = (host_table::PROBE_BUCKETS * host_table::V4_SLOTS) as usize;
+    let hosts = same_home(buckets, 7, window + 1);
+    for n in &hosts {
+        h.deny(n);
+    }
+    let dp = &h.loaded.dataplane;
+    assert_eq!(dp.deny_v4.hosts_in_table(), window, "the window is full");
+    assert_eq!(dp.deny_v4.count(), window + 1, "one host went to the trie");
+    let overflowed = &hosts[window];
+    for n in &hosts {
+        assert!(h.drops(n.trim_end_matches("/32")), "{n} dropped");
+    }
+    assert!(
+        h.loaded
+            .dataplane
+            .is_denied(net(overflowed))
+            .expect("contains")
+    );
+    let hits_of = |h: &Harness, n: &str| {
+        h.loaded
+            .dataplane
+            .deny_match(net(n).addr())
+            .expect("match")
+            .map(|m| (m.net, m.entry.hits))
+    };
+    assert_eq!(hits_of(&h, overflowed), Some((net(overflowed), 1)));
+
+    // Hit a table host, free its slot, and refill the window: the overflowed host's
+    // replacement must not inherit the hits.
+    let first = &hosts[0];
+    for _ in 0..2 {
+        assert!(h.drops(first.trim_end_matches("/32")));
+    }
+    assert_eq!(hits_of(&h, first), Some((net(first), 3)));
+    h.undeny(first);
+    h.undeny(overflowed);
+    assert!(!h.drops(first.trim_end_matches("/32")));
+    assert!(!h.drops(overflowed.trim_end_matches("/32")));
+    assert_eq!(h.loaded.dataplane.deny_v4.count(), window - 1);
+    h.deny(overflowed);
+    assert_eq!(
+        h.loaded.dataplane.deny_v4.hosts_in_table(),
+        window,
+        "the freed slot takes the next host"
+    );
+    assert_eq!(hits_of(&h, overflowed), Some((net(overflowed), 0)));
+    assert!(h.drops(overflowed.trim_end_matches("/32")));
+
+    // Batches and a restart see the same placement.
+    let more = same_home(buckets, 40, 70);
+    let more: Vec<IpNet> = more.iter().map(|n| net(n)).collect();
+    assert_eq!(h.loaded.dataplane.deny_batch(&more).expect("batch"), 70);
+    h.reload();
+    let dp = &h.loaded.dataplane;
+    assert_eq!(dp.deny_v4.count(), window + 70);
+    assert_eq!(dp.deny_v4.hosts_in_table(), 2 * window);
+    assert_eq!(h.loaded.dataplane.undeny_batch(&more).expect("batch"), 70);
+    for n in more.iter().step_by(9) {
+        assert!(!h.drops(&n.addr().to_string()), "{n} removed");
+    }
+    assert!(h.drops(overflowed.trim_end_matches("/32")));
+}
+
+/// Versions before the host tables kept hosts in pinned BPF hashes. An upgraded agent moves
+/// them, hit counts included, into the tables before its program runs, and drops the pins.
+#[test]
+fn an_upgrade_moves_the_legacy_host_hashes_into_the_tables() {
+    let mut h = Harness::new();
+    let v4 = legacy::hash(
+        4,
+        &[
+            ([203, 0, 113, 9].to_vec(), 7),
+            ([203, 0, 113, 10].to_vec(), 0),
+        ],
+    );
+    let v6: std::net::Ipv6Addr = "2001:db8:5::9".parse().expect("v6");
+    let v6 = legacy::hash(16, &[(v6.octets().to_vec(), 2)]);
+    let v4_pin = h
+        .dir
+        .path
+        .join(apiban_common::map_names::LEGACY_DENY_V4_HOSTS);
+    let v6_pin = h
+        .dir
+        .path
+        .join(apiban_common::map_names::LEGACY_DENY_V6_HOSTS);
+    legacy::pin(&v4, &v4_pin);
+    legacy::pin(&v6, &v6_pin);
+    h.reload();
+    assert!(
+        !v4_pin.exists() && !v6_pin.exists(),
+        "legacy pins are removed"
+    );
+    let hits: Vec<(IpNet, u64)> = h
+        .loaded
+        .dataplane
+        .deny_hits()
+        .expect("hits")
+        .into_iter()
+        .map(|e| (e.net, e.entry.hits))
+        .collect();
+    for expected in [
+        (net("203.0.113.9/32"), 7),
+        (net("203.0.113.10/32"), 0),
+        (net("2001:db8:5::9/128"), 2),
+    ] {
+        assert!(hits.contains(&expected), "{expected:?} in {hits:?}");
+    }
+    assert!(h.drops("203.0.113.9") && h.drops("203.0.113.10"));
+    assert!(h.drops("2001:db8:5::9"));
+    assert!(!h.drops("203.0.113.11"));
+}
+
+/// Builds a BPF hash laid out like the legacy host hashes, with raw syscalls: aya creates maps
+/// only from an object file.
+mod legacy {
+    use std::{
+        ffi::CString,
+        os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        path::Path,
+    };
+
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_F_NO_PREALLOC: u32 = 1;
+
+    fn bpf(cmd: libc::c_long, attr: &mut [u64; 16]) -> i64 {
+        // SAFETY: `attr` is a zeroed bpf_attr of 128 bytes with the fields this command reads.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128u32) }
+    }
+
+    /// A hash of `key_len`-octet addresses to `DenyEntry`, holding `(address, hits)`.
+    pub fn hash(key_len: u32, entries: &[(Vec<u8>, u64)]) -> OwnedFd {
+        let mut attr = [0u64; 16];
+        attr[0] = u64::from(BPF_MAP_TYPE_HASH) | u64::from(key_len) << 32;
+        let value_size = size_of::<apiban_common::DenyEntry>() as u64;
+        attr[1] = value_size | 1024 << 32;
+        attr[2] = u64::from(BPF_F_NO_PREALLOC);
+        let fd = bpf(BPF_MAP_CREATE, &mut attr);
+        assert!(
+            fd >= 0,
+            "create a legacy hash: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a descriptor the kernel just returned to us.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        for (key, hits) in entries {
+            let value = apiban_common::DenyEntry {
+                hits: *hits,
+                last_hit_ns: if *hits > 0 { 1_000 } else { 0 },
+                prefix_len: key_len * 8,
+                _reserved: 0,
+            };
+            let mut attr = [0u64; 16];
+            attr[0] = fd.as_raw_fd() as u64;
+            attr[1] = key.as_ptr() as u64;
+            attr[2] = (&raw const value) as u64;
+            assert_eq!(
+                bpf(BPF_MAP_UPDATE_ELEM, &mut attr),
+                0,
+                "fill the legacy hash"
+            );
+        }
+        fd
+    }
+
+    pub fn pin(fd: &OwnedFd, path: &Path) {
+        let path = CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+        let mut attr = [0u64; 16];
+        attr[0] = path.as_ptr() as u64;
+        attr[1] = fd.as_raw_fd() as u64;
+        assert_eq!(
+            bpf(BPF_OBJ_PIN, &mut attr),
+            0,
+            "pin the legacy hash: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }

@@ -10,8 +10,7 @@
 use std::{
     io,
     ops::Range,
-    os::fd::{AsFd as _, AsRawFd as _},
-    ptr::NonNull,
+    os::fd::{AsFd as _, BorrowedFd},
     sync::atomic::{AtomicU64, Ordering},
 };
 
@@ -21,7 +20,7 @@ use apiban_common::deny_filter::{
 use aya::maps::{Array, IterableMap as _, Map, MapData};
 use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 
-use super::DataplaneError;
+use super::{DataplaneError, mapping::Mapping};
 
 /// A deny entry as the filter counts it: prefix length and address octets.
 type Member<const N: usize> = (u32, [u8; N]);
@@ -45,14 +44,14 @@ impl<const N: usize> DenyFilter<N> {
             Array::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
         let len = map.len() as usize;
         if len != WORDS as usize {
-            return Err(DataplaneError::FilterSize {
+            return Err(DataplaneError::MapSize {
                 name,
-                words: len,
+                entries: len,
                 expected: WORDS as usize,
             });
         }
-        let bits = MappedWords::map(map.map().fd().as_fd().as_raw_fd(), len)
-            .map_err(|source| DataplaneError::FilterMap { name, source })?;
+        let bits = MappedWords::map(map.map().fd().as_fd(), len)
+            .map_err(|source| DataplaneError::Mmap { name, source })?;
         Ok(Self {
             bits,
             members: HashSet::new(),
@@ -180,7 +179,7 @@ impl<const N: usize> DenyFilter<N> {
         for bit in self.counts.keys() {
             words[(*bit >> 6) as usize] |= 1 << (bit & 63);
         }
-        for (word, value) in self.bits.words().iter().zip(words) {
+        for (word, value) in self.bits.words().zip(words) {
             if word.load(Ordering::Relaxed) != value {
                 word.store(value, Ordering::Release);
             }
@@ -226,62 +225,37 @@ impl Iterator for Blocks {
     }
 }
 
-/// A shared, writable mapping of a `BPF_F_MMAPABLE` array of u64.
+/// The bitmap, mapped for as long as the filter lives: bits change with every ban.
 struct MappedWords {
-    ptr: NonNull<AtomicU64>,
+    mapping: Mapping,
     len: usize,
 }
 
-// SAFETY: the mapping is plain shared memory, accessed only through atomics.
-unsafe impl Send for MappedWords {}
-// SAFETY: as above.
-unsafe impl Sync for MappedWords {}
-
 impl MappedWords {
-    fn map(fd: i32, len: usize) -> io::Result<Self> {
-        // SAFETY: a fresh shared mapping of the map's value area; the kernel checks the size
-        // against the map and that it is mmapable.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len * 8,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr = NonNull::new(ptr.cast::<AtomicU64>()).ok_or_else(io::Error::last_os_error)?;
-        Ok(Self { ptr, len })
+    fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
+        let mapping = Mapping::new(fd, 0..len * 8, true)?;
+        Ok(Self { mapping, len })
     }
 
-    fn words(&self) -> &[AtomicU64] {
-        // SAFETY: the mapping holds `len` u64 words, is page-aligned and lives as long as self.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    fn words(&self) -> impl Iterator<Item = &AtomicU64> {
+        (0..self.len).map(|i| self.mapping.u64_at(i))
+    }
+
+    fn word(&self, bit: u32) -> &AtomicU64 {
+        self.mapping.u64_at((bit >> 6) as usize)
     }
 
     fn set(&self, bit: u32) {
-        self.words()[(bit >> 6) as usize].fetch_or(1 << (bit & 63), Ordering::Release);
+        self.word(bit).fetch_or(1 << (bit & 63), Ordering::Release);
     }
 
     fn clear(&self, bit: u32) {
-        self.words()[(bit >> 6) as usize].fetch_and(!(1 << (bit & 63)), Ordering::Release);
+        self.word(bit)
+            .fetch_and(!(1 << (bit & 63)), Ordering::Release);
     }
 
     fn get(&self, bit: u32) -> bool {
-        self.words()[(bit >> 6) as usize].load(Ordering::Acquire) & (1 << (bit & 63)) != 0
-    }
-}
-
-impl Drop for MappedWords {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `map` mapped; no reference outlives self.
-        unsafe {
-            libc::munmap(self.ptr.as_ptr().cast(), self.len * 8);
-        }
+        self.word(bit).load(Ordering::Acquire) & (1 << (bit & 63)) != 0
     }
 }
 

@@ -18,10 +18,11 @@ use std::{
 
 use apiban_common::{
     DEFAULT_ALLOW_V4_ENTRIES, DEFAULT_ALLOW_V6_ENTRIES, DEFAULT_DENY_V4_ENTRIES,
-    DEFAULT_DENY_V6_ENTRIES, DataplaneConfig, map_names, program_names,
+    DEFAULT_DENY_V6_ENTRIES, DataplaneConfig, DenyEntry, host_table, map_names, program_names,
 };
 use aya::{
     Ebpf, EbpfLoader,
+    maps::{HashMap as AyaHashMap, Map, MapData},
     programs::{
         ProgramError, Xdp, XdpMode,
         links::{FdLink, LinkError, PinnedLink},
@@ -134,6 +135,15 @@ pub enum LoaderError {
     },
     #[error(transparent)]
     Dataplane(#[from] DataplaneError),
+    #[error(
+        "cannot read the previous version's host hash {path}: {source}; run `apiban detach` \
+         and start again (this drops all bans until the agent has restored them)"
+    )]
+    Legacy {
+        path: PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> LoaderError + '_ {
@@ -205,9 +215,19 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
         .collect();
     let mut loader = EbpfLoader::new();
     let caps = options.capacities;
+    let v4_buckets = host_table::buckets(caps.deny_v4, host_table::V4_SLOTS);
+    let v6_buckets = host_table::buckets(caps.deny_v6, host_table::V6_SLOTS);
     loader
-        .map_max_entries(map_names::DENY_V4_HOSTS, caps.deny_v4)
-        .map_max_entries(map_names::DENY_V6_HOSTS, caps.deny_v6)
+        .map_max_entries(map_names::DENY_V4_HOST_KEYS, v4_buckets)
+        .map_max_entries(
+            map_names::DENY_V4_HOST_HITS,
+            v4_buckets * host_table::V4_SLOTS,
+        )
+        .map_max_entries(map_names::DENY_V6_HOST_KEYS, v6_buckets)
+        .map_max_entries(
+            map_names::DENY_V6_HOST_HITS,
+            v6_buckets * host_table::V6_SLOTS,
+        )
         .map_max_entries(map_names::DENY_V4, caps.deny_v4)
         .map_max_entries(map_names::DENY_V6, caps.deny_v6)
         .map_max_entries(map_names::ALLOW_V4, caps.allow_v4)
@@ -236,6 +256,7 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
             source,
         })?;
     let mut dataplane = Dataplane::from_ebpf(&mut ebpf)?;
+    adopt_legacy_hosts(dir, &mut dataplane)?;
     dataplane.set_flag(DataplaneConfig::DEBUG_EVENTS, options.debug_events)?;
     Ok(Loaded {
         ebpf,
@@ -243,6 +264,52 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
         bpffs_dir: dir.clone(),
         adopted,
     })
+}
+
+/// Pins of the host hashes that versions before the host tables used.
+const LEGACY_HOST_PINS: [&str; 2] = [
+    map_names::LEGACY_DENY_V4_HOSTS,
+    map_names::LEGACY_DENY_V6_HOSTS,
+];
+
+/// After an upgrade from a version with host hashes, their hosts move into the host tables
+/// before the new program is attached, so no banned host passes in between. The old program
+/// keeps its own reference to the hashes until the link switches programs; the pins go once
+/// their content is safe in the tables.
+fn adopt_legacy_hosts(dir: &Path, dataplane: &mut Dataplane) -> Result<(), LoaderError> {
+    fn read<const N: usize>(path: &Path) -> Result<Vec<([u8; N], DenyEntry)>, LoaderError> {
+        if !path.exists() {
+            return Ok(Vec::new());
+        }
+        let legacy = |source| LoaderError::Legacy {
+            path: path.to_owned(),
+            source,
+        };
+        let map = MapData::from_pin(path).map_err(legacy)?;
+        let hash: AyaHashMap<MapData, [u8; N], DenyEntry> =
+            AyaHashMap::try_from(Map::HashMap(map)).map_err(legacy)?;
+        hash.iter().collect::<Result<_, _>>().map_err(legacy)
+    }
+    let v4_path = dir.join(map_names::LEGACY_DENY_V4_HOSTS);
+    let v6_path = dir.join(map_names::LEGACY_DENY_V6_HOSTS);
+    let (v4, v6) = (read::<4>(&v4_path)?, read::<16>(&v6_path)?);
+    if !v4_path.exists() && !v6_path.exists() {
+        return Ok(());
+    }
+    tracing::info!(
+        v4 = v4.len(),
+        v6 = v6.len(),
+        "moving banned hosts from the previous version's host hashes into the host tables"
+    );
+    dataplane.adopt_legacy_hosts(v4, v6)?;
+    for path in [v4_path, v6_path] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+    }
+    Ok(())
 }
 
 fn program_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, LoaderError> {
@@ -434,7 +501,7 @@ pub fn detach(bpffs_dir: &Path, iface: Option<&str>) -> Result<DetachReport, Loa
         report.interfaces.push(pinned.iface);
     }
     if iface.is_none() && bpffs_dir.exists() {
-        for name in map_names::PINNED {
+        for name in map_names::PINNED.iter().chain(&LEGACY_HOST_PINS) {
             let path = bpffs_dir.join(name);
             match std::fs::remove_file(&path) {
                 Ok(()) => report.maps_removed = true,

@@ -6,21 +6,23 @@
 pub mod batch;
 pub mod bpffs;
 pub mod filter;
+pub mod host_table;
 pub mod loader;
+mod mapping;
 
 use std::{collections::BTreeSet, io, net::IpAddr, os::fd::AsFd as _};
 
 use apiban_common::{
-    AllowEntry, Counter, DataplaneConfig, DenyEntry, IFACE_COUNTER_SLOTS, IFACE_SLOT_INDEXES,
-    SCOPE_PORT_SLOTS, VERDICT_COUNT, Verdict, map_names,
+    AllowEntry, Counter, DataplaneConfig, DenyEntry, HostHits, HostTables, IFACE_COUNTER_SLOTS,
+    IFACE_SLOT_INDEXES, SCOPE_PORT_SLOTS, VERDICT_COUNT, Verdict, map_names,
 };
 use aya::maps::{
-    Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues,
+    Array, IterableMap as _, Map, MapData, MapError, PerCpuArray, PerCpuValues,
     lpm_trie::{Key, LpmTrie},
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use self::filter::DenyFilter;
+use self::{filter::DenyFilter, host_table::HostTable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -41,15 +43,15 @@ pub enum DataplaneError {
     #[error("cannot size per-CPU counters: {0}")]
     Io(#[source] io::Error),
     #[error(
-        "map {name} has {words} words where this version expects {expected}; run `apiban detach` and start again"
+        "map {name} has {entries} entries where this version expects {expected}; run `apiban detach` and start again"
     )]
-    FilterSize {
+    MapSize {
         name: &'static str,
-        words: usize,
+        entries: usize,
         expected: usize,
     },
     #[error("cannot memory-map {name}: {source}")]
-    FilterMap {
+    Mmap {
         name: &'static str,
         #[source]
         source: io::Error,
@@ -179,10 +181,11 @@ fn is_full_errno(errno: Option<i32>) -> bool {
     matches!(errno, Some(libc::ENOSPC) | Some(libc::E2BIG))
 }
 
-/// The deny list of one family: single hosts in an exact-match hash (one lookup on the hot
-/// path whatever the size), shorter prefixes in an LPM trie, and the filter in front of both.
+/// The deny list of one family: single hosts in a host table (a few inlined loads on the hot
+/// path whatever the size), shorter prefixes and hosts the table has no room for in an LPM
+/// trie, and the filter in front of both.
 pub struct DenyMap<const N: usize> {
-    hosts: HostMap<N>,
+    hosts: HostTable<N>,
     prefixes: PrefixMap<N, DenyEntry>,
     filter: DenyFilter<N>,
 }
@@ -194,7 +197,7 @@ impl<const N: usize> DenyMap<N> {
         key.prefix_len() == Self::HOST_LEN
     }
 
-    /// Single-host keys (as bare addresses for the hash) and the shorter prefixes.
+    /// Single-host keys (as bare addresses for the table) and the shorter prefixes.
     fn split(keys: &[Key<[u8; N]>]) -> (Vec<[u8; N]>, Vec<Key<[u8; N]>>) {
         let mut hosts = Vec::with_capacity(keys.len());
         let mut prefixes = Vec::new();
@@ -208,15 +211,41 @@ impl<const N: usize> DenyMap<N> {
         (hosts, prefixes)
     }
 
-    /// Capacity of each of the two maps (hosts and prefixes).
+    fn host_keys(addrs: Vec<[u8; N]>) -> Vec<Key<[u8; N]>> {
+        addrs
+            .into_iter()
+            .map(|a| Key::new(Self::HOST_LEN, a))
+            .collect()
+    }
+
+    fn host_entry(hits: HostHits) -> DenyEntry {
+        DenyEntry {
+            hits: hits.hits,
+            last_hit_ns: hits.last_hit_ns,
+            prefix_len: Self::HOST_LEN,
+            _reserved: 0,
+        }
+    }
+
+    /// Capacity of the prefix trie; the host table is sized for as many hosts.
     pub fn capacity(&self) -> u32 {
-        self.hosts.capacity
+        self.prefixes.capacity
+    }
+
+    /// Buckets of the host table.
+    pub fn host_buckets(&self) -> u32 {
+        self.hosts.buckets()
+    }
+
+    /// Hosts in the host table; the others are in the trie, where a lookup costs a call.
+    pub fn hosts_in_table(&self) -> usize {
+        self.hosts.len()
     }
 
     /// Brings the filter in line with what the maps hold: they may come from a previous
     /// agent's pins, or meet this filter for the first time after an upgrade.
     fn new(
-        hosts: HostMap<N>,
+        hosts: HostTable<N>,
         prefixes: PrefixMap<N, DenyEntry>,
         mut filter: DenyFilter<N>,
     ) -> Result<Self, DataplaneError> {
@@ -246,18 +275,15 @@ impl<const N: usize> DenyMap<N> {
 
     /// Adds a prefix. An existing entry keeps its value (and so its hit count).
     pub fn insert(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
-        self.filter.add(key.prefix_len(), key.data());
-        if Self::is_host(&key) {
-            self.hosts.insert(key.data())
-        } else {
-            self.prefixes.insert(key)
-        }
+        self.insert_batch(&[key]).map(|_| ())
     }
 
     /// Removes an exact prefix; removing an absent one is not an error.
     pub fn remove(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
         if Self::is_host(&key) {
-            self.hosts.remove(key.data())?;
+            if !self.hosts.remove_batch(&[key.data()])?.is_empty() {
+                self.prefixes.remove(key)?;
+            }
         } else {
             self.prefixes.remove(key)?;
         }
@@ -267,11 +293,10 @@ impl<const N: usize> DenyMap<N> {
 
     /// Whether exactly this prefix is present (not whether something covers it).
     pub fn contains(&self, key: Key<[u8; N]>) -> Result<bool, DataplaneError> {
-        if Self::is_host(&key) {
-            Ok(self.hosts.get(key.data())?.is_some())
-        } else {
-            self.prefixes.contains(key)
+        if Self::is_host(&key) && self.hosts.get(&key.data())?.is_some() {
+            return Ok(true);
         }
+        self.prefixes.contains(key)
     }
 
     /// The entry the XDP program finds for a packet from the full-length address `key`, with
@@ -280,143 +305,85 @@ impl<const N: usize> DenyMap<N> {
         &self,
         key: Key<[u8; N]>,
     ) -> Result<Option<(u32, DenyEntry)>, DataplaneError> {
-        if let Some(v) = self.hosts.get(key.data())? {
-            return Ok(Some((Self::HOST_LEN, v)));
+        if let Some(hits) = self.hosts.get(&key.data())? {
+            return Ok(Some((Self::HOST_LEN, Self::host_entry(hits))));
         }
         self.prefixes.longest_match(key)
     }
 
-    /// Adds many new prefixes with batched updates (see [`PrefixMap::insert_batch`]).
+    /// Adds many prefixes: hosts into the table, the rest (and hosts it has no room for) with
+    /// batched trie updates. Prefixes already present keep their hit counts.
     pub fn insert_batch(&mut self, keys: &[Key<[u8; N]>]) -> Result<usize, DataplaneError> {
         for key in keys {
             self.filter.add(key.prefix_len(), key.data());
         }
-        let (hosts, prefixes) = Self::split(keys);
-        Ok(self.hosts.insert_batch(&hosts)? + self.prefixes.insert_batch(&prefixes)?)
+        let (hosts, mut prefixes) = Self::split(keys);
+        let before = self.hosts.len();
+        let no_room = self.hosts.insert_batch(&hosts)?;
+        let placed = self.hosts.len() - before;
+        prefixes.extend(Self::host_keys(no_room));
+        let mut fresh = Vec::with_capacity(prefixes.len());
+        for key in prefixes {
+            if !self.prefixes.contains(key)? {
+                fresh.push(key);
+            }
+        }
+        Ok(placed + self.prefixes.insert_batch(&fresh)?)
     }
 
     /// Removes many exact prefixes, all of which must be present. After a failure the filter
     /// keeps the bits of every key of the failed batch: set too long costs a lookup, cleared
     /// too early would let a banned source through.
     pub fn remove_batch(&mut self, keys: &[Key<[u8; N]>]) -> Result<usize, DataplaneError> {
-        let (hosts, prefixes) = Self::split(keys);
-        let removed = self.hosts.remove_batch(&hosts)? + self.prefixes.remove_batch(&prefixes)?;
+        let (hosts, mut prefixes) = Self::split(keys);
+        let before = self.hosts.len();
+        let elsewhere = self.hosts.remove_batch(&hosts)?;
+        let removed = before - self.hosts.len();
+        prefixes.extend(Self::host_keys(elsewhere));
+        let removed = removed + self.prefixes.remove_batch(&prefixes)?;
         for key in keys {
             self.filter.remove(key.prefix_len(), key.data());
         }
         Ok(removed)
     }
 
-    /// All entries with their values, hosts first.
+    /// All entries with their values, hosts in the table first.
     pub fn entries(&self) -> Result<Vec<Entry<N, DenyEntry>>, DataplaneError> {
         let mut all: Vec<Entry<N, DenyEntry>> = self
             .hosts
             .entries()?
             .into_iter()
-            .map(|(addr, v)| (Key::new(Self::HOST_LEN, addr), v))
+            .map(|(addr, hits)| (Key::new(Self::HOST_LEN, addr), Self::host_entry(hits)))
             .collect();
         all.extend(self.prefixes.entries()?);
         Ok(all)
     }
 
-    /// Number of entries; walks both maps, so it costs O(n) syscalls.
+    /// Number of entries; walks the trie, so it costs O(n) syscalls for prefixes.
     pub fn count(&self) -> usize {
-        self.hosts.count() + self.prefixes.count()
-    }
-}
-
-/// Banned single hosts of one family: exact-match keys of `N` octets.
-pub struct HostMap<const N: usize> {
-    name: &'static str,
-    family: Family,
-    capacity: u32,
-    map: HashMap<MapData, [u8; N], DenyEntry>,
-}
-
-impl<const N: usize> HostMap<N> {
-    fn new(map: Map, name: &'static str, family: Family) -> Result<Self, DataplaneError> {
-        let map: HashMap<MapData, [u8; N], DenyEntry> =
-            HashMap::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
-        let capacity = map
-            .map()
-            .info()
-            .map_err(|source| DataplaneError::Map { name, source })?
-            .max_entries();
-        Ok(Self {
-            name,
-            family,
-            capacity,
-            map,
-        })
+        self.hosts.len() + self.prefixes.count()
     }
 
-    fn error(&self, source: MapError) -> DataplaneError {
-        match &source {
-            MapError::SyscallError(e) if is_full_errno(e.io_error.raw_os_error()) => self.full(),
-            _ => DataplaneError::Map {
-                name: self.name,
-                source,
-            },
-        }
-    }
-
-    fn full(&self) -> DataplaneError {
-        DataplaneError::MapFull {
-            list: List::Deny,
-            family: self.family,
-            capacity: self.capacity,
-        }
-    }
-
-    fn value() -> DenyEntry {
-        DenyEntry::for_prefix((N * 8) as u32)
-    }
-
-    fn insert(&mut self, addr: [u8; N]) -> Result<(), DataplaneError> {
-        match self.map.insert(&addr, &Self::value(), BPF_NOEXIST) {
-            Ok(()) => Ok(()),
-            Err(e) if is_errno(&e, libc::EEXIST) => Ok(()),
-            Err(e) => Err(self.error(e)),
-        }
-    }
-
-    fn remove(&mut self, addr: [u8; N]) -> Result<(), DataplaneError> {
-        match self.map.remove(&addr) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
-            Err(e) => Err(self.error(e)),
-        }
-    }
-
-    fn get(&self, addr: [u8; N]) -> Result<Option<DenyEntry>, DataplaneError> {
-        match self.map.get(&addr, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) if is_errno(&e, libc::ENOENT) => Ok(None),
-            Err(e) => Err(self.error(e)),
-        }
-    }
-
-    fn insert_batch(&mut self, addrs: &[[u8; N]]) -> Result<usize, DataplaneError> {
-        let values = vec![Self::value(); addrs.len()];
-        let outcome = batch::update(self.map.map().fd().as_fd(), addrs, &values);
-        batch_result(self.name, outcome, || self.full())
-    }
-
-    fn remove_batch(&mut self, addrs: &[[u8; N]]) -> Result<usize, DataplaneError> {
-        let outcome = batch::delete(self.map.map().fd().as_fd(), addrs);
-        batch_result(self.name, outcome, || self.full())
-    }
-
-    fn entries(&self) -> Result<Vec<([u8; N], DenyEntry)>, DataplaneError> {
-        self.map
+    /// Moves a legacy host hash's entries, with their hit counts, into this map.
+    fn adopt_legacy(&mut self, entries: Vec<([u8; N], DenyEntry)>) -> Result<(), DataplaneError> {
+        let keys: Vec<_> = entries
             .iter()
-            .map(|r| r.map_err(|e| self.error(e)))
-            .collect()
-    }
-
-    fn count(&self) -> usize {
-        self.map.keys().filter(Result::is_ok).count()
+            .map(|(addr, _)| Key::new(Self::HOST_LEN, *addr))
+            .collect();
+        self.insert_batch(&keys)?;
+        let hits: Vec<_> = entries
+            .iter()
+            .map(|(addr, e)| {
+                (
+                    *addr,
+                    HostHits {
+                        hits: e.hits,
+                        last_hit_ns: e.last_hit_ns,
+                    },
+                )
+            })
+            .collect();
+        self.hosts.restore_hits(&hits)
     }
 }
 
@@ -580,6 +547,8 @@ pub struct Dataplane {
     config: Array<MapData, DataplaneConfig>,
     scope_ports: Array<MapData, u8>,
     iface_slots: Array<MapData, u32>,
+    /// Also kept open because programs loaded later (the benchmarks') refer to it by descriptor.
+    host_tables: Array<MapData, HostTables>,
 }
 
 impl Dataplane {
@@ -590,35 +559,50 @@ impl Dataplane {
                 .ok_or(DataplaneError::MissingMap { name })
         };
         let typed = |name: &'static str, source| DataplaneError::Map { name, source };
-        Ok(Self {
-            deny_v4: DenyMap::new(
-                HostMap::new(
-                    take(map_names::DENY_V4_HOSTS)?,
-                    map_names::DENY_V4_HOSTS,
-                    Family::V4,
-                )?,
-                PrefixMap::new(
+        let host_tables: Array<MapData, HostTables> =
+            Array::try_from(take(map_names::HOST_TABLES)?)
+                .map_err(|e| typed(map_names::HOST_TABLES, e))?;
+        let mut dataplane = Self {
+            deny_v4: {
+                let prefixes = PrefixMap::new(
                     take(map_names::DENY_V4)?,
                     map_names::DENY_V4,
                     List::Deny,
                     Family::V4,
-                )?,
-                DenyFilter::new(take(map_names::DENY_V4_FILTER)?, map_names::DENY_V4_FILTER)?,
-            )?,
-            deny_v6: DenyMap::new(
-                HostMap::new(
-                    take(map_names::DENY_V6_HOSTS)?,
-                    map_names::DENY_V6_HOSTS,
-                    Family::V6,
-                )?,
-                PrefixMap::new(
+                )?;
+                // One deny capacity bounds both the hosts and the prefixes; the trie has it.
+                let hosts = HostTable::new(
+                    take(map_names::DENY_V4_HOST_KEYS)?,
+                    map_names::DENY_V4_HOST_KEYS,
+                    take(map_names::DENY_V4_HOST_HITS)?,
+                    map_names::DENY_V4_HOST_HITS,
+                    Family::V4,
+                    prefixes.capacity,
+                )?;
+                let filter =
+                    DenyFilter::new(take(map_names::DENY_V4_FILTER)?, map_names::DENY_V4_FILTER)?;
+                DenyMap::new(hosts, prefixes, filter)?
+            },
+            deny_v6: {
+                let prefixes = PrefixMap::new(
                     take(map_names::DENY_V6)?,
                     map_names::DENY_V6,
                     List::Deny,
                     Family::V6,
-                )?,
-                DenyFilter::new(take(map_names::DENY_V6_FILTER)?, map_names::DENY_V6_FILTER)?,
-            )?,
+                )?;
+                // One deny capacity bounds both the hosts and the prefixes; the trie has it.
+                let hosts = HostTable::new(
+                    take(map_names::DENY_V6_HOST_KEYS)?,
+                    map_names::DENY_V6_HOST_KEYS,
+                    take(map_names::DENY_V6_HOST_HITS)?,
+                    map_names::DENY_V6_HOST_HITS,
+                    Family::V6,
+                    prefixes.capacity,
+                )?;
+                let filter =
+                    DenyFilter::new(take(map_names::DENY_V6_FILTER)?, map_names::DENY_V6_FILTER)?;
+                DenyMap::new(hosts, prefixes, filter)?
+            },
             allow_v4: PrefixMap::new(
                 take(map_names::ALLOW_V4)?,
                 map_names::ALLOW_V4,
@@ -639,7 +623,30 @@ impl Dataplane {
                 .map_err(|e| typed(map_names::SCOPE_PORTS, e))?,
             iface_slots: Array::try_from(take(map_names::IFACE_SLOTS)?)
                 .map_err(|e| typed(map_names::IFACE_SLOTS, e))?,
-        })
+            host_tables,
+        };
+        // The tables may have been created just now, with sizes from this agent's capacities,
+        // or adopted from pins: the program learns their geometry from what they are.
+        let tables = HostTables {
+            v4_buckets: dataplane.deny_v4.host_buckets(),
+            v6_buckets: dataplane.deny_v6.host_buckets(),
+        };
+        dataplane
+            .host_tables
+            .set(0, &tables, 0)
+            .map_err(|e| typed(map_names::HOST_TABLES, e))?;
+        Ok(dataplane)
+    }
+
+    /// Moves what the host hashes of a version before the host tables hold into the tables,
+    /// hit counts included. `v4` and `v6` are the legacy maps' entries.
+    pub fn adopt_legacy_hosts(
+        &mut self,
+        v4: Vec<([u8; 4], DenyEntry)>,
+        v6: Vec<([u8; 16], DenyEntry)>,
+    ) -> Result<(), DataplaneError> {
+        self.deny_v4.adopt_legacy(v4)?;
+        self.deny_v6.adopt_legacy(v6)
     }
 
     pub fn deny(&mut self, net: IpNet) -> Result<(), DataplaneError> {
