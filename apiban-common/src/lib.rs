@@ -22,9 +22,12 @@ pub mod map_names {
     /// Banned prefixes shorter than a host: LPM tries.
     pub const DENY_V4: &str = "DENY_V4";
     pub const DENY_V6: &str = "DENY_V6";
-    /// One bit per IPv4 /24 (IPv6: per hashed /48) that a deny entry covers; see [`super::deny_filter`].
+    /// One bit per IPv4 /24 (IPv6: per hashed /48) that a deny entry covers; see [`super::block_filter`].
     pub const DENY_V4_FILTER: &str = "DENY_V4_FILTER";
     pub const DENY_V6_FILTER: &str = "DENY_V6_FILTER";
+    /// The same for allow entries.
+    pub const ALLOW_V4_FILTER: &str = "ALLOW_V4_FILTER";
+    pub const ALLOW_V6_FILTER: &str = "ALLOW_V6_FILTER";
     pub const ALLOW_V4: &str = "ALLOW_V4";
     pub const ALLOW_V6: &str = "ALLOW_V6";
     pub const STATS: &str = "STATS";
@@ -40,7 +43,7 @@ pub mod map_names {
     pub const TRAFFICGEN_SOURCES: &str = "TRAFFICGEN_SOURCES";
 
     /// The maps that hold enforcement state and are pinned for adoption across restarts.
-    pub const PINNED: [&str; 15] = [
+    pub const PINNED: [&str; 17] = [
         DENY_V4_HOST_KEYS,
         DENY_V6_HOST_KEYS,
         DENY_V4_HOST_HITS,
@@ -50,6 +53,8 @@ pub mod map_names {
         DENY_V6,
         DENY_V4_FILTER,
         DENY_V6_FILTER,
+        ALLOW_V4_FILTER,
+        ALLOW_V6_FILTER,
         ALLOW_V4,
         ALLOW_V6,
         STATS,
@@ -82,10 +87,11 @@ pub const DEFAULT_DENY_V6_ENTRIES: u32 = 262_144;
 pub const DEFAULT_ALLOW_V4_ENTRIES: u32 = 65_536;
 pub const DEFAULT_ALLOW_V6_ENTRIES: u32 = 16_384;
 
-/// The deny filter: a bitmap in front of the deny maps, in which a bit is set while some deny
-/// entry covers part of its address block. A clear bit proves the source is not banned, so the
-/// clean majority of packets is answered by one array load, which the verifier inlines, instead
-/// of a hash and a trie lookup, each a call into the kernel.
+/// The block filters: a bitmap in front of a list's maps, in which a bit is set while some entry
+/// of the list covers part of its address block. A clear bit proves the source is not in the
+/// list, so one array load, which the verifier inlines, replaces a lookup that is a call into
+/// the kernel. In front of the deny maps it answers the clean majority of packets; in front of
+/// the allow trie it answers most banned ones (allowlists are short).
 ///
 /// IPv4 blocks are /24s, indexed directly. IPv6 blocks are /48s, hashed to the same number of
 /// bits. A prefix shorter than a block sets every block it spans, up to [`V4_MAX_SPAN_BITS`] /
@@ -93,7 +99,7 @@ pub const DEFAULT_ALLOW_V6_ENTRIES: u32 = 16_384;
 ///
 /// Userspace sets the bits before inserting an entry and clears them after removing the last
 /// entry in the block, so the program never sees an entry without its bit.
-pub mod deny_filter {
+pub mod block_filter {
     /// Bits per family: 2^24, 2 MiB.
     pub const BITS_LOG2: u32 = 24;
     /// 64-bit words in each filter map.
@@ -346,6 +352,11 @@ impl DataplaneConfig {
     pub const NO_HIT_TRACKING: u32 = 1 << 1;
     /// Emit an aya-log event for each drop and allowlist match. Debug only: costly under load.
     pub const DEBUG_EVENTS: u32 = 1 << 2;
+    /// The IPv4 (IPv6) allowlist has entries. While it has none, a banned source drops without
+    /// touching the allow filter. Set before the first entry goes in, cleared after the last
+    /// one is gone.
+    pub const ALLOW_V4_LISTED: u32 = 1 << 3;
+    pub const ALLOW_V6_LISTED: u32 = 1 << 4;
 }
 
 /// Parameters of the `bench_cycle` program: source address of run `i` is

@@ -23,7 +23,7 @@ use apiban_common::{
     HostBucketV6, HostHits, HostTables, IFACE_COUNTER_SLOTS, IFACE_SLOT_INDEXES, IPPROTO_AH,
     IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP,
     SCOPE_PORT_SLOTS, TRAFFICGEN_SOURCE_SLOTS, TrafficgenParams, VERDICT_COUNT, Verdict,
-    deny_filter, host_table,
+    block_filter, host_table,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, xdp_action},
@@ -73,12 +73,18 @@ static DENY_V4: LpmTrie<[u8; 4], DenyEntry> = LpmTrie::with_max_entries(DEFAULT_
 #[map]
 static DENY_V6: LpmTrie<[u8; 16], DenyEntry> =
     LpmTrie::with_max_entries(DEFAULT_DENY_V6_ENTRIES, 0);
-// Checked before either deny map (see `apiban_common::deny_filter`). Memory-mapped so that the
+// Checked before either deny map (see `apiban_common::block_filter`). Memory-mapped so that the
 // agent sets and clears bits with plain atomic stores, not a syscall per word.
 #[map]
-static DENY_V4_FILTER: Array<u64> = Array::with_max_entries(deny_filter::WORDS, BPF_F_MMAPABLE);
+static DENY_V4_FILTER: Array<u64> = Array::with_max_entries(block_filter::WORDS, BPF_F_MMAPABLE);
 #[map]
-static DENY_V6_FILTER: Array<u64> = Array::with_max_entries(deny_filter::WORDS, BPF_F_MMAPABLE);
+static DENY_V6_FILTER: Array<u64> = Array::with_max_entries(block_filter::WORDS, BPF_F_MMAPABLE);
+// Checked before either allow trie, so a banned source outside every allowed block is dropped
+// without a call into the kernel.
+#[map]
+static ALLOW_V4_FILTER: Array<u64> = Array::with_max_entries(block_filter::WORDS, BPF_F_MMAPABLE);
+#[map]
+static ALLOW_V6_FILTER: Array<u64> = Array::with_max_entries(block_filter::WORDS, BPF_F_MMAPABLE);
 #[map]
 static ALLOW_V4: LpmTrie<[u8; 4], AllowEntry> =
     LpmTrie::with_max_entries(DEFAULT_ALLOW_V4_ENTRIES, 0);
@@ -289,10 +295,8 @@ fn classify_v4(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
             return Ok(Verdict::Passed);
         }
     }
-    if !may_be_denied(
-        &DENY_V4_FILTER,
-        deny_filter::v4_bit(u32::from_be_bytes(src)),
-    ) {
+    let bit = block_filter::v4_bit(u32::from_be_bytes(src));
+    if !may_match(&DENY_V4_FILTER, bit) {
         return Ok(Verdict::Passed);
     }
     let key = Key::new(32, src);
@@ -301,7 +305,11 @@ fn classify_v4(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
         None => Verdict::Passed,
         // The allowlist is only consulted for banned sources: same verdict as looking it up
         // first, without a second lookup for the clean majority of packets.
-        Some(_) if ALLOW_V4.get(&key).is_some() => {
+        Some(_)
+            if flags & DataplaneConfig::ALLOW_V4_LISTED != 0
+                && may_match(&ALLOW_V4_FILTER, bit)
+                && ALLOW_V4.get(&key).is_some() =>
+        {
             debug_event(ctx, flags, Verdict::Allowed, u32::from_be_bytes(src));
             Verdict::Allowed
         }
@@ -326,8 +334,8 @@ fn classify_v6(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
     {
         return Ok(Verdict::Passed);
     }
-    let block = deny_filter::v6_block(&src);
-    if !may_be_denied(&DENY_V6_FILTER, deny_filter::v6_block_bit(block)) {
+    let bit = block_filter::v6_block_bit(block_filter::v6_block(&src));
+    if !may_match(&DENY_V6_FILTER, bit) {
         return Ok(Verdict::Passed);
     }
     let key = Key::new(128, src);
@@ -340,7 +348,13 @@ fn classify_v6(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
     let deny = v6_host(&words).or_else(|| DENY_V6.get(&key).map(prefix_hits));
     Ok(match deny {
         None => Verdict::Passed,
-        Some(_) if ALLOW_V6.get(&key).is_some() => Verdict::Allowed,
+        Some(_)
+            if flags & DataplaneConfig::ALLOW_V6_LISTED != 0
+                && may_match(&ALLOW_V6_FILTER, bit)
+                && ALLOW_V6.get(&key).is_some() =>
+        {
+            Verdict::Allowed
+        }
         Some(entry) => {
             record_hit(entry, flags);
             Verdict::Dropped
@@ -407,10 +421,11 @@ fn prefix_hits(entry: &DenyEntry) -> *mut HostHits {
     (entry as *const DenyEntry).cast_mut().cast::<HostHits>()
 }
 
-/// False only when no deny entry covers the source's block. A word the lookup cannot find
-/// (it always can: the index is below the map's size) sends the packet to the full lookup.
+/// False only when no entry of the filter's list covers the source's block. A word the lookup
+/// cannot find (it always can: the index is below the map's size) sends the packet to the full
+/// lookup.
 #[inline(always)]
-fn may_be_denied(filter: &Array<u64>, bit: u32) -> bool {
+fn may_match(filter: &Array<u64>, bit: u32) -> bool {
     filter
         .get(bit >> 6)
         .is_none_or(|word| word & (1 << (bit & 63)) != 0)

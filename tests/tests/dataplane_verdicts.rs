@@ -992,3 +992,96 @@ mod legacy {
         );
     }
 }
+
+/// The allow trie has a filter of its own: a bit cleared while an allow entry still needs it
+/// would drop a source the operator allowed.
+#[test]
+fn the_allow_filter_never_hides_an_allow_entry() {
+    let mut h = Harness::new();
+    let allow_bit = |h: &Harness, src: &str| {
+        let dp = &h.loaded.dataplane;
+        match ip(src) {
+            IpAddr::V4(a) => dp.allow_v4.filter().may_cover(a.octets()),
+            IpAddr::V6(a) => dp.allow_v6.filter().may_cover(a.octets()),
+        }
+    };
+    let allow = |h: &mut Harness, n: &str| h.loaded.dataplane.allow(net(n)).expect("allow");
+    let unallow = |h: &mut Harness, n: &str| h.loaded.dataplane.unallow(net(n)).expect("unallow");
+
+    h.deny("198.51.100.0/24");
+    h.deny("2001:db8:bad::/48");
+    assert!(
+        !allow_bit(&h, "198.51.100.10"),
+        "an empty allowlist sets no bits"
+    );
+    let listed = |h: &Harness| {
+        let flags = h.loaded.dataplane.config().expect("config").flags;
+        (
+            flags & DataplaneConfig::ALLOW_V4_LISTED != 0,
+            flags & DataplaneConfig::ALLOW_V6_LISTED != 0,
+        )
+    };
+    assert_eq!(listed(&h), (false, false));
+    allow(&mut h, "198.51.100.10/32");
+    allow(&mut h, "198.51.100.20/32");
+    allow(&mut h, "2001:db8:bad::1/128");
+    assert!(!h.drops("198.51.100.10") && !h.drops("198.51.100.20"));
+    assert!(h.drops("198.51.100.11"), "same block, not allowed");
+    assert!(!h.drops("2001:db8:bad::1") && h.drops("2001:db8:bad::2"));
+    assert_eq!(listed(&h), (true, true));
+    unallow(&mut h, "198.51.100.10/32");
+    assert!(h.drops("198.51.100.10"));
+    assert!(
+        allow_bit(&h, "198.51.100.10"),
+        "the other entry keeps the block's bit"
+    );
+    assert!(!h.drops("198.51.100.20"));
+
+    // A /8 is wider than the filter spells out: it sets every bit while listed.
+    h.deny("10.1.2.3/32");
+    allow(&mut h, "10.0.0.0/8");
+    assert!(!h.drops("10.1.2.3"));
+    assert!(
+        allow_bit(&h, "192.0.2.1"),
+        "a wide entry saturates the filter"
+    );
+    unallow(&mut h, "10.0.0.0/8");
+    assert!(h.drops("10.1.2.3"));
+    assert!(
+        !allow_bit(&h, "192.0.2.1"),
+        "saturation ends with the wide entry"
+    );
+    assert!(!h.drops("198.51.100.20"));
+
+    // A restart recounts; an upgrade from a version without the allow filter refills it.
+    h.reload();
+    unallow(&mut h, "198.51.100.20/32");
+    assert!(h.drops("198.51.100.20"));
+    assert!(!allow_bit(&h, "198.51.100.20"));
+    assert_eq!(
+        listed(&h),
+        (false, true),
+        "the last IPv4 entry clears its switch"
+    );
+    // A version without the switches left them clear over a non-empty allowlist.
+    h.loaded
+        .dataplane
+        .set_flag(DataplaneConfig::ALLOW_V6_LISTED, false)
+        .expect("clear the switch");
+    assert!(
+        h.drops("2001:db8:bad::1"),
+        "the switch gates the allow lookup"
+    );
+    for name in [
+        apiban_common::map_names::ALLOW_V4_FILTER,
+        apiban_common::map_names::ALLOW_V6_FILTER,
+    ] {
+        std::fs::remove_file(h.dir.path.join(name)).expect("remove the filter pin");
+    }
+    h.reload();
+    assert!(
+        !h.drops("2001:db8:bad::1"),
+        "still allowed after the upgrade"
+    );
+    assert!(h.drops("2001:db8:bad::2"));
+}

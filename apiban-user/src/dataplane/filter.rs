@@ -1,11 +1,12 @@
-//! The deny filter's userspace half: keeps the bitmap in front of one family's deny maps equal to
-//! (or, transiently, a superset of) the blocks its entries cover. See
-//! `apiban_common::deny_filter` for what a bit means and why the XDP program checks it first.
+//! The block filters' userspace half: keeps the bitmap in front of one family's deny (or allow)
+//! maps equal to (or, transiently, a superset of) the blocks its entries cover. See
+//! `apiban_common::block_filter` for what a bit means and why the XDP program checks it first.
 //!
 //! The bitmap is a memory-mapped BPF array, so a bit is set or cleared with one atomic
 //! operation. The count of entries per bit lives here: a bit is cleared only when the last entry
 //! covering it is gone. A bit that stays set too long costs a full lookup; a bit cleared too
-//! early would let a banned source through, so every path errs towards set.
+//! early would let a banned source through (or an allowed one be dropped), so every path errs
+//! towards set.
 
 use std::{
     io,
@@ -14,7 +15,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use apiban_common::deny_filter::{
+use apiban_common::block_filter::{
     self, V4_BLOCK_PREFIX, V4_MAX_SPAN_BITS, V6_BLOCK_PREFIX, V6_MAX_SPAN_BITS, WORDS,
 };
 use aya::maps::{Array, IterableMap as _, Map, MapData};
@@ -22,11 +23,11 @@ use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 
 use super::{DataplaneError, mapping::Mapping};
 
-/// A deny entry as the filter counts it: prefix length and address octets.
+/// An entry as the filter counts it: prefix length and address octets.
 type Member<const N: usize> = (u32, [u8; N]);
 
 /// The filter of one family: `N = 4` (IPv4) or `N = 16` (IPv6).
-pub struct DenyFilter<const N: usize> {
+pub struct BlockFilter<const N: usize> {
     bits: MappedWords,
     /// Entries counted, so that adding or removing one twice cannot skew the counts.
     members: HashSet<Member<N>>,
@@ -38,7 +39,7 @@ pub struct DenyFilter<const N: usize> {
     _map: Array<MapData, u64>,
 }
 
-impl<const N: usize> DenyFilter<N> {
+impl<const N: usize> BlockFilter<N> {
     pub(super) fn new(map: Map, name: &'static str) -> Result<Self, DataplaneError> {
         let map: Array<MapData, u64> =
             Array::try_from(map).map_err(|source| DataplaneError::Map { name, source })?;
@@ -70,7 +71,7 @@ impl<const N: usize> DenyFilter<N> {
             if span > V4_MAX_SPAN_BITS {
                 return None;
             }
-            let first = deny_filter::v4_bit(addr) & !((1u32 << span) - 1);
+            let first = block_filter::v4_bit(addr) & !((1u32 << span) - 1);
             Some(Blocks::V4(first..first + (1 << span)))
         } else {
             let mut full = [0u8; 16];
@@ -79,12 +80,12 @@ impl<const N: usize> DenyFilter<N> {
             if span > V6_MAX_SPAN_BITS {
                 return None;
             }
-            let first = deny_filter::v6_block(&full) & !((1u64 << span) - 1);
+            let first = block_filter::v6_block(&full) & !((1u64 << span) - 1);
             Some(Blocks::V6(first..first + (1 << span)))
         }
     }
 
-    /// Counts an entry and sets its bits. Call before the entry goes into a deny map.
+    /// Counts an entry and sets its bits. Call before the entry goes into its map.
     pub(super) fn add(&mut self, prefix_len: u32, octets: [u8; N]) {
         if !self.members.insert((prefix_len, octets)) {
             return;
@@ -103,7 +104,7 @@ impl<const N: usize> DenyFilter<N> {
     }
 
     /// Uncounts an entry and clears the bits no other entry needs. Call only after the entry
-    /// has left its deny map.
+    /// has left its map.
     pub(super) fn remove(&mut self, prefix_len: u32, octets: [u8; N]) {
         if !self.members.remove(&(prefix_len, octets)) {
             return;
@@ -131,7 +132,7 @@ impl<const N: usize> DenyFilter<N> {
         }
     }
 
-    /// Recounts from what the deny maps hold (a previous agent's pins, or maps this version of
+    /// Recounts from what the maps hold (a previous agent's pins, or maps this version of
     /// the program sees for the first time) and rewrites the bitmap to match.
     pub(super) fn rebuild(&mut self, entries: impl IntoIterator<Item = Member<N>>) {
         self.members.clear();
@@ -154,14 +155,19 @@ impl<const N: usize> DenyFilter<N> {
         }
     }
 
-    /// Whether the bit of a full address is set: the XDP program goes on to its deny maps.
+    /// Whether no entry is counted: the list behind the filter is empty.
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// Whether the bit of a full address is set: the XDP program goes on to the maps behind it.
     pub fn may_cover(&self, addr: [u8; N]) -> bool {
         let bit = if N == 4 {
-            deny_filter::v4_bit(u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]))
+            block_filter::v4_bit(u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]))
         } else {
             let mut full = [0u8; 16];
             full.copy_from_slice(&addr[..16]);
-            deny_filter::v6_block_bit(deny_filter::v6_block(&full))
+            block_filter::v6_block_bit(block_filter::v6_block(&full))
         };
         self.bits.get(bit)
     }
@@ -220,7 +226,7 @@ impl Iterator for Blocks {
     fn next(&mut self) -> Option<u32> {
         match self {
             Blocks::V4(bits) => bits.next(),
-            Blocks::V6(blocks) => blocks.next().map(deny_filter::v6_block_bit),
+            Blocks::V6(blocks) => blocks.next().map(block_filter::v6_block_bit),
         }
     }
 }
@@ -264,21 +270,21 @@ mod tests {
     use super::*;
 
     fn v4(prefix_len: u32, addr: [u8; 4]) -> Option<Vec<u32>> {
-        DenyFilter::<4>::blocks(prefix_len, &addr).map(Iterator::collect)
+        BlockFilter::<4>::blocks(prefix_len, &addr).map(Iterator::collect)
     }
 
     fn v6(prefix_len: u32, addr: &str) -> Option<Vec<u32>> {
         let addr: std::net::Ipv6Addr = addr.parse().expect("address");
-        DenyFilter::<16>::blocks(prefix_len, &addr.octets()).map(Iterator::collect)
+        BlockFilter::<16>::blocks(prefix_len, &addr.octets()).map(Iterator::collect)
     }
 
     #[test]
     fn ipv4_entries_cover_their_24s() {
-        let bit = deny_filter::v4_bit(u32::from_be_bytes([203, 0, 113, 0]));
+        let bit = block_filter::v4_bit(u32::from_be_bytes([203, 0, 113, 0]));
         assert_eq!(v4(32, [203, 0, 113, 7]), Some(vec![bit]));
         assert_eq!(v4(25, [203, 0, 113, 128]), Some(vec![bit]));
         assert_eq!(v4(24, [203, 0, 113, 0]), Some(vec![bit]));
-        let first = deny_filter::v4_bit(u32::from_be_bytes([198, 51, 96, 0]));
+        let first = block_filter::v4_bit(u32::from_be_bytes([198, 51, 96, 0]));
         assert_eq!(
             v4(20, [198, 51, 96, 0]),
             Some((first..first + 16).collect())
@@ -290,19 +296,19 @@ mod tests {
 
     #[test]
     fn ipv6_entries_cover_their_hashed_48s() {
-        let block = deny_filter::v6_block(
+        let block = block_filter::v6_block(
             &"2001:db8:1::"
                 .parse::<std::net::Ipv6Addr>()
                 .expect("a")
                 .octets(),
         );
-        let bit = deny_filter::v6_block_bit(block);
+        let bit = block_filter::v6_block_bit(block);
         assert_eq!(v6(128, "2001:db8:1:2::66"), Some(vec![bit]));
         assert_eq!(v6(64, "2001:db8:1:2::"), Some(vec![bit]));
         assert_eq!(v6(48, "2001:db8:1::"), Some(vec![bit]));
         let span = v6(40, "2001:db8:ff00::").expect("a /40 is spelled out");
         assert_eq!(span.len(), 256);
-        assert!(span.iter().all(|b| *b < 1 << deny_filter::BITS_LOG2));
+        assert!(span.iter().all(|b| *b < 1 << block_filter::BITS_LOG2));
         let distinct: std::collections::BTreeSet<_> = span.iter().collect();
         assert!(distinct.len() > 250, "the hash spreads neighbouring /48s");
         assert_eq!(v6(32, "2001:db8::").map(|b| b.len()), Some(65_536));

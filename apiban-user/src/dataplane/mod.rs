@@ -22,7 +22,7 @@ use aya::maps::{
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
-use self::{filter::DenyFilter, host_table::HostTable};
+use self::{filter::BlockFilter, host_table::HostTable};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -170,7 +170,60 @@ pub struct PrefixMap<const N: usize, V: PrefixValue> {
 /// A key and its value, as read back from a map.
 pub type Entry<const N: usize, V> = (Key<[u8; N]>, V);
 
-pub type AllowMap<const N: usize> = PrefixMap<N, AllowEntry>;
+/// The allowlist of one family: an LPM trie and the filter in front of it.
+pub struct AllowList<const N: usize> {
+    prefixes: PrefixMap<N, AllowEntry>,
+    filter: BlockFilter<N>,
+}
+
+impl<const N: usize> AllowList<N> {
+    /// Recounts the filter from the trie (see [`DenyMap::new`]).
+    fn new(
+        prefixes: PrefixMap<N, AllowEntry>,
+        mut filter: BlockFilter<N>,
+    ) -> Result<Self, DataplaneError> {
+        filter.rebuild(
+            prefixes
+                .entries()?
+                .iter()
+                .map(|(k, _)| (k.prefix_len(), k.data())),
+        );
+        Ok(Self { prefixes, filter })
+    }
+
+    /// The filter in front of the trie.
+    pub fn filter(&self) -> &BlockFilter<N> {
+        &self.filter
+    }
+
+    /// Adds a prefix; its bits are set before the program can find it.
+    pub fn insert(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
+        self.filter.add(key.prefix_len(), key.data());
+        self.prefixes.insert(key)
+    }
+
+    /// Removes an exact prefix, then the bits no other entry needs.
+    pub fn remove(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
+        self.prefixes.remove(key)?;
+        self.filter.remove(key.prefix_len(), key.data());
+        Ok(())
+    }
+
+    pub fn contains(&self, key: Key<[u8; N]>) -> Result<bool, DataplaneError> {
+        self.prefixes.contains(key)
+    }
+
+    pub fn longest_match(
+        &self,
+        key: Key<[u8; N]>,
+    ) -> Result<Option<(u32, AllowEntry)>, DataplaneError> {
+        self.prefixes.longest_match(key)
+    }
+
+    pub fn entries(&self) -> Result<Vec<Entry<N, AllowEntry>>, DataplaneError> {
+        self.prefixes.entries()
+    }
+}
 
 fn is_errno(e: &MapError, errno: i32) -> bool {
     matches!(e, MapError::SyscallError(s) if s.io_error.raw_os_error() == Some(errno))
@@ -187,7 +240,7 @@ fn is_full_errno(errno: Option<i32>) -> bool {
 pub struct DenyMap<const N: usize> {
     hosts: HostTable<N>,
     prefixes: PrefixMap<N, DenyEntry>,
-    filter: DenyFilter<N>,
+    filter: BlockFilter<N>,
 }
 
 impl<const N: usize> DenyMap<N> {
@@ -247,7 +300,7 @@ impl<const N: usize> DenyMap<N> {
     fn new(
         hosts: HostTable<N>,
         prefixes: PrefixMap<N, DenyEntry>,
-        mut filter: DenyFilter<N>,
+        mut filter: BlockFilter<N>,
     ) -> Result<Self, DataplaneError> {
         let host_entries = hosts.entries()?;
         let prefix_entries = prefixes.entries()?;
@@ -269,7 +322,7 @@ impl<const N: usize> DenyMap<N> {
     }
 
     /// The filter in front of the maps: what the XDP program checks first.
-    pub fn filter(&self) -> &DenyFilter<N> {
+    pub fn filter(&self) -> &BlockFilter<N> {
         &self.filter
     }
 
@@ -541,8 +594,8 @@ fn net_from_v6(key: Key<[u8; 16]>) -> IpNet {
 pub struct Dataplane {
     pub deny_v4: DenyMap<4>,
     pub deny_v6: DenyMap<16>,
-    pub allow_v4: AllowMap<4>,
-    pub allow_v6: AllowMap<16>,
+    pub allow_v4: AllowList<4>,
+    pub allow_v6: AllowList<16>,
     stats: PerCpuArray<MapData, Counter>,
     config: Array<MapData, DataplaneConfig>,
     scope_ports: Array<MapData, u8>,
@@ -580,7 +633,7 @@ impl Dataplane {
                     prefixes.capacity,
                 )?;
                 let filter =
-                    DenyFilter::new(take(map_names::DENY_V4_FILTER)?, map_names::DENY_V4_FILTER)?;
+                    BlockFilter::new(take(map_names::DENY_V4_FILTER)?, map_names::DENY_V4_FILTER)?;
                 DenyMap::new(hosts, prefixes, filter)?
             },
             deny_v6: {
@@ -600,20 +653,32 @@ impl Dataplane {
                     prefixes.capacity,
                 )?;
                 let filter =
-                    DenyFilter::new(take(map_names::DENY_V6_FILTER)?, map_names::DENY_V6_FILTER)?;
+                    BlockFilter::new(take(map_names::DENY_V6_FILTER)?, map_names::DENY_V6_FILTER)?;
                 DenyMap::new(hosts, prefixes, filter)?
             },
-            allow_v4: PrefixMap::new(
-                take(map_names::ALLOW_V4)?,
-                map_names::ALLOW_V4,
-                List::Allow,
-                Family::V4,
+            allow_v4: AllowList::new(
+                PrefixMap::new(
+                    take(map_names::ALLOW_V4)?,
+                    map_names::ALLOW_V4,
+                    List::Allow,
+                    Family::V4,
+                )?,
+                BlockFilter::new(
+                    take(map_names::ALLOW_V4_FILTER)?,
+                    map_names::ALLOW_V4_FILTER,
+                )?,
             )?,
-            allow_v6: PrefixMap::new(
-                take(map_names::ALLOW_V6)?,
-                map_names::ALLOW_V6,
-                List::Allow,
-                Family::V6,
+            allow_v6: AllowList::new(
+                PrefixMap::new(
+                    take(map_names::ALLOW_V6)?,
+                    map_names::ALLOW_V6,
+                    List::Allow,
+                    Family::V6,
+                )?,
+                BlockFilter::new(
+                    take(map_names::ALLOW_V6_FILTER)?,
+                    map_names::ALLOW_V6_FILTER,
+                )?,
             )?,
             stats: PerCpuArray::try_from(take(map_names::STATS)?)
                 .map_err(|e| typed(map_names::STATS, e))?,
@@ -635,6 +700,7 @@ impl Dataplane {
             .host_tables
             .set(0, &tables, 0)
             .map_err(|e| typed(map_names::HOST_TABLES, e))?;
+        dataplane.sync_allow_flags()?;
         Ok(dataplane)
     }
 
@@ -672,16 +738,33 @@ impl Dataplane {
 
     pub fn allow(&mut self, net: IpNet) -> Result<(), DataplaneError> {
         match net {
-            IpNet::V4(n) => self.allow_v4.insert(v4_key(n)),
-            IpNet::V6(n) => self.allow_v6.insert(v6_key(n)),
+            IpNet::V4(n) => {
+                self.set_flag(DataplaneConfig::ALLOW_V4_LISTED, true)?;
+                self.allow_v4.insert(v4_key(n))
+            }
+            IpNet::V6(n) => {
+                self.set_flag(DataplaneConfig::ALLOW_V6_LISTED, true)?;
+                self.allow_v6.insert(v6_key(n))
+            }
         }
     }
 
     pub fn unallow(&mut self, net: IpNet) -> Result<(), DataplaneError> {
         match net {
-            IpNet::V4(n) => self.allow_v4.remove(v4_key(n)),
-            IpNet::V6(n) => self.allow_v6.remove(v6_key(n)),
+            IpNet::V4(n) => self.allow_v4.remove(v4_key(n))?,
+            IpNet::V6(n) => self.allow_v6.remove(v6_key(n))?,
         }
+        self.sync_allow_flags()
+    }
+
+    /// Sets each family's "allowlist has entries" switch from what its list holds. Called on
+    /// load (the pins may come from a version without the switches) and after removals; an
+    /// insert sets its switch itself, before the entry goes in.
+    fn sync_allow_flags(&mut self) -> Result<(), DataplaneError> {
+        let v4 = !self.allow_v4.filter.is_empty();
+        let v6 = !self.allow_v6.filter.is_empty();
+        self.set_flag(DataplaneConfig::ALLOW_V4_LISTED, v4)?;
+        self.set_flag(DataplaneConfig::ALLOW_V6_LISTED, v6)
     }
 
     pub fn is_allowed(&self, net: IpNet) -> Result<bool, DataplaneError> {
@@ -978,10 +1061,14 @@ impl Dataplane {
     /// Sets one of the [`DataplaneConfig`] switches other than scope.
     pub fn set_flag(&mut self, flag: u32, on: bool) -> Result<(), DataplaneError> {
         let mut config = self.config()?;
+        let before = config.flags;
         if on {
             config.flags |= flag;
         } else {
             config.flags &= !flag;
+        }
+        if config.flags == before {
+            return Ok(());
         }
         self.set_config(config)
     }
