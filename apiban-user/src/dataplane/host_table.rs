@@ -175,9 +175,10 @@ impl<const N: usize> HostTable<N> {
         })
     }
 
-    fn map_hits(&self, writable: bool) -> Result<Mapping, DataplaneError> {
-        let len = self.buckets as usize * Self::SLOTS as usize * size_of::<HostHits>();
-        Mapping::new(self.hits.map().fd().as_fd(), 0..len, writable).map_err(|source| {
+    fn map_hits(&self, slots: Range<u32>, writable: bool) -> Result<Mapping, DataplaneError> {
+        let size = size_of::<HostHits>();
+        let bytes = slots.start as usize * size..slots.end as usize * size;
+        Mapping::new(self.hits.map().fd().as_fd(), bytes, writable).map_err(|source| {
             DataplaneError::Mmap {
                 name: self.hits_name,
                 source,
@@ -187,10 +188,8 @@ impl<const N: usize> HostTable<N> {
 
     /// Counts the hosts and zeroes the hit counts of free slots.
     fn settle(&self) -> Result<usize, DataplaneError> {
-        let keys = self.map_keys(false)?;
-        let hits = self.map_hits(true)?;
         let mut len = 0;
-        for slot in 0..self.buckets * Self::SLOTS {
+        self.scan(true, |keys, hits, slot| {
             if keys.is_free(slot) {
                 for word in [
                     hits.u64_at(slot as usize * 2),
@@ -203,8 +202,30 @@ impl<const N: usize> HostTable<N> {
             } else {
                 len += 1;
             }
-        }
+        })?;
         Ok(len)
+    }
+
+    /// Visits every slot with its keys and hits mapped, a chunk of buckets at a time: mapped
+    /// pages count towards the agent's resident size while they are mapped, and the hits of
+    /// a full-size IPv4 table are 20 MiB.
+    fn scan(
+        &self,
+        writable_hits: bool,
+        mut visit: impl FnMut(&Keys, &Mapping, u32),
+    ) -> Result<(), DataplaneError> {
+        const BUCKETS_PER_CHUNK: u32 = 4_096;
+        let mut first = 0;
+        while first < self.buckets {
+            let end = (first + BUCKETS_PER_CHUNK).min(self.buckets);
+            let keys = self.map_buckets(first..end, false)?;
+            let hits = self.map_hits(first * Self::SLOTS..end * Self::SLOTS, writable_hits)?;
+            for slot in first * Self::SLOTS..end * Self::SLOTS {
+                visit(&keys, &hits, slot);
+            }
+            first = end;
+        }
+        Ok(())
     }
 
     fn words(addr: &[u8; N]) -> Words {
@@ -314,12 +335,10 @@ impl<const N: usize> HostTable<N> {
 
     /// Every host with its hit bookkeeping, in slot order.
     pub(super) fn entries(&self) -> Result<Vec<([u8; N], HostHits)>, DataplaneError> {
-        let keys = self.map_keys(false)?;
-        let hits = self.map_hits(false)?;
         let mut out = Vec::with_capacity(self.len);
-        for slot in 0..self.buckets * Self::SLOTS {
+        self.scan(false, |keys, hits, slot| {
             if keys.is_free(slot) {
-                continue;
+                return;
             }
             let mut addr = [0u8; N];
             for (octets, word) in addr.as_chunks_mut::<4>().0.iter_mut().zip(keys.slot(slot)) {
@@ -333,7 +352,7 @@ impl<const N: usize> HostTable<N> {
                     last_hit_ns: hits.u64_at(i + 1).load(Ordering::Relaxed),
                 },
             ));
-        }
+        })?;
         Ok(out)
     }
 
