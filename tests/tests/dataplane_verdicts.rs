@@ -109,8 +109,8 @@ impl Harness {
     fn filtered_in(&self, src: &str) -> bool {
         let dp = &self.loaded.dataplane;
         match ip(src) {
-            IpAddr::V4(a) => dp.deny_v4.filter().may_cover(a.octets()),
-            IpAddr::V6(a) => dp.deny_v6.filter().may_cover(a.octets()),
+            IpAddr::V4(a) => dp.deny_v4.filter().may_cover(a.octets()).expect("filter"),
+            IpAddr::V6(a) => dp.deny_v6.filter().may_cover(a.octets()).expect("filter"),
         }
     }
 
@@ -1001,8 +1001,8 @@ fn the_allow_filter_never_hides_an_allow_entry() {
     let allow_bit = |h: &Harness, src: &str| {
         let dp = &h.loaded.dataplane;
         match ip(src) {
-            IpAddr::V4(a) => dp.allow_v4.filter().may_cover(a.octets()),
-            IpAddr::V6(a) => dp.allow_v6.filter().may_cover(a.octets()),
+            IpAddr::V4(a) => dp.allow_v4.filter().may_cover(a.octets()).expect("filter"),
+            IpAddr::V6(a) => dp.allow_v6.filter().may_cover(a.octets()).expect("filter"),
         }
     };
     let allow = |h: &mut Harness, n: &str| h.loaded.dataplane.allow(net(n)).expect("allow");

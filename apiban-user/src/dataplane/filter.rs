@@ -8,12 +8,7 @@
 //! early would let a banned source through (or an allowed one be dropped), so every path errs
 //! towards set.
 
-use std::{
-    io,
-    ops::Range,
-    os::fd::{AsFd as _, BorrowedFd},
-    sync::atomic::{AtomicU64, Ordering},
-};
+use std::{ops::Range, os::fd::AsFd as _, sync::atomic::Ordering};
 
 use apiban_common::block_filter::{
     self, V4_BLOCK_PREFIX, V4_MAX_SPAN_BITS, V6_BLOCK_PREFIX, V6_MAX_SPAN_BITS, WORDS,
@@ -27,16 +22,18 @@ use super::{DataplaneError, mapping::Mapping};
 type Member<const N: usize> = (u32, [u8; N]);
 
 /// The filter of one family: `N = 4` (IPv4) or `N = 16` (IPv6).
+///
+/// The bitmap is mapped only while bits change: kept mapped, the four filters would count
+/// 8 MiB of kernel memory against the agent's resident size.
 pub struct BlockFilter<const N: usize> {
-    bits: MappedWords,
+    name: &'static str,
+    map: Array<MapData, u64>,
     /// Entries counted, so that adding or removing one twice cannot skew the counts.
     members: HashSet<Member<N>>,
     /// Entries per set bit.
     counts: HashMap<u32, u32>,
     /// Entries too wide to spell out bit by bit; while there is one, every bit is set.
     wide: usize,
-    // Keeps the map's file descriptor, and so the map, alive as long as the mapping.
-    _map: Array<MapData, u64>,
 }
 
 impl<const N: usize> BlockFilter<N> {
@@ -51,14 +48,25 @@ impl<const N: usize> BlockFilter<N> {
                 expected: WORDS as usize,
             });
         }
-        let bits = MappedWords::map(map.map().fd().as_fd(), len)
-            .map_err(|source| DataplaneError::Mmap { name, source })?;
         Ok(Self {
-            bits,
+            name,
+            map,
             members: HashSet::new(),
             counts: HashMap::new(),
             wide: 0,
-            _map: map,
+        })
+    }
+
+    /// Maps the words `words` of the bitmap (whole pages around them).
+    fn map_words(&self, words: Range<usize>) -> Result<Mapping, DataplaneError> {
+        Mapping::new(
+            self.map.map().fd().as_fd(),
+            words.start * 8..words.end * 8,
+            true,
+        )
+        .map_err(|source| DataplaneError::Mmap {
+            name: self.name,
+            source,
         })
     }
 
@@ -85,56 +93,72 @@ impl<const N: usize> BlockFilter<N> {
         }
     }
 
-    /// Counts an entry and sets its bits. Call before the entry goes into its map.
-    pub(super) fn add(&mut self, prefix_len: u32, octets: [u8; N]) {
-        if !self.members.insert((prefix_len, octets)) {
-            return;
-        }
+    /// Counts entries and sets the bits that go from no entry to one. Call before the entries
+    /// go into their map.
+    pub(super) fn add(
+        &mut self,
+        entries: impl IntoIterator<Item = Member<N>>,
+    ) -> Result<(), DataplaneError> {
         let was_wide = self.wide > 0;
-        let bits = &self.bits;
-        tally(
-            &mut self.counts,
-            &mut self.wide,
-            Self::blocks(prefix_len, &octets),
-            |bit| bits.set(bit),
-        );
-        if !was_wide && self.wide > 0 {
-            self.saturate();
+        let mut first = Vec::new();
+        for (prefix_len, octets) in entries {
+            if self.members.insert((prefix_len, octets)) {
+                tally(
+                    &mut self.counts,
+                    &mut self.wide,
+                    Self::blocks(prefix_len, &octets),
+                    |bit| first.push(bit),
+                );
+            }
+        }
+        match (was_wide, self.wide > 0) {
+            // Saturated before: every bit is already set.
+            (true, _) => Ok(()),
+            (false, true) => self.saturate(),
+            (false, false) => self.write_bits(&first, true),
         }
     }
 
-    /// Uncounts an entry and clears the bits no other entry needs. Call only after the entry
-    /// has left its map.
-    pub(super) fn remove(&mut self, prefix_len: u32, octets: [u8; N]) {
-        if !self.members.remove(&(prefix_len, octets)) {
-            return;
-        }
-        match Self::blocks(prefix_len, &octets) {
-            None => {
-                self.wide -= 1;
-                if self.wide == 0 {
-                    self.write_counted();
-                }
+    /// Uncounts entries and clears the bits no other entry needs. Call only after the entries
+    /// have left their map.
+    pub(super) fn remove(
+        &mut self,
+        entries: impl IntoIterator<Item = Member<N>>,
+    ) -> Result<(), DataplaneError> {
+        let was_wide = self.wide > 0;
+        let mut last = Vec::new();
+        for (prefix_len, octets) in entries {
+            if !self.members.remove(&(prefix_len, octets)) {
+                continue;
             }
-            Some(bits) => {
-                for bit in bits {
-                    if let Some(count) = self.counts.get_mut(&bit) {
-                        *count -= 1;
-                        if *count == 0 {
-                            self.counts.remove(&bit);
-                            if self.wide == 0 {
-                                self.bits.clear(bit);
-                            }
-                        }
+            let Some(bits) = Self::blocks(prefix_len, &octets) else {
+                self.wide -= 1;
+                continue;
+            };
+            for bit in bits {
+                if let Some(count) = self.counts.get_mut(&bit) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.counts.remove(&bit);
+                        last.push(bit);
                     }
                 }
             }
+        }
+        match (was_wide, self.wide > 0) {
+            // Still saturated: the counts are written out when the last wide entry goes.
+            (_, true) => Ok(()),
+            (true, false) => self.write_counted(),
+            (false, false) => self.write_bits(&last, false),
         }
     }
 
     /// Recounts from what the maps hold (a previous agent's pins, or maps this version of
     /// the program sees for the first time) and rewrites the bitmap to match.
-    pub(super) fn rebuild(&mut self, entries: impl IntoIterator<Item = Member<N>>) {
+    pub(super) fn rebuild(
+        &mut self,
+        entries: impl IntoIterator<Item = Member<N>>,
+    ) -> Result<(), DataplaneError> {
         self.members.clear();
         self.counts.clear();
         self.wide = 0;
@@ -149,9 +173,9 @@ impl<const N: usize> BlockFilter<N> {
             }
         }
         if self.wide > 0 {
-            self.saturate();
+            self.saturate()
         } else {
-            self.write_counted();
+            self.write_counted()
         }
     }
 
@@ -161,7 +185,7 @@ impl<const N: usize> BlockFilter<N> {
     }
 
     /// Whether the bit of a full address is set: the XDP program goes on to the maps behind it.
-    pub fn may_cover(&self, addr: [u8; N]) -> bool {
+    pub fn may_cover(&self, addr: [u8; N]) -> Result<bool, DataplaneError> {
         let bit = if N == 4 {
             block_filter::v4_bit(u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]))
         } else {
@@ -169,27 +193,63 @@ impl<const N: usize> BlockFilter<N> {
             full.copy_from_slice(&addr[..16]);
             block_filter::v6_block_bit(block_filter::v6_block(&full))
         };
-        self.bits.get(bit)
+        let word = (bit >> 6) as usize;
+        let words = self.map_words(word..word + 1)?;
+        Ok(words.u64_at(word).load(Ordering::Acquire) & (1 << (bit & 63)) != 0)
     }
 
-    fn saturate(&self) {
-        for word in self.bits.words() {
-            word.store(u64::MAX, Ordering::Release);
+    /// Sets or clears some bits: a few through the pages that hold them, many through one
+    /// mapping of the whole bitmap.
+    fn write_bits(&self, bits: &[u32], set: bool) -> Result<(), DataplaneError> {
+        const BITS_WORTH_A_WHOLE_MAPPING: usize = 32;
+        let whole = if bits.len() > BITS_WORTH_A_WHOLE_MAPPING {
+            Some(self.map_words(0..WORDS as usize)?)
+        } else {
+            None
+        };
+        for bit in bits {
+            let word = (*bit >> 6) as usize;
+            let page;
+            let words = match &whole {
+                Some(w) => w,
+                None => {
+                    page = self.map_words(word..word + 1)?;
+                    &page
+                }
+            };
+            let mask = 1u64 << (bit & 63);
+            if set {
+                words.u64_at(word).fetch_or(mask, Ordering::Release);
+            } else {
+                words.u64_at(word).fetch_and(!mask, Ordering::Release);
+            }
         }
+        Ok(())
+    }
+
+    fn saturate(&self) -> Result<(), DataplaneError> {
+        let words = self.map_words(0..WORDS as usize)?;
+        for i in 0..WORDS as usize {
+            words.u64_at(i).store(u64::MAX, Ordering::Release);
+        }
+        Ok(())
     }
 
     /// Writes every word from the counts. Each word is one store, so a bit that stays set
     /// is never seen clear in between.
-    fn write_counted(&self) {
-        let mut words = vec![0u64; WORDS as usize];
+    fn write_counted(&self) -> Result<(), DataplaneError> {
+        let mut values = vec![0u64; WORDS as usize];
         for bit in self.counts.keys() {
-            words[(*bit >> 6) as usize] |= 1 << (bit & 63);
+            values[(*bit >> 6) as usize] |= 1 << (bit & 63);
         }
-        for (word, value) in self.bits.words().zip(words) {
+        let words = self.map_words(0..WORDS as usize)?;
+        for (i, value) in values.into_iter().enumerate() {
+            let word = words.u64_at(i);
             if word.load(Ordering::Relaxed) != value {
                 word.store(value, Ordering::Release);
             }
         }
+        Ok(())
     }
 }
 
@@ -228,40 +288,6 @@ impl Iterator for Blocks {
             Blocks::V4(bits) => bits.next(),
             Blocks::V6(blocks) => blocks.next().map(block_filter::v6_block_bit),
         }
-    }
-}
-
-/// The bitmap, mapped for as long as the filter lives: bits change with every ban.
-struct MappedWords {
-    mapping: Mapping,
-    len: usize,
-}
-
-impl MappedWords {
-    fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
-        let mapping = Mapping::new(fd, 0..len * 8, true)?;
-        Ok(Self { mapping, len })
-    }
-
-    fn words(&self) -> impl Iterator<Item = &AtomicU64> {
-        (0..self.len).map(|i| self.mapping.u64_at(i))
-    }
-
-    fn word(&self, bit: u32) -> &AtomicU64 {
-        self.mapping.u64_at((bit >> 6) as usize)
-    }
-
-    fn set(&self, bit: u32) {
-        self.word(bit).fetch_or(1 << (bit & 63), Ordering::Release);
-    }
-
-    fn clear(&self, bit: u32) {
-        self.word(bit)
-            .fetch_and(!(1 << (bit & 63)), Ordering::Release);
-    }
-
-    fn get(&self, bit: u32) -> bool {
-        self.word(bit).load(Ordering::Acquire) & (1 << (bit & 63)) != 0
     }
 }
 

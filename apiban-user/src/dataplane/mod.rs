@@ -170,6 +170,11 @@ pub struct PrefixMap<const N: usize, V: PrefixValue> {
 /// A key and its value, as read back from a map.
 pub type Entry<const N: usize, V> = (Key<[u8; N]>, V);
 
+/// An entry as the block filters count it.
+fn member<const N: usize>(key: &Key<[u8; N]>) -> (u32, [u8; N]) {
+    (key.prefix_len(), key.data())
+}
+
 /// The allowlist of one family: an LPM trie and the filter in front of it.
 pub struct AllowList<const N: usize> {
     prefixes: PrefixMap<N, AllowEntry>,
@@ -187,7 +192,7 @@ impl<const N: usize> AllowList<N> {
                 .entries()?
                 .iter()
                 .map(|(k, _)| (k.prefix_len(), k.data())),
-        );
+        )?;
         Ok(Self { prefixes, filter })
     }
 
@@ -198,15 +203,14 @@ impl<const N: usize> AllowList<N> {
 
     /// Adds a prefix; its bits are set before the program can find it.
     pub fn insert(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
-        self.filter.add(key.prefix_len(), key.data());
+        self.filter.add([member(&key)])?;
         self.prefixes.insert(key)
     }
 
     /// Removes an exact prefix, then the bits no other entry needs.
     pub fn remove(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
         self.prefixes.remove(key)?;
-        self.filter.remove(key.prefix_len(), key.data());
-        Ok(())
+        self.filter.remove([member(&key)])
     }
 
     pub fn contains(&self, key: Key<[u8; N]>) -> Result<bool, DataplaneError> {
@@ -313,7 +317,7 @@ impl<const N: usize> DenyMap<N> {
                         .iter()
                         .map(|(k, _)| (k.prefix_len(), k.data())),
                 ),
-        );
+        )?;
         Ok(Self {
             hosts,
             prefixes,
@@ -340,8 +344,7 @@ impl<const N: usize> DenyMap<N> {
         } else {
             self.prefixes.remove(key)?;
         }
-        self.filter.remove(key.prefix_len(), key.data());
-        Ok(())
+        self.filter.remove([member(&key)])
     }
 
     /// Whether exactly this prefix is present (not whether something covers it).
@@ -367,9 +370,7 @@ impl<const N: usize> DenyMap<N> {
     /// Adds many prefixes: hosts into the table, the rest (and hosts it has no room for) with
     /// batched trie updates. Prefixes already present keep their hit counts.
     pub fn insert_batch(&mut self, keys: &[Key<[u8; N]>]) -> Result<usize, DataplaneError> {
-        for key in keys {
-            self.filter.add(key.prefix_len(), key.data());
-        }
+        self.filter.add(keys.iter().map(member))?;
         let (hosts, mut prefixes) = Self::split(keys);
         let before = self.hosts.len();
         let no_room = self.hosts.insert_batch(&hosts)?;
@@ -394,9 +395,7 @@ impl<const N: usize> DenyMap<N> {
         let removed = before - self.hosts.len();
         prefixes.extend(Self::host_keys(elsewhere));
         let removed = removed + self.prefixes.remove_batch(&prefixes)?;
-        for key in keys {
-            self.filter.remove(key.prefix_len(), key.data());
-        }
+        self.filter.remove(keys.iter().map(member))?;
         Ok(removed)
     }
 
