@@ -415,6 +415,21 @@ fn route(s: &mut Inner, req: &Request, log: &mut RequestLog, now: Instant) -> Re
             None => Reply::Text(404, "not found".into()),
         };
     }
+    // What the client asked for is logged even when the reply is a fault: tests check which
+    // ID a client resumes from, whether or not the server answered.
+    let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
+    let field = |name: &str| body.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+    let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    match (req.method.as_str(), parts.as_slice()) {
+        ("POST", ["api", "get"]) => {
+            log.id = field("id");
+            log.set = field("set");
+        }
+        ("GET", ["api", _, "banned", rest @ ..]) => {
+            log.id = Some(rest.first().copied().unwrap_or("100").to_owned());
+        }
+        _ => {}
+    }
     if let Some((n, window)) = s.limit {
         let recent = s
             .log
@@ -434,16 +449,11 @@ fn route(s: &mut Inner, req: &Request, log: &mut RequestLog, now: Instant) -> Re
         .find(|(k, _)| k == "authorization")
         .and_then(|(_, v)| v.strip_prefix("Bearer "))
         .map(str::to_owned);
-    let body: serde_json::Value = serde_json::from_slice(&req.body).unwrap_or_default();
-    let field = |name: &str| body.get(name).and_then(|v| v.as_str()).map(str::to_owned);
-    let parts: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
     match (req.method.as_str(), parts.as_slice()) {
         ("POST", ["api", "get"]) => {
             if v2_key.as_deref() != Some(s.key.as_str()) {
                 return Reply::Fault(Fault::Forbidden);
             }
-            log.id = field("id");
-            log.set = field("set");
             banned(s, log.id.as_deref().unwrap_or("100"))
         }
         ("POST", ["api", "check"]) => {
@@ -457,7 +467,6 @@ fn route(s: &mut Inner, req: &Request, log: &mut RequestLog, now: Instant) -> Re
                 return Reply::Fault(Fault::Forbidden);
             }
             let id = rest.first().copied().unwrap_or("100").to_owned();
-            log.id = Some(id.clone());
             banned(s, &id)
         }
         ("GET", ["api", key, "check", ip]) => {

@@ -445,6 +445,11 @@ impl Keys {
     }
 
     /// Frees a slot by zeroing its first word; the rest is stale and never compared alone.
+    /// An IPv6 program run that read the old first word just before this, and reads the tail
+    /// only after the slot has been published again for another address, would compare a
+    /// mix of the two. Freeing and reusing are separate applies, microseconds apart at the
+    /// least, against a run's few nanoseconds between those loads, so there is no generation
+    /// word to rule it out.
     fn free(&self, slot: u32) {
         self.first_word(slot).store(0, Ordering::Release);
     }
