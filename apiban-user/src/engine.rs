@@ -333,6 +333,11 @@ impl<E: Enforcer> Engine<E> {
         &self.apiban
     }
 
+    /// The state directory, for what keeps its own files there (the request journal).
+    pub fn state_dir(&self) -> Option<&std::path::Path> {
+        self.store.as_ref().map(StateStore::dir)
+    }
+
     pub fn list_cursor(&self, name: &str) -> Option<&ListCursor> {
         self.lists.get(name)
     }
@@ -514,11 +519,6 @@ impl<E: Enforcer> Engine<E> {
             return (0, Applied::default());
         }
         (expired, self.commit(now))
-    }
-
-    /// Records the rate budget's recent send times; saved with the next change.
-    pub fn set_apiban_requests(&mut self, requests_ms: Vec<u64>) {
-        self.apiban.requests_ms = requests_ms;
     }
 
     /// Starts a full pull (no state yet, or reconciliation due), saved so that a crash

@@ -3,9 +3,18 @@
 //! A token bucket refilling at N/T lets a full bucket plus a window's refill through inside
 //! one window (up to 2N); APIBAN counts requests per key per window, so a burst like that
 //! earns 429s. Keeping the send times of the last N requests makes the guarantee exact.
+//!
+//! Exact on our clock, that is. The server counts arrivals, and a request reaches it some
+//! time after we count it: a connection to set up, a TLS handshake, a retransmission, a
+//! busy runtime. When an old request was slow and a new one fast, the server sees them
+//! closer together than we sent them. So each request holds its place for the window plus
+//! a guard (a tenth of the window, at most 5 s: 5 s of 120 s for APIBAN's 11 per 2 minutes).
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeSet, VecDeque},
+    fs, io,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -30,9 +39,14 @@ impl RateBudget {
         self.limit
     }
 
+    /// How long a request counts against the budget: the window and the guard.
+    pub fn span(&self) -> Duration {
+        span(self.limit)
+    }
+
     fn forget_before(&mut self, now: Instant) {
         while let Some(&first) = self.sent.front() {
-            if now.saturating_duration_since(first) >= self.limit.window {
+            if now.saturating_duration_since(first) >= self.span() {
                 self.sent.pop_front();
             } else {
                 break;
@@ -53,7 +67,7 @@ impl RateBudget {
             return now;
         }
         // Full: the oldest send must leave the window first.
-        self.sent[0] + self.limit.window
+        self.sent[0] + self.span()
     }
 
     /// Records a request sent at `now`. Callers wait for [`next_allowed`](Self::next_allowed)
@@ -95,12 +109,112 @@ impl RateBudget {
         for ms in times {
             // A send time in the future (clock stepped back) counts as now: conservative.
             let age = Duration::from_millis(wall_now.saturating_sub(ms));
-            if age < limit.window {
+            if age < span(limit) {
                 budget.record(now.checked_sub(age).unwrap_or(now));
             }
         }
         budget
     }
+}
+
+/// The budget's send times on disk, written before each request goes out.
+///
+/// Saving them with the ledger after each batch is not enough: a request in flight when the
+/// agent dies (kill -9, OOM, a crash) would be forgotten, and the next agent, which starts
+/// within a fraction of a second, would spend it again inside the same window. The file is a
+/// few bytes and is replaced (write, rename) before every request; it is not fsynced, because
+/// what it guards against is the agent's death, which the page cache survives. A host crash
+/// can lose the last entry; the worst outcome is one 429, which the poller answers by
+/// waiting a whole window.
+#[derive(Debug, Clone)]
+pub struct BudgetJournal {
+    path: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("cannot read the request journal {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the request journal {path} is not a JSON list of Unix milliseconds: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot write the request journal {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+pub const JOURNAL_FILE: &str = "requests.json";
+
+impl BudgetJournal {
+    pub fn in_dir(dir: &Path) -> Self {
+        Self {
+            path: dir.join(JOURNAL_FILE),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Send times saved by the last agent; none if it never sent a request.
+    pub fn load(&self) -> Result<Vec<u64>, JournalError> {
+        let bytes = match fs::read(&self.path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(JournalError::Read {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        serde_json::from_slice(&bytes).map_err(|source| JournalError::Parse {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    pub fn save(&self, sent_ms: &[u64]) -> Result<(), JournalError> {
+        let write_err = |source| JournalError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let tmp = self.path.with_extension("json.tmp");
+        let text = serde_json::to_vec(sent_ms).map_err(|e| write_err(e.into()))?;
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)
+            .and_then(|mut f| io::Write::write_all(&mut f, &text))
+            .map_err(write_err)?;
+        fs::rename(&tmp, &self.path).map_err(write_err)
+    }
+}
+
+/// Send times from every place a previous agent may have left them, each counted once.
+pub fn merge_sent(a: &[u64], b: &[u64]) -> Vec<u64> {
+    a.iter()
+        .chain(b)
+        .copied()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+fn span(limit: RateLimit) -> Duration {
+    limit.window + (limit.window / 10).min(Duration::from_secs(5))
 }
 
 fn unix_millis(t: SystemTime) -> u64 {
@@ -163,9 +277,10 @@ mod tests {
             assert_eq!(budget.next_allowed(t0), t0);
             budget.record(t0);
         }
-        assert_eq!(budget.next_allowed(t0), t0 + Duration::from_secs(10));
-        assert_eq!(budget.remaining(t0 + Duration::from_secs(9)), 0);
-        assert_eq!(budget.remaining(t0 + Duration::from_secs(10)), 3);
+        // The 10 s window and its 1 s guard.
+        assert_eq!(budget.next_allowed(t0), t0 + Duration::from_secs(11));
+        assert_eq!(budget.remaining(t0 + Duration::from_secs(10)), 0);
+        assert_eq!(budget.remaining(t0 + Duration::from_secs(11)), 3);
     }
 
     #[test]
@@ -176,7 +291,7 @@ mod tests {
         budget.exhaust(t0 + Duration::from_secs(5));
         assert_eq!(
             budget.next_allowed(t0 + Duration::from_secs(6)),
-            t0 + Duration::from_secs(125)
+            t0 + Duration::from_secs(130)
         );
     }
 
@@ -191,13 +306,34 @@ mod tests {
         let mut restored = RateBudget::from_wall_clock(limit(4, 60), &saved, now);
         assert_eq!(restored.remaining(now), 0);
         let next = restored.next_allowed(now);
+        // The oldest, 50 s ago, leaves after the 60 s window and its 5 s guard.
         let wait = next.duration_since(now);
         assert!(
-            wait >= Duration::from_secs(9) && wait <= Duration::from_secs(11),
+            wait >= Duration::from_secs(14) && wait <= Duration::from_secs(16),
             "{wait:?}"
         );
         // A tighter limit after a config change still respects what was sent.
         let mut tighter = RateBudget::from_wall_clock(limit(2, 60), &saved, now);
         assert_eq!(tighter.remaining(now), 0);
+    }
+
+    #[test]
+    fn the_journal_round_trips_and_a_missing_one_is_empty() {
+        let dir = std::env::temp_dir().join(format!("apiban-journal-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let journal = BudgetJournal::in_dir(&dir);
+        assert_eq!(journal.load().unwrap(), Vec::<u64>::new());
+        journal.save(&[10, 20, 30]).unwrap();
+        journal.save(&[20, 30, 40]).unwrap();
+        assert_eq!(journal.load().unwrap(), vec![20, 30, 40]);
+        fs::write(journal.path(), b"{not a list").unwrap();
+        assert!(matches!(journal.load(), Err(JournalError::Parse { .. })));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn merged_send_times_count_once() {
+        assert_eq!(merge_sent(&[3, 1, 2], &[2, 4]), vec![1, 2, 3, 4]);
     }
 }

@@ -58,8 +58,9 @@ pub struct ApibanCursor {
     pub next_id: Option<String>,
     pub full_pull: Option<FullPull>,
     pub last_full_pull: Option<u64>,
-    /// Unix milliseconds of recent requests, so a restart does not overspend the budget.
-    #[serde(default)]
+    /// Unix milliseconds of recent requests, as agents before the request journal saved
+    /// them; read once after an upgrade so that it does not overspend the budget.
+    #[serde(default, skip_serializing)]
     pub requests_ms: Vec<u64>,
 }
 
@@ -344,7 +345,7 @@ mod tests {
                     seen: 250,
                 }),
                 last_full_pull: Some(1),
-                requests_ms: vec![1, 2, 3],
+                requests_ms: vec![],
             },
             lists: BTreeMap::from([(
                 "voipbl".into(),
@@ -373,6 +374,26 @@ mod tests {
         assert_eq!(back.ledger().len(), 2);
         let mode = fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        drop(store);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn request_times_from_an_older_agent_are_read_but_no_longer_written() {
+        let dir = temp_dir("legacy-requests");
+        let store = StateStore::open(&dir).unwrap();
+        let mut state = sample();
+        store.save(&state).unwrap();
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&fs::read(store.path()).unwrap()).unwrap();
+        assert!(json["apiban"].get("requests_ms").is_none());
+        json["apiban"]["requests_ms"] = serde_json::json!([1, 2, 3]);
+        fs::write(store.path(), json.to_string()).unwrap();
+        let Loaded::State(back) = store.load() else {
+            panic!("state did not load")
+        };
+        state.apiban.requests_ms = vec![1, 2, 3];
+        assert_eq!(*back, state);
         drop(store);
         fs::remove_dir_all(dir).unwrap();
     }

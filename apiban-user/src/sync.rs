@@ -18,7 +18,7 @@ use crate::{
     dataplane::Scope,
     engine::{Enforcer, Engine, EngineSettings, IngestReport},
     human::RateLimit,
-    rate_budget::RateBudget,
+    rate_budget::{self, BudgetJournal, RateBudget},
     source::{
         apiban::{ApibanClient, Batch, ClientError},
         blocklist::{self, ListSpec},
@@ -72,12 +72,7 @@ pub enum Update {
     ApibanDone {
         reply: oneshot::Sender<IngestReport>,
     },
-    /// A request is about to go out: the owner learns its send time at once, so a poller
-    /// restarted by a reload mid-request still counts it against the budget.
-    ApibanSending {
-        requests_ms: Vec<u64>,
-    },
-    /// Every request's outcome, for status and metrics, with the budget to persist.
+    /// Every request's outcome, for status and metrics.
     ApibanRequest(RequestReport),
     /// The poller is idle until this time (Unix seconds).
     ApibanNextPoll(u64),
@@ -129,7 +124,6 @@ pub enum Change {
 pub struct RequestReport {
     pub outcome: &'static str,
     pub at: u64,
-    pub requests_ms: Vec<u64>,
     pub budget_left: u32,
     /// When the poller will send its next request.
     pub next_request: Option<u64>,
@@ -205,10 +199,6 @@ impl<E: Enforcer> Owner<E> {
                 self.sync.last_success = Some(now);
                 let _ = reply.send(report);
             }
-            // Kept in memory (a poller restarted by a reload starts from it) and saved with
-            // the batch it fetches. Saving here would hold the runtime while the request
-            // waits to go out, so the server would see it later than the budget counts it.
-            Update::ApibanSending { requests_ms } => self.engine.set_apiban_requests(requests_ms),
             Update::ApibanNextPoll(at) => self.sync.next_request = Some(at),
             Update::ApibanRequest(r) => {
                 *self.sync.requests.entry(r.outcome).or_default() += 1;
@@ -218,7 +208,6 @@ impl<E: Enforcer> Owner<E> {
                 if r.waited_for_budget {
                     self.sync.rate_limit_waits += 1;
                 }
-                self.engine.set_apiban_requests(r.requests_ms);
             }
             Update::ListSnapshot { name, text, reply } => {
                 let items = blocklist::parse_list(&text);
@@ -368,14 +357,19 @@ impl<E: Enforcer> Running<E> {
 
     /// Replaces the APIBAN poller (new key, URL or intervals) and starts, stops or restarts
     /// the blocklists whose configuration changed. The poller resumes from the engine's
-    /// cursor with the budget the engine saved, so a reload never overspends it.
+    /// cursor with the budget its journal holds, so a reload never overspends it.
     pub fn restart_poller(&mut self, apiban: Option<(ApibanClient, PollSettings)>) {
         if let Some(p) = self.poller.take() {
             p.abort();
         }
         if let Some((client, settings)) = apiban {
-            let cursor = lock(&self.owner).engine.apiban_cursor().clone();
-            let poller = ApibanPoller::new(client, settings, &cursor, self.updates.clone());
+            let (cursor, journal) = {
+                let owner = lock(&self.owner);
+                let journal = owner.engine.state_dir().map(BudgetJournal::in_dir);
+                (owner.engine.apiban_cursor().clone(), journal)
+            };
+            let poller =
+                ApibanPoller::new(client, settings, &cursor, journal, self.updates.clone());
             self.poller = Some(tokio::spawn(poller.run(cursor)));
         }
     }
@@ -506,6 +500,9 @@ pub struct ApibanPoller {
     client: ApibanClient,
     settings: PollSettings,
     budget: RateBudget,
+    /// Where the budget goes before each request; None without a state directory.
+    journal: Option<BudgetJournal>,
+    journal_failing: bool,
     updates: mpsc::Sender<Update>,
 }
 
@@ -522,15 +519,54 @@ impl ApibanPoller {
         client: ApibanClient,
         settings: PollSettings,
         cursor: &ApibanCursor,
+        journal: Option<BudgetJournal>,
         updates: mpsc::Sender<Update>,
     ) -> Self {
-        let budget =
-            RateBudget::from_wall_clock(settings.rate_limit, &cursor.requests_ms, Instant::now());
+        let now = Instant::now();
+        let journaled = match journal.as_ref().map(BudgetJournal::load) {
+            None => Ok(Vec::new()),
+            Some(loaded) => loaded,
+        };
+        let budget = match journaled {
+            Ok(sent) => {
+                // Agents before the journal saved the times in the state file.
+                let sent = rate_budget::merge_sent(&sent, &cursor.requests_ms);
+                RateBudget::from_wall_clock(settings.rate_limit, &sent, now)
+            }
+            Err(e) => {
+                // What the last agent spent is unknown: assume all of it, just now.
+                tracing::warn!(error = %e, "waiting one rate-limit window before the first request");
+                let mut budget = RateBudget::new(settings.rate_limit);
+                budget.exhaust(now);
+                budget
+            }
+        };
         Self {
             client,
             settings,
             budget,
+            journal,
+            journal_failing: false,
             updates,
+        }
+    }
+
+    /// Puts the budget on disk before a request goes out, so that the next agent counts it
+    /// even if this one dies while the request is in flight.
+    fn journal_budget(&mut self, sent_at: Instant) {
+        let Some(journal) = &self.journal else { return };
+        // A few bytes, written synchronously: the request must not leave before they are.
+        match journal.save(&self.budget.to_wall_clock(sent_at)) {
+            Ok(()) => self.journal_failing = false,
+            Err(e) => {
+                if !self.journal_failing {
+                    tracing::error!(
+                        error = %e,
+                        "a restart may overspend the APIBAN rate limit by the requests in flight"
+                    );
+                }
+                self.journal_failing = true;
+            }
         }
     }
 
@@ -598,11 +634,7 @@ impl ApibanPoller {
             let waited = self.wait_for_budget().await;
             let sent_at = Instant::now();
             self.budget.record(sent_at);
-            let requests_ms = self.budget.to_wall_clock(sent_at);
-            self.updates
-                .send(Update::ApibanSending { requests_ms })
-                .await
-                .map_err(|_| Stopped)?;
+            self.journal_budget(sent_at);
             let result = self.client.fetch(&id).await;
             let outcome = match &result {
                 Ok(_) => "ok",
@@ -683,7 +715,6 @@ impl ApibanPoller {
         let report = RequestReport {
             outcome,
             at: unix_now(),
-            requests_ms: self.budget.to_wall_clock(now),
             budget_left: self.budget.remaining(now),
             next_request: Some(unix_now() + next.saturating_duration_since(now).as_secs()),
             waited_for_budget: waited,
