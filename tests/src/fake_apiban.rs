@@ -61,7 +61,8 @@ struct Inner {
     next_id: u64,
     batch_size: usize,
     persistent_fault: Option<Fault>,
-    queued_faults: VecDeque<Fault>,
+    /// What the next requests meet, in order; None is a normal answer.
+    queued_faults: VecDeque<Option<Fault>>,
     /// The server's own limit: over it, 429 (like APIBAN's).
     limit: Option<(usize, Duration)>,
     no_new_bans: NoNewBans,
@@ -178,7 +179,20 @@ impl FakeApiban {
 
     /// The next `n` requests get `fault`, then service resumes.
     pub fn fail_next(&self, fault: Fault, n: usize) {
-        self.with(|s| s.queued_faults.extend(std::iter::repeat_n(fault, n)))
+        self.with(|s| s.queued_faults.extend(std::iter::repeat_n(Some(fault), n)))
+    }
+
+    /// The next `served` requests are answered, the one after them gets `fault`.
+    pub fn fail_after(&self, served: usize, fault: Fault) {
+        self.with(|s| {
+            s.queued_faults.extend(std::iter::repeat_n(None, served));
+            s.queued_faults.push_back(Some(fault));
+        })
+    }
+
+    /// Queued answers and faults that no request has met yet.
+    pub fn faults_pending(&self) -> usize {
+        self.with(|s| s.queued_faults.len())
     }
 
     pub fn set_rate_limit(&self, limit: Option<(usize, Duration)>) {
@@ -200,6 +214,23 @@ impl FakeApiban {
     }
 
     /// The most requests the server saw inside any window of length `window`.
+    /// The request log as lines of time since the first request, ID and status, for
+    /// assertion messages.
+    pub fn log_table(&self) -> String {
+        let log = self.requests();
+        let Some(first) = log.first().map(|r| r.at) else {
+            return "no requests".into();
+        };
+        log.iter()
+            .map(|r| {
+                let at = r.at.duration_since(first).as_secs_f64();
+                let id = r.id.as_deref().unwrap_or("-");
+                format!("{at:9.3}s {} {id} {}", r.path, r.status)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     pub fn max_in_window(&self, window: Duration) -> usize {
         let times: Vec<Instant> = self.with(|s| {
             s.log
@@ -440,7 +471,7 @@ fn route(s: &mut Inner, req: &Request, log: &mut RequestLog, now: Instant) -> Re
             return Reply::Fault(Fault::RateLimited);
         }
     }
-    if let Some(f) = s.queued_faults.pop_front().or(s.persistent_fault) {
+    if let Some(f) = s.queued_faults.pop_front().flatten().or(s.persistent_fault) {
         return Reply::Fault(f);
     }
     let v2_key = req

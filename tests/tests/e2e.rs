@@ -324,9 +324,16 @@ fn kill_9_mid_pull_loses_nothing_and_the_pull_resumes() {
     let feed = addrs("45.80", 2_000);
     s.api.publish(&feed);
     let early = s.source("45.80.0.1");
+    // The fourth request, the last the budget allows in the first second, never gets an
+    // answer: the agent dies with the whole budget spent and one request that no batch has
+    // recorded, and the next agent must count it all.
+    s.api.fail_after(3, Fault::Hang);
     s.start(&["--poll-interval", "1s", "--rate-limit", "4/1s"]);
+    wait_until("a request in flight", Duration::from_secs(20), || {
+        s.api.faults_pending() == 0
+    });
     wait_until("part of the pull", Duration::from_secs(20), || {
-        s.status()["enforced"]["ipv4"].as_u64().unwrap_or(0) >= 400
+        s.status()["enforced"]["ipv4"].as_u64().unwrap_or(0) >= 300
     });
     s.kill9();
     let applied = {
@@ -338,7 +345,7 @@ fn kill_9_mid_pull_loses_nothing_and_the_pull_resumes() {
         .expect("a full pull was in progress")
         .to_owned();
     let saved_entries = applied["entries"].as_array().map_or(0, Vec::len);
-    assert!(saved_entries >= 400, "{saved_entries} saved");
+    assert!(saved_entries >= 300, "{saved_entries} saved");
     let before_restart = s.api.requests().len();
 
     // Restart with the API down: what was applied is enforced before any request succeeds.
@@ -360,7 +367,11 @@ fn kill_9_mid_pull_loses_nothing_and_the_pull_resumes() {
         Some(resume_id.as_str()),
         "the pull resumed from the saved ID"
     );
-    assert!(s.api.max_in_window(limit.1) <= limit.0);
+    assert!(
+        s.api.max_in_window(limit.1) <= limit.0,
+        "over the limit; restarted after request {before_restart}:\n{}",
+        s.api.log_table()
+    );
 }
 
 #[test]
