@@ -127,7 +127,8 @@ pub struct RunArgs {
     /// Time between full pulls that reconcile the list [default: 24h].
     #[arg(long, env = "APIBAN_RESYNC_INTERVAL")]
     pub resync_interval: Option<HumanDuration>,
-    /// At most N requests in any window T [default: 11/120s, APIBAN's limit].
+    /// At most N requests in any window T, each held T/10 longer (at most 5 s) for
+    /// requests that reach the server late [default: 11/120s, APIBAN's limit].
     #[arg(long, env = "APIBAN_RATE_LIMIT")]
     pub rate_limit: Option<RateLimit>,
     /// How long a feed entry stays banned after it was last seen [default: 7d].
@@ -148,7 +149,8 @@ pub struct RunArgs {
     /// How often blocklists are re-read [default: 1h].
     #[arg(long, env = "APIBAN_LIST_REFRESH")]
     pub list_refresh: Option<HumanDuration>,
-    /// Where the ledger and sync position are saved [default: /var/lib/apiban].
+    /// Where the ledger, sync position and request journal are saved
+    /// [default: /var/lib/apiban].
     #[arg(long, env = "APIBAN_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Control socket for status, check, list, ban, unban and allow

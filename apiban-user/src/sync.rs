@@ -523,11 +523,7 @@ impl ApibanPoller {
         updates: mpsc::Sender<Update>,
     ) -> Self {
         let now = Instant::now();
-        let journaled = match journal.as_ref().map(BudgetJournal::load) {
-            None => Ok(Vec::new()),
-            Some(loaded) => loaded,
-        };
-        let budget = match journaled {
+        let budget = match journal.as_ref().map_or(Ok(Vec::new()), BudgetJournal::load) {
             Ok(sent) => {
                 // Agents before the journal saved the times in the state file.
                 let sent = rate_budget::merge_sent(&sent, &cursor.requests_ms);
