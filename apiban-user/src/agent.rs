@@ -50,6 +50,7 @@ fn engine_settings(c: &AgentConfig) -> EngineSettings {
 fn poll_settings(c: &AgentConfig) -> PollSettings {
     PollSettings {
         poll_interval: c.poll_interval,
+        key_retry_max: c.key_retry_max,
         resync_interval: c.resync_interval,
         rate_limit: c.rate_limit,
         ..Default::default()
@@ -69,7 +70,8 @@ fn read_key(c: &AgentConfig) -> anyhow::Result<Option<ApiKey>> {
     }
 }
 
-fn apiban_client(c: &AgentConfig) -> anyhow::Result<Option<(ApibanClient, PollSettings)>> {
+/// The APIBAN client the configuration describes, if it names a key.
+pub fn client_from_config(c: &AgentConfig) -> anyhow::Result<Option<ApibanClient>> {
     let Some(key) = read_key(c)? else {
         return Ok(None);
     };
@@ -78,8 +80,24 @@ fn apiban_client(c: &AgentConfig) -> anyhow::Result<Option<(ApibanClient, PollSe
     config.connect_timeout = config.connect_timeout.min(c.api_timeout);
     config.version = c.api_version;
     config.set = c.data_set;
-    let client = ApibanClient::new(config).context("cannot build the HTTP client")?;
-    Ok(Some((client, poll_settings(c))))
+    if let Some(ca) = &c.api_ca {
+        config.extra_ca_pem = Some(
+            std::fs::read(ca)
+                .with_context(|| format!("cannot read the --api-ca file {}", ca.display()))?,
+        );
+    }
+    let client = ApibanClient::new(config).with_context(|| match &c.api_ca {
+        Some(ca) => format!(
+            "cannot build the HTTP client with the CAs in {}",
+            ca.display()
+        ),
+        None => "cannot build the HTTP client".to_owned(),
+    })?;
+    Ok(Some(client))
+}
+
+fn apiban_client(c: &AgentConfig) -> anyhow::Result<Option<(ApibanClient, PollSettings)>> {
+    Ok(client_from_config(c)?.map(|client| (client, poll_settings(c))))
 }
 
 fn info(
@@ -219,11 +237,13 @@ fn serve<E: Enforcer + Send + 'static>(
                 return Err(e).context("cannot open the control socket");
             }
         };
+        let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<control::ReloadReply>(4);
         if let Some(listener) = control_listener {
             let ctx = ControlContext {
                 owner: running.owner.clone(),
                 updates: running.updates.clone(),
                 info: info.clone(),
+                reload: reload_tx,
             };
             servers.push(tokio::spawn(control::serve(listener, ctx)));
             tracing::info!(path = %config.control_socket.display(), "control socket ready");
@@ -264,6 +284,11 @@ fn serve<E: Enforcer + Send + 'static>(
                 .watchdog_interval()
                 .unwrap_or(Duration::from_secs(3600)),
         );
+        // A key file (a credential, or one the operator edits) is re-read every few seconds,
+        // so that a new key takes effect without a reload, a rejected one at once.
+        let mut key_check = tokio::time::interval(Duration::from_secs(2));
+        key_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut key_unreadable = false;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
@@ -279,9 +304,39 @@ fn serve<E: Enforcer + Send + 'static>(
                 }
                 _ = hup.recv() => {
                     notifier.reloading();
-                    reload(&args, &mut config, &mut running, &info, &mut key_in_use).await;
+                    let _ = reload(&args, &mut config, &mut running, &info, &mut key_in_use).await;
                     let enforced = sync::lock(&running.owner).engine.enforced().len();
                     notifier.ready(&format!("enforcing {enforced} prefixes"));
+                }
+                Some(reply) = reload_rx.recv() => {
+                    notifier.reloading();
+                    let outcome = reload(&args, &mut config, &mut running, &info, &mut key_in_use).await;
+                    let enforced = sync::lock(&running.owner).engine.enforced().len();
+                    notifier.ready(&format!("enforcing {enforced} prefixes"));
+                    let _ = reply.send(outcome);
+                }
+                _ = key_check.tick(), if matches!(config.key, Some(KeySource::File(_))) => {
+                    let Some(KeySource::File(path)) = &config.key else { continue };
+                    match ApiKey::from_file(path) {
+                        Ok(key) if Some(&key) != key_in_use.as_ref() => {
+                            key_unreadable = false;
+                            tracing::info!(file = %path.display(), "the API key file changed; polling with the new key");
+                            match apiban_client(&config) {
+                                Ok(apiban) => {
+                                    key_in_use = apiban.as_ref().map(|(c, _)| c.key().clone());
+                                    running.restart_poller(apiban);
+                                }
+                                Err(e) => tracing::error!(error = format!("{e:#}"), "cannot use the new key"),
+                            }
+                        }
+                        Ok(_) => key_unreadable = false,
+                        Err(e) => {
+                            if !key_unreadable {
+                                tracing::warn!(error = %e, "cannot re-read the API key file; polling with the key read before");
+                            }
+                            key_unreadable = true;
+                        }
+                    }
                 }
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
@@ -315,24 +370,16 @@ async fn reload<E: Enforcer + Send + 'static>(
     running: &mut Running<E>,
     info: &Arc<Mutex<AgentInfo>>,
     key_in_use: &mut Option<ApiKey>,
-) {
-    let new = match config::load(args) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "reload refused; still running with the previous configuration");
-            return;
-        }
+) -> Result<String, String> {
+    let refused = |e: String| {
+        tracing::error!(
+            error = %e,
+            "reload refused; still running with the previous configuration"
+        );
+        format!("reload refused, still running with the previous configuration: {e}")
     };
-    let apiban = match apiban_client(&new) {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(
-                error = format!("{e:#}"),
-                "reload refused; still running with the previous configuration"
-            );
-            return;
-        }
-    };
+    let new = config::load(args).map_err(|e| refused(e.to_string()))?;
+    let apiban = apiban_client(&new).map_err(|e| refused(format!("{e:#}")))?;
     for key in config.restart_only_changes(&new) {
         tracing::warn!(
             key,
@@ -345,7 +392,7 @@ async fn reload<E: Enforcer + Send + 'static>(
     };
     if let Err(e) = control::send_change(&running.updates, change).await {
         tracing::error!(error = %e, "reload: cannot apply the settings");
-        return;
+        return Err(format!("cannot apply the settings: {e}"));
     }
     // A key file rotated in place has the same path: compare what it holds.
     let key_now = apiban.as_ref().map(|(client, _)| client.key().clone());
@@ -353,6 +400,8 @@ async fn reload<E: Enforcer + Send + 'static>(
         || new.key != config.key
         || new.api_url != config.api_url
         || new.api_timeout != config.api_timeout
+        || new.api_ca != config.api_ca
+        || new.key_retry_max != config.key_retry_max
         || new.api_version != config.api_version
         || new.data_set != config.data_set
         || poll_settings(&new).poll_interval != poll_settings(config).poll_interval
@@ -363,6 +412,9 @@ async fn reload<E: Enforcer + Send + 'static>(
         tracing::info!("APIBAN settings changed; restarting the poller from its saved position");
         running.restart_poller(apiban);
         *key_in_use = key_now;
+    } else {
+        // The operator may have fixed what made APIBAN reject the key outside our view.
+        running.retry_apiban_now();
     }
     for name in running.set_lists(new.lists.clone()) {
         let _ = control::send_change(&running.updates, Change::DropList { name }).await;
@@ -389,6 +441,7 @@ async fn reload<E: Enforcer + Send + 'static>(
         ..new
     };
     tracing::info!("configuration reloaded");
+    Ok("configuration reloaded".to_owned())
 }
 
 /// A blocked signal mask is inherited across exec: an agent started by a parent that blocks

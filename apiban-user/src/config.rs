@@ -84,6 +84,10 @@ pub struct RunArgs {
     /// Interface to protect; repeat (or comma-separate) for several.
     #[arg(long = "iface", env = "APIBAN_IFACE", value_delimiter = ',')]
     pub ifaces: Vec<String>,
+    /// How long to wait at start for an --iface that does not exist yet (udev renaming,
+    /// a VLAN or bond created later in boot) [default: 30s].
+    #[arg(long, env = "APIBAN_IFACE_WAIT")]
+    pub iface_wait: Option<HumanDuration>,
     /// XDP attach mode [default: auto]: native, falling back to skb.
     #[arg(long, env = "APIBAN_XDP_MODE", value_enum)]
     pub xdp_mode: Option<AttachMode>,
@@ -115,6 +119,10 @@ pub struct RunArgs {
     /// How long one API request may take before it counts as failed [default: 30s].
     #[arg(long, env = "APIBAN_API_TIMEOUT")]
     pub api_timeout: Option<HumanDuration>,
+    /// PEM file of CA certificates to trust for --api-url, besides the system's and the
+    /// bundled web roots (a mirror or proxy with an internal CA).
+    #[arg(long, env = "APIBAN_API_CA")]
+    pub api_ca: Option<PathBuf>,
     /// APIBAN API version [default: v2].
     #[arg(long, env = "APIBAN_API_VERSION", value_enum)]
     pub api_version: Option<ApiVersion>,
@@ -124,6 +132,10 @@ pub struct RunArgs {
     /// Time between incremental polls [default: 60s].
     #[arg(long, env = "APIBAN_POLL_INTERVAL")]
     pub poll_interval: Option<HumanDuration>,
+    /// Longest wait between retries while APIBAN rejects the key (403); the first retry is
+    /// one poll interval later, the wait doubles up to this [default: 30m].
+    #[arg(long, env = "APIBAN_KEY_RETRY_MAX")]
+    pub key_retry_max: Option<HumanDuration>,
     /// Time between full pulls that reconcile the list [default: 24h].
     #[arg(long, env = "APIBAN_RESYNC_INTERVAL")]
     pub resync_interval: Option<HumanDuration>,
@@ -157,6 +169,10 @@ pub struct RunArgs {
     /// [default: /run/apiban/control.sock].
     #[arg(long, env = "APIBAN_CONTROL_SOCKET")]
     pub control_socket: Option<PathBuf>,
+    /// Members of this group may run the read-only commands (status, check, list, allow
+    /// list) on the control socket; everything else stays root-only [default: none].
+    #[arg(long, env = "APIBAN_CONTROL_GROUP")]
+    pub control_group: Option<String>,
     /// Where /metrics is served (Prometheus text format); "off" disables it
     /// [default: 127.0.0.1:9477].
     #[arg(long, env = "APIBAN_METRICS_ADDR")]
@@ -175,6 +191,7 @@ pub struct RunArgs {
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct FileConfig {
     pub iface: Option<Vec<String>>,
+    pub iface_wait: Option<String>,
     pub xdp_mode: Option<String>,
     pub bpffs_dir: Option<PathBuf>,
     pub scope: Option<String>,
@@ -184,9 +201,11 @@ pub struct FileConfig {
     pub api_key_file: Option<PathBuf>,
     pub api_url: Option<String>,
     pub api_timeout: Option<String>,
+    pub api_ca: Option<PathBuf>,
     pub api_version: Option<String>,
     pub set: Option<String>,
     pub poll_interval: Option<String>,
+    pub key_retry_max: Option<String>,
     pub resync_interval: Option<String>,
     pub rate_limit: Option<String>,
     pub ttl: Option<String>,
@@ -197,6 +216,7 @@ pub struct FileConfig {
     pub list_refresh: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub control_socket: Option<PathBuf>,
+    pub control_group: Option<String>,
     pub metrics_addr: Option<String>,
     pub dry_run: Option<bool>,
     pub log_format: Option<String>,
@@ -225,6 +245,7 @@ pub struct AgentConfig {
     /// The file that was read, if any.
     pub file: Option<PathBuf>,
     pub ifaces: Vec<String>,
+    pub iface_wait: Duration,
     pub xdp_mode: AttachMode,
     pub bpffs_dir: PathBuf,
     pub scope: Scope,
@@ -232,9 +253,11 @@ pub struct AgentConfig {
     pub key: Option<KeySource>,
     pub api_url: String,
     pub api_timeout: Duration,
+    pub api_ca: Option<PathBuf>,
     pub api_version: ApiVersion,
     pub data_set: DataSet,
     pub poll_interval: Duration,
+    pub key_retry_max: Duration,
     pub resync_interval: Duration,
     pub rate_limit: RateLimit,
     pub ttl: Duration,
@@ -244,6 +267,7 @@ pub struct AgentConfig {
     pub lists: Vec<ListSpec>,
     pub state_dir: PathBuf,
     pub control_socket: PathBuf,
+    pub control_group: Option<String>,
     pub metrics_addr: Option<SocketAddr>,
     pub dry_run: bool,
     pub log_format: LogFormat,
@@ -259,11 +283,13 @@ impl AgentConfig {
             }
         };
         check("iface", self.ifaces != new.ifaces);
+        check("iface-wait", self.iface_wait != new.iface_wait);
         check("xdp-mode", self.xdp_mode != new.xdp_mode);
         check("bpffs-dir", self.bpffs_dir != new.bpffs_dir);
         check("debug-events", self.debug_events != new.debug_events);
         check("state-dir", self.state_dir != new.state_dir);
         check("control-socket", self.control_socket != new.control_socket);
+        check("control-group", self.control_group != new.control_group);
         check("metrics-addr", self.metrics_addr != new.metrics_addr);
         check("dry-run", self.dry_run != new.dry_run);
         check("log-format", self.log_format != new.log_format);
@@ -472,9 +498,27 @@ pub fn resolve(
     if poll_interval.is_zero() {
         return Err(invalid("poll-interval", "must be longer than zero"));
     }
+    let key_retry_max = first(
+        args.key_retry_max.map(|d| d.0),
+        from_file("key-retry-max", file.key_retry_max.as_ref(), duration)?,
+        Duration::from_secs(1800),
+    );
+    if key_retry_max.is_zero() {
+        return Err(invalid("key-retry-max", "must be longer than zero"));
+    }
+    let control_group = args
+        .control_group
+        .clone()
+        .or(file.control_group)
+        .filter(|g| !g.is_empty() && !g.eq_ignore_ascii_case("none"));
     Ok(AgentConfig {
         file: file_path,
         ifaces,
+        iface_wait: first(
+            args.iface_wait.map(|d| d.0),
+            from_file("iface-wait", file.iface_wait.as_ref(), duration)?,
+            Duration::from_secs(30),
+        ),
         xdp_mode: first(
             args.xdp_mode,
             from_file("xdp-mode", file.xdp_mode.as_ref(), value_enum)?,
@@ -495,6 +539,7 @@ pub fn resolve(
             Duration::from_secs(30),
         )
         .max(Duration::from_secs(1)),
+        api_ca: args.api_ca.clone().or(file.api_ca),
         api_version: first(
             args.api_version,
             from_file("api-version", file.api_version.as_ref(), value_enum)?,
@@ -506,6 +551,7 @@ pub fn resolve(
             DataSet::Sip,
         ),
         poll_interval,
+        key_retry_max,
         resync_interval: first(
             args.resync_interval.map(|d| d.0),
             from_file("resync-interval", file.resync_interval.as_ref(), duration)?,
@@ -537,6 +583,7 @@ pub fn resolve(
             file.control_socket,
             PathBuf::from(DEFAULT_CONTROL_SOCKET),
         ),
+        control_group,
         metrics_addr,
         dry_run,
         log_format: first(

@@ -60,7 +60,12 @@ pub enum Request {
         net: IpNet,
     },
     AllowList,
+    /// Re-read the configuration, as SIGHUP does.
+    Reload,
 }
+
+/// How the control socket asks the agent's main loop for a reload, and hears how it went.
+pub type ReloadReply = oneshot::Sender<Result<String, String>>;
 
 /// `{"ok": <answer>}` or `{"error": "..."}`.
 #[derive(Debug, Serialize, Deserialize)]
@@ -136,6 +141,7 @@ pub struct ControlContext<E: Enforcer> {
     pub owner: Arc<Mutex<Owner<E>>>,
     pub updates: mpsc::Sender<Update>,
     pub info: Arc<Mutex<AgentInfo>>,
+    pub reload: mpsc::Sender<ReloadReply>,
 }
 
 impl<E: Enforcer> Clone for ControlContext<E> {
@@ -144,6 +150,7 @@ impl<E: Enforcer> Clone for ControlContext<E> {
             owner: self.owner.clone(),
             updates: self.updates.clone(),
             info: self.info.clone(),
+            reload: self.reload.clone(),
         }
     }
 }
@@ -277,6 +284,17 @@ async fn answer<E: Enforcer + Send + 'static>(req: Request, ctx: &ControlContext
         Request::Unban { net } => Change::Unban { net },
         Request::AllowAdd { net } => Change::AllowAdd { net },
         Request::AllowRemove { net } => Change::AllowRemove { net },
+        Request::Reload => {
+            let (reply, rx) = oneshot::channel();
+            if ctx.reload.send(reply).await.is_err() {
+                return Response::Error("the agent is stopping".into());
+            }
+            return match rx.await {
+                Ok(Ok(msg)) => Response::Ok(serde_json::Value::String(msg)),
+                Ok(Err(e)) => Response::Error(e),
+                Err(_) => Response::Error("the agent is stopping".into()),
+            };
+        }
     };
     match send_change(&ctx.updates, change).await {
         Ok(msg) => Response::Ok(serde_json::Value::String(msg)),

@@ -12,7 +12,7 @@ use apiban::{
     control::{self, Request},
     dataplane::loader,
     human::HumanDuration,
-    source::apiban::{ApibanClient, CheckOutcome, ClientConfig},
+    source::apiban::CheckOutcome,
     status::{self, CheckReport, ListRow, StatusReport},
     sync::unix_now,
 };
@@ -115,6 +115,14 @@ enum Command {
     Allow {
         #[command(subcommand)]
         action: AllowAction,
+    },
+    /// Re-read the configuration file in the running agent, as SIGHUP does; also retries
+    /// APIBAN at once if it had rejected the key.
+    ///
+    /// Example: apiban reload
+    Reload {
+        #[command(flatten)]
+        client: Client,
     },
     /// Remove the XDP program from interfaces and delete everything pinned.
     ///
@@ -283,6 +291,9 @@ fn client(command: Command) -> anyhow::Result<()> {
                 };
                 print_message(control::request(&socket(&client)?, &req).await?);
             }
+            Command::Reload { client } => {
+                print_message(control::request(&socket(&client)?, &Request::Reload).await?);
+            }
             Command::Unban { net, client } => {
                 print_message(control::request(&socket(&client)?, &Request::Unban { net }).await?);
             }
@@ -361,18 +372,12 @@ async fn check_remote(addr: IpAddr, config_file: Option<&Path>, json: bool) -> a
     }
     args.dry_run = Some(true);
     let config = config::load(&args)?;
-    let key = match &config.key {
-        Some(config::KeySource::Value(k)) => apiban::source::apiban::ApiKey::new(k)?,
-        Some(config::KeySource::File(p)) => apiban::source::apiban::ApiKey::from_file(p)?,
-        None => anyhow::bail!(
+    let Some(client) = apiban::agent::client_from_config(&config)? else {
+        anyhow::bail!(
             "--remote needs an API key: set APIBAN_KEY (or api-key/api-key-file in the config); \
              get one at https://apiban.org/getkey.html"
-        ),
+        );
     };
-    let mut client_config = ClientConfig::new(&config.api_url, key);
-    client_config.version = config.api_version;
-    client_config.set = config.data_set;
-    let client = ApibanClient::new(client_config)?;
     let listed = matches!(
         client
             .check(addr)

@@ -182,6 +182,18 @@ pub fn render(r: &StatusReport) -> String {
         s.last_success.unwrap_or(0),
     );
     w.single(
+        "apiban_api_key_rejected_since_timestamp_seconds",
+        "gauge",
+        "Since when APIBAN has rejected the key with 403 (Unix time; 0 = the key is accepted).",
+        s.key_rejected_since.unwrap_or(0),
+    );
+    w.single(
+        "apiban_api_next_request_timestamp_seconds",
+        "gauge",
+        "When the poller sends its next APIBAN request (Unix time; 0 = none scheduled).",
+        s.next_request.unwrap_or(0),
+    );
+    w.single(
         "apiban_rate_limit_waits_total",
         "counter",
         "Times a request waited for the rate budget.",

@@ -64,6 +64,9 @@ pub struct SyncReport {
     pub next_request: Option<u64>,
     pub budget_left: u32,
     pub rate_limit_waits: u64,
+    /// Since when APIBAN has rejected the key (403), while it does.
+    #[serde(default)]
+    pub key_rejected_since: Option<u64>,
     pub next_id: Option<String>,
     pub full_pull_in_progress: bool,
     pub lists: Vec<ListReport>,
@@ -187,6 +190,7 @@ pub fn build<E: Enforcer>(
         next_request: s.next_request,
         budget_left: s.budget_left,
         rate_limit_waits: s.rate_limit_waits,
+        key_rejected_since: s.key_rejected_since,
         next_id: cursor.next_id.clone(),
         full_pull_in_progress: cursor.full_pull.is_some(),
         lists: s
@@ -515,6 +519,17 @@ impl StatusReport {
                 "  not polling: no API key (get one at https://apiban.org/getkey.html)"
             );
         } else {
+            if let Some(since) = s.key_rejected_since {
+                let _ = writeln!(
+                    o,
+                    "  key          REJECTED (403) since {}; next try {}; bans already known \
+                     stay enforced",
+                    when(Some(since), self.now),
+                    s.next_request
+                        .map(|t| relative(t, self.now))
+                        .unwrap_or_else(|| "not scheduled".into())
+                );
+            }
             let _ = writeln!(o, "  last success {}", when(s.last_success, self.now));
             let _ = writeln!(
                 o,

@@ -41,8 +41,10 @@ pub struct PollSettings {
     /// First retry delay after a server error, timeout or bad body; doubles up to the cap.
     pub backoff_base: Duration,
     pub backoff_cap: Duration,
-    /// Retry delay after 403: the key will not fix itself quickly.
-    pub key_retry: Duration,
+    /// Longest wait between retries while APIBAN rejects the key (403). The first retry
+    /// comes one poll interval later and the wait doubles from there: a 403 from a WAF or
+    /// during maintenance passes in seconds, a revoked key does not.
+    pub key_retry_max: Duration,
 }
 
 impl Default for PollSettings {
@@ -53,7 +55,7 @@ impl Default for PollSettings {
             rate_limit: RateLimit::APIBAN,
             backoff_base: Duration::from_secs(5),
             backoff_cap: Duration::from_secs(600),
-            key_retry: Duration::from_secs(1800),
+            key_retry_max: Duration::from_secs(1800),
         }
     }
 }
@@ -128,6 +130,8 @@ pub struct RequestReport {
     /// When the poller will send its next request.
     pub next_request: Option<u64>,
     pub waited_for_budget: bool,
+    /// Since when APIBAN has rejected the key (403), if it does now.
+    pub key_rejected_since: Option<u64>,
 }
 
 /// What the owner knows about syncing, for `apiban status` and /metrics.
@@ -140,6 +144,8 @@ pub struct SyncStatus {
     pub next_request: Option<u64>,
     pub budget_left: u32,
     pub rate_limit_waits: u64,
+    /// Since when APIBAN has rejected the key (403), while it does.
+    pub key_rejected_since: Option<u64>,
     pub lists: BTreeMap<String, ListStatus>,
 }
 
@@ -205,6 +211,7 @@ impl<E: Enforcer> Owner<E> {
                 self.sync.last_request = Some((r.at, r.outcome));
                 self.sync.budget_left = r.budget_left;
                 self.sync.next_request = r.next_request;
+                self.sync.key_rejected_since = r.key_rejected_since;
                 if r.waited_for_budget {
                     self.sync.rate_limit_waits += 1;
                 }
@@ -341,6 +348,7 @@ pub struct Running<E: Enforcer> {
     poller: Option<tokio::task::JoinHandle<()>>,
     lists: BTreeMap<String, (ListSpec, tokio::task::JoinHandle<()>)>,
     http: reqwest::Client,
+    retry_now: std::sync::Arc<tokio::sync::Notify>,
 }
 
 impl<E: Enforcer> Running<E> {
@@ -369,8 +377,17 @@ impl<E: Enforcer> Running<E> {
                 (owner.engine.apiban_cursor().clone(), journal)
             };
             let poller =
-                ApibanPoller::new(client, settings, &cursor, journal, self.updates.clone());
+                ApibanPoller::new(client, settings, &cursor, journal, self.updates.clone())
+                    .with_retry_signal(self.retry_now.clone());
             self.poller = Some(tokio::spawn(poller.run(cursor)));
+        }
+    }
+
+    /// Cuts the poller's wait after a rejected key (403) short: the operator reloaded or
+    /// replaced the key. Does nothing while the key is accepted.
+    pub fn retry_apiban_now(&self) {
+        if lock(&self.owner).sync.key_rejected_since.is_some() {
+            self.retry_now.notify_one();
         }
     }
 
@@ -429,6 +446,7 @@ pub fn spawn<E: Enforcer + Send + 'static>(
         poller: None,
         lists: BTreeMap::new(),
         http,
+        retry_now: Default::default(),
     };
     running.restart_poller(apiban);
     running.set_lists(lists);
@@ -456,12 +474,16 @@ fn log_sync(source: &str, r: &IngestReport, full_pull: bool) {
     );
 }
 
-/// Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling to a cap.
+/// Exponential backoff with jitter: each delay is drawn from [d * (1 - jitter), d], d doubling
+/// from the base to a cap.
 #[derive(Debug)]
 pub struct Backoff {
     base: Duration,
     cap: Duration,
     attempt: u32,
+    /// The share of each delay that is random: 0.5 spreads retries widely (server errors),
+    /// less keeps the doubling visible (key rejections, where the schedule is the point).
+    jitter: f64,
 }
 
 impl Backoff {
@@ -470,7 +492,13 @@ impl Backoff {
             base,
             cap,
             attempt: 0,
+            jitter: 0.5,
         }
+    }
+
+    pub fn with_jitter(mut self, jitter: f64) -> Self {
+        self.jitter = jitter.clamp(0.0, 1.0);
+        self
     }
 
     pub fn next_delay(&mut self) -> Duration {
@@ -479,7 +507,7 @@ impl Backoff {
             .saturating_mul(1u32 << self.attempt.min(20))
             .min(self.cap);
         self.attempt = self.attempt.saturating_add(1);
-        jitter_between(d / 2, d)
+        jitter_between(d.mul_f64(1.0 - self.jitter), d)
     }
 
     pub fn reset(&mut self) {
@@ -495,6 +523,71 @@ fn jitter_between(low: Duration, high: Duration) -> Duration {
     low + Duration::from_millis(fastrand::u64(0..=span))
 }
 
+/// How often a rejected key is logged again while it stays rejected.
+const KEY_REJECTED_LOG_EVERY: Duration = Duration::from_secs(3600);
+
+/// APIBAN's answers to a rejected key (403), and when to ask again.
+#[derive(Debug)]
+struct KeyRejection {
+    backoff: Backoff,
+    /// Since when (Unix seconds) every answer has been a 403.
+    since: Option<u64>,
+    last_logged: Option<Instant>,
+}
+
+impl KeyRejection {
+    fn new(settings: &PollSettings) -> Self {
+        Self {
+            backoff: Backoff::new(settings.poll_interval, settings.key_retry_max).with_jitter(0.2),
+            since: None,
+            last_logged: None,
+        }
+    }
+
+    /// A 403: returns how long to wait before the next try.
+    fn rejected(&mut self) -> Duration {
+        let now = Instant::now();
+        let since = *self.since.get_or_insert_with(unix_now);
+        let delay = self.backoff.next_delay();
+        let first = self.last_logged.is_none();
+        if self
+            .last_logged
+            .is_none_or(|t| now.duration_since(t) >= KEY_REJECTED_LOG_EVERY)
+        {
+            self.last_logged = Some(now);
+            let retry_in = crate::human::format_duration(Duration::from_secs(delay.as_secs()));
+            if first {
+                tracing::error!(
+                    "API key rejected (403): enforcing the bans already known; retrying in \
+                     {retry_in}, doubling up to {} (SIGHUP, `apiban reload` or a changed key \
+                     file retries at once); if it persists check --api-key/APIBAN_KEY",
+                    crate::human::format_duration(self.backoff.cap)
+                );
+            } else {
+                tracing::error!(
+                    since = %crate::status::utc(since),
+                    "API key still rejected (403); next try in {retry_in}"
+                );
+            }
+        }
+        delay
+    }
+
+    /// Any answer that is not a 403.
+    fn accepted(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(
+                rejected_for = %crate::human::format_duration(Duration::from_secs(
+                    unix_now().saturating_sub(since)
+                )),
+                "API key accepted again"
+            );
+        }
+        self.backoff.reset();
+        self.last_logged = None;
+    }
+}
+
 /// The APIBAN poller: full pulls, incremental polls and reconciliation, within the budget.
 pub struct ApibanPoller {
     client: ApibanClient,
@@ -503,12 +596,26 @@ pub struct ApibanPoller {
     /// Where the budget goes before each request; None without a state directory.
     journal: Option<BudgetJournal>,
     journal_failing: bool,
+    key: KeyRejection,
+    /// Cuts a wait after a 403 short: the operator reloaded or fixed the key.
+    retry_now: std::sync::Arc<tokio::sync::Notify>,
     updates: mpsc::Sender<Update>,
 }
 
+#[derive(Debug)]
 enum Position {
     Full(String),
     Incremental(String),
+}
+
+/// How a cycle of requests ended.
+enum CycleEnd {
+    /// "No new bans": the list is read to its end from this ID.
+    Complete(String),
+    /// An answer that did not move the list on (an empty batch, or the ID it was asked
+    /// for): asking again at once would get the same answer and spend the budget doing it,
+    /// so the poller waits a poll interval and goes on from this ID, a full pull included.
+    Paused(String),
 }
 
 /// The owner went away: the agent is stopping.
@@ -539,12 +646,20 @@ impl ApibanPoller {
         };
         Self {
             client,
+            key: KeyRejection::new(&settings),
             settings,
             budget,
             journal,
             journal_failing: false,
+            retry_now: Default::default(),
             updates,
         }
+    }
+
+    /// The poller waits on this after a 403; `notify_one` makes it retry at once.
+    pub fn with_retry_signal(mut self, retry_now: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        self.retry_now = retry_now;
+        self
     }
 
     /// Puts the budget on disk before a request goes out, so that the next agent counts it
@@ -597,14 +712,17 @@ impl ApibanPoller {
                 }
             };
             let full = matches!(start, Position::Full(_));
-            let last_id = match self.cycle(start).await {
-                Ok(id) => id,
+            position = Some(match self.cycle(start).await {
+                Ok(CycleEnd::Complete(id)) => {
+                    if full {
+                        last_full_pull = Some(unix_now());
+                    }
+                    Position::Incremental(id)
+                }
+                Ok(CycleEnd::Paused(id)) if full => Position::Full(id),
+                Ok(CycleEnd::Paused(id)) => Position::Incremental(id),
                 Err(Stopped) => return,
-            };
-            if full {
-                last_full_pull = Some(unix_now());
-            }
-            position = Some(Position::Incremental(last_id));
+            });
             let next = unix_now() + self.settings.poll_interval.as_secs();
             if self
                 .updates
@@ -618,14 +736,14 @@ impl ApibanPoller {
         }
     }
 
-    /// Fetches batches from `start` until "no new bans"; returns the ID to poll from next.
-    async fn cycle(&mut self, start: Position) -> Result<String, Stopped> {
+    /// Fetches batches from `start` until "no new bans", or an answer that does not move the
+    /// list on; returns how it ended and the ID to poll from next.
+    async fn cycle(&mut self, start: Position) -> Result<CycleEnd, Stopped> {
         let (mut id, full) = match start {
             Position::Full(id) => (id, true),
             Position::Incremental(id) => (id, false),
         };
         let mut backoff = Backoff::new(self.settings.backoff_base, self.settings.backoff_cap);
-        let mut key_rejected_logged = false;
         loop {
             let waited = self.wait_for_budget().await;
             let sent_at = Instant::now();
@@ -636,17 +754,31 @@ impl ApibanPoller {
                 Ok(_) => "ok",
                 Err(e) => e.outcome(),
             };
+            if !matches!(result, Err(ClientError::KeyRejected)) {
+                self.key.accepted();
+            }
             let mut delay = None;
             match result {
                 Ok(Batch::Addresses { addresses, next_id }) => {
                     backoff.reset();
                     if next_id == id && !addresses.is_empty() {
-                        // A server that hands back the ID it was given would loop forever.
                         tracing::warn!(%id, "APIBAN returned the same ID again; polling later");
-                        self.report(outcome, waited).await?;
-                        return Ok(id);
                     }
-                    self.report(outcome, waited).await?;
+                    if addresses.is_empty() || next_id == id {
+                        self.report(outcome, waited, None).await?;
+                        if next_id != id && !next_id.is_empty() {
+                            // Nothing new, but the list moved on: remember where.
+                            self.ask(|reply| Update::ApibanBatch {
+                                addresses,
+                                next_id: next_id.clone(),
+                                reply,
+                            })
+                            .await?;
+                            id = next_id;
+                        }
+                        return Ok(CycleEnd::Paused(id));
+                    }
+                    self.report(outcome, waited, None).await?;
                     self.ask(|reply| Update::ApibanBatch {
                         addresses,
                         next_id: next_id.clone(),
@@ -657,9 +789,9 @@ impl ApibanPoller {
                     continue;
                 }
                 Ok(Batch::Done) => {
-                    self.report(outcome, waited).await?;
+                    self.report(outcome, waited, None).await?;
                     self.ask(|reply| Update::ApibanDone { reply }).await?;
-                    return Ok(id);
+                    return Ok(CycleEnd::Complete(id));
                 }
                 Err(ClientError::RateLimited) => {
                     // Our count says we were within the limit; the server's disagrees (the
@@ -668,15 +800,15 @@ impl ApibanPoller {
                     self.budget.exhaust(Instant::now());
                 }
                 Err(ClientError::KeyRejected) => {
-                    if !key_rejected_logged {
-                        tracing::error!(
-                            "API key rejected (403): check --api-key/APIBAN_KEY; enforcing the \
-                             bans already known and retrying every {}",
-                            crate::human::format_duration(self.settings.key_retry)
-                        );
-                        key_rejected_logged = true;
+                    let d = self.key.rejected();
+                    self.report(outcome, waited, Some(d)).await?;
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = self.retry_now.notified() => {
+                            tracing::info!("retrying APIBAN now, as asked");
+                        }
                     }
-                    delay = Some(self.settings.key_retry);
+                    continue;
                 }
                 Err(e) => {
                     let d = backoff.next_delay();
@@ -684,7 +816,7 @@ impl ApibanPoller {
                     delay = Some(d);
                 }
             }
-            self.report(outcome, waited).await?;
+            self.report(outcome, waited, delay).await?;
             if let Some(d) = delay {
                 tokio::time::sleep(d).await;
             }
@@ -705,15 +837,26 @@ impl ApibanPoller {
         true
     }
 
-    async fn report(&mut self, outcome: &'static str, waited: bool) -> Result<(), Stopped> {
+    /// Reports a request's outcome; `retry_in` is the poller's own wait before the next one,
+    /// when it has one (the budget may add to it).
+    async fn report(
+        &mut self,
+        outcome: &'static str,
+        waited: bool,
+        retry_in: Option<Duration>,
+    ) -> Result<(), Stopped> {
         let now = Instant::now();
-        let next = self.budget.next_allowed(now);
+        let next = self
+            .budget
+            .next_allowed(now)
+            .max(now + retry_in.unwrap_or_default());
         let report = RequestReport {
             outcome,
             at: unix_now(),
             budget_left: self.budget.remaining(now),
             next_request: Some(unix_now() + next.saturating_duration_since(now).as_secs()),
             waited_for_budget: waited,
+            key_rejected_since: self.key.since,
         };
         self.updates
             .send(Update::ApibanRequest(report))

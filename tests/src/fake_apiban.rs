@@ -35,6 +35,9 @@ pub enum Fault {
     Huge,
     /// A 200 whose JSON has the wrong shape.
     WrongShape,
+    /// A 200 with an empty list and the very ID the client sent: an answer that does not
+    /// move the list on.
+    EmptySameId,
 }
 
 /// How "no new bans" is written (both forms occur).
@@ -395,6 +398,7 @@ async fn serve(mut stream: TcpStream, shared: Arc<Mutex<Inner>>) -> Option<()> {
                 let _ = stream.write_all(br#"{"ipaddress":["1.2.3.4","5.6."#).await;
                 let _ = stream.shutdown().await;
             }
+            Fault::EmptySameId => unreachable!("answered in route"),
             Fault::Huge => {
                 let mut body = String::from(r#"{"ipaddress":["#);
                 while body.len() < 4 << 20 {
@@ -472,6 +476,13 @@ fn route(s: &mut Inner, req: &Request, log: &mut RequestLog, now: Instant) -> Re
         }
     }
     if let Some(f) = s.queued_faults.pop_front().flatten().or(s.persistent_fault) {
+        if f == Fault::EmptySameId {
+            let id = log.id.clone().unwrap_or_else(|| "100".into());
+            return Reply::Json(
+                200,
+                serde_json::json!({"ipaddress": [], "ID": id}).to_string(),
+            );
+        }
         return Reply::Fault(f);
     }
     let v2_key = req

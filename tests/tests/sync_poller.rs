@@ -41,7 +41,7 @@ fn poll(requests: u32, window_ms: u64) -> PollSettings {
         },
         backoff_base: Duration::from_millis(50),
         backoff_cap: Duration::from_millis(400),
-        key_retry: Duration::from_millis(300),
+        key_retry_max: Duration::from_millis(1600),
     }
 }
 
@@ -169,7 +169,7 @@ async fn a_429_storm_waits_full_windows_and_catches_up() {
 }
 
 #[tokio::test]
-async fn a_rejected_key_keeps_enforcing_and_retries_slowly() {
+async fn a_rejected_key_keeps_enforcing_and_backs_off_from_the_poll_interval() {
     let server = FakeApiban::start(KEY);
     server.publish(&["45.4.0.1", "45.4.0.2"]);
     let dir = TempDir::new("apiban-poll-");
@@ -178,14 +178,28 @@ async fn a_rejected_key_keeps_enforcing_and_retries_slowly() {
 
     server.set_fault(Some(Fault::Forbidden));
     let before = server.requests().len();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let during = server.requests().len() - before;
-    // One poll every 200 ms would be ~7 requests; key_retry (300 ms) plus the poll wait
-    // keeps it to a handful.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let rejected: Vec<std::time::Instant> =
+        server.requests()[before..].iter().map(|r| r.at).collect();
+    // Poll interval 200 ms, doubling to 1.6 s, each wait between 80% and 100% of its step:
+    // at most 0.2 + 0.4 + 0.8 + 1.6 + 1.6 s fit in 4.5 s after the first 403.
     assert!(
-        (1..=5).contains(&during),
-        "{during} requests while the key was rejected"
+        (4..=7).contains(&rejected.len()),
+        "{} requests while the key was rejected",
+        rejected.len()
     );
+    let gaps: Vec<f64> = rejected
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]).as_secs_f64())
+        .collect();
+    for pair in gaps.windows(2).take(3) {
+        assert!(
+            pair[1] >= pair[0] * 1.4 || pair[1] >= 1.6 * 0.8,
+            "the wait does not double up to the cap: {gaps:?}"
+        );
+    }
+    assert!(gaps.iter().all(|g| *g <= 1.7), "over the cap: {gaps:?}");
+    assert!(server.max_in_window(Duration::from_secs(1)) <= 10);
     h.with(|o| {
         assert_eq!(
             o.engine.enforcer().deny.len(),
@@ -193,6 +207,7 @@ async fn a_rejected_key_keeps_enforcing_and_retries_slowly() {
             "bans must stay while the key is rejected"
         );
         assert!(o.sync.requests["key_rejected"] >= 1);
+        assert!(o.sync.key_rejected_since.is_some());
     });
     server.set_fault(None);
     server.publish(&["45.4.0.3"]);
@@ -202,6 +217,29 @@ async fn a_rejected_key_keeps_enforcing_and_retries_slowly() {
         Duration::from_secs(3),
     )
     .await;
+    h.with(|o| assert_eq!(o.sync.key_rejected_since, None));
+}
+
+#[tokio::test]
+async fn an_empty_batch_with_the_same_id_does_not_spend_the_budget() {
+    let server = FakeApiban::start(KEY);
+    server.publish(&["45.9.0.1"]);
+    let dir = TempDir::new("apiban-poll-");
+    let h = SyncHarness::start(engine(&dir), Some(client(&server)), poll(20, 1000), vec![]);
+    wait_synced(&h, &nets(&["45.9.0.1"]), Duration::from_secs(5)).await;
+    server.set_fault(Some(Fault::EmptySameId));
+    let before = server.requests().len();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let during = server.requests().len() - before;
+    // One request per 200 ms poll interval at most; a poller that asks again at once
+    // spends its whole budget (20 per second).
+    assert!(
+        (2..=6).contains(&during),
+        "{during} requests in 1 s of empty answers"
+    );
+    server.set_fault(None);
+    server.publish(&["45.9.0.2"]);
+    wait_synced(&h, &nets(&["45.9.0.1", "45.9.0.2"]), Duration::from_secs(3)).await;
 }
 
 #[tokio::test]

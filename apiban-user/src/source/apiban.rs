@@ -137,6 +137,8 @@ pub struct ClientConfig {
     pub timeout: Duration,
     /// A batch of 250 addresses is about 5 KB; anything near this cap is not APIBAN.
     pub max_body: usize,
+    /// CA certificates (PEM) trusted besides the system's and the bundled web roots.
+    pub extra_ca_pem: Option<Vec<u8>>,
 }
 
 impl ClientConfig {
@@ -149,6 +151,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(10),
             timeout: Duration::from_secs(30),
             max_body: 1 << 20,
+            extra_ca_pem: None,
         }
     }
 }
@@ -191,6 +194,8 @@ pub enum ClientError {
     BodyTooLarge(usize),
     #[error("malformed APIBAN response: {0}")]
     BadBody(String),
+    #[error("the --api-ca file is not usable: {0}")]
+    BadCa(String),
 }
 
 impl ClientError {
@@ -205,6 +210,7 @@ impl ClientError {
             ClientError::Transport(_) => "transport_error",
             ClientError::BodyTooLarge(_) => "body_too_large",
             ClientError::BadBody(_) => "bad_body",
+            ClientError::BadCa(_) => "bad_ca",
         }
     }
 }
@@ -270,11 +276,22 @@ impl ApibanClient {
     }
 
     pub fn new(config: ClientConfig) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .timeout(config.timeout)
             .user_agent(concat!("apiban/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::none())
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(pem) = &config.extra_ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| ClientError::BadCa(e.without_url().to_string()))?;
+            if certs.is_empty() {
+                return Err(ClientError::BadCa("no PEM certificate in it".into()));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
             .build()
             .map_err(|e| ClientError::Transport(e.without_url().to_string()))?;
         Ok(Self { http, config })
