@@ -12,7 +12,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     config::{self, AgentConfig, KeySource, RunArgs},
     control::{self, ControlContext},
-    dataplane::{Scope, loader},
+    dataplane::{Scope, loader, netlink},
     engine::{Enforcer, Engine, EngineSettings, MemoryEnforcer},
     metrics,
     notify::Notifier,
@@ -143,15 +143,26 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         .context("cannot start the engine")?
         .0;
         let info = info(&config, Vec::new(), apiban.is_some(), started_at);
-        return serve(args, config, engine, apiban, info);
+        return serve(args, config, engine, apiban, info).map(drop);
     }
 
+    wait_for_interfaces(&config.ifaces, config.iface_wait)?;
     let options = loader::LoadOptions {
         bpffs_dir: config.bpffs_dir.clone(),
         debug_events: config.debug_events,
+        adopt_from: config.ifaces.clone(),
         ..Default::default()
     };
     let mut loaded = loader::load(&options).context("could not load the XDP program")?;
+    if let loader::Adoption::Interface { iface, prog_id } = &loaded.adoption {
+        tracing::info!(
+            iface,
+            prog_id,
+            dir = %config.bpffs_dir.display(),
+            "nothing was pinned (the last agent's bpffs went with its mount namespace): \
+             adopted the maps of the program attached to {iface} and pinned them again"
+        );
+    }
     loaded
         .dataplane
         .set_scope(&config.scope)
@@ -161,13 +172,28 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         let mode = loaded
             .attach(iface, config.xdp_mode)
             .with_context(|| format!("could not attach to {iface}"))?;
-        tracing::info!(iface, %mode, adopted = loaded.adopted, "XDP program attached");
+        let up = loader::ifindex(iface)
+            .and_then(|i| netlink::link(i).ok().flatten())
+            .map(|l| l.up);
+        tracing::info!(
+            iface,
+            %mode,
+            prog_id = loaded.program_id(),
+            adopted = %loaded.adoption,
+            link = match up {
+                Some(true) => "up",
+                Some(false) => "down: enforcing from the moment it comes up",
+                None => "unknown",
+            },
+            "XDP program attached (checked with the kernel)"
+        );
         interfaces.push(InterfaceInfo {
             name: iface.clone(),
             mode: mode.to_string(),
         });
     }
-    let (ebpf, dataplane) = loaded.into_parts();
+    warn_unconfigured_attachments(&config);
+    let (enforcement, dataplane) = loaded.into_parts();
     let store = StateStore::open(&config.state_dir).with_context(|| {
         format!(
             "cannot use the state directory {}",
@@ -184,10 +210,95 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         "ban list restored from state"
     );
     let info = info(&config, interfaces, apiban.is_some(), started_at);
-    let result = serve(args, config, engine, apiban, info);
-    // The program object goes last: links and maps are pinned, so it keeps enforcing.
-    drop(ebpf);
-    result
+    let enforced = serve(args, config, engine, apiban, info)?;
+    report_stop(&enforcement, enforced);
+    Ok(())
+}
+
+/// Waits up to `timeout` for every interface to exist: at boot, udev may still be renaming
+/// them, and a VLAN or bond may be created later. Interfaces that exist but are down are
+/// fine: the program attaches to them now and runs when they come up.
+fn wait_for_interfaces(ifaces: &[String], timeout: Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut announced = false;
+    loop {
+        let missing: Vec<&str> = ifaces
+            .iter()
+            .filter(|i| loader::ifindex(i).is_none())
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "interface {} did not appear within {} (--iface-wait); check the name with \
+                 `ip link`, or raise --iface-wait if it is created late in boot",
+                missing.join(", "),
+                crate::human::format_duration(timeout)
+            );
+        }
+        if !announced {
+            tracing::warn!(
+                missing = missing.join(","),
+                "waiting up to {} for the interface to appear",
+                crate::human::format_duration(timeout)
+            );
+            announced = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Interfaces where apiban's program still runs from an earlier configuration: it keeps
+/// enforcing there on the shared maps, which may not be what the operator wants.
+fn warn_unconfigured_attachments(config: &AgentConfig) {
+    let Ok(pins) = loader::attached_pins(&config.bpffs_dir) else {
+        return;
+    };
+    for (iface, _) in pins {
+        if !config.ifaces.contains(&iface) && loader::ifindex(&iface).is_some() {
+            tracing::warn!(
+                iface,
+                "apiban's program still runs on this interface, which is not configured; \
+                 `apiban detach --iface {iface}` removes it"
+            );
+        }
+    }
+}
+
+/// The last word on stopping, from what the kernel says runs on each interface now.
+fn report_stop(enforcement: &loader::Enforcement, enforced: usize) {
+    let mut kept = Vec::new();
+    for (attachment, state) in enforcement.check() {
+        match state {
+            loader::AttachmentState::Enforcing { mode } => {
+                kept.push(format!("{} ({mode})", attachment.iface));
+            }
+            loader::AttachmentState::Replaced { found } => tracing::warn!(
+                iface = attachment.iface,
+                found = %found.map(|p| format!("program {}", p.id)).unwrap_or_else(|| "none".into()),
+                "stopped; apiban's program no longer runs on this interface: nothing is \
+                 enforced there"
+            ),
+            loader::AttachmentState::Gone => {
+                tracing::warn!(iface = attachment.iface, "stopped; the interface is gone")
+            }
+            loader::AttachmentState::Unknown(why) => tracing::warn!(
+                iface = attachment.iface,
+                %why,
+                "stopped; cannot confirm that the program stays attached"
+            ),
+        }
+    }
+    if !kept.is_empty() {
+        tracing::info!(
+            prog_id = enforcement.program_id(),
+            "stopped; checked with the kernel: the XDP program stays attached to {} and keeps \
+             enforcing {enforced} prefixes; the next start adopts it",
+            kept.join(", ")
+        );
+    }
 }
 
 fn serve<E: Enforcer + Send + 'static>(
@@ -196,7 +307,7 @@ fn serve<E: Enforcer + Send + 'static>(
     mut engine: Engine<E>,
     apiban: Option<(ApibanClient, PollSettings)>,
     info: AgentInfo,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     let now = sync::unix_now();
     let configured: Vec<&str> = config.lists.iter().map(|l| l.name.as_str()).collect();
     for name in engine.list_names() {
@@ -209,7 +320,6 @@ fn serve<E: Enforcer + Send + 'static>(
         .enable_all()
         .build()
         .context("could not start the async runtime")?;
-    let dry_run = config.dry_run;
     let mut key_in_use = apiban.as_ref().map(|(client, _)| client.key().clone());
     runtime.block_on(async move {
         let notifier = Notifier::from_env();
@@ -352,14 +462,11 @@ fn serve<E: Enforcer + Send + 'static>(
         if config.dry_run {
             report_dry_run(owner.engine.enforced());
         }
+        let enforced = owner.engine.enforced().len();
         drop(owner);
         let _ = std::fs::remove_file(&config.control_socket);
-        anyhow::Ok(())
-    })?;
-    if !dry_run {
-        tracing::info!("stopped; the XDP program stays attached and keeps enforcing");
-    }
-    Ok(())
+        anyhow::Ok(enforced)
+    })
 }
 
 /// SIGHUP: re-reads the config file with the same flags and environment, and applies what

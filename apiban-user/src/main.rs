@@ -132,6 +132,10 @@ enum Command {
         /// Only this interface; keeps the maps and the other interfaces.
         #[arg(long)]
         iface: Option<String>,
+        /// Detach even while an agent runs on these maps or interfaces (it goes on writing
+        /// maps no interface uses until it is stopped).
+        #[arg(long)]
+        force: bool,
         #[arg(long, env = "APIBAN_BPFFS_DIR", default_value = loader::DEFAULT_BPFFS_DIR)]
         bpffs_dir: PathBuf,
         /// Accepted so scripts can pass the same flags to every command; detach works on the
@@ -174,10 +178,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Detach {
-            iface, bpffs_dir, ..
+            iface,
+            bpffs_dir,
+            force,
+            ..
         } => {
             init_tracing(LogFormat::Text);
-            detach(&bpffs_dir, iface.as_deref())
+            detach(&bpffs_dir, iface.as_deref(), force)
         }
         other => client(other),
     };
@@ -395,14 +402,37 @@ async fn check_remote(addr: IpAddr, config_file: Option<&Path>, json: bool) -> a
     Ok(())
 }
 
-fn detach(bpffs_dir: &Path, iface: Option<&str>) -> anyhow::Result<()> {
-    let report = loader::detach(bpffs_dir, iface)
-        .with_context(|| format!("could not detach using {}", bpffs_dir.display()))?;
+fn detach(bpffs_dir: &Path, iface: Option<&str>, force: bool) -> anyhow::Result<()> {
+    let report = loader::detach(bpffs_dir, iface, force).map_err(|e| match e {
+        loader::LoaderError::DirInUse { .. } | loader::LoaderError::IfaceInUse { .. } => {
+            anyhow::anyhow!(
+                "{e}; `apiban detach` refuses while an agent runs (`systemctl stop apiban` \
+                 first, or --force)"
+            )
+        }
+        other => anyhow::Error::new(other)
+            .context(format!("could not detach using {}", bpffs_dir.display())),
+    })?;
     if report.interfaces.is_empty() && !report.maps_removed {
-        println!("nothing pinned under {}", bpffs_dir.display());
+        println!(
+            "nothing of apiban's under {} or on this namespace's interfaces",
+            bpffs_dir.display()
+        );
     }
     for iface in &report.interfaces {
-        println!("detached from {iface}");
+        let how = if report.found_by_interface.contains(iface) {
+            " (found on the interface: its pins had gone)"
+        } else {
+            ""
+        };
+        println!("detached from {iface}{how}");
+    }
+    for iface in &report.not_here {
+        eprintln!(
+            "apiban: no interface {iface} in this network namespace: if the agent ran in \
+             another one (e.g. `ip netns exec NS apiban run`), its program still runs there; \
+             run `apiban detach` in that namespace"
+        );
     }
     if report.maps_removed {
         println!("removed pinned maps under {}", bpffs_dir.display());

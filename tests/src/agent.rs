@@ -68,6 +68,45 @@ pub fn apiban_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.envs(env.iter().copied()).output().expect("run apiban")
 }
 
+/// Runs an `apiban` command inside network namespace `ns` only (as the agent runs in the
+/// tests), e.g. `apiban detach`, which works on that namespace's interfaces.
+pub fn apiban_in(ns: &Netns, args: &[&str]) -> Output {
+    let mut cmd = Command::new(apiban_bin());
+    cmd.args(args);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("APIBAN_") {
+            cmd.env_remove(k);
+        }
+    }
+    let ns_file = std::fs::File::open(ns.path()).expect("open the netns");
+    enter_netns_before_exec(&mut cmd, Some(&ns_file));
+    cmd.output().expect("run apiban")
+}
+
+/// Makes `cmd`'s child enter `netns` (network namespace only) and start with no signals
+/// blocked, right before it execs. The file must stay open until the child is spawned.
+fn enter_netns_before_exec(cmd: &mut Command, netns: Option<&std::fs::File>) {
+    use std::os::unix::process::CommandExt as _;
+    let ns_fd = netns.map(std::os::fd::AsRawFd::as_raw_fd);
+    // SAFETY: setns and sigprocmask are async-signal-safe; the caller keeps the fd open
+    // until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The caller may block signals (the demo does, to clean up on Ctrl-C); the
+            // agent must get SIGTERM and SIGHUP like under systemd.
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            if let Some(fd) = ns_fd
+                && libc::setns(fd, libc::CLONE_NEWNET) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Like [`apiban`], but panics with stderr unless the command succeeds; returns stdout.
 pub fn apiban_ok(args: &[&str]) -> String {
     let out = apiban(args);
@@ -119,28 +158,9 @@ impl AgentProcess {
             }
             None => Command::new(apiban_bin()),
         };
-        // Enter only the network namespace: `ip netns exec` would also give the agent a
-        // private mount namespace with its own /sys, and pins made there vanish with it.
+        // Enter only the network namespace, unless the wrapper does it (`ip netns exec`).
         let ns_file = netns.map(|ns| std::fs::File::open(ns.path()).expect("open the netns"));
-        let ns_fd = ns_file.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
-        use std::os::unix::process::CommandExt as _;
-        // SAFETY: setns and sigprocmask are async-signal-safe; the fd stays open until spawn
-        // returns.
-        unsafe {
-            cmd.pre_exec(move || {
-                // The caller may block signals (the demo does, to clean up on Ctrl-C); the
-                // agent must get SIGTERM and SIGHUP like under systemd.
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-                if let Some(fd) = ns_fd
-                    && libc::setns(fd, libc::CLONE_NEWNET) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        enter_netns_before_exec(&mut cmd, ns_file.as_ref());
         cmd.arg("run")
             .args(["--control-socket", &control_socket.display().to_string()])
             .args(args)
@@ -204,13 +224,18 @@ impl AgentProcess {
     }
 
     /// SIGTERM, then waits for a clean exit; returns the exit status code.
-    pub fn stop(mut self) -> Option<i32> {
+    pub fn stop(self) -> Option<i32> {
+        self.stop_with_log().0
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit status code and the log.
+    pub fn stop_with_log(mut self) -> (Option<i32>, String) {
         self.signal(libc::SIGTERM);
         let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = child.try_wait().expect("wait for apiban") {
-                return status.code();
+                return (status.code(), self.log_text());
             }
             if Instant::now() > deadline {
                 let _ = child.kill();

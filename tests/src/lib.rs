@@ -76,7 +76,7 @@ impl Drop for BpffsDir {
     fn drop(&mut self) {
         if self.path.exists() {
             // Best effort: a failure here must not mask the test's own panic.
-            let _ = apiban::dataplane::loader::detach(&self.path, None);
+            let _ = apiban::dataplane::loader::detach(&self.path, None, true);
         }
     }
 }
@@ -325,6 +325,96 @@ pub fn probe(
         .zip(before)
         .map(|(b, before)| rx.count(*b) - before)
         .collect()
+}
+
+/// A banned and a clean source that each send a datagram every millisecond to a receiver
+/// of their own, on threads, until stopped: what a restart must not let through. The
+/// receiver reads on its own thread, so nothing queues up unread.
+pub struct SteadyTraffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    sending: Option<std::thread::JoinHandle<usize>>,
+    receiving: Option<std::thread::JoinHandle<UdpReceiver>>,
+    banned: IpAddr,
+    clean: IpAddr,
+}
+
+/// What [`SteadyTraffic::finish`] counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// Datagrams each source sent.
+    pub sent: usize,
+    pub banned: usize,
+    pub clean: usize,
+}
+
+impl SteadyTraffic {
+    pub fn start(topo: &Topology, banned: IpAddr, clean: IpAddr, port: u16) -> Self {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let dst = SocketAddr::new(topo.server_v4.into(), port);
+        let mut rx = UdpReceiver::bind(&topo.server, dst);
+        let stop = Arc::new(AtomicBool::new(false));
+        let sending = {
+            let stop = stop.clone();
+            spawn_in_netns(&topo.attacker, move || {
+                let b = UdpSocket::bind(SocketAddr::new(banned, 0)).expect("bind banned");
+                let c = UdpSocket::bind(SocketAddr::new(clean, 0)).expect("bind clean");
+                let mut sent = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    let payload = sip_options(banned, dst, sent);
+                    b.send_to(payload.as_bytes(), dst).expect("send banned");
+                    c.send_to(payload.as_bytes(), dst).expect("send clean");
+                    sent += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                sent
+            })
+        };
+        let receiving = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    rx.drain();
+                }
+                // What is still in flight on the veth.
+                std::thread::sleep(Duration::from_millis(100));
+                rx.drain();
+                rx
+            })
+        };
+        Self {
+            stop,
+            sending: Some(sending),
+            receiving: Some(receiving),
+            banned,
+            clean,
+        }
+    }
+
+    /// Stops both threads and counts what arrived.
+    pub fn finish(mut self) -> Delivered {
+        self.stop.store(true, Ordering::Relaxed);
+        let sent = self
+            .sending
+            .take()
+            .map(|t| t.join().expect("sender"))
+            .unwrap_or(0);
+        let rx = self
+            .receiving
+            .take()
+            .map(|t| t.join().expect("receiver"))
+            .expect("a receiver");
+        Delivered {
+            sent,
+            banned: rx.count(self.banned),
+            clean: rx.count(self.clean),
+        }
+    }
+}
+
+impl Drop for SteadyTraffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Waits until `condition` holds, polling; panics with `what` after `timeout`.

@@ -16,6 +16,20 @@ use crate::{
 };
 
 pub const KEY: &str = "e2eTestKey";
+
+/// How the agent is started: the ways operators really do it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launcher {
+    /// Into the server's network namespace only (setns), keeping the host's mount
+    /// namespace: what a systemd unit with NetworkNamespacePath= does.
+    Setns,
+    /// `ip netns exec NS apiban run`: its own mount namespace with a fresh /sys, where
+    /// /sys/fs/bpf is not the host's bpffs.
+    IpNetnsExec,
+    /// `unshare --mount apiban run` inside the network namespace: a private copy of the
+    /// mount table (as containers have).
+    UnshareMount,
+}
 pub const SIP_PORT: u16 = 5060;
 
 pub struct Scene {
@@ -103,6 +117,16 @@ impl Scene {
     }
 
     pub fn start_with_env(&mut self, extra: &[&str], env: &[(&str, &str)]) -> &AgentProcess {
+        self.start_via(Launcher::Setns, extra, env)
+    }
+
+    /// Starts the agent the way `launcher` says, with the scene's flags, then `extra`.
+    pub fn start_via(
+        &mut self,
+        launcher: Launcher,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> &AgentProcess {
         assert!(self.agent.is_none(), "an agent is already running");
         let mut args = self.base_args();
         if !extra.contains(&"--metrics-addr") {
@@ -110,8 +134,14 @@ impl Scene {
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let server = self.topo.server.name.clone();
+        let (wrapper, netns): (Vec<&str>, _) = match launcher {
+            Launcher::Setns => (vec![], Some(&self.topo.server)),
+            Launcher::IpNetnsExec => (vec!["ip", "netns", "exec", &server], None),
+            Launcher::UnshareMount => (vec!["unshare", "--mount"], Some(&self.topo.server)),
+        };
         let agent =
-            AgentProcess::start(Some(&self.topo.server), &self.control_socket(), &args, env);
+            AgentProcess::start_wrapped(&wrapper, netns, &self.control_socket(), &args, env);
         self.agent.insert(agent)
     }
 
@@ -122,6 +152,14 @@ impl Scene {
     /// SIGTERM and wait; returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
         self.agent.take().expect("the agent is running").stop()
+    }
+
+    /// SIGTERM and wait; returns the exit code and what the agent logged.
+    pub fn stop_with_log(&mut self) -> (Option<i32>, String) {
+        self.agent
+            .take()
+            .expect("the agent is running")
+            .stop_with_log()
     }
 
     /// SIGKILL: no chance to save anything.

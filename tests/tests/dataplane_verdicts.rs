@@ -45,7 +45,7 @@ impl Harness {
         let loaded = loader::load(&LoadOptions {
             bpffs_dir: dir.path.clone(),
             capacities,
-            debug_events: false,
+            ..Default::default()
         })
         .expect("load the XDP program");
         Self {
@@ -76,14 +76,26 @@ impl Harness {
         h
     }
 
-    /// What a restarted agent does: load again over the same pins.
-    fn reload(&mut self) {
-        self.loaded = loader::load(&LoadOptions {
-            bpffs_dir: self.dir.path.clone(),
-            capacities: self.capacities,
-            debug_events: false,
+    /// What a restarted agent does: load again over the same pins, after the old agent has
+    /// gone (it holds the bpffs directory's lock).
+    fn reload(self) -> Self {
+        let Self {
+            loaded,
+            dir,
+            capacities,
+        } = self;
+        drop(loaded);
+        let loaded = loader::load(&LoadOptions {
+            bpffs_dir: dir.path.clone(),
+            capacities,
+            ..Default::default()
         })
         .expect("load over the pins");
+        Self {
+            loaded,
+            dir,
+            capacities,
+        }
     }
 
     fn deny(&mut self, prefix: &str) {
@@ -763,8 +775,8 @@ fn the_deny_filter_never_hides_a_ban() {
     }
 
     // A restarted agent recounts from the pinned maps: nothing it did not add is lost.
-    h.reload();
-    assert!(h.loaded.adopted);
+    h = h.reload();
+    assert!(h.loaded.adopted());
     assert!(h.drops("2001:db8:1:2::66"));
     h.loaded
         .dataplane
@@ -781,7 +793,7 @@ fn the_deny_filter_never_hides_a_ban() {
     ] {
         std::fs::remove_file(h.dir.path.join(name)).expect("remove the filter pin");
     }
-    h.reload();
+    h = h.reload();
     assert!(h.drops(&hosts[1999].addr().to_string()));
     assert!(h.drops("2001:db8:1:2::66"));
     assert!(!h.filtered_in(&hosts[0].addr().to_string()));
@@ -864,7 +876,7 @@ fn the_host_table_overflows_into_the_trie_and_reuses_slots_clean() {
     let more = same_home(buckets, 40, 70);
     let more: Vec<IpNet> = more.iter().map(|n| net(n)).collect();
     assert_eq!(h.loaded.dataplane.deny_batch(&more).expect("batch"), 70);
-    h.reload();
+    h = h.reload();
     let dp = &h.loaded.dataplane;
     assert_eq!(dp.deny_v4.count(), window + 70);
     assert_eq!(dp.deny_v4.hosts_in_table(), 2 * window);
@@ -899,7 +911,7 @@ fn an_upgrade_moves_the_legacy_host_hashes_into_the_tables() {
         .join(apiban_common::map_names::LEGACY_DENY_V6_HOSTS);
     legacy::pin(&v4, &v4_pin);
     legacy::pin(&v6, &v6_pin);
-    h.reload();
+    h = h.reload();
     assert!(
         !v4_pin.exists() && !v6_pin.exists(),
         "legacy pins are removed"
@@ -1054,7 +1066,7 @@ fn the_allow_filter_never_hides_an_allow_entry() {
     assert!(!h.drops("198.51.100.20"));
 
     // A restart recounts; an upgrade from a version without the allow filter refills it.
-    h.reload();
+    h = h.reload();
     unallow(&mut h, "198.51.100.20/32");
     assert!(h.drops("198.51.100.20"));
     assert!(!allow_bit(&h, "198.51.100.20"));
@@ -1078,7 +1090,7 @@ fn the_allow_filter_never_hides_an_allow_entry() {
     ] {
         std::fs::remove_file(h.dir.path.join(name)).expect("remove the filter pin");
     }
-    h.reload();
+    h = h.reload();
     assert!(
         !h.drops("2001:db8:bad::1"),
         "still allowed after the upgrade"

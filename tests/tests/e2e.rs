@@ -18,7 +18,7 @@ use std::{
 
 use tests::{
     Netns, PacketSocket, UdpReceiver,
-    agent::apiban,
+    agent::apiban_in,
     fake_apiban::Fault,
     frame::{Frame, TPID_8021AD, TPID_8021Q},
     require_root,
@@ -544,7 +544,8 @@ fn detach_leaves_nothing_behind() {
     assert_eq!(s.stop(), Some(0));
     assert_eq!(s.probe(&[banned], N), vec![0], "still enforced after stop");
     let dir = s.bpffs.path.display().to_string();
-    let out = apiban(&["detach", "--bpffs-dir", &dir]);
+    // In the agent's network namespace: detach works on the interfaces there.
+    let out = apiban_in(&s.topo.server, &["detach", "--bpffs-dir", &dir]);
     assert!(
         out.status.success(),
         "{}",

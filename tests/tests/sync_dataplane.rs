@@ -32,13 +32,13 @@ fn settings() -> EngineSettings {
     }
 }
 
-fn load(dir: &BpffsDir) -> (aya::Ebpf, Dataplane, bool) {
+fn load(dir: &BpffsDir) -> (loader::Enforcement, Dataplane, bool) {
     let loaded = loader::load(&LoadOptions {
         bpffs_dir: dir.path.clone(),
         ..Default::default()
     })
     .expect("load the XDP program");
-    let adopted = loaded.adopted;
+    let adopted = loaded.adopted();
     let (ebpf, dataplane) = loaded.into_parts();
     (ebpf, dataplane, adopted)
 }

@@ -9,6 +9,8 @@ pub mod filter;
 pub mod host_table;
 pub mod loader;
 mod mapping;
+pub mod netlink;
+mod objects;
 
 use std::{collections::BTreeSet, io, net::IpAddr, os::fd::AsFd as _};
 
@@ -701,6 +703,21 @@ impl Dataplane {
             .map_err(|e| typed(map_names::HOST_TABLES, e))?;
         dataplane.sync_allow_flags()?;
         Ok(dataplane)
+    }
+
+    /// The kernel's ID of the IPv4 deny trie: which maps a program on an interface uses
+    /// tells whether it enforces this agent's bans.
+    pub fn deny_v4_map_id(&self) -> Result<u32, DataplaneError> {
+        self.deny_v4
+            .prefixes
+            .trie
+            .map()
+            .info()
+            .map(|i| i.id())
+            .map_err(|source| DataplaneError::Map {
+                name: map_names::DENY_V4,
+                source,
+            })
     }
 
     /// Moves what the host hashes of a version before the host tables hold into the tables,

@@ -102,7 +102,7 @@ fn cleanup() {
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     if Path::new(BPFFS).exists() {
-        let _ = apiban::dataplane::loader::detach(Path::new(BPFFS), None);
+        let _ = apiban::dataplane::loader::detach(Path::new(BPFFS), None, true);
     }
     for ns in [SERVER_NS, INTERNET_NS] {
         let _ = Command::new("ip").args(["netns", "del", ns]).output();

@@ -1,0 +1,129 @@
+//! BPF objects by path, through the few raw `bpf()` commands aya does not expose
+//! for programs: open a pin (`BPF_OBJ_GET`), pin a descriptor (`BPF_OBJ_PIN`) and read a
+//! program's ID (`BPF_OBJ_GET_INFO_BY_FD`). None of these needs CAP_SYS_ADMIN, unlike
+//! opening a program by ID, so an agent with the systemd unit's capabilities can still tell
+//! its own program from another on an interface.
+
+use std::{
+    ffi::CString,
+    io, mem,
+    os::{
+        fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// The `obj` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+    path_fd: i32,
+    _pad: u32,
+}
+
+/// The `info` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// The head of `struct bpf_prog_info`: the kernel fills in as much as `info_len` asks for.
+#[repr(C)]
+#[derive(Default)]
+struct ProgInfoHead {
+    prog_type: u32,
+    id: u32,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: attr is a valid prefix of `union bpf_attr` of the size passed; the pointers it
+    // holds are kept alive by the callers for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            mem::size_of::<T>() as u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+}
+
+/// Opens the object pinned at `path`.
+pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
+    let path = c_path(path)?;
+    let mut attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        ..Default::default()
+    };
+    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Pins `fd` at `path`, which must not exist yet.
+pub fn pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = c_path(path)?;
+    let mut attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// Pins `fd` at `path`, replacing what is pinned there in one step: pinned first at `tmp`
+/// (on the same bpffs), then renamed over, so that a reader sees the old object or the new
+/// one, never nothing.
+pub fn repin(fd: BorrowedFd<'_>, path: &Path, tmp: &Path) -> io::Result<()> {
+    match std::fs::remove_file(tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    pin(fd, tmp)?;
+    std::fs::rename(tmp, path)
+}
+
+/// A name bpffs accepts for anything: it refuses names with a dot, which interface names
+/// such as `eth0.100` have. Dots and percent signs are percent-encoded.
+pub fn pin_name(name: &str) -> String {
+    name.replace('%', "%25").replace('.', "%2E")
+}
+
+/// The name [`pin_name`] encoded.
+pub fn unpin_name(pinned: &str) -> String {
+    pinned.replace("%2E", ".").replace("%25", "%")
+}
+
+/// The kernel's ID of the program behind `fd`.
+pub fn program_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut head = ProgInfoHead::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: mem::size_of::<ProgInfoHead>() as u32,
+        info: (&raw mut head) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(head.id)
+}
