@@ -167,33 +167,13 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         .dataplane
         .set_scope(&config.scope)
         .context("could not set the port scope")?;
-    let mut interfaces = Vec::new();
-    for iface in &config.ifaces {
-        let mode = loaded
-            .attach(iface, config.xdp_mode)
-            .with_context(|| format!("could not attach to {iface}"))?;
-        let up = loader::ifindex(iface)
-            .and_then(|i| netlink::link(i).ok().flatten())
-            .map(|l| l.up);
-        tracing::info!(
-            iface,
-            %mode,
-            prog_id = loaded.program_id(),
-            adopted = %loaded.adoption,
-            link = match up {
-                Some(true) => "up",
-                Some(false) => "down: enforcing from the moment it comes up",
-                None => "unknown",
-            },
-            "XDP program attached (checked with the kernel)"
-        );
-        interfaces.push(InterfaceInfo {
-            name: iface.clone(),
-            mode: mode.to_string(),
-        });
-    }
-    warn_unconfigured_attachments(&config);
-    let (enforcement, dataplane) = loaded.into_parts();
+    loaded
+        .reserve_counter_slots(&config.ifaces)
+        .context("could not give the interfaces their counters")?;
+    let adoption = loaded.adoption.clone();
+    let (mut enforcement, dataplane) = loaded.into_parts();
+    // The saved ledger goes into the maps before the program goes live: after a reboot the
+    // maps are new and empty, and the first packet must already meet every saved ban.
     let store = StateStore::open(&config.state_dir).with_context(|| {
         format!(
             "cannot use the state directory {}",
@@ -209,6 +189,32 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         removed = report.applied.removed,
         "ban list restored from state"
     );
+    let mut interfaces = Vec::new();
+    for iface in &config.ifaces {
+        let mode = enforcement
+            .attach(iface, config.xdp_mode)
+            .with_context(|| format!("could not attach to {iface}"))?;
+        let up = loader::ifindex(iface)
+            .and_then(|i| netlink::link(i).ok().flatten())
+            .map(|l| l.up);
+        tracing::info!(
+            iface,
+            %mode,
+            prog_id = enforcement.program_id(),
+            adopted = %adoption,
+            link = match up {
+                Some(true) => "up",
+                Some(false) => "down: enforcing from the moment it comes up",
+                None => "unknown",
+            },
+            "XDP program attached (checked with the kernel)"
+        );
+        interfaces.push(InterfaceInfo {
+            name: iface.clone(),
+            mode: mode.to_string(),
+        });
+    }
+    warn_unconfigured_attachments(&config);
     let info = info(&config, interfaces, apiban.is_some(), started_at);
     let enforced = serve(args, config, engine, apiban, info)?;
     report_stop(&enforcement, enforced);

@@ -811,7 +811,13 @@ impl ApibanPoller {
                     continue;
                 }
                 Err(e) => {
-                    let d = backoff.next_delay();
+                    let mut d = backoff.next_delay();
+                    if matches!(e, ClientError::Transport(_)) {
+                        // Nothing reached APIBAN (no route, refused, DNS): at boot the agent
+                        // starts before the network does, and must not sleep past its coming
+                        // up for longer than a poll interval.
+                        d = d.min(self.settings.poll_interval.max(self.settings.backoff_base));
+                    }
                     tracing::warn!(error = %e, retry_in = ?d, full, "APIBAN request failed");
                     delay = Some(d);
                 }

@@ -43,6 +43,8 @@ pub struct Scene {
     pub topo: Topology,
     /// Extra interfaces the agent attaches to (beyond the topology's server side).
     pub extra_ifaces: Vec<String>,
+    /// Where the agent looks for APIBAN instead of the local server (e.g. nowhere).
+    pub api_url: Option<String>,
 }
 
 impl Default for Scene {
@@ -81,6 +83,7 @@ impl Scene {
             bpffs,
             topo,
             extra_ifaces: Vec::new(),
+            api_url: None,
         }
     }
 
@@ -102,7 +105,7 @@ impl Scene {
             "--state-dir".to_owned(),
             self.state_dir().display().to_string(),
             "--api-url".to_owned(),
-            self.api.base_url(),
+            self.api_url.clone().unwrap_or_else(|| self.api.base_url()),
         ];
         for iface in &self.extra_ifaces {
             args.extend(["--iface".to_owned(), iface.clone()]);

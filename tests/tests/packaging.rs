@@ -45,9 +45,65 @@ fn the_unit_passes_systemd_analyze_verify() {
     );
     let text = unit_text();
     assert_eq!(unit_value(&text, "Type"), "notify");
+    // After a reboot the saved bans are enforced before the network is configured.
+    assert!(
+        unit_value(&text, "Before").contains("network-pre.target"),
+        "the unit must start before network-pre.target"
+    );
+    assert!(unit_value(&text, "Wants").contains("network-pre.target"));
+    assert!(
+        !text.contains("network-online.target"),
+        "waiting for the network to be online leaves it unprotected until then"
+    );
     assert!(unit_value(&text, "ExecStart").contains("--api-key-file %d/apiban-key"));
     assert!(unit_value(&text, "LoadCredential").starts_with("apiban-key:"));
     assert_eq!(unit_value(&text, "ProtectSystem"), "strict");
+}
+
+/// A stand-in for what configures the network (systemd-networkd, ifupdown's
+/// networking.service, NetworkManager all order after network-pre.target): a transaction
+/// that starts it with apiban must be free of ordering cycles, and apiban comes first.
+#[test]
+fn the_unit_orders_before_network_configuration_without_a_cycle() {
+    let dir = TempDir::new("apiban-unit-order-");
+    let text = unit_text().replace("/usr/local/bin/apiban", &apiban_bin().display().to_string());
+    std::fs::write(dir.path.join("apiban.service"), text).unwrap();
+    let standin = dir.path.join("apiban-test-network.service");
+    std::fs::write(
+        &standin,
+        "[Unit]\nDescription=stands in for the network configuration\n\
+         Wants=network-pre.target apiban.service\nAfter=network-pre.target\n\
+         Before=network.target\n[Service]\nType=oneshot\nExecStart=/bin/true\n",
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&standin)
+        .output()
+        .expect("systemd-analyze");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify: {stderr}"
+    );
+    // The same check catches a cycle: make apiban wait for the network it must precede.
+    let cyclic = unit_text()
+        .replace("/usr/local/bin/apiban", &apiban_bin().display().to_string())
+        .replace(
+            "Before=network-pre.target",
+            "Before=network-pre.target\nAfter=apiban-test-network.service",
+        );
+    std::fs::write(dir.path.join("apiban.service"), cyclic).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&standin)
+        .output()
+        .expect("systemd-analyze");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cycl"),
+        "the cycle check must be able to fail: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

@@ -326,9 +326,13 @@ impl IfaceLock {
 pub struct Enforcement {
     ebpf: Ebpf,
     prog_id: u32,
+    /// The kernel's ID of the IPv4 deny trie, which tells apiban's programs on these maps
+    /// from those on others.
+    deny_v4_map_id: u32,
     bpffs_dir: PathBuf,
     attachments: Vec<Attachment>,
-    _locks: (bpffs::DirLock, Vec<IfaceLock>),
+    _dir_lock: bpffs::DirLock,
+    iface_locks: Vec<(u32, IfaceLock)>,
 }
 
 /// What [`Enforcement::check`] found on one interface.
@@ -394,14 +398,9 @@ impl Enforcement {
 
 /// A loaded program with its maps, attached to the interfaces given to [`Loaded::attach`].
 pub struct Loaded {
-    ebpf: Ebpf,
+    enforcement: Enforcement,
     pub dataplane: Dataplane,
-    bpffs_dir: PathBuf,
     pub adoption: Adoption,
-    prog_id: u32,
-    lock: bpffs::DirLock,
-    iface_locks: Vec<(u32, IfaceLock)>,
-    attachments: Vec<Attachment>,
 }
 
 /// Every name a map of ours may have been pinned under, the previous version's host hashes
@@ -565,15 +564,19 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
     let mut dataplane = Dataplane::from_ebpf(&mut ebpf)?;
     adopt_legacy_hosts(dir, &mut dataplane)?;
     dataplane.set_flag(DataplaneConfig::DEBUG_EVENTS, options.debug_events)?;
+    let deny_v4_map_id = dataplane.deny_v4_map_id()?;
     Ok(Loaded {
-        ebpf,
+        enforcement: Enforcement {
+            ebpf,
+            prog_id,
+            deny_v4_map_id,
+            bpffs_dir: dir.clone(),
+            attachments: Vec::new(),
+            _dir_lock: lock,
+            iface_locks: Vec::new(),
+        },
         dataplane,
-        bpffs_dir: dir.clone(),
         adoption,
-        prog_id,
-        lock,
-        iface_locks: Vec::new(),
-        attachments: Vec::new(),
     })
 }
 
@@ -705,43 +708,57 @@ enum Occupant {
 impl Loaded {
     /// The kernel's ID of this agent's program.
     pub fn program_id(&self) -> u32 {
-        self.prog_id
+        self.enforcement.prog_id
     }
 
     pub fn adopted(&self) -> bool {
         self.adoption != Adoption::Fresh
     }
 
-    /// Splits off the maps so that their owner (the engine) can hold them; what keeps the
-    /// program enforcing, and checks that it does, goes to the caller.
+    /// Splits off the maps so that their owner (the engine) can hold them; what attaches
+    /// the program, keeps it enforcing and checks that it does goes to the caller.
     pub fn into_parts(self) -> (Enforcement, Dataplane) {
-        (
-            Enforcement {
-                ebpf: self.ebpf,
-                prog_id: self.prog_id,
-                bpffs_dir: self.bpffs_dir,
-                attachments: self.attachments,
-                _locks: (
-                    self.lock,
-                    self.iface_locks.into_iter().map(|(_, l)| l).collect(),
-                ),
-            },
-            self.dataplane,
-        )
+        (self.enforcement, self.dataplane)
     }
 
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
+        &mut self.enforcement.ebpf
     }
 
     /// The interfaces attached so far.
     pub fn attachments(&self) -> &[Attachment] {
-        &self.attachments
+        &self.enforcement.attachments
     }
 
+    /// Gives each interface a counter slot of its own (see
+    /// [`Dataplane::assign_counter_slot`]), before its program runs: a slot starts at zero.
+    pub fn reserve_counter_slots(&mut self, ifaces: &[String]) -> Result<(), LoaderError> {
+        let mut indexes: Vec<u32> = ifaces.iter().filter_map(|i| ifindex(i)).collect();
+        for (name, _) in attached_pins(&self.enforcement.bpffs_dir)? {
+            if let Some(i) = ifindex(&name) {
+                indexes.push(i);
+            }
+        }
+        indexes.extend(self.enforcement.attachments.iter().map(|a| a.index));
+        for iface in ifaces {
+            let index = ifindex(iface).ok_or_else(|| LoaderError::NoSuchInterface(iface.into()))?;
+            let others: Vec<u32> = indexes.iter().copied().filter(|i| *i != index).collect();
+            self.dataplane.assign_counter_slot(index, &others)?;
+        }
+        Ok(())
+    }
+
+    /// Reserves the interface's counter slot and attaches (see [`Enforcement::attach`]).
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachedMode, LoaderError> {
+        self.reserve_counter_slots(&[iface.to_owned()])?;
+        self.enforcement.attach(iface, mode)
+    }
+}
+
+impl Enforcement {
     /// Attaches to `iface`, or, where apiban's program already runs (a previous agent's),
     /// swaps this one in atomically. The interface may be down: the program runs from the
-    /// moment it comes up.
+    /// moment it comes up. Fill the maps first: from this call on, the program decides.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachedMode, LoaderError> {
         let index = ifindex(iface).ok_or_else(|| LoaderError::NoSuchInterface(iface.into()))?;
         if !self.iface_locks.iter().any(|(i, _)| *i == index) {
@@ -788,20 +805,6 @@ impl Loaded {
             });
         }
         self.pin_attached(iface)?;
-        let mut others: Vec<u32> = self
-            .attachments
-            .iter()
-            .filter(|a| a.iface != iface)
-            .map(|a| a.index)
-            .collect();
-        for (name, _) in attached_pins(&self.bpffs_dir)? {
-            if name != iface
-                && let Some(i) = ifindex(&name)
-            {
-                others.push(i);
-            }
-        }
-        self.dataplane.assign_counter_slot(index, &others)?;
         let attached = attachment.mode;
         self.attachments.retain(|a| a.iface != iface);
         self.attachments.push(attachment);
@@ -847,7 +850,7 @@ impl Loaded {
                 name: info.name_as_str().map(str::to_owned),
             });
         }
-        let ours = self.dataplane.deny_v4_map_id()?;
+        let ours = self.deny_v4_map_id;
         let maps = program_maps(&info).map_err(unidentified)?;
         if !maps
             .iter()
