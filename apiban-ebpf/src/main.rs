@@ -112,7 +112,8 @@ static TRAFFICGEN_SOURCES: Array<[u8; 4]> = Array::with_max_entries(TRAFFICGEN_S
 static TRAFFICGEN_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// How many IPv6 extension headers are walked to find the transport header in port scope.
-/// Real traffic carries zero or one; the bound keeps the verifier happy.
+/// Real traffic carries zero or one; the bound keeps the verifier happy. A packet with more
+/// is in scope (fail closed): a banned source must not get through by stacking headers.
 const MAX_IPV6_EXT_HEADERS: usize = 4;
 
 #[xdp]
@@ -432,7 +433,8 @@ fn may_match(filter: &Array<u64>, bit: u32) -> bool {
 }
 
 /// Walks IPv6 extension headers to the transport header. A non-first fragment is in scope
-/// (see `classify_v4`); an unknown chain ends the walk as out of scope.
+/// (see `classify_v4`), and so is a chain longer than the walk: whatever follows cannot be
+/// attributed to a port, and a banned source must not pass by stacking headers.
 #[inline(always)]
 fn v6_in_port_scope(ctx: &XdpContext, mut next_header: u8, mut offset: usize) -> Result<bool, ()> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
@@ -455,10 +457,18 @@ fn v6_in_port_scope(ctx: &XdpContext, mut next_header: u8, mut offset: usize) ->
                 next_header = nh;
                 offset += 8;
             }
-            _ => break,
+            _ => return in_port_scope(ctx, next_header, offset),
         }
     }
-    in_port_scope(ctx, next_header, offset)
+    Ok(is_ipv6_ext_header(next_header) || in_port_scope(ctx, next_header, offset)?)
+}
+
+#[inline(always)]
+fn is_ipv6_ext_header(next_header: u8) -> bool {
+    matches!(
+        next_header,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
+    )
 }
 
 /// Whether a TCP/UDP packet goes to one of the scoped destination ports. Other protocols

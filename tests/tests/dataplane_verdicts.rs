@@ -501,6 +501,51 @@ fn port_scope_drops_only_scoped_ports() {
     );
 }
 
+/// Port scope must not be bypassed by stacking IPv6 extension headers: whatever the chain's
+/// length, a banned source's UDP to a scoped port is dropped, and beyond the headers the
+/// program walks, anything from a banned source is (fail closed), while a clean source's
+/// packets always pass.
+#[test]
+fn stacked_ipv6_extension_headers_do_not_bypass_port_scope() {
+    let mut h = Harness::with_test_lists();
+    h.loaded
+        .dataplane
+        .set_scope(&Scope::Ports(BTreeSet::from([5060])))
+        .expect("set scope");
+    let (banned6, clean6, dst6) = (ip("2001:db8::66"), ip("2001:db8::67"), ip("2001:db8::1"));
+    let dest_opts = vec![1, 4, 0, 0, 0, 0];
+    for headers in 0..=8 {
+        let frame = |src, port| {
+            let mut f = Frame::ip(src, dst6, PROTO_UDP, udp(4000, port, b"REGISTER"));
+            for _ in 0..headers {
+                f = f.ipv6_ext(60, dest_opts.clone());
+            }
+            f.build()
+        };
+        h.expect(
+            &format!("banned UDP 5060 behind {headers} destination-options headers"),
+            &frame(banned6, 5060),
+            Verdict::Dropped,
+        );
+        h.expect(
+            &format!("clean UDP 5060 behind {headers} destination-options headers"),
+            &frame(clean6, 5060),
+            Verdict::Passed,
+        );
+        // Within the walk, another port is out of scope; past it, it cannot be told.
+        let beyond_walk = headers > 4;
+        h.expect(
+            &format!("banned UDP 53 behind {headers} destination-options headers"),
+            &frame(banned6, 53),
+            if beyond_walk {
+                Verdict::Dropped
+            } else {
+                Verdict::Passed
+            },
+        );
+    }
+}
+
 #[test]
 fn drops_record_hits_on_the_matching_entry() {
     let mut h = Harness::with_test_lists();
