@@ -456,16 +456,18 @@ impl<E: Enforcer> Engine<E> {
                 add.len()
             }
             Err(e) => {
-                // Part of the batch may be in: ask the maps what they hold now.
-                let before = self.applied_deny.len();
+                // Part of the batch may be in: ask the maps what they hold now. Count what
+                // of this batch they hold, not how much they grew: they may hold entries
+                // the engine did not put there (a previous agent's), and must not make the
+                // count exceed the batch.
                 self.refresh_applied();
-                let added = self.applied_deny.len().saturating_sub(before);
+                let added = add.iter().filter(|n| self.applied_deny.contains(n)).count();
                 self.counters.map_full += 1;
                 if !self.map_full_logged {
                     self.map_full_logged = true;
                     tracing::error!(
                         error = %e,
-                        not_enforced = add.len() - added,
+                        not_enforced = add.len().saturating_sub(added),
                         "deny map full: new bans are not enforced, existing ones stay"
                     );
                 }
@@ -862,6 +864,53 @@ mod tests {
         assert_eq!((pull.next_id.as_str(), pull.seen), ("250", 2));
         drop(e);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Maps that fill up and, read back, hold more than the engine put there.
+    #[derive(Default)]
+    struct CrowdedMaps {
+        deny: BTreeSet<IpNet>,
+    }
+
+    impl Enforcer for CrowdedMaps {
+        fn denied(&self) -> Result<BTreeSet<IpNet>, DataplaneError> {
+            Ok(self.deny.clone())
+        }
+        fn allowed(&self) -> Result<BTreeSet<IpNet>, DataplaneError> {
+            Ok(BTreeSet::new())
+        }
+        fn deny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError> {
+            // Half goes in, then the map is full; meanwhile a previous agent's program put
+            // three entries of its own there.
+            self.deny.extend(nets.iter().take(nets.len() / 2).copied());
+            self.deny
+                .extend(["9.9.9.1", "9.9.9.2", "9.9.9.3"].iter().map(|s| net(s)));
+            Err(DataplaneError::MapFull {
+                list: crate::dataplane::List::Deny,
+                family: crate::dataplane::Family::V4,
+                capacity: 4,
+            })
+        }
+        fn undeny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError> {
+            for n in nets {
+                self.deny.remove(n);
+            }
+            Ok(())
+        }
+        fn allow(&mut self, _: IpNet) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+        fn unallow(&mut self, _: IpNet) -> Result<(), DataplaneError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_map_holding_foreign_entries_does_not_break_the_count() {
+        let (mut e, _) = Engine::start(CrowdedMaps::default(), None, settings(100), 0).unwrap();
+        let r = e.apiban_batch(&strings(&["1.1.1.1", "1.1.1.2"]), "1".into(), 0);
+        assert_eq!((r.applied.added, r.applied.not_enforced), (1, 1));
+        assert_eq!(e.counters().map_full, 1);
     }
 
     #[test]

@@ -1142,3 +1142,55 @@ fn the_allow_filter_never_hides_an_allow_entry() {
     );
     assert!(h.drops("2001:db8:bad::2"));
 }
+
+/// The kernel reads `count` keys of the map's own key size (and values of its value size)
+/// from a batch call's arrays: elements of another size must be refused before it does.
+#[test]
+fn batch_calls_refuse_elements_of_the_wrong_size() {
+    use apiban::dataplane::batch;
+    use apiban_common::{DenyEntry, map_names};
+    use aya::maps::lpm_trie::Key;
+    use std::os::fd::AsFd as _;
+    let h = Harness::new();
+    let map = aya::maps::MapData::from_pin(h.dir.path.join(map_names::DENY_V4))
+        .expect("the pinned IPv4 trie");
+    let fd = map.fd().as_fd();
+    let refused = |outcome: batch::BatchOutcome, what: &str| {
+        assert_eq!(outcome.done, 0, "{what}");
+        let err = outcome.error.unwrap_or_else(|| panic!("{what}: accepted"));
+        assert_eq!(
+            err.kind(),
+            std::io::ErrorKind::InvalidInput,
+            "{what}: {err}"
+        );
+        err.to_string()
+    };
+    let entry = DenyEntry {
+        prefix_len: 24,
+        ..Default::default()
+    };
+    let text = refused(batch::update(fd, &[[198u8, 18, 0]], &[entry]), "short keys");
+    assert!(text.contains("key of 3 bytes"), "{text}");
+    let text = refused(
+        batch::update(fd, &[Key::new(24, [198u8, 18, 0, 0])], &[0u8]),
+        "short values",
+    );
+    assert!(text.contains("value of 1 bytes"), "{text}");
+    let text = refused(
+        batch::update(
+            fd,
+            &[
+                Key::new(24, [198u8, 18, 0, 0]),
+                Key::new(24, [198u8, 18, 1, 0]),
+            ],
+            &[entry],
+        ),
+        "fewer values than keys",
+    );
+    assert!(text.contains("2 keys and 1 values"), "{text}");
+    refused(batch::delete(fd, &[[0u8; 16]]), "long keys to delete");
+    let ok = batch::update(fd, &[Key::new(24, [198u8, 18, 0, 0])], &[entry]);
+    assert!(ok.error.is_none() && ok.done == 1, "{ok:?}");
+    let ok = batch::delete(fd, &[Key::new(24, [198u8, 18, 0, 0])]);
+    assert!(ok.error.is_none() && ok.done == 1, "{ok:?}");
+}

@@ -29,8 +29,10 @@ pub struct BatchOutcome {
 }
 
 fn call(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: attr is a valid bpf_attr prefix of the size passed; the kernel reads the key and
-    // value arrays it points to, which the callers keep alive for the call.
+    // SAFETY: attr is a valid bpf_attr prefix of the size passed. The kernel reads `count`
+    // keys of the map's key size (and values of its value size) from the arrays it points
+    // to; `checked` has made sure those are the sizes of the slices' elements, and the
+    // callers keep the slices alive for the call.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -46,9 +48,46 @@ fn call(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
     }
 }
 
-/// Inserts or replaces `keys[i] -> values[i]` for all i, in one syscall per `chunk`.
-pub fn update<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> BatchOutcome {
-    assert_eq!(keys.len(), values.len(), "one value per key");
+/// Refuses a batch the kernel would read past: its element sizes must be the map's own.
+fn checked<K, V>(map: BorrowedFd<'_>, keys: usize, values: Option<usize>) -> io::Result<()> {
+    let (key_size, value_size) = super::objects::map_sizes(map)?;
+    let bad = |what: &str, ours: usize, map: u32| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} of {ours} bytes for a map whose {what}s have {map}"),
+        )
+    };
+    if mem::size_of::<K>() != key_size as usize {
+        return Err(bad("key", mem::size_of::<K>(), key_size));
+    }
+    if let Some(values) = values {
+        if mem::size_of::<V>() != value_size as usize {
+            return Err(bad("value", mem::size_of::<V>(), value_size));
+        }
+        if values != keys {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{keys} keys and {values} values"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Inserts or replaces `keys[i] -> values[i]` for all i, in one syscall per `chunk`. Keys and
+/// values must be plain data of exactly the map's key and value sizes, one value per key;
+/// anything else is refused before the kernel reads a byte.
+pub fn update<K: aya::Pod, V: aya::Pod>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: &[V],
+) -> BatchOutcome {
+    if let Err(error) = checked::<K, V>(map, keys.len(), Some(values.len())) {
+        return BatchOutcome {
+            done: 0,
+            error: Some(error),
+        };
+    }
     let mut done = 0;
     for (ks, vs) in keys.chunks(CHUNK).zip(values.chunks(CHUNK)) {
         let mut attr = BatchAttr {
@@ -71,8 +110,15 @@ pub fn update<K, V>(map: BorrowedFd<'_>, keys: &[K], values: &[V]) -> BatchOutco
     BatchOutcome { done, error: None }
 }
 
-/// Deletes all `keys`. A missing key stops the batch with ENOENT, like the kernel does.
-pub fn delete<K>(map: BorrowedFd<'_>, keys: &[K]) -> BatchOutcome {
+/// Deletes all `keys`, which must be plain data of exactly the map's key size. A missing key
+/// stops the batch with ENOENT, like the kernel does.
+pub fn delete<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> BatchOutcome {
+    if let Err(error) = checked::<K, K>(map, keys.len(), None) {
+        return BatchOutcome {
+            done: 0,
+            error: Some(error),
+        };
+    }
     let mut done = 0;
     for ks in keys.chunks(CHUNK) {
         let mut attr = BatchAttr {

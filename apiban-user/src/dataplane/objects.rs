@@ -1,6 +1,6 @@
 //! BPF objects by path, through the few raw `bpf()` commands aya does not expose
-//! for programs: open a pin (`BPF_OBJ_GET`), pin a descriptor (`BPF_OBJ_PIN`) and read a
-//! program's ID (`BPF_OBJ_GET_INFO_BY_FD`). None of these needs CAP_SYS_ADMIN, unlike
+//! for programs: open a pin (`BPF_OBJ_GET`), pin a descriptor (`BPF_OBJ_PIN`), and read a
+//! program's ID or a map's key and value sizes (`BPF_OBJ_GET_INFO_BY_FD`). None of these needs CAP_SYS_ADMIN, unlike
 //! opening a program by ID, so an agent with the systemd unit's capabilities can still tell
 //! its own program from another on an interface.
 
@@ -114,6 +114,28 @@ pub fn pin_name(name: &str) -> String {
 /// The name [`pin_name`] encoded.
 pub fn unpin_name(pinned: &str) -> String {
     pinned.replace("%2E", ".").replace("%25", "%")
+}
+
+/// The head of `struct bpf_map_info`.
+#[repr(C)]
+#[derive(Default)]
+struct MapInfoHead {
+    map_type: u32,
+    id: u32,
+    key_size: u32,
+    value_size: u32,
+}
+
+/// The key and value sizes of the map behind `fd`, as the kernel will read them.
+pub fn map_sizes(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
+    let mut head = MapInfoHead::default();
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: mem::size_of::<MapInfoHead>() as u32,
+        info: (&raw mut head) as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok((head.key_size, head.value_size))
 }
 
 /// The kernel's ID of the program behind `fd`.
