@@ -143,7 +143,10 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         .context("cannot start the engine")?
         .0;
         let info = info(&config, Vec::new(), apiban.is_some(), started_at);
-        return serve(args, config, engine, apiban, info).map(drop);
+        return match serve(args, config, engine, apiban, info)? {
+            Exit::Stopped { .. } => Ok(()),
+            Exit::OwnerDied(why) => anyhow::bail!("{why}"),
+        };
     }
 
     wait_for_interfaces(&config.ifaces, config.iface_wait)?;
@@ -216,9 +219,16 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
     }
     warn_unconfigured_attachments(&config);
     let info = info(&config, interfaces, apiban.is_some(), started_at);
-    let enforced = serve(args, config, engine, apiban, info)?;
-    report_stop(&enforcement, enforced);
-    Ok(())
+    match serve(args, config, engine, apiban, info)? {
+        Exit::Stopped { enforced } => {
+            report_stop(&enforcement, Some(enforced));
+            Ok(())
+        }
+        Exit::OwnerDied(why) => {
+            report_stop(&enforcement, None);
+            anyhow::bail!("{why}; exiting so that the service manager restarts the agent")
+        }
+    }
 }
 
 /// Waits up to `timeout` for every interface to exist: at boot, udev may still be renaming
@@ -274,7 +284,8 @@ fn warn_unconfigured_attachments(config: &AgentConfig) {
 }
 
 /// The last word on stopping, from what the kernel says runs on each interface now.
-fn report_stop(enforcement: &loader::Enforcement, enforced: usize) {
+/// `enforced` is how many prefixes the maps hold, when the owner could still say.
+fn report_stop(enforcement: &loader::Enforcement, enforced: Option<usize>) {
     let mut kept = Vec::new();
     for (attachment, state) in enforcement.check() {
         match state {
@@ -298,10 +309,13 @@ fn report_stop(enforcement: &loader::Enforcement, enforced: usize) {
         }
     }
     if !kept.is_empty() {
+        let what = enforced
+            .map(|n| format!("{n} prefixes"))
+            .unwrap_or_else(|| "the bans in its maps".into());
         tracing::info!(
             prog_id = enforcement.program_id(),
             "stopped; checked with the kernel: the XDP program stays attached to {} and keeps \
-             enforcing {enforced} prefixes; the next start adopts it",
+             enforcing {what}; the next start adopts it",
             kept.join(", ")
         );
     }
@@ -313,7 +327,7 @@ fn serve<E: Enforcer + Send + 'static>(
     mut engine: Engine<E>,
     apiban: Option<(ApibanClient, PollSettings)>,
     info: AgentInfo,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<Exit> {
     let now = sync::unix_now();
     let configured: Vec<&str> = config.lists.iter().map(|l| l.name.as_str()).collect();
     for name in engine.list_names() {
@@ -333,13 +347,15 @@ fn serve<E: Enforcer + Send + 'static>(
             .timeout(Duration::from_secs(60))
             .build()
             .context("cannot build the HTTP client")?;
-        let mut running = sync::spawn(
-            engine,
-            apiban,
-            config.lists.clone(),
-            http,
-            sweep_every(config.ttl),
-        );
+        // The owner beats well within the watchdog's timeout, so an idle owner always has.
+        let watchdog_timeout = notifier.watchdog_interval().map(|half| half * 2);
+        let timing = sync::OwnerTiming {
+            heartbeat_every: watchdog_timeout
+                .map_or(Duration::from_secs(1), |t| t / 4)
+                .clamp(Duration::from_millis(50), Duration::from_secs(1)),
+            ..sync::OwnerTiming::new(sweep_every(config.ttl))
+        };
+        let mut running = sync::spawn(engine, apiban, config.lists.clone(), http, timing);
         let info = Arc::new(Mutex::new(info));
         let mut servers = Vec::new();
         let control_listener = match control::bind(&config.control_socket).await {
@@ -405,6 +421,9 @@ fn serve<E: Enforcer + Send + 'static>(
         let mut key_check = tokio::time::interval(Duration::from_secs(2));
         key_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut key_unreadable = false;
+        let mut watchdog_withheld = false;
+        let mut owner_check = tokio::time::interval(Duration::from_secs(1));
+        owner_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
@@ -414,9 +433,25 @@ fn serve<E: Enforcer + Send + 'static>(
                     notifier.status(&format!("enforcing {enforced} prefixes"));
                 }
                 _ = watchdog.tick(), if notifier.watchdog_interval().is_some() => {
-                    // Taking the owner's lock proves the owner is not stuck.
-                    drop(sync::lock(&running.owner));
-                    notifier.watchdog();
+                    // The ping says the owner is alive and getting through its work, not
+                    // merely that this loop runs: a dead owner must get the agent restarted.
+                    let max_silence = watchdog_timeout.unwrap_or(Duration::from_secs(60));
+                    match running.owner_health(max_silence) {
+                        Ok(()) => {
+                            watchdog_withheld = false;
+                            notifier.watchdog();
+                        }
+                        Err(why) if !watchdog_withheld => {
+                            watchdog_withheld = true;
+                            tracing::error!(%why, "not pinging the watchdog: the service manager will restart the agent");
+                        }
+                        Err(_) => {}
+                    }
+                }
+                _ = owner_check.tick() => {
+                    if running.owner_health(Duration::MAX).is_err() {
+                        break;
+                    }
                 }
                 _ = hup.recv() => {
                     notifier.reloading();
@@ -462,7 +497,14 @@ fn serve<E: Enforcer + Send + 'static>(
         for s in &servers {
             s.abort();
         }
+        let owner_died = running.owner_health(Duration::MAX).err();
         running.abort();
+        let _ = std::fs::remove_file(&config.control_socket);
+        if let Some(why) = owner_died {
+            // What the owner was doing when it died may be half done: do not save it. Every
+            // change it completed was saved when it was applied.
+            return Ok(Exit::OwnerDied(why));
+        }
         let mut owner = sync::lock(&running.owner);
         owner.engine.save(sync::unix_now());
         if config.dry_run {
@@ -470,9 +512,16 @@ fn serve<E: Enforcer + Send + 'static>(
         }
         let enforced = owner.engine.enforced().len();
         drop(owner);
-        let _ = std::fs::remove_file(&config.control_socket);
-        anyhow::Ok(enforced)
+        anyhow::Ok(Exit::Stopped { enforced })
     })
+}
+
+/// How the agent's main loop ended.
+enum Exit {
+    /// SIGTERM or SIGINT: saved and stopped.
+    Stopped { enforced: usize },
+    /// The ledger's owner died: the agent exits with an error so that it is restarted.
+    OwnerDied(String),
 }
 
 /// SIGHUP: re-reads the config file with the same flags and environment, and applies what

@@ -222,6 +222,8 @@ pub struct Engine<E: Enforcer> {
     ttl_secs: u64,
     counters: EngineCounters,
     map_full_logged: bool,
+    /// The last save failed: the file is behind the maps until a save succeeds.
+    unsaved: bool,
 }
 
 impl<E: Enforcer> Engine<E> {
@@ -262,6 +264,7 @@ impl<E: Enforcer> Engine<E> {
             ttl_secs: settings.ttl.as_secs(),
             counters: EngineCounters::default(),
             map_full_logged: false,
+            unsaved: false,
         };
         engine.set_config_allow(settings.allow);
         match crate::sanitise::host_addresses() {
@@ -483,9 +486,26 @@ impl<E: Enforcer> Engine<E> {
         }
     }
 
-    /// Saves the state. A failed save is logged and counted, never fatal: enforcement goes
-    /// on, and the next save carries everything.
+    /// Saves the state after a change. A failed save is logged (once for this change) and
+    /// counted, never fatal: enforcement goes on from the maps, the file keeps the last good
+    /// state, and [`Engine::retry_save`] or the next change brings it up to date.
     pub fn save(&mut self, now: u64) {
+        self.save_as(now, true);
+    }
+
+    /// Tries again to save a state whose last save failed; quiet unless it succeeds.
+    pub fn retry_save(&mut self, now: u64) {
+        if self.unsaved {
+            self.save_as(now, false);
+        }
+    }
+
+    /// Whether the state file is behind what is enforced (the last save failed).
+    pub fn unsaved(&self) -> bool {
+        self.unsaved
+    }
+
+    fn save_as(&mut self, now: u64, log_failure: bool) {
         let Some(store) = &self.store else { return };
         let state = StateView {
             version: FORMAT_VERSION,
@@ -499,10 +519,24 @@ impl<E: Enforcer> Engine<E> {
             Ok(took) => {
                 self.counters.saves += 1;
                 self.counters.last_save_duration = took;
+                if self.unsaved {
+                    tracing::info!(
+                        failures = self.counters.save_failures,
+                        "state saved again: the state file is up to date"
+                    );
+                }
+                self.unsaved = false;
             }
             Err(e) => {
                 self.counters.save_failures += 1;
-                tracing::error!(error = %e, "cannot save state; will retry with the next change");
+                self.unsaved = true;
+                if log_failure {
+                    tracing::error!(
+                        error = %crate::dataplane::loader::error_chain(&e),
+                        "cannot save state: bans stay enforced; the state file keeps the last \
+                         good state and is retried every 10s"
+                    );
+                }
             }
         }
     }

@@ -319,15 +319,70 @@ impl<E: Enforcer> Owner<E> {
     }
 }
 
-/// The owner's loop: applies source updates in arrival order and sweeps expired bans.
-/// Returns when every sender is gone.
+/// Whether the owner is alive and getting through its work: it beats on every update and
+/// on a heartbeat while idle. What the watchdog ping is made of, so that a dead or
+/// stuck owner stops the pings and the service manager restarts the agent.
+#[derive(Clone, Debug)]
+pub struct OwnerHealth {
+    inner: std::sync::Arc<HealthInner>,
+}
+
+#[derive(Debug)]
+struct HealthInner {
+    started: Instant,
+    /// Milliseconds after `started` of the owner's last beat.
+    last_beat_ms: std::sync::atomic::AtomicU64,
+}
+
+impl OwnerHealth {
+    fn new() -> Self {
+        Self {
+            inner: std::sync::Arc::new(HealthInner {
+                started: Instant::now(),
+                last_beat_ms: std::sync::atomic::AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn beat(&self) {
+        let ms = self.inner.started.elapsed().as_millis() as u64;
+        self.inner
+            .last_beat_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since the owner last showed progress.
+    pub fn silence(&self) -> Duration {
+        let last = self
+            .inner
+            .last_beat_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+}
+
+/// How often the owner retries a state save that failed (a full or read-only state
+/// directory): the change is in the maps already, the retry only brings the file up to date.
+const SAVE_RETRY_EVERY: Duration = Duration::from_secs(10);
+
+/// The owner's loop: applies source updates in arrival order, sweeps expired bans and
+/// retries failed saves. Returns when every sender is gone.
 pub async fn run_owner<E: Enforcer>(
     owner: std::sync::Arc<std::sync::Mutex<Owner<E>>>,
     mut updates: mpsc::Receiver<Update>,
     sweep_every: Duration,
+    health: OwnerHealth,
+    heartbeat_every: Duration,
 ) {
     let mut sweep = tokio::time::interval(sweep_every);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heartbeat = tokio::time::interval(heartbeat_every);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut save_retry = tokio::time::interval(SAVE_RETRY_EVERY);
+    save_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             update = updates.recv() => match update {
@@ -335,7 +390,10 @@ pub async fn run_owner<E: Enforcer>(
                 None => return,
             },
             _ = sweep.tick() => lock(&owner).sweep(),
+            _ = save_retry.tick() => lock(&owner).engine.retry_save(unix_now()),
+            _ = heartbeat.tick() => {}
         }
+        health.beat();
     }
 }
 
@@ -345,6 +403,7 @@ pub struct Running<E: Enforcer> {
     /// The owner's inbox, for the control socket and reloads.
     pub updates: mpsc::Sender<Update>,
     owner_task: tokio::task::JoinHandle<()>,
+    health: OwnerHealth,
     poller: Option<tokio::task::JoinHandle<()>>,
     lists: BTreeMap<String, (ListSpec, tokio::task::JoinHandle<()>)>,
     http: reqwest::Client,
@@ -381,6 +440,22 @@ impl<E: Enforcer> Running<E> {
                     .with_retry_signal(self.retry_now.clone());
             self.poller = Some(tokio::spawn(poller.run(cursor)));
         }
+    }
+
+    /// Whether the owner is alive and has shown progress within `max_silence`; why not.
+    /// A panic in the owner ends its task; a stuck owner stops beating.
+    pub fn owner_health(&self, max_silence: Duration) -> Result<(), String> {
+        if self.owner_task.is_finished() {
+            return Err("the ledger's owner has stopped (it panicked)".into());
+        }
+        let silence = self.health.silence();
+        if silence > max_silence {
+            return Err(format!(
+                "the ledger's owner has shown no progress for {}",
+                crate::human::format_duration(Duration::from_secs(silence.as_secs()))
+            ));
+        }
+        Ok(())
     }
 
     /// Cuts the poller's wait after a rejected key (403) short: the operator reloaded or
@@ -427,6 +502,23 @@ impl<E: Enforcer> Running<E> {
     }
 }
 
+/// How often the owner sweeps expired bans and, while idle, beats (see [`OwnerHealth`]).
+#[derive(Clone, Copy, Debug)]
+pub struct OwnerTiming {
+    pub sweep_every: Duration,
+    /// Well under the watchdog timeout, so that an idle owner is never taken for a stuck one.
+    pub heartbeat_every: Duration,
+}
+
+impl OwnerTiming {
+    pub fn new(sweep_every: Duration) -> Self {
+        Self {
+            sweep_every,
+            heartbeat_every: Duration::from_secs(1),
+        }
+    }
+}
+
 /// Starts the owner loop, the APIBAN poller (when there is a client) and one task per
 /// blocklist. Must be called inside a tokio runtime.
 pub fn spawn<E: Enforcer + Send + 'static>(
@@ -434,15 +526,24 @@ pub fn spawn<E: Enforcer + Send + 'static>(
     apiban: Option<(ApibanClient, PollSettings)>,
     lists: Vec<ListSpec>,
     http: reqwest::Client,
-    sweep_every: Duration,
+    timing: OwnerTiming,
 ) -> Running<E> {
     let owner = std::sync::Arc::new(std::sync::Mutex::new(Owner::new(engine)));
     let (tx, rx) = mpsc::channel(16);
-    let owner_task = tokio::spawn(run_owner(owner.clone(), rx, sweep_every));
+    let health = OwnerHealth::new();
+    health.beat();
+    let owner_task = tokio::spawn(run_owner(
+        owner.clone(),
+        rx,
+        timing.sweep_every,
+        health.clone(),
+        timing.heartbeat_every,
+    ));
     let mut running = Running {
         owner,
         updates: tx,
         owner_task,
+        health,
         poller: None,
         lists: BTreeMap::new(),
         http,

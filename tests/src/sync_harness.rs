@@ -31,7 +31,7 @@ impl<E: Enforcer + Send + 'static> SyncHarness<E> {
             client.map(|c| (c, poll)),
             lists,
             reqwest::Client::new(),
-            Duration::from_millis(100),
+            sync::OwnerTiming::new(Duration::from_millis(100)),
         );
         Self {
             owner: running.owner.clone(),

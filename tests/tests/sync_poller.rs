@@ -399,3 +399,110 @@ async fn blocklists_from_a_file_and_a_url() {
         assert!(skipped[&Rejection::SpecialPurpose] >= 1 && skipped[&Rejection::Invalid] >= 1);
     });
 }
+
+/// Enforcers with a bug or a stall in the owner's path.
+struct FaultyEnforcer {
+    inner: MemoryEnforcer,
+    /// Panic on a ban (a bug), or stall for this long (a wedged syscall).
+    stall: Option<Duration>,
+}
+
+impl apiban::engine::Enforcer for FaultyEnforcer {
+    fn denied(&self) -> Result<BTreeSet<IpNet>, apiban::dataplane::DataplaneError> {
+        self.inner.denied()
+    }
+    fn allowed(&self) -> Result<BTreeSet<IpNet>, apiban::dataplane::DataplaneError> {
+        self.inner.allowed()
+    }
+    fn deny(&mut self, nets: &[IpNet]) -> Result<(), apiban::dataplane::DataplaneError> {
+        match self.stall {
+            None => panic!("a bug in the owner's path"),
+            Some(d) => std::thread::sleep(d),
+        }
+        self.inner.deny(nets)
+    }
+    fn undeny(&mut self, nets: &[IpNet]) -> Result<(), apiban::dataplane::DataplaneError> {
+        self.inner.undeny(nets)
+    }
+    fn allow(&mut self, net: IpNet) -> Result<(), apiban::dataplane::DataplaneError> {
+        self.inner.allow(net)
+    }
+    fn unallow(&mut self, net: IpNet) -> Result<(), apiban::dataplane::DataplaneError> {
+        self.inner.unallow(net)
+    }
+}
+
+fn faulty(stall: Option<Duration>) -> apiban::sync::Running<FaultyEnforcer> {
+    let engine = Engine::start(
+        FaultyEnforcer {
+            inner: MemoryEnforcer::default(),
+            stall,
+        },
+        None,
+        EngineSettings::default(),
+        apiban::sync::unix_now(),
+    )
+    .unwrap()
+    .0;
+    apiban::sync::spawn(
+        engine,
+        None,
+        vec![],
+        reqwest::Client::new(),
+        apiban::sync::OwnerTiming::new(Duration::from_secs(60)),
+    )
+}
+
+fn ban(net: &str) -> apiban::sync::Change {
+    apiban::sync::Change::Ban {
+        net: net.parse().unwrap(),
+        ttl: None,
+        comment: None,
+    }
+}
+
+/// The watchdog ping is made of the owner's health: an owner that panicked must stop it, so
+/// that the service manager restarts the agent (the lock it used to take was still there).
+#[tokio::test]
+async fn a_dead_owner_is_noticed() {
+    let running = faulty(None);
+    assert_eq!(running.owner_health(Duration::from_secs(5)), Ok(()));
+    let answer = apiban::control::send_change(&running.updates, ban("198.18.0.1/32")).await;
+    assert!(answer.is_err(), "the owner died answering: {answer:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match running.owner_health(Duration::from_secs(5)) {
+            Err(why) => {
+                assert!(why.contains("panicked"), "{why}");
+                break;
+            }
+            Ok(()) => assert!(
+                std::time::Instant::now() < deadline,
+                "a dead owner still counts as healthy"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    running.abort();
+}
+
+/// An owner stuck in one change beats no more: the ping stops while it is stuck, and comes
+/// back once it gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_owner_is_noticed_and_recovers() {
+    let running = faulty(Some(Duration::from_millis(2500)));
+    let updates = running.updates.clone();
+    let change =
+        tokio::spawn(
+            async move { apiban::control::send_change(&updates, ban("198.18.0.2/32")).await },
+        );
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let why = running
+        .owner_health(Duration::from_secs(1))
+        .expect_err("stuck for 1.8 s");
+    assert!(why.contains("no progress"), "{why}");
+    assert!(change.await.unwrap().is_ok(), "the change gets through");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(running.owner_health(Duration::from_secs(1)), Ok(()));
+    running.abort();
+}
