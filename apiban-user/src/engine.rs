@@ -604,8 +604,13 @@ impl<E: Enforcer> Engine<E> {
             }
             self.apiban.next_id = Some(pull.next_id);
             self.apiban.last_full_pull = Some(now);
+            report.applied = self.commit(now);
+        } else {
+            // An incremental poll that found nothing new changed nothing to save: writing
+            // (and fsyncing) the whole ledger every poll interval costs, and on a full disk
+            // would log a failure for a change that never happened.
+            report.applied = self.apply(now);
         }
-        report.applied = self.commit(now);
         report
     }
 

@@ -269,6 +269,12 @@ pub fn render(r: &StatusReport) -> String {
         );
     }
     w.single(
+        "apiban_state_unsaved",
+        "gauge",
+        "1 while the state file is behind what is enforced (the last save failed).",
+        u8::from(e.unsaved),
+    );
+    w.single(
         "apiban_state_save_duration_seconds",
         "gauge",
         "How long the last state save took.",

@@ -191,15 +191,20 @@ impl BudgetJournal {
         };
         let tmp = self.path.with_extension("json.tmp");
         let text = serde_json::to_vec(sent_ms).map_err(|e| write_err(e.into()))?;
-        fs::OpenOptions::new()
+        let written = fs::OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .mode(0o600)
             .open(&tmp)
             .and_then(|mut f| io::Write::write_all(&mut f, &text))
-            .map_err(write_err)?;
-        fs::rename(&tmp, &self.path).map_err(write_err)
+            .and_then(|()| fs::rename(&tmp, &self.path));
+        if let Err(e) = written {
+            // A full disk leaves a partial file: it must not take what little room is left.
+            let _ = fs::remove_file(&tmp);
+            return Err(write_err(e));
+        }
+        Ok(())
     }
 }
 

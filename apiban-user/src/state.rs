@@ -26,7 +26,7 @@ pub const FORMAT_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("cannot use state directory {dir}: {source}")]
+    #[error("cannot use the state directory {dir}")]
     Dir {
         dir: PathBuf,
         #[source]
@@ -34,12 +34,17 @@ pub enum StateError {
     },
     #[error("state directory {dir} is in use by another apiban agent (pid {pid})")]
     Locked { dir: PathBuf, pid: String },
-    #[error("cannot write state file in {dir}: {source}")]
+    #[error("cannot write the state file in {dir}")]
     Write {
         dir: PathBuf,
         #[source]
         source: io::Error,
     },
+}
+
+/// A filesystem that takes no writes: the agent can still read its state and enforce it.
+fn read_only(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EROFS)
 }
 
 /// A full pull in progress, saved after every batch so that it resumes where it stopped.
@@ -204,15 +209,35 @@ impl StateStore {
         };
         fs::create_dir_all(dir).map_err(dir_err)?;
         // Bans are not secret, but the state names the operator's allowlist and comments.
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(dir_err)?;
-        let lock = OpenOptions::new()
+        match fs::set_permissions(dir, fs::Permissions::from_mode(0o700)) {
+            Ok(()) => {}
+            Err(e) if read_only(&e) => {}
+            Err(e) => return Err(dir_err(e)),
+        }
+        let lock_path = dir.join(LOCK_FILE);
+        let writable = match OpenOptions::new()
             .create(true)
             .truncate(false)
-            .read(true)
             .write(true)
             .mode(0o600)
-            .open(dir.join(LOCK_FILE))
-            .map_err(dir_err)?;
+            .open(&lock_path)
+        {
+            Ok(_) => true,
+            Err(e) if read_only(&e) => false,
+            Err(e) => return Err(dir_err(e)),
+        };
+        // The lock is held through a read-only descriptor: a descriptor open for writing
+        // would keep the filesystem from being remounted read-only under the agent. Without
+        // a lock file (a read-only directory), the directory itself is locked; the agent
+        // enforces what the state file holds and every save fails (counted, retried) until
+        // it is writable again.
+        let lock = match File::open(&lock_path) {
+            Ok(file) => file,
+            Err(e) if !writable && e.kind() == io::ErrorKind::NotFound => {
+                File::open(dir).map_err(dir_err)?
+            }
+            Err(e) => return Err(dir_err(e)),
+        };
         // SAFETY: flock on a file descriptor we own.
         if unsafe {
             libc::flock(
@@ -227,9 +252,15 @@ impl StateStore {
                 pid: pid.trim().to_owned(),
             });
         }
-        let mut lock = lock;
-        let _ = lock.set_len(0);
-        let _ = write!(lock, "{}", std::process::id());
+        if writable {
+            let _ = fs::write(&lock_path, std::process::id().to_string());
+        } else {
+            tracing::warn!(
+                dir = %dir.display(),
+                "the state directory is read-only: enforcing the state it holds; changes are \
+                 not saved until it is writable again"
+            );
+        }
         Ok(Self {
             dir: dir.to_owned(),
             _lock: lock,
@@ -279,32 +310,38 @@ impl StateStore {
         }
     }
 
-    /// Replaces the state file atomically; returns how long it took.
+    /// Replaces the state file atomically; returns how long it took. On any failure the
+    /// previous file is untouched and the temporary one removed: a full disk must not keep
+    /// a partial copy that takes the room a later save needs.
     pub fn save(&self, state: &impl Serialize) -> Result<Duration, StateError> {
         let started = Instant::now();
-        let write_err = |source| StateError::Write {
-            dir: self.dir.clone(),
-            source,
-        };
         let tmp = self.dir.join(TEMP_FILE);
+        let written = self.write_and_rename(&tmp, state);
+        if let Err(source) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(StateError::Write {
+                dir: self.dir.clone(),
+                source,
+            });
+        }
+        Ok(started.elapsed())
+    }
+
+    fn write_and_rename(&self, tmp: &Path, state: &impl Serialize) -> io::Result<()> {
         let file = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .mode(0o600)
-            .open(&tmp)
-            .map_err(write_err)?;
+            .open(tmp)?;
         let mut out = io::BufWriter::with_capacity(256 * 1024, file);
-        serde_json::to_writer(&mut out, state).map_err(|e| write_err(e.into()))?;
-        out.write_all(b"\n").map_err(write_err)?;
-        let file = out.into_inner().map_err(|e| write_err(e.into_error()))?;
-        file.sync_all().map_err(write_err)?;
+        serde_json::to_writer(&mut out, state)?;
+        out.write_all(b"\n")?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
         drop(file);
-        fs::rename(&tmp, self.path()).map_err(write_err)?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(write_err)?;
-        Ok(started.elapsed())
+        fs::rename(tmp, self.path())?;
+        File::open(&self.dir).and_then(|d| d.sync_all())
     }
 }
 

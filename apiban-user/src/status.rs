@@ -90,6 +90,9 @@ pub struct EngineReport {
     pub saves: u64,
     pub save_failures: u64,
     pub last_save_seconds: f64,
+    /// The last save failed: the state file is behind what is enforced.
+    #[serde(default)]
+    pub unsaved: bool,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -175,6 +178,7 @@ pub fn build<E: Enforcer>(
         saves: c.saves,
         save_failures: c.save_failures,
         last_save_seconds: c.last_save_duration.as_secs_f64(),
+        unsaved: engine.unsaved(),
     };
     let s = &owner.sync;
     let cursor = engine.apiban_cursor();
@@ -586,6 +590,14 @@ impl StatusReport {
                 o,
                 "WARNING: {} prefixes did not fit in the deny maps",
                 self.engine.map_full
+            );
+        }
+        if self.engine.unsaved {
+            let _ = writeln!(
+                o,
+                "WARNING: the state file is behind what is enforced ({} failed saves); a \
+                 restart now would lose the latest changes",
+                self.engine.save_failures
             );
         }
         if let Some(e) = &self.dataplane_error {

@@ -307,6 +307,12 @@ impl<E: Enforcer> Owner<E> {
             }
         };
         tracing::info!("{out}");
+        if self.engine.unsaved() {
+            return Ok(format!(
+                "{out}; WARNING: the state file could not be saved (see the agent's log): this \
+                 is enforced now, but lost on a restart unless a later save succeeds"
+            ));
+        }
         Ok(out)
     }
 

@@ -81,6 +81,60 @@ impl Drop for BpffsDir {
     }
 }
 
+/// A tmpfs of a given size mounted on a directory, unmounted on drop: a state directory that
+/// fills up, or goes read-only, on demand.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(path).expect("the mount point");
+        sh(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+                &path.display().to_string(),
+            ],
+        );
+        Self {
+            path: path.to_owned(),
+        }
+    }
+
+    /// `mount -o remount,<options>`, e.g. `ro` or `rw`.
+    pub fn remount(&self, options: &str) {
+        sh(
+            "mount",
+            &[
+                "-o",
+                &format!("remount,{options}"),
+                &self.path.display().to_string(),
+            ],
+        );
+    }
+
+    /// Writes a file until the filesystem is full; returns its path.
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write as _;
+        let path = self.path.join("filler");
+        let mut file = std::fs::File::create(&path).expect("the filler file");
+        let chunk = [0u8; 4096];
+        while file.write_all(&chunk).is_ok() {}
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+    }
+}
+
 /// A network namespace, deleted with everything in it on drop.
 pub struct Netns {
     pub name: String,
