@@ -355,7 +355,9 @@ fn serve<E: Enforcer + Send + 'static>(
                 .clamp(Duration::from_millis(50), Duration::from_secs(1)),
             ..sync::OwnerTiming::new(sweep_every(config.ttl))
         };
+        let own = engine.own_addresses();
         let mut running = sync::spawn(engine, apiban, config.lists.clone(), http, timing);
+        crate::host_addresses::watch(own, running.updates.clone());
         let info = Arc::new(Mutex::new(info));
         let mut servers = Vec::new();
         let control_listener = match control::bind(&config.control_socket).await {

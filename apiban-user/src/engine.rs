@@ -357,8 +357,28 @@ impl<E: Enforcer> Engine<E> {
         self.set_config_allow(settings.allow);
     }
 
-    pub fn set_own_addresses(&mut self, own: Vec<std::net::IpAddr>) {
-        self.sanitiser.set_own_addresses(own);
+    /// This host's addresses changed: feeds may not ban the new ones, and what they banned
+    /// before an address became the host's goes, as the sanitiser would have refused it.
+    /// Manual bans stay: the operator meant them. Returns the prefixes that were dropped.
+    pub fn set_own_addresses(&mut self, own: Vec<std::net::IpAddr>, now: u64) -> Vec<IpNet> {
+        self.sanitiser.set_own_addresses(own.iter().copied());
+        let dropped = self
+            .ledger
+            .remove_where(|net, source| source.is_remote() && own.iter().any(|a| net.contains(a)));
+        if !dropped.is_empty() {
+            *self
+                .counters
+                .skipped
+                .entry(Rejection::OwnAddress)
+                .or_default() += dropped.len() as u64;
+            self.commit(now);
+        }
+        dropped
+    }
+
+    /// The addresses the engine takes as this host's.
+    pub fn own_addresses(&self) -> Vec<std::net::IpAddr> {
+        self.sanitiser.own_addresses()
     }
 
     fn set_config_allow(&mut self, nets: Vec<IpNet>) {

@@ -201,6 +201,21 @@ impl Ledger {
         dropped
     }
 
+    /// Removes the records for which `drop(net, source)` holds; returns the prefixes that lost
+    /// at least one.
+    pub fn remove_where(&mut self, mut drop: impl FnMut(&IpNet, &SourceId) -> bool) -> Vec<IpNet> {
+        let mut touched = Vec::new();
+        self.entries.retain(|net, records| {
+            let before = records.len();
+            records.retain(|(s, _)| !drop(net, s));
+            if records.len() < before {
+                touched.push(*net);
+            }
+            !records.is_empty()
+        });
+        touched
+    }
+
     /// Removes every record of `source` (a list taken out of the configuration).
     pub fn remove_source(&mut self, source: &SourceId) -> usize {
         self.retain_records(|s, _| s != source)

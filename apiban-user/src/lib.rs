@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod engine;
+pub mod host_addresses;
 pub mod human;
 pub mod ledger;
 pub mod metrics;

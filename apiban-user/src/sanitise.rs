@@ -197,6 +197,10 @@ impl Sanitiser {
         self.own_addresses = own.into_iter().collect();
     }
 
+    pub fn own_addresses(&self) -> Vec<IpAddr> {
+        self.own_addresses.iter().copied().collect()
+    }
+
     /// Checks one feed entry: the prefix to ban, or why not.
     pub fn check(&self, text: &str, allow: &AllowList) -> Result<IpNet, Rejection> {
         let net = parse_net(text).ok_or(Rejection::Invalid)?;

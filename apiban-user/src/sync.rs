@@ -87,6 +87,8 @@ pub enum Update {
         name: String,
         error: String,
     },
+    /// This host's addresses changed (see `host_addresses`).
+    OwnAddresses(Vec<std::net::IpAddr>),
     /// From the control socket or a reload; the reply says what happened, or why not.
     Control {
         change: Change,
@@ -228,6 +230,19 @@ impl<E: Enforcer> Owner<E> {
             Update::ListFailed { name, error } => {
                 tracing::warn!(list = %name, %error, "blocklist refresh failed; keeping its bans");
                 self.sync.lists.entry(name).or_default().last_error = Some(error);
+            }
+            Update::OwnAddresses(own) => {
+                tracing::info!(
+                    addresses = own.len(),
+                    "this host's addresses changed; feeds may not ban them"
+                );
+                let dropped = self.engine.set_own_addresses(own, now);
+                for net in dropped {
+                    tracing::warn!(
+                        %net,
+                        "dropped a feed's ban that covers one of this host's addresses"
+                    );
+                }
             }
             Update::Control { change, reply } => {
                 let _ = reply.send(self.change(change, now));

@@ -559,3 +559,47 @@ fn detach_leaves_nothing_behind() {
     assert!(!link.contains("xdp"), "{link}");
     assert_eq!(s.probe(&[banned], N), vec![N]);
 }
+
+#[test]
+fn an_address_the_host_gains_is_never_banned_by_a_feed() {
+    require_root();
+    let mut s = Scene::new();
+    s.api.publish(&["45.77.0.0/24"]);
+    s.start(&FAST);
+    s.wait_synced(Duration::from_secs(20));
+    assert_eq!(s.check("45.77.0.9")["verdict"], "banned");
+    // A failover VIP moves in: the feed's ban that covers it must go.
+    s.topo.server.exec(
+        "ip",
+        &["addr", "add", "45.77.0.9/32", "dev", &s.topo.server_if],
+    );
+    s.wait_verdict(
+        "45.77.0.9".parse().unwrap(),
+        "not banned",
+        Duration::from_secs(5),
+    );
+    assert!(
+        s.agent()
+            .log_text()
+            .contains("dropped a feed's ban that covers one of this host's addresses")
+    );
+    // An address added later is refused when the feed lists it.
+    s.topo.server.exec(
+        "ip",
+        &["addr", "add", "45.77.1.5/32", "dev", &s.topo.server_if],
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    s.api.publish(&["45.77.1.5", "45.77.1.6"]);
+    s.wait_verdict(
+        "45.77.1.6".parse().unwrap(),
+        "banned",
+        Duration::from_secs(10),
+    );
+    assert_eq!(s.check("45.77.1.5")["verdict"], "not banned");
+    assert!(
+        s.status()["engine"]["skipped"]["own_address"]
+            .as_u64()
+            .unwrap()
+            >= 2
+    );
+}
