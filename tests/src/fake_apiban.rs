@@ -13,8 +13,8 @@ use std::{
 };
 
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
+    net::TcpListener,
 };
 
 /// What the server does to a request instead of answering it properly.
@@ -77,6 +77,56 @@ pub struct FakeApiban {
     addr: SocketAddr,
     inner: Arc<Mutex<Inner>>,
     runtime: Option<tokio::runtime::Runtime>,
+    tls: bool,
+}
+
+/// A private certificate authority and a certificate it issued for 127.0.0.1, as a mirror
+/// or a TLS-inspecting proxy inside a carrier's network would have.
+pub struct PrivateCa {
+    /// The CA certificate, PEM: what `--api-ca` (or the system's trust store) must hold.
+    pub ca_pem: String,
+    server: tokio_rustls::rustls::ServerConfig,
+}
+
+impl PrivateCa {
+    pub fn new() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "apiban test private CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().expect("server key");
+        let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().expect("literal")));
+        let cert = params.signed_by(&key, &issuer).expect("server certificate");
+        let server = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            tokio_rustls::rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server TLS config");
+        Self {
+            ca_pem: ca_cert.pem(),
+            server,
+        }
+    }
+}
+
+impl Default for PrivateCa {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 const FIRST_PUBLISHED_ID: u64 = 1_600_000_000;
@@ -88,6 +138,23 @@ impl FakeApiban {
     }
 
     pub fn start_on(key: &str, bind: SocketAddr) -> Self {
+        Self::start_with(key, bind, None)
+    }
+
+    /// Starts on 127.0.0.1 behind TLS with a certificate from `ca`: `base_url` is https.
+    pub fn start_tls(key: &str, ca: &PrivateCa) -> Self {
+        Self::start_with(
+            key,
+            "127.0.0.1:0".parse().expect("literal address"),
+            Some(Arc::new(ca.server.clone())),
+        )
+    }
+
+    fn start_with(
+        key: &str,
+        bind: SocketAddr,
+        tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    ) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -113,6 +180,8 @@ impl FakeApiban {
             lists: BTreeMap::new(),
         }));
         let shared = inner.clone();
+        let is_tls = tls.is_some();
+        let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
         runtime.spawn(async move {
             let listener = TcpListener::from_std(listener).expect("tokio listener");
             loop {
@@ -120,8 +189,19 @@ impl FakeApiban {
                     continue;
                 };
                 let shared = shared.clone();
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let _ = serve(stream, shared).await;
+                    match acceptor {
+                        // A client that does not trust the CA hangs up in the handshake.
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                let _ = serve(stream, shared).await;
+                            }
+                        }
+                        None => {
+                            let _ = serve(stream, shared).await;
+                        }
+                    }
                 });
             }
         });
@@ -129,6 +209,7 @@ impl FakeApiban {
             addr,
             inner,
             runtime: Some(runtime),
+            tls: is_tls,
         }
     }
 
@@ -142,12 +223,14 @@ impl FakeApiban {
 
     /// `http://127.0.0.1:<port>/api/`
     pub fn base_url(&self) -> String {
-        format!("http://{}/api/", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}/api/", self.addr)
     }
 
     /// URL of a plain-text list set with [`set_list`](Self::set_list).
     pub fn list_url(&self, name: &str) -> String {
-        format!("http://{}/lists/{name}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}/lists/{name}", self.addr)
     }
 
     /// Publishes addresses (or any text: feeds carry junk too). An address already listed
@@ -269,7 +352,7 @@ struct Request {
     body: Vec<u8>,
 }
 
-async fn read_request(stream: &mut TcpStream) -> Option<Request> {
+async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Request> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let head_end = loop {
@@ -315,7 +398,12 @@ async fn read_request(stream: &mut TcpStream) -> Option<Request> {
     })
 }
 
-async fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &[u8]) {
+async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+) {
     let head = format!(
         "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
          Connection: close\r\n\r\n",
@@ -332,7 +420,10 @@ enum Reply {
     Fault(Fault),
 }
 
-async fn serve(mut stream: TcpStream, shared: Arc<Mutex<Inner>>) -> Option<()> {
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    shared: Arc<Mutex<Inner>>,
+) -> Option<()> {
     let request = read_request(&mut stream).await?;
     let reply = {
         let mut s = shared.lock().ok()?;
