@@ -26,7 +26,7 @@ use crate::{
     engine::Enforcer,
     ledger::SourceId,
     status::{self, AgentInfo},
-    sync::{self, Change, Owner, Update},
+    sync::{self, Change, ChangeError, Owner, Update},
 };
 
 /// Requests are small; anything longer is not ours.
@@ -49,6 +49,8 @@ pub enum Request {
         net: IpNet,
         ttl_secs: Option<u64>,
         comment: Option<String>,
+        #[serde(default)]
+        force: bool,
     },
     Unban {
         net: IpNet,
@@ -67,11 +69,13 @@ pub enum Request {
 /// How the control socket asks the agent's main loop for a reload, and hears how it went.
 pub type ReloadReply = oneshot::Sender<Result<String, String>>;
 
-/// `{"ok": <answer>}` or `{"error": "..."}`.
+/// `{"ok": <answer>}`, `{"refused": "..."}` (not done as asked: a usage error for the
+/// client) or `{"error": "..."}` (could not be done).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
     Ok(serde_json::Value),
+    Refused(String),
     Error(String),
 }
 
@@ -96,8 +100,11 @@ pub enum ControlError {
     },
     #[error("the agent sent an answer this client does not understand: {0}")]
     Protocol(String),
+    /// The agent will not do it as asked (exit code 2, like any usage error).
     #[error("{0}")]
     Refused(String),
+    #[error("{0}")]
+    Failed(String),
     #[error(
         "another agent is already listening on {0}; stop it, or give this one its own \
          --control-socket"
@@ -131,7 +138,8 @@ pub async fn request(path: &Path, req: &Request) -> Result<serde_json::Value, Co
     stream.read_to_end(&mut answer).await.map_err(io_err)?;
     match serde_json::from_slice::<Response>(&answer) {
         Ok(Response::Ok(v)) => Ok(v),
-        Ok(Response::Error(e)) => Err(ControlError::Refused(e)),
+        Ok(Response::Refused(e)) => Err(ControlError::Refused(e)),
+        Ok(Response::Error(e)) => Err(ControlError::Failed(e)),
         Err(e) => Err(ControlError::Protocol(e.to_string())),
     }
 }
@@ -276,10 +284,12 @@ async fn answer<E: Enforcer + Send + 'static>(req: Request, ctx: &ControlContext
             net,
             ttl_secs,
             comment,
+            force,
         } => Change::Ban {
             net,
             ttl: ttl_secs.map(Duration::from_secs),
             comment,
+            force,
         },
         Request::Unban { net } => Change::Unban { net },
         Request::AllowAdd { net } => Change::AllowAdd { net },
@@ -298,16 +308,21 @@ async fn answer<E: Enforcer + Send + 'static>(req: Request, ctx: &ControlContext
     };
     match send_change(&ctx.updates, change).await {
         Ok(msg) => Response::Ok(serde_json::Value::String(msg)),
-        Err(e) => Response::Error(e),
+        Err(ChangeError::Refused(e)) => Response::Refused(e),
+        Err(ChangeError::Failed(e)) => Response::Error(e),
     }
 }
 
 /// Sends a change to the owner and waits until it is applied and saved.
-pub async fn send_change(updates: &mpsc::Sender<Update>, change: Change) -> Result<String, String> {
+pub async fn send_change(
+    updates: &mpsc::Sender<Update>,
+    change: Change,
+) -> Result<String, ChangeError> {
+    let stopping = || ChangeError::Failed("the agent is stopping".to_owned());
     let (reply, rx) = oneshot::channel();
     updates
         .send(Update::Control { change, reply })
         .await
-        .map_err(|_| "the agent is stopping".to_owned())?;
-    rx.await.map_err(|_| "the agent is stopping".to_owned())?
+        .map_err(|_| stopping())?;
+    rx.await.map_err(|_| stopping())?
 }

@@ -135,8 +135,12 @@ pub enum EngineError {
     #[error(transparent)]
     State(#[from] StateError),
     #[error("{0} is not a prefix the operator can allow or ban here: {1}")]
-    Refused(IpNet, &'static str),
+    Refused(IpNet, String),
 }
+
+/// The longest comment a manual ban may carry, in characters: a note for the operator who
+/// reads `apiban check`, not a document (the state file holds every comment).
+pub const MAX_COMMENT_CHARS: usize = 200;
 
 #[derive(Clone, Debug)]
 pub struct EngineSettings {
@@ -678,20 +682,72 @@ impl<E: Enforcer> Engine<E> {
         self.commit(now)
     }
 
-    /// `apiban ban`: any prefix, the operator's own TTL or none.
+    /// `apiban ban`: any prefix, the operator's own TTL or none. What would cut the host off
+    /// from itself (loopback, its own addresses) or have no effect (the allowlist wins) is
+    /// refused, naming why, unless `force`.
     pub fn ban(
         &mut self,
         net: IpNet,
         ttl: Option<Duration>,
         comment: Option<String>,
+        force: bool,
         now: u64,
     ) -> Result<Applied, EngineError> {
         let net = net.trunc();
+        let refuse = |why: String| Err(EngineError::Refused(net, why));
         if net.prefix_len() == 0 {
-            return Err(EngineError::Refused(
-                net,
-                "a ban of the whole address family",
+            return refuse("a ban of the whole address family".into());
+        }
+        if ttl.is_some_and(|t| t.as_secs() == 0) {
+            return refuse(
+                "a TTL under 1s expires at once; omit --ttl for a ban until unbanned".into(),
+            );
+        }
+        if let Some(c) = &comment
+            && c.chars().count() > MAX_COMMENT_CHARS
+        {
+            return refuse(format!(
+                "the comment has {} characters, more than the {MAX_COMMENT_CHARS} allowed",
+                c.chars().count()
             ));
+        }
+        if !force {
+            let loopback: [IpNet; 2] = [
+                IpNet::V4(ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::LOCALHOST, 8)),
+                IpNet::V6(ipnet::Ipv6Net::new_assert(
+                    std::net::Ipv6Addr::LOCALHOST,
+                    128,
+                )),
+            ];
+            let force_hint = "; add --force to ban it anyway";
+            if let Some(lo) = loopback
+                .iter()
+                .find(|lo| lo.contains(&net) || net.contains(*lo))
+            {
+                return refuse(format!("it covers loopback ({lo}){force_hint}"));
+            }
+            if let Some(own) = self
+                .sanitiser
+                .own_addresses()
+                .into_iter()
+                .find(|a| net.contains(a))
+            {
+                return refuse(format!(
+                    "it covers {own}, an address of this host{force_hint}"
+                ));
+            }
+            if self.allow.covers(&net) {
+                let entry = self
+                    .allow
+                    .covering(net.network())
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                return refuse(format!(
+                    "the allowlist covers it ({entry}) and wins, so the ban would have no \
+                     effect; remove it from the allowlist first, or add --force to record it \
+                     anyway"
+                ));
+            }
         }
         self.ledger.observe(
             net,
@@ -733,7 +789,7 @@ impl<E: Enforcer> Engine<E> {
             } else {
                 "it is not on the allowlist"
             };
-            return Err(EngineError::Refused(net, why));
+            return Err(EngineError::Refused(net, why.into()));
         }
         self.set_config_allow(self.config_allow.iter().copied().collect());
         Ok(self.commit(now))
@@ -857,11 +913,17 @@ mod tests {
         let r = e.apiban_batch(&strings(&["5.5.5.5", "6.6.6.6"]), "1".into(), 0);
         assert_eq!(r.skipped[&Rejection::Allowlisted], 1);
         // Manual bans take any prefix and survive the sweep without a TTL.
-        e.ban(net("7.0.0.0/8"), None, Some("lab".into()), 0)
+        e.ban(net("7.0.0.0/8"), None, Some("lab".into()), false, 0)
             .unwrap();
-        assert!(e.ban(net("0.0.0.0/0"), None, None, 0).is_err());
-        e.ban(net("8.8.8.8"), Some(Duration::from_secs(10)), None, 0)
-            .unwrap();
+        assert!(e.ban(net("0.0.0.0/0"), None, None, true, 0).is_err());
+        e.ban(
+            net("8.8.8.8"),
+            Some(Duration::from_secs(10)),
+            None,
+            false,
+            0,
+        )
+        .unwrap();
         e.sweep(1000);
         assert_eq!(e.enforcer().deny, BTreeSet::from([net("7.0.0.0/8")]));
         // A manual allow pulls an already banned feed entry out of the maps.
@@ -877,6 +939,64 @@ mod tests {
         );
         let (sources, applied) = e.unban(net("6.6.6.6"), 1002);
         assert_eq!((sources, applied.removed), (vec![SourceId::Apiban], 1));
+    }
+
+    #[test]
+    fn manual_bans_that_cut_the_host_off_or_do_nothing_are_refused() {
+        let mut s = settings(100);
+        s.allow = vec![net("192.0.2.0/24")];
+        let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, s, 0).unwrap();
+        e.set_own_addresses(vec!["203.0.113.5".parse().unwrap()], 0);
+        let refused = |e: &mut Engine<MemoryEnforcer>, n: &str, force: bool| {
+            e.ban(net(n), None, None, force, 0).unwrap_err().to_string()
+        };
+        assert!(refused(&mut e, "127.0.0.1", false).contains("loopback"));
+        assert!(refused(&mut e, "::1", false).contains("loopback"));
+        assert!(refused(&mut e, "127.0.0.0/4", false).contains("loopback"));
+        let own = refused(&mut e, "203.0.113.0/24", false);
+        assert!(
+            own.contains("203.0.113.5, an address of this host"),
+            "{own}"
+        );
+        assert!(own.contains("--force"), "{own}");
+        let allowed = refused(&mut e, "192.0.2.7", false);
+        assert!(
+            allowed.contains("allowlist covers it (192.0.2.0/24)"),
+            "{allowed}"
+        );
+        // Partly allowlisted is a real ban: the allowlist carves out its part.
+        e.ban(net("192.0.0.0/16"), None, None, false, 0).unwrap();
+        assert!(
+            e.ban(
+                net("1.2.3.4"),
+                Some(Duration::from_millis(500)),
+                None,
+                false,
+                0
+            )
+            .unwrap_err()
+            .to_string()
+            .contains("expires at once")
+        );
+        let long = "x".repeat(MAX_COMMENT_CHARS + 1);
+        assert!(
+            e.ban(net("1.2.3.4"), None, Some(long), false, 0)
+                .unwrap_err()
+                .to_string()
+                .contains("more than the 200 allowed")
+        );
+        e.ban(
+            net("1.2.3.4"),
+            None,
+            Some("x".repeat(MAX_COMMENT_CHARS)),
+            false,
+            0,
+        )
+        .unwrap();
+        // The operator insists.
+        e.ban(net("203.0.113.0/24"), None, None, true, 0).unwrap();
+        assert!(e.enforcer().deny.contains(&net("203.0.113.0/24")));
+        assert!(refused(&mut e, "0.0.0.0/0", true).contains("whole address family"));
     }
 
     #[test]
@@ -908,7 +1028,7 @@ mod tests {
             Engine::start(MemoryEnforcer::default(), Some(store), settings(1000), 0).unwrap();
         e.begin_full_pull(0);
         e.apiban_batch(&strings(&["1.1.1.1", "2a01:4f8::1"]), "250".into(), 0);
-        e.ban(net("9.9.9.0/24"), None, Some("ops".into()), 0)
+        e.ban(net("9.9.9.0/24"), None, Some("ops".into()), false, 0)
             .unwrap();
         e.allow_add(net("3.3.3.3"), 0);
         drop(e);

@@ -91,11 +91,16 @@ enum Command {
     Ban {
         #[arg(value_parser = parse_cidr)]
         net: IpNet,
-        /// How long; without it the ban lasts until `apiban unban`.
-        #[arg(long)]
+        /// How long (at least 1s); without it the ban lasts until `apiban unban`.
+        #[arg(long, value_parser = parse_ttl)]
         ttl: Option<HumanDuration>,
-        #[arg(long)]
+        /// A note for whoever reads `apiban check` (at most 200 characters).
+        #[arg(long, value_parser = parse_comment)]
         comment: Option<String>,
+        /// Ban it even if it covers loopback, an address of this host, or is allowlisted
+        /// (the allowlist still wins in the dataplane).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         client: Client,
     },
@@ -192,7 +197,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("apiban: {e:#}");
-            if e.downcast_ref::<ConfigError>().is_some() {
+            if e.downcast_ref::<ConfigError>().is_some()
+                || matches!(
+                    e.downcast_ref::<control::ControlError>(),
+                    Some(control::ControlError::Refused(_))
+                )
+            {
                 ExitCode::from(USAGE)
             } else {
                 ExitCode::FAILURE
@@ -221,6 +231,30 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing::info!(file = %file.display(), "configuration read");
     }
     apiban::agent::run(args, config)
+}
+
+/// A TTL that has not run out the moment it is given.
+fn parse_ttl(text: &str) -> Result<HumanDuration, String> {
+    let ttl: HumanDuration = text
+        .parse()
+        .map_err(|e: apiban::human::ParseError| e.to_string())?;
+    if ttl.0.as_secs() == 0 {
+        return Err(format!(
+            "`{text}` expires at once; give at least 1s, or no --ttl for a ban until unbanned"
+        ));
+    }
+    Ok(ttl)
+}
+
+fn parse_comment(text: &str) -> Result<String, String> {
+    let chars = text.chars().count();
+    if chars > apiban::engine::MAX_COMMENT_CHARS {
+        return Err(format!(
+            "{chars} characters; a comment has at most {}",
+            apiban::engine::MAX_COMMENT_CHARS
+        ));
+    }
+    Ok(text.to_owned())
 }
 
 fn parse_cidr(text: &str) -> Result<IpNet, String> {
@@ -289,12 +323,14 @@ fn client(command: Command) -> anyhow::Result<()> {
                 net,
                 ttl,
                 comment,
+                force,
                 client,
             } => {
                 let req = Request::Ban {
                     net,
                     ttl_secs: ttl.map(|t| t.0.as_secs()),
                     comment,
+                    force,
                 };
                 print_message(control::request(&socket(&client)?, &req).await?);
             }

@@ -92,8 +92,28 @@ pub enum Update {
     /// From the control socket or a reload; the reply says what happened, or why not.
     Control {
         change: Change,
-        reply: oneshot::Sender<Result<String, String>>,
+        reply: oneshot::Sender<Result<String, ChangeError>>,
     },
+}
+
+/// Why an operator's change was not made.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeError {
+    /// Not something the agent does as asked; the text says why and what would be.
+    #[error("{0}")]
+    Refused(String),
+    /// It could not be done now.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<crate::engine::EngineError> for ChangeError {
+    fn from(e: crate::engine::EngineError) -> Self {
+        match e {
+            crate::engine::EngineError::Refused(..) => ChangeError::Refused(e.to_string()),
+            other => ChangeError::Failed(crate::dataplane::loader::error_chain(&other)),
+        }
+    }
 }
 
 /// A change an operator asks for.
@@ -103,6 +123,8 @@ pub enum Change {
         net: IpNet,
         ttl: Option<Duration>,
         comment: Option<String>,
+        /// Ban what the engine would refuse (loopback, this host, allowlisted).
+        force: bool,
     },
     Unban {
         net: IpNet,
@@ -251,7 +273,7 @@ impl<E: Enforcer> Owner<E> {
     }
 
     /// Applies an operator's change; the answer is one line for the operator.
-    pub fn change(&mut self, change: Change, now: u64) -> Result<String, String> {
+    pub fn change(&mut self, change: Change, now: u64) -> Result<String, ChangeError> {
         let effect = |a: crate::engine::Applied| {
             format!(
                 "{} added to and {} removed from the dataplane",
@@ -259,11 +281,13 @@ impl<E: Enforcer> Owner<E> {
             )
         };
         let out = match change {
-            Change::Ban { net, ttl, comment } => {
-                let applied = self
-                    .engine
-                    .ban(net, ttl, comment, now)
-                    .map_err(|e| e.to_string())?;
+            Change::Ban {
+                net,
+                ttl,
+                comment,
+                force,
+            } => {
+                let applied = self.engine.ban(net, ttl, comment, force, now)?;
                 let until = match ttl {
                     Some(t) => format!("for {}", crate::human::format_duration(t)),
                     None => "until unbanned".to_owned(),
@@ -273,7 +297,10 @@ impl<E: Enforcer> Owner<E> {
             Change::Unban { net } => {
                 let (sources, applied) = self.engine.unban(net, now);
                 if sources.is_empty() {
-                    return Err(format!("{} is not in the ban list", net.trunc()));
+                    return Err(ChangeError::Refused(format!(
+                        "{} is not in the ban list",
+                        net.trunc()
+                    )));
                 }
                 let names: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
                 let mut msg = format!(
@@ -294,10 +321,7 @@ impl<E: Enforcer> Owner<E> {
                 format!("allowed {}; {}", net.trunc(), effect(applied))
             }
             Change::AllowRemove { net } => {
-                let applied = self
-                    .engine
-                    .allow_remove(net, now)
-                    .map_err(|e| e.to_string())?;
+                let applied = self.engine.allow_remove(net, now)?;
                 format!(
                     "removed {} from the allowlist; {}",
                     net.trunc(),
@@ -308,7 +332,7 @@ impl<E: Enforcer> Owner<E> {
                 self.engine
                     .enforcer_mut()
                     .set_scope(&scope)
-                    .map_err(|e| format!("cannot set the port scope: {e}"))?;
+                    .map_err(|e| ChangeError::Failed(format!("cannot set the port scope: {e}")))?;
                 let applied = self.engine.reconfigure(engine, now);
                 format!("settings applied; {}", effect(applied))
             }

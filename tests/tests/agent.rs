@@ -67,6 +67,23 @@ fn usage_errors_exit_2_runtime_failures_exit_1() {
     }
     let out = apiban(&["ban", "not-a-cidr", "--control-socket", &sock]);
     assert_eq!(out.status.code(), Some(2));
+    // A TTL that has run out before the ban starts, and a comment past the limit.
+    for ttl in ["0s", "0", "500ms"] {
+        let out = apiban(&["ban", "45.9.0.1", "--ttl", ttl, "--control-socket", &sock]);
+        assert_eq!(out.status.code(), Some(2), "--ttl {ttl}: {}", stderr(&out));
+        assert!(stderr(&out).contains("expires at once"), "{}", stderr(&out));
+    }
+    let long = "x".repeat(201);
+    let out = apiban(&[
+        "ban",
+        "45.9.0.1",
+        "--comment",
+        &long,
+        "--control-socket",
+        &sock,
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("at most 200"), "{}", stderr(&out));
     // check --remote asks the API directly, with the key and URL from the environment.
     let server = FakeApiban::start(KEY);
     server.publish(&["45.9.0.66"]);
@@ -320,7 +337,7 @@ fn control_socket_metrics_reload_and_stop_with_real_packets() {
         "{allow}"
     );
     let refused = agent.cli(&["allow", "remove", "45.10.0.9"]);
-    assert_eq!(refused.status.code(), Some(1));
+    assert_eq!(refused.status.code(), Some(2), "a refusal is a usage error");
     assert!(
         stderr(&refused).contains("configuration"),
         "{}",

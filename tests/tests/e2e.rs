@@ -603,3 +603,47 @@ fn an_address_the_host_gains_is_never_banned_by_a_feed() {
             >= 2
     );
 }
+
+#[test]
+fn manual_bans_that_would_cut_the_host_off_are_refused_unless_forced() {
+    require_root();
+    let mut s = Scene::new();
+    s.start(&["--allow", "45.79.0.0/24"]);
+    let ban = |s: &Scene, args: &[&str]| {
+        let out = s.agent().cli(&[&["ban"][..], args].concat());
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    for (target, why) in [
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("10.77.0.0/24", "10.77.0.1, an address of this host"),
+        ("fd77::1", "an address of this host"),
+        ("45.79.0.7", "allowlist covers it (45.79.0.0/24)"),
+    ] {
+        let (code, text) = ban(&s, &[target]);
+        assert_eq!(code, Some(2), "{target}: {text}");
+        assert!(text.contains(why), "{target}: {text}");
+        assert_eq!(
+            s.check(target.split('/').next().unwrap())["verdict"],
+            "not banned"
+        );
+    }
+    let (code, text) = ban(&s, &["45.79.1.0/24", "--ttl", "0s"]);
+    assert_eq!(code, Some(2), "{text}");
+    // Partly allowlisted is a real ban (the allowlist carves out its part); forced, the
+    // host's own prefix is banned as asked.
+    let (code, text) = ban(&s, &["45.79.0.0/16"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(s.check("45.79.1.1")["verdict"], "banned");
+    assert_eq!(s.check("45.79.0.7")["verdict"], "allowed");
+    let comment = "c".repeat(200);
+    let (code, text) = ban(&s, &["10.77.0.0/24", "--force", "--comment", &comment]);
+    assert_eq!(code, Some(0), "{text}");
+    let check = s.check("10.77.0.9");
+    assert_eq!(check["verdict"], "banned");
+    assert_eq!(check["records"][0]["comment"], comment.as_str());
+}

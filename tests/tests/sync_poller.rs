@@ -458,6 +458,7 @@ fn ban(net: &str) -> apiban::sync::Change {
         net: net.parse().unwrap(),
         ttl: None,
         comment: None,
+        force: false,
     }
 }
 
