@@ -121,8 +121,26 @@ fn info(
 }
 
 /// Runs the agent until SIGTERM/SIGINT. `args` are kept to re-resolve on SIGHUP.
+/// Who besides root may use the control socket; a group that does not exist is a
+/// configuration error, found before anything is attached.
+fn control_access(config: &AgentConfig) -> anyhow::Result<control::Access> {
+    let read_gid =
+        match &config.control_group {
+            Some(group) => Some(control::resolve_group(group).map_err(|message| {
+                config::ConfigError::Invalid {
+                    key: "control-group",
+                    message,
+                }
+            })?),
+            None => None,
+        };
+    Ok(control::Access { read_gid })
+}
+
 pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
     unblock_signals();
+    crate::conn_slots::raise_open_files_limit();
+    control_access(&config)?;
     let started_at = sync::unix_now();
     let apiban = apiban_client(&config)?;
     if apiban.is_none() {
@@ -143,7 +161,7 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         .context("cannot start the engine")?
         .0;
         let info = info(&config, Vec::new(), apiban.is_some(), started_at);
-        return match serve(args, config, engine, apiban, info)? {
+        return match serve(args, config, engine, apiban, info, None)? {
             Exit::Stopped { .. } => Ok(()),
             Exit::OwnerDied(why) => anyhow::bail!("{why}"),
         };
@@ -175,6 +193,9 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         .context("could not give the interfaces their counters")?;
     let adoption = loaded.adoption.clone();
     let (mut enforcement, dataplane) = loaded.into_parts();
+    let reader = dataplane
+        .reader()
+        .context("could not open the deny maps for reading")?;
     // The saved ledger goes into the maps before the program goes live: after a reboot the
     // maps are new and empty, and the first packet must already meet every saved ban.
     let store = StateStore::open(&config.state_dir).with_context(|| {
@@ -219,7 +240,7 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
     }
     warn_unconfigured_attachments(&config);
     let info = info(&config, interfaces, apiban.is_some(), started_at);
-    match serve(args, config, engine, apiban, info)? {
+    match serve(args, config, engine, apiban, info, Some(reader))? {
         Exit::Stopped { enforced } => {
             report_stop(&enforcement, Some(enforced));
             Ok(())
@@ -327,6 +348,7 @@ fn serve<E: Enforcer + Send + 'static>(
     mut engine: Engine<E>,
     apiban: Option<(ApibanClient, PollSettings)>,
     info: AgentInfo,
+    reader: Option<crate::dataplane::DataplaneReader>,
 ) -> anyhow::Result<Exit> {
     let now = sync::unix_now();
     let configured: Vec<&str> = config.lists.iter().map(|l| l.name.as_str()).collect();
@@ -336,8 +358,12 @@ fn serve<E: Enforcer + Send + 'static>(
             tracing::info!(list = %name, records, "blocklist no longer configured; its bans are dropped");
         }
     }
+    // Timers and sockets are looked at between any two tasks, not every 61: while clients
+    // keep a task or two busy building answers, the poller's HTTP exchange, the owner's
+    // inbox and the watchdog must still move.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .event_interval(2)
         .build()
         .context("could not start the async runtime")?;
     let mut key_in_use = apiban.as_ref().map(|(client, _)| client.key().clone());
@@ -360,7 +386,8 @@ fn serve<E: Enforcer + Send + 'static>(
         crate::host_addresses::watch(own, running.updates.clone());
         let info = Arc::new(Mutex::new(info));
         let mut servers = Vec::new();
-        let control_listener = match control::bind(&config.control_socket).await {
+        let access = control_access(&config)?;
+        let control_listener = match control::bind(&config.control_socket, access).await {
             Ok(l) => Some(l),
             Err(e) if config.dry_run => {
                 tracing::warn!(error = %e, "dry run without a control socket");
@@ -378,8 +405,9 @@ fn serve<E: Enforcer + Send + 'static>(
                 updates: running.updates.clone(),
                 info: info.clone(),
                 reload: reload_tx,
+                reader: reader.map(|r| Arc::new(Mutex::new(r))),
             };
-            servers.push(tokio::spawn(control::serve(listener, ctx)));
+            servers.push(tokio::spawn(control::serve(listener, ctx, access)));
             tracing::info!(path = %config.control_socket.display(), "control socket ready");
         }
         if let Some(addr) = config.metrics_addr {

@@ -3,7 +3,11 @@
 //!
 //! Reads are answered from a snapshot taken under the owner's lock; changes are sent to the
 //! owner's inbox like any source's update and answered after they are in the maps and saved.
-//! The socket is mode 0600 in a 0700 directory, and peers must be root or the agent's user.
+//!
+//! Who may do what is checked twice: by the file's mode (0600 in a 0700 directory, or 0660
+//! and 0750 with the `--control-group`), and by the peer's credentials (SO_PEERCRED and
+//! SO_PEERGROUPS): root and the agent's own user may do everything, the group's members may
+//! only read (status, check, list, allow list), anyone else is told no.
 
 use std::{
     io,
@@ -30,8 +34,16 @@ use crate::{
 };
 
 /// Requests are small; anything longer is not ours.
-const MAX_REQUEST: u64 = 64 * 1024;
+pub const MAX_REQUEST: u64 = 64 * 1024;
+/// How long a client has to send its request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one connection may take in all, answer included.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; past this the oldest is dropped (see `conn_slots`).
+const MAX_CONNECTIONS: usize = 256;
+/// Reads answered at once. Each holds the owner while it builds its answer; the rest wait
+/// their turn without taking the runtime from the owner and the sources.
+const CONCURRENT_READS: usize = 1;
 /// Status lists this many banned sources by hits.
 pub const TOP_SOURCES: usize = 10;
 
@@ -66,6 +78,105 @@ pub enum Request {
     Reload,
 }
 
+impl Request {
+    /// What a member of the read-only group may ask.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self,
+            Request::Status | Request::Check { .. } | Request::List { .. } | Request::AllowList
+        )
+    }
+}
+
+/// Who may use the control socket beyond root and the agent's own user.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Access {
+    /// Members of this group may run the read-only commands.
+    pub read_gid: Option<u32>,
+}
+
+/// What a peer may do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Peer {
+    Admin,
+    Reader,
+    Denied(String),
+}
+
+/// The group of this name (or number) on this host.
+pub fn resolve_group(name: &str) -> Result<u32, String> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(gid);
+    }
+    let c_name =
+        std::ffi::CString::new(name).map_err(|_| format!("`{name}` is not a group name"))?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: group is plain data; getgrnam_r fills it, pointing into buf.
+    let mut group: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the sizes given; buf outlives the call.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c_name.as_ptr(),
+            &mut group,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        return Err(format!(
+            "no group `{name}` on this host; create it (`groupadd {name}`) or give a GID"
+        ));
+    }
+    Ok(group.gr_gid)
+}
+
+/// The peer's supplementary groups, as the kernel recorded them at connect time.
+fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+    use std::os::fd::AsRawFd as _;
+    let mut groups = vec![0 as libc::gid_t; 256];
+    let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+    // SAFETY: groups is a writable buffer of len bytes.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERGROUPS,
+            groups.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Vec::new();
+    }
+    groups.truncate(len as usize / std::mem::size_of::<libc::gid_t>());
+    groups
+}
+
+fn classify(stream: &UnixStream, access: Access, agent_uid: u32) -> Peer {
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => return Peer::Denied(format!("cannot tell who is asking: {e}")),
+    };
+    if cred.uid() == 0 || cred.uid() == agent_uid {
+        return Peer::Admin;
+    }
+    if let Some(gid) = access.read_gid
+        && (cred.gid() == gid || peer_groups(stream).contains(&gid))
+    {
+        return Peer::Reader;
+    }
+    Peer::Denied(format!(
+        "permission denied: uid {} is neither root nor {}",
+        cred.uid(),
+        match access.read_gid {
+            Some(gid) => format!("in the agent's --control-group (gid {gid})"),
+            None => "the agent's user (no --control-group is configured)".to_owned(),
+        }
+    ))
+}
+
 /// How the control socket asks the agent's main loop for a reload, and hears how it went.
 pub type ReloadReply = oneshot::Sender<Result<String, String>>;
 
@@ -90,7 +201,10 @@ pub enum ControlError {
         #[source]
         source: io::Error,
     },
-    #[error("permission denied on {path}: the control socket is root-only (run as root)")]
+    #[error(
+        "permission denied on {path}: the control socket is for root, and for the read-only \
+         commands of the agent's --control-group (run as root, or join that group)"
+    )]
     Permission { path: PathBuf },
     #[error("control socket {path}: {source}")]
     Io {
@@ -150,6 +264,8 @@ pub struct ControlContext<E: Enforcer> {
     pub updates: mpsc::Sender<Update>,
     pub info: Arc<Mutex<AgentInfo>>,
     pub reload: mpsc::Sender<ReloadReply>,
+    /// Reads the deny maps' hits for `status` on a blocking thread, without the owner.
+    pub reader: Option<Arc<Mutex<crate::dataplane::DataplaneReader>>>,
 }
 
 impl<E: Enforcer> Clone for ControlContext<E> {
@@ -159,23 +275,52 @@ impl<E: Enforcer> Clone for ControlContext<E> {
             updates: self.updates.clone(),
             info: self.info.clone(),
             reload: self.reload.clone(),
+            reader: self.reader.clone(),
         }
     }
 }
 
-/// Binds the socket: creates the directory (0700) if needed, replaces a stale socket left by
-/// a crash, refuses to steal one a live agent listens on, and sets mode 0600.
-pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
+/// Binds the socket: creates the directory if needed, replaces a stale socket left by a
+/// crash, refuses to steal one a live agent listens on, and sets the modes: 0600 in a 0700
+/// directory, or 0660 and 0750 for the read-only group. A directory that is not the agent's
+/// own is left as it is.
+pub async fn bind(path: &Path, access: Access) -> Result<UnixListener, ControlError> {
+    use std::os::unix::fs::MetadataExt as _;
     let io_err = |source: io::Error| ControlError::Io {
         path: path.to_path_buf(),
         source,
     };
+    let (dir_mode, sock_mode) = match access.read_gid {
+        None => (0o700, 0o600),
+        Some(_) => (0o750, 0o660),
+    };
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
-        && !dir.exists()
     {
-        std::fs::create_dir_all(dir).map_err(io_err)?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io_err)?;
+        let created = !dir.exists();
+        if created {
+            std::fs::create_dir_all(dir).map_err(io_err)?;
+        }
+        let meta = std::fs::metadata(dir).map_err(io_err)?;
+        if created || (meta.uid() == me && is_apiban_dir(dir)) {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode))
+                .map_err(io_err)?;
+            if let Some(gid) = access.read_gid {
+                chown_group(dir, gid).map_err(io_err)?;
+            }
+        } else if let Some(gid) = access.read_gid {
+            let mode = meta.mode();
+            let group_can_enter = (meta.gid() == gid && mode & 0o010 != 0) || mode & 0o001 != 0;
+            if !group_can_enter {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    "the --control-group cannot enter the control socket's directory; \
+                     give it g+x (chgrp it) or move the socket"
+                );
+            }
+        }
     }
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
@@ -184,14 +329,33 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         std::fs::remove_file(path).map_err(io_err)?;
     }
     let listener = UnixListener::bind(path).map_err(io_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(sock_mode)).map_err(io_err)?;
+    if let Some(gid) = access.read_gid {
+        chown_group(path, gid).map_err(io_err)?;
+    }
     Ok(listener)
 }
 
+/// A directory apiban keeps for itself (`/run/apiban`, or one named after the agent).
+fn is_apiban_dir(dir: &Path) -> bool {
+    dir.file_name()
+        .is_some_and(|n| n.to_string_lossy().contains("apiban"))
+}
+
+fn chown_group(path: &Path, gid: u32) -> io::Result<()> {
+    std::os::unix::fs::chown(path, None, Some(gid))
+}
+
 /// Serves until the task is aborted.
-pub async fn serve<E: Enforcer + Send + 'static>(listener: UnixListener, ctx: ControlContext<E>) {
+pub async fn serve<E: Enforcer + Send + 'static>(
+    listener: UnixListener,
+    ctx: ControlContext<E>,
+    access: Access,
+) {
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
+    let slots = crate::conn_slots::ConnSlots::new(MAX_CONNECTIONS);
+    let reads = Arc::new(tokio::sync::Semaphore::new(CONCURRENT_READS));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -201,36 +365,55 @@ pub async fn serve<E: Enforcer + Send + 'static>(listener: UnixListener, ctx: Co
                 continue;
             }
         };
-        let allowed = stream
-            .peer_cred()
-            .is_ok_and(|c| c.uid() == 0 || c.uid() == me);
-        if !allowed {
-            tracing::warn!(
-                "control socket: refused a peer that is neither root nor the agent's user"
-            );
-            continue;
-        }
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(IO_TIMEOUT, handle(stream, ctx)).await {
-                tracing::debug!(error = %e, "control connection timed out");
+        let peer = classify(&stream, access, me);
+        let (ctx, reads) = (ctx.clone(), reads.clone());
+        slots.spawn(async move {
+            if tokio::time::timeout(IO_TIMEOUT, handle(stream, ctx, peer, reads))
+                .await
+                .is_err()
+            {
+                tracing::debug!("control connection timed out");
             }
         });
     }
 }
 
-async fn handle<E: Enforcer + Send + 'static>(stream: UnixStream, ctx: ControlContext<E>) {
+async fn handle<E: Enforcer + Send + 'static>(
+    stream: UnixStream,
+    ctx: ControlContext<E>,
+    peer: Peer,
+    reads: Arc<tokio::sync::Semaphore>,
+) {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    let read = BufReader::new(read.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .await;
+    let read = tokio::time::timeout(
+        REQUEST_TIMEOUT,
+        BufReader::new(read.take(MAX_REQUEST)).read_line(&mut line),
+    )
+    .await;
     let response = match read {
-        Ok(_) => match serde_json::from_str::<Request>(&line) {
-            Ok(req) => answer(req, &ctx).await,
-            Err(e) => Response::Error(format!("bad request: {e}")),
+        Err(_) => Response::Error(format!("no request within {}s", REQUEST_TIMEOUT.as_secs())),
+        Ok(Err(e)) => Response::Error(format!("cannot read the request: {e}")),
+        Ok(Ok(n)) if n as u64 >= MAX_REQUEST && !line.ends_with('\n') => {
+            Response::Error(format!("request larger than {} KiB", MAX_REQUEST / 1024))
+        }
+        Ok(Ok(_)) => match (serde_json::from_str::<Request>(&line), &peer) {
+            (Err(e), _) => Response::Error(format!("bad request: {e}")),
+            (Ok(_), Peer::Denied(why)) => {
+                tracing::warn!(%why, "control socket: refused a peer");
+                Response::Error(why.clone())
+            }
+            (Ok(req), Peer::Reader) if !req.is_read_only() => Response::Error(
+                "permission denied: members of the --control-group may only read (status, \
+                 check, list, allow list); changes need root"
+                    .into(),
+            ),
+            (Ok(req), _) if req.is_read_only() => match reads.acquire().await {
+                Ok(_permit) => answer(req, &ctx).await,
+                Err(_) => Response::Error("the agent is stopping".into()),
+            },
+            (Ok(req), _) => answer(req, &ctx).await,
         },
-        Err(e) => Response::Error(format!("cannot read the request: {e}")),
     };
     // A client that went away is not an error worth more than a debug line.
     let body = serde_json::to_vec(&response).unwrap_or_else(|e| {
@@ -253,7 +436,21 @@ async fn answer<E: Enforcer + Send + 'static>(req: Request, ctx: &ControlContext
     let change = match req {
         Request::Status => {
             let info = sync::lock(&ctx.info).clone();
-            let report = status::build(&sync::lock(&ctx.owner), &info, TOP_SOURCES, now);
+            let mut report = status::build(&sync::lock(&ctx.owner), &info, 0, now);
+            // The top sources walk whole tables: on a blocking thread, without the owner.
+            if let Some(reader) = &ctx.reader {
+                let reader = reader.clone();
+                match tokio::task::spawn_blocking(move || sync::lock(&reader).deny_hits()).await {
+                    Ok(Ok(hits)) => {
+                        report.top =
+                            status::top_entries(hits, TOP_SOURCES, &sync::lock(&ctx.owner));
+                    }
+                    Ok(Err(e)) => report.dataplane_error = Some(e.to_string()),
+                    Err(e) => {
+                        report.dataplane_error = Some(format!("reading the hits failed: {e}"))
+                    }
+                }
+            }
             return to_value(&report);
         }
         Request::Check { addr } => return to_value(&status::check(&sync::lock(&ctx.owner), addr)),

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod config;
+pub mod conn_slots;
 pub mod control;
 pub mod dataplane;
 pub mod engine;

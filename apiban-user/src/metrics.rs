@@ -21,7 +21,12 @@ use crate::{
 };
 
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
+/// How long a client has to send its request head, and a whole exchange may take.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; past this the oldest is dropped, so idle connections
+/// (slowloris) never keep a scrape out (see `conn_slots`).
+const MAX_CONNECTIONS: usize = 512;
 
 /// Label values escaped as the format requires.
 fn esc(v: &str) -> String {
@@ -300,6 +305,7 @@ pub async fn serve<E: Enforcer + Send + 'static>(
     owner: Arc<Mutex<Owner<E>>>,
     info: Arc<Mutex<AgentInfo>>,
 ) {
+    let slots = crate::conn_slots::ConnSlots::new(MAX_CONNECTIONS);
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -310,7 +316,7 @@ pub async fn serve<E: Enforcer + Send + 'static>(
             }
         };
         let (owner, info) = (owner.clone(), info.clone());
-        tokio::spawn(async move {
+        slots.spawn(async move {
             let _ = tokio::time::timeout(IO_TIMEOUT, respond(stream, owner, info)).await;
         });
     }
@@ -323,11 +329,16 @@ async fn respond<E: Enforcer>(
 ) {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
+    let read_head = async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
         }
+    };
+    if tokio::time::timeout(HEAD_TIMEOUT, read_head).await.is_err() {
+        return;
     }
     let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);

@@ -238,29 +238,37 @@ pub fn build<E: Enforcer>(
         }
         if top > 0 {
             match dp.deny_hits() {
-                Ok(mut hits) => {
-                    hits.retain(|h| h.entry.hits > 0);
-                    hits.sort_by(|a, b| b.entry.hits.cmp(&a.entry.hits).then(a.net.cmp(&b.net)));
-                    report.top = hits
-                        .into_iter()
-                        .take(top)
-                        .map(|h| TopEntry {
-                            net: h.net,
-                            hits: h.entry.hits,
-                            last_hit_ago: ago_secs(h.entry.last_hit_ns),
-                            sources: engine
-                                .ledger()
-                                .get(&h.net)
-                                .map(|r| r.iter().map(|(s, _)| s.to_string()).collect())
-                                .unwrap_or_default(),
-                        })
-                        .collect();
-                }
+                Ok(hits) => report.top = top_entries(hits, top, owner),
                 Err(e) => report.dataplane_error = Some(e.to_string()),
             }
         }
     }
     report
+}
+
+/// The `n` deny entries with the most hits, with the sources that hold them. The hits are
+/// read by the caller, who may do it away from the owner (see `DataplaneReader`).
+pub fn top_entries<E: Enforcer>(
+    mut hits: Vec<crate::dataplane::DenyHits>,
+    n: usize,
+    owner: &Owner<E>,
+) -> Vec<TopEntry> {
+    hits.retain(|h| h.entry.hits > 0);
+    hits.sort_by(|a, b| b.entry.hits.cmp(&a.entry.hits).then(a.net.cmp(&b.net)));
+    hits.into_iter()
+        .take(n)
+        .map(|h| TopEntry {
+            net: h.net,
+            hits: h.entry.hits,
+            last_hit_ago: ago_secs(h.entry.last_hit_ns),
+            sources: owner
+                .engine
+                .ledger()
+                .get(&h.net)
+                .map(|r| r.iter().map(|(s, _)| s.to_string()).collect())
+                .unwrap_or_default(),
+        })
+        .collect()
 }
 
 /// `apiban check`: the verdict for one address and why.

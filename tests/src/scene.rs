@@ -87,8 +87,9 @@ impl Scene {
         }
     }
 
+    /// In a directory of its own that the agent creates, as /run/apiban is.
     pub fn control_socket(&self) -> PathBuf {
-        self.dir.path.join("control.sock")
+        self.dir.path.join("run").join("control.sock")
     }
 
     pub fn state_dir(&self) -> PathBuf {

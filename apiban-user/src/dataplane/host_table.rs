@@ -104,6 +104,27 @@ impl<const N: usize> HostTable<N> {
         Ok(table)
     }
 
+    /// A second handle on the same table, for reading it away from its owner: status reads
+    /// every slot's hits, which must not hold up the writer. Nothing is settled or written.
+    pub(super) fn reader(&self) -> Result<Self, DataplaneError> {
+        let keys = super::dup_map(&self.keys, self.keys_name)?;
+        let hits = Array::try_from(Map::Array(super::dup_map(self.hits.map(), self.hits_name)?))
+            .map_err(|source| DataplaneError::Map {
+                name: self.hits_name,
+                source,
+            })?;
+        Ok(Self {
+            keys_name: self.keys_name,
+            hits_name: self.hits_name,
+            family: self.family,
+            capacity: self.capacity,
+            buckets: self.buckets,
+            len: self.len,
+            keys,
+            hits,
+        })
+    }
+
     /// Buckets in the table, which the program needs to find a home bucket.
     pub fn buckets(&self) -> u32 {
         self.buckets
@@ -333,13 +354,35 @@ impl<const N: usize> HostTable<N> {
             })
     }
 
+    /// Visits every occupied slot with its keys and hits mapped. Unlike [`Self::scan`], the
+    /// hits of a chunk are only mapped when the chunk holds a host: mapping is what a scan
+    /// costs (every page of a BPF array mapping is set up at mmap time), and the hits are
+    /// four times the keys, so a sparse table is read at the cost of its keys alone.
+    fn scan_occupied(
+        &self,
+        mut visit: impl FnMut(&Keys, &Mapping, u32),
+    ) -> Result<(), DataplaneError> {
+        const BUCKETS_PER_CHUNK: u32 = 4_096;
+        let mut first = 0;
+        while first < self.buckets {
+            let end = (first + BUCKETS_PER_CHUNK).min(self.buckets);
+            let keys = self.map_buckets(first..end, false)?;
+            let slots = first * Self::SLOTS..end * Self::SLOTS;
+            if slots.clone().any(|slot| !keys.is_free(slot)) {
+                let hits = self.map_hits(slots.clone(), false)?;
+                for slot in slots.filter(|slot| !keys.is_free(*slot)) {
+                    visit(&keys, &hits, slot);
+                }
+            }
+            first = end;
+        }
+        Ok(())
+    }
+
     /// Every host with its hit bookkeeping, in slot order.
     pub(super) fn entries(&self) -> Result<Vec<([u8; N], HostHits)>, DataplaneError> {
         let mut out = Vec::with_capacity(self.len);
-        self.scan(false, |keys, hits, slot| {
-            if keys.is_free(slot) {
-                return;
-            }
+        self.scan_occupied(|keys, hits, slot| {
             let mut addr = [0u8; N];
             for (octets, word) in addr.as_chunks_mut::<4>().0.iter_mut().zip(keys.slot(slot)) {
                 octets.copy_from_slice(&word.load(Ordering::Acquire).to_ne_bytes());

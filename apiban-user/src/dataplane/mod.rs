@@ -457,7 +457,75 @@ fn batch_result(
     }
 }
 
+/// A new descriptor for the same map: what a reader holds, so that it needs nothing of the
+/// owner's.
+fn dup_map(map: &MapData, name: &'static str) -> Result<MapData, DataplaneError> {
+    let fd = map
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(DataplaneError::Io)?;
+    MapData::from_fd(fd).map_err(|source| DataplaneError::Map { name, source })
+}
+
+/// The deny maps, read from another thread than the owner's: every entry with its hits, for
+/// `apiban status`'s top sources, which walks whole tables and must not hold the ledger's
+/// owner while it does. It reads the same kernel maps; it never writes them.
+pub struct DataplaneReader {
+    v4: (HostTable<4>, PrefixMap<4, DenyEntry>),
+    v6: (HostTable<16>, PrefixMap<16, DenyEntry>),
+}
+
+impl DataplaneReader {
+    /// Every deny entry with its hit count and last-hit time, IPv4 then IPv6.
+    pub fn deny_hits(&self) -> Result<Vec<DenyHits>, DataplaneError> {
+        let v4 = self
+            .v4
+            .0
+            .entries()?
+            .into_iter()
+            .map(|(addr, hits)| DenyHits {
+                net: net_from_v4(Key::new(32, addr)),
+                entry: DenyMap::<4>::host_entry(hits),
+            });
+        let v4_prefixes = self.v4.1.entries()?.into_iter().map(|(k, entry)| DenyHits {
+            net: net_from_v4(k),
+            entry,
+        });
+        let v6 = self
+            .v6
+            .0
+            .entries()?
+            .into_iter()
+            .map(|(addr, hits)| DenyHits {
+                net: net_from_v6(Key::new(128, addr)),
+                entry: DenyMap::<16>::host_entry(hits),
+            });
+        let v6_prefixes = self.v6.1.entries()?.into_iter().map(|(k, entry)| DenyHits {
+            net: net_from_v6(k),
+            entry,
+        });
+        Ok(v4.chain(v4_prefixes).chain(v6).chain(v6_prefixes).collect())
+    }
+}
+
 impl<const N: usize, V: PrefixValue> PrefixMap<N, V> {
+    fn reader(&self) -> Result<Self, DataplaneError> {
+        let trie = LpmTrie::try_from(Map::LpmTrie(dup_map(self.trie.map(), self.name)?)).map_err(
+            |source| DataplaneError::Map {
+                name: self.name,
+                source,
+            },
+        )?;
+        Ok(Self {
+            name: self.name,
+            list: self.list,
+            family: self.family,
+            capacity: self.capacity,
+            trie,
+        })
+    }
+
     fn new(
         map: Map,
         name: &'static str,
@@ -703,6 +771,20 @@ impl Dataplane {
             .map_err(|e| typed(map_names::HOST_TABLES, e))?;
         dataplane.sync_allow_flags()?;
         Ok(dataplane)
+    }
+
+    /// A reader of the deny maps for another thread (see [`DataplaneReader`]).
+    pub fn reader(&self) -> Result<DataplaneReader, DataplaneError> {
+        Ok(DataplaneReader {
+            v4: (
+                self.deny_v4.hosts.reader()?,
+                self.deny_v4.prefixes.reader()?,
+            ),
+            v6: (
+                self.deny_v6.hosts.reader()?,
+                self.deny_v6.prefixes.reader()?,
+            ),
+        })
     }
 
     /// The kernel's ID of the IPv4 deny trie: which maps a program on an interface uses
