@@ -5,6 +5,8 @@
 pub mod agent;
 pub mod fake_apiban;
 pub mod frame;
+pub mod framegen;
+pub mod reference;
 pub mod scene;
 pub mod sync_harness;
 
