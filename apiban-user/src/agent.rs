@@ -120,7 +120,6 @@ fn info(
     }
 }
 
-/// Runs the agent until SIGTERM/SIGINT. `args` are kept to re-resolve on SIGHUP.
 /// Who besides root may use the control socket; a group that does not exist is a
 /// configuration error, found before anything is attached.
 fn control_access(config: &AgentConfig) -> anyhow::Result<control::Access> {
@@ -137,6 +136,7 @@ fn control_access(config: &AgentConfig) -> anyhow::Result<control::Access> {
     Ok(control::Access { read_gid })
 }
 
+/// Runs the agent until SIGTERM/SIGINT. `args` are kept to re-resolve on SIGHUP.
 pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
     unblock_signals();
     crate::conn_slots::raise_open_files_limit();
@@ -336,7 +336,7 @@ fn report_stop(enforcement: &loader::Enforcement, enforced: Option<usize>) {
         tracing::info!(
             prog_id = enforcement.program_id(),
             "stopped; checked with the kernel: the XDP program stays attached to {} and keeps \
-             enforcing {what}; the next start adopts it",
+             enforcing {what}",
             kept.join(", ")
         );
     }

@@ -907,31 +907,23 @@ impl ApibanPoller {
             match result {
                 Ok(Batch::Addresses { addresses, next_id }) => {
                     backoff.reset();
-                    if next_id == id && !addresses.is_empty() {
+                    let same_id = next_id == id;
+                    if same_id && !addresses.is_empty() {
                         tracing::warn!(%id, "APIBAN returned the same ID again; polling later");
                     }
-                    if addresses.is_empty() || next_id == id {
-                        self.report(outcome, waited, None).await?;
-                        if next_id != id && !next_id.is_empty() {
-                            // Nothing new, but the list moved on: remember where.
-                            self.ask(|reply| Update::ApibanBatch {
-                                addresses,
-                                next_id: next_id.clone(),
-                                reply,
-                            })
-                            .await?;
-                            id = next_id;
-                        }
+                    self.report(outcome, waited, None).await?;
+                    if !same_id {
+                        self.ask(|reply| Update::ApibanBatch {
+                            addresses: addresses.clone(),
+                            next_id: next_id.clone(),
+                            reply,
+                        })
+                        .await?;
+                        id = next_id;
+                    }
+                    if addresses.is_empty() || same_id {
                         return Ok(CycleEnd::Paused(id));
                     }
-                    self.report(outcome, waited, None).await?;
-                    self.ask(|reply| Update::ApibanBatch {
-                        addresses,
-                        next_id: next_id.clone(),
-                        reply,
-                    })
-                    .await?;
-                    id = next_id;
                     continue;
                 }
                 Ok(Batch::Done) => {

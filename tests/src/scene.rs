@@ -173,6 +173,18 @@ impl Scene {
         drop(agent);
     }
 
+    /// `apiban detach` for the scene's bpffs directory, run in the server's network
+    /// namespace (where the interfaces are), as an operator would after stopping the agent.
+    pub fn detach(&self) {
+        let dir = self.bpffs.path.display().to_string();
+        let out = crate::agent::apiban_in(&self.topo.server, &["detach", "--bpffs-dir", &dir]);
+        assert!(
+            out.status.success(),
+            "apiban detach: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Gives the attacker `addr` as a source address.
     pub fn source(&self, addr: &str) -> IpAddr {
         let ip: IpAddr = addr.parse().expect("an address");

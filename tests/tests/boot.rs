@@ -27,13 +27,7 @@ fn saved_bans_are_enforced_the_moment_the_link_comes_up() {
     assert_eq!(s.stop(), Some(0));
 
     // The reboot: nothing attached, nothing pinned; the state file is all that is left.
-    let dir = s.bpffs.path.display().to_string();
-    let out = apiban_in(&s.topo.server, &["detach", "--bpffs-dir", &dir]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.detach();
     assert!(!s.bpffs.path.exists());
     s.topo
         .server

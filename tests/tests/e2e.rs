@@ -9,21 +9,16 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
     time::{Duration, Instant},
 };
 
 use tests::{
-    Netns, PacketSocket, UdpReceiver,
-    agent::apiban_in,
+    Netns, PacketSocket, SteadyTraffic, UdpReceiver,
     fake_apiban::Fault,
     frame::{Frame, TPID_8021AD, TPID_8021Q},
     require_root,
     scene::{KEY, SIP_PORT, Scene},
-    send_udp, sh, spawn_in_netns, unique_name, wait_until,
+    send_udp, sh, unique_name, wait_until,
 };
 
 const N: usize = 20;
@@ -253,38 +248,7 @@ fn a_restart_opens_no_gap_even_with_the_api_down() {
     s.start(&FAST);
     s.wait_synced(Duration::from_secs(20));
 
-    // A receiver of its own on another port, read on its own thread during the restart.
-    let port = 5070;
-    let dst = SocketAddr::new(s.topo.server_v4.into(), port);
-    let mut rx = UdpReceiver::bind(&s.topo.server, dst);
-    let stop = Arc::new(AtomicBool::new(false));
-    let sending = {
-        let stop = stop.clone();
-        spawn_in_netns(&s.topo.attacker, move || {
-            let b = std::net::UdpSocket::bind(SocketAddr::new(banned, 0)).unwrap();
-            let c = std::net::UdpSocket::bind(SocketAddr::new(clean, 0)).unwrap();
-            let mut sent = 0usize;
-            while !stop.load(Ordering::Relaxed) {
-                b.send_to(b"OPTIONS sip:restart SIP/2.0\r\n\r\n", dst)
-                    .unwrap();
-                c.send_to(b"OPTIONS sip:restart SIP/2.0\r\n\r\n", dst)
-                    .unwrap();
-                sent += 1;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            sent
-        })
-    };
-    let receiving = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                rx.drain();
-            }
-            rx.drain();
-            rx
-        })
-    };
+    let traffic = SteadyTraffic::start(&s.topo, banned, clean, 5070);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(s.stop(), Some(0));
     s.api.set_fault(Some(Fault::ServerError));
@@ -296,20 +260,18 @@ fn a_restart_opens_no_gap_even_with_the_api_down() {
         || s.api.requests().iter().any(|r| r.status == 500),
     );
     std::thread::sleep(Duration::from_millis(300));
-    stop.store(true, Ordering::Relaxed);
-    let sent = sending.join().unwrap();
-    let rx = receiving.join().unwrap();
-    assert!(sent > 200, "only {sent} sent");
+    let delivered = traffic.finish();
+    assert!(delivered.sent > 200, "only {} sent", delivered.sent);
     assert_eq!(
-        rx.count(banned),
-        0,
+        delivered.banned, 0,
         "a banned datagram got through the restart"
     );
     // Packets were flowing the whole time (allow for ones still in flight at the end).
     assert!(
-        rx.count(clean) + 5 >= sent,
-        "{} of {sent} clean arrived",
-        rx.count(clean)
+        delivered.clean + 5 >= delivered.sent,
+        "{} of {} clean arrived",
+        delivered.clean,
+        delivered.sent
     );
     assert_eq!(s.check("45.70.0.1")["verdict"], "banned");
 }
@@ -543,15 +505,12 @@ fn detach_leaves_nothing_behind() {
     s.wait_synced(Duration::from_secs(20));
     assert_eq!(s.stop(), Some(0));
     assert_eq!(s.probe(&[banned], N), vec![0], "still enforced after stop");
-    let dir = s.bpffs.path.display().to_string();
-    // In the agent's network namespace: detach works on the interfaces there.
-    let out = apiban_in(&s.topo.server, &["detach", "--bpffs-dir", &dir]);
+    s.detach();
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        !s.bpffs.path.exists(),
+        "pins left in {}",
+        s.bpffs.path.display()
     );
-    assert!(!s.bpffs.path.exists(), "pins left in {dir}");
     let link = s
         .topo
         .server

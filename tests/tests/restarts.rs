@@ -10,7 +10,6 @@ use std::time::Duration;
 use apiban::dataplane::{loader, netlink};
 use tests::{
     SteadyTraffic,
-    agent::apiban_in,
     fake_apiban::Fault,
     in_netns, require_root,
     scene::{Launcher, Scene},
@@ -108,13 +107,7 @@ fn restarts_leave_no_gap(launcher: Launcher) {
     // `apiban detach` from the agent's network namespace finds the program even when the
     // agent's pins went with its mount namespace.
     drop(s.stop_with_log());
-    let dir = s.bpffs.path.display().to_string();
-    let out = apiban_in(&s.topo.server, &["detach", "--bpffs-dir", &dir]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    s.detach();
     assert_eq!(attached(&s), None, "detached");
 }
 

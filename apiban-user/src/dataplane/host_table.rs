@@ -42,6 +42,15 @@ pub struct HostTable<const N: usize> {
     hits: Array<MapData, HostHits>,
 }
 
+/// Which slots a scan visits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slots {
+    /// Every slot, its hits writable (to clear those a removal left behind).
+    AllWritable,
+    /// Only slots that hold a host.
+    Occupied,
+}
+
 /// An address as the program compares it: words loaded natively from the packet's octets.
 type Words = [u32; 4];
 
@@ -210,7 +219,7 @@ impl<const N: usize> HostTable<N> {
     /// Counts the hosts and zeroes the hit counts of free slots.
     fn settle(&self) -> Result<usize, DataplaneError> {
         let mut len = 0;
-        self.scan(true, |keys, hits, slot| {
+        self.scan(Slots::AllWritable, |keys, hits, slot| {
             if keys.is_free(slot) {
                 for word in [
                     hits.u64_at(slot as usize * 2),
@@ -227,12 +236,14 @@ impl<const N: usize> HostTable<N> {
         Ok(len)
     }
 
-    /// Visits every slot with its keys and hits mapped, a chunk of buckets at a time: mapped
-    /// pages count towards the agent's resident size while they are mapped, and the hits of
-    /// a full-size IPv4 table are 20 MiB.
+    /// Visits the slots `which` names with their keys and hits mapped, a chunk of buckets at
+    /// a time: mapped pages count towards the agent's resident size while they are mapped,
+    /// and the hits of a full-size IPv4 table are 20 MiB. Mapping is what a scan costs (the
+    /// pages of a BPF array mapping are all set up at mmap time), so for occupied slots the
+    /// hits of a chunk are mapped only when it holds a host.
     fn scan(
         &self,
-        writable_hits: bool,
+        which: Slots,
         mut visit: impl FnMut(&Keys, &Mapping, u32),
     ) -> Result<(), DataplaneError> {
         const BUCKETS_PER_CHUNK: u32 = 4_096;
@@ -240,9 +251,13 @@ impl<const N: usize> HostTable<N> {
         while first < self.buckets {
             let end = (first + BUCKETS_PER_CHUNK).min(self.buckets);
             let keys = self.map_buckets(first..end, false)?;
-            let hits = self.map_hits(first * Self::SLOTS..end * Self::SLOTS, writable_hits)?;
-            for slot in first * Self::SLOTS..end * Self::SLOTS {
-                visit(&keys, &hits, slot);
+            let slots = first * Self::SLOTS..end * Self::SLOTS;
+            let wanted = |slot: &u32| which != Slots::Occupied || !keys.is_free(*slot);
+            if slots.clone().any(|slot| wanted(&slot)) {
+                let hits = self.map_hits(slots.clone(), which == Slots::AllWritable)?;
+                for slot in slots.filter(wanted) {
+                    visit(&keys, &hits, slot);
+                }
             }
             first = end;
         }
@@ -354,35 +369,10 @@ impl<const N: usize> HostTable<N> {
             })
     }
 
-    /// Visits every occupied slot with its keys and hits mapped. Unlike [`Self::scan`], the
-    /// hits of a chunk are only mapped when the chunk holds a host: mapping is what a scan
-    /// costs (every page of a BPF array mapping is set up at mmap time), and the hits are
-    /// four times the keys, so a sparse table is read at the cost of its keys alone.
-    fn scan_occupied(
-        &self,
-        mut visit: impl FnMut(&Keys, &Mapping, u32),
-    ) -> Result<(), DataplaneError> {
-        const BUCKETS_PER_CHUNK: u32 = 4_096;
-        let mut first = 0;
-        while first < self.buckets {
-            let end = (first + BUCKETS_PER_CHUNK).min(self.buckets);
-            let keys = self.map_buckets(first..end, false)?;
-            let slots = first * Self::SLOTS..end * Self::SLOTS;
-            if slots.clone().any(|slot| !keys.is_free(slot)) {
-                let hits = self.map_hits(slots.clone(), false)?;
-                for slot in slots.filter(|slot| !keys.is_free(*slot)) {
-                    visit(&keys, &hits, slot);
-                }
-            }
-            first = end;
-        }
-        Ok(())
-    }
-
     /// Every host with its hit bookkeeping, in slot order.
     pub(super) fn entries(&self) -> Result<Vec<([u8; N], HostHits)>, DataplaneError> {
         let mut out = Vec::with_capacity(self.len);
-        self.scan_occupied(|keys, hits, slot| {
+        self.scan(Slots::Occupied, |keys, hits, slot| {
             let mut addr = [0u8; N];
             for (octets, word) in addr.as_chunks_mut::<4>().0.iter_mut().zip(keys.slot(slot)) {
                 octets.copy_from_slice(&word.load(Ordering::Acquire).to_ne_bytes());
