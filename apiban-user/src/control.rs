@@ -78,6 +78,11 @@ pub enum Request {
     Reload,
 }
 
+/// One request line from a client, or why it is not one.
+pub fn parse_request(line: &str) -> Result<Request, String> {
+    serde_json::from_str::<Request>(line).map_err(|e| format!("bad request: {e}"))
+}
+
 impl Request {
     /// What a member of the read-only group may ask.
     pub fn is_read_only(&self) -> bool {
@@ -397,8 +402,8 @@ async fn handle<E: Enforcer + Send + 'static>(
         Ok(Ok(n)) if n as u64 >= MAX_REQUEST && !line.ends_with('\n') => {
             Response::Error(format!("request larger than {} KiB", MAX_REQUEST / 1024))
         }
-        Ok(Ok(_)) => match (serde_json::from_str::<Request>(&line), &peer) {
-            (Err(e), _) => Response::Error(format!("bad request: {e}")),
+        Ok(Ok(_)) => match (parse_request(&line), &peer) {
+            (Err(e), _) => Response::Error(e),
             (Ok(_), Peer::Denied(why)) => {
                 tracing::warn!(%why, "control socket: refused a peer");
                 Response::Error(why.clone())

@@ -294,6 +294,17 @@ pub fn render(r: &StatusReport) -> String {
     w.out
 }
 
+/// The method and path (without its query) of a request head as a client sent it: any
+/// bytes at all, cut at the size bound.
+pub fn request_target(head: &[u8]) -> (String, String) {
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    (method.to_owned(), path.to_owned())
+}
+
 /// Binds the metrics address; a clear error when it is taken.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
@@ -340,11 +351,8 @@ async fn respond<E: Enforcer>(
     if tokio::time::timeout(HEAD_TIMEOUT, read_head).await.is_err() {
         return;
     }
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
+    let (method, path) = request_target(&head);
+    let (method, path) = (method.as_str(), path.as_str());
     let (status_line, content_type, body) = match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
             let info = sync::lock(&info).clone();

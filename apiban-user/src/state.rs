@@ -101,6 +101,19 @@ pub struct State {
 }
 
 impl State {
+    /// A state file's contents, or why they are not one this version reads. The file may
+    /// have been edited, truncated by another tool or written by a future version.
+    pub fn parse(bytes: &[u8]) -> Result<State, String> {
+        match serde_json::from_slice::<State>(bytes) {
+            Ok(state) if state.version == FORMAT_VERSION => Ok(state),
+            Ok(state) => Err(format!(
+                "format version {} is not {FORMAT_VERSION}",
+                state.version
+            )),
+            Err(e) => Err(format!("not valid state JSON: {e}")),
+        }
+    }
+
     pub fn ledger(&self) -> Ledger {
         let mut ledger = Ledger::new();
         for e in &self.entries {
@@ -285,13 +298,9 @@ impl StateStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Loaded::Fresh,
             Err(e) => return self.move_aside(format!("cannot read it: {e}")),
         };
-        match serde_json::from_slice::<State>(&bytes) {
-            Ok(state) if state.version == FORMAT_VERSION => Loaded::State(Box::new(state)),
-            Ok(state) => self.move_aside(format!(
-                "format version {} is not {FORMAT_VERSION}",
-                state.version
-            )),
-            Err(e) => self.move_aside(format!("not valid state JSON: {e}")),
+        match State::parse(&bytes) {
+            Ok(state) => Loaded::State(Box::new(state)),
+            Err(reason) => self.move_aside(reason),
         }
     }
 

@@ -1,4 +1,4 @@
-//! Developer commands: `cargo xtask setup|build|run|test|demo|install|bench`.
+//! Developer commands: `cargo xtask setup|build|run|test|demo|fuzz|install|bench`.
 //!
 //! xtask depends on nothing that needs the eBPF toolchain, so it compiles on a fresh machine
 //! and can install that toolchain before anything else is built.
@@ -43,6 +43,23 @@ enum Cmd {
     /// namespaces, a local APIBAN-compatible server, the real agent, SIP OPTIONS from listed
     /// and clean addresses, and what got through. Cleans up after itself, also on Ctrl-C.
     Demo,
+    /// Long fuzzing runs: every cargo-fuzz target (APIBAN responses, blocklists, the state
+    /// file, the config file, control requests, the metrics request head) for `--time`
+    /// seconds each, then the differential test of the XDP program against its model on
+    /// `--frames` frames (root). Crashes land in fuzz/artifacts/.
+    ///
+    /// Example: cargo xtask fuzz --time 600            cargo xtask fuzz --target state_file
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 600)]
+        time: u64,
+        /// Only this target (see fuzz/Cargo.toml); skips the differential test.
+        #[arg(long)]
+        target: Option<String>,
+        /// Frames for the differential test.
+        #[arg(long, default_value_t = 5_000_000)]
+        frames: u64,
+    },
     /// Install the release binary, the systemd unit and the config (root).
     ///
     /// Example: cargo xtask install          (then edit /etc/apiban/config.toml)
@@ -120,6 +137,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test => {
             setup::run()?;
             setup::ensure_test_tools()?;
+            setup::ensure_fuzz_tools()?;
             test(&root)
         }
         Cmd::Demo => {
@@ -141,6 +159,38 @@ fn main() -> anyhow::Result<()> {
             .arg(root.join("target/release/apiban"));
             // exec, so Ctrl-C reaches the demo, which cleans up, rather than killing xtask.
             exec(cmd)
+        }
+        Cmd::Fuzz {
+            time,
+            target,
+            frames,
+        } => {
+            setup::run()?;
+            setup::ensure_fuzz_tools()?;
+            let targets = match target {
+                Some(t) => vec![t],
+                None => fuzz_targets(&root)?,
+            };
+            for t in &targets {
+                fuzz_run(&root, t, &[&format!("-max_total_time={time}")])?;
+            }
+            if targets.len() > 1 {
+                require_root("the differential test runs the XDP program")?;
+                let mut cmd = cargo(&root);
+                cmd.args([
+                    "test",
+                    "--release",
+                    "-p",
+                    "tests",
+                    "--test",
+                    "differential",
+                    "--",
+                    "--nocapture",
+                ])
+                .env("APIBAN_DIFF_FRAMES", frames.to_string());
+                status(cmd).context("the differential test found a disagreement")?;
+            }
+            Ok(())
         }
         Cmd::Install { destdir } => {
             setup::run()?;
@@ -371,7 +421,46 @@ fn test(root: &Path) -> anyhow::Result<()> {
         root,
         &["test", "-p", "tests", "--", "--test-threads=1"],
         "kernel tests",
-    )
+    )?;
+    // A few seconds of each fuzz target over its corpus: what `cargo xtask fuzz` runs for
+    // minutes, enough to catch a parser that a change broke.
+    for target in fuzz_targets(root)? {
+        fuzz_run(root, &target, &["-max_total_time=5"])?;
+    }
+    Ok(())
+}
+
+/// The fuzz targets, as fuzz/Cargo.toml declares them.
+fn fuzz_targets(root: &Path) -> anyhow::Result<Vec<String>> {
+    let manifest = root.join("fuzz/Cargo.toml");
+    let text = std::fs::read_to_string(&manifest)
+        .with_context(|| format!("cannot read {}", manifest.display()))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("name = \""))
+        .filter_map(|n| n.strip_suffix('"'))
+        .filter(|n| *n != "apiban-fuzz")
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Runs one fuzz target over its corpus in the repository, with the bounds every run gets:
+/// no input may take more than 10 s or 2 GiB.
+fn fuzz_run(root: &Path, target: &str, extra: &[&str]) -> anyhow::Result<()> {
+    eprintln!(
+        "[fuzz] {target}: cargo fuzz run {target} -- {}",
+        extra.join(" ")
+    );
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root.join("fuzz"))
+        .arg(format!("+{}", setup::EBPF_TOOLCHAIN))
+        .args(["fuzz", "run", "-O", target])
+        .arg(format!("corpus/{target}"))
+        .args(["--", "-rss_limit_mb=2048", "-timeout=10", "-max_len=65536"])
+        .args(extra);
+    status(cmd).with_context(|| {
+        format!("fuzz target {target} failed: the input that did it is in fuzz/artifacts/{target}/")
+    })
 }
 
 fn step(root: &Path, args: &[&str], what: &str) -> anyhow::Result<()> {

@@ -191,6 +191,26 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
     )
 }
 
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// cargo-fuzz, for the fuzz targets' runs in `test` and `fuzz` (it uses the eBPF nightly).
+pub fn ensure_fuzz_tools() -> anyhow::Result<()> {
+    let what = format!("cargo-fuzz {CARGO_FUZZ_VERSION}");
+    if output("cargo", &["fuzz", "--version"]).is_some_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
+        progress(&what, "present");
+        return Ok(());
+    }
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
+        "--locked",
+    ]);
+    run_step(&format!("{what}, building from crates.io"), &mut cmd)
+}
+
 /// The firewalls `cargo xtask bench` compares apiban with.
 pub fn ensure_bench_tools() -> anyhow::Result<()> {
     for (program, package) in [

@@ -325,24 +325,7 @@ impl ApibanClient {
             }
         };
         let (status, body) = self.send(request).await?;
-        let body = parse_body(status, &body)?;
-        if body.ipaddress.says("no new bans") {
-            return Ok(Batch::Done);
-        }
-        if status == 200 {
-            let id = body.id.into_string();
-            return match body.ipaddress {
-                StringOrList::Many(addresses) if id != "none" && !id.is_empty() => {
-                    Ok(Batch::Addresses {
-                        addresses,
-                        next_id: id,
-                    })
-                }
-                StringOrList::Many(addresses) if addresses.is_empty() => Ok(Batch::Done),
-                _ => Err(ClientError::BadBody("200 without a list and an ID".into())),
-            };
-        }
-        Err(ClientError::Status(status))
+        interpret_batch(status, &body)
     }
 
     /// Asks the API whether `addr` is banned.
@@ -358,21 +341,7 @@ impl ApibanClient {
                 .get(self.url(&format!("{}/check/{addr}", self.config.key.expose()))),
         };
         let (status, body) = self.send(request).await?;
-        let body = parse_body(status, &body)?;
-        let listed = match &body.ipaddress {
-            StringOrList::Many(v) => v.iter().any(|s| s.parse::<IpAddr>().ok() == Some(addr)),
-            StringOrList::One(s) => s.eq_ignore_ascii_case("blocked"),
-        };
-        match status {
-            200 if listed => Ok(CheckOutcome::Banned),
-            200 | 400 | 404 if body.ipaddress.says("not blocked") || body.ipaddress.says("ok") => {
-                Ok(CheckOutcome::NotBanned)
-            }
-            200 => Err(ClientError::BadBody(
-                "check answer names another address".into(),
-            )),
-            s => Err(ClientError::Status(s)),
-        }
+        interpret_check(status, &body, addr)
     }
 
     /// Sends a request and reads at most `max_body` bytes of the answer.
@@ -401,6 +370,52 @@ impl ApibanClient {
             body.extend_from_slice(&chunk);
         }
         Ok((status, body))
+    }
+}
+
+/// What an answer to `/get` (`/banned` in v1) means: a batch, the end of the list, or why
+/// not. Every byte of it comes from the network.
+pub fn interpret_batch(status: u16, bytes: &[u8]) -> Result<Batch, ClientError> {
+    let body = parse_body(status, bytes)?;
+    if body.ipaddress.says("no new bans") {
+        return Ok(Batch::Done);
+    }
+    if status == 200 {
+        let id = body.id.into_string();
+        return match body.ipaddress {
+            StringOrList::Many(addresses) if id != "none" && !id.is_empty() => {
+                Ok(Batch::Addresses {
+                    addresses,
+                    next_id: id,
+                })
+            }
+            StringOrList::Many(addresses) if addresses.is_empty() => Ok(Batch::Done),
+            _ => Err(ClientError::BadBody("200 without a list and an ID".into())),
+        };
+    }
+    Err(ClientError::Status(status))
+}
+
+/// What an answer to `/check` means for `addr`.
+pub fn interpret_check(
+    status: u16,
+    bytes: &[u8],
+    addr: IpAddr,
+) -> Result<CheckOutcome, ClientError> {
+    let body = parse_body(status, bytes)?;
+    let listed = match &body.ipaddress {
+        StringOrList::Many(v) => v.iter().any(|s| s.parse::<IpAddr>().ok() == Some(addr)),
+        StringOrList::One(s) => s.eq_ignore_ascii_case("blocked"),
+    };
+    match status {
+        200 if listed => Ok(CheckOutcome::Banned),
+        200 | 400 | 404 if body.ipaddress.says("not blocked") || body.ipaddress.says("ok") => {
+            Ok(CheckOutcome::NotBanned)
+        }
+        200 => Err(ClientError::BadBody(
+            "check answer names another address".into(),
+        )),
+        s => Err(ClientError::Status(s)),
     }
 }
 
