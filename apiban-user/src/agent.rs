@@ -330,9 +330,11 @@ fn report_stop(enforcement: &loader::Enforcement, enforced: Option<usize>) {
         }
     }
     if !kept.is_empty() {
-        let what = enforced
-            .map(|n| format!("{n} prefixes"))
-            .unwrap_or_else(|| "the bans in its maps".into());
+        let what = match enforced {
+            Some(1) => "1 prefix".to_owned(),
+            Some(n) => format!("{n} prefixes"),
+            None => "the bans in its maps".to_owned(),
+        };
         tracing::info!(
             prog_id = enforcement.program_id(),
             "stopped; checked with the kernel: the XDP program stays attached to {} and keeps \

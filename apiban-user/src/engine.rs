@@ -713,7 +713,7 @@ impl<E: Enforcer> Engine<E> {
         }
         if !force {
             let loopback: [IpNet; 2] = [
-                IpNet::V4(ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::LOCALHOST, 8)),
+                IpNet::V4(ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::LOCALHOST, 8).trunc()),
                 IpNet::V6(ipnet::Ipv6Net::new_assert(
                     std::net::Ipv6Addr::LOCALHOST,
                     128,

@@ -251,9 +251,7 @@ fn demo() {
         "   agent exited with {code:?}; {} still gets {stopped}/{N} through, {} all {N}",
         LISTED[0].addr, CLEAN[1].addr
     );
-    println!(
-        "   (the next `apiban run` adopts the pinned program and maps; `apiban detach` removes them)"
-    );
+    println!("   (the next `apiban run` adopts the program's maps; `apiban detach` removes it)");
 
     let ok = (0..LISTED.len()).all(|i| before[i] == N && after[i] == 0)
         && before[LISTED.len()] == N
