@@ -538,7 +538,11 @@ impl StatusReport {
                      stay enforced",
                     when(Some(since), self.now),
                     s.next_request
-                        .map(|t| relative(t, self.now))
+                        .map(|t| if t <= self.now {
+                            "now".to_owned()
+                        } else {
+                            relative(t, self.now)
+                        })
                         .unwrap_or_else(|| "not scheduled".into())
                 );
             }
