@@ -29,23 +29,11 @@ pub struct BatchOutcome {
 }
 
 fn call(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: attr is a valid bpf_attr prefix of the size passed. The kernel reads `count`
-    // keys of the map's key size (and values of its value size) from the arrays it points
-    // to; `checked` has made sure those are the sizes of the slices' elements, and the
-    // callers keep the slices alive for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            mem::size_of::<BatchAttr>() as u32,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    // SAFETY: attr is a `batch` attr. The kernel reads `count` keys of the map's key size
+    // (and values of its value size) from the arrays it points to; `checked` has made sure
+    // those are the sizes of the slices' elements, and the callers keep the slices alive for
+    // the call.
+    unsafe { super::objects::bpf(cmd, attr).map(drop) }
 }
 
 /// Refuses a batch the kernel would read past: its element sizes must be the map's own.

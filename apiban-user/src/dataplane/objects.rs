@@ -46,9 +46,14 @@ struct ProgInfoHead {
     id: u32,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: attr is a valid prefix of `union bpf_attr` of the size passed; the pointers it
-    // holds are kept alive by the callers for the duration of the call.
+/// The `bpf()` system call.
+///
+/// # Safety
+/// `attr` must be a valid prefix of `union bpf_attr` for `cmd`, and every pointer in it
+/// must stay valid, for the sizes the kernel will read or write through it, until the call
+/// returns.
+pub(super) unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+    // SAFETY: the caller vouches for attr (see above); its size is passed with it.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_bpf,
@@ -76,7 +81,8 @@ pub fn open_pinned(path: &Path) -> io::Result<OwnedFd> {
         pathname: path.as_ptr() as u64,
         ..Default::default()
     };
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: an `obj` attr whose path outlives the call.
+    let fd = unsafe { bpf(BPF_OBJ_GET, &mut attr)? };
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -89,7 +95,8 @@ pub fn pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
         bpf_fd: fd.as_raw_fd() as u32,
         ..Default::default()
     };
-    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+    // SAFETY: an `obj` attr whose path outlives the call.
+    unsafe { bpf(BPF_OBJ_PIN, &mut attr).map(drop) }
 }
 
 /// Pins `fd` at `path`, replacing what is pinned there in one step: pinned first at `tmp`
@@ -134,7 +141,8 @@ pub fn map_sizes(fd: BorrowedFd<'_>) -> io::Result<(u32, u32)> {
         info_len: mem::size_of::<MapInfoHead>() as u32,
         info: (&raw mut head) as u64,
     };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // SAFETY: an `info` attr pointing at `head`, of the length given, alive for the call.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
     Ok((head.key_size, head.value_size))
 }
 
@@ -146,6 +154,7 @@ pub fn program_id(fd: BorrowedFd<'_>) -> io::Result<u32> {
         info_len: mem::size_of::<ProgInfoHead>() as u32,
         info: (&raw mut head) as u64,
     };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // SAFETY: an `info` attr pointing at `head`, of the length given, alive for the call.
+    unsafe { bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)? };
     Ok(head.id)
 }
