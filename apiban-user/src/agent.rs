@@ -350,7 +350,7 @@ fn serve<E: Enforcer + Send + 'static>(
     mut engine: Engine<E>,
     apiban: Option<(ApibanClient, PollSettings)>,
     info: AgentInfo,
-    reader: Option<crate::dataplane::DataplaneReader>,
+    dataplane: Option<crate::dataplane::DataplaneReader>,
 ) -> anyhow::Result<Exit> {
     let now = sync::unix_now();
     let configured: Vec<&str> = config.lists.iter().map(|l| l.name.as_str()).collect();
@@ -384,9 +384,15 @@ fn serve<E: Enforcer + Send + 'static>(
             ..sync::OwnerTiming::new(sweep_every(config.ttl))
         };
         let own = engine.own_addresses();
-        let mut running = sync::spawn(engine, apiban, config.lists.clone(), http, timing);
+        let mut running = sync::spawn(engine, apiban, config.lists.clone(), http, timing)
+            .context("cannot start the ledger's owner thread")?;
         crate::host_addresses::watch(own, running.updates.clone());
-        let info = Arc::new(Mutex::new(info));
+        let readers = crate::status::Readers {
+            snapshots: running.subscribe(),
+            info: Arc::new(Mutex::new(info)),
+            dataplane: dataplane.map(Arc::new),
+        };
+        let info = readers.info.clone();
         let mut servers = Vec::new();
         let access = control_access(&config)?;
         let control_listener = match control::bind(&config.control_socket, access).await {
@@ -403,11 +409,9 @@ fn serve<E: Enforcer + Send + 'static>(
         let (reload_tx, mut reload_rx) = tokio::sync::mpsc::channel::<control::ReloadReply>(4);
         if let Some(listener) = control_listener {
             let ctx = ControlContext {
-                owner: running.owner.clone(),
+                readers: readers.clone(),
                 updates: running.updates.clone(),
-                info: info.clone(),
                 reload: reload_tx,
-                reader: reader.map(|r| Arc::new(Mutex::new(r))),
             };
             servers.push(tokio::spawn(control::serve(listener, ctx, access)));
             tracing::info!(path = %config.control_socket.display(), "control socket ready");
@@ -416,11 +420,7 @@ fn serve<E: Enforcer + Send + 'static>(
             match metrics::bind(addr).await {
                 Ok(listener) => {
                     let local = listener.local_addr().unwrap_or(addr);
-                    servers.push(tokio::spawn(metrics::serve(
-                        listener,
-                        running.owner.clone(),
-                        info.clone(),
-                    )));
+                    servers.push(tokio::spawn(metrics::serve(listener, readers.clone())));
                     tracing::info!(%local, "metrics at http://{local}/metrics");
                 }
                 Err(e) if config.dry_run => {
@@ -436,8 +436,7 @@ fn serve<E: Enforcer + Send + 'static>(
                 }
             }
         }
-        let enforced = sync::lock(&running.owner).engine.enforced().len();
-        notifier.ready(&format!("enforcing {enforced} prefixes"));
+        notifier.ready(&format!("enforcing {} prefixes", running.snapshot().enforced.len()));
 
         let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
@@ -459,9 +458,8 @@ fn serve<E: Enforcer + Send + 'static>(
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
-                    let owner = sync::lock(&running.owner);
-                    let enforced = owner.engine.enforced().len();
-                    log_stats(owner.engine.enforcer(), enforced);
+                    let enforced = running.snapshot().enforced.len();
+                    log_stats(readers.dataplane.as_deref(), enforced);
                     notifier.status(&format!("enforcing {enforced} prefixes"));
                 }
                 _ = watchdog.tick(), if notifier.watchdog_interval().is_some() => {
@@ -488,14 +486,12 @@ fn serve<E: Enforcer + Send + 'static>(
                 _ = hup.recv() => {
                     notifier.reloading();
                     let _ = reload(&args, &mut config, &mut running, &info, &mut key_in_use).await;
-                    let enforced = sync::lock(&running.owner).engine.enforced().len();
-                    notifier.ready(&format!("enforcing {enforced} prefixes"));
+                    notifier.ready(&format!("enforcing {} prefixes", running.snapshot().enforced.len()));
                 }
                 Some(reply) = reload_rx.recv() => {
                     notifier.reloading();
                     let outcome = reload(&args, &mut config, &mut running, &info, &mut key_in_use).await;
-                    let enforced = sync::lock(&running.owner).engine.enforced().len();
-                    notifier.ready(&format!("enforcing {enforced} prefixes"));
+                    notifier.ready(&format!("enforcing {} prefixes", running.snapshot().enforced.len()));
                     let _ = reply.send(outcome);
                 }
                 _ = key_check.tick(), if matches!(config.key, Some(KeySource::File(_))) => {
@@ -530,21 +526,21 @@ fn serve<E: Enforcer + Send + 'static>(
             s.abort();
         }
         let owner_died = running.owner_health(Duration::MAX).err();
-        running.abort();
         let _ = std::fs::remove_file(&config.control_socket);
-        if let Some(why) = owner_died {
+        // The owner finishes the change it is making, then comes back for the last save.
+        let owner = match (owner_died, running.stop()) {
+            (None, Some(owner)) => owner,
             // What the owner was doing when it died may be half done: do not save it. Every
             // change it completed was saved when it was applied.
-            return Ok(Exit::OwnerDied(why));
-        }
-        let mut owner = sync::lock(&running.owner);
-        owner.engine.save(sync::unix_now());
+            (Some(why), _) => return Ok(Exit::OwnerDied(why)),
+            (None, None) => return Ok(Exit::OwnerDied("the ledger's owner died while stopping".into())),
+        };
+        let mut engine = owner.engine;
+        engine.save(sync::unix_now());
         if config.dry_run {
-            report_dry_run(owner.engine.enforced());
+            report_dry_run(engine.enforced());
         }
-        let enforced = owner.engine.enforced().len();
-        drop(owner);
-        anyhow::Ok(Exit::Stopped { enforced })
+        anyhow::Ok(Exit::Stopped { enforced: engine.enforced().len() })
     })
 }
 
@@ -614,7 +610,7 @@ async fn reload<E: Enforcer + Send + 'static>(
         let _ = control::send_change(&running.updates, Change::DropList { name }).await;
     }
     {
-        let mut i = sync::lock(info);
+        let mut i = crate::lock(info);
         i.scope = scope_text(&new.scope);
         i.rate_limit = new.rate_limit.to_string();
         i.poll_interval = crate::human::format_duration(new.poll_interval);
@@ -652,8 +648,8 @@ fn unblock_signals() {
     }
 }
 
-fn log_stats<E: Enforcer>(enforcer: &E, enforced: usize) {
-    let Some(dataplane) = enforcer.dataplane() else {
+fn log_stats(dataplane: Option<&crate::dataplane::DataplaneReader>, enforced: usize) {
+    let Some(dataplane) = dataplane else {
         tracing::info!(would_block = enforced, "dry run");
         return;
     };

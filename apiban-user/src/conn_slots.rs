@@ -36,10 +36,10 @@ impl ConnSlots {
         let slots = self.clone();
         // The task is registered under the lock it takes to deregister, so it cannot finish
         // before it is known.
-        let mut open = crate::sync::lock(&self.open);
+        let mut open = crate::lock(&self.open);
         let task = tokio::spawn(async move {
             serve.await;
-            crate::sync::lock(&slots.open).retain(|(i, _)| *i != id);
+            crate::lock(&slots.open).retain(|(i, _)| *i != id);
         });
         open.push_back((id, task.abort_handle()));
         while open.len() > self.cap {
@@ -51,7 +51,7 @@ impl ConnSlots {
 
     /// Connections being served now.
     pub fn in_use(&self) -> usize {
-        crate::sync::lock(&self.open).len()
+        crate::lock(&self.open).len()
     }
 }
 

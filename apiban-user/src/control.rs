@@ -1,8 +1,9 @@
 //! The control socket: how `apiban status|check|list|ban|unban|allow` talk to the running
 //! agent. One JSON request line per connection, one JSON answer, then the agent closes.
 //!
-//! Reads are answered from a snapshot taken under the owner's lock; changes are sent to the
-//! owner's inbox like any source's update and answered after they are in the maps and saved.
+//! Reads are answered from the owner's latest snapshot and the maps' reader, without waiting
+//! for the owner; changes are sent to the owner's inbox like any source's update and answered
+//! after they are in the maps, saved and published.
 //!
 //! Who may do what is checked twice: by the file's mode (0600 in a 0700 directory, or 0660
 //! and 0750 with the `--control-group`), and by the peer's credentials (SO_PEERCRED and
@@ -14,7 +15,7 @@ use std::{
     net::IpAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
@@ -27,10 +28,9 @@ use tokio::{
 };
 
 use crate::{
-    engine::Enforcer,
     ledger::SourceId,
-    status::{self, AgentInfo},
-    sync::{self, Change, ChangeError, Owner, Update},
+    status,
+    sync::{self, Change, ChangeError, Update},
 };
 
 /// Requests are small; anything longer is not ours.
@@ -41,8 +41,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; past this the oldest is dropped (see `conn_slots`).
 const MAX_CONNECTIONS: usize = 256;
-/// Reads answered at once. Each holds the owner while it builds its answer; the rest wait
-/// their turn without taking the runtime from the owner and the sources.
+/// Reads answered at once. A `list` of 100k entries is tens of milliseconds of encoding on the
+/// runtime the sources and signals share; the rest wait their turn without taking it.
 const CONCURRENT_READS: usize = 1;
 /// Status lists this many banned sources by hits.
 pub const TOP_SOURCES: usize = 10;
@@ -263,26 +263,13 @@ pub async fn request(path: &Path, req: &Request) -> Result<serde_json::Value, Co
     }
 }
 
-/// What the server needs: the owner to read, its inbox to send changes to, the agent facts.
-pub struct ControlContext<E: Enforcer> {
-    pub owner: Arc<Mutex<Owner<E>>>,
+/// What the server needs: the owner's snapshots to read, its inbox to send changes to, the
+/// agent's facts and the maps' reader. Nothing here can wait for the owner.
+#[derive(Clone)]
+pub struct ControlContext {
+    pub readers: status::Readers,
     pub updates: mpsc::Sender<Update>,
-    pub info: Arc<Mutex<AgentInfo>>,
     pub reload: mpsc::Sender<ReloadReply>,
-    /// Reads the deny maps' hits for `status` on a blocking thread, without the owner.
-    pub reader: Option<Arc<Mutex<crate::dataplane::DataplaneReader>>>,
-}
-
-impl<E: Enforcer> Clone for ControlContext<E> {
-    fn clone(&self) -> Self {
-        Self {
-            owner: self.owner.clone(),
-            updates: self.updates.clone(),
-            info: self.info.clone(),
-            reload: self.reload.clone(),
-            reader: self.reader.clone(),
-        }
-    }
 }
 
 /// Binds the socket: creates the directory if needed, replaces a stale socket left by a
@@ -352,11 +339,7 @@ fn chown_group(path: &Path, gid: u32) -> io::Result<()> {
 }
 
 /// Serves until the task is aborted.
-pub async fn serve<E: Enforcer + Send + 'static>(
-    listener: UnixListener,
-    ctx: ControlContext<E>,
-    access: Access,
-) {
+pub async fn serve(listener: UnixListener, ctx: ControlContext, access: Access) {
     // SAFETY: geteuid has no preconditions.
     let me = unsafe { libc::geteuid() };
     let slots = crate::conn_slots::ConnSlots::new(MAX_CONNECTIONS);
@@ -383,9 +366,9 @@ pub async fn serve<E: Enforcer + Send + 'static>(
     }
 }
 
-async fn handle<E: Enforcer + Send + 'static>(
+async fn handle(
     stream: UnixStream,
-    ctx: ControlContext<E>,
+    ctx: ControlContext,
     peer: Peer,
     reads: Arc<tokio::sync::Semaphore>,
 ) {
@@ -436,48 +419,53 @@ fn to_value<T: Serialize>(v: &T) -> Response {
     }
 }
 
-async fn answer<E: Enforcer + Send + 'static>(req: Request, ctx: &ControlContext<E>) -> Response {
+async fn answer(req: Request, ctx: &ControlContext) -> Response {
     let now = sync::unix_now();
+    let snapshot = ctx.readers.snapshots.borrow().clone();
+    let dataplane = ctx.readers.dataplane.clone();
     let change = match req {
         Request::Status => {
-            let info = sync::lock(&ctx.info).clone();
-            let mut report = status::build(&sync::lock(&ctx.owner), &info, 0, now);
-            // The top sources walk whole tables: on a blocking thread, without the owner.
-            if let Some(reader) = &ctx.reader {
-                let reader = reader.clone();
-                match tokio::task::spawn_blocking(move || sync::lock(&reader).deny_hits()).await {
-                    Ok(Ok(hits)) => {
-                        report.top =
-                            status::top_entries(hits, TOP_SOURCES, &sync::lock(&ctx.owner));
-                    }
-                    Ok(Err(e)) => report.dataplane_error = Some(e.to_string()),
-                    Err(e) => {
-                        report.dataplane_error = Some(format!("reading the hits failed: {e}"))
+            let info = crate::lock(&ctx.readers.info).clone();
+            // The counters are a few syscalls, the top sources a walk over whole tables: on
+            // a blocking thread, so that the runtime's other clients, the poller and the
+            // signals go on meanwhile.
+            let built = tokio::task::spawn_blocking(move || {
+                let mut report = status::report(&snapshot, &info, dataplane.as_deref(), now);
+                if let Some(dp) = &dataplane {
+                    match dp.deny_hits() {
+                        Ok(hits) => report.top = status::top_entries(hits, TOP_SOURCES, &snapshot),
+                        Err(e) => report.dataplane_error = Some(crate::error_chain(&e)),
                     }
                 }
-            }
-            return to_value(&report);
+                report
+            })
+            .await;
+            return match built {
+                Ok(report) => to_value(&report),
+                Err(e) => Response::Error(format!("building the status failed: {e}")),
+            };
         }
-        Request::Check { addr } => return to_value(&status::check(&sync::lock(&ctx.owner), addr)),
+        Request::Check { addr } => {
+            return to_value(&status::check(&snapshot, dataplane.as_deref(), addr));
+        }
         Request::List { source } => {
             let source = match source.map(|s| s.parse::<SourceId>()).transpose() {
                 Ok(s) => s,
                 Err(e) => return Response::Error(format!("--source: {e}")),
             };
-            return to_value(&status::list(&sync::lock(&ctx.owner), source.as_ref()));
+            return to_value(&status::list(&snapshot, source.as_ref()));
         }
         Request::AllowList => {
-            let owner = sync::lock(&ctx.owner);
-            let manual = owner.engine.manual_allow();
-            let rows: Vec<serde_json::Value> = owner
-                .engine
-                .allowlist()
+            let rows: Vec<serde_json::Value> = snapshot
+                .allowlist
                 .iter()
                 .map(|n| {
-                    serde_json::json!({
-                        "net": n,
-                        "origin": if manual.contains(n) { "manual" } else { "config" },
-                    })
+                    let origin = if snapshot.manual_allow.contains(n) {
+                        "manual"
+                    } else {
+                        "config"
+                    };
+                    serde_json::json!({ "net": n, "origin": origin })
                 })
                 .collect();
             return Response::Ok(serde_json::Value::Array(rows));

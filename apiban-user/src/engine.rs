@@ -7,6 +7,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     time::Duration,
 };
 
@@ -31,10 +32,6 @@ pub trait Enforcer {
     fn undeny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError>;
     fn allow(&mut self, net: IpNet) -> Result<(), DataplaneError>;
     fn unallow(&mut self, net: IpNet) -> Result<(), DataplaneError>;
-    /// The XDP maps behind this enforcer, for counters and hits; None in a dry run.
-    fn dataplane(&self) -> Option<&Dataplane> {
-        None
-    }
     /// Which packets a ban applies to; a dry run has no packets.
     fn set_scope(&mut self, _scope: &crate::dataplane::Scope) -> Result<(), DataplaneError> {
         Ok(())
@@ -64,10 +61,6 @@ impl Enforcer for Dataplane {
 
     fn unallow(&mut self, net: IpNet) -> Result<(), DataplaneError> {
         Dataplane::unallow(self, net)
-    }
-
-    fn dataplane(&self) -> Option<&Dataplane> {
-        Some(self)
     }
 
     fn set_scope(&mut self, scope: &crate::dataplane::Scope) -> Result<(), DataplaneError> {
@@ -204,6 +197,20 @@ pub struct EngineCounters {
     pub last_save_duration: Duration,
 }
 
+/// The engine's part of a [`crate::snapshot::Snapshot`].
+#[derive(Clone, Debug)]
+pub struct EngineShared {
+    pub ledger: Arc<Ledger>,
+    pub enforced: Arc<BTreeSet<IpNet>>,
+    pub allowlist: Arc<AllowList>,
+    pub manual_allow: Arc<BTreeSet<IpNet>>,
+    pub counters: EngineCounters,
+    pub unsaved: bool,
+    pub apiban: ApibanCursor,
+    pub list_refreshes: BTreeMap<String, u64>,
+    pub state_dir: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug)]
 pub struct StartReport {
     pub restored_entries: usize,
@@ -211,14 +218,17 @@ pub struct StartReport {
     pub applied: Applied,
 }
 
+/// The ledger's owner. What readers see is shared with them by [`Engine::snapshot`] without a
+/// copy: the ledger, the enforced set and the allowlist are behind `Arc`s, and a change
+/// copies one only while a reader's snapshot still holds it (`Arc::make_mut`).
 pub struct Engine<E: Enforcer> {
-    ledger: Ledger,
+    ledger: Arc<Ledger>,
     sanitiser: Sanitiser,
     config_allow: BTreeSet<IpNet>,
-    manual_allow: BTreeSet<IpNet>,
-    allow: AllowList,
+    manual_allow: Arc<BTreeSet<IpNet>>,
+    allow: Arc<AllowList>,
     enforcer: E,
-    applied_deny: BTreeSet<IpNet>,
+    applied_deny: Arc<BTreeSet<IpNet>>,
     applied_allow: BTreeSet<IpNet>,
     store: Option<StateStore>,
     apiban: ApibanCursor,
@@ -254,13 +264,13 @@ impl<E: Enforcer> Engine<E> {
         let applied_deny = enforcer.denied()?;
         let applied_allow = enforcer.allowed()?;
         let mut engine = Self {
-            ledger: state.ledger(),
+            ledger: Arc::new(state.ledger()),
             sanitiser: Sanitiser::new(settings.min_prefix_v4, settings.min_prefix_v6, []),
             config_allow: BTreeSet::new(),
-            manual_allow: state.allow.iter().map(|n| n.trunc()).collect(),
-            allow: AllowList::default(),
+            manual_allow: Arc::new(state.allow.iter().map(|n| n.trunc()).collect()),
+            allow: Arc::default(),
             enforcer,
-            applied_deny,
+            applied_deny: Arc::new(applied_deny),
             applied_allow,
             store,
             apiban: state.apiban,
@@ -280,8 +290,8 @@ impl<E: Enforcer> Engine<E> {
             // entries seen just before now, so the next full pull's reconciliation (or
             // expiry) decides about each rather than a flush.
             let seen = now.saturating_sub(1);
-            for net in engine.applied_deny.clone() {
-                engine.ledger.insert_record(
+            for net in engine.applied_deny.iter().copied().collect::<Vec<_>>() {
+                Arc::make_mut(&mut engine.ledger).insert_record(
                     net,
                     SourceId::Apiban,
                     Record {
@@ -299,7 +309,7 @@ impl<E: Enforcer> Engine<E> {
             );
         }
         let restored_entries = engine.ledger.len();
-        engine.counters.expired += engine.ledger.sweep(now) as u64;
+        engine.counters.expired += Arc::make_mut(&mut engine.ledger).sweep(now) as u64;
         let applied = engine.apply(now);
         Ok((
             engine,
@@ -315,9 +325,10 @@ impl<E: Enforcer> Engine<E> {
         &self.enforcer
     }
 
-    /// For settings that are not ledger state (the port scope); bans go through the engine.
-    pub fn enforcer_mut(&mut self) -> &mut E {
-        &mut self.enforcer
+    /// Which packets a ban applies to: not ledger state, but the engine holds the one
+    /// enforcer there is, so the port scope is set through it too.
+    pub fn set_scope(&mut self, scope: &crate::dataplane::Scope) -> Result<(), DataplaneError> {
+        self.enforcer.set_scope(scope)
     }
 
     pub fn ledger(&self) -> &Ledger {
@@ -366,8 +377,7 @@ impl<E: Enforcer> Engine<E> {
     /// Manual bans stay: the operator meant them. Returns the prefixes that were dropped.
     pub fn set_own_addresses(&mut self, own: Vec<std::net::IpAddr>, now: u64) -> Vec<IpNet> {
         self.sanitiser.set_own_addresses(own.iter().copied());
-        let dropped = self
-            .ledger
+        let dropped = Arc::make_mut(&mut self.ledger)
             .remove_where(|net, source| source.is_remote() && own.iter().any(|a| net.contains(a)));
         if !dropped.is_empty() {
             *self
@@ -387,7 +397,12 @@ impl<E: Enforcer> Engine<E> {
 
     fn set_config_allow(&mut self, nets: Vec<IpNet>) {
         self.config_allow = nets.into_iter().map(|n| n.trunc()).collect();
-        self.allow = AllowList::new(self.config_allow.iter().chain(&self.manual_allow).copied());
+        self.allow = Arc::new(AllowList::new(
+            self.config_allow
+                .iter()
+                .chain(self.manual_allow.iter())
+                .copied(),
+        ));
     }
 
     /// Sanitises a feed's entries into the ledger; the caller commits.
@@ -400,10 +415,13 @@ impl<E: Enforcer> Engine<E> {
             match self.sanitiser.check(item.as_ref(), &self.allow) {
                 Ok(net) => {
                     report.accepted += 1;
-                    if self
-                        .ledger
-                        .observe(net, source, now, Some(self.ttl_secs), None)
-                    {
+                    if Arc::make_mut(&mut self.ledger).observe(
+                        net,
+                        source,
+                        now,
+                        Some(self.ttl_secs),
+                        None,
+                    ) {
                         report.new += 1;
                     }
                 }
@@ -435,8 +453,9 @@ impl<E: Enforcer> Engine<E> {
         if !diff.remove.is_empty() {
             match self.enforcer.undeny(&diff.remove) {
                 Ok(()) => {
+                    let applied_deny = Arc::make_mut(&mut self.applied_deny);
                     for net in &diff.remove {
-                        self.applied_deny.remove(net);
+                        applied_deny.remove(net);
                     }
                     applied.removed = diff.remove.len();
                 }
@@ -479,7 +498,7 @@ impl<E: Enforcer> Engine<E> {
         }
         match self.enforcer.deny(add) {
             Ok(()) => {
-                self.applied_deny.extend(add.iter().copied());
+                Arc::make_mut(&mut self.applied_deny).extend(add.iter().copied());
                 add.len()
             }
             Err(e) => {
@@ -505,7 +524,7 @@ impl<E: Enforcer> Engine<E> {
 
     fn refresh_applied(&mut self) {
         match self.enforcer.denied() {
-            Ok(d) => self.applied_deny = d,
+            Ok(d) => self.applied_deny = Arc::new(d),
             Err(e) => tracing::error!(error = %e, "cannot read the deny maps back"),
         }
     }
@@ -537,7 +556,7 @@ impl<E: Enforcer> Engine<E> {
             apiban: &self.apiban,
             lists: &self.lists,
             allow: self.manual_allow.iter().copied().collect(),
-            entries: EntriesView(&self.ledger),
+            entries: EntriesView(self.ledger.as_ref()),
         };
         match store.save(&state) {
             Ok(took) => {
@@ -556,7 +575,7 @@ impl<E: Enforcer> Engine<E> {
                 self.unsaved = true;
                 if log_failure {
                     tracing::error!(
-                        error = %crate::dataplane::loader::error_chain(&e),
+                        error = %crate::error_chain(&e),
                         "cannot save state: bans stay enforced; the state file keeps the last \
                          good state and is retried every 10s"
                     );
@@ -573,7 +592,7 @@ impl<E: Enforcer> Engine<E> {
 
     /// Removes expired entries from ledger and dataplane.
     pub fn sweep(&mut self, now: u64) -> (usize, Applied) {
-        let expired = self.ledger.sweep(now);
+        let expired = Arc::make_mut(&mut self.ledger).sweep(now);
         self.counters.expired += expired as u64;
         if expired == 0 {
             return (0, Applied::default());
@@ -618,7 +637,8 @@ impl<E: Enforcer> Engine<E> {
         let mut report = IngestReport::default();
         if let Some(pull) = self.apiban.full_pull.take() {
             if pull.seen > 0 {
-                report.reconciled = self.ledger.reconcile(&SourceId::Apiban, pull.started_at);
+                report.reconciled =
+                    Arc::make_mut(&mut self.ledger).reconcile(&SourceId::Apiban, pull.started_at);
                 self.counters.reconciled += report.reconciled as u64;
             } else {
                 tracing::warn!(
@@ -643,7 +663,7 @@ impl<E: Enforcer> Engine<E> {
         let source = SourceId::List(name.to_owned());
         let mut report = self.ingest(&source, items, now);
         if report.received > 0 {
-            report.reconciled = self.ledger.reconcile(&source, now);
+            report.reconciled = Arc::make_mut(&mut self.ledger).reconcile(&source, now);
             self.counters.reconciled += report.reconciled as u64;
         } else {
             tracing::warn!(
@@ -671,7 +691,8 @@ impl<E: Enforcer> Engine<E> {
 
     /// A blocklist left the configuration: its bans go with it.
     pub fn drop_list(&mut self, name: &str, now: u64) -> (usize, Applied) {
-        let removed = self.ledger.remove_source(&SourceId::List(name.to_owned()));
+        let removed =
+            Arc::make_mut(&mut self.ledger).remove_source(&SourceId::List(name.to_owned()));
         self.lists.remove(name);
         (removed, self.commit(now))
     }
@@ -749,7 +770,7 @@ impl<E: Enforcer> Engine<E> {
                 ));
             }
         }
-        self.ledger.observe(
+        Arc::make_mut(&mut self.ledger).observe(
             net,
             &SourceId::Manual,
             now,
@@ -768,14 +789,17 @@ impl<E: Enforcer> Engine<E> {
             .get(&net)
             .map(|r| r.iter().map(|(s, _)| s.clone()).collect())
             .unwrap_or_default();
-        for source in &sources {
-            self.ledger.remove(&net, source);
+        if !sources.is_empty() {
+            let ledger = Arc::make_mut(&mut self.ledger);
+            for source in &sources {
+                ledger.remove(&net, source);
+            }
         }
         (sources, self.commit(now))
     }
 
     pub fn allow_add(&mut self, net: IpNet, now: u64) -> Applied {
-        self.manual_allow.insert(net.trunc());
+        Arc::make_mut(&mut self.manual_allow).insert(net.trunc());
         self.set_config_allow(self.config_allow.iter().copied().collect());
         self.commit(now)
     }
@@ -783,7 +807,7 @@ impl<E: Enforcer> Engine<E> {
     /// Removes a manual allow entry; configured ones stay (they come back on every reload).
     pub fn allow_remove(&mut self, net: IpNet, now: u64) -> Result<Applied, EngineError> {
         let net = net.trunc();
-        if !self.manual_allow.remove(&net) {
+        if !Arc::make_mut(&mut self.manual_allow).remove(&net) {
             let why = if self.config_allow.contains(&net) {
                 "it comes from the configuration; remove it there and reload"
             } else {
@@ -795,22 +819,28 @@ impl<E: Enforcer> Engine<E> {
         Ok(self.commit(now))
     }
 
-    /// The ledger's view of `addr`: the most specific entry and its records.
-    pub fn lookup(&self, addr: std::net::IpAddr) -> Option<(IpNet, Vec<(SourceId, Record)>)> {
-        self.ledger.longest_match(addr).map(|(net, records)| {
-            (
-                *net,
-                records
-                    .iter()
-                    .map(|(s, r)| (s.clone(), r.clone()))
-                    .collect(),
-            )
-        })
-    }
-
     /// Prefixes enforced right now (what the maps hold, as far as the engine applied them).
     pub fn enforced(&self) -> &BTreeSet<IpNet> {
         &self.applied_deny
+    }
+
+    /// What readers may see, shared rather than copied (see [`crate::snapshot`]).
+    pub fn shared(&self) -> EngineShared {
+        EngineShared {
+            ledger: self.ledger.clone(),
+            enforced: self.applied_deny.clone(),
+            allowlist: self.allow.clone(),
+            manual_allow: self.manual_allow.clone(),
+            counters: self.counters.clone(),
+            unsaved: self.unsaved,
+            apiban: self.apiban.clone(),
+            list_refreshes: self
+                .lists
+                .iter()
+                .filter_map(|(name, c)| Some((name.clone(), c.last_refresh?)))
+                .collect(),
+            state_dir: self.state_dir().map(std::path::Path::to_path_buf),
+        }
     }
 }
 

@@ -2,12 +2,7 @@
 //! snapshot as `apiban status`, served by a deliberately small HTTP/1.1 responder: one GET
 //! per connection, bounded request size and time, loopback by default.
 
-use std::{
-    fmt::Write as _,
-    net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{fmt::Write as _, net::SocketAddr, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -15,9 +10,8 @@ use tokio::{
 };
 
 use crate::{
-    engine::Enforcer,
-    status::{self, AgentInfo, StatusReport},
-    sync::{self, Owner},
+    status::{Readers, StatusReport},
+    sync,
 };
 
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
@@ -311,11 +305,7 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 /// Serves /metrics until aborted.
-pub async fn serve<E: Enforcer + Send + 'static>(
-    listener: TcpListener,
-    owner: Arc<Mutex<Owner<E>>>,
-    info: Arc<Mutex<AgentInfo>>,
-) {
+pub async fn serve(listener: TcpListener, readers: Readers) {
     let slots = crate::conn_slots::ConnSlots::new(MAX_CONNECTIONS);
     loop {
         let stream = match listener.accept().await {
@@ -326,18 +316,14 @@ pub async fn serve<E: Enforcer + Send + 'static>(
                 continue;
             }
         };
-        let (owner, info) = (owner.clone(), info.clone());
+        let readers = readers.clone();
         slots.spawn(async move {
-            let _ = tokio::time::timeout(IO_TIMEOUT, respond(stream, owner, info)).await;
+            let _ = tokio::time::timeout(IO_TIMEOUT, respond(stream, readers)).await;
         });
     }
 }
 
-async fn respond<E: Enforcer>(
-    mut stream: TcpStream,
-    owner: Arc<Mutex<Owner<E>>>,
-    info: Arc<Mutex<AgentInfo>>,
-) {
+async fn respond(mut stream: TcpStream, readers: Readers) {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     let read_head = async {
@@ -355,8 +341,7 @@ async fn respond<E: Enforcer>(
     let (method, path) = (method.as_str(), path.as_str());
     let (status_line, content_type, body) = match (method, path) {
         ("GET" | "HEAD", "/metrics") => {
-            let info = sync::lock(&info).clone();
-            let report = status::build(&sync::lock(&owner), &info, 0, sync::unix_now());
+            let report = readers.report(sync::unix_now());
             (
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",

@@ -159,6 +159,15 @@ fn main() {
         footprint.cpu_s_per_hour(),
         footprint.cpu_s_per_hour() / 36.0
     );
+    let st = &footprint.status;
+    println!(
+        "  status during {} saves of the 100k state: {} answers, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms   target < 50 ms",
+        st.saves,
+        st.answers,
+        ms(st.p50),
+        ms(st.p99),
+        ms(st.max)
+    );
     println!(
         "target: under 50 MB resident with 100k entries: {} ({:.1} MiB agent, {:.1} MiB peak)",
         if (footprint.rss_kib * 1024) < 50_000_000 {
@@ -183,6 +192,8 @@ fn main() {
             "idle_cpu_s_per_hour": (footprint.cpu_s_per_hour() * 100.0).round() / 100.0,
             "idle_window_s": footprint.window.as_secs(),
             "pull_s_100k": (footprint.pull.as_secs_f64() * 10.0).round() / 10.0,
+            "status_during_save_p50_ms_100k": (ms(footprint.status.p50) * 10.0).round() / 10.0,
+            "status_during_save_max_ms_100k": (ms(footprint.status.max) * 10.0).round() / 10.0,
         }});
         std::fs::write(path, out.to_string()).expect("write the JSON results");
     }
@@ -203,6 +214,7 @@ struct Footprint {
     idle_cpu: Duration,
     window: Duration,
     polls: usize,
+    status: StatusUnderSaves,
 }
 
 impl Footprint {
@@ -252,7 +264,9 @@ fn agent_footprint(window_s: u64) -> Footprint {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("a memory field of /proc/PID/status")
     };
+    let status_under_saves = status_under_saves(&scene.control_socket());
     Footprint {
+        status: status_under_saves,
         pull,
         rss_kib: field("VmRSS:"),
         hwm_kib: field("VmHWM:"),
@@ -273,4 +287,70 @@ fn cpu_time(pid: i32) -> Duration {
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum();
     Duration::from_nanos(ns)
+}
+
+/// How long `status` takes while the agent saves its 100k-entry state over and over.
+struct StatusUnderSaves {
+    saves: usize,
+    answers: usize,
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+/// One request on the control socket, as `apiban` sends it; the answer's length.
+fn control_request(socket: &std::path::Path, request: &str) -> usize {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("control socket");
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .expect("send the request");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("end the request");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("read the answer");
+    assert!(
+        answer.starts_with(b"{\"ok\""),
+        "the agent refused {request}: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    answer.len()
+}
+
+/// Bans and unbans one address 40 times (each change saves the whole state file) from one
+/// thread while this one asks for `status` every 5 ms, and reports how long the answers took.
+fn status_under_saves(socket: &std::path::Path) -> StatusUnderSaves {
+    const CHANGES: usize = 40;
+    let writer = {
+        let socket = socket.to_path_buf();
+        std::thread::spawn(move || {
+            for i in 0..CHANGES {
+                let op = if i % 2 == 0 { "ban" } else { "unban" };
+                control_request(
+                    &socket,
+                    &format!(
+                        r#"{{"op":"{op}","net":"198.51.100.7/32","ttl_secs":null,"comment":null}}"#
+                    ),
+                );
+            }
+        })
+    };
+    let mut latencies = Vec::new();
+    while !writer.is_finished() {
+        let t = Instant::now();
+        control_request(socket, r#"{"op":"status"}"#);
+        latencies.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    writer.join().expect("the writer thread");
+    latencies.sort();
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize];
+    StatusUnderSaves {
+        saves: CHANGES,
+        answers: latencies.len(),
+        p50: at(0.5),
+        p99: at(0.99),
+        max: *latencies.last().expect("at least one answer"),
+    }
 }

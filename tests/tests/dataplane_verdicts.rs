@@ -121,8 +121,8 @@ impl Harness {
     fn filtered_in(&self, src: &str) -> bool {
         let dp = &self.loaded.dataplane;
         match ip(src) {
-            IpAddr::V4(a) => dp.deny_v4.filter().may_cover(a.octets()).expect("filter"),
-            IpAddr::V6(a) => dp.deny_v6.filter().may_cover(a.octets()).expect("filter"),
+            IpAddr::V4(a) => dp.deny_v4().filter().may_cover(a.octets()).expect("filter"),
+            IpAddr::V6(a) => dp.deny_v6().filter().may_cover(a.octets()).expect("filter"),
         }
     }
 
@@ -659,7 +659,7 @@ fn map_api_insert_remove_contains_and_lookup() {
         dp.verdict_for(ip("203.0.113.6")).expect("verdict"),
         (Verdict::Passed, None)
     );
-    assert_eq!(dp.deny_v4.count(), 1);
+    assert_eq!(dp.deny_v4().count(), 1);
 }
 
 #[test]
@@ -677,8 +677,8 @@ fn batched_updates_match_one_by_one() {
         .collect();
     let dp = &mut h.loaded.dataplane;
     assert_eq!(dp.deny_batch(&nets).expect("batch insert"), nets.len());
-    assert_eq!(dp.deny_v4.count(), 5000);
-    assert_eq!(dp.deny_v6.count(), 100);
+    assert_eq!(dp.deny_v4().count(), 5000);
+    assert_eq!(dp.deny_v6().count(), 100);
     for n in nets.iter().step_by(97) {
         assert!(
             dp.is_denied(*n).expect("contains"),
@@ -686,7 +686,7 @@ fn batched_updates_match_one_by_one() {
         );
     }
     assert_eq!(dp.undeny_batch(&nets[..2500]).expect("batch delete"), 2500);
-    assert_eq!(dp.deny_v4.count(), 2500);
+    assert_eq!(dp.deny_v4().count(), 2500);
     assert!(!dp.is_denied(nets[0]).expect("contains"));
     assert!(dp.is_denied(nets[2500]).expect("contains"));
 }
@@ -867,7 +867,7 @@ fn the_host_table_overflows_into_the_trie_and_reuses_slots_clean() {
         deny_v4: 1_000,
         ..Capacities::default()
     });
-    let buckets = h.loaded.dataplane.deny_v4.host_buckets();
+    let buckets = h.loaded.dataplane.deny_v4().host_buckets();
     assert_eq!(buckets, host_table::buckets(1_000, host_table::V4_SLOTS));
     let window = (host_table::PROBE_BUCKETS * host_table::V4_SLOTS) as usize;
     let hosts = same_home(buckets, 7, window + 1);
@@ -875,8 +875,12 @@ fn the_host_table_overflows_into_the_trie_and_reuses_slots_clean() {
         h.deny(n);
     }
     let dp = &h.loaded.dataplane;
-    assert_eq!(dp.deny_v4.hosts_in_table(), window, "the window is full");
-    assert_eq!(dp.deny_v4.count(), window + 1, "one host went to the trie");
+    assert_eq!(dp.deny_v4().hosts_in_table(), window, "the window is full");
+    assert_eq!(
+        dp.deny_v4().count(),
+        window + 1,
+        "one host went to the trie"
+    );
     let overflowed = &hosts[window];
     for n in &hosts {
         assert!(h.drops(n.trim_end_matches("/32")), "{n} dropped");
@@ -907,10 +911,10 @@ fn the_host_table_overflows_into_the_trie_and_reuses_slots_clean() {
     h.undeny(overflowed);
     assert!(!h.drops(first.trim_end_matches("/32")));
     assert!(!h.drops(overflowed.trim_end_matches("/32")));
-    assert_eq!(h.loaded.dataplane.deny_v4.count(), window - 1);
+    assert_eq!(h.loaded.dataplane.deny_v4().count(), window - 1);
     h.deny(overflowed);
     assert_eq!(
-        h.loaded.dataplane.deny_v4.hosts_in_table(),
+        h.loaded.dataplane.deny_v4().hosts_in_table(),
         window,
         "the freed slot takes the next host"
     );
@@ -923,8 +927,8 @@ fn the_host_table_overflows_into_the_trie_and_reuses_slots_clean() {
     assert_eq!(h.loaded.dataplane.deny_batch(&more).expect("batch"), 70);
     h = h.reload();
     let dp = &h.loaded.dataplane;
-    assert_eq!(dp.deny_v4.count(), window + 70);
-    assert_eq!(dp.deny_v4.hosts_in_table(), 2 * window);
+    assert_eq!(dp.deny_v4().count(), window + 70);
+    assert_eq!(dp.deny_v4().hosts_in_table(), 2 * window);
     assert_eq!(h.loaded.dataplane.undeny_batch(&more).expect("batch"), 70);
     for n in more.iter().step_by(9) {
         assert!(!h.drops(&n.addr().to_string()), "{n} removed");
@@ -1058,8 +1062,16 @@ fn the_allow_filter_never_hides_an_allow_entry() {
     let allow_bit = |h: &Harness, src: &str| {
         let dp = &h.loaded.dataplane;
         match ip(src) {
-            IpAddr::V4(a) => dp.allow_v4.filter().may_cover(a.octets()).expect("filter"),
-            IpAddr::V6(a) => dp.allow_v6.filter().may_cover(a.octets()).expect("filter"),
+            IpAddr::V4(a) => dp
+                .allow_v4()
+                .filter()
+                .may_cover(a.octets())
+                .expect("filter"),
+            IpAddr::V6(a) => dp
+                .allow_v6()
+                .filter()
+                .may_cover(a.octets())
+                .expect("filter"),
         }
     };
     let allow = |h: &mut Harness, n: &str| h.loaded.dataplane.allow(net(n)).expect("allow");

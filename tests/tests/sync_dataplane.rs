@@ -78,16 +78,10 @@ async fn full_pull_into_the_maps_and_restart_without_a_flush() {
         vec![],
     );
     h.wait_for("the full pull", Duration::from_secs(10), |o| {
-        o.engine.apiban_cursor().last_full_pull.is_some()
+        o.apiban.last_full_pull.is_some()
     })
     .await;
     let owner = h.kill();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let owner = std::sync::Arc::try_unwrap(owner)
-        .ok()
-        .expect("tasks stopped")
-        .into_inner()
-        .unwrap();
     let dp = owner.engine.enforcer();
     assert_eq!(verdict(dp, "45.9.0.2"), Verdict::Dropped);
     assert_eq!(verdict(dp, "45.9.2.101"), Verdict::Dropped);

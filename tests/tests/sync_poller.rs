@@ -18,7 +18,7 @@ use apiban::{
 use ipnet::IpNet;
 use tests::{
     fake_apiban::{FakeApiban, Fault},
-    sync_harness::{SyncHarness, TempDir},
+    sync_harness::{SharedMemory, SyncHarness, TempDir},
 };
 
 const KEY: &str = "pollerTestKey";
@@ -45,10 +45,10 @@ fn poll(requests: u32, window_ms: u64) -> PollSettings {
     }
 }
 
-fn engine(dir: &TempDir) -> Engine<MemoryEnforcer> {
+fn engine(dir: &TempDir) -> Engine<SharedMemory> {
     let store = StateStore::open(&dir.path).unwrap();
     Engine::start(
-        MemoryEnforcer::default(),
+        SharedMemory::default(),
         Some(store),
         EngineSettings::default(),
         apiban::sync::unix_now(),
@@ -68,11 +68,11 @@ fn addresses(prefix: &str, n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("{prefix}.{i}")).collect()
 }
 
-type Harness = SyncHarness<MemoryEnforcer>;
+type Harness = SyncHarness<SharedMemory>;
 
 async fn wait_synced(h: &Harness, expected: &BTreeSet<IpNet>, timeout: Duration) {
     h.wait_for("the dataplane to hold the published list", timeout, |o| {
-        o.engine.enforcer().deny == *expected && o.engine.apiban_cursor().full_pull.is_none()
+        h.denied() == *expected && o.apiban.full_pull.is_none()
     })
     .await;
 }
@@ -108,11 +108,11 @@ async fn full_pull_over_batches_within_the_budget() {
     assert!(server.max_in_window(Duration::from_secs(1)) <= 3);
     assert_eq!(log[0].id.as_deref(), Some("100"));
     h.with(|o| {
-        let c = o.engine.counters();
+        let c = &o.counters;
         assert_eq!(c.skipped[&Rejection::SpecialPurpose], 2);
         assert_eq!(c.skipped[&Rejection::Invalid], 1);
         assert!(o.sync.last_success.is_some());
-        assert!(o.engine.apiban_cursor().next_id.is_some());
+        assert!(o.apiban.next_id.is_some());
     });
     // Saved as it went: the state file holds the full list.
     let state: serde_json::Value =
@@ -202,7 +202,7 @@ async fn a_rejected_key_keeps_enforcing_and_backs_off_from_the_poll_interval() {
     assert!(server.max_in_window(Duration::from_secs(1)) <= 10);
     h.with(|o| {
         assert_eq!(
-            o.engine.enforcer().deny.len(),
+            h.denied().len(),
             2,
             "bans must stay while the key is rejected"
         );
@@ -294,14 +294,14 @@ async fn a_killed_full_pull_resumes_where_it_stopped() {
     server.set_rate_limit(Some((2, Duration::from_secs(1))));
     let dir = TempDir::new("apiban-poll-");
     let h = SyncHarness::start(engine(&dir), Some(client(&server)), poll(2, 1000), vec![]);
-    h.wait_for("two batches applied", Duration::from_secs(10), |o| {
-        o.engine.enforcer().deny.len() >= 4
+    h.wait_for("two batches applied", Duration::from_secs(10), |_| {
+        h.denied().len() >= 4
     })
     .await;
     let owner = h.kill();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let applied = apiban::sync::lock(&owner).engine.enforcer().deny.clone();
-    let saved_id = apiban::sync::lock(&owner)
+    let applied = owner.engine.enforcer().deny();
+    let saved_id = owner
         .engine
         .apiban_cursor()
         .full_pull
@@ -314,7 +314,7 @@ async fn a_killed_full_pull_resumes_where_it_stopped() {
     // A new process after a reboot: empty maps, the state file only.
     let restarted = engine(&dir);
     assert!(
-        applied.is_subset(&restarted.enforcer().deny),
+        applied.is_subset(&restarted.enforcer().deny()),
         "an applied ban was lost"
     );
     let h = SyncHarness::start(restarted, Some(client(&server)), poll(2, 1000), vec![]);
@@ -344,7 +344,7 @@ async fn reconciliation_removes_what_left_the_list() {
     wait_synced(&h, &nets(&["45.7.0.1", "45.7.0.2"]), Duration::from_secs(5)).await;
     server.unpublish(&["45.7.0.1"]);
     wait_synced(&h, &nets(&["45.7.0.2"]), Duration::from_secs(6)).await;
-    h.with(|o| assert!(o.engine.counters().reconciled >= 1));
+    h.with(|o| assert!(o.counters.reconciled >= 1));
 }
 
 #[tokio::test]
@@ -373,15 +373,15 @@ async fn blocklists_from_a_file_and_a_url() {
     let state_dir = TempDir::new("apiban-list-state-");
     let h = SyncHarness::start(engine(&state_dir), None, poll(1, 1000), lists);
     let all = nets(&["46.1.0.0/24", "46.2.0.1", "47.1.0.1", "2a01:4f8::/32"]);
-    h.wait_for("both lists applied", Duration::from_secs(5), |o| {
-        o.engine.enforcer().deny == all
+    h.wait_for("both lists applied", Duration::from_secs(5), |_| {
+        h.denied() == all
     })
     .await;
     // An entry leaves the file: gone at the next refresh.
     std::fs::write(&file, "47.1.0.1\n").unwrap();
     let fewer = nets(&["46.1.0.0/24", "46.2.0.1", "47.1.0.1"]);
-    h.wait_for("the removed entry to go", Duration::from_secs(5), |o| {
-        o.engine.enforcer().deny == fewer
+    h.wait_for("the removed entry to go", Duration::from_secs(5), |_| {
+        h.denied() == fewer
     })
     .await;
     // The file disappears: its bans stay (until they expire) and the error is reported.
@@ -394,8 +394,8 @@ async fn blocklists_from_a_file_and_a_url() {
     })
     .await;
     h.with(|o| {
-        assert_eq!(o.engine.enforcer().deny, fewer);
-        let skipped = &o.engine.counters().skipped;
+        assert_eq!(h.denied(), fewer);
+        let skipped = &o.counters.skipped;
         assert!(skipped[&Rejection::SpecialPurpose] >= 1 && skipped[&Rejection::Invalid] >= 1);
     });
 }
@@ -451,6 +451,7 @@ fn faulty(stall: Option<Duration>) -> apiban::sync::Running<FaultyEnforcer> {
         reqwest::Client::new(),
         apiban::sync::OwnerTiming::new(Duration::from_secs(60)),
     )
+    .unwrap()
 }
 
 fn ban(net: &str) -> apiban::sync::Change {
@@ -466,7 +467,7 @@ fn ban(net: &str) -> apiban::sync::Change {
 /// that the service manager restarts the agent (the lock it used to take was still there).
 #[tokio::test]
 async fn a_dead_owner_is_noticed() {
-    let running = faulty(None);
+    let mut running = faulty(None);
     assert_eq!(running.owner_health(Duration::from_secs(5)), Ok(()));
     let answer = apiban::control::send_change(&running.updates, ban("198.18.0.1/32")).await;
     assert!(answer.is_err(), "the owner died answering: {answer:?}");
@@ -491,7 +492,7 @@ async fn a_dead_owner_is_noticed() {
 /// back once it gets through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_owner_is_noticed_and_recovers() {
-    let running = faulty(Some(Duration::from_millis(2500)));
+    let mut running = faulty(Some(Duration::from_millis(2500)));
     let updates = running.updates.clone();
     let change =
         tokio::spawn(

@@ -23,7 +23,11 @@ use apiban_common::{
 };
 use aya::maps::{Array, IterableMap as _, Map, MapData, MapError};
 
-use super::{DataplaneError, Family, List, batch, batch_result, mapping::Mapping};
+use super::{
+    DataplaneError, Family, List, batch,
+    mapping::Mapping,
+    prefix_map::{batch_result, dup_map},
+};
 
 /// Every bucket is one 64-byte array element.
 const BUCKET_BYTES: usize = 64;
@@ -116,12 +120,13 @@ impl<const N: usize> HostTable<N> {
     /// A second handle on the same table, for reading it away from its owner: status reads
     /// every slot's hits, which must not hold up the writer. Nothing is settled or written.
     pub(super) fn reader(&self) -> Result<Self, DataplaneError> {
-        let keys = super::dup_map(&self.keys, self.keys_name)?;
-        let hits = Array::try_from(Map::Array(super::dup_map(self.hits.map(), self.hits_name)?))
-            .map_err(|source| DataplaneError::Map {
+        let keys = dup_map(&self.keys, self.keys_name)?;
+        let hits = Array::try_from(Map::Array(dup_map(self.hits.map(), self.hits_name)?)).map_err(
+            |source| DataplaneError::Map {
                 name: self.hits_name,
                 source,
-            })?;
+            },
+        )?;
         Ok(Self {
             keys_name: self.keys_name,
             hits_name: self.hits_name,

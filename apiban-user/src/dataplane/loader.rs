@@ -914,7 +914,7 @@ impl Enforcement {
                     AttachMode::Auto => try_mode(AttachedMode::Native).or_else(|e| {
                         tracing::info!(
                             iface,
-                            reason = %error_chain(&e),
+                            reason = %crate::error_chain(&e),
                             "native XDP unavailable; using generic (skb) mode"
                         );
                         try_mode(AttachedMode::Skb)
@@ -971,18 +971,6 @@ fn warn_mode_kept(iface: &str, wanted: AttachMode, running: AttachedMode) {
             "keeping the mode the program runs in: changing it needs `apiban detach --iface {iface}` first"
         );
     }
-}
-
-/// An error and its causes on one line, for log fields.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// What `detach` removed.

@@ -1,0 +1,247 @@
+//! The reports, built in the agent from the owner's latest snapshot and the maps' reader:
+//! nothing here waits for the owner.
+
+use std::net::IpAddr;
+
+use apiban_common::Verdict;
+use ipnet::IpNet;
+
+use super::{
+    AgentInfo, CheckReport, EngineReport, EntryCount, ListReport, ListRow, RecordReport,
+    StatusReport, SyncReport, TopEntry, Traffic,
+};
+use crate::{
+    dataplane::{DataplaneReader, Family, loader},
+    ledger::SourceId,
+    snapshot::Snapshot,
+};
+
+fn family(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => "ipv4",
+        IpNet::V6(_) => "ipv6",
+    }
+}
+
+/// Nanoseconds of CLOCK_MONOTONIC, the clock the XDP program stamps hits with.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn ago_secs(last_hit_ns: u64) -> Option<u64> {
+    (last_hit_ns != 0).then(|| monotonic_ns().saturating_sub(last_hit_ns) / 1_000_000_000)
+}
+
+/// The status report without the top sources (see [`top_entries`]): the snapshot's figures
+/// and, with a dataplane, its capacities and counters.
+pub fn report(
+    snapshot: &Snapshot,
+    agent: &AgentInfo,
+    dataplane: Option<&DataplaneReader>,
+    now: u64,
+) -> StatusReport {
+    let mut report = StatusReport {
+        now,
+        agent: agent.clone(),
+        allowlist: snapshot.allowlist.len(),
+        ..Default::default()
+    };
+    for ((source, v6), count) in snapshot.ledger.counts() {
+        report.entries.push(EntryCount {
+            source: source.to_string(),
+            family: if v6 { "ipv6" } else { "ipv4" }.into(),
+            count,
+        });
+    }
+    report.enforced.insert("ipv4".into(), 0);
+    report.enforced.insert("ipv6".into(), 0);
+    for net in snapshot.enforced.iter() {
+        *report.enforced.entry(family(net).into()).or_default() += 1;
+    }
+    let c = &snapshot.counters;
+    report.engine = EngineReport {
+        added: c.added,
+        removed: c.removed,
+        expired: c.expired,
+        reconciled: c.reconciled,
+        skipped: c
+            .skipped
+            .iter()
+            .map(|(r, n)| (r.name().to_owned(), *n))
+            .collect(),
+        map_full: c.map_full,
+        saves: c.saves,
+        save_failures: c.save_failures,
+        last_save_seconds: c.last_save_duration.as_secs_f64(),
+        unsaved: snapshot.unsaved,
+    };
+    let s = &snapshot.sync;
+    let cursor = &snapshot.apiban;
+    report.sync = SyncReport {
+        requests: s
+            .requests
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), *v))
+            .collect(),
+        last_request_at: s.last_request.map(|(at, _)| at),
+        last_request_outcome: s.last_request.map(|(_, o)| o.to_owned()),
+        last_success: s.last_success,
+        next_request: s.next_request,
+        budget_left: s.budget_left,
+        rate_limit_waits: s.rate_limit_waits,
+        key_rejected_since: s.key_rejected_since,
+        next_id: cursor.next_id.clone(),
+        full_pull_in_progress: cursor.full_pull.is_some(),
+        lists: s
+            .lists
+            .iter()
+            .map(|(name, l)| ListReport {
+                name: name.clone(),
+                last_success: l.last_success,
+                last_error: l.last_error.clone(),
+            })
+            .collect(),
+    };
+    if let Some(dp) = dataplane {
+        report
+            .capacity
+            .insert("ipv4".into(), dp.deny_capacity(Family::V4));
+        report
+            .capacity
+            .insert("ipv6".into(), dp.deny_capacity(Family::V6));
+        let ifaces: Vec<(String, u32)> = agent
+            .interfaces
+            .iter()
+            .filter_map(|i| loader::ifindex(&i.name).map(|x| (i.name.clone(), x)))
+            .collect();
+        match dp.stats_by_interface(&ifaces) {
+            Ok(rows) => {
+                for (iface, stats) in rows {
+                    let by_verdict = Verdict::ALL
+                        .iter()
+                        .map(|v| {
+                            let c = stats.get(*v);
+                            (
+                                v.name().to_owned(),
+                                Traffic {
+                                    packets: c.packets,
+                                    bytes: c.bytes,
+                                },
+                            )
+                        })
+                        .collect();
+                    report.traffic.insert(iface, by_verdict);
+                }
+            }
+            Err(e) => report.dataplane_error = Some(crate::error_chain(&e)),
+        }
+    }
+    report
+}
+
+/// The `n` deny entries with the most hits, with the sources that hold them. The hits are
+/// read by the caller, who may do it away from the owner (see `DataplaneReader`).
+pub fn top_entries(
+    mut hits: Vec<crate::dataplane::DenyHits>,
+    n: usize,
+    snapshot: &Snapshot,
+) -> Vec<TopEntry> {
+    hits.retain(|h| h.entry.hits > 0);
+    hits.sort_by(|a, b| b.entry.hits.cmp(&a.entry.hits).then(a.net.cmp(&b.net)));
+    hits.into_iter()
+        .take(n)
+        .map(|h| TopEntry {
+            net: h.net,
+            hits: h.entry.hits,
+            last_hit_ago: ago_secs(h.entry.last_hit_ns),
+            sources: snapshot
+                .ledger
+                .get(&h.net)
+                .map(|r| r.iter().map(|(s, _)| s.to_string()).collect())
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// `apiban check`: what the ledger holds for `addr`, and what the maps find for it.
+pub fn check(
+    snapshot: &Snapshot,
+    dataplane: Option<&DataplaneReader>,
+    addr: IpAddr,
+) -> CheckReport {
+    let allowed_by = snapshot.allowlist.covering(addr);
+    let (entry, records) = match snapshot.ledger.longest_match(addr) {
+        Some((net, records)) => (
+            Some(*net),
+            records
+                .iter()
+                .map(|(s, r)| (s.clone(), r.clone()))
+                .collect(),
+        ),
+        None => (None, Vec::new()),
+    };
+    let enforced = entry.is_some_and(|n| snapshot.enforced.contains(&n));
+    let mut report = CheckReport {
+        addr,
+        verdict: String::new(),
+        entry,
+        enforced,
+        records: records
+            .into_iter()
+            .map(|(s, r)| RecordReport {
+                source: s.to_string(),
+                first_seen: r.first_seen,
+                last_seen: r.last_seen,
+                expires: r.expires,
+                comment: r.comment,
+            })
+            .collect(),
+        allowed_by,
+        hits: None,
+        last_hit_ago: None,
+        dry_run: dataplane.is_none(),
+    };
+    if let Some(dp) = dataplane
+        && let Ok(Some(hit)) = dp.deny_match(addr)
+    {
+        report.entry = report.entry.or(Some(hit.net));
+        report.enforced = true;
+        report.hits = Some(hit.entry.hits);
+        report.last_hit_ago = ago_secs(hit.entry.last_hit_ns);
+    }
+    report.verdict = match (report.enforced, allowed_by) {
+        (true, Some(_)) => "allowed",
+        (true, None) => "banned",
+        (false, _) => "not banned",
+    }
+    .into();
+    report
+}
+
+/// `apiban list`: every record, or one source's.
+pub fn list(snapshot: &Snapshot, source: Option<&SourceId>) -> Vec<ListRow> {
+    let mut rows = Vec::new();
+    for (net, records) in snapshot.ledger.iter() {
+        for (s, r) in records {
+            if source.is_some_and(|want| want != s) {
+                continue;
+            }
+            rows.push(ListRow {
+                net: *net,
+                source: s.to_string(),
+                first_seen: r.first_seen,
+                last_seen: r.last_seen,
+                expires: r.expires,
+                comment: r.comment.clone(),
+                enforced: snapshot.enforced.contains(net),
+            });
+        }
+    }
+    rows
+}

@@ -1,0 +1,175 @@
+//! What the running agent reports about itself: the types behind `apiban status` (text and
+//! JSON), `apiban check`, `apiban list` and /metrics. The agent builds them from one snapshot
+//! of the owner ([`build`]), so every view agrees; the client prints them ([`text`]).
+
+pub mod build;
+pub mod text;
+
+pub use self::{
+    build::{check, list, report, top_entries},
+    text::{relative, utc},
+};
+
+/// What the read side of the agent (control socket, /metrics, its own log lines) reads: the
+/// owner's latest snapshot, the agent's facts and the maps' reader. Nothing in it can wait
+/// for the owner, nor write what the owner writes.
+#[derive(Clone)]
+pub struct Readers {
+    pub snapshots: tokio::sync::watch::Receiver<std::sync::Arc<crate::snapshot::Snapshot>>,
+    pub info: std::sync::Arc<std::sync::Mutex<AgentInfo>>,
+    /// None in a dry run.
+    pub dataplane: Option<std::sync::Arc<crate::dataplane::DataplaneReader>>,
+}
+
+impl Readers {
+    /// The status report of this moment, without the top sources.
+    pub fn report(&self, now: u64) -> StatusReport {
+        let snapshot = self.snapshots.borrow().clone();
+        let info = crate::lock(&self.info).clone();
+        report(&snapshot, &info, self.dataplane.as_deref(), now)
+    }
+}
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Facts about the agent that are not the ledger's: what it attached to and how it runs.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub version: String,
+    pub pid: u32,
+    pub started_at: u64,
+    pub dry_run: bool,
+    pub interfaces: Vec<InterfaceInfo>,
+    pub scope: String,
+    pub apiban_enabled: bool,
+    pub rate_limit: String,
+    pub poll_interval: String,
+    pub config_file: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InterfaceInfo {
+    pub name: String,
+    pub mode: String,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EntryCount {
+    pub source: String,
+    pub family: String,
+    pub count: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TopEntry {
+    pub net: IpNet,
+    pub hits: u64,
+    /// Seconds since the last hit.
+    pub last_hit_ago: Option<u64>,
+    pub sources: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SyncReport {
+    pub requests: BTreeMap<String, u64>,
+    pub last_request_at: Option<u64>,
+    pub last_request_outcome: Option<String>,
+    pub last_success: Option<u64>,
+    pub next_request: Option<u64>,
+    pub budget_left: u32,
+    pub rate_limit_waits: u64,
+    /// Since when APIBAN has rejected the key (403), while it does.
+    #[serde(default)]
+    pub key_rejected_since: Option<u64>,
+    pub next_id: Option<String>,
+    pub full_pull_in_progress: bool,
+    pub lists: Vec<ListReport>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ListReport {
+    pub name: String,
+    pub last_success: Option<u64>,
+    pub last_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct EngineReport {
+    pub added: u64,
+    pub removed: u64,
+    pub expired: u64,
+    pub reconciled: u64,
+    pub skipped: BTreeMap<String, u64>,
+    pub map_full: u64,
+    pub saves: u64,
+    pub save_failures: u64,
+    pub last_save_seconds: f64,
+    /// The last save failed: the state file is behind what is enforced.
+    #[serde(default)]
+    pub unsaved: bool,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub now: u64,
+    pub agent: AgentInfo,
+    /// Ledger records by source and family.
+    pub entries: Vec<EntryCount>,
+    /// Prefixes in the deny maps by family.
+    pub enforced: BTreeMap<String, usize>,
+    /// Deny map capacity by family (each of the host hash and the prefix trie holds this many).
+    pub capacity: BTreeMap<String, u32>,
+    pub allowlist: usize,
+    /// Packets and bytes by interface, then verdict; "other" is interfaces without a slot.
+    pub traffic: BTreeMap<String, BTreeMap<String, Traffic>>,
+    pub top: Vec<TopEntry>,
+    pub sync: SyncReport,
+    pub engine: EngineReport,
+    /// Set when the dataplane could not be read; the rest is still true.
+    pub dataplane_error: Option<String>,
+}
+
+/// `apiban check`: the verdict for one address and why.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckReport {
+    pub addr: IpAddr,
+    /// "banned", "allowed" (banned but the allowlist wins) or "not banned".
+    pub verdict: String,
+    pub entry: Option<IpNet>,
+    pub enforced: bool,
+    pub records: Vec<RecordReport>,
+    pub allowed_by: Option<IpNet>,
+    pub hits: Option<u64>,
+    pub last_hit_ago: Option<u64>,
+    pub dry_run: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecordReport {
+    pub source: String,
+    pub first_seen: u64,
+    pub last_seen: u64,
+    pub expires: Option<u64>,
+    pub comment: Option<String>,
+}
+
+/// `apiban list`: one row per prefix and source.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ListRow {
+    pub net: IpNet,
+    pub source: String,
+    pub first_seen: u64,
+    pub last_seen: u64,
+    pub expires: Option<u64>,
+    pub comment: Option<String>,
+    pub enforced: bool,
+}

@@ -1,0 +1,325 @@
+//! What `apiban status` prints, and the times as people read them.
+
+use std::time::Duration;
+
+use super::{CheckReport, StatusReport};
+use crate::human::format_duration;
+
+/// UTC `YYYY-MM-DD HH:MM:SSZ` for a Unix time.
+pub fn utc(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+/// "3m ago", "in 2h", rounded to what a person reads.
+pub fn relative(at: u64, now: u64) -> String {
+    let coarse = |secs: u64| {
+        let d = match secs {
+            0..120 => secs,
+            120..7200 => secs / 60 * 60,
+            7200..172_800 => secs / 3600 * 3600,
+            _ => secs / 86_400 * 86_400,
+        };
+        format_duration(Duration::from_secs(d))
+    };
+    if at <= now {
+        format!("{} ago", coarse(now - at))
+    } else {
+        format!("in {}", coarse(at - now))
+    }
+}
+
+fn when(at: Option<u64>, now: u64) -> String {
+    match at {
+        Some(t) => format!("{} ({})", utc(t), relative(t, now)),
+        None => "never".into(),
+    }
+}
+
+impl StatusReport {
+    /// The text `apiban status` prints.
+    pub fn to_text(&self) -> String {
+        use std::fmt::Write as _;
+        let mut o = String::new();
+        let a = &self.agent;
+        let _ = writeln!(
+            o,
+            "apiban {} (pid {}), up since {}{}",
+            a.version,
+            a.pid,
+            when(Some(a.started_at), self.now),
+            if a.dry_run {
+                ", DRY RUN: nothing is enforced"
+            } else {
+                ""
+            }
+        );
+        if let Some(f) = &a.config_file {
+            let _ = writeln!(o, "config       {f}");
+        }
+        let ifaces: Vec<String> = a
+            .interfaces
+            .iter()
+            .map(|i| format!("{} ({})", i.name, i.mode))
+            .collect();
+        let _ = writeln!(
+            o,
+            "interfaces   {}   scope {}",
+            if ifaces.is_empty() {
+                "none".into()
+            } else {
+                ifaces.join(", ")
+            },
+            a.scope
+        );
+        let v4 = self.enforced.get("ipv4").copied().unwrap_or(0);
+        let v6 = self.enforced.get("ipv6").copied().unwrap_or(0);
+        let cap = |f: &str| {
+            self.capacity
+                .get(f)
+                .map(|c| format!(" of {c}"))
+                .unwrap_or_default()
+        };
+        let _ = writeln!(
+            o,
+            "enforced     {v4} IPv4{} and {v6} IPv6{} prefixes; allowlist {}",
+            cap("ipv4"),
+            cap("ipv6"),
+            self.allowlist
+        );
+        let _ = writeln!(o, "\nentries by source");
+        if self.entries.is_empty() {
+            let _ = writeln!(o, "  (none)");
+        }
+        for e in &self.entries {
+            let _ = writeln!(o, "  {:<20} {:<5} {:>9}", e.source, e.family, e.count);
+        }
+        if !self.traffic.is_empty() {
+            let _ = writeln!(
+                o,
+                "\ntraffic      {:>14} {:>16} {:>14} {:>16}",
+                "dropped pkts", "dropped bytes", "passed pkts", "passed bytes"
+            );
+            for (iface, v) in &self.traffic {
+                let get = |name: &str| v.get(name).copied().unwrap_or_default();
+                let (d, p, al) = (get("dropped"), get("passed"), get("allowed"));
+                if iface == "other" && d.packets + p.packets + al.packets == 0 {
+                    continue;
+                }
+                let _ = writeln!(
+                    o,
+                    "  {:<10} {:>14} {:>16} {:>14} {:>16}{}",
+                    iface,
+                    d.packets,
+                    d.bytes,
+                    p.packets + al.packets,
+                    p.bytes + al.bytes,
+                    if al.packets > 0 {
+                        format!("  ({} passed by the allowlist)", al.packets)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        if !self.top.is_empty() {
+            let _ = writeln!(o, "\ntop banned sources by hits");
+            for t in &self.top {
+                let _ = writeln!(
+                    o,
+                    "  {:<24} {:>10} hits  last {:<10} {}",
+                    t.net.to_string(),
+                    t.hits,
+                    t.last_hit_ago
+                        .map(|s| relative(self.now - s.min(self.now), self.now))
+                        .unwrap_or_else(|| "-".into()),
+                    t.sources.join(",")
+                );
+            }
+        }
+        let s = &self.sync;
+        let _ = writeln!(o, "\nAPIBAN");
+        if !a.apiban_enabled {
+            let _ = writeln!(
+                o,
+                "  not polling: no API key (get one at https://apiban.org/getkey.html)"
+            );
+        } else {
+            if let Some(since) = s.key_rejected_since {
+                let _ = writeln!(
+                    o,
+                    "  key          REJECTED (403) since {}; next try {}; bans already known \
+                     stay enforced",
+                    when(Some(since), self.now),
+                    s.next_request
+                        .map(|t| if t <= self.now {
+                            "now".to_owned()
+                        } else {
+                            relative(t, self.now)
+                        })
+                        .unwrap_or_else(|| "not scheduled".into())
+                );
+            }
+            let _ = writeln!(o, "  last success {}", when(s.last_success, self.now));
+            let _ = writeln!(
+                o,
+                "  last request {}{}",
+                when(s.last_request_at, self.now),
+                s.last_request_outcome
+                    .as_ref()
+                    .map(|x| format!(": {x}"))
+                    .unwrap_or_default()
+            );
+            let _ = writeln!(o, "  next request {}", when(s.next_request, self.now));
+            let _ = writeln!(
+                o,
+                "  budget       {} requests left of {}; waited for the budget {} times",
+                s.budget_left, a.rate_limit, s.rate_limit_waits
+            );
+            let total: Vec<String> = s.requests.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let _ = writeln!(
+                o,
+                "  requests     {}",
+                if total.is_empty() {
+                    "none yet".into()
+                } else {
+                    total.join(", ")
+                }
+            );
+            if s.full_pull_in_progress {
+                let _ = writeln!(o, "  a full pull is in progress");
+            }
+        }
+        for l in &s.lists {
+            let _ = writeln!(
+                o,
+                "list {:<8} last refresh {}{}",
+                l.name,
+                when(l.last_success, self.now),
+                l.last_error
+                    .as_ref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
+        let skipped: Vec<String> = self
+            .engine
+            .skipped
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        if !skipped.is_empty() {
+            let _ = writeln!(o, "skipped from feeds: {}", skipped.join(", "));
+        }
+        if self.engine.map_full > 0 {
+            let _ = writeln!(
+                o,
+                "WARNING: {} prefixes did not fit in the deny maps",
+                self.engine.map_full
+            );
+        }
+        if self.engine.unsaved {
+            let _ = writeln!(
+                o,
+                "WARNING: the state file is behind what is enforced ({} failed saves); a \
+                 restart now would lose the latest changes",
+                self.engine.save_failures
+            );
+        }
+        if let Some(e) = &self.dataplane_error {
+            let _ = writeln!(o, "WARNING: cannot read the dataplane: {e}");
+        }
+        o
+    }
+}
+
+impl CheckReport {
+    pub fn to_text(&self, now: u64) -> String {
+        use std::fmt::Write as _;
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "{} is {}{}",
+            self.addr,
+            self.verdict.to_uppercase(),
+            if self.dry_run {
+                " (dry run: nothing is enforced)"
+            } else {
+                ""
+            }
+        );
+        if let Some(net) = self.entry {
+            let _ = writeln!(
+                o,
+                "  entry      {net}{}",
+                if self.enforced {
+                    ""
+                } else {
+                    " (in the ledger, not enforced)"
+                }
+            );
+        }
+        for r in &self.records {
+            let _ = writeln!(
+                o,
+                "  source     {}: first seen {}, last seen {}, {}{}",
+                r.source,
+                relative(r.first_seen, now),
+                relative(r.last_seen, now),
+                match r.expires {
+                    Some(t) if t > now => format!("expires {}", relative(t, now)),
+                    Some(t) => format!("expired {}", relative(t, now)),
+                    None => "never expires".into(),
+                },
+                r.comment
+                    .as_ref()
+                    .map(|c| format!(" ({c})"))
+                    .unwrap_or_default()
+            );
+        }
+        if let Some(a) = self.allowed_by {
+            let _ = writeln!(o, "  allowlist  {a} (wins over every feed)");
+        }
+        if let Some(h) = self.hits {
+            let _ = writeln!(
+                o,
+                "  hits       {h}{}",
+                self.last_hit_ago
+                    .map(|s| format!(", last {}", relative(now - s.min(now), now)))
+                    .unwrap_or_default()
+            );
+        }
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_and_relative_times() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00Z");
+        assert_eq!(utc(1_795_000_000), "2026-11-18 11:06:40Z");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00Z");
+        assert_eq!(relative(100, 190), "1m30s ago");
+        assert_eq!(relative(0, 3 * 3600 + 59), "3h ago");
+        assert_eq!(relative(1000 + 2 * 86_400 + 5, 1000), "in 2d");
+    }
+}

@@ -1,0 +1,106 @@
+//! What the sources, the control socket and reloads send to the owner, and what it answers.
+
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::sync::oneshot;
+
+use crate::{dataplane::Scope, engine::EngineSettings, engine::IngestReport};
+
+/// Messages from the sources to the engine's owner.
+#[derive(Debug)]
+pub enum Update {
+    BeginFullPull {
+        reply: oneshot::Sender<()>,
+    },
+    ApibanBatch {
+        addresses: Vec<String>,
+        next_id: String,
+        reply: oneshot::Sender<IngestReport>,
+    },
+    ApibanDone {
+        reply: oneshot::Sender<IngestReport>,
+    },
+    /// Every request's outcome, for status and metrics.
+    ApibanRequest(RequestReport),
+    /// The poller is idle until this time (Unix seconds).
+    ApibanNextPoll(u64),
+    ListSnapshot {
+        name: String,
+        text: String,
+        reply: oneshot::Sender<IngestReport>,
+    },
+    ListFailed {
+        name: String,
+        error: String,
+    },
+    /// This host's addresses changed (see `host_addresses`).
+    OwnAddresses(Vec<std::net::IpAddr>),
+    /// From the control socket or a reload; the reply says what happened, or why not.
+    Control {
+        change: Change,
+        reply: oneshot::Sender<Result<String, ChangeError>>,
+    },
+}
+
+/// Why an operator's change was not made.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChangeError {
+    /// Not something the agent does as asked; the text says why and what would be.
+    #[error("{0}")]
+    Refused(String),
+    /// It could not be done now.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<crate::engine::EngineError> for ChangeError {
+    fn from(e: crate::engine::EngineError) -> Self {
+        match e {
+            crate::engine::EngineError::Refused(..) => ChangeError::Refused(e.to_string()),
+            other => ChangeError::Failed(crate::error_chain(&other)),
+        }
+    }
+}
+
+/// A change an operator asks for.
+#[derive(Clone, Debug)]
+pub enum Change {
+    Ban {
+        net: IpNet,
+        ttl: Option<Duration>,
+        comment: Option<String>,
+        /// Ban what the engine would refuse (loopback, this host, allowlisted).
+        force: bool,
+    },
+    Unban {
+        net: IpNet,
+    },
+    AllowAdd {
+        net: IpNet,
+    },
+    AllowRemove {
+        net: IpNet,
+    },
+    /// Reloaded configuration: TTL, prefix limits, allowlist and port scope.
+    Settings {
+        engine: EngineSettings,
+        scope: Scope,
+    },
+    /// A blocklist left the configuration.
+    DropList {
+        name: String,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct RequestReport {
+    pub outcome: &'static str,
+    pub at: u64,
+    pub budget_left: u32,
+    /// When the poller will send its next request.
+    pub next_request: Option<u64>,
+    pub waited_for_budget: bool,
+    /// Since when APIBAN has rejected the key (403), if it does now.
+    pub key_rejected_since: Option<u64>,
+}

@@ -1,0 +1,186 @@
+//! Syncing: sources fetch, the owner applies, readers read snapshots.
+//!
+//! Sources never touch the ledger or the maps. They send what they fetched to the owner of
+//! the [`Engine`] and wait for its acknowledgement, which comes after the batch is in the
+//! maps, on disk and published; only then do they ask for the next batch. So a full pull
+//! grows protection batch by batch, and an interruption at any point loses nothing.
+//!
+//! - [`messages`]: what the sources, the control socket and reloads send to the owner;
+//! - [`owner`]: the owner's thread, which applies them and publishes snapshots;
+//! - [`poller`]: the APIBAN poller and its rate budget;
+//! - [`blocklists`]: one task per configured blocklist;
+//! - [`backoff`]: retry delays.
+
+pub mod backoff;
+pub mod blocklists;
+pub mod messages;
+pub mod owner;
+pub mod poller;
+
+use std::{
+    collections::BTreeMap,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::sync::{mpsc, watch};
+
+pub use self::{
+    backoff::Backoff,
+    messages::{Change, ChangeError, RequestReport, Update},
+    owner::{Owner, OwnerHealth, OwnerTiming},
+    poller::{ApibanPoller, PollSettings},
+};
+use self::{blocklists::run_blocklist, owner::OwnerThread};
+use crate::{
+    engine::{Enforcer, Engine},
+    rate_budget::BudgetJournal,
+    snapshot::Snapshot,
+    source::{apiban::ApibanClient, blocklist::ListSpec},
+};
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The running sync machinery: the owner's thread and every task feeding it.
+pub struct Running<E: Enforcer> {
+    /// The owner's inbox, for the control socket and reloads.
+    pub updates: mpsc::Sender<Update>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    owner: OwnerThread<E>,
+    poller: Option<tokio::task::JoinHandle<()>>,
+    lists: BTreeMap<String, (ListSpec, tokio::task::JoinHandle<()>)>,
+    http: reqwest::Client,
+    retry_now: Arc<tokio::sync::Notify>,
+}
+
+impl<E: Enforcer> Running<E> {
+    /// The owner's latest snapshot.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// For readers that keep their own: each sees every later publication.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshots.clone()
+    }
+
+    /// Stops every task, as a kill would: nothing is saved beyond what each change saved.
+    pub fn abort(&mut self) {
+        self.abort_sources();
+        self.owner.request_stop();
+    }
+
+    fn abort_sources(&mut self) {
+        if let Some(p) = &self.poller {
+            p.abort();
+        }
+        for (_, task) in self.lists.values() {
+            task.abort();
+        }
+    }
+
+    /// Stops the sources, then the owner after the change it is making, and hands the owner
+    /// back (for the last save); None if the owner died.
+    pub fn stop(mut self) -> Option<Owner<E>> {
+        self.abort_sources();
+        self.owner.join()
+    }
+
+    /// Replaces the APIBAN poller (new key, URL or intervals). The poller resumes from the
+    /// engine's cursor with the budget its journal holds, so a reload never overspends it.
+    pub fn restart_poller(&mut self, apiban: Option<(ApibanClient, PollSettings)>) {
+        if let Some(p) = self.poller.take() {
+            p.abort();
+        }
+        if let Some((client, settings)) = apiban {
+            let snapshot = self.snapshot();
+            let journal = snapshot.state_dir.as_deref().map(BudgetJournal::in_dir);
+            let cursor = snapshot.apiban.clone();
+            let poller =
+                ApibanPoller::new(client, settings, &cursor, journal, self.updates.clone())
+                    .with_retry_signal(self.retry_now.clone());
+            self.poller = Some(tokio::spawn(poller.run(cursor)));
+        }
+    }
+
+    /// Whether the owner is alive and has shown progress within `max_silence`; why not.
+    pub fn owner_health(&self, max_silence: Duration) -> Result<(), String> {
+        self.owner.health(max_silence)
+    }
+
+    /// Cuts the poller's wait after a rejected key (403) short: the operator reloaded or
+    /// replaced the key. Does nothing while the key is accepted.
+    pub fn retry_apiban_now(&self) {
+        if self.snapshot().sync.key_rejected_since.is_some() {
+            self.retry_now.notify_one();
+        }
+    }
+
+    /// Starts, stops or restarts the blocklists whose configuration changed; returns the
+    /// names that left the configuration (their bans are for the owner to drop).
+    pub fn set_lists(&mut self, lists: Vec<ListSpec>) -> Vec<String> {
+        let wanted: BTreeMap<String, ListSpec> =
+            lists.into_iter().map(|l| (l.name.clone(), l)).collect();
+        let mut gone = Vec::new();
+        self.lists.retain(|name, (spec, task)| {
+            let keep = wanted.get(name) == Some(spec);
+            if !keep {
+                task.abort();
+                if !wanted.contains_key(name) {
+                    gone.push(name.clone());
+                }
+            }
+            keep
+        });
+        let refreshes = self.snapshot().list_refreshes.clone();
+        for (name, spec) in wanted {
+            if self.lists.contains_key(&name) {
+                continue;
+            }
+            let task = tokio::spawn(run_blocklist(
+                spec.clone(),
+                self.http.clone(),
+                refreshes.get(&name).copied(),
+                self.updates.clone(),
+            ));
+            self.lists.insert(name, (spec, task));
+        }
+        gone
+    }
+}
+
+impl<E: Enforcer> Drop for Running<E> {
+    fn drop(&mut self) {
+        self.abort();
+    }
+}
+
+/// Starts the owner's thread, the APIBAN poller (when there is a client) and one task per
+/// blocklist. Must be called inside a tokio runtime (the sources run on it).
+pub fn spawn<E: Enforcer + Send + 'static>(
+    engine: Engine<E>,
+    apiban: Option<(ApibanClient, PollSettings)>,
+    lists: Vec<ListSpec>,
+    http: reqwest::Client,
+    timing: OwnerTiming,
+) -> std::io::Result<Running<E>> {
+    let (tx, rx) = mpsc::channel(16);
+    let (owner, snapshots) = OwnerThread::start(engine, rx, timing)?;
+    let mut running = Running {
+        updates: tx,
+        snapshots,
+        owner,
+        poller: None,
+        lists: BTreeMap::new(),
+        http,
+        retry_now: Default::default(),
+    };
+    running.restart_poller(apiban);
+    running.set_lists(lists);
+    Ok(running)
+}

@@ -1,0 +1,450 @@
+//! The ledger's owner: the one thread that changes the engine, and so the maps.
+//!
+//! It runs on a thread of its own, with a runtime of its own for its timers, so that a batch,
+//! a sweep or a state save (tens of milliseconds at 100k entries, growing with the ledger)
+//! never holds up the control socket, /metrics, signals or the watchdog. It takes changes from
+//! one queue in arrival order and, after each, publishes a [`Snapshot`] that every reader
+//! reads instead of the engine; acknowledgements go out after the snapshot, so a client that
+//! was told "banned" sees the ban in the next `check`.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Change, ChangeError, Update, unix_now};
+use crate::{
+    engine::{Enforcer, Engine, IngestReport},
+    snapshot::{Snapshot, SyncStatus},
+    source::blocklist,
+};
+
+/// The engine and what the owner tracks beside it.
+pub struct Owner<E: Enforcer> {
+    pub engine: Engine<E>,
+    pub sync: SyncStatus,
+    published: watch::Sender<Arc<Snapshot>>,
+    seq: u64,
+}
+
+/// An acknowledgement, sent once what it acknowledges is in the maps, on disk and published.
+enum Ack {
+    None,
+    Done(oneshot::Sender<()>),
+    Ingest(oneshot::Sender<IngestReport>, IngestReport),
+    Change(
+        oneshot::Sender<Result<String, ChangeError>>,
+        Result<String, ChangeError>,
+    ),
+}
+
+impl Ack {
+    fn send(self) {
+        // A source that stopped waiting has gone; nothing to tell it.
+        match self {
+            Ack::None => {}
+            Ack::Done(reply) => drop(reply.send(())),
+            Ack::Ingest(reply, report) => drop(reply.send(report)),
+            Ack::Change(reply, result) => drop(reply.send(result)),
+        }
+    }
+}
+
+impl<E: Enforcer> Owner<E> {
+    /// The owner of `engine`, and what readers subscribe to for its snapshots.
+    pub fn new(engine: Engine<E>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+        let sync = SyncStatus::default();
+        let first = Snapshot::new(0, engine.shared(), sync.clone());
+        let (published, snapshots) = watch::channel(Arc::new(first));
+        let owner = Self {
+            engine,
+            sync,
+            published,
+            seq: 0,
+        };
+        (owner, snapshots)
+    }
+
+    /// Makes what the engine holds now what readers see.
+    fn publish(&mut self) {
+        self.seq += 1;
+        let snapshot = Snapshot::new(self.seq, self.engine.shared(), self.sync.clone());
+        // send_replace: readers may all have gone (a dry run without a control socket).
+        self.published.send_replace(Arc::new(snapshot));
+    }
+
+    /// Applies one update from a source. Acknowledgements are sent after the change is in
+    /// the maps, saved and published.
+    pub fn handle(&mut self, update: Update) {
+        let ack = self.apply(update);
+        self.publish();
+        ack.send();
+    }
+
+    fn apply(&mut self, update: Update) -> Ack {
+        let now = unix_now();
+        match update {
+            Update::BeginFullPull { reply } => {
+                self.engine.begin_full_pull(now);
+                tracing::info!("APIBAN full pull started");
+                Ack::Done(reply)
+            }
+            Update::ApibanBatch {
+                addresses,
+                next_id,
+                reply,
+            } => {
+                let report = self.engine.apiban_batch(&addresses, next_id, now);
+                log_sync(
+                    "apiban",
+                    &report,
+                    self.engine.apiban_cursor().full_pull.is_some(),
+                );
+                Ack::Ingest(reply, report)
+            }
+            Update::ApibanDone { reply } => {
+                let full = self.engine.apiban_cursor().full_pull.is_some();
+                let report = self.engine.apiban_done(now);
+                if full {
+                    tracing::info!(
+                        reconciled = report.reconciled,
+                        removed = report.applied.removed,
+                        "APIBAN full pull complete"
+                    );
+                }
+                self.sync.last_success = Some(now);
+                Ack::Ingest(reply, report)
+            }
+            Update::ApibanNextPoll(at) => {
+                self.sync.next_request = Some(at);
+                Ack::None
+            }
+            Update::ApibanRequest(r) => {
+                *self.sync.requests.entry(r.outcome).or_default() += 1;
+                self.sync.last_request = Some((r.at, r.outcome));
+                self.sync.budget_left = r.budget_left;
+                self.sync.next_request = r.next_request;
+                self.sync.key_rejected_since = r.key_rejected_since;
+                if r.waited_for_budget {
+                    self.sync.rate_limit_waits += 1;
+                }
+                Ack::None
+            }
+            Update::ListSnapshot { name, text, reply } => {
+                let items = blocklist::parse_list(&text);
+                let report = self.engine.list_snapshot(&name, &items, now);
+                log_sync(&format!("list:{name}"), &report, false);
+                let status = self.sync.lists.entry(name).or_default();
+                status.last_success = Some(now);
+                status.last_error = None;
+                Ack::Ingest(reply, report)
+            }
+            Update::ListFailed { name, error } => {
+                tracing::warn!(list = %name, %error, "blocklist refresh failed; keeping its bans");
+                self.sync.lists.entry(name).or_default().last_error = Some(error);
+                Ack::None
+            }
+            Update::OwnAddresses(own) => {
+                tracing::info!(
+                    addresses = own.len(),
+                    "this host's addresses changed; feeds may not ban them"
+                );
+                let dropped = self.engine.set_own_addresses(own, now);
+                for net in dropped {
+                    tracing::warn!(
+                        %net,
+                        "dropped a feed's ban that covers one of this host's addresses"
+                    );
+                }
+                Ack::None
+            }
+            Update::Control { change, reply } => Ack::Change(reply, self.change(change, now)),
+        }
+    }
+
+    /// Applies an operator's change; the answer is one line for the operator.
+    pub fn change(&mut self, change: Change, now: u64) -> Result<String, ChangeError> {
+        let effect = |a: crate::engine::Applied| {
+            format!(
+                "{} added to and {} removed from the dataplane",
+                a.added, a.removed
+            )
+        };
+        let out = match change {
+            Change::Ban {
+                net,
+                ttl,
+                comment,
+                force,
+            } => {
+                let applied = self.engine.ban(net, ttl, comment, force, now)?;
+                let until = match ttl {
+                    Some(t) => format!("for {}", crate::human::format_duration(t)),
+                    None => "until unbanned".to_owned(),
+                };
+                format!("banned {} {until}; {}", net.trunc(), effect(applied))
+            }
+            Change::Unban { net } => {
+                let (sources, applied) = self.engine.unban(net, now);
+                if sources.is_empty() {
+                    return Err(ChangeError::Refused(format!(
+                        "{} is not in the ban list",
+                        net.trunc()
+                    )));
+                }
+                let names: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+                let mut msg = format!(
+                    "unbanned {} (held by {}); {}",
+                    net.trunc(),
+                    names.join(", "),
+                    effect(applied)
+                );
+                if sources.iter().any(|s| s.is_remote()) {
+                    msg.push_str(
+                        "; a feed that lists it again bans it again: `apiban allow add` keeps it out",
+                    );
+                }
+                msg
+            }
+            Change::AllowAdd { net } => {
+                let applied = self.engine.allow_add(net, now);
+                format!("allowed {}; {}", net.trunc(), effect(applied))
+            }
+            Change::AllowRemove { net } => {
+                let applied = self.engine.allow_remove(net, now)?;
+                format!(
+                    "removed {} from the allowlist; {}",
+                    net.trunc(),
+                    effect(applied)
+                )
+            }
+            Change::Settings { engine, scope } => {
+                self.engine.set_scope(&scope).map_err(|e| {
+                    ChangeError::Failed(format!(
+                        "cannot set the port scope: {}",
+                        crate::error_chain(&e)
+                    ))
+                })?;
+                let applied = self.engine.reconfigure(engine, now);
+                format!("settings applied; {}", effect(applied))
+            }
+            Change::DropList { name } => {
+                let (records, applied) = self.engine.drop_list(&name, now);
+                self.sync.lists.remove(&name);
+                format!(
+                    "dropped list {name} ({records} records); {}",
+                    effect(applied)
+                )
+            }
+        };
+        tracing::info!("{out}");
+        if self.engine.unsaved() {
+            return Ok(format!(
+                "{out}; WARNING: the state file could not be saved (see the agent's log): this \
+                 is enforced now, but lost on a restart unless a later save succeeds"
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Expires what is due; one log line when anything expired.
+    pub fn sweep(&mut self) {
+        let (expired, applied) = self.engine.sweep(unix_now());
+        if expired > 0 {
+            tracing::info!(expired, removed = applied.removed, "expired bans removed");
+            self.publish();
+        }
+    }
+
+    /// Tries again to save a state whose last save failed.
+    fn retry_save(&mut self) {
+        if self.engine.unsaved() {
+            self.engine.retry_save(unix_now());
+            if !self.engine.unsaved() {
+                self.publish();
+            }
+        }
+    }
+
+    /// The loop: updates in arrival order, sweeps and save retries, until `stop` fires or
+    /// every sender is gone. Returns the owner, so that the agent saves it last.
+    async fn run(
+        mut self,
+        mut updates: mpsc::Receiver<Update>,
+        timing: OwnerTiming,
+        health: OwnerHealth,
+        mut stop: oneshot::Receiver<()>,
+    ) -> Self {
+        let every = |period| {
+            let mut i = tokio::time::interval(period);
+            i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            i
+        };
+        let mut sweep = every(timing.sweep_every);
+        let mut heartbeat = every(timing.heartbeat_every);
+        let mut save_retry = every(SAVE_RETRY_EVERY);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return self,
+                update = updates.recv() => match update {
+                    Some(u) => self.handle(u),
+                    None => return self,
+                },
+                _ = sweep.tick() => self.sweep(),
+                _ = save_retry.tick() => self.retry_save(),
+                _ = heartbeat.tick() => {}
+            }
+            health.beat();
+        }
+    }
+}
+
+/// Whether the owner is alive and getting through its work: it beats on every update and
+/// on a heartbeat while idle. What the watchdog ping is made of, so that a dead or
+/// stuck owner stops the pings and the service manager restarts the agent.
+#[derive(Clone, Debug)]
+pub struct OwnerHealth {
+    inner: std::sync::Arc<HealthInner>,
+}
+
+#[derive(Debug)]
+struct HealthInner {
+    started: Instant,
+    /// Milliseconds after `started` of the owner's last beat.
+    last_beat_ms: std::sync::atomic::AtomicU64,
+}
+
+impl OwnerHealth {
+    fn new() -> Self {
+        Self {
+            inner: std::sync::Arc::new(HealthInner {
+                started: Instant::now(),
+                last_beat_ms: std::sync::atomic::AtomicU64::new(0),
+            }),
+        }
+    }
+
+    fn beat(&self) {
+        let ms = self.inner.started.elapsed().as_millis() as u64;
+        self.inner
+            .last_beat_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since the owner last showed progress.
+    pub fn silence(&self) -> Duration {
+        let last = self
+            .inner
+            .last_beat_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.inner
+            .started
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
+}
+
+/// How often the owner retries a state save that failed (a full or read-only state
+/// directory): the change is in the maps already, the retry only brings the file up to date.
+const SAVE_RETRY_EVERY: Duration = Duration::from_secs(10);
+
+/// How often the owner sweeps expired bans and, while idle, beats (see [`OwnerHealth`]).
+#[derive(Clone, Copy, Debug)]
+pub struct OwnerTiming {
+    pub sweep_every: Duration,
+    /// Well under the watchdog timeout, so that an idle owner is never taken for a stuck one.
+    pub heartbeat_every: Duration,
+}
+
+impl OwnerTiming {
+    pub fn new(sweep_every: Duration) -> Self {
+        Self {
+            sweep_every,
+            heartbeat_every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The owner's thread: how to stop it and get the owner back.
+pub(super) struct OwnerThread<E: Enforcer> {
+    thread: Option<std::thread::JoinHandle<Owner<E>>>,
+    stop: Option<oneshot::Sender<()>>,
+    health: OwnerHealth,
+}
+
+impl<E: Enforcer + Send + 'static> OwnerThread<E> {
+    /// Starts the owner on its own thread; the first snapshot is there before this returns.
+    pub(super) fn start(
+        engine: Engine<E>,
+        updates: mpsc::Receiver<Update>,
+        timing: OwnerTiming,
+    ) -> std::io::Result<(Self, watch::Receiver<Arc<Snapshot>>)> {
+        let (owner, snapshots) = Owner::new(engine);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        let health = OwnerHealth::new();
+        health.beat();
+        let (stop, stopped) = oneshot::channel();
+        let beats = health.clone();
+        let thread = std::thread::Builder::new()
+            .name("apiban-owner".into())
+            .spawn(move || runtime.block_on(owner.run(updates, timing, beats, stopped)))?;
+        Ok((
+            Self {
+                thread: Some(thread),
+                stop: Some(stop),
+                health,
+            },
+            snapshots,
+        ))
+    }
+}
+
+impl<E: Enforcer> OwnerThread<E> {
+    /// Asks the owner to stop after the change it is making.
+    pub(super) fn request_stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Stops the owner and waits for it; None if it died (a panic), or was stopped before.
+    pub(super) fn join(&mut self) -> Option<Owner<E>> {
+        self.request_stop();
+        self.thread.take()?.join().ok()
+    }
+
+    /// Whether the owner is alive and has shown progress within `max_silence`; why not.
+    /// A panic ends its thread; a stuck owner stops beating.
+    pub(super) fn health(&self, max_silence: Duration) -> Result<(), String> {
+        if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+            return Err("the ledger's owner has stopped (it panicked)".into());
+        }
+        let silence = self.health.silence();
+        if silence > max_silence {
+            return Err(format!(
+                "the ledger's owner has shown no progress for {}",
+                crate::human::format_duration(Duration::from_secs(silence.as_secs()))
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn log_sync(source: &str, r: &IngestReport, full_pull: bool) {
+    tracing::info!(
+        source,
+        full_pull,
+        received = r.received,
+        added = r.applied.added,
+        removed = r.applied.removed,
+        refreshed = r.accepted - r.new,
+        skipped = r.skipped_total(),
+        reconciled = r.reconciled,
+        not_enforced = r.applied.not_enforced,
+        "sync"
+    );
+}
