@@ -25,9 +25,11 @@ fn main() -> anyhow::Result<()> {
     if !linker_ok {
         bail!("bpf-linker is not on PATH: run `cargo xtask setup`");
     }
+    let bench = std::env::var_os("CARGO_FEATURE_BENCH_PROGRAMS").is_some();
     let ebpf = aya_build::Package {
         name: "apiban-ebpf",
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../apiban-ebpf"),
+        features: if bench { &["bench"] } else { &[] },
         ..Default::default()
     };
     aya_build::build_ebpf([ebpf], aya_build::Toolchain::Custom(EBPF_TOOLCHAIN))

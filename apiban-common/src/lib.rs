@@ -392,16 +392,28 @@ pub const fn bench_address(base: u32, mask: u32, i: u32) -> u32 {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: all of these are repr(C), contain only integers and have no padding.
-    unsafe impl aya::Pod for Counter {}
-    unsafe impl aya::Pod for DenyEntry {}
-    unsafe impl aya::Pod for AllowEntry {}
-    unsafe impl aya::Pod for DataplaneConfig {}
-    unsafe impl aya::Pod for BenchParams {}
-    unsafe impl aya::Pod for TrafficgenParams {}
-    unsafe impl aya::Pod for HostBucketV4 {}
-    unsafe impl aya::Pod for HostBucketV6 {}
-    unsafe impl aya::Pod for HostHits {}
-    unsafe impl aya::Pod for HostTables {}
-    unsafe impl aya::Pod for HitClock {}
+
+    /// Marks map key and value types as plain old data for aya.
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: every type listed is repr(C), holds only integers and arrays of
+            // integers, and has no padding (each is laid out to a multiple of its alignment
+            // by hand, and the eBPF side reads the same layout).
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+
+    pod!(
+        Counter,
+        DenyEntry,
+        AllowEntry,
+        DataplaneConfig,
+        BenchParams,
+        TrafficgenParams,
+        HostBucketV4,
+        HostBucketV6,
+        HostHits,
+        HostTables,
+        HitClock,
+    );
 }

@@ -17,17 +17,16 @@ use core::{
 };
 
 use apiban_common::{
-    AllowEntry, BENCH_MULTIPLIER, BenchParams, Counter, DEFAULT_ALLOW_V4_ENTRIES,
-    DEFAULT_ALLOW_V6_ENTRIES, DEFAULT_DENY_V4_ENTRIES, DEFAULT_DENY_V6_ENTRIES, DataplaneConfig,
-    DenyEntry, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, HitClock, HostBucketV4,
-    HostBucketV6, HostHits, HostTables, IFACE_COUNTER_SLOTS, IFACE_SLOT_INDEXES, IPPROTO_AH,
-    IPPROTO_DSTOPTS, IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP,
-    SCOPE_PORT_SLOTS, TRAFFICGEN_SOURCE_SLOTS, TrafficgenParams, VERDICT_COUNT, Verdict,
-    block_filter, host_table,
+    AllowEntry, Counter, DEFAULT_ALLOW_V4_ENTRIES, DEFAULT_ALLOW_V6_ENTRIES,
+    DEFAULT_DENY_V4_ENTRIES, DEFAULT_DENY_V6_ENTRIES, DataplaneConfig, DenyEntry, ETH_P_8021AD,
+    ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, HitClock, HostBucketV4, HostBucketV6, HostHits,
+    HostTables, IFACE_COUNTER_SLOTS, IFACE_SLOT_INDEXES, IPPROTO_AH, IPPROTO_DSTOPTS,
+    IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS,
+    VERDICT_COUNT, Verdict, block_filter, host_table,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, xdp_action},
-    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::{map, xdp},
     maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
@@ -102,19 +101,16 @@ static IFACE_SLOTS: Array<u32> = Array::with_max_entries(IFACE_SLOT_INDEXES, 0);
 static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
 #[map]
 static SCOPE_PORTS: Array<u8> = Array::with_max_entries(SCOPE_PORT_SLOTS, 0);
-#[map]
-static BENCH_PARAMS: Array<BenchParams> = Array::with_max_entries(1, 0);
-#[map]
-static TRAFFICGEN: Array<TrafficgenParams> = Array::with_max_entries(1, 0);
-#[map]
-static TRAFFICGEN_SOURCES: Array<[u8; 4]> = Array::with_max_entries(TRAFFICGEN_SOURCE_SLOTS, 0);
-#[map]
-static TRAFFICGEN_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 
 /// How many IPv6 extension headers are walked to find the transport header in port scope.
 /// Real traffic carries zero or one; the bound keeps the verifier happy. A packet with more
 /// is in scope (fail closed): a banned source must not get through by stacking headers.
 const MAX_IPV6_EXT_HEADERS: usize = 4;
+
+// The benchmarks' programs and maps, only in the object `cargo xtask bench` and the tests
+// load (feature `bench`): production agents never carry them.
+#[cfg(feature = "bench")]
+mod bench;
 
 #[xdp]
 pub fn apiban(ctx: XdpContext) -> u32 {
@@ -124,94 +120,8 @@ pub fn apiban(ctx: XdpContext) -> u32 {
     }
 }
 
-/// Bare `XDP_DROP`: what any XDP program costs on this machine, the benchmarks' floor.
-#[xdp]
-pub fn bench_floor(_ctx: XdpContext) -> u32 {
-    xdp_action::XDP_DROP
-}
-
-/// The production logic, behind a step that rewrites the IPv4 source address on each run.
-/// Under `BPF_PROG_TEST_RUN` with `repeat`, the kernel reuses the same buffer for every run,
-/// so this walks many distinct keys instead of measuring one hot cache line. The run counter
-/// lives in the first four bytes of the destination MAC, which the verdict never reads.
-#[xdp]
-pub fn bench_cycle(ctx: XdpContext) -> u32 {
-    match try_bench_cycle(&ctx) {
-        Ok(action) => action,
-        Err(()) => xdp_action::XDP_PASS,
-    }
-}
-
 #[inline(always)]
-fn try_bench_cycle(ctx: &XdpContext) -> Result<u32, ()> {
-    let params = BENCH_PARAMS.get(0).ok_or(())?;
-    let counter: *mut u32 = ptr_at_mut(ctx, 0)?;
-    let src: *mut [u8; 4] = ptr_at_mut(ctx, EthHdr::LEN + mem::offset_of!(Ipv4Hdr, src_addr))?;
-    // SAFETY: both pointers were bounds-checked against the packet by ptr_at_mut.
-    unsafe {
-        let i = counter.read_unaligned();
-        counter.write_unaligned(i.wrapping_add(1));
-        let addr = params
-            .base
-            .wrapping_add(i & params.mask)
-            .wrapping_mul(BENCH_MULTIPLIER);
-        src.write_unaligned(addr.to_be_bytes());
-    }
-    try_apiban(ctx)
-}
-
-/// The veth benchmark's traffic generator, run with `BPF_F_TEST_XDP_LIVE_FRAMES`: frames
-/// leave through the redirect as XDP frames, so the receiving veth sees them without an skb,
-/// as a NIC driver does. Expects an untagged UDP/IPv4 frame with no UDP checksum.
-#[xdp]
-pub fn bench_trafficgen(ctx: XdpContext) -> u32 {
-    match try_trafficgen(&ctx) {
-        Ok(action) => action,
-        Err(()) => xdp_action::XDP_ABORTED,
-    }
-}
-
-#[inline(always)]
-fn try_trafficgen(ctx: &XdpContext) -> Result<u32, ()> {
-    let ifindex = TRAFFICGEN.get(0).ok_or(())?.ifindex;
-    let next = TRAFFICGEN_NEXT.get_ptr_mut(0).ok_or(())?;
-    // SAFETY: a per-CPU slot, only touched by the CPU running this program.
-    let i = unsafe {
-        let i = *next;
-        *next = i.wrapping_add(1);
-        i
-    };
-    let src = *TRAFFICGEN_SOURCES
-        .get(i & (TRAFFICGEN_SOURCE_SLOTS - 1))
-        .ok_or(())?;
-    let ip: *mut Ipv4Hdr = ptr_at_mut(ctx, EthHdr::LEN)?;
-    // SAFETY: the whole header was bounds-checked by ptr_at_mut. Live frames keep what the
-    // previous run wrote, so the checksum is updated from whatever source is there now.
-    unsafe {
-        let old = (*ip).src_addr;
-        (*ip).src_addr = src;
-        let check = checksum_replace(u16::from_be_bytes((*ip).check), old, src);
-        (*ip).check = check.to_be_bytes();
-    }
-    // SAFETY: a helper call with plain integer arguments.
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
-}
-
-/// RFC 1624's incremental update of a ones' complement checksum for a changed 32-bit field.
-#[inline(always)]
-fn checksum_replace(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
-    let mut sum = u32::from(!check)
-        + u32::from(!u16::from_be_bytes([old[0], old[1]]))
-        + u32::from(!u16::from_be_bytes([old[2], old[3]]))
-        + u32::from(u16::from_be_bytes([new[0], new[1]]))
-        + u32::from(u16::from_be_bytes([new[2], new[3]]));
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    !(sum as u16)
-}
-
-#[inline(always)]
-fn try_apiban(ctx: &XdpContext) -> Result<u32, ()> {
+pub(crate) fn try_apiban(ctx: &XdpContext) -> Result<u32, ()> {
     let flags = CONFIG.get(0).map_or(0, |c| c.flags);
     let verdict = classify(ctx, flags).unwrap_or(Verdict::Malformed);
     count(ctx, verdict);
@@ -233,6 +143,7 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
     Ok((start + offset) as *const T)
 }
 
+#[cfg(feature = "bench")]
 #[inline(always)]
 fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
     Ok(ptr_at::<T>(ctx, offset)?.cast_mut())
@@ -508,6 +419,7 @@ fn coarse_now_ns() -> u64 {
     // SAFETY: helpers without arguments.
     let jiffies = unsafe { bpf_jiffies64() };
     let Some(clock) = HIT_CLOCK.get_ptr_mut(0) else {
+        // SAFETY: a helper without arguments.
         return unsafe { bpf_ktime_get_coarse_ns() };
     };
     // SAFETY: a per-CPU slot, only touched by the CPU running this program.

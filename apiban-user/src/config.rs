@@ -778,6 +778,7 @@ mod tests {
                 std::env::set_var("APIBAN_IFACE", "enve0,enve1");
             }
             let parsed = (parse(&[]), parse(&["--ttl", "2d"]));
+            // SAFETY: as above, ENV is still held.
             unsafe {
                 std::env::remove_var("APIBAN_TTL");
                 std::env::remove_var("APIBAN_IFACE");
