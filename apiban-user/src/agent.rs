@@ -398,7 +398,7 @@ fn serve<E: Enforcer + Send + 'static>(
         let control_listener = match control::bind(&config.control_socket, access).await {
             Ok(l) => Some(l),
             Err(e) if config.dry_run => {
-                tracing::warn!(error = %e, "dry run without a control socket");
+                tracing::warn!(error = %crate::error_chain(&e), "dry run without a control socket");
                 None
             }
             Err(e) => {
@@ -424,7 +424,7 @@ fn serve<E: Enforcer + Send + 'static>(
                     tracing::info!(%local, "metrics at http://{local}/metrics");
                 }
                 Err(e) if config.dry_run => {
-                    tracing::warn!(error = %e, %addr, "dry run without metrics");
+                    tracing::warn!(error = %crate::error_chain(&e), %addr, "dry run without metrics");
                 }
                 Err(e) => {
                     running.abort();
@@ -511,7 +511,7 @@ fn serve<E: Enforcer + Send + 'static>(
                         Ok(_) => key_unreadable = false,
                         Err(e) => {
                             if !key_unreadable {
-                                tracing::warn!(error = %e, "cannot re-read the API key file; polling with the key read before");
+                                tracing::warn!(error = %crate::error_chain(&e), "cannot re-read the API key file; polling with the key read before");
                             }
                             key_unreadable = true;
                         }
@@ -568,7 +568,7 @@ async fn reload<E: Enforcer + Send + 'static>(
         );
         format!("reload refused, still running with the previous configuration: {e}")
     };
-    let new = config::load(args).map_err(|e| refused(e.to_string()))?;
+    let new = config::load(args).map_err(|e| refused(crate::error_chain(&e)))?;
     let apiban = apiban_client(&new).map_err(|e| refused(format!("{e:#}")))?;
     for key in config.restart_only_changes(&new) {
         tracing::warn!(
@@ -581,7 +581,7 @@ async fn reload<E: Enforcer + Send + 'static>(
         scope: new.scope.clone(),
     };
     if let Err(e) = control::send_change(&running.updates, change).await {
-        tracing::error!(error = %e, "reload: cannot apply the settings");
+        tracing::error!(error = %crate::error_chain(&e), "reload: cannot apply the settings");
         return Err(format!("cannot apply the settings: {e}"));
     }
     // A key file rotated in place has the same path: compare what it holds.
@@ -666,7 +666,9 @@ fn log_stats(dataplane: Option<&crate::dataplane::DataplaneReader>, enforced: us
                 "dataplane counters"
             )
         }
-        Err(e) => tracing::warn!(error = %e, "could not read dataplane counters"),
+        Err(e) => {
+            tracing::warn!(error = %crate::error_chain(&e), "could not read dataplane counters")
+        }
     }
 }
 

@@ -33,7 +33,7 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read the config file {path}: {source}")]
+    #[error("cannot read the config file {path}")]
     Read {
         path: PathBuf,
         #[source]

@@ -211,7 +211,7 @@ pub enum ControlError {
          commands of the agent's --control-group (run as root, or join that group)"
     )]
     Permission { path: PathBuf },
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -348,7 +348,7 @@ pub async fn serve(listener: UnixListener, ctx: ControlContext, access: Access) 
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "control socket accept failed");
+                tracing::warn!(error = %crate::error_chain(&e), "control socket accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -408,7 +408,7 @@ async fn handle(
         format!("{{\"error\":\"cannot encode the answer: {e}\"}}").into_bytes()
     });
     if let Err(e) = write.write_all(&body).await {
-        tracing::debug!(error = %e, "control client went away");
+        tracing::debug!(error = %crate::error_chain(&e), "control client went away");
     }
 }
 

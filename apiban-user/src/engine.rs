@@ -123,7 +123,7 @@ impl Enforcer for MemoryEnforcer {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("cannot read what the dataplane enforces: {0}")]
+    #[error("cannot read what the dataplane enforces")]
     Dataplane(#[from] DataplaneError),
     #[error(transparent)]
     State(#[from] StateError),
@@ -283,7 +283,9 @@ impl<E: Enforcer> Engine<E> {
         engine.set_config_allow(settings.allow);
         match crate::sanitise::host_addresses() {
             Ok(own) => engine.sanitiser.set_own_addresses(own),
-            Err(e) => tracing::warn!(error = %e, "cannot list this host's addresses"),
+            Err(e) => {
+                tracing::warn!(error = %crate::error_chain(&e), "cannot list this host's addresses")
+            }
         }
         if engine.ledger.is_empty() && !engine.applied_deny.is_empty() {
             // Pinned maps survived but the state did not: keep enforcing them, as APIBAN
@@ -444,7 +446,9 @@ impl<E: Enforcer> Engine<E> {
                 Ok(()) => {
                     self.applied_allow.insert(*net);
                 }
-                Err(e) => tracing::error!(%net, error = %e, "cannot add allowlist entry"),
+                Err(e) => {
+                    tracing::error!(%net, error = %crate::error_chain(&e), "cannot add allowlist entry")
+                }
             }
         }
         let desired = self.ledger.desired(now, &self.allow);
@@ -460,7 +464,7 @@ impl<E: Enforcer> Engine<E> {
                     applied.removed = diff.remove.len();
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot remove deny entries; will retry");
+                    tracing::error!(error = %crate::error_chain(&e), "cannot remove deny entries; will retry");
                     let before = self.applied_deny.len();
                     self.refresh_applied();
                     applied.removed = before.saturating_sub(self.applied_deny.len());
@@ -483,7 +487,9 @@ impl<E: Enforcer> Engine<E> {
                 Ok(()) => {
                     self.applied_allow.remove(&net);
                 }
-                Err(e) => tracing::error!(%net, error = %e, "cannot remove allowlist entry"),
+                Err(e) => {
+                    tracing::error!(%net, error = %crate::error_chain(&e), "cannot remove allowlist entry")
+                }
             }
         }
         self.counters.added += applied.added as u64;
@@ -512,7 +518,7 @@ impl<E: Enforcer> Engine<E> {
                 if !self.map_full_logged {
                     self.map_full_logged = true;
                     tracing::error!(
-                        error = %e,
+                        error = %crate::error_chain(&e),
                         not_enforced = add.len().saturating_sub(added),
                         "deny map full: new bans are not enforced, existing ones stay"
                     );
@@ -525,7 +531,9 @@ impl<E: Enforcer> Engine<E> {
     fn refresh_applied(&mut self) {
         match self.enforcer.denied() {
             Ok(d) => self.applied_deny = Arc::new(d),
-            Err(e) => tracing::error!(error = %e, "cannot read the deny maps back"),
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "cannot read the deny maps back")
+            }
         }
     }
 

@@ -25,7 +25,7 @@ pub fn watch(known: Vec<IpAddr>, updates: mpsc::Sender<Update>) {
         .name("apiban-addrs".into())
         .spawn(move || run(known, updates));
     if let Err(e) = spawned {
-        tracing::warn!(error = %e, "cannot watch this host's addresses; they are read once");
+        tracing::warn!(error = %crate::error_chain(&e), "cannot watch this host's addresses; they are read once");
     }
 }
 
@@ -40,7 +40,7 @@ fn run(mut known: Vec<IpAddr>, updates: mpsc::Sender<Update>) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!(
-                error = %e,
+                error = %crate::error_chain(&e),
                 "cannot subscribe to address changes; reading this host's addresses every 30s"
             );
             None
@@ -61,7 +61,7 @@ fn run(mut known: Vec<IpAddr>, updates: mpsc::Sender<Update>) {
         let now = match host_addresses() {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read this host's addresses");
+                tracing::warn!(error = %crate::error_chain(&e), "cannot read this host's addresses");
                 continue;
             }
         };

@@ -311,7 +311,7 @@ pub async fn serve(listener: TcpListener, readers: Readers) {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
-                tracing::warn!(error = %e, "metrics accept failed");
+                tracing::warn!(error = %crate::error_chain(&e), "metrics accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }

@@ -51,7 +51,7 @@ impl Notifier {
         if let Some((socket, addr)) = &self.socket
             && let Err(e) = socket.send_to_addr(state.as_bytes(), addr)
         {
-            tracing::debug!(error = %e, "sd_notify failed");
+            tracing::debug!(error = %crate::error_chain(&e), "sd_notify failed");
         }
     }
 

@@ -133,19 +133,19 @@ pub struct BudgetJournal {
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
-    #[error("cannot read the request journal {path}: {source}")]
+    #[error("cannot read the request journal {path}")]
     Read {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("the request journal {path} is not a JSON list of Unix milliseconds: {source}")]
+    #[error("the request journal {path} is not a JSON list of Unix milliseconds")]
     Parse {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
-    #[error("cannot write the request journal {path}: {source}")]
+    #[error("cannot write the request journal {path}")]
     Write {
         path: PathBuf,
         #[source]

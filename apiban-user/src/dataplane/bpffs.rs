@@ -12,11 +12,11 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpffsError {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: PathBuf, source: io::Error },
     #[error(
-        "{path} is not on a BPF filesystem and mounting one there failed ({source}); \
-         mount it with `mount -t bpf bpf {path}` or pick another --bpffs-dir"
+        "{path} is not on a BPF filesystem and mounting one there failed (mount it with \
+         `mount -t bpf bpf {path}` or pick another --bpffs-dir)"
     )]
     Mount { path: PathBuf, source: io::Error },
     #[error("{0} is not under a BPF filesystem mount point (bpffs is mounted at /sys/fs/bpf)")]

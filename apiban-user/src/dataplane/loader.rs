@@ -388,7 +388,7 @@ impl Enforcement {
                         }
                         (found, _) => AttachmentState::Replaced { found },
                     },
-                    Err(e) => AttachmentState::Unknown(e.to_string()),
+                    Err(e) => AttachmentState::Unknown(crate::error_chain(&e)),
                 };
                 (a.clone(), state)
             })
@@ -552,7 +552,7 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
     if options.debug_events
         && let Err(e) = aya_log::EbpfLogger::init(&mut ebpf)
     {
-        tracing::warn!(error = %e, "dataplane debug events unavailable");
+        tracing::warn!(error = %crate::error_chain(&e), "dataplane debug events unavailable");
     }
     let program_err = |source| LoaderError::Program {
         name: program_names::APIBAN,

@@ -60,13 +60,13 @@ pub enum DataplaneError {
     },
     #[error("map {name} is missing from the eBPF object")]
     MissingMap { name: &'static str },
-    #[error("map {name}: {source}")]
+    #[error("map {name}")]
     Map {
         name: &'static str,
         #[source]
         source: MapError,
     },
-    #[error("cannot size per-CPU counters: {0}")]
+    #[error("cannot size per-CPU counters")]
     Io(#[source] io::Error),
     #[error(
         "map {name} has {entries} entries where this version expects {expected}; run `apiban detach` and start again"
@@ -76,13 +76,13 @@ pub enum DataplaneError {
         entries: usize,
         expected: usize,
     },
-    #[error("cannot memory-map {name}: {source}")]
+    #[error("cannot memory-map {name}")]
     Mmap {
         name: &'static str,
         #[source]
         source: io::Error,
     },
-    #[error("batch update of {name} failed after {done} entries: {source}")]
+    #[error("batch update of {name} failed after {done} entries")]
     Batch {
         name: &'static str,
         done: usize,

@@ -34,10 +34,10 @@ pub const XDP_FLAGS_REPLACE: u32 = 1 << 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
-    #[error("cannot talk rtnetlink: {0}")]
+    #[error("cannot talk rtnetlink")]
     Socket(#[source] io::Error),
     #[error("{0}")]
-    Kernel(#[source] io::Error),
+    Kernel(io::Error),
     #[error("unexpected rtnetlink answer: {0}")]
     Protocol(String),
 }

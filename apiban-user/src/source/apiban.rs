@@ -18,7 +18,7 @@ pub enum KeyError {
     Empty,
     #[error("the API key contains whitespace, control or non-ASCII characters")]
     BadCharacters,
-    #[error("cannot read the API key file {path}: {source}")]
+    #[error("cannot read the API key file {path}")]
     File {
         path: std::path::PathBuf,
         #[source]
@@ -450,15 +450,7 @@ fn transport_error(e: reqwest::Error, key: &ApiKey) -> ClientError {
     if e.is_timeout() {
         return ClientError::Timeout;
     }
-    let e = e.without_url();
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    let mut text = text.replace(key.expose(), "[redacted]");
+    let mut text = crate::error_chain(&e.without_url()).replace(key.expose(), "[redacted]");
     if text.len() > 300 {
         let cut = (0..=300)
             .rev()

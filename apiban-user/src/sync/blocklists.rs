@@ -43,7 +43,7 @@ pub async fn run_blocklist(
             Err(e) => {
                 let update = Update::ListFailed {
                     name: spec.name.clone(),
-                    error: e.to_string(),
+                    error: crate::error_chain(&e),
                 };
                 if updates.send(update).await.is_err() {
                     return;

@@ -159,7 +159,7 @@ impl ApibanPoller {
             }
             Err(e) => {
                 // What the last agent spent is unknown: assume all of it, just now.
-                tracing::warn!(error = %e, "waiting one rate-limit window before the first request");
+                tracing::warn!(error = %crate::error_chain(&e), "waiting one rate-limit window before the first request");
                 let mut budget = RateBudget::new(settings.rate_limit);
                 budget.exhaust(now);
                 budget
@@ -193,7 +193,7 @@ impl ApibanPoller {
             Err(e) => {
                 if !self.journal_failing {
                     tracing::error!(
-                        error = %e,
+                        error = %crate::error_chain(&e),
                         "a restart may overspend the APIBAN rate limit by the requests in flight"
                     );
                 }
@@ -331,7 +331,7 @@ impl ApibanPoller {
                         // up for longer than a poll interval.
                         d = d.min(self.settings.poll_interval.max(self.settings.backoff_base));
                     }
-                    tracing::warn!(error = %e, retry_in = ?d, full, "APIBAN request failed");
+                    tracing::warn!(error = %crate::error_chain(&e), retry_in = ?d, full, "APIBAN request failed");
                     delay = Some(d);
                 }
             }
