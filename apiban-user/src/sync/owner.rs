@@ -71,8 +71,19 @@ impl<E: Enforcer> Owner<E> {
     fn publish(&mut self) {
         self.seq += 1;
         let snapshot = Snapshot::new(self.seq, self.engine.shared(), self.sync.clone());
+        let copied = !Arc::ptr_eq(&self.published.borrow().ledger, &snapshot.ledger);
         // send_replace: readers may all have gone (a dry run without a control socket).
-        self.published.send_replace(Arc::new(snapshot));
+        let previous = self.published.send_replace(Arc::new(snapshot));
+        if copied && Arc::strong_count(&previous) == 1 {
+            drop(previous);
+            // The change copied the ledger (a reader held it); the old copy is freed now.
+            // glibc keeps freed memory in the arena it came from, and this thread's arena is
+            // not the one the ledger was loaded into: without a trim, an agent holding 100k
+            // entries would keep a second ledger's worth of freed pages resident.
+            // SAFETY: malloc_trim only returns free pages to the kernel; it has no
+            // preconditions.
+            unsafe { libc::malloc_trim(0) };
+        }
     }
 
     /// Applies one update from a source. Acknowledgements are sent after the change is in
