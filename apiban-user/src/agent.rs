@@ -10,10 +10,10 @@ use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    config::{self, AgentConfig, KeySource, RunArgs},
+    config::{self, AgentConfig, ApibanSettings, KeySource, RunArgs},
     control::{self, ControlContext},
     dataplane::{Scope, loader, netlink},
-    engine::{Enforcer, Engine, EngineSettings, MemoryEnforcer},
+    engine::{Enforcer, Engine, MemoryEnforcer},
     metrics,
     notify::Notifier,
     source::apiban::{ApiKey, ApibanClient, ClientConfig},
@@ -38,27 +38,8 @@ fn scope_text(scope: &Scope) -> String {
     }
 }
 
-fn engine_settings(c: &AgentConfig) -> EngineSettings {
-    EngineSettings {
-        ttl: c.ttl,
-        min_prefix_v4: c.min_prefix_v4,
-        min_prefix_v6: c.min_prefix_v6,
-        allow: c.allow.clone(),
-    }
-}
-
-fn poll_settings(c: &AgentConfig) -> PollSettings {
-    PollSettings {
-        poll_interval: c.poll_interval,
-        key_retry_max: c.key_retry_max,
-        resync_interval: c.resync_interval,
-        rate_limit: c.rate_limit,
-        ..Default::default()
-    }
-}
-
 /// The key, if one is configured; a configured key that cannot be read is an error.
-fn read_key(c: &AgentConfig) -> anyhow::Result<Option<ApiKey>> {
+fn read_key(c: &ApibanSettings) -> anyhow::Result<Option<ApiKey>> {
     match &c.key {
         None => Ok(None),
         Some(KeySource::Value(k)) => ApiKey::new(k)
@@ -71,22 +52,22 @@ fn read_key(c: &AgentConfig) -> anyhow::Result<Option<ApiKey>> {
 }
 
 /// The APIBAN client the configuration describes, if it names a key.
-pub fn client_from_config(c: &AgentConfig) -> anyhow::Result<Option<ApibanClient>> {
+pub fn client_from_config(c: &ApibanSettings) -> anyhow::Result<Option<ApibanClient>> {
     let Some(key) = read_key(c)? else {
         return Ok(None);
     };
-    let mut config = ClientConfig::new(&c.api_url, key);
-    config.timeout = c.api_timeout;
-    config.connect_timeout = config.connect_timeout.min(c.api_timeout);
-    config.version = c.api_version;
+    let mut config = ClientConfig::new(&c.url, key);
+    config.timeout = c.timeout;
+    config.connect_timeout = config.connect_timeout.min(c.timeout);
+    config.version = c.version;
     config.set = c.data_set;
-    if let Some(ca) = &c.api_ca {
+    if let Some(ca) = &c.ca {
         config.extra_ca_pem = Some(
             std::fs::read(ca)
                 .with_context(|| format!("cannot read the --api-ca file {}", ca.display()))?,
         );
     }
-    let client = ApibanClient::new(config).with_context(|| match &c.api_ca {
+    let client = ApibanClient::new(config).with_context(|| match &c.ca {
         Some(ca) => format!(
             "cannot build the HTTP client with the CAs in {}",
             ca.display()
@@ -96,8 +77,8 @@ pub fn client_from_config(c: &AgentConfig) -> anyhow::Result<Option<ApibanClient
     Ok(Some(client))
 }
 
-fn apiban_client(c: &AgentConfig) -> anyhow::Result<Option<(ApibanClient, PollSettings)>> {
-    Ok(client_from_config(c)?.map(|client| (client, poll_settings(c))))
+fn apiban_client(c: &ApibanSettings) -> anyhow::Result<Option<(ApibanClient, PollSettings)>> {
+    Ok(client_from_config(c)?.map(|client| (client, c.poll.clone())))
 }
 
 fn info(
@@ -110,12 +91,12 @@ fn info(
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
         started_at,
-        dry_run: c.dry_run,
+        dry_run: c.process.dry_run,
         interfaces,
         scope: scope_text(&c.scope),
         apiban_enabled: apiban,
-        rate_limit: c.rate_limit.to_string(),
-        poll_interval: crate::human::format_duration(c.poll_interval),
+        rate_limit: c.apiban.poll.rate_limit.to_string(),
+        poll_interval: crate::human::format_duration(c.apiban.poll.poll_interval),
         config_file: c.file.as_ref().map(|p| p.display().to_string()),
     }
 }
@@ -124,7 +105,7 @@ fn info(
 /// configuration error, found before anything is attached.
 fn control_access(config: &AgentConfig) -> anyhow::Result<control::Access> {
     let read_gid =
-        match &config.control_group {
+        match &config.process.control_group {
             Some(group) => Some(control::resolve_group(group).map_err(|message| {
                 config::ConfigError::Invalid {
                     key: "control-group",
@@ -142,7 +123,7 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
     crate::conn_slots::raise_open_files_limit();
     control_access(&config)?;
     let started_at = sync::unix_now();
-    let apiban = apiban_client(&config)?;
+    let apiban = apiban_client(&config.apiban)?;
     if apiban.is_none() {
         tracing::warn!(
             "no APIBAN key (--api-key, APIBAN_KEY, --api-key-file or api-key in the config): \
@@ -150,12 +131,12 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
              https://apiban.org/getkey.html"
         );
     }
-    if config.dry_run {
+    if config.process.dry_run {
         tracing::info!("dry run: fetching and reporting only; nothing is loaded or attached");
         let engine = Engine::start(
             MemoryEnforcer::default(),
             None,
-            engine_settings(&config),
+            config.engine.clone(),
             started_at,
         )
         .context("cannot start the engine")?
@@ -167,11 +148,11 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         };
     }
 
-    wait_for_interfaces(&config.ifaces, config.iface_wait)?;
+    wait_for_interfaces(&config.attach.ifaces, config.attach.iface_wait)?;
     let options = loader::LoadOptions {
-        bpffs_dir: config.bpffs_dir.clone(),
-        debug_events: config.debug_events,
-        adopt_from: config.ifaces.clone(),
+        bpffs_dir: config.attach.bpffs_dir.clone(),
+        debug_events: config.attach.debug_events,
+        adopt_from: config.attach.ifaces.clone(),
         ..Default::default()
     };
     let mut loaded = loader::load(&options).context("could not load the XDP program")?;
@@ -179,7 +160,7 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         tracing::info!(
             iface,
             prog_id,
-            dir = %config.bpffs_dir.display(),
+            dir = %config.attach.bpffs_dir.display(),
             "nothing was pinned (the last agent's bpffs went with its mount namespace): \
              adopted the maps of the program attached to {iface} and pinned them again"
         );
@@ -189,7 +170,7 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         .set_scope(&config.scope)
         .context("could not set the port scope")?;
     loaded
-        .reserve_counter_slots(&config.ifaces)
+        .reserve_counter_slots(&config.attach.ifaces)
         .context("could not give the interfaces their counters")?;
     let adoption = loaded.adoption.clone();
     let (mut enforcement, dataplane) = loaded.into_parts();
@@ -198,15 +179,14 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         .context("could not open the deny maps for reading")?;
     // The saved ledger goes into the maps before the program goes live: after a reboot the
     // maps are new and empty, and the first packet must already meet every saved ban.
-    let store = StateStore::open(&config.state_dir).with_context(|| {
+    let store = StateStore::open(&config.process.state_dir).with_context(|| {
         format!(
             "cannot use the state directory {}",
-            config.state_dir.display()
+            config.process.state_dir.display()
         )
     })?;
-    let (engine, report) =
-        Engine::start(dataplane, Some(store), engine_settings(&config), started_at)
-            .context("cannot restore the ban list")?;
+    let (engine, report) = Engine::start(dataplane, Some(store), config.engine.clone(), started_at)
+        .context("cannot restore the ban list")?;
     tracing::info!(
         restored = report.restored_entries,
         added = report.applied.added,
@@ -214,9 +194,9 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         "ban list restored from state"
     );
     let mut interfaces = Vec::new();
-    for iface in &config.ifaces {
+    for iface in &config.attach.ifaces {
         let mode = enforcement
-            .attach(iface, config.xdp_mode)
+            .attach(iface, config.attach.xdp_mode)
             .with_context(|| format!("could not attach to {iface}"))?;
         let up = loader::ifindex(iface)
             .and_then(|i| netlink::link(i).ok().flatten())
@@ -290,11 +270,11 @@ fn wait_for_interfaces(ifaces: &[String], timeout: Duration) -> anyhow::Result<(
 /// Interfaces where apiban's program still runs from an earlier configuration: it keeps
 /// enforcing there on the shared maps, which may not be what the operator wants.
 fn warn_unconfigured_attachments(config: &AgentConfig) {
-    let Ok(pins) = loader::attached_pins(&config.bpffs_dir) else {
+    let Ok(pins) = loader::attached_pins(&config.attach.bpffs_dir) else {
         return;
     };
     for (iface, _) in pins {
-        if !config.ifaces.contains(&iface) && loader::ifindex(&iface).is_some() {
+        if !config.attach.ifaces.contains(&iface) && loader::ifindex(&iface).is_some() {
             tracing::warn!(
                 iface,
                 "apiban's program still runs on this interface, which is not configured; \
@@ -381,7 +361,7 @@ fn serve<E: Enforcer + Send + 'static>(
             heartbeat_every: watchdog_timeout
                 .map_or(Duration::from_secs(1), |t| t / 4)
                 .clamp(Duration::from_millis(50), Duration::from_secs(1)),
-            ..sync::OwnerTiming::new(sweep_every(config.ttl))
+            ..sync::OwnerTiming::new(sweep_every(config.engine.ttl))
         };
         let own = engine.own_addresses();
         let mut running = sync::spawn(engine, apiban, config.lists.clone(), http, timing)
@@ -395,9 +375,9 @@ fn serve<E: Enforcer + Send + 'static>(
         let info = readers.info.clone();
         let mut servers = Vec::new();
         let access = control_access(&config)?;
-        let control_listener = match control::bind(&config.control_socket, access).await {
+        let control_listener = match control::bind(&config.process.control_socket, access).await {
             Ok(l) => Some(l),
-            Err(e) if config.dry_run => {
+            Err(e) if config.process.dry_run => {
                 tracing::warn!(error = %crate::error_chain(&e), "dry run without a control socket");
                 None
             }
@@ -414,16 +394,16 @@ fn serve<E: Enforcer + Send + 'static>(
                 reload: reload_tx,
             };
             servers.push(tokio::spawn(control::serve(listener, ctx, access)));
-            tracing::info!(path = %config.control_socket.display(), "control socket ready");
+            tracing::info!(path = %config.process.control_socket.display(), "control socket ready");
         }
-        if let Some(addr) = config.metrics_addr {
+        if let Some(addr) = config.process.metrics_addr {
             match metrics::bind(addr).await {
                 Ok(listener) => {
                     let local = listener.local_addr().unwrap_or(addr);
                     servers.push(tokio::spawn(metrics::serve(listener, readers.clone())));
                     tracing::info!(%local, "metrics at http://{local}/metrics");
                 }
-                Err(e) if config.dry_run => {
+                Err(e) if config.process.dry_run => {
                     tracing::warn!(error = %crate::error_chain(&e), %addr, "dry run without metrics");
                 }
                 Err(e) => {
@@ -494,13 +474,13 @@ fn serve<E: Enforcer + Send + 'static>(
                     notifier.ready(&format!("enforcing {} prefixes", running.snapshot().enforced.len()));
                     let _ = reply.send(outcome);
                 }
-                _ = key_check.tick(), if matches!(config.key, Some(KeySource::File(_))) => {
-                    let Some(KeySource::File(path)) = &config.key else { continue };
+                _ = key_check.tick(), if matches!(config.apiban.key, Some(KeySource::File(_))) => {
+                    let Some(KeySource::File(path)) = &config.apiban.key else { continue };
                     match ApiKey::from_file(path) {
                         Ok(key) if Some(&key) != key_in_use.as_ref() => {
                             key_unreadable = false;
                             tracing::info!(file = %path.display(), "the API key file changed; polling with the new key");
-                            match apiban_client(&config) {
+                            match apiban_client(&config.apiban) {
                                 Ok(apiban) => {
                                     key_in_use = apiban.as_ref().map(|(c, _)| c.key().clone());
                                     running.restart_poller(apiban);
@@ -526,7 +506,7 @@ fn serve<E: Enforcer + Send + 'static>(
             s.abort();
         }
         let owner_died = running.owner_health(Duration::MAX).err();
-        let _ = std::fs::remove_file(&config.control_socket);
+        let _ = std::fs::remove_file(&config.process.control_socket);
         // The owner finishes the change it is making, then comes back for the last save.
         let owner = match (owner_died, running.stop()) {
             (None, Some(owner)) => owner,
@@ -537,7 +517,7 @@ fn serve<E: Enforcer + Send + 'static>(
         };
         let mut engine = owner.engine;
         engine.save(sync::unix_now());
-        if config.dry_run {
+        if config.process.dry_run {
             report_dry_run(engine.enforced());
         }
         anyhow::Ok(Exit::Stopped { enforced: engine.enforced().len() })
@@ -552,6 +532,17 @@ enum Exit {
     OwnerDied(String),
 }
 
+/// Why a reload changed nothing, or only part of what it was asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("reload refused, still running with the previous configuration")]
+    Config(#[source] config::ConfigError),
+    #[error("reload refused, still running with the previous configuration")]
+    Apiban(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot apply the reloaded settings")]
+    Apply(#[source] crate::sync::ChangeError),
+}
+
 /// SIGHUP: re-reads the config file with the same flags and environment, and applies what
 /// can change without re-attaching. A config that does not resolve changes nothing.
 async fn reload<E: Enforcer + Send + 'static>(
@@ -560,16 +551,24 @@ async fn reload<E: Enforcer + Send + 'static>(
     running: &mut Running<E>,
     info: &Arc<Mutex<AgentInfo>>,
     key_in_use: &mut Option<ApiKey>,
-) -> Result<String, String> {
-    let refused = |e: String| {
-        tracing::error!(
-            error = %e,
-            "reload refused; still running with the previous configuration"
-        );
-        format!("reload refused, still running with the previous configuration: {e}")
-    };
-    let new = config::load(args).map_err(|e| refused(crate::error_chain(&e)))?;
-    let apiban = apiban_client(&new).map_err(|e| refused(format!("{e:#}")))?;
+) -> Result<(), ReloadError> {
+    let outcome = apply_reload(args, config, running, info, key_in_use).await;
+    match &outcome {
+        Ok(()) => tracing::info!("configuration reloaded"),
+        Err(e) => tracing::error!(error = %crate::error_chain(e), "reload failed"),
+    }
+    outcome
+}
+
+async fn apply_reload<E: Enforcer + Send + 'static>(
+    args: &RunArgs,
+    config: &mut AgentConfig,
+    running: &mut Running<E>,
+    info: &Arc<Mutex<AgentInfo>>,
+    key_in_use: &mut Option<ApiKey>,
+) -> Result<(), ReloadError> {
+    let new = config::load(args).map_err(ReloadError::Config)?;
+    let apiban = apiban_client(&new.apiban).map_err(|e| ReloadError::Apiban(e.into()))?;
     for key in config.restart_only_changes(&new) {
         tracing::warn!(
             key,
@@ -577,28 +576,16 @@ async fn reload<E: Enforcer + Send + 'static>(
         );
     }
     let change = Change::Settings {
-        engine: engine_settings(&new),
+        engine: new.engine.clone(),
         scope: new.scope.clone(),
     };
-    if let Err(e) = control::send_change(&running.updates, change).await {
-        tracing::error!(error = %crate::error_chain(&e), "reload: cannot apply the settings");
-        return Err(format!("cannot apply the settings: {e}"));
-    }
+    control::send_change(&running.updates, change)
+        .await
+        .map_err(ReloadError::Apply)?;
     // A key file rotated in place has the same path: compare what it holds.
     let key_now = apiban.as_ref().map(|(client, _)| client.key().clone());
-    let api_changed = key_now != *key_in_use
-        || new.key != config.key
-        || new.api_url != config.api_url
-        || new.api_timeout != config.api_timeout
-        || new.api_ca != config.api_ca
-        || new.key_retry_max != config.key_retry_max
-        || new.api_version != config.api_version
-        || new.data_set != config.data_set
-        || poll_settings(&new).poll_interval != poll_settings(config).poll_interval
-        || new.resync_interval != config.resync_interval
-        || new.rate_limit != config.rate_limit;
     let apiban_enabled = apiban.is_some();
-    if api_changed {
+    if key_now != *key_in_use || new.apiban != config.apiban {
         tracing::info!("APIBAN settings changed; restarting the poller from its saved position");
         running.restart_poller(apiban);
         *key_in_use = key_now;
@@ -612,26 +599,12 @@ async fn reload<E: Enforcer + Send + 'static>(
     {
         let mut i = crate::lock(info);
         i.scope = scope_text(&new.scope);
-        i.rate_limit = new.rate_limit.to_string();
-        i.poll_interval = crate::human::format_duration(new.poll_interval);
+        i.rate_limit = new.apiban.poll.rate_limit.to_string();
+        i.poll_interval = crate::human::format_duration(new.apiban.poll.poll_interval);
         i.apiban_enabled = apiban_enabled;
     }
-    // Keep what cannot change until restart, so the next reload compares against reality.
-    let kept = config.clone();
-    *config = AgentConfig {
-        ifaces: kept.ifaces,
-        xdp_mode: kept.xdp_mode,
-        bpffs_dir: kept.bpffs_dir,
-        debug_events: kept.debug_events,
-        state_dir: kept.state_dir,
-        control_socket: kept.control_socket,
-        metrics_addr: kept.metrics_addr,
-        dry_run: kept.dry_run,
-        log_format: kept.log_format,
-        ..new
-    };
-    tracing::info!("configuration reloaded");
-    Ok("configuration reloaded".to_owned())
+    *config = config.reloaded(new);
+    Ok(())
 }
 
 /// A blocked signal mask is inherited across exec: an agent started by a parent that blocks

@@ -183,7 +183,7 @@ fn classify(stream: &UnixStream, access: Access, agent_uid: u32) -> Peer {
 }
 
 /// How the control socket asks the agent's main loop for a reload, and hears how it went.
-pub type ReloadReply = oneshot::Sender<Result<String, String>>;
+pub type ReloadReply = oneshot::Sender<Result<(), crate::agent::ReloadError>>;
 
 /// `{"ok": <answer>}`, `{"refused": "..."}` (not done as asked: a usage error for the
 /// client) or `{"error": "..."}` (could not be done).
@@ -490,8 +490,10 @@ async fn answer(req: Request, ctx: &ControlContext) -> Response {
                 return Response::Error("the agent is stopping".into());
             }
             return match rx.await {
-                Ok(Ok(msg)) => Response::Ok(serde_json::Value::String(msg)),
-                Ok(Err(e)) => Response::Error(e),
+                Ok(Ok(())) => Response::Ok(serde_json::Value::String(
+                    "configuration reloaded".to_owned(),
+                )),
+                Ok(Err(e)) => Response::Error(crate::error_chain(&e)),
                 Err(_) => Response::Error("the agent is stopping".into()),
             };
         }

@@ -135,7 +135,7 @@ pub enum EngineError {
 /// reads `apiban check`, not a document (the state file holds every comment).
 pub const MAX_COMMENT_CHARS: usize = 200;
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct EngineSettings {
     /// How long a feed entry stays banned after it was last seen.
     pub ttl: Duration,

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::Context as _;
 use apiban::{
-    config::{self, ConfigError, LogFormat, RunArgs},
+    config::{self, ConfigError, LogFormat, RunArgs, parse_cidr},
     control::{self, Request},
     dataplane::loader,
     human::HumanDuration,
@@ -226,7 +226,7 @@ fn init_tracing(format: LogFormat) {
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let config = config::load(&args)?;
-    init_tracing(config.log_format);
+    init_tracing(config.process.log_format);
     if let Some(file) = &config.file {
         tracing::info!(file = %file.display(), "configuration read");
     }
@@ -255,12 +255,6 @@ fn parse_comment(text: &str) -> Result<String, String> {
         ));
     }
     Ok(text.to_owned())
-}
-
-fn parse_cidr(text: &str) -> Result<IpNet, String> {
-    apiban::sanitise::parse_net(text).ok_or_else(|| {
-        format!("`{text}` is not an address or CIDR (e.g. 192.0.2.7 or 2001:db8::/32)")
-    })
 }
 
 fn socket(client: &Client) -> anyhow::Result<PathBuf> {
@@ -415,7 +409,7 @@ async fn check_remote(addr: IpAddr, config_file: Option<&Path>, json: bool) -> a
     }
     args.dry_run = Some(true);
     let config = config::load(&args)?;
-    let Some(client) = apiban::agent::client_from_config(&config)? else {
+    let Some(client) = apiban::agent::client_from_config(&config.apiban)? else {
         anyhow::bail!(
             "--remote needs an API key: set APIBAN_KEY (or api-key/api-key-file in the config); \
              get one at https://apiban.org/getkey.html"

@@ -17,7 +17,7 @@ use crate::{
     state::ApibanCursor,
 };
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct PollSettings {
     pub poll_interval: Duration,
     pub resync_interval: Duration,

@@ -1,0 +1,200 @@
+//! `apiban run`'s flags, and the value types that flags and the config file share, so that
+//! `--ttl 7x` and `ttl = "7x"` are refused by the same parser with the same words.
+
+use std::{net::SocketAddr, path::PathBuf, str::FromStr};
+
+use clap::ValueEnum;
+use ipnet::IpNet;
+use serde::Serialize;
+
+use crate::{
+    dataplane::loader::AttachMode,
+    human::{HumanDuration, RateLimit},
+    source::{
+        apiban::{ApiVersion, DataSet},
+        blocklist::ListLocation,
+    },
+};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum ScopeKind {
+    /// Drop everything from banned sources.
+    #[default]
+    All,
+    /// Drop only TCP/UDP from banned sources to --ports.
+    Ports,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One line per event, no colour unless stderr is a terminal (journald-friendly).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where /metrics is served; `off` (or empty) turns it off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<SocketAddr>);
+
+impl FromStr for MetricsAddr {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.eq_ignore_ascii_case("off") || text.is_empty() {
+            return Ok(Self(None));
+        }
+        text.parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|_| format!("`{text}` is not ADDRESS:PORT (e.g. 127.0.0.1:9477) or off"))
+    }
+}
+
+/// An address or a CIDR, as operators write them on the command line and in files.
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    crate::sanitise::parse_net(text).ok_or_else(|| {
+        format!("`{text}` is not an address or CIDR (e.g. 192.0.2.7 or 2001:db8::/32)")
+    })
+}
+
+/// `--list NAME=PATH|URL`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedList {
+    pub name: String,
+    pub location: ListLocation,
+}
+
+fn parse_named_list(text: &str) -> Result<NamedList, String> {
+    let (name, location) = text
+        .split_once('=')
+        .filter(|(n, loc)| !n.is_empty() && !loc.is_empty())
+        .ok_or_else(|| format!("`{text}`: write NAME=PATH or NAME=URL"))?;
+    Ok(NamedList {
+        name: name.to_owned(),
+        location: ListLocation::parse(location),
+    })
+}
+
+/// A value-enum's name, matched as clap matches it (case-insensitively), listing the choices
+/// when it is none of them.
+pub fn value_enum<T: ValueEnum>(text: &str) -> Result<T, String> {
+    T::from_str(text, true).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_owned()))
+            .collect();
+        format!("`{text}` is not one of {}", names.join(", "))
+    })
+}
+
+/// `apiban run` flags. Each is optional here: a flag that is not given falls through to its
+/// `APIBAN_*` variable, then to the config file, then to the default shown in --help.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct RunArgs {
+    /// Config file [default: /etc/apiban/config.toml if it exists].
+    #[arg(long, env = "APIBAN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Interface to protect; repeat (or comma-separate) for several.
+    #[arg(long = "iface", env = "APIBAN_IFACE", value_delimiter = ',')]
+    pub ifaces: Vec<String>,
+    /// How long to wait at start for an --iface that does not exist yet (udev renaming,
+    /// a VLAN or bond created later in boot) [default: 30s].
+    #[arg(long, env = "APIBAN_IFACE_WAIT")]
+    pub iface_wait: Option<HumanDuration>,
+    /// XDP attach mode [default: auto]: native, falling back to skb.
+    #[arg(long, env = "APIBAN_XDP_MODE", value_enum)]
+    pub xdp_mode: Option<AttachMode>,
+    /// Where maps and links are pinned, so enforcement outlives the agent
+    /// [default: /sys/fs/bpf/apiban].
+    #[arg(long, env = "APIBAN_BPFFS_DIR")]
+    pub bpffs_dir: Option<PathBuf>,
+    /// Drop everything from banned sources (all), or only TCP/UDP to --ports (ports)
+    /// [default: all].
+    #[arg(long, env = "APIBAN_SCOPE", value_enum)]
+    pub scope: Option<ScopeKind>,
+    /// Destination ports for --scope ports [default: 5060,5061].
+    #[arg(long, env = "APIBAN_PORTS", value_delimiter = ',')]
+    pub ports: Vec<u16>,
+    /// Log each drop and allowlist match from the XDP program (debugging only).
+    #[arg(long, env = "APIBAN_DEBUG_EVENTS", num_args = 0..=1, default_missing_value = "true")]
+    pub debug_events: Option<bool>,
+    /// APIBAN API key (free at https://apiban.org/getkey.html). Prefer APIBAN_KEY or
+    /// --api-key-file: flags show up in `ps`.
+    #[arg(long, env = "APIBAN_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// File whose first line is the API key (e.g. a systemd credential).
+    #[arg(long, env = "APIBAN_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// APIBAN base URL, up to and including /api/ (a mirror, or a local test server)
+    /// [default: https://apiban.org/api/].
+    #[arg(long, env = "APIBAN_API_URL")]
+    pub api_url: Option<String>,
+    /// How long one API request may take before it counts as failed [default: 30s].
+    #[arg(long, env = "APIBAN_API_TIMEOUT")]
+    pub api_timeout: Option<HumanDuration>,
+    /// PEM file of CA certificates to trust for --api-url, besides the system's and the
+    /// bundled web roots (a mirror or proxy with an internal CA).
+    #[arg(long, env = "APIBAN_API_CA")]
+    pub api_ca: Option<PathBuf>,
+    /// APIBAN API version [default: v2].
+    #[arg(long, env = "APIBAN_API_VERSION", value_enum)]
+    pub api_version: Option<ApiVersion>,
+    /// APIBAN data set [default: sip].
+    #[arg(long = "set", env = "APIBAN_SET", value_enum)]
+    pub data_set: Option<DataSet>,
+    /// Time between incremental polls [default: 60s].
+    #[arg(long, env = "APIBAN_POLL_INTERVAL")]
+    pub poll_interval: Option<HumanDuration>,
+    /// Longest wait between retries while APIBAN rejects the key (403); the first retry is
+    /// one poll interval later, the wait doubles up to this [default: 30m].
+    #[arg(long, env = "APIBAN_KEY_RETRY_MAX")]
+    pub key_retry_max: Option<HumanDuration>,
+    /// Time between full pulls that reconcile the list [default: 24h].
+    #[arg(long, env = "APIBAN_RESYNC_INTERVAL")]
+    pub resync_interval: Option<HumanDuration>,
+    /// At most N requests in any window T, each held T/10 longer (at most 5 s) for
+    /// requests that reach the server late [default: 11/120s, APIBAN's limit].
+    #[arg(long, env = "APIBAN_RATE_LIMIT")]
+    pub rate_limit: Option<RateLimit>,
+    /// How long a feed entry stays banned after it was last seen [default: 7d].
+    #[arg(long, env = "APIBAN_TTL")]
+    pub ttl: Option<HumanDuration>,
+    /// Never ban this prefix (repeatable); wins over every feed.
+    #[arg(long = "allow", env = "APIBAN_ALLOW", value_delimiter = ',', value_parser = parse_cidr)]
+    pub allow: Vec<IpNet>,
+    /// Feed entries broader than this IPv4 prefix length are refused [default: 16].
+    #[arg(long, env = "APIBAN_MIN_PREFIX_V4")]
+    pub min_prefix_v4: Option<u8>,
+    /// Feed entries broader than this IPv6 prefix length are refused [default: 32].
+    #[arg(long, env = "APIBAN_MIN_PREFIX_V6")]
+    pub min_prefix_v6: Option<u8>,
+    /// Plain-text blocklist as NAME=PATH or NAME=URL (repeatable).
+    #[arg(long = "list", env = "APIBAN_LIST", value_delimiter = ',', value_parser = parse_named_list)]
+    pub lists: Vec<NamedList>,
+    /// How often blocklists are re-read [default: 1h].
+    #[arg(long, env = "APIBAN_LIST_REFRESH")]
+    pub list_refresh: Option<HumanDuration>,
+    /// Where the ledger, sync position and request journal are saved
+    /// [default: /var/lib/apiban].
+    #[arg(long, env = "APIBAN_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Control socket for status, check, list, ban, unban and allow
+    /// [default: /run/apiban/control.sock].
+    #[arg(long, env = "APIBAN_CONTROL_SOCKET")]
+    pub control_socket: Option<PathBuf>,
+    /// Members of this group may run the read-only commands (status, check, list, allow
+    /// list) on the control socket; everything else stays root-only [default: none].
+    #[arg(long, env = "APIBAN_CONTROL_GROUP")]
+    pub control_group: Option<String>,
+    /// Where /metrics is served (Prometheus text format); "off" disables it
+    /// [default: 127.0.0.1:9477].
+    #[arg(long, env = "APIBAN_METRICS_ADDR")]
+    pub metrics_addr: Option<MetricsAddr>,
+    /// Fetch and report what would be blocked; load and attach nothing.
+    #[arg(long, env = "APIBAN_DRY_RUN", num_args = 0..=1, default_missing_value = "true")]
+    pub dry_run: Option<bool>,
+    /// Log format [default: text].
+    #[arg(long, env = "APIBAN_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+}

@@ -1,0 +1,142 @@
+//! The TOML config file, deserialised once into the same value types the flags parse into.
+//! A bad value is refused by serde with the line it is on; an unknown key is an error, so a
+//! typo is reported instead of silently ignored.
+
+use std::{
+    marker::PhantomData,
+    path::{Path, PathBuf},
+};
+
+use clap::ValueEnum;
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer, de};
+
+use super::{
+    ConfigError, DEFAULT_CONFIG_FILE,
+    args::{MetricsAddr, ScopeKind, parse_cidr, value_enum},
+};
+use crate::{
+    dataplane::loader::AttachMode,
+    human::{HumanDuration, RateLimit},
+    source::apiban::{ApiVersion, DataSet},
+};
+
+/// The file's keys are the flag names.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileConfig {
+    pub iface: Option<Vec<String>>,
+    pub iface_wait: Option<Parsed<HumanDuration>>,
+    pub xdp_mode: Option<ByName<AttachMode>>,
+    pub bpffs_dir: Option<PathBuf>,
+    pub scope: Option<ByName<ScopeKind>>,
+    pub ports: Option<Vec<u16>>,
+    pub debug_events: Option<bool>,
+    pub api_key: Option<String>,
+    pub api_key_file: Option<PathBuf>,
+    pub api_url: Option<String>,
+    pub api_timeout: Option<Parsed<HumanDuration>>,
+    pub api_ca: Option<PathBuf>,
+    pub api_version: Option<ByName<ApiVersion>>,
+    pub set: Option<ByName<DataSet>>,
+    pub poll_interval: Option<Parsed<HumanDuration>>,
+    pub key_retry_max: Option<Parsed<HumanDuration>>,
+    pub resync_interval: Option<Parsed<HumanDuration>>,
+    pub rate_limit: Option<Parsed<RateLimit>>,
+    pub ttl: Option<Parsed<HumanDuration>>,
+    pub allow: Option<Vec<Cidr>>,
+    pub min_prefix_v4: Option<u8>,
+    pub min_prefix_v6: Option<u8>,
+    pub list: Option<Vec<FileList>>,
+    pub list_refresh: Option<Parsed<HumanDuration>>,
+    pub state_dir: Option<PathBuf>,
+    pub control_socket: Option<PathBuf>,
+    pub control_group: Option<String>,
+    pub metrics_addr: Option<Parsed<MetricsAddr>>,
+    pub dry_run: Option<bool>,
+    pub log_format: Option<ByName<super::LogFormat>>,
+}
+
+/// `[[list]]` in the file: a blocklist with its own refresh interval if it needs one.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileList {
+    pub name: String,
+    /// A path or an http(s) URL.
+    pub location: String,
+    pub refresh: Option<Parsed<HumanDuration>>,
+}
+
+/// A string value parsed with the type's `FromStr`, the parser its flag uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Parsed<T>(pub T);
+
+impl<'de, T> Deserialize<'de> for Parsed<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(Parsed).map_err(de::Error::custom)
+    }
+}
+
+/// A value-enum's name, matched as its flag matches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByName<T>(pub T);
+
+impl<'de, T: ValueEnum> Deserialize<'de> for ByName<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Name<T>(PhantomData<T>);
+        impl<T: ValueEnum> de::Visitor<'_> for Name<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a name")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<T, E> {
+                value_enum(text).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Name(PhantomData)).map(ByName)
+    }
+}
+
+/// An address or CIDR in `allow`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr(pub IpNet);
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        parse_cidr(&text).map(Cidr).map_err(de::Error::custom)
+    }
+}
+
+/// Reads the config file: `explicit` must exist; without it the default path is read if it
+/// exists. Returns the path that was read.
+pub fn read_file(explicit: Option<&Path>) -> Result<(Option<PathBuf>, FileConfig), ConfigError> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => {
+            let default = PathBuf::from(DEFAULT_CONFIG_FILE);
+            if !default.exists() {
+                return Ok((None, FileConfig::default()));
+            }
+            default
+        }
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let file = parse_file(&text).map_err(|message| ConfigError::Parse {
+        path: path.clone(),
+        message,
+    })?;
+    Ok((Some(path), file))
+}
+
+pub fn parse_file(text: &str) -> Result<FileConfig, String> {
+    toml::from_str(text).map_err(|e| e.to_string())
+}

@@ -1,0 +1,397 @@
+//! The agent's configuration: flags, environment, the TOML file and defaults, in that order
+//! of precedence. Every `apiban run` flag is also a key in the file, spelled the same way
+//! (`--poll-interval 60s` is `poll-interval = "60s"`), and an `APIBAN_*` variable.
+//!
+//! Resolution is a pure function of the parsed flags (clap folds the environment in) and the
+//! file's contents, so precedence is tested without touching the process environment, and a
+//! SIGHUP reload re-runs it with the same flags and the file as it is now.
+
+mod args;
+mod file;
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Serialize;
+
+pub use self::{
+    args::{LogFormat, MetricsAddr, NamedList, RunArgs, ScopeKind, parse_cidr},
+    file::{FileConfig, FileList, parse_file, read_file},
+};
+use crate::{
+    dataplane::{Scope, loader::AttachMode},
+    engine::EngineSettings,
+    source::{
+        apiban::{ApiVersion, DEFAULT_BASE_URL, DataSet},
+        blocklist::ListSpec,
+    },
+    sync::PollSettings,
+};
+
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/apiban/config.toml";
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/apiban/control.sock";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/apiban";
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9477";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+    #[error("no interface to protect: give --iface IF (or `iface = [\"eth0\"]` in the config)")]
+    NoInterface,
+}
+
+fn invalid(key: &'static str, message: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.to_string(),
+    }
+}
+
+/// Where the key comes from; read at start and on reload, never logged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    Value(String),
+    File(PathBuf),
+}
+
+/// The resolved configuration the agent runs with, grouped by what a SIGHUP does with each
+/// part: `attach` and `process` take effect only on restart; `apiban` restarts the poller;
+/// `engine`, `scope` and `lists` go to the ledger's owner and the list tasks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentConfig {
+    /// The file that was read, if any.
+    pub file: Option<PathBuf>,
+    pub attach: AttachSettings,
+    pub process: ProcessSettings,
+    pub apiban: ApibanSettings,
+    pub engine: EngineSettings,
+    pub scope: Scope,
+    pub lists: Vec<ListSpec>,
+}
+
+/// Which interfaces the program is attached to, and how. Serialised with the config keys'
+/// names, so a reload can name what it could not change.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AttachSettings {
+    #[serde(rename = "iface")]
+    pub ifaces: Vec<String>,
+    pub iface_wait: Duration,
+    pub xdp_mode: AttachMode,
+    pub bpffs_dir: PathBuf,
+    pub debug_events: bool,
+}
+
+/// Where the agent keeps its state and how it talks to operators.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ProcessSettings {
+    pub state_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub control_group: Option<String>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    pub dry_run: bool,
+    pub log_format: LogFormat,
+}
+
+/// How APIBAN is reached and polled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApibanSettings {
+    pub key: Option<KeySource>,
+    pub url: String,
+    pub timeout: Duration,
+    pub ca: Option<PathBuf>,
+    pub version: ApiVersion,
+    pub data_set: DataSet,
+    pub poll: PollSettings,
+}
+
+impl AgentConfig {
+    /// Settings that a SIGHUP cannot change, by key, for a warning when they differ.
+    pub fn restart_only_changes(&self, new: &AgentConfig) -> Vec<String> {
+        let mut changed = changed_keys(&self.attach, &new.attach);
+        changed.extend(changed_keys(&self.process, &new.process));
+        changed
+    }
+
+    /// `new` with the parts that only change on restart taken from `self`, so that the next
+    /// reload compares against what runs.
+    pub fn reloaded(&self, new: AgentConfig) -> AgentConfig {
+        AgentConfig {
+            attach: self.attach.clone(),
+            process: self.process.clone(),
+            ..new
+        }
+    }
+}
+
+/// The keys whose values differ between two serialisations of one settings struct.
+fn changed_keys<T: Serialize>(old: &T, new: &T) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(old)), Ok(serde_json::Value::Object(new))) =
+        (serde_json::to_value(old), serde_json::to_value(new))
+    else {
+        return Vec::new();
+    };
+    old.iter()
+        .filter(|(key, value)| new.get(key.as_str()) != Some(*value))
+        .map(|(key, _)| key.clone())
+        .collect()
+}
+
+fn first<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
+    flag.or(file).unwrap_or(default)
+}
+
+/// The first of the flag's and the file's lists that is not empty.
+fn first_list<T: Clone>(flag: &[T], file: Option<Vec<T>>) -> Vec<T> {
+    if flag.is_empty() {
+        file.unwrap_or_default()
+    } else {
+        flag.to_vec()
+    }
+}
+
+fn resolve_scope(args: &RunArgs, file: &FileConfig) -> Result<Scope, ConfigError> {
+    let kind = first(args.scope, file.scope.map(|s| s.0), ScopeKind::All);
+    let ports: BTreeSet<u16> = if args.ports.is_empty() {
+        file.ports
+            .clone()
+            .unwrap_or_else(|| vec![5060, 5061])
+            .into_iter()
+            .collect()
+    } else {
+        args.ports.iter().copied().collect()
+    };
+    match kind {
+        ScopeKind::All => Ok(Scope::All),
+        ScopeKind::Ports if ports.is_empty() => {
+            Err(invalid("ports", "--scope ports needs at least one port"))
+        }
+        ScopeKind::Ports => Ok(Scope::Ports(ports)),
+    }
+}
+
+fn resolve_lists(args: &RunArgs, file: &FileConfig) -> Result<Vec<ListSpec>, ConfigError> {
+    let refresh = first(
+        args.list_refresh.map(|d| d.0),
+        file.list_refresh.map(|d| d.0.0),
+        Duration::from_secs(3600),
+    );
+    let lists: Vec<ListSpec> = if args.lists.is_empty() {
+        let mut lists = Vec::new();
+        for l in file.list.clone().unwrap_or_default() {
+            if l.name.is_empty() || l.location.is_empty() {
+                return Err(invalid(
+                    "list",
+                    "every [[list]] needs a name and a location",
+                ));
+            }
+            lists.push(ListSpec {
+                name: l.name,
+                location: crate::source::blocklist::ListLocation::parse(&l.location),
+                refresh: l.refresh.map_or(refresh, |d| d.0.0),
+            });
+        }
+        lists
+    } else {
+        args.lists
+            .iter()
+            .map(|l| ListSpec {
+                name: l.name.clone(),
+                location: l.location.clone(),
+                refresh,
+            })
+            .collect()
+    };
+    let mut names = BTreeSet::new();
+    if let Some(dup) = lists.iter().find(|l| !names.insert(l.name.as_str())) {
+        return Err(invalid(
+            "list",
+            format!("two lists are named `{}`", dup.name),
+        ));
+    }
+    Ok(lists)
+}
+
+fn resolve_apiban(args: &RunArgs, file: &FileConfig) -> Result<ApibanSettings, ConfigError> {
+    // A key given on a higher level wins over a key file on a lower one, and vice versa.
+    let key = match (&args.api_key, &args.api_key_file) {
+        (Some(k), _) => Some(KeySource::Value(k.clone())),
+        (None, Some(p)) => Some(KeySource::File(p.clone())),
+        (None, None) => match (&file.api_key, &file.api_key_file) {
+            (Some(k), _) => Some(KeySource::Value(k.clone())),
+            (None, Some(p)) => Some(KeySource::File(p.clone())),
+            (None, None) => None,
+        },
+    };
+    let defaults = PollSettings::default();
+    let duration =
+        |flag: Option<crate::human::HumanDuration>,
+         file: Option<file::Parsed<crate::human::HumanDuration>>,
+         default| first(flag.map(|d| d.0), file.map(|d| d.0.0), default);
+    let poll = PollSettings {
+        poll_interval: duration(
+            args.poll_interval,
+            file.poll_interval,
+            defaults.poll_interval,
+        ),
+        key_retry_max: duration(
+            args.key_retry_max,
+            file.key_retry_max,
+            defaults.key_retry_max,
+        ),
+        resync_interval: duration(
+            args.resync_interval,
+            file.resync_interval,
+            defaults.resync_interval,
+        ),
+        rate_limit: first(
+            args.rate_limit,
+            file.rate_limit.map(|r| r.0),
+            defaults.rate_limit,
+        ),
+        ..defaults
+    };
+    if poll.poll_interval.is_zero() {
+        return Err(invalid("poll-interval", "must be longer than zero"));
+    }
+    if poll.key_retry_max.is_zero() {
+        return Err(invalid("key-retry-max", "must be longer than zero"));
+    }
+    Ok(ApibanSettings {
+        key,
+        url: first(
+            args.api_url.clone(),
+            file.api_url.clone(),
+            DEFAULT_BASE_URL.into(),
+        ),
+        timeout: duration(args.api_timeout, file.api_timeout, Duration::from_secs(30))
+            .max(Duration::from_secs(1)),
+        ca: args.api_ca.clone().or_else(|| file.api_ca.clone()),
+        version: first(
+            args.api_version,
+            file.api_version.map(|v| v.0),
+            ApiVersion::V2,
+        ),
+        data_set: first(args.data_set, file.set.map(|s| s.0), DataSet::Sip),
+        poll,
+    })
+}
+
+fn resolve_engine(args: &RunArgs, file: &FileConfig) -> Result<EngineSettings, ConfigError> {
+    let min_prefix_v4 = first(args.min_prefix_v4, file.min_prefix_v4, 16);
+    let min_prefix_v6 = first(args.min_prefix_v6, file.min_prefix_v6, 32);
+    if min_prefix_v4 > 32 {
+        return Err(invalid("min-prefix-v4", "must be 0..=32"));
+    }
+    if min_prefix_v6 > 128 {
+        return Err(invalid("min-prefix-v6", "must be 0..=128"));
+    }
+    let file_allow = file.allow.as_ref().map(|a| a.iter().map(|c| c.0).collect());
+    Ok(EngineSettings {
+        ttl: first(
+            args.ttl.map(|d| d.0),
+            file.ttl.map(|d| d.0.0),
+            Duration::from_secs(7 * 86_400),
+        ),
+        min_prefix_v4,
+        min_prefix_v6,
+        allow: first_list(&args.allow, file_allow),
+    })
+}
+
+/// Flags (with the environment folded in by clap) over the file over the defaults.
+pub fn resolve(
+    args: &RunArgs,
+    file_path: Option<PathBuf>,
+    file: FileConfig,
+) -> Result<AgentConfig, ConfigError> {
+    let ifaces = first_list(&args.ifaces, file.iface.clone());
+    let dry_run = first(args.dry_run, file.dry_run, false);
+    if ifaces.is_empty() && !dry_run {
+        return Err(ConfigError::NoInterface);
+    }
+    let attach = AttachSettings {
+        ifaces,
+        iface_wait: first(
+            args.iface_wait.map(|d| d.0),
+            file.iface_wait.map(|d| d.0.0),
+            Duration::from_secs(30),
+        ),
+        xdp_mode: first(args.xdp_mode, file.xdp_mode.map(|m| m.0), AttachMode::Auto),
+        bpffs_dir: first(
+            args.bpffs_dir.clone(),
+            file.bpffs_dir.clone(),
+            PathBuf::from(crate::dataplane::loader::DEFAULT_BPFFS_DIR),
+        ),
+        debug_events: first(args.debug_events, file.debug_events, false),
+    };
+    let process = ProcessSettings {
+        state_dir: first(
+            args.state_dir.clone(),
+            file.state_dir.clone(),
+            PathBuf::from(DEFAULT_STATE_DIR),
+        ),
+        control_socket: first(
+            args.control_socket.clone(),
+            file.control_socket.clone(),
+            PathBuf::from(DEFAULT_CONTROL_SOCKET),
+        ),
+        control_group: args
+            .control_group
+            .clone()
+            .or_else(|| file.control_group.clone())
+            .filter(|g| !g.is_empty() && !g.eq_ignore_ascii_case("none")),
+        metrics_addr: match args.metrics_addr.or(file.metrics_addr.map(|m| m.0)) {
+            Some(MetricsAddr(addr)) => addr,
+            None => DEFAULT_METRICS_ADDR.parse().ok(),
+        },
+        dry_run,
+        log_format: first(
+            args.log_format,
+            file.log_format.map(|f| f.0),
+            LogFormat::Text,
+        ),
+    };
+    Ok(AgentConfig {
+        file: file_path,
+        attach,
+        process,
+        apiban: resolve_apiban(args, &file)?,
+        engine: resolve_engine(args, &file)?,
+        scope: resolve_scope(args, &file)?,
+        lists: resolve_lists(args, &file)?,
+    })
+}
+
+/// Reads the file the flags point at (or the default one) and resolves.
+pub fn load(args: &RunArgs) -> Result<AgentConfig, ConfigError> {
+    let (path, file) = read_file(args.config.as_deref())?;
+    resolve(args, path, file)
+}
+
+/// The control socket for client commands: flag or environment, else the config file's,
+/// else the default.
+pub fn control_socket(flag: Option<&Path>, config: Option<&Path>) -> Result<PathBuf, ConfigError> {
+    if let Some(p) = flag {
+        return Ok(p.to_path_buf());
+    }
+    let (_, file) = read_file(config)?;
+    Ok(file
+        .control_socket
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONTROL_SOCKET)))
+}
