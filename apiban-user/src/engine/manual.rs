@@ -1,0 +1,127 @@
+//! What operators change by hand: bans, unbans and the manual allowlist, refused when they
+//! would cut the host off from itself or have no effect.
+
+use std::{sync::Arc, time::Duration};
+
+use ipnet::IpNet;
+
+use super::{Applied, Enforcer, Engine, EngineError, MAX_COMMENT_CHARS};
+use crate::ledger::SourceId;
+
+impl<E: Enforcer> Engine<E> {
+    /// `apiban ban`: any prefix, the operator's own TTL or none. What would cut the host off
+    /// from itself (loopback, its own addresses) or have no effect (the allowlist wins) is
+    /// refused, naming why, unless `force`.
+    pub fn ban(
+        &mut self,
+        net: IpNet,
+        ttl: Option<Duration>,
+        comment: Option<String>,
+        force: bool,
+        now: u64,
+    ) -> Result<Applied, EngineError> {
+        let net = net.trunc();
+        let refuse = |why: String| Err(EngineError::Refused(net, why));
+        if net.prefix_len() == 0 {
+            return refuse("a ban of the whole address family".into());
+        }
+        if ttl.is_some_and(|t| t.as_secs() == 0) {
+            return refuse(
+                "a TTL under 1s expires at once; omit --ttl for a ban until unbanned".into(),
+            );
+        }
+        if let Some(c) = &comment
+            && c.chars().count() > MAX_COMMENT_CHARS
+        {
+            return refuse(format!(
+                "the comment has {} characters, more than the {MAX_COMMENT_CHARS} allowed",
+                c.chars().count()
+            ));
+        }
+        if !force {
+            let loopback: [IpNet; 2] = [
+                IpNet::V4(ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::LOCALHOST, 8).trunc()),
+                IpNet::V6(ipnet::Ipv6Net::new_assert(
+                    std::net::Ipv6Addr::LOCALHOST,
+                    128,
+                )),
+            ];
+            let force_hint = "; add --force to ban it anyway";
+            if let Some(lo) = loopback
+                .iter()
+                .find(|lo| lo.contains(&net) || net.contains(*lo))
+            {
+                return refuse(format!("it covers loopback ({lo}){force_hint}"));
+            }
+            if let Some(own) = self
+                .sanitiser
+                .own_addresses()
+                .into_iter()
+                .find(|a| net.contains(a))
+            {
+                return refuse(format!(
+                    "it covers {own}, an address of this host{force_hint}"
+                ));
+            }
+            if self.allow.covers(&net) {
+                let entry = self
+                    .allow
+                    .covering(net.network())
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                return refuse(format!(
+                    "the allowlist covers it ({entry}) and wins, so the ban would have no \
+                     effect; remove it from the allowlist first, or add --force to record it \
+                     anyway"
+                ));
+            }
+        }
+        Arc::make_mut(&mut self.ledger).observe(
+            net,
+            &SourceId::Manual,
+            now,
+            ttl.map(|t| t.as_secs()),
+            comment,
+        );
+        Ok(self.commit(now))
+    }
+
+    /// `apiban unban`: removes the prefix from every source. A feed that lists it again bans
+    /// it again; `apiban allow add` is the lasting way. Returns the sources that held it.
+    pub fn unban(&mut self, net: IpNet, now: u64) -> (Vec<SourceId>, Applied) {
+        let net = net.trunc();
+        let sources: Vec<SourceId> = self
+            .ledger
+            .get(&net)
+            .map(|r| r.iter().map(|(s, _)| s.clone()).collect())
+            .unwrap_or_default();
+        if !sources.is_empty() {
+            let ledger = Arc::make_mut(&mut self.ledger);
+            for source in &sources {
+                ledger.remove(&net, source);
+            }
+        }
+        (sources, self.commit(now))
+    }
+
+    pub fn allow_add(&mut self, net: IpNet, now: u64) -> Applied {
+        Arc::make_mut(&mut self.manual_allow).insert(net.trunc());
+        self.set_config_allow(self.config_allow.iter().copied().collect());
+        self.commit(now)
+    }
+
+    /// Removes a manual allow entry; configured ones stay (they come back on every reload).
+    pub fn allow_remove(&mut self, net: IpNet, now: u64) -> Result<Applied, EngineError> {
+        let net = net.trunc();
+        if !Arc::make_mut(&mut self.manual_allow).remove(&net) {
+            let why = if self.config_allow.contains(&net) {
+                "it comes from the configuration; remove it there and reload"
+            } else {
+                "it is not on the allowlist"
+            };
+            return Err(EngineError::Refused(net, why.into()));
+        }
+        self.set_config_allow(self.config_allow.iter().copied().collect());
+        Ok(self.commit(now))
+    }
+}

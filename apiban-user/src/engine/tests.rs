@@ -1,0 +1,289 @@
+use super::*;
+
+fn net(s: &str) -> IpNet {
+    crate::sanitise::parse_net(s).unwrap()
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+fn temp_store(name: &str) -> (std::path::PathBuf, StateStore) {
+    let dir = std::env::temp_dir().join(format!("apiban-engine-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = StateStore::open(&dir).unwrap();
+    (dir, store)
+}
+
+fn settings(ttl_secs: u64) -> EngineSettings {
+    EngineSettings {
+        ttl: Duration::from_secs(ttl_secs),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn full_pull_then_incremental_then_reconciliation() {
+    let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, settings(1000), 100).unwrap();
+    e.begin_full_pull(100);
+    let r = e.apiban_batch(
+        &strings(&["1.1.1.1", "2.2.2.2", "10.0.0.1", "junk"]),
+        "200".into(),
+        100,
+    );
+    assert_eq!((r.received, r.accepted, r.applied.added), (4, 2, 2));
+    assert_eq!(r.skipped[&Rejection::SpecialPurpose], 1);
+    assert_eq!(r.skipped[&Rejection::Invalid], 1);
+    // Protection grows with each batch, before the pull ends.
+    assert_eq!(e.enforcer().deny.len(), 2);
+    e.apiban_batch(&strings(&["3.3.3.3"]), "300".into(), 101);
+    e.apiban_done(102);
+    assert_eq!(e.apiban_cursor().next_id.as_deref(), Some("300"));
+    assert_eq!(e.apiban_cursor().last_full_pull, Some(102));
+    // Incremental: a new address.
+    e.apiban_batch(&strings(&["4.4.4.4"]), "400".into(), 200);
+    assert_eq!(e.apiban_cursor().next_id.as_deref(), Some("400"));
+    // The next full pull no longer lists 1.1.1.1.
+    e.begin_full_pull(300);
+    e.apiban_batch(
+        &strings(&["2.2.2.2", "3.3.3.3", "4.4.4.4"]),
+        "500".into(),
+        300,
+    );
+    assert!(
+        e.enforcer().deny.contains(&net("1.1.1.1")),
+        "still banned mid-pull"
+    );
+    let done = e.apiban_done(301);
+    assert_eq!((done.reconciled, done.applied.removed), (1, 1));
+    assert!(!e.enforcer().deny.contains(&net("1.1.1.1")));
+    assert_eq!(e.enforcer().deny.len(), 3);
+}
+
+#[test]
+fn an_empty_full_pull_does_not_empty_the_dataplane() {
+    let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, settings(1000), 0).unwrap();
+    e.apiban_batch(&strings(&["1.1.1.1"]), "200".into(), 0);
+    e.begin_full_pull(10);
+    let done = e.apiban_done(11);
+    assert_eq!(done.reconciled, 0);
+    assert_eq!(e.enforcer().deny.len(), 1);
+}
+
+#[test]
+fn expiry_and_reactivation_with_an_injected_clock() {
+    let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, settings(100), 0).unwrap();
+    e.apiban_batch(&strings(&["1.1.1.1", "2.2.2.2"]), "2".into(), 0);
+    e.apiban_batch(&strings(&["2.2.2.2"]), "3".into(), 60);
+    assert_eq!(e.sweep(99).0, 0);
+    let (expired, applied) = e.sweep(100);
+    assert_eq!((expired, applied.removed), (1, 1));
+    assert_eq!(e.enforcer().deny, BTreeSet::from([net("2.2.2.2")]));
+    let r = e.apiban_batch(&strings(&["1.1.1.1"]), "4".into(), 150);
+    assert_eq!((r.new, r.applied.added), (1, 1));
+    assert_eq!(e.sweep(160).0, 1, "2.2.2.2 expires at 160");
+    assert_eq!(e.enforcer().deny, BTreeSet::from([net("1.1.1.1")]));
+}
+
+#[test]
+fn manual_bans_allows_and_the_allowlist() {
+    let mut s = settings(100);
+    s.allow = vec![net("5.5.0.0/16")];
+    let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, s, 0).unwrap();
+    assert!(e.enforcer().allow.contains(&net("5.5.0.0/16")));
+    let r = e.apiban_batch(&strings(&["5.5.5.5", "6.6.6.6"]), "1".into(), 0);
+    assert_eq!(r.skipped[&Rejection::Allowlisted], 1);
+    // Manual bans take any prefix and survive the sweep without a TTL.
+    e.ban(net("7.0.0.0/8"), None, Some("lab".into()), false, 0)
+        .unwrap();
+    assert!(e.ban(net("0.0.0.0/0"), None, None, true, 0).is_err());
+    e.ban(
+        net("8.8.8.8"),
+        Some(Duration::from_secs(10)),
+        None,
+        false,
+        0,
+    )
+    .unwrap();
+    e.sweep(1000);
+    assert_eq!(e.enforcer().deny, BTreeSet::from([net("7.0.0.0/8")]));
+    // A manual allow pulls an already banned feed entry out of the maps.
+    e.apiban_batch(&strings(&["6.6.6.6"]), "2".into(), 1000);
+    e.allow_add(net("6.6.6.0/24"), 1000);
+    assert!(!e.enforcer().deny.contains(&net("6.6.6.6")));
+    assert!(e.enforcer().allow.contains(&net("6.6.6.0/24")));
+    e.allow_remove(net("6.6.6.0/24"), 1001).unwrap();
+    assert!(e.enforcer().deny.contains(&net("6.6.6.6")));
+    assert!(
+        e.allow_remove(net("5.5.0.0/16"), 1001).is_err(),
+        "configured allows stay"
+    );
+    let (sources, applied) = e.unban(net("6.6.6.6"), 1002);
+    assert_eq!((sources, applied.removed), (vec![SourceId::Apiban], 1));
+}
+
+#[test]
+fn manual_bans_that_cut_the_host_off_or_do_nothing_are_refused() {
+    let mut s = settings(100);
+    s.allow = vec![net("192.0.2.0/24")];
+    let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, s, 0).unwrap();
+    e.set_own_addresses(vec!["203.0.113.5".parse().unwrap()], 0);
+    let refused = |e: &mut Engine<MemoryEnforcer>, n: &str, force: bool| {
+        e.ban(net(n), None, None, force, 0).unwrap_err().to_string()
+    };
+    assert!(refused(&mut e, "127.0.0.1", false).contains("loopback"));
+    assert!(refused(&mut e, "::1", false).contains("loopback"));
+    assert!(refused(&mut e, "127.0.0.0/4", false).contains("loopback"));
+    let own = refused(&mut e, "203.0.113.0/24", false);
+    assert!(
+        own.contains("203.0.113.5, an address of this host"),
+        "{own}"
+    );
+    assert!(own.contains("--force"), "{own}");
+    let allowed = refused(&mut e, "192.0.2.7", false);
+    assert!(
+        allowed.contains("allowlist covers it (192.0.2.0/24)"),
+        "{allowed}"
+    );
+    // Partly allowlisted is a real ban: the allowlist carves out its part.
+    e.ban(net("192.0.0.0/16"), None, None, false, 0).unwrap();
+    assert!(
+        e.ban(
+            net("1.2.3.4"),
+            Some(Duration::from_millis(500)),
+            None,
+            false,
+            0
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("expires at once")
+    );
+    let long = "x".repeat(MAX_COMMENT_CHARS + 1);
+    assert!(
+        e.ban(net("1.2.3.4"), None, Some(long), false, 0)
+            .unwrap_err()
+            .to_string()
+            .contains("more than the 200 allowed")
+    );
+    e.ban(
+        net("1.2.3.4"),
+        None,
+        Some("x".repeat(MAX_COMMENT_CHARS)),
+        false,
+        0,
+    )
+    .unwrap();
+    // The operator insists.
+    e.ban(net("203.0.113.0/24"), None, None, true, 0).unwrap();
+    assert!(e.enforcer().deny.contains(&net("203.0.113.0/24")));
+    assert!(refused(&mut e, "0.0.0.0/0", true).contains("whole address family"));
+}
+
+#[test]
+fn a_full_map_is_counted_and_existing_bans_stay() {
+    let enforcer = MemoryEnforcer {
+        capacity: Some(3),
+        ..Default::default()
+    };
+    let (mut e, _) = Engine::start(enforcer, None, settings(100), 0).unwrap();
+    e.apiban_batch(&strings(&["1.1.1.1", "1.1.1.2"]), "1".into(), 0);
+    let r = e.apiban_batch(&strings(&["1.1.1.3", "1.1.1.4", "1.1.1.5"]), "2".into(), 0);
+    assert_eq!((r.applied.added, r.applied.not_enforced), (1, 2));
+    assert_eq!(e.enforcer().deny.len(), 3);
+    assert_eq!(e.counters().map_full, 1);
+    // Room again after an unban: the same change enforces one that was waiting.
+    let (_, applied) = e.unban(net("1.1.1.1"), 1);
+    assert_eq!(
+        (applied.removed, applied.added, applied.not_enforced),
+        (1, 1, 1)
+    );
+    assert_eq!(e.enforcer().deny.len(), 3);
+    assert!(!e.enforcer().deny.contains(&net("1.1.1.1")));
+}
+
+#[test]
+fn restart_restores_before_any_request_and_resumes_the_pull() {
+    let (dir, store) = temp_store("restart");
+    let (mut e, _) =
+        Engine::start(MemoryEnforcer::default(), Some(store), settings(1000), 0).unwrap();
+    e.begin_full_pull(0);
+    e.apiban_batch(&strings(&["1.1.1.1", "2a01:4f8::1"]), "250".into(), 0);
+    e.ban(net("9.9.9.0/24"), None, Some("ops".into()), false, 0)
+        .unwrap();
+    e.allow_add(net("3.3.3.3"), 0);
+    drop(e);
+    // A new process: empty maps (a reboot), the state file only.
+    let store = StateStore::open(&dir).unwrap();
+    let (e, report) =
+        Engine::start(MemoryEnforcer::default(), Some(store), settings(1000), 5).unwrap();
+    assert_eq!(report.restored_entries, 3);
+    assert_eq!(report.applied.added, 3);
+    assert!(e.enforcer().allow.contains(&net("3.3.3.3")));
+    let pull = e.apiban_cursor().full_pull.clone().unwrap();
+    assert_eq!((pull.next_id.as_str(), pull.seen), ("250", 2));
+    drop(e);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Maps that fill up and, read back, hold more than the engine put there.
+#[derive(Default)]
+struct CrowdedMaps {
+    deny: BTreeSet<IpNet>,
+}
+
+impl Enforcer for CrowdedMaps {
+    fn denied(&self) -> Result<BTreeSet<IpNet>, DataplaneError> {
+        Ok(self.deny.clone())
+    }
+    fn allowed(&self) -> Result<BTreeSet<IpNet>, DataplaneError> {
+        Ok(BTreeSet::new())
+    }
+    fn deny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError> {
+        // Half goes in, then the map is full; meanwhile a previous agent's program put
+        // three entries of its own there.
+        self.deny.extend(nets.iter().take(nets.len() / 2).copied());
+        self.deny
+            .extend(["9.9.9.1", "9.9.9.2", "9.9.9.3"].iter().map(|s| net(s)));
+        Err(DataplaneError::MapFull {
+            list: crate::dataplane::List::Deny,
+            family: crate::dataplane::Family::V4,
+            capacity: 4,
+        })
+    }
+    fn undeny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError> {
+        for n in nets {
+            self.deny.remove(n);
+        }
+        Ok(())
+    }
+    fn allow(&mut self, _: IpNet) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn unallow(&mut self, _: IpNet) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_full_map_holding_foreign_entries_does_not_break_the_count() {
+    let (mut e, _) = Engine::start(CrowdedMaps::default(), None, settings(100), 0).unwrap();
+    let r = e.apiban_batch(&strings(&["1.1.1.1", "1.1.1.2"]), "1".into(), 0);
+    assert_eq!((r.applied.added, r.applied.not_enforced), (1, 1));
+    assert_eq!(e.counters().map_full, 1);
+}
+
+#[test]
+fn pinned_bans_without_state_are_kept_until_a_pull_settles_them() {
+    let pinned = MemoryEnforcer {
+        deny: BTreeSet::from([net("1.1.1.1"), net("2.2.2.2")]),
+        ..Default::default()
+    };
+    let (mut e, report) = Engine::start(pinned, None, settings(1000), 50).unwrap();
+    assert_eq!(report.applied.removed, 0);
+    assert_eq!(e.enforcer().deny.len(), 2);
+    e.begin_full_pull(50);
+    e.apiban_batch(&strings(&["2.2.2.2"]), "9".into(), 50);
+    e.apiban_done(51);
+    assert_eq!(e.enforcer().deny, BTreeSet::from([net("2.2.2.2")]));
+}
