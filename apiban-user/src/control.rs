@@ -419,56 +419,64 @@ fn to_value<T: Serialize>(v: &T) -> Response {
     }
 }
 
+fn read_answer(read: Result<Response, tokio::task::JoinError>) -> Response {
+    read.unwrap_or_else(|e| Response::Error(format!("reading the agent's state failed: {e}")))
+}
+
 async fn answer(req: Request, ctx: &ControlContext) -> Response {
     let now = sync::unix_now();
-    let snapshot = ctx.readers.snapshots.borrow().clone();
-    let dataplane = ctx.readers.dataplane.clone();
     let change = match req {
         Request::Status => {
-            let info = crate::lock(&ctx.readers.info).clone();
-            // The counters are a few syscalls, the top sources a walk over whole tables: on
-            // a blocking thread, so that the runtime's other clients, the poller and the
-            // signals go on meanwhile.
-            let built = tokio::task::spawn_blocking(move || {
-                let mut report = status::report(&snapshot, &info, dataplane.as_deref(), now);
-                if let Some(dp) = &dataplane {
-                    match dp.deny_hits() {
-                        Ok(hits) => report.top = status::top_entries(hits, TOP_SOURCES, &snapshot),
-                        Err(e) => report.dataplane_error = Some(crate::error_chain(&e)),
+            let built = ctx
+                .readers
+                .read(move |snapshot, info, dataplane| {
+                    let mut report = status::report(snapshot, info, dataplane, now);
+                    if let Some(dp) = dataplane {
+                        match dp.hit_deny_entries() {
+                            Ok(hits) => {
+                                report.top = status::top_entries(hits, TOP_SOURCES, snapshot)
+                            }
+                            Err(e) => report.dataplane_error = Some(crate::error_chain(&e)),
+                        }
                     }
-                }
-                report
-            })
-            .await;
-            return match built {
-                Ok(report) => to_value(&report),
-                Err(e) => Response::Error(format!("building the status failed: {e}")),
-            };
+                    report
+                })
+                .await;
+            return read_answer(built.map(|report| to_value(&report)));
         }
         Request::Check { addr } => {
-            return to_value(&status::check(&snapshot, dataplane.as_deref(), addr));
+            let read = ctx.readers.read(move |snapshot, _, dataplane| {
+                to_value(&status::check(snapshot, dataplane, addr))
+            });
+            return read_answer(read.await);
         }
         Request::List { source } => {
             let source = match source.map(|s| s.parse::<SourceId>()).transpose() {
                 Ok(s) => s,
                 Err(e) => return Response::Error(format!("--source: {e}")),
             };
-            return to_value(&status::list(&snapshot, source.as_ref()));
+            let read = ctx
+                .readers
+                .read(move |snapshot, _, _| to_value(&status::list(snapshot, source.as_ref())));
+            return read_answer(read.await);
         }
         Request::AllowList => {
-            let rows: Vec<serde_json::Value> = snapshot
-                .allowlist
-                .iter()
-                .map(|n| {
-                    let origin = if snapshot.manual_allow.contains(n) {
-                        "manual"
-                    } else {
-                        "config"
-                    };
-                    serde_json::json!({ "net": n, "origin": origin })
-                })
-                .collect();
-            return Response::Ok(serde_json::Value::Array(rows));
+            let read = ctx.readers.read(|snapshot, _, _| {
+                let rows: Vec<serde_json::Value> = snapshot
+                    .allowlist
+                    .iter()
+                    .map(|n| {
+                        let origin = if snapshot.manual_allow.contains(n) {
+                            "manual"
+                        } else {
+                            "config"
+                        };
+                        serde_json::json!({ "net": n, "origin": origin })
+                    })
+                    .collect();
+                Response::Ok(serde_json::Value::Array(rows))
+            });
+            return read_answer(read.await);
         }
         Request::Ban {
             net,

@@ -97,6 +97,27 @@ pub type Records = Vec<(SourceId, Record)>;
 #[derive(Clone, Debug, Default)]
 pub struct Ledger {
     entries: BTreeMap<IpNet, Records>,
+    /// Records per (source, is_ipv6), kept as records come and go so that `status` does not
+    /// walk the ledger to count them.
+    counts: BTreeMap<(SourceId, bool), usize>,
+}
+
+/// Adds a record of `source` for `net` to the counts, or takes one away.
+fn count(
+    counts: &mut BTreeMap<(SourceId, bool), usize>,
+    source: &SourceId,
+    net: &IpNet,
+    added: bool,
+) {
+    let key = (source.clone(), matches!(net, IpNet::V6(_)));
+    if added {
+        *counts.entry(key).or_default() += 1;
+    } else if let Some(n) = counts.get_mut(&key) {
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(&key);
+        }
+    }
 }
 
 /// What must change in the dataplane to make it equal to the ledger.
@@ -134,6 +155,8 @@ impl Ledger {
         ttl_secs: Option<u64>,
         comment: Option<String>,
     ) -> bool {
+        // Keys are truncated, so that lookups by prefix (longest_match) find them.
+        let net = net.trunc();
         let expires = ttl_secs.map(|t| now.saturating_add(t));
         let records = self.entries.entry(net).or_default();
         match records.iter_mut().find(|(s, _)| s == source) {
@@ -157,6 +180,7 @@ impl Ledger {
                     None => {
                         records.push((source.clone(), record));
                         records.shrink_to_fit();
+                        count(&mut self.counts, source, &net, true);
                     }
                 }
                 true
@@ -166,10 +190,12 @@ impl Ledger {
 
     /// Restores a record as saved.
     pub fn insert_record(&mut self, net: IpNet, source: SourceId, record: Record) {
+        let net = net.trunc();
         let records = self.entries.entry(net).or_default();
         match records.iter_mut().find(|(s, _)| *s == source) {
             Some((_, r)) => *r = record,
             None => {
+                count(&mut self.counts, &source, &net, true);
                 records.push((source, record));
                 records.shrink_to_fit();
             }
@@ -184,6 +210,9 @@ impl Ledger {
         let before = records.len();
         records.retain(|(s, _)| s != source);
         let removed = records.len() < before;
+        if removed {
+            count(&mut self.counts, source, net, false);
+        }
         if records.is_empty() {
             self.entries.remove(net);
         }
@@ -192,10 +221,16 @@ impl Ledger {
 
     fn retain_records(&mut self, mut keep: impl FnMut(&SourceId, &Record) -> bool) -> usize {
         let mut dropped = 0;
-        self.entries.retain(|_, records| {
-            let before = records.len();
-            records.retain(|(s, r)| keep(s, r));
-            dropped += before - records.len();
+        let counts = &mut self.counts;
+        self.entries.retain(|net, records| {
+            records.retain(|(s, r)| {
+                let kept = keep(s, r);
+                if !kept {
+                    dropped += 1;
+                    count(counts, s, net, false);
+                }
+                kept
+            });
             !records.is_empty()
         });
         dropped
@@ -205,9 +240,16 @@ impl Ledger {
     /// at least one.
     pub fn remove_where(&mut self, mut drop: impl FnMut(&IpNet, &SourceId) -> bool) -> Vec<IpNet> {
         let mut touched = Vec::new();
+        let counts = &mut self.counts;
         self.entries.retain(|net, records| {
             let before = records.len();
-            records.retain(|(s, _)| !drop(net, s));
+            records.retain(|(s, _)| {
+                let dropped = drop(net, s);
+                if dropped {
+                    count(counts, s, net, false);
+                }
+                !dropped
+            });
             if records.len() < before {
                 touched.push(*net);
             }
@@ -260,12 +302,14 @@ impl Ledger {
             .map(|(_, r)| r)
     }
 
-    /// The most specific entry containing `addr`, as the XDP program would match it.
+    /// The most specific entry containing `addr`, as the XDP program would match it: one
+    /// lookup per prefix length, longest first.
     pub fn longest_match(&self, addr: std::net::IpAddr) -> Option<(&IpNet, &Records)> {
-        self.entries
-            .iter()
-            .filter(|(net, _)| net.contains(&addr))
-            .max_by_key(|(net, _)| net.prefix_len())
+        let host = IpNet::from(addr);
+        (0..=host.max_prefix_len()).rev().find_map(|len| {
+            let net = IpNet::new(addr, len).ok()?.trunc();
+            self.entries.get_key_value(&net)
+        })
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&IpNet, &Records)> {
@@ -282,15 +326,8 @@ impl Ledger {
     }
 
     /// Records per source and family: (source, is_ipv6) -> count.
-    pub fn counts(&self) -> BTreeMap<(SourceId, bool), usize> {
-        let mut out = BTreeMap::new();
-        for (net, records) in &self.entries {
-            for (source, _) in records {
-                *out.entry((source.clone(), matches!(net, IpNet::V6(_))))
-                    .or_default() += 1;
-            }
-        }
-        out
+    pub fn counts(&self) -> &BTreeMap<(SourceId, bool), usize> {
+        &self.counts
     }
 }
 
@@ -399,5 +436,84 @@ mod tests {
         }
         assert!("list:".parse::<SourceId>().is_err());
         assert!("nope".parse::<SourceId>().is_err());
+    }
+
+    /// The counts kept as records come and go equal a count over the records.
+    #[test]
+    fn counts_follow_every_way_records_come_and_go() {
+        let recount = |l: &Ledger| {
+            let mut out = BTreeMap::new();
+            for (net, records) in l.iter() {
+                for (source, _) in records {
+                    *out.entry((source.clone(), matches!(net, IpNet::V6(_))))
+                        .or_default() += 1;
+                }
+            }
+            out
+        };
+        let list = SourceId::List("voip".into());
+        let mut l = Ledger::new();
+        for i in 0..50u32 {
+            let v4 = net(&format!("192.0.2.{i}"));
+            let v6 = net(&format!("2001:db8::{i:x}"));
+            l.observe(v4, &SourceId::Apiban, 100, Some(DAY), None);
+            l.observe(v6, &list, 100 + u64::from(i), Some(u64::from(i)), None);
+            if i % 3 == 0 {
+                l.observe(v4, &list, 100, None, None);
+                l.observe(v4, &list, 200, None, None);
+            }
+        }
+        l.insert_record(
+            net("198.51.100.0/24"),
+            SourceId::Manual,
+            Record {
+                first_seen: 1,
+                last_seen: 1,
+                expires: None,
+                comment: None,
+            },
+        );
+        assert_eq!(*l.counts(), recount(&l));
+        assert_eq!(l.counts()[&(SourceId::Apiban, false)], 50);
+        l.remove(&net("192.0.2.3"), &list);
+        l.remove(&net("192.0.2.3"), &list);
+        assert_eq!(*l.counts(), recount(&l));
+        l.sweep(125);
+        assert_eq!(*l.counts(), recount(&l));
+        l.reconcile(&SourceId::Apiban, 150);
+        assert_eq!(*l.counts(), recount(&l));
+        l.remove_where(|n, _| n.prefix_len() == 24);
+        assert_eq!(*l.counts(), recount(&l));
+        l.remove_source(&list);
+        assert!(l.counts().is_empty() && l.is_empty(), "{:?}", l.counts());
+    }
+
+    #[test]
+    fn longest_match_is_the_most_specific_covering_prefix() {
+        fn found(l: &Ledger, a: &str) -> Option<String> {
+            l.longest_match(a.parse().unwrap())
+                .map(|(n, _)| n.to_string())
+        }
+        let mut l = Ledger::new();
+        for n in ["10.0.0.0/8", "10.1.0.0/16", "10.1.2.3", "2001:db8::/32"] {
+            l.observe(net(n), &SourceId::Manual, 1, None, None);
+        }
+        assert_eq!(found(&l, "10.1.2.3").as_deref(), Some("10.1.2.3/32"));
+        assert_eq!(found(&l, "10.1.2.4").as_deref(), Some("10.1.0.0/16"));
+        assert_eq!(found(&l, "10.2.0.1").as_deref(), Some("10.0.0.0/8"));
+        assert_eq!(found(&l, "2001:db8::1").as_deref(), Some("2001:db8::/32"));
+        assert_eq!(found(&l, "192.0.2.1"), None);
+        // A key written untruncated (an edited state file) is stored truncated.
+        l.insert_record(
+            "172.16.9.9/12".parse().unwrap(),
+            SourceId::Manual,
+            Record {
+                first_seen: 1,
+                last_seen: 1,
+                expires: None,
+                comment: None,
+            },
+        );
+        assert_eq!(found(&l, "172.20.0.1").as_deref(), Some("172.16.0.0/12"));
     }
 }

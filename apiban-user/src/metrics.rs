@@ -340,14 +340,18 @@ async fn respond(mut stream: TcpStream, readers: Readers) {
     let (method, path) = request_target(&head);
     let (method, path) = (method.as_str(), path.as_str());
     let (status_line, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => {
-            let report = readers.report(sync::unix_now());
-            (
+        ("GET" | "HEAD", "/metrics") => match readers.report(sync::unix_now()).await {
+            Ok(report) => (
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
                 render(&report),
-            )
-        }
+            ),
+            Err(e) => (
+                "500 Internal Server Error",
+                "text/plain",
+                format!("building the metrics failed: {e}\n"),
+            ),
+        },
         ("GET" | "HEAD", "/") => (
             "200 OK",
             "text/plain; charset=utf-8",

@@ -72,6 +72,23 @@ impl<const N: usize> DenyLookup<N> {
         all.extend(self.prefixes.entries()?);
         Ok(all)
     }
+
+    /// The entries hit at least once.
+    pub fn hit_entries(&self) -> Result<Vec<Entry<N, DenyEntry>>, DataplaneError> {
+        let mut hit: Vec<Entry<N, DenyEntry>> = self
+            .hosts
+            .hit_entries()?
+            .into_iter()
+            .map(|(addr, hits)| (Key::new(Self::HOST_LEN, addr), Self::host_entry(hits)))
+            .collect();
+        hit.extend(
+            self.prefixes
+                .entries()?
+                .into_iter()
+                .filter(|(_, e)| e.hits > 0),
+        );
+        Ok(hit)
+    }
 }
 
 impl<const N: usize> DenyMap<N> {

@@ -376,20 +376,35 @@ impl<const N: usize> HostTable<N> {
 
     /// Every host with its hit bookkeeping, in slot order.
     pub(super) fn entries(&self) -> Result<Vec<([u8; N], HostHits)>, DataplaneError> {
-        let mut out = Vec::with_capacity(self.len);
+        self.collect(self.len, |_| true)
+    }
+
+    /// The hosts that were hit at least once: what `status` ranks, without copying out the
+    /// slots of every host that never sent a packet.
+    pub(super) fn hit_entries(&self) -> Result<Vec<([u8; N], HostHits)>, DataplaneError> {
+        self.collect(0, |h| h.hits > 0)
+    }
+
+    fn collect(
+        &self,
+        capacity: usize,
+        keep: impl Fn(&HostHits) -> bool,
+    ) -> Result<Vec<([u8; N], HostHits)>, DataplaneError> {
+        let mut out = Vec::with_capacity(capacity);
         self.scan(Slots::Occupied, |keys, hits, slot| {
+            let i = slot as usize * 2;
+            let bookkeeping = HostHits {
+                hits: hits.u64_at(i).load(Ordering::Relaxed),
+                last_hit_ns: hits.u64_at(i + 1).load(Ordering::Relaxed),
+            };
+            if !keep(&bookkeeping) {
+                return;
+            }
             let mut addr = [0u8; N];
             for (octets, word) in addr.as_chunks_mut::<4>().0.iter_mut().zip(keys.slot(slot)) {
                 octets.copy_from_slice(&word.load(Ordering::Acquire).to_ne_bytes());
             }
-            let i = slot as usize * 2;
-            out.push((
-                addr,
-                HostHits {
-                    hits: hits.u64_at(i).load(Ordering::Relaxed),
-                    last_hit_ns: hits.u64_at(i + 1).load(Ordering::Relaxed),
-                },
-            ));
+            out.push((addr, bookkeeping));
         })?;
         Ok(out)
     }

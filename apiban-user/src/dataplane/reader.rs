@@ -42,6 +42,27 @@ impl DataplaneReader {
         deny_hits(&self.deny_v4, &self.deny_v6)
     }
 
+    /// The deny entries of both families that were hit at least once.
+    pub fn hit_deny_entries(&self) -> Result<Vec<DenyHits>, DataplaneError> {
+        let v4 = self
+            .deny_v4
+            .hit_entries()?
+            .into_iter()
+            .map(|(k, entry)| DenyHits {
+                net: net_from_v4(k),
+                entry,
+            });
+        let v6 = self
+            .deny_v6
+            .hit_entries()?
+            .into_iter()
+            .map(|(k, entry)| DenyHits {
+                net: net_from_v6(k),
+                entry,
+            });
+        Ok(v4.chain(v6).collect())
+    }
+
     /// The deny entry that covers `addr` (the longest match) and its hit bookkeeping.
     pub fn deny_match(&self, addr: IpAddr) -> Result<Option<DenyHits>, DataplaneError> {
         deny_match(&self.deny_v4, &self.deny_v6, addr)

@@ -16,13 +16,6 @@ use crate::{
     snapshot::Snapshot,
 };
 
-fn family(net: &IpNet) -> &'static str {
-    match net {
-        IpNet::V4(_) => "ipv4",
-        IpNet::V6(_) => "ipv6",
-    }
-}
-
 /// Nanoseconds of CLOCK_MONOTONIC, the clock the XDP program stamps hits with.
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -55,15 +48,17 @@ pub fn report(
     for ((source, v6), count) in snapshot.ledger.counts() {
         report.entries.push(EntryCount {
             source: source.to_string(),
-            family: if v6 { "ipv6" } else { "ipv4" }.into(),
-            count,
+            family: if *v6 { "ipv6" } else { "ipv4" }.into(),
+            count: *count,
         });
     }
-    report.enforced.insert("ipv4".into(), 0);
-    report.enforced.insert("ipv6".into(), 0);
-    for net in snapshot.enforced.iter() {
-        *report.enforced.entry(family(net).into()).or_default() += 1;
-    }
+    // IPv4 prefixes sort before IPv6 ones: count the (usually few) IPv6 ones only.
+    let first_v6 = IpNet::V6(ipnet::Ipv6Net::default());
+    let v6 = snapshot.enforced.range(first_v6..).count();
+    report
+        .enforced
+        .insert("ipv4".into(), snapshot.enforced.len() - v6);
+    report.enforced.insert("ipv6".into(), v6);
     let c = &snapshot.counters;
     report.engine = EngineReport {
         added: c.added,
@@ -153,7 +148,15 @@ pub fn top_entries(
     snapshot: &Snapshot,
 ) -> Vec<TopEntry> {
     hits.retain(|h| h.entry.hits > 0);
-    hits.sort_by(|a, b| b.entry.hits.cmp(&a.entry.hits).then(a.net.cmp(&b.net)));
+    let most_hits_first = |a: &crate::dataplane::DenyHits, b: &crate::dataplane::DenyHits| {
+        b.entry.hits.cmp(&a.entry.hits).then(a.net.cmp(&b.net))
+    };
+    // Under a flood most entries may have hits: pick the top n before sorting them.
+    if hits.len() > n && n > 0 {
+        hits.select_nth_unstable_by(n - 1, most_hits_first);
+        hits.truncate(n);
+    }
+    hits.sort_by(most_hits_first);
     hits.into_iter()
         .take(n)
         .map(|h| TopEntry {
