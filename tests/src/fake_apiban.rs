@@ -4,6 +4,9 @@
 //! Addresses are published with IDs that grow by one, like APIBAN's timestamps: a batch's
 //! `ID` is the ID of the entry after it, and asking from that ID returns only what was
 //! published since.
+//!
+//! Longer than most files here because it is one thing: a protocol, its faults and its
+//! request log, which tests assert against together.
 
 use std::{
     collections::{BTreeMap, VecDeque},

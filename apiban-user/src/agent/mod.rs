@@ -9,6 +9,10 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
+mod reload;
+
+pub use self::reload::ReloadError;
+use self::reload::reload;
 use crate::{
     config::{self, AgentConfig, ApibanSettings, KeySource, RunArgs},
     control::{self, ControlContext},
@@ -19,7 +23,7 @@ use crate::{
     source::apiban::{ApiKey, ApibanClient, ClientConfig},
     state::StateStore,
     status::{AgentInfo, InterfaceInfo},
-    sync::{self, Change, PollSettings, Running},
+    sync::{self, PollSettings},
 };
 
 /// How often expired bans are swept: every minute, or more often with a TTL so short that a
@@ -530,81 +534,6 @@ enum Exit {
     Stopped { enforced: usize },
     /// The ledger's owner died: the agent exits with an error so that it is restarted.
     OwnerDied(String),
-}
-
-/// Why a reload changed nothing, or only part of what it was asked to.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error("reload refused, still running with the previous configuration")]
-    Config(#[source] config::ConfigError),
-    #[error("reload refused, still running with the previous configuration")]
-    Apiban(#[source] Box<dyn std::error::Error + Send + Sync>),
-    #[error("cannot apply the reloaded settings")]
-    Apply(#[source] crate::sync::ChangeError),
-}
-
-/// SIGHUP: re-reads the config file with the same flags and environment, and applies what
-/// can change without re-attaching. A config that does not resolve changes nothing.
-async fn reload<E: Enforcer + Send + 'static>(
-    args: &RunArgs,
-    config: &mut AgentConfig,
-    running: &mut Running<E>,
-    info: &Arc<Mutex<AgentInfo>>,
-    key_in_use: &mut Option<ApiKey>,
-) -> Result<(), ReloadError> {
-    let outcome = apply_reload(args, config, running, info, key_in_use).await;
-    match &outcome {
-        Ok(()) => tracing::info!("configuration reloaded"),
-        Err(e) => tracing::error!(error = %crate::error_chain(e), "reload failed"),
-    }
-    outcome
-}
-
-async fn apply_reload<E: Enforcer + Send + 'static>(
-    args: &RunArgs,
-    config: &mut AgentConfig,
-    running: &mut Running<E>,
-    info: &Arc<Mutex<AgentInfo>>,
-    key_in_use: &mut Option<ApiKey>,
-) -> Result<(), ReloadError> {
-    let new = config::load(args).map_err(ReloadError::Config)?;
-    let apiban = apiban_client(&new.apiban).map_err(|e| ReloadError::Apiban(e.into()))?;
-    for key in config.restart_only_changes(&new) {
-        tracing::warn!(
-            key,
-            "changed in the configuration, but only takes effect on restart"
-        );
-    }
-    let change = Change::Settings {
-        engine: new.engine.clone(),
-        scope: new.scope.clone(),
-    };
-    control::send_change(&running.updates, change)
-        .await
-        .map_err(ReloadError::Apply)?;
-    // A key file rotated in place has the same path: compare what it holds.
-    let key_now = apiban.as_ref().map(|(client, _)| client.key().clone());
-    let apiban_enabled = apiban.is_some();
-    if key_now != *key_in_use || new.apiban != config.apiban {
-        tracing::info!("APIBAN settings changed; restarting the poller from its saved position");
-        running.restart_poller(apiban);
-        *key_in_use = key_now;
-    } else {
-        // The operator may have fixed what made APIBAN reject the key outside our view.
-        running.retry_apiban_now();
-    }
-    for name in running.set_lists(new.lists.clone()) {
-        let _ = control::send_change(&running.updates, Change::DropList { name }).await;
-    }
-    {
-        let mut i = crate::lock(info);
-        i.scope = scope_text(&new.scope);
-        i.rate_limit = new.apiban.poll.rate_limit.to_string();
-        i.poll_interval = crate::human::format_duration(new.apiban.poll.poll_interval);
-        i.apiban_enabled = apiban_enabled;
-    }
-    *config = config.reloaded(new);
-    Ok(())
 }
 
 /// A blocked signal mask is inherited across exec: an agent started by a parent that blocks
