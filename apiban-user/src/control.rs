@@ -463,10 +463,11 @@ async fn answer(req: Request, ctx: &ControlContext) -> Response {
         Request::AllowList => {
             let read = ctx.readers.read(|snapshot, _, _| {
                 let rows: Vec<serde_json::Value> = snapshot
+                    .engine
                     .allowlist
                     .iter()
                     .map(|n| {
-                        let origin = if snapshot.manual_allow.contains(n) {
+                        let origin = if snapshot.engine.manual_allow.contains(n) {
                             "manual"
                         } else {
                             "config"

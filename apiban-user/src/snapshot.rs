@@ -7,20 +7,9 @@
 //! [`crate::engine::Engine::shared`]): publishing costs a few reference counts, and the
 //! engine copies one of them only when it changes it while a reader still holds the old one.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    path::PathBuf,
-    sync::Arc,
-};
+use std::collections::BTreeMap;
 
-use ipnet::IpNet;
-
-use crate::{
-    engine::{EngineCounters, EngineShared},
-    ledger::Ledger,
-    sanitise::AllowList,
-    state::ApibanCursor,
-};
+use crate::engine::EngineShared;
 
 /// What the owner knows about syncing beside the engine, for `apiban status` and /metrics.
 #[derive(Clone, Debug, Default)]
@@ -44,42 +33,10 @@ pub struct ListStatus {
 }
 
 /// The ledger and everything about it, as the owner left it after one change.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Snapshot {
     /// Grows by one with every publication: a reader can tell a newer view from an older one.
     pub seq: u64,
-    pub ledger: Arc<Ledger>,
-    /// Prefixes in the deny maps, as far as the engine applied them.
-    pub enforced: Arc<BTreeSet<IpNet>>,
-    /// The allowlist in force: configured and manual entries.
-    pub allowlist: Arc<AllowList>,
-    /// The entries `apiban allow add` made.
-    pub manual_allow: Arc<BTreeSet<IpNet>>,
-    pub counters: EngineCounters,
-    /// The last save failed: the state file is behind what is enforced.
-    pub unsaved: bool,
-    pub apiban: ApibanCursor,
-    /// When each blocklist was last refreshed (Unix seconds).
-    pub list_refreshes: BTreeMap<String, u64>,
-    /// Where the state is saved; None without a state directory.
-    pub state_dir: Option<PathBuf>,
+    pub engine: EngineShared,
     pub sync: SyncStatus,
-}
-
-impl Snapshot {
-    pub fn new(seq: u64, engine: EngineShared, sync: SyncStatus) -> Self {
-        Self {
-            seq,
-            ledger: engine.ledger,
-            enforced: engine.enforced,
-            allowlist: engine.allowlist,
-            manual_allow: engine.manual_allow,
-            counters: engine.counters,
-            unsaved: engine.unsaved,
-            apiban: engine.apiban,
-            list_refreshes: engine.list_refreshes,
-            state_dir: engine.state_dir,
-            sync,
-        }
-    }
 }

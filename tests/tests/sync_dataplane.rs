@@ -78,7 +78,7 @@ async fn full_pull_into_the_maps_and_restart_without_a_flush() {
         vec![],
     );
     h.wait_for("the full pull", Duration::from_secs(10), |o| {
-        o.apiban.last_full_pull.is_some()
+        o.engine.apiban.last_full_pull.is_some()
     })
     .await;
     let owner = h.kill();

@@ -72,7 +72,7 @@ type Harness = SyncHarness<SharedMemory>;
 
 async fn wait_synced(h: &Harness, expected: &BTreeSet<IpNet>, timeout: Duration) {
     h.wait_for("the dataplane to hold the published list", timeout, |o| {
-        h.denied() == *expected && o.apiban.full_pull.is_none()
+        h.denied() == *expected && o.engine.apiban.full_pull.is_none()
     })
     .await;
 }
@@ -108,11 +108,11 @@ async fn full_pull_over_batches_within_the_budget() {
     assert!(server.max_in_window(Duration::from_secs(1)) <= 3);
     assert_eq!(log[0].id.as_deref(), Some("100"));
     h.with(|o| {
-        let c = &o.counters;
+        let c = &o.engine.counters;
         assert_eq!(c.skipped[&Rejection::SpecialPurpose], 2);
         assert_eq!(c.skipped[&Rejection::Invalid], 1);
         assert!(o.sync.last_success.is_some());
-        assert!(o.apiban.next_id.is_some());
+        assert!(o.engine.apiban.next_id.is_some());
     });
     // Saved as it went: the state file holds the full list.
     let state: serde_json::Value =
@@ -344,7 +344,7 @@ async fn reconciliation_removes_what_left_the_list() {
     wait_synced(&h, &nets(&["45.7.0.1", "45.7.0.2"]), Duration::from_secs(5)).await;
     server.unpublish(&["45.7.0.1"]);
     wait_synced(&h, &nets(&["45.7.0.2"]), Duration::from_secs(6)).await;
-    h.with(|o| assert!(o.counters.reconciled >= 1));
+    h.with(|o| assert!(o.engine.counters.reconciled >= 1));
 }
 
 #[tokio::test]
@@ -395,7 +395,7 @@ async fn blocklists_from_a_file_and_a_url() {
     .await;
     h.with(|o| {
         assert_eq!(h.denied(), fewer);
-        let skipped = &o.counters.skipped;
+        let skipped = &o.engine.counters.skipped;
         assert!(skipped[&Rejection::SpecialPurpose] >= 1 && skipped[&Rejection::Invalid] >= 1);
     });
 }

@@ -420,7 +420,7 @@ fn serve<E: Enforcer + Send + 'static>(
                 }
             }
         }
-        notifier.ready(&format!("enforcing {} prefixes", running.snapshot().enforced.len()));
+        notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
 
         let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
         let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
@@ -442,7 +442,7 @@ fn serve<E: Enforcer + Send + 'static>(
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
-                    let enforced = running.snapshot().enforced.len();
+                    let enforced = running.snapshot().engine.enforced.len();
                     log_stats(readers.dataplane.as_deref(), enforced);
                     notifier.status(&format!("enforcing {enforced} prefixes"));
                 }
@@ -470,12 +470,12 @@ fn serve<E: Enforcer + Send + 'static>(
                 _ = hup.recv() => {
                     notifier.reloading();
                     let _ = reload(&args, &mut config, &mut running, &info, &mut key_in_use).await;
-                    notifier.ready(&format!("enforcing {} prefixes", running.snapshot().enforced.len()));
+                    notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
                 }
                 Some(reply) = reload_rx.recv() => {
                     notifier.reloading();
                     let outcome = reload(&args, &mut config, &mut running, &info, &mut key_in_use).await;
-                    notifier.ready(&format!("enforcing {} prefixes", running.snapshot().enforced.len()));
+                    notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
                     let _ = reply.send(outcome);
                 }
                 _ = key_check.tick(), if matches!(config.apiban.key, Some(KeySource::File(_))) => {

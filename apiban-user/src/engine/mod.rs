@@ -111,13 +111,19 @@ pub struct EngineCounters {
 #[derive(Clone, Debug)]
 pub struct EngineShared {
     pub ledger: Arc<Ledger>,
+    /// Prefixes in the deny maps, as far as the engine applied them.
     pub enforced: Arc<BTreeSet<IpNet>>,
+    /// The allowlist in force: configured and manual entries.
     pub allowlist: Arc<AllowList>,
+    /// The entries `apiban allow add` made.
     pub manual_allow: Arc<BTreeSet<IpNet>>,
     pub counters: EngineCounters,
+    /// The last save failed: the state file is behind what is enforced.
     pub unsaved: bool,
     pub apiban: ApibanCursor,
+    /// When each blocklist was last refreshed (Unix seconds).
     pub list_refreshes: BTreeMap<String, u64>,
+    /// Where the state is saved; None without a state directory.
     pub state_dir: Option<std::path::PathBuf>,
 }
 

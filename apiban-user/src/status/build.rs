@@ -42,10 +42,10 @@ pub fn report(
     let mut report = StatusReport {
         now,
         agent: agent.clone(),
-        allowlist: snapshot.allowlist.len(),
+        allowlist: snapshot.engine.allowlist.len(),
         ..Default::default()
     };
-    for ((source, v6), count) in snapshot.ledger.counts() {
+    for ((source, v6), count) in snapshot.engine.ledger.counts() {
         report.entries.push(EntryCount {
             source: source.to_string(),
             family: if *v6 { "ipv6" } else { "ipv4" }.into(),
@@ -54,12 +54,12 @@ pub fn report(
     }
     // IPv4 prefixes sort before IPv6 ones: count the (usually few) IPv6 ones only.
     let first_v6 = IpNet::V6(ipnet::Ipv6Net::default());
-    let v6 = snapshot.enforced.range(first_v6..).count();
+    let v6 = snapshot.engine.enforced.range(first_v6..).count();
     report
         .enforced
-        .insert("ipv4".into(), snapshot.enforced.len() - v6);
+        .insert("ipv4".into(), snapshot.engine.enforced.len() - v6);
     report.enforced.insert("ipv6".into(), v6);
-    let c = &snapshot.counters;
+    let c = &snapshot.engine.counters;
     report.engine = EngineReport {
         added: c.added,
         removed: c.removed,
@@ -74,10 +74,10 @@ pub fn report(
         saves: c.saves,
         save_failures: c.save_failures,
         last_save_seconds: c.last_save_duration.as_secs_f64(),
-        unsaved: snapshot.unsaved,
+        unsaved: snapshot.engine.unsaved,
     };
     let s = &snapshot.sync;
-    let cursor = &snapshot.apiban;
+    let cursor = &snapshot.engine.apiban;
     report.sync = SyncReport {
         requests: s
             .requests
@@ -164,6 +164,7 @@ pub fn top_entries(
             hits: h.entry.hits,
             last_hit_ago: ago_secs(h.entry.last_hit_ns),
             sources: snapshot
+                .engine
                 .ledger
                 .get(&h.net)
                 .map(|r| r.iter().map(|(s, _)| s.to_string()).collect())
@@ -178,8 +179,8 @@ pub fn check(
     dataplane: Option<&DataplaneReader>,
     addr: IpAddr,
 ) -> CheckReport {
-    let allowed_by = snapshot.allowlist.covering(addr);
-    let (entry, records) = match snapshot.ledger.longest_match(addr) {
+    let allowed_by = snapshot.engine.allowlist.covering(addr);
+    let (entry, records) = match snapshot.engine.ledger.longest_match(addr) {
         Some((net, records)) => (
             Some(*net),
             records
@@ -189,7 +190,7 @@ pub fn check(
         ),
         None => (None, Vec::new()),
     };
-    let enforced = entry.is_some_and(|n| snapshot.enforced.contains(&n));
+    let enforced = entry.is_some_and(|n| snapshot.engine.enforced.contains(&n));
     let mut report = CheckReport {
         addr,
         verdict: String::new(),
@@ -230,7 +231,7 @@ pub fn check(
 /// `apiban list`: every record, or one source's.
 pub fn list(snapshot: &Snapshot, source: Option<&SourceId>) -> Vec<ListRow> {
     let mut rows = Vec::new();
-    for (net, records) in snapshot.ledger.iter() {
+    for (net, records) in snapshot.engine.ledger.iter() {
         for (s, r) in records {
             if source.is_some_and(|want| want != s) {
                 continue;
@@ -242,7 +243,7 @@ pub fn list(snapshot: &Snapshot, source: Option<&SourceId>) -> Vec<ListRow> {
                 last_seen: r.last_seen,
                 expires: r.expires,
                 comment: r.comment.clone(),
-                enforced: snapshot.enforced.contains(net),
+                enforced: snapshot.engine.enforced.contains(net),
             });
         }
     }

@@ -99,8 +99,12 @@ impl<E: Enforcer> Running<E> {
         }
         if let Some((client, settings)) = apiban {
             let snapshot = self.snapshot();
-            let journal = snapshot.state_dir.as_deref().map(BudgetJournal::in_dir);
-            let cursor = snapshot.apiban.clone();
+            let journal = snapshot
+                .engine
+                .state_dir
+                .as_deref()
+                .map(BudgetJournal::in_dir);
+            let cursor = snapshot.engine.apiban.clone();
             let poller =
                 ApibanPoller::new(client, settings, &cursor, journal, self.updates.clone())
                     .with_retry_signal(self.retry_now.clone());
@@ -137,7 +141,7 @@ impl<E: Enforcer> Running<E> {
             }
             keep
         });
-        let refreshes = self.snapshot().list_refreshes.clone();
+        let refreshes = self.snapshot().engine.list_refreshes.clone();
         for (name, spec) in wanted {
             if self.lists.contains_key(&name) {
                 continue;

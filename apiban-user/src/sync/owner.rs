@@ -56,7 +56,11 @@ impl<E: Enforcer> Owner<E> {
     /// The owner of `engine`, and what readers subscribe to for its snapshots.
     pub fn new(engine: Engine<E>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
         let sync = SyncStatus::default();
-        let first = Snapshot::new(0, engine.shared(), sync.clone());
+        let first = Snapshot {
+            seq: 0,
+            engine: engine.shared(),
+            sync: sync.clone(),
+        };
         let (published, snapshots) = watch::channel(Arc::new(first));
         let owner = Self {
             engine,
@@ -70,8 +74,15 @@ impl<E: Enforcer> Owner<E> {
     /// Makes what the engine holds now what readers see.
     fn publish(&mut self) {
         self.seq += 1;
-        let snapshot = Snapshot::new(self.seq, self.engine.shared(), self.sync.clone());
-        let copied = !Arc::ptr_eq(&self.published.borrow().ledger, &snapshot.ledger);
+        let snapshot = Snapshot {
+            seq: self.seq,
+            engine: self.engine.shared(),
+            sync: self.sync.clone(),
+        };
+        let copied = !Arc::ptr_eq(
+            &self.published.borrow().engine.ledger,
+            &snapshot.engine.ledger,
+        );
         // send_replace: readers may all have gone (a dry run without a control socket).
         let previous = self.published.send_replace(Arc::new(snapshot));
         if copied && Arc::strong_count(&previous) == 1 {
