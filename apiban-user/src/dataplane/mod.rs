@@ -157,6 +157,22 @@ pub struct DenyHits {
     pub entry: DenyEntry,
 }
 
+/// A map key of each family.
+type KeyV4 = Key<[u8; 4]>;
+type KeyV6 = Key<[u8; 16]>;
+
+/// The maps' keys for `nets`, split by family (the two families' maps have different keys).
+fn keys_by_family(nets: &[IpNet]) -> (Vec<KeyV4>, Vec<KeyV6>) {
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    for net in nets {
+        match *net {
+            IpNet::V4(n) => v4.push(v4_key(n)),
+            IpNet::V6(n) => v6.push(v6_key(n)),
+        }
+    }
+    (v4, v6)
+}
+
 /// The XDP program's maps. Owned by whoever owns the ledger; nothing else writes them.
 pub struct Dataplane {
     deny_v4: DenyMap<4>,
@@ -411,25 +427,13 @@ impl Dataplane {
     /// Adds many deny prefixes with batched map updates. Prefixes already present are
     /// skipped so that their hit counters survive.
     pub fn deny_batch(&mut self, nets: &[IpNet]) -> Result<usize, DataplaneError> {
-        let (mut v4, mut v6) = (Vec::new(), Vec::new());
-        for net in nets {
-            match *net {
-                IpNet::V4(n) => v4.push(v4_key(n)),
-                IpNet::V6(n) => v6.push(v6_key(n)),
-            }
-        }
+        let (v4, v6) = keys_by_family(nets);
         Ok(self.deny_v4.insert_batch(&v4)? + self.deny_v6.insert_batch(&v6)?)
     }
 
     /// Removes many deny prefixes with batched map deletes.
     pub fn undeny_batch(&mut self, nets: &[IpNet]) -> Result<usize, DataplaneError> {
-        let (mut v4, mut v6) = (Vec::new(), Vec::new());
-        for net in nets {
-            match *net {
-                IpNet::V4(n) => v4.push(v4_key(n)),
-                IpNet::V6(n) => v6.push(v6_key(n)),
-            }
-        }
+        let (v4, v6) = keys_by_family(nets);
         Ok(self.deny_v4.remove_batch(&v4)? + self.deny_v6.remove_batch(&v6)?)
     }
 
