@@ -100,17 +100,23 @@ pub struct State {
     pub entries: Vec<SavedEntry>,
 }
 
+/// Why a state file's contents are not a state this version reads.
+#[derive(Debug, thiserror::Error)]
+pub enum UnreadableState {
+    #[error("format version {0} is not {FORMAT_VERSION}")]
+    Version(u32),
+    #[error("not valid state JSON")]
+    Json(#[source] serde_json::Error),
+}
+
 impl State {
     /// A state file's contents, or why they are not one this version reads. The file may
     /// have been edited, truncated by another tool or written by a future version.
-    pub fn parse(bytes: &[u8]) -> Result<State, String> {
+    pub fn parse(bytes: &[u8]) -> Result<State, UnreadableState> {
         match serde_json::from_slice::<State>(bytes) {
             Ok(state) if state.version == FORMAT_VERSION => Ok(state),
-            Ok(state) => Err(format!(
-                "format version {} is not {FORMAT_VERSION}",
-                state.version
-            )),
-            Err(e) => Err(format!("not valid state JSON: {e}")),
+            Ok(state) => Err(UnreadableState::Version(state.version)),
+            Err(e) => Err(UnreadableState::Json(e)),
         }
     }
 
@@ -300,7 +306,7 @@ impl StateStore {
         };
         match State::parse(&bytes) {
             Ok(state) => Loaded::State(Box::new(state)),
-            Err(reason) => self.move_aside(reason),
+            Err(why) => self.move_aside(crate::error_chain(&why)),
         }
     }
 

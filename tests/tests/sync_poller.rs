@@ -13,7 +13,7 @@ use apiban::{
         blocklist::{ListLocation, ListSpec},
     },
     state::StateStore,
-    sync::PollSettings,
+    sync::{OwnerFault, PollSettings},
 };
 use ipnet::IpNet;
 use tests::{
@@ -475,7 +475,8 @@ async fn a_dead_owner_is_noticed() {
     loop {
         match running.owner_health(Duration::from_secs(5)) {
             Err(why) => {
-                assert!(why.contains("panicked"), "{why}");
+                assert_eq!(why, OwnerFault::Stopped, "{why}");
+                assert!(why.to_string().contains("panicked"), "{why}");
                 break;
             }
             Ok(()) => assert!(
@@ -502,7 +503,8 @@ async fn a_stuck_owner_is_noticed_and_recovers() {
     let why = running
         .owner_health(Duration::from_secs(1))
         .expect_err("stuck for 1.8 s");
-    assert!(why.contains("no progress"), "{why}");
+    assert!(matches!(why, OwnerFault::Silent(_)), "{why}");
+    assert!(why.to_string().contains("no progress"), "{why}");
     assert!(change.await.unwrap().is_ok(), "the change gets through");
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(running.owner_health(Duration::from_secs(1)), Ok(()));

@@ -517,7 +517,7 @@ fn serve<E: Enforcer + Send + 'static>(
             // What the owner was doing when it died may be half done: do not save it. Every
             // change it completed was saved when it was applied.
             (Some(why), _) => return Ok(Exit::OwnerDied(why)),
-            (None, None) => return Ok(Exit::OwnerDied("the ledger's owner died while stopping".into())),
+            (None, None) => return Ok(Exit::OwnerDied(sync::OwnerFault::Stopped)),
         };
         let mut engine = owner.engine;
         engine.save(sync::unix_now());
@@ -533,7 +533,7 @@ enum Exit {
     /// SIGTERM or SIGINT: saved and stopped.
     Stopped { enforced: usize },
     /// The ledger's owner died: the agent exits with an error so that it is restarted.
-    OwnerDied(String),
+    OwnerDied(sync::OwnerFault),
 }
 
 /// A blocked signal mask is inherited across exec: an agent started by a parent that blocks

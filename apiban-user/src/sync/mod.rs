@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, watch};
 pub use self::{
     backoff::Backoff,
     messages::{Change, ChangeError, RequestReport, Update},
-    owner::{Owner, OwnerHealth, OwnerTiming},
+    owner::{Owner, OwnerFault, OwnerHealth, OwnerTiming},
     poller::{ApibanPoller, PollSettings},
 };
 use self::{blocklists::run_blocklist, owner::OwnerThread};
@@ -113,7 +113,7 @@ impl<E: Enforcer> Running<E> {
     }
 
     /// Whether the owner is alive and has shown progress within `max_silence`; why not.
-    pub fn owner_health(&self, max_silence: Duration) -> Result<(), String> {
+    pub fn owner_health(&self, max_silence: Duration) -> Result<(), OwnerFault> {
         self.owner.health(max_silence)
     }
 

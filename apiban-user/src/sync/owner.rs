@@ -441,19 +441,25 @@ impl<E: Enforcer> OwnerThread<E> {
 
     /// Whether the owner is alive and has shown progress within `max_silence`; why not.
     /// A panic ends its thread; a stuck owner stops beating.
-    pub(super) fn health(&self, max_silence: Duration) -> Result<(), String> {
+    pub(super) fn health(&self, max_silence: Duration) -> Result<(), OwnerFault> {
         if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
-            return Err("the ledger's owner has stopped (it panicked)".into());
+            return Err(OwnerFault::Stopped);
         }
         let silence = self.health.silence();
         if silence > max_silence {
-            return Err(format!(
-                "the ledger's owner has shown no progress for {}",
-                crate::human::format_duration(Duration::from_secs(silence.as_secs()))
-            ));
+            return Err(OwnerFault::Silent(Duration::from_secs(silence.as_secs())));
         }
         Ok(())
     }
+}
+
+/// Why the owner does not count as healthy: the watchdog is not pinged, and the agent exits.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OwnerFault {
+    #[error("the ledger's owner has stopped (it panicked)")]
+    Stopped,
+    #[error("the ledger's owner has shown no progress for {}", crate::human::format_duration(*.0))]
+    Silent(Duration),
 }
 
 fn log_sync(source: &str, r: &IngestReport, full_pull: bool) {
