@@ -100,6 +100,23 @@ pub struct Ledger {
     /// Records per (source, is_ipv6), kept as records come and go so that `status` does not
     /// walk the ledger to count them.
     counts: BTreeMap<(SourceId, bool), usize>,
+    /// In a fleet: the records changed since the owner last took them, to write to etcd.
+    journal: Option<Journal>,
+}
+
+/// What a fleet node's ledger notes for etcd.
+#[derive(Clone, Debug, Default)]
+struct Journal {
+    touched: BTreeSet<(IpNet, SourceId)>,
+    /// A re-sighting moves a record's expiry only once it would move by this much: etcd
+    /// keeps every write in its history, and a feed re-lists most entries every pull.
+    refresh_slack: u64,
+}
+
+fn touch(journal: &mut Option<Journal>, net: IpNet, source: &SourceId) {
+    if let Some(j) = journal {
+        j.touched.insert((net, source.clone()));
+    }
 }
 
 /// Adds a record of `source` for `net` to the counts, or takes one away.
@@ -162,9 +179,21 @@ impl Ledger {
         match records.iter_mut().find(|(s, _)| s == source) {
             Some((_, r)) if r.is_live(now) => {
                 r.last_seen = now;
-                r.expires = expires;
-                if comment.is_some() {
+                let slack = self.journal.as_ref().map_or(0, |j| j.refresh_slack);
+                // Shortened, made permanent or made finite: always. Lengthened: by the slack.
+                let moved = match (r.expires, expires) {
+                    (Some(old), Some(new)) if new > old => new - old >= slack.max(1),
+                    (old, new) => old != new,
+                };
+                let recommented = comment.is_some() && comment != r.comment;
+                if moved {
+                    r.expires = expires;
+                }
+                if recommented {
                     r.comment = comment;
+                }
+                if moved || recommented {
+                    touch(&mut self.journal, net, source);
                 }
                 false
             }
@@ -183,6 +212,7 @@ impl Ledger {
                         count(&mut self.counts, source, &net, true);
                     }
                 }
+                touch(&mut self.journal, net, source);
                 true
             }
         }
@@ -202,6 +232,52 @@ impl Ledger {
         }
     }
 
+    /// Starts noting changed records for a fleet's etcd (see [`Ledger::take_touched`]).
+    pub fn keep_journal(&mut self, refresh_slack: u64) {
+        self.journal = Some(Journal {
+            touched: BTreeSet::new(),
+            refresh_slack,
+        });
+    }
+
+    /// The records changed since the last call, each once: a record that is gone now was
+    /// removed. Empty without a journal.
+    pub fn take_touched(&mut self) -> Vec<(IpNet, SourceId)> {
+        self.journal
+            .as_mut()
+            .map(|j| std::mem::take(&mut j.touched).into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Forgets what was noted: changes that came from etcd, or that are this node's alone.
+    pub fn forget_touched(&mut self) {
+        if let Some(j) = &mut self.journal {
+            j.touched.clear();
+        }
+    }
+
+    /// A record as etcd holds it (None: deleted there), not noted for etcd again.
+    pub fn apply_remote(&mut self, net: IpNet, source: SourceId, record: Option<Record>) {
+        let journal = self.journal.take();
+        match record {
+            Some(r) => self.insert_record(net, source, r),
+            None => {
+                self.remove(&net.trunc(), &source);
+            }
+        }
+        self.journal = journal;
+    }
+
+    /// Everything etcd holds at one revision, in place of what this ledger holds.
+    pub fn replace_remote(&mut self, records: Vec<(IpNet, SourceId, Record)>) {
+        self.entries.clear();
+        self.counts.clear();
+        for (net, source, record) in records {
+            self.insert_record(net, source, record);
+        }
+        self.forget_touched();
+    }
+
     /// Drops `source`'s record of `net`; true if there was one.
     pub fn remove(&mut self, net: &IpNet, source: &SourceId) -> bool {
         let Some(records) = self.entries.get_mut(net) else {
@@ -212,6 +288,7 @@ impl Ledger {
         let removed = records.len() < before;
         if removed {
             count(&mut self.counts, source, net, false);
+            touch(&mut self.journal, *net, source);
         }
         if records.is_empty() {
             self.entries.remove(net);
@@ -221,13 +298,14 @@ impl Ledger {
 
     fn retain_records(&mut self, mut keep: impl FnMut(&SourceId, &Record) -> bool) -> usize {
         let mut dropped = 0;
-        let counts = &mut self.counts;
+        let (counts, journal) = (&mut self.counts, &mut self.journal);
         self.entries.retain(|net, records| {
             records.retain(|(s, r)| {
                 let kept = keep(s, r);
                 if !kept {
                     dropped += 1;
                     count(counts, s, net, false);
+                    touch(journal, *net, s);
                 }
                 kept
             });
@@ -240,13 +318,14 @@ impl Ledger {
     /// at least one.
     pub fn remove_where(&mut self, mut drop: impl FnMut(&IpNet, &SourceId) -> bool) -> Vec<IpNet> {
         let mut touched = Vec::new();
-        let counts = &mut self.counts;
+        let (counts, journal) = (&mut self.counts, &mut self.journal);
         self.entries.retain(|net, records| {
             let before = records.len();
             records.retain(|(s, _)| {
                 let dropped = drop(net, s);
                 if dropped {
                     count(counts, s, net, false);
+                    touch(journal, *net, s);
                 }
                 !dropped
             });

@@ -74,6 +74,14 @@ pub struct ListCursor {
     pub last_refresh: Option<u64>,
 }
 
+/// In a fleet: the etcd revision this ledger reflects, and under which prefix. Saved with
+/// the ledger, so that a restart resumes the watch right after it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterCursor {
+    pub prefix: String,
+    pub revision: i64,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SavedEntry {
     pub net: IpNet,
@@ -96,6 +104,8 @@ pub struct State {
     /// Allow entries added with `apiban allow add` (the configured ones live in the config).
     #[serde(default)]
     pub allow: Vec<IpNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterCursor>,
     #[serde(default)]
     pub entries: Vec<SavedEntry>,
 }
@@ -164,6 +174,8 @@ pub struct StateView<'a> {
     pub apiban: &'a ApibanCursor,
     pub lists: &'a BTreeMap<String, ListCursor>,
     pub allow: Vec<IpNet>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<&'a ClusterCursor>,
     pub entries: EntriesView<'a>,
 }
 
@@ -406,6 +418,10 @@ mod tests {
                 },
             )]),
             allow: vec!["192.0.2.0/24".parse().unwrap()],
+            cluster: Some(ClusterCursor {
+                prefix: "/apiban/v1/".into(),
+                revision: 4711,
+            }),
             entries: vec![],
         };
         state.set_ledger(&ledger);

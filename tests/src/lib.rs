@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod fake_apiban;
+pub mod fleet;
 pub mod frame;
 pub mod framegen;
 pub mod reference;

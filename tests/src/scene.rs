@@ -153,6 +153,10 @@ impl Scene {
         self.agent.as_ref().expect("the agent is running")
     }
 
+    pub fn agent_running(&self) -> bool {
+        self.agent.is_some()
+    }
+
     /// SIGTERM and wait; returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
         self.agent.take().expect("the agent is running").stop()

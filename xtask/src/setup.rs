@@ -16,6 +16,7 @@ pub fn run() -> anyhow::Result<()> {
     ensure_ebpf_toolchain()?;
     ensure_bpf_linker()?;
     ensure_iproute2()?;
+    ensure_protoc()?;
     Ok(())
 }
 
@@ -174,9 +175,25 @@ fn ensure_iproute2() -> anyhow::Result<()> {
     )
 }
 
+/// etcd-client's build script generates its gRPC code with protoc.
+fn ensure_protoc() -> anyhow::Result<()> {
+    ensure_tool(
+        "protoc",
+        &["--version"],
+        "protobuf-compiler",
+        "the etcd client (for --cluster) is generated from protobuf at build time",
+    )
+}
+
 /// What the tests use beyond building: systemd-analyze verifies the unit, setpriv runs the
-/// agent with exactly the unit's capabilities.
+/// agent with exactly the unit's capabilities, etcd is the fleet tests' cluster.
 pub fn ensure_test_tools() -> anyhow::Result<()> {
+    ensure_tool(
+        "etcd",
+        &["--version"],
+        "etcd-server",
+        "the fleet tests run a three-member etcd cluster",
+    )?;
     ensure_tool(
         "systemd-analyze",
         &["--version"],

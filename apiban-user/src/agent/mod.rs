@@ -338,8 +338,10 @@ fn serve<E: Enforcer + Send + 'static>(
 ) -> anyhow::Result<Exit> {
     let now = sync::unix_now();
     let configured: Vec<&str> = config.lists.iter().map(|l| l.name.as_str()).collect();
+    // In a fleet, the leader's configuration says which lists there are.
+    let local_lists = config.cluster.is_none();
     for name in engine.list_names() {
-        if !configured.contains(&name.as_str()) {
+        if local_lists && !configured.contains(&name.as_str()) {
             let (records, _) = engine.drop_list(&name, now);
             tracing::info!(list = %name, records, "blocklist no longer configured; its bans are dropped");
         }
@@ -368,8 +370,38 @@ fn serve<E: Enforcer + Send + 'static>(
             ..sync::OwnerTiming::new(sweep_every(config.engine.ttl))
         };
         let own = engine.own_addresses();
-        let mut running = sync::spawn(engine, apiban, config.lists.clone(), http, timing)
-            .context("cannot start the ledger's owner thread")?;
+        let (link, ends) = match &config.cluster {
+            Some(c) => {
+                // A re-sighting rewrites a record in etcd only once it moves its expiry by a
+                // quarter of the TTL: a ban then lives at least 3/4 of the TTL after it was
+                // last seen, and etcd's history stays small.
+                engine.join_cluster(&c.prefix, config.engine.ttl.as_secs() / 4);
+                let (link, ends) = crate::cluster::link();
+                (Some(link), Some(ends))
+            }
+            None => (None, None),
+        };
+        let mut running =
+            sync::spawn_node(engine, apiban, config.lists.clone(), http, timing, link)
+                .context("cannot start the ledger's owner thread")?;
+        let cluster = match (&config.cluster, ends) {
+            (Some(settings), Some(ends)) => {
+                tracing::info!(
+                    endpoints = %settings.endpoints.join(","),
+                    prefix = %settings.prefix,
+                    node = %settings.node,
+                    "fleet node: the ledger is shared through etcd"
+                );
+                Some(crate::cluster::start(
+                    settings.clone(),
+                    ends,
+                    running.updates.clone(),
+                    running.subscribe(),
+                ))
+            }
+            _ => None,
+        };
+        let mut leader = cluster.as_ref().map(|c| c.leader.clone());
         crate::host_addresses::watch(own, running.updates.clone());
         let readers = crate::status::Readers {
             snapshots: running.subscribe(),
@@ -501,6 +533,9 @@ fn serve<E: Enforcer + Send + 'static>(
                         }
                     }
                 }
+                Some(leading) = leadership_change(&mut leader), if leader.is_some() => {
+                    running.set_standby(!leading);
+                }
                 _ = term.recv() => break,
                 _ = tokio::signal::ctrl_c() => break,
             }
@@ -526,6 +561,17 @@ fn serve<E: Enforcer + Send + 'static>(
         }
         anyhow::Ok(Exit::Stopped { enforced: engine.enforced().len() })
     })
+}
+
+/// Whether this fleet node leads, once that changes; None without a fleet or once the
+/// election has stopped.
+async fn leadership_change(
+    leader: &mut Option<tokio::sync::watch::Receiver<Option<etcd_client::LeaderKey>>>,
+) -> Option<bool> {
+    let leader = leader.as_mut()?;
+    leader.changed().await.ok()?;
+    let leading = leader.borrow().is_some();
+    Some(leading)
 }
 
 /// How the agent's main loop ended.

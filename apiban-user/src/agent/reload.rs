@@ -75,7 +75,10 @@ async fn apply_reload<E: Enforcer + Send + 'static>(
         running.retry_apiban_now();
     }
     for name in running.set_lists(new.lists.clone()) {
-        let _ = control::send_change(&running.updates, Change::DropList { name }).await;
+        // In a fleet, the lists' records are the leader's, in etcd: they expire there.
+        if config.cluster.is_none() {
+            let _ = control::send_change(&running.updates, Change::DropList { name }).await;
+        }
     }
     {
         let mut i = crate::lock(info);

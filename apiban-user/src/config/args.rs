@@ -194,6 +194,17 @@ pub struct RunArgs {
     /// Fetch and report what would be blocked; load and attach nothing.
     #[arg(long, env = "APIBAN_DRY_RUN", num_args = 0..=1, default_missing_value = "true")]
     pub dry_run: Option<bool>,
+    /// etcd endpoints of the fleet this node belongs to (comma-separated or repeated);
+    /// without it the agent runs on its own.
+    #[arg(long = "cluster", env = "APIBAN_CLUSTER", value_delimiter = ',')]
+    pub cluster: Vec<String>,
+    /// Key prefix of this fleet in etcd, so that several fleets can share one etcd
+    /// [default: /apiban/v1/].
+    #[arg(long, env = "APIBAN_CLUSTER_PREFIX")]
+    pub cluster_prefix: Option<String>,
+    /// This node's name in the fleet [default: the host name].
+    #[arg(long, env = "APIBAN_NODE_NAME")]
+    pub node_name: Option<String>,
     /// Log format [default: text].
     #[arg(long, env = "APIBAN_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,

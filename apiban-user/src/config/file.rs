@@ -55,6 +55,9 @@ pub struct FileConfig {
     pub metrics_addr: Option<Parsed<MetricsAddr>>,
     pub dry_run: Option<bool>,
     pub log_format: Option<ByName<super::LogFormat>>,
+    pub cluster: Option<Vec<String>>,
+    pub cluster_prefix: Option<String>,
+    pub node_name: Option<String>,
 }
 
 /// `[[list]]` in the file: a blocklist with its own refresh interval if it needs one.

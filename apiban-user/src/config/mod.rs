@@ -81,7 +81,23 @@ pub struct AgentConfig {
     pub engine: EngineSettings,
     pub scope: Scope,
     pub lists: Vec<ListSpec>,
+    /// The fleet this node belongs to; None: a single node.
+    pub cluster: Option<ClusterSettings>,
 }
+
+/// `--cluster`: the etcd this node's fleet shares its ledger through.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ClusterSettings {
+    #[serde(rename = "cluster")]
+    pub endpoints: Vec<String>,
+    #[serde(rename = "cluster-prefix")]
+    pub prefix: String,
+    #[serde(rename = "node-name")]
+    pub node: String,
+}
+
+pub const DEFAULT_CLUSTER_PREFIX: &str = "/apiban/v1/";
 
 /// Which interfaces the program is attached to, and how. Serialised with the config keys'
 /// names, so a reload can name what it could not change.
@@ -125,6 +141,9 @@ impl AgentConfig {
     pub fn restart_only_changes(&self, new: &AgentConfig) -> Vec<String> {
         let mut changed = changed_keys(&self.attach, &new.attach);
         changed.extend(changed_keys(&self.process, &new.process));
+        if self.cluster != new.cluster {
+            changed.push("cluster".to_owned());
+        }
         changed
     }
 
@@ -134,6 +153,7 @@ impl AgentConfig {
         AgentConfig {
             attach: self.attach.clone(),
             process: self.process.clone(),
+            cluster: self.cluster.clone(),
             ..new
         }
     }
@@ -375,7 +395,69 @@ pub fn resolve(
         engine: resolve_engine(args, &file)?,
         scope: resolve_scope(args, &file)?,
         lists: resolve_lists(args, &file)?,
+        cluster: resolve_cluster(args, &file)?,
     })
+}
+
+fn resolve_cluster(
+    args: &RunArgs,
+    file: &FileConfig,
+) -> Result<Option<ClusterSettings>, ConfigError> {
+    let endpoints: Vec<String> = first_list(&args.cluster, file.cluster.clone())
+        .into_iter()
+        .map(|e| e.trim().to_owned())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        return Ok(None);
+    }
+    if let Some(bad) = endpoints
+        .iter()
+        .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+    {
+        return Err(invalid(
+            "cluster",
+            format!("`{bad}` is not an etcd endpoint URL (e.g. http://10.0.0.5:2379)"),
+        ));
+    }
+    let prefix = first(
+        args.cluster_prefix.clone(),
+        file.cluster_prefix.clone(),
+        DEFAULT_CLUSTER_PREFIX.to_owned(),
+    );
+    if !prefix.starts_with('/') || !prefix.ends_with('/') {
+        return Err(invalid(
+            "cluster-prefix",
+            format!("`{prefix}` must start and end with / (e.g. /apiban/v1/)"),
+        ));
+    }
+    let node = match args.node_name.clone().or_else(|| file.node_name.clone()) {
+        Some(n) => n,
+        None => host_name()
+            .ok_or_else(|| invalid("node-name", "the host has no name to use: give --node-name"))?,
+    };
+    if node.is_empty() || node.contains(['/', ' ']) {
+        return Err(invalid(
+            "node-name",
+            format!("`{node}`: a node name has no spaces or slashes"),
+        ));
+    }
+    Ok(Some(ClusterSettings {
+        endpoints,
+        prefix,
+        node,
+    }))
+}
+
+fn host_name() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for its length; gethostname NUL-terminates within it on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned()).filter(|n| !n.is_empty())
 }
 
 /// Reads the file the flags point at (or the default one) and resolves.

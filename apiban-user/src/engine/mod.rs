@@ -16,18 +16,22 @@ use std::{
 
 use ipnet::IpNet;
 
+mod cluster;
 mod enforcer;
 mod manual;
 mod sources;
 
-pub use self::enforcer::{Enforcer, MemoryEnforcer};
+pub use self::{
+    cluster::{RemoteChange, Touched},
+    enforcer::{Enforcer, MemoryEnforcer},
+};
 use crate::{
     dataplane::DataplaneError,
     ledger::{Diff, Ledger, Record, SourceId},
     sanitise::{AllowList, Rejection, Sanitiser},
     state::{
-        ApibanCursor, EntriesView, FORMAT_VERSION, ListCursor, Loaded, State, StateError,
-        StateStore, StateView,
+        ApibanCursor, ClusterCursor, EntriesView, FORMAT_VERSION, ListCursor, Loaded, State,
+        StateError, StateStore, StateView,
     },
 };
 
@@ -125,6 +129,8 @@ pub struct EngineShared {
     pub list_refreshes: BTreeMap<String, u64>,
     /// Where the state is saved; None without a state directory.
     pub state_dir: Option<std::path::PathBuf>,
+    /// In a fleet: the etcd revision the ledger reflects (0: none yet, or no fleet).
+    pub cluster_revision: i64,
 }
 
 #[derive(Debug)]
@@ -154,6 +160,8 @@ pub struct Engine<E: Enforcer> {
     map_full_logged: bool,
     /// The last save failed: the file is behind the maps until a save succeeds.
     unsaved: bool,
+    /// In a fleet: the etcd revision the ledger reflects (see `cluster.rs`).
+    cluster: Option<ClusterCursor>,
 }
 
 impl<E: Enforcer> Engine<E> {
@@ -195,6 +203,7 @@ impl<E: Enforcer> Engine<E> {
             counters: EngineCounters::default(),
             map_full_logged: false,
             unsaved: false,
+            cluster: state.cluster,
         };
         engine.set_config_allow(settings.allow);
         match crate::sanitise::host_addresses() {
@@ -480,6 +489,7 @@ impl<E: Enforcer> Engine<E> {
             apiban: &self.apiban,
             lists: &self.lists,
             allow: self.manual_allow.iter().copied().collect(),
+            cluster: self.cluster.as_ref(),
             entries: EntriesView(self.ledger.as_ref()),
         };
         match store.save(&state) {
@@ -551,6 +561,7 @@ impl<E: Enforcer> Engine<E> {
                 .filter_map(|(name, c)| Some((name.clone(), c.last_refresh?)))
                 .collect(),
             state_dir: self.state_dir().map(std::path::Path::to_path_buf),
+            cluster_revision: self.cluster_revision(),
         }
     }
 }

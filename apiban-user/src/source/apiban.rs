@@ -256,6 +256,7 @@ impl StringOrNumber {
     }
 }
 
+#[derive(Clone)]
 pub struct ApibanClient {
     http: reqwest::Client,
     config: ClientConfig,

@@ -41,6 +41,8 @@ pub enum Update {
         change: Change,
         reply: oneshot::Sender<Result<String, ChangeError>>,
     },
+    /// In a fleet: what etcd holds (see `cluster`).
+    Cluster(crate::cluster::ClusterUpdate),
 }
 
 /// Why an operator's change was not made.

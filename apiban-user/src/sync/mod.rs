@@ -56,6 +56,11 @@ pub struct Running<E: Enforcer> {
     lists: BTreeMap<String, (ListSpec, tokio::task::JoinHandle<()>)>,
     http: reqwest::Client,
     retry_now: Arc<tokio::sync::Notify>,
+    /// A fleet node that does not lead keeps its feeds configured but not running.
+    standby: bool,
+    apiban: Option<(ApibanClient, PollSettings)>,
+    list_specs: Vec<ListSpec>,
+    fleet_budget: Option<crate::cluster::FleetBudget>,
 }
 
 impl<E: Enforcer> Running<E> {
@@ -97,7 +102,11 @@ impl<E: Enforcer> Running<E> {
         if let Some(p) = self.poller.take() {
             p.abort();
         }
-        if let Some((client, settings)) = apiban {
+        self.apiban = apiban;
+        if self.standby {
+            return;
+        }
+        if let Some((client, settings)) = self.apiban.clone() {
             let snapshot = self.snapshot();
             let journal = snapshot
                 .engine
@@ -107,7 +116,8 @@ impl<E: Enforcer> Running<E> {
             let cursor = snapshot.engine.apiban.clone();
             let poller =
                 ApibanPoller::new(client, settings, &cursor, journal, self.updates.clone())
-                    .with_retry_signal(self.retry_now.clone());
+                    .with_retry_signal(self.retry_now.clone())
+                    .with_fleet_budget(self.fleet_budget.clone());
             self.poller = Some(tokio::spawn(poller.run(cursor)));
         }
     }
@@ -128,16 +138,42 @@ impl<E: Enforcer> Running<E> {
     /// Starts, stops or restarts the blocklists whose configuration changed; returns the
     /// names that left the configuration (their bans are for the owner to drop).
     pub fn set_lists(&mut self, lists: Vec<ListSpec>) -> Vec<String> {
+        let gone: Vec<String> = self
+            .list_specs
+            .iter()
+            .filter(|old| !lists.iter().any(|l| l.name == old.name))
+            .map(|old| old.name.clone())
+            .collect();
+        self.list_specs = lists;
+        self.run_lists();
+        gone
+    }
+
+    /// A fleet node stands by while another leads: its poller and lists stop, and start
+    /// again, as configured, once it leads.
+    pub fn set_standby(&mut self, standby: bool) {
+        if self.standby == standby {
+            return;
+        }
+        self.standby = standby;
+        self.restart_poller(self.apiban.clone());
+        self.run_lists();
+    }
+
+    /// Starts, stops or restarts the list tasks to match the configured lists (none while
+    /// standing by).
+    fn run_lists(&mut self) {
+        let lists = if self.standby {
+            Vec::new()
+        } else {
+            self.list_specs.clone()
+        };
         let wanted: BTreeMap<String, ListSpec> =
             lists.into_iter().map(|l| (l.name.clone(), l)).collect();
-        let mut gone = Vec::new();
         self.lists.retain(|name, (spec, task)| {
             let keep = wanted.get(name) == Some(spec);
             if !keep {
                 task.abort();
-                if !wanted.contains_key(name) {
-                    gone.push(name.clone());
-                }
             }
             keep
         });
@@ -154,7 +190,6 @@ impl<E: Enforcer> Running<E> {
             ));
             self.lists.insert(name, (spec, task));
         }
-        gone
     }
 }
 
@@ -173,8 +208,23 @@ pub fn spawn<E: Enforcer + Send + 'static>(
     http: reqwest::Client,
     timing: OwnerTiming,
 ) -> std::io::Result<Running<E>> {
+    spawn_node(engine, apiban, lists, http, timing, None)
+}
+
+/// [`spawn`] for a node that may be in a fleet: the owner sends what this node changes to
+/// the cluster's writer.
+pub fn spawn_node<E: Enforcer + Send + 'static>(
+    engine: Engine<E>,
+    apiban: Option<(ApibanClient, PollSettings)>,
+    lists: Vec<ListSpec>,
+    http: reqwest::Client,
+    timing: OwnerTiming,
+    cluster: Option<crate::cluster::ClusterLink>,
+) -> std::io::Result<Running<E>> {
     let (tx, rx) = mpsc::channel(16);
-    let (owner, snapshots) = OwnerThread::start(engine, rx, timing)?;
+    let standby = cluster.is_some();
+    let fleet_budget = cluster.as_ref().map(|c| c.budget.clone());
+    let (owner, snapshots) = OwnerThread::start(engine, rx, timing, cluster)?;
     let mut running = Running {
         updates: tx,
         snapshots,
@@ -183,6 +233,10 @@ pub fn spawn<E: Enforcer + Send + 'static>(
         lists: BTreeMap::new(),
         http,
         retry_now: Default::default(),
+        standby,
+        apiban: None,
+        list_specs: Vec::new(),
+        fleet_budget,
     };
     running.restart_poller(apiban);
     running.set_lists(lists);

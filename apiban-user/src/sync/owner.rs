@@ -16,9 +16,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Change, ChangeError, Update, unix_now};
 use crate::{
+    cluster::{ClusterLink, ClusterUpdate, Outgoing},
     engine::{Enforcer, Engine, IngestReport},
     snapshot::{Snapshot, SyncStatus},
     source::blocklist,
+    state::ApibanCursor,
 };
 
 /// The engine and what the owner tracks beside it.
@@ -27,6 +29,39 @@ pub struct Owner<E: Enforcer> {
     pub sync: SyncStatus,
     published: watch::Sender<Arc<Snapshot>>,
     seq: u64,
+    /// In a fleet: where this node's changes go, and whether it leads.
+    cluster: Option<ClusterLink>,
+    /// The APIBAN position last sent to etcd.
+    cursor_sent: Option<ApibanCursor>,
+}
+
+/// Who made a change, which decides whether the fleet hears of it.
+enum Origin {
+    /// The leader's feeds: written to etcd fenced on its leadership.
+    Feed,
+    /// An operator on this node: written to etcd for every node, with a manual allowlist
+    /// entry added (true) or removed (false).
+    Operator(Option<(ipnet::IpNet, bool)>),
+    /// This node's alone (its addresses, its settings) or already etcd's.
+    Local,
+}
+
+impl Origin {
+    fn of(update: &Update) -> Self {
+        match update {
+            Update::BeginFullPull { .. }
+            | Update::ApibanBatch { .. }
+            | Update::ApibanDone { .. }
+            | Update::ListSnapshot { .. } => Origin::Feed,
+            Update::Control { change, .. } => match change {
+                Change::Ban { .. } | Change::Unban { .. } => Origin::Operator(None),
+                Change::AllowAdd { net } => Origin::Operator(Some((*net, true))),
+                Change::AllowRemove { net } => Origin::Operator(Some((*net, false))),
+                Change::Settings { .. } | Change::DropList { .. } => Origin::Local,
+            },
+            _ => Origin::Local,
+        }
+    }
 }
 
 /// An acknowledgement, sent once what it acknowledges is in the maps, on disk and published.
@@ -54,7 +89,10 @@ impl Ack {
 
 impl<E: Enforcer> Owner<E> {
     /// The owner of `engine`, and what readers subscribe to for its snapshots.
-    pub fn new(engine: Engine<E>) -> (Self, watch::Receiver<Arc<Snapshot>>) {
+    pub fn new(
+        engine: Engine<E>,
+        cluster: Option<ClusterLink>,
+    ) -> (Self, watch::Receiver<Arc<Snapshot>>) {
         let sync = SyncStatus::default();
         let first = Snapshot {
             seq: 0,
@@ -67,6 +105,8 @@ impl<E: Enforcer> Owner<E> {
             sync,
             published,
             seq: 0,
+            cluster,
+            cursor_sent: None,
         };
         (owner, snapshots)
     }
@@ -100,9 +140,44 @@ impl<E: Enforcer> Owner<E> {
     /// Applies one update from a source. Acknowledgements are sent after the change is in
     /// the maps, saved and published.
     pub fn handle(&mut self, update: Update) {
+        let origin = Origin::of(&update);
         let ack = self.apply(update);
+        let applied = !matches!(&ack, Ack::Change(_, Err(_)));
+        self.tell_the_fleet(origin, applied);
         self.publish();
         ack.send();
+    }
+
+    /// In a fleet, sends what this node changed to etcd (see [`Origin`]).
+    fn tell_the_fleet(&mut self, origin: Origin, applied: bool) {
+        let Some(link) = &self.cluster else { return };
+        let out = match origin {
+            Origin::Local => {
+                self.engine.forget_touched();
+                return;
+            }
+            Origin::Feed => {
+                let now = self.engine.apiban_cursor();
+                let cursor = (self.cursor_sent.as_ref() != Some(now)).then(|| now.clone());
+                if cursor.is_some() {
+                    self.cursor_sent.clone_from(&cursor);
+                }
+                Outgoing {
+                    records: self.engine.take_touched(),
+                    cursor,
+                    fenced: true,
+                    ..Default::default()
+                }
+            }
+            Origin::Operator(allow) => Outgoing {
+                records: self.engine.take_touched(),
+                allow: allow.filter(|_| applied).into_iter().collect(),
+                ..Default::default()
+            },
+        };
+        if !out.is_empty() {
+            let _ = link.outbox.send(out);
+        }
     }
 
     fn apply(&mut self, update: Update) -> Ack {
@@ -183,6 +258,59 @@ impl<E: Enforcer> Owner<E> {
                 Ack::None
             }
             Update::Control { change, reply } => Ack::Change(reply, self.change(change, now)),
+            Update::Cluster(update) => self.apply_the_fleets(update, now),
+        }
+    }
+
+    /// What etcd holds, applied as it is.
+    fn apply_the_fleets(&mut self, update: ClusterUpdate, now: u64) -> Ack {
+        match update {
+            ClusterUpdate::Changes {
+                changes,
+                revision,
+                reply,
+            } => {
+                let n = changes.len();
+                let applied = self.engine.apply_cluster_changes(changes, revision, now);
+                tracing::debug!(
+                    changes = n,
+                    revision,
+                    added = applied.added,
+                    removed = applied.removed,
+                    "applied the fleet's changes"
+                );
+                Ack::Done(reply)
+            }
+            ClusterUpdate::Everything {
+                records,
+                allow,
+                revision,
+                reply,
+            } => {
+                let applied = self
+                    .engine
+                    .replace_from_cluster(records, allow, revision, now);
+                tracing::info!(
+                    revision,
+                    prefixes = self.engine.ledger().len(),
+                    added = applied.added,
+                    removed = applied.removed,
+                    "the ledger now equals the fleet's"
+                );
+                Ack::Done(reply)
+            }
+            ClusterUpdate::AdoptCursor {
+                cursor,
+                requests_ms,
+                reply,
+            } => {
+                if let Some(cursor) = cursor {
+                    self.engine.adopt_apiban_cursor(cursor.clone(), now);
+                    self.cursor_sent = Some(cursor);
+                }
+                self.engine.adopt_fleet_requests(&requests_ms);
+                Ack::Done(reply)
+            }
         }
     }
 
@@ -274,6 +402,20 @@ impl<E: Enforcer> Owner<E> {
     /// Expires what is due; one log line when anything expired.
     pub fn sweep(&mut self) {
         let (expired, applied) = self.engine.sweep(unix_now());
+        // Every node expires bans itself; the leader also deletes them from etcd.
+        match &self.cluster {
+            Some(link) if link.leading() => {
+                let records = self.engine.take_touched();
+                if !records.is_empty() {
+                    let _ = link.outbox.send(Outgoing {
+                        records,
+                        fenced: true,
+                        ..Default::default()
+                    });
+                }
+            }
+            _ => self.engine.forget_touched(),
+        }
         if expired > 0 {
             tracing::info!(expired, removed = applied.removed, "expired bans removed");
             self.publish();
@@ -402,8 +544,9 @@ impl<E: Enforcer + Send + 'static> OwnerThread<E> {
         engine: Engine<E>,
         updates: mpsc::Receiver<Update>,
         timing: OwnerTiming,
+        cluster: Option<ClusterLink>,
     ) -> std::io::Result<(Self, watch::Receiver<Arc<Snapshot>>)> {
-        let (owner, snapshots) = Owner::new(engine);
+        let (owner, snapshots) = Owner::new(engine, cluster);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()?;

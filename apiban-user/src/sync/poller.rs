@@ -121,6 +121,8 @@ pub struct ApibanPoller {
     /// Cuts a wait after a 403 short: the operator reloaded or fixed the key.
     retry_now: std::sync::Arc<tokio::sync::Notify>,
     updates: mpsc::Sender<Update>,
+    /// In a fleet: etcd holds the budget too, so that the next leader counts this one's.
+    fleet_budget: Option<crate::cluster::FleetBudget>,
 }
 
 #[derive(Debug)]
@@ -174,7 +176,14 @@ impl ApibanPoller {
             journal_failing: false,
             retry_now: Default::default(),
             updates,
+            fleet_budget: None,
         }
+    }
+
+    /// A fleet leader's poller: no request goes out before etcd holds it in the budget.
+    pub fn with_fleet_budget(mut self, budget: Option<crate::cluster::FleetBudget>) -> Self {
+        self.fleet_budget = budget;
+        self
     }
 
     /// The poller waits on this after a 403; `notify_one` makes it retry at once.
@@ -270,6 +279,14 @@ impl ApibanPoller {
             let sent_at = Instant::now();
             self.budget.record(sent_at);
             self.journal_budget(sent_at);
+            if let Some(fleet) = &self.fleet_budget
+                && !fleet.record(self.budget.to_wall_clock(sent_at)).await
+            {
+                // Not in etcd, so not sent: the next leader could not count it. The local
+                // budget keeps it spent, which errs on the safe side.
+                tokio::time::sleep(backoff.next_delay()).await;
+                continue;
+            }
             let result = self.client.fetch(&id).await;
             let outcome = match &result {
                 Ok(_) => "ok",

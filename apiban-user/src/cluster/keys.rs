@@ -1,0 +1,120 @@
+//! Where a fleet keeps its ledger in etcd, under its prefix `P`:
+//!
+//!   `P records/<source>/<address>/<length>`  one source's record of one prefix (JSON)
+//!   `P allow/<address>/<length>`             a manual allowlist entry (`{}`)
+//!   `P apiban/cursor`                        the fleet's APIBAN position (JSON)
+//!   `P apiban/requests`                      the fleet's recent request times (the budget)
+//!   `P leader/...`                           the election of the node that polls
+//!
+//! The ban's expiry is in its value, not in an etcd lease: every node expires bans itself.
+
+use ipnet::IpNet;
+
+use crate::ledger::{Record, SourceId};
+
+/// The key layout of one fleet.
+#[derive(Clone, Debug)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn records(&self) -> String {
+        format!("{}records/", self.prefix)
+    }
+
+    pub fn allowlist(&self) -> String {
+        format!("{}allow/", self.prefix)
+    }
+
+    pub fn election(&self) -> String {
+        format!("{}leader", self.prefix)
+    }
+
+    pub fn apiban_cursor(&self) -> String {
+        format!("{}apiban/cursor", self.prefix)
+    }
+
+    /// The send times of the fleet's recent APIBAN requests (JSON Unix milliseconds).
+    pub fn apiban_requests(&self) -> String {
+        format!("{}apiban/requests", self.prefix)
+    }
+
+    pub fn record(&self, source: &SourceId, net: &IpNet) -> String {
+        format!("{}{source}/{}", self.records(), net.trunc())
+    }
+
+    pub fn allow(&self, net: &IpNet) -> String {
+        format!("{}{}", self.allowlist(), net.trunc())
+    }
+
+    /// The source and prefix a record key names. The prefix is the key's last two segments,
+    /// so a list name may hold any character.
+    pub fn parse_record(&self, key: &[u8]) -> Option<(SourceId, IpNet)> {
+        let rest = std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(&self.records())?;
+        let (source_and_addr, len) = rest.rsplit_once('/')?;
+        let (source, addr) = source_and_addr.rsplit_once('/')?;
+        let net: IpNet = format!("{addr}/{len}").parse().ok()?;
+        Some((source.parse().ok()?, net.trunc()))
+    }
+
+    pub fn parse_allow(&self, key: &[u8]) -> Option<IpNet> {
+        let rest = std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(&self.allowlist())?;
+        rest.parse::<IpNet>().ok().map(|n| n.trunc())
+    }
+}
+
+pub fn encode_record(record: &Record) -> Vec<u8> {
+    serde_json::to_vec(record).unwrap_or_default()
+}
+
+pub fn decode_record(value: &[u8]) -> Option<Record> {
+    serde_json::from_slice(value).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_keys_round_trip_for_every_source() {
+        let keys = Keys::new("/apiban/v1/");
+        for (source, net) in [
+            (SourceId::Apiban, "192.0.2.7/32"),
+            (SourceId::Manual, "2001:db8::/32"),
+            (SourceId::List("odd/name".into()), "198.51.100.0/24"),
+        ] {
+            let net: IpNet = net.parse().unwrap();
+            let key = keys.record(&source, &net);
+            assert_eq!(
+                keys.parse_record(key.as_bytes()),
+                Some((source, net)),
+                "{key}"
+            );
+        }
+        assert_eq!(
+            keys.parse_record(b"/apiban/v1/records/apiban/garbage"),
+            None
+        );
+        assert_eq!(
+            keys.parse_record(b"/other/records/apiban/192.0.2.1/32"),
+            None
+        );
+        let net: IpNet = "10.9.0.0/16".parse().unwrap();
+        assert_eq!(keys.parse_allow(keys.allow(&net).as_bytes()), Some(net));
+    }
+}

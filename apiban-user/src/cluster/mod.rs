@@ -1,0 +1,226 @@
+//! A fleet of nodes that share one ledger through etcd (`--cluster`).
+//!
+//! Every node watches the fleet's prefix from the revision its state file saved and applies
+//! what changes through its own owner, so each node still has exactly one writer of its maps.
+//! The nodes elect one leader through etcd's election API; only the leader polls APIBAN and
+//! the lists, and writes what it learns to etcd in transactions fenced on its leader key, so
+//! a deposed leader's late write fails. Operators' changes on any node are written to etcd
+//! too, unfenced. Expiry is in each record, never an etcd lease: every node expires bans
+//! itself, and etcd going away costs no protection.
+//!
+//! - [`keys`]: the key layout;
+//! - [`watch`]: the watch that feeds the owner, and the full read when it must start over;
+//! - [`election`]: the campaign, and what the node does while it leads;
+//! - [`writer`]: what the owner sends to etcd.
+
+pub mod election;
+pub mod keys;
+pub mod watch;
+pub mod writer;
+
+use std::{sync::Arc, time::Duration};
+
+use etcd_client::{Client, ConnectOptions, LeaderKey};
+use ipnet::IpNet;
+use tokio::sync::{mpsc, oneshot, watch as tokio_watch};
+
+use crate::{
+    config::ClusterSettings,
+    engine::{RemoteChange, Touched},
+    ledger::{Record, SourceId},
+    snapshot::Snapshot,
+    state::ApibanCursor,
+    sync::Update,
+};
+
+/// How long a leader's lease lives without a keep-alive: a dead leader's successor is
+/// elected within this (plus one election round).
+pub const LEADER_LEASE_SECS: i64 = 5;
+
+/// What the owner sends to etcd after a change this node made.
+#[derive(Debug, Default)]
+pub struct Outgoing {
+    pub records: Vec<Touched>,
+    /// Manual allowlist entries added (true) or removed (false).
+    pub allow: Vec<(IpNet, bool)>,
+    /// The fleet's APIBAN position after a batch the leader applied.
+    pub cursor: Option<ApibanCursor>,
+    /// Written only while this node leads, in a transaction fenced on its leader key: what
+    /// the leader's feeds learned, and its sweeps.
+    pub fenced: bool,
+}
+
+impl Outgoing {
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.allow.is_empty() && self.cursor.is_none()
+    }
+}
+
+/// From the cluster tasks to the owner.
+#[derive(Debug)]
+pub enum ClusterUpdate {
+    /// What a watch delivered, up to `revision`.
+    Changes {
+        changes: Vec<RemoteChange>,
+        revision: i64,
+        reply: oneshot::Sender<()>,
+    },
+    /// Everything under the prefix at `revision`.
+    Everything {
+        records: Vec<(IpNet, SourceId, Record)>,
+        allow: Vec<IpNet>,
+        revision: i64,
+        reply: oneshot::Sender<()>,
+    },
+    /// This node now leads: it polls from the fleet's position, counting the requests the
+    /// fleet sent within the budget's window.
+    AdoptCursor {
+        cursor: Option<ApibanCursor>,
+        requests_ms: Vec<u64>,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// One request's place in the fleet's budget: the send times as the leader's poller has
+/// them, and whether etcd now holds them.
+#[derive(Debug)]
+pub struct BudgetWrite {
+    pub sent_ms: Vec<u64>,
+    pub done: oneshot::Sender<bool>,
+}
+
+/// The poller's side of the fleet's budget.
+#[derive(Clone, Debug)]
+pub struct FleetBudget {
+    tx: mpsc::UnboundedSender<BudgetWrite>,
+}
+
+impl FleetBudget {
+    /// Puts the send times in etcd, fenced on this node's leadership; false if etcd does
+    /// not have them within a few seconds (the request must then not go out).
+    pub async fn record(&self, sent_ms: Vec<u64>) -> bool {
+        let (done, confirmed) = oneshot::channel();
+        if self.tx.send(BudgetWrite { sent_ms, done }).is_err() {
+            return false;
+        }
+        matches!(
+            tokio::time::timeout(Duration::from_secs(5), confirmed).await,
+            Ok(Ok(true))
+        )
+    }
+}
+
+/// What the owner holds of the cluster: where its changes go, and whether this node leads.
+#[derive(Clone, Debug)]
+pub struct ClusterLink {
+    pub outbox: mpsc::UnboundedSender<Outgoing>,
+    pub leader: tokio_watch::Receiver<Option<LeaderKey>>,
+    pub budget: FleetBudget,
+}
+
+impl ClusterLink {
+    pub fn leading(&self) -> bool {
+        self.leader.borrow().is_some()
+    }
+}
+
+/// The other ends of a [`ClusterLink`], for [`start`].
+pub struct LinkEnds {
+    outbox: mpsc::UnboundedReceiver<Outgoing>,
+    leader: tokio_watch::Sender<Option<LeaderKey>>,
+    budget: mpsc::UnboundedReceiver<BudgetWrite>,
+}
+
+/// The channels between the owner and the cluster tasks, made before either runs.
+pub fn link() -> (ClusterLink, LinkEnds) {
+    let (outbox_tx, outbox) = mpsc::unbounded_channel();
+    let (leader, leader_rx) = tokio_watch::channel(None);
+    let (budget_tx, budget) = mpsc::unbounded_channel();
+    (
+        ClusterLink {
+            outbox: outbox_tx,
+            leader: leader_rx,
+            budget: FleetBudget { tx: budget_tx },
+        },
+        LinkEnds {
+            outbox,
+            leader,
+            budget,
+        },
+    )
+}
+
+/// The running cluster tasks; dropping this stops them.
+pub struct Cluster {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Whether this node leads, as the election sees it.
+    pub leader: tokio_watch::Receiver<Option<LeaderKey>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Options for every connection: HTTP/2 pings find a dead member within seconds, and a
+/// member cut off from the cluster's leader refuses watches rather than serving stale ones.
+fn connect_options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(3))
+        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+        .with_keep_alive_while_idle(true)
+        .with_require_leader(true)
+}
+
+/// A client for the fleet's endpoints. Connecting is lazy per member: this fails only on
+/// endpoints that cannot be used at all.
+pub async fn connect(settings: &ClusterSettings) -> Result<Client, etcd_client::Error> {
+    Client::connect(&settings.endpoints, Some(connect_options())).await
+}
+
+/// Starts the watch, the election and the writer.
+pub fn start(
+    settings: ClusterSettings,
+    ends: LinkEnds,
+    updates: mpsc::Sender<Update>,
+    snapshots: tokio_watch::Receiver<Arc<Snapshot>>,
+) -> Cluster {
+    let settings = Arc::new(settings);
+    let leader = ends.leader.subscribe();
+    let tasks = vec![
+        tokio::spawn(watch::run(
+            settings.clone(),
+            updates.clone(),
+            snapshots.clone(),
+        )),
+        tokio::spawn(election::run(settings.clone(), updates, ends.leader)),
+        tokio::spawn(writer::run(
+            settings,
+            ends.outbox,
+            ends.budget,
+            leader.clone(),
+        )),
+    ];
+    Cluster { tasks, leader }
+}
+
+/// Waits before trying etcd again: doubling from 200 ms to 5 s.
+pub(crate) struct Retry(Duration);
+
+impl Retry {
+    pub fn new() -> Self {
+        Self(Duration::from_millis(200))
+    }
+
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+    }
+
+    pub fn reset(&mut self) {
+        self.0 = Duration::from_millis(200);
+    }
+}

@@ -1,0 +1,348 @@
+//! The watch on the fleet's prefix. It resumes from the revision the node saved with its
+//! ledger, so a restart reads only what changed. Only a first start, or a saved revision
+//! that etcd has compacted away, reads everything: in pages, all at one revision.
+
+use std::{sync::Arc, time::Duration};
+
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use ipnet::IpNet;
+use tokio::sync::{mpsc, oneshot, watch as tokio_watch};
+
+use super::{
+    ClusterUpdate, Retry, connect,
+    keys::{self, Keys},
+};
+use crate::{
+    config::ClusterSettings,
+    engine::RemoteChange,
+    ledger::{Record, SourceId},
+    snapshot::Snapshot,
+    sync::Update,
+};
+
+/// Keys per page of a full read: well under etcd's 1.5 MiB response limit.
+const PAGE: i64 = 5_000;
+
+/// Why following the watch stopped.
+#[derive(Debug, thiserror::Error)]
+enum WatchEnd {
+    #[error("etcd compacted the history past revision {0}")]
+    Compacted(i64),
+    #[error("etcd")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd cancelled the watch: {0}")]
+    Cancelled(String),
+    #[error("etcd ended the watch")]
+    Ended,
+    #[error("the agent is stopping")]
+    Stopping,
+}
+
+pub async fn run(
+    settings: Arc<ClusterSettings>,
+    updates: mpsc::Sender<Update>,
+    snapshots: tokio_watch::Receiver<Arc<Snapshot>>,
+) {
+    let keys = Keys::new(&settings.prefix);
+    let mut retry = Retry::new();
+    let mut read_all = false;
+    let mut reported_down = false;
+    loop {
+        let mut client = match connect(&settings).await {
+            Ok(c) => c,
+            Err(e) => {
+                if !reported_down {
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot reach etcd; enforcing what this node has");
+                    reported_down = true;
+                }
+                retry.wait().await;
+                continue;
+            }
+        };
+        let saved = snapshots.borrow().engine.cluster_revision;
+        let from = if saved == 0 || read_all {
+            match read_everything(&mut client, &keys, &updates).await {
+                Ok(revision) => {
+                    read_all = false;
+                    revision
+                }
+                Err(WatchEnd::Stopping) => return,
+                Err(e) => {
+                    if !reported_down {
+                        tracing::warn!(error = %crate::error_chain(&e), "cannot read the fleet's ledger from etcd; enforcing what this node has");
+                        reported_down = true;
+                    }
+                    retry.wait().await;
+                    continue;
+                }
+            }
+        } else {
+            saved
+        };
+        if reported_down {
+            tracing::info!(
+                revision = from,
+                "etcd reachable again; catching up by watch"
+            );
+            reported_down = false;
+        }
+        match follow(&mut client, &keys, &updates, from, &mut retry).await {
+            WatchEnd::Stopping => return,
+            WatchEnd::Compacted(at) => {
+                tracing::warn!(
+                    saved = from,
+                    compacted = at,
+                    "etcd no longer has the changes since this node's revision; reading the whole ledger"
+                );
+                read_all = true;
+            }
+            e => {
+                tracing::warn!(error = %crate::error_chain(&e), "the watch on etcd ended; resuming from the last applied revision");
+                reported_down = true;
+                retry.wait().await;
+            }
+        }
+    }
+}
+
+/// Follows the prefix from `from + 1`, sending every batch of changes to the owner and
+/// waiting until it is applied and saved.
+async fn follow(
+    client: &mut Client,
+    keys: &Keys,
+    updates: &mpsc::Sender<Update>,
+    from: i64,
+    retry: &mut Retry,
+) -> WatchEnd {
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(from + 1)
+        .with_progress_notify();
+    let mut stream = match client.watch(keys.prefix(), Some(options)).await {
+        Ok(s) => s,
+        Err(e) => return WatchEnd::Etcd(e),
+    };
+    loop {
+        let response = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return WatchEnd::Ended,
+            Err(e) => return WatchEnd::Etcd(e),
+        };
+        if response.canceled() {
+            if response.compact_revision() > 0 {
+                return WatchEnd::Compacted(response.compact_revision());
+            }
+            return WatchEnd::Cancelled(response.cancel_reason().to_owned());
+        }
+        if response.created() {
+            retry.reset();
+        }
+        let mut changes = Vec::new();
+        let mut revision = 0;
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            revision = revision.max(kv.mod_revision());
+            // An event type this client does not know panics inside etcd-client; such an
+            // event is skipped, not fatal.
+            let put =
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| event.event_type()))
+                {
+                    Ok(EventType::Put) => true,
+                    Ok(EventType::Delete) => false,
+                    Err(_) => continue,
+                };
+            if let Some(change) = change_of(keys, kv.key(), put.then(|| kv.value())) {
+                changes.push(change);
+            }
+        }
+        if changes.is_empty() {
+            continue;
+        }
+        if send(updates, |reply| ClusterUpdate::Changes {
+            changes,
+            revision,
+            reply,
+        })
+        .await
+        .is_err()
+        {
+            return WatchEnd::Stopping;
+        }
+    }
+}
+
+/// The ledger change one key's event stands for; None for keys that are not ledger state
+/// (the election, the cursor) and for values this version cannot read.
+fn change_of(keys: &Keys, key: &[u8], value: Option<&[u8]>) -> Option<RemoteChange> {
+    if let Some((source, net)) = keys.parse_record(key) {
+        let record = match value {
+            Some(v) => Some(keys::decode_record(v)?),
+            None => None,
+        };
+        return Some(RemoteChange::Record {
+            net,
+            source,
+            record,
+        });
+    }
+    keys.parse_allow(key).map(|net| RemoteChange::Allow {
+        net,
+        present: value.is_some(),
+    })
+}
+
+async fn send(
+    updates: &mpsc::Sender<Update>,
+    make: impl FnOnce(oneshot::Sender<()>) -> ClusterUpdate,
+) -> Result<(), ()> {
+    let (reply, done) = oneshot::channel();
+    updates
+        .send(Update::Cluster(make(reply)))
+        .await
+        .map_err(|_| ())?;
+    done.await.map_err(|_| ())
+}
+
+/// The key right after every key that starts with `prefix`.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Every key under `prefix` at `revision`, in pages.
+async fn read_range(
+    client: &mut Client,
+    prefix: &str,
+    revision: i64,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, etcd_client::Error> {
+    let end = prefix_end(prefix);
+    let mut start = prefix.as_bytes().to_vec();
+    let mut out = Vec::new();
+    loop {
+        let options = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(PAGE)
+            .with_revision(revision);
+        let mut page = tokio::time::timeout(
+            Duration::from_secs(30),
+            client.get(start.clone(), Some(options)),
+        )
+        .await
+        .map_err(|_| {
+            etcd_client::Error::WatchError("a page of the full read timed out".into())
+        })??;
+        let more = page.more();
+        let kvs = page.take_kvs();
+        let Some(last) = kvs.last().map(|kv| kv.key().to_vec()) else {
+            break;
+        };
+        out.extend(kvs.into_iter().map(|kv| kv.into_key_value()));
+        if !more {
+            break;
+        }
+        start = last;
+        start.push(0);
+    }
+    Ok(out)
+}
+
+/// Reads the whole ledger at one revision and hands it to the owner; the revision.
+async fn read_everything(
+    client: &mut Client,
+    keys: &Keys,
+    updates: &mpsc::Sender<Update>,
+) -> Result<i64, WatchEnd> {
+    let head = client
+        .get(
+            keys.prefix(),
+            Some(
+                GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only()
+                    .with_limit(1),
+            ),
+        )
+        .await?;
+    let revision = head.header().map_or(0, |h| h.revision());
+    let mut records: Vec<(IpNet, SourceId, Record)> = Vec::new();
+    for (key, value) in read_range(client, &keys.records(), revision).await? {
+        if let (Some((source, net)), Some(record)) =
+            (keys.parse_record(&key), keys::decode_record(&value))
+        {
+            records.push((net, source, record));
+        }
+    }
+    let allow: Vec<IpNet> = read_range(client, &keys.allowlist(), revision)
+        .await?
+        .iter()
+        .filter_map(|(key, _)| keys.parse_allow(key))
+        .collect();
+    tracing::info!(
+        revision,
+        records = records.len(),
+        allow = allow.len(),
+        "read the fleet's whole ledger from etcd"
+    );
+    send(updates, |reply| ClusterUpdate::Everything {
+        records,
+        allow,
+        revision,
+        reply,
+    })
+    .await
+    .map_err(|_| WatchEnd::Stopping)?;
+    Ok(revision)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_the_first_key_past_the_prefix() {
+        assert_eq!(prefix_end("/apiban/v1/"), b"/apiban/v10".to_vec());
+        assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
+    }
+
+    #[test]
+    fn only_ledger_keys_become_changes() {
+        let keys = Keys::new("/f/");
+        let net: IpNet = "192.0.2.9/32".parse().unwrap();
+        let record = Record {
+            first_seen: 1,
+            last_seen: 2,
+            expires: Some(3),
+            comment: None,
+        };
+        let key = keys.record(&SourceId::Apiban, &net);
+        let value = keys::encode_record(&record);
+        assert_eq!(
+            change_of(&keys, key.as_bytes(), Some(&value)),
+            Some(RemoteChange::Record {
+                net,
+                source: SourceId::Apiban,
+                record: Some(record)
+            })
+        );
+        assert_eq!(
+            change_of(&keys, key.as_bytes(), None),
+            Some(RemoteChange::Record {
+                net,
+                source: SourceId::Apiban,
+                record: None
+            })
+        );
+        assert_eq!(change_of(&keys, key.as_bytes(), Some(b"not json")), None);
+        assert_eq!(change_of(&keys, b"/f/leader/1234", Some(b"node-a")), None);
+        assert_eq!(
+            change_of(&keys, keys.allow(&net).as_bytes(), Some(b"{}")),
+            Some(RemoteChange::Allow { net, present: true })
+        );
+    }
+}

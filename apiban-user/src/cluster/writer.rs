@@ -1,0 +1,195 @@
+//! Writes what this node changed to etcd, in the order the owner made the changes.
+//!
+//! Transactions hold at most [`MAX_OPS`] operations (etcd refuses more than 128 by default)
+//! and stay far under its 1.5 MiB request limit. The leader's writes compare its leader key's
+//! creation revision: once etcd has elected another node they fail, and this node drops
+//! them. An operator's change is retried until etcd takes it.
+
+use std::sync::Arc;
+
+use etcd_client::{Client, Compare, CompareOp, LeaderKey, Txn, TxnOp};
+use tokio::sync::{mpsc, watch as tokio_watch};
+
+use super::{
+    BudgetWrite, Outgoing, Retry, connect,
+    keys::{self, Keys},
+};
+use crate::config::ClusterSettings;
+
+/// Operations per transaction, one under etcd's default `--max-txn-ops`.
+pub const MAX_OPS: usize = 127;
+
+enum Written {
+    Done,
+    /// The fence failed: another node leads now.
+    Deposed,
+}
+
+pub async fn run(
+    settings: Arc<ClusterSettings>,
+    mut outbox: mpsc::UnboundedReceiver<Outgoing>,
+    mut budget: mpsc::UnboundedReceiver<BudgetWrite>,
+    leader: tokio_watch::Receiver<Option<LeaderKey>>,
+) {
+    let keys = Keys::new(&settings.prefix);
+    let mut client: Option<Client> = None;
+    let mut retry = Retry::new();
+    let mut reported = false;
+    loop {
+        let out = tokio::select! {
+            out = outbox.recv() => match out {
+                Some(out) => out,
+                None => return,
+            },
+            Some(request) = budget.recv() => {
+                let written = write_budget(&settings, &mut client, &keys, &request.sent_ms, &leader).await;
+                let _ = request.done.send(written);
+                continue;
+            }
+        };
+        loop {
+            let fence = match (out.fenced, leader.borrow().clone()) {
+                (false, _) => None,
+                (true, Some(key)) => Some(key),
+                (true, None) => {
+                    tracing::debug!(
+                        records = out.records.len(),
+                        "no longer leading: the next leader writes what its feeds find"
+                    );
+                    break;
+                }
+            };
+            let c = match &mut client {
+                Some(c) => c,
+                None => match connect(&settings).await {
+                    Ok(c) => client.insert(c),
+                    Err(e) => {
+                        if !reported {
+                            tracing::warn!(error = %crate::error_chain(&e), "cannot reach etcd; this node's changes wait for it");
+                            reported = true;
+                        }
+                        retry.wait().await;
+                        continue;
+                    }
+                },
+            };
+            match write(c, &keys, &out, fence.as_ref()).await {
+                Ok(Written::Done) => {
+                    if reported {
+                        tracing::info!("etcd takes this node's changes again");
+                        reported = false;
+                    }
+                    retry.reset();
+                    break;
+                }
+                Ok(Written::Deposed) => {
+                    tracing::warn!(
+                        records = out.records.len(),
+                        "etcd refused a leader's write: another node leads now"
+                    );
+                    break;
+                }
+                Err(e) => {
+                    if !reported {
+                        tracing::warn!(error = %crate::error_chain(&e), "cannot write to etcd; this node's changes wait for it");
+                        reported = true;
+                    }
+                    client = None;
+                    retry.wait().await;
+                }
+            }
+        }
+    }
+}
+
+/// Puts the fleet's request times in etcd, fenced on this node's leadership; whether etcd
+/// holds them now. One try: the poller decides what a failure means.
+async fn write_budget(
+    settings: &ClusterSettings,
+    client: &mut Option<Client>,
+    keys: &Keys,
+    sent_ms: &[u64],
+    leader: &tokio_watch::Receiver<Option<LeaderKey>>,
+) -> bool {
+    let Some(fence) = leader.borrow().clone() else {
+        return false;
+    };
+    let c = match client {
+        Some(c) => c,
+        None => match connect(settings).await {
+            Ok(c) => client.insert(c),
+            Err(_) => return false,
+        },
+    };
+    let txn = Txn::new()
+        .when(vec![Compare::create_revision(
+            fence.key().to_vec(),
+            CompareOp::Equal,
+            fence.rev(),
+        )])
+        .and_then(vec![TxnOp::put(
+            keys.apiban_requests(),
+            serde_json::to_vec(sent_ms).unwrap_or_default(),
+            None,
+        )]);
+    match tokio::time::timeout(std::time::Duration::from_secs(4), c.txn(txn)).await {
+        Ok(Ok(answer)) => answer.succeeded(),
+        Ok(Err(_)) => {
+            *client = None;
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+/// The operations `out` stands for, the cursor last.
+fn operations(keys: &Keys, out: &Outgoing) -> Vec<TxnOp> {
+    let mut ops = Vec::with_capacity(out.records.len() + out.allow.len() + 1);
+    for (net, source, record) in &out.records {
+        let key = keys.record(source, net);
+        ops.push(match record {
+            Some(r) => TxnOp::put(key, keys::encode_record(r), None),
+            None => TxnOp::delete(key, None),
+        });
+    }
+    for (net, present) in &out.allow {
+        let key = keys.allow(net);
+        ops.push(if *present {
+            TxnOp::put(key, "{}", None)
+        } else {
+            TxnOp::delete(key, None)
+        });
+    }
+    if let Some(cursor) = &out.cursor {
+        ops.push(TxnOp::put(
+            keys.apiban_cursor(),
+            serde_json::to_vec(cursor).unwrap_or_default(),
+            None,
+        ));
+    }
+    ops
+}
+
+async fn write(
+    client: &mut Client,
+    keys: &Keys,
+    out: &Outgoing,
+    fence: Option<&LeaderKey>,
+) -> Result<Written, etcd_client::Error> {
+    let ops = operations(keys, out);
+    for chunk in ops.chunks(MAX_OPS) {
+        let mut txn = Txn::new();
+        if let Some(key) = fence {
+            txn = txn.when(vec![Compare::create_revision(
+                key.key().to_vec(),
+                CompareOp::Equal,
+                key.rev(),
+            )]);
+        }
+        let answer = client.txn(txn.and_then(chunk.to_vec())).await?;
+        if !answer.succeeded() {
+            return Ok(Written::Deposed);
+        }
+    }
+    Ok(Written::Done)
+}

@@ -1,0 +1,157 @@
+//! A fleet node's engine: the ledger mirrors what etcd holds. Changes that came from etcd
+//! are applied as they are, never written back; changes this node made are noted (see
+//! `Ledger::keep_journal`) for the owner to send to etcd.
+
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+use super::{Applied, Enforcer, Engine};
+use crate::{
+    ledger::{Record, SourceId},
+    rate_budget::{self, BudgetJournal},
+    state::{ApibanCursor, ClusterCursor},
+};
+
+/// One key's change as a watch delivers it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RemoteChange {
+    /// A source's record of a prefix; None: deleted.
+    Record {
+        net: IpNet,
+        source: SourceId,
+        record: Option<Record>,
+    },
+    /// A manual allowlist entry, added or removed.
+    Allow { net: IpNet, present: bool },
+}
+
+/// A record this node changed, as it is now (None: removed), for etcd.
+pub type Touched = (IpNet, SourceId, Option<Record>);
+
+impl<E: Enforcer> Engine<E> {
+    /// Makes this engine a fleet node's under `prefix`. A saved revision from another
+    /// prefix (another fleet) does not count: the node reads everything again.
+    pub fn join_cluster(&mut self, prefix: &str, refresh_slack: u64) {
+        Arc::make_mut(&mut self.ledger).keep_journal(refresh_slack);
+        if self.cluster.as_ref().is_none_or(|c| c.prefix != prefix) {
+            self.cluster = Some(ClusterCursor {
+                prefix: prefix.to_owned(),
+                revision: 0,
+            });
+        }
+    }
+
+    /// The etcd revision the ledger reflects; 0 before the first full read.
+    pub fn cluster_revision(&self) -> i64 {
+        self.cluster.as_ref().map_or(0, |c| c.revision)
+    }
+
+    /// What this node changed since the last call, for etcd.
+    pub fn take_touched(&mut self) -> Vec<Touched> {
+        let touched = Arc::make_mut(&mut self.ledger).take_touched();
+        touched
+            .into_iter()
+            .map(|(net, source)| {
+                let record = self.ledger.record(&net, &source).cloned();
+                (net, source, record)
+            })
+            .collect()
+    }
+
+    /// Forgets what this node changed: changes that are its own only (its addresses, a
+    /// sweep that the leader makes fleet-wide).
+    pub fn forget_touched(&mut self) {
+        Arc::make_mut(&mut self.ledger).forget_touched();
+    }
+
+    /// A record a feed holds covers one of this host's addresses: this node leaves it out,
+    /// as it leaves out such entries from the feeds it polls itself.
+    fn covers_own_address(&self, net: &IpNet, source: &SourceId) -> bool {
+        source.is_remote()
+            && self
+                .sanitiser
+                .own_addresses()
+                .iter()
+                .any(|a| net.contains(a))
+    }
+
+    /// Changes a watch delivered, up to `revision`: applied, enforced and saved with the
+    /// revision, so that a restart resumes after it.
+    pub fn apply_cluster_changes(
+        &mut self,
+        changes: Vec<RemoteChange>,
+        revision: i64,
+        now: u64,
+    ) -> Applied {
+        let mut allow_changed = false;
+        for change in changes {
+            match change {
+                RemoteChange::Record {
+                    net,
+                    source,
+                    record,
+                } => {
+                    let record = record.filter(|_| !self.covers_own_address(&net, &source));
+                    Arc::make_mut(&mut self.ledger).apply_remote(net, source, record);
+                }
+                RemoteChange::Allow { net, present } => {
+                    let manual = Arc::make_mut(&mut self.manual_allow);
+                    allow_changed |= if present {
+                        manual.insert(net.trunc())
+                    } else {
+                        manual.remove(&net.trunc())
+                    };
+                }
+            }
+        }
+        if allow_changed {
+            self.set_config_allow(self.config_allow.iter().copied().collect());
+        }
+        self.set_cluster_revision(revision);
+        self.commit(now)
+    }
+
+    /// Everything etcd holds at `revision`, in place of the ledger (a first start, or a
+    /// saved revision etcd has compacted away).
+    pub fn replace_from_cluster(
+        &mut self,
+        records: Vec<(IpNet, SourceId, Record)>,
+        allow: Vec<IpNet>,
+        revision: i64,
+        now: u64,
+    ) -> Applied {
+        let records = records
+            .into_iter()
+            .filter(|(net, source, _)| !self.covers_own_address(net, source))
+            .collect();
+        Arc::make_mut(&mut self.ledger).replace_remote(records);
+        self.manual_allow = Arc::new(allow.into_iter().map(|n| n.trunc()).collect());
+        self.set_config_allow(self.config_allow.iter().copied().collect());
+        self.set_cluster_revision(revision);
+        self.commit(now)
+    }
+
+    /// Takes the fleet's APIBAN position when this node becomes the one that polls.
+    pub fn adopt_apiban_cursor(&mut self, cursor: ApibanCursor, now: u64) {
+        self.apiban = cursor;
+        self.save(now);
+    }
+
+    /// Adds the fleet's recent requests to this node's request journal, which the poller
+    /// starts its budget from.
+    pub fn adopt_fleet_requests(&self, requests_ms: &[u64]) {
+        let Some(dir) = self.state_dir() else { return };
+        let journal = BudgetJournal::in_dir(dir);
+        let merged = rate_budget::merge_sent(&journal.load().unwrap_or_default(), requests_ms);
+        if let Err(e) = journal.save(&merged) {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot keep the fleet's request times; the poller may wait a window");
+        }
+    }
+
+    fn set_cluster_revision(&mut self, revision: i64) {
+        if let Some(c) = &mut self.cluster {
+            c.revision = c.revision.max(revision);
+        }
+    }
+}

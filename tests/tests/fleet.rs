@@ -1,0 +1,198 @@
+//! A fleet of real agents on a real three-member etcd cluster: one poller for one key, bans
+//! that reach every node, a leader that dies and one that takes over within the budget.
+//! Packets go from each node's attacker namespace to its server namespace, through XDP.
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use tests::{fleet::Fleet, require_root, wait_until};
+
+/// Datagrams per source per probe.
+const N: usize = 20;
+
+fn sources(f: &Fleet, node: usize, addrs: &[&str]) -> Vec<IpAddr> {
+    addrs
+        .iter()
+        .map(|a| f.nodes[node].scene.source(a))
+        .collect()
+}
+
+/// Requests node `i`'s agent says it sent to APIBAN.
+fn requests_sent(f: &Fleet, i: usize) -> u64 {
+    let status = f.nodes[i].scene.status();
+    status["sync"]["requests"]
+        .as_object()
+        .map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum())
+}
+
+#[test]
+fn three_nodes_one_key_only_the_leader_polls_and_all_drop_the_same_sources() {
+    require_root();
+    let mut f = Fleet::new(3);
+    let listed = ["45.60.0.1", "45.60.0.2", "45.60.0.3"];
+    f.api.publish(&listed);
+    for i in 0..3 {
+        f.start(i, &["--poll-interval", "1s", "--rate-limit", "5/10s"]);
+    }
+    let leader = f.wait_leader(Duration::from_secs(20));
+    for node in &f.nodes {
+        for a in listed {
+            node.scene.wait_verdict(
+                a.parse().expect("literal"),
+                "banned",
+                Duration::from_secs(20),
+            );
+        }
+    }
+    // A later listing reaches every node through the one poller.
+    f.api.publish(&["45.60.0.4"]);
+    for node in &f.nodes {
+        node.scene.wait_verdict(
+            "45.60.0.4".parse().expect("literal"),
+            "banned",
+            Duration::from_secs(20),
+        );
+    }
+    for i in 0..3 {
+        let banned = sources(&f, i, &["45.60.0.1", "45.60.0.4"]);
+        let got = f.nodes[i].scene.probe(&banned, N);
+        assert_eq!(
+            got,
+            vec![0, 0],
+            "{} let banned sources through",
+            f.nodes[i].name
+        );
+    }
+    // Polling goes on for a few windows' worth of polls.
+    std::thread::sleep(Duration::from_secs(12));
+    for i in 0..3 {
+        let sent = requests_sent(&f, i);
+        if i == leader {
+            assert!(sent > 0, "the leader {} never polled", f.nodes[i].name);
+        } else {
+            assert_eq!(
+                sent, 0,
+                "{} polled while {} leads",
+                f.nodes[i].name, f.nodes[leader].name
+            );
+        }
+    }
+    let max = f.api.max_in_window(Duration::from_secs(10));
+    assert!(
+        max <= 5,
+        "the fleet sent {max} requests in one 10 s window with a budget of 5:\n{}",
+        f.api.log_table()
+    );
+}
+
+#[test]
+fn a_manual_ban_on_one_node_is_dropped_on_the_others() {
+    require_root();
+    let mut f = Fleet::new(3);
+    for i in 0..3 {
+        f.start(i, &[]);
+    }
+    f.wait_leader(Duration::from_secs(20));
+    let mut delays = Vec::new();
+    for (k, addr) in ["45.61.0.1", "45.61.0.2", "45.61.0.3"].iter().enumerate() {
+        let from = k % 3;
+        let at = Instant::now();
+        f.nodes[from]
+            .scene
+            .agent()
+            .cli_ok(&["ban", addr, "--comment", "fleet test"]);
+        for (i, node) in f.nodes.iter().enumerate() {
+            if i != from {
+                node.scene.wait_verdict(
+                    addr.parse().expect("literal"),
+                    "banned",
+                    Duration::from_secs(5),
+                );
+            }
+        }
+        delays.push(at.elapsed());
+    }
+    println!("manual ban on one node, banned on the two others after: {delays:?}");
+    for i in 0..3 {
+        let banned = sources(&f, i, &["45.61.0.1", "45.61.0.2", "45.61.0.3"]);
+        assert_eq!(f.nodes[i].scene.probe(&banned, N), vec![0, 0, 0]);
+    }
+    // And an unban, from yet another node, reaches all of them.
+    f.nodes[2].scene.agent().cli_ok(&["unban", "45.61.0.1"]);
+    for node in &f.nodes {
+        node.scene.wait_verdict(
+            "45.61.0.1".parse().expect("literal"),
+            "not banned",
+            Duration::from_secs(5),
+        );
+    }
+    let check = f.nodes[1].scene.check("45.61.0.2");
+    assert_eq!(check["records"][0]["source"], "manual");
+    assert_eq!(check["records"][0]["comment"], "fleet test");
+}
+
+#[test]
+fn killing_the_leader_hands_polling_to_another_within_the_budget() {
+    require_root();
+    let mut f = Fleet::new(3);
+    f.api.publish(&["45.62.0.1"]);
+    let fast = ["--poll-interval", "1s", "--rate-limit", "4/20s"];
+    for i in 0..3 {
+        f.start(i, &fast);
+    }
+    let first = f.wait_leader(Duration::from_secs(20));
+    for node in &f.nodes {
+        node.scene.wait_verdict(
+            "45.62.0.1".parse().expect("literal"),
+            "banned",
+            Duration::from_secs(20),
+        );
+    }
+    // Let the leader spend its budget, then kill it without a chance to say anything.
+    wait_until(
+        "the leader spending the budget",
+        Duration::from_secs(20),
+        || f.api.requests().len() >= 4,
+    );
+    let killed_at = Instant::now();
+    f.nodes[first].scene.kill9();
+    let next = f.wait_leader(Duration::from_secs(15));
+    let took = killed_at.elapsed();
+    assert_ne!(next, first);
+    println!("a new leader took over {took:?} after the old one was killed");
+    assert!(
+        took <= Duration::from_secs(10),
+        "the lease is 5 s; a new leader after {took:?}"
+    );
+    // The new leader polls from where the fleet was: what APIBAN lists now reaches the two
+    // nodes left, and no earlier ID is asked for again.
+    f.api.publish(&["45.62.0.2"]);
+    for (i, node) in f.nodes.iter().enumerate() {
+        if i != first {
+            node.scene.wait_verdict(
+                "45.62.0.2".parse().expect("literal"),
+                "banned",
+                Duration::from_secs(40),
+            );
+        }
+    }
+    let ids: Vec<u64> = f
+        .api
+        .requests()
+        .iter()
+        .filter_map(|r| r.id.as_deref()?.parse().ok())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] <= w[1]),
+        "an ID was fetched again after the handover:\n{}",
+        f.api.log_table()
+    );
+    let max = f.api.max_in_window(Duration::from_secs(20));
+    assert!(
+        max <= 4,
+        "{max} requests in one 20 s window across the handover, budget 4:\n{}",
+        f.api.log_table()
+    );
+}
