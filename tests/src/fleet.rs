@@ -232,6 +232,69 @@ impl Fleet {
         }
     }
 
+    /// Runs `f` with an etcd client on the hub's members, in the hub namespace.
+    pub fn etcd_client<T: Send + 'static>(
+        &self,
+        f: impl AsyncFnOnce(&mut etcd_client::Client) -> T + Send + 'static,
+    ) -> T {
+        let endpoints: Vec<String> = self
+            .etcd
+            .iter()
+            .filter(|m| m.is_running())
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect();
+        in_netns(&self.hub, move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                let mut client = etcd_client::Client::connect(&endpoints, None)
+                    .await
+                    .expect("connect to etcd");
+                f(&mut client).await
+            })
+        })
+    }
+
+    /// Compacts etcd's history up to its current revision; that revision.
+    pub fn compact(&self) -> i64 {
+        self.etcd_client(async |c| {
+            let head = c.get("/", None).await.expect("read etcd's revision");
+            let revision = head.header().map_or(0, |h| h.revision());
+            c.compact(
+                revision,
+                Some(etcd_client::CompactionOptions::new().with_physical()),
+            )
+            .await
+            .expect("compact etcd");
+            revision
+        })
+    }
+
+    /// The member that leads etcd's Raft group now.
+    pub fn etcd_leader(&self) -> usize {
+        let leader_id = self.etcd_client(async |c| c.status().await.expect("etcd status").leader());
+        let ids: Vec<(String, u64)> = self.etcd_client(async |c| {
+            c.member_list()
+                .await
+                .expect("etcd members")
+                .members()
+                .iter()
+                .map(|m| (m.name().to_owned(), m.id()))
+                .collect()
+        });
+        let name = ids
+            .iter()
+            .find(|(_, id)| *id == leader_id)
+            .map(|(n, _)| n.clone())
+            .expect("the leader is a member");
+        self.etcd
+            .iter()
+            .position(|m| m.name == name)
+            .expect("a member of ours")
+    }
+
     /// `apiban run` flags that make node `i` a member of this fleet.
     pub fn node_args(&self, i: usize) -> Vec<String> {
         let node = &self.nodes[i];

@@ -196,3 +196,218 @@ fn killing_the_leader_hands_polling_to_another_within_the_budget() {
         f.api.log_table()
     );
 }
+
+/// Every record key under the fleet's prefix, as etcd holds them.
+fn records_in_etcd(f: &Fleet) -> Vec<String> {
+    let prefix = format!("{}records/", f.prefix);
+    let mut keys: Vec<String> = f.etcd_client(async move |c| {
+        c.get(
+            prefix,
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await
+        .expect("read the records")
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect()
+    });
+    keys.sort();
+    keys
+}
+
+/// `apiban list` of node `i`: prefix and source, sorted.
+fn ledger_of(f: &Fleet, i: usize) -> Vec<(String, String)> {
+    let out = f.nodes[i].scene.agent().cli_ok(&["list", "--json"]);
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("list answers JSON");
+    let mut rows: Vec<(String, String)> = rows
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|r| {
+            (
+                r["net"].as_str().unwrap_or_default().to_owned(),
+                r["source"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+#[test]
+fn killing_the_etcd_leader_loses_no_change() {
+    require_root();
+    let mut f = Fleet::new(3);
+    for i in 0..3 {
+        f.start(i, &[]);
+    }
+    f.wait_leader(Duration::from_secs(20));
+    let before = ["45.63.0.1", "45.63.0.2", "45.63.0.3"];
+    for a in before {
+        f.nodes[0].scene.agent().cli_ok(&["ban", a]);
+    }
+    let member = f.etcd_leader();
+    f.etcd[member].kill();
+    // Changes made while etcd elects its next leader wait for it, then land.
+    let during = ["45.63.0.4", "45.63.0.5", "45.63.0.6"];
+    for a in during {
+        f.nodes[1].scene.agent().cli_ok(&["ban", a]);
+    }
+    for node in &f.nodes {
+        for a in before.iter().chain(&during) {
+            node.scene.wait_verdict(
+                a.parse().expect("literal"),
+                "banned",
+                Duration::from_secs(20),
+            );
+        }
+    }
+    let in_etcd = records_in_etcd(&f);
+    assert_eq!(in_etcd.len(), 6, "{in_etcd:?}");
+    let first = ledger_of(&f, 0);
+    assert_eq!(first.len(), 6, "{first:?}");
+    for i in 1..3 {
+        assert_eq!(
+            ledger_of(&f, i),
+            first,
+            "{} differs from node-a",
+            f.nodes[i].name
+        );
+    }
+}
+
+#[test]
+fn a_node_cut_off_from_etcd_keeps_enforcing_and_catches_up_by_watch() {
+    require_root();
+    let mut f = Fleet::new(3);
+    // A short feed TTL sweeps every second, so that a short manual ban expires on time.
+    for i in 0..3 {
+        f.start(i, &["--ttl", "10s"]);
+    }
+    let leader = f.wait_leader(Duration::from_secs(20));
+    let (a, c) = ((leader + 1) % 3, (leader + 2) % 3);
+    f.nodes[a].scene.agent().cli_ok(&["ban", "45.64.0.1"]);
+    f.nodes[a]
+        .scene
+        .agent()
+        .cli_ok(&["ban", "45.64.0.2", "--ttl", "6s"]);
+    for addr in ["45.64.0.1", "45.64.0.2"] {
+        f.nodes[c].scene.wait_verdict(
+            addr.parse().expect("literal"),
+            "banned",
+            Duration::from_secs(5),
+        );
+    }
+    f.nodes[c].set_hub_link(false);
+    // Cut off, C still drops what it has, expires on its own clock, and takes bans.
+    f.nodes[c].scene.agent().cli_ok(&["ban", "45.64.0.3"]);
+    f.nodes[a].scene.agent().cli_ok(&["ban", "45.64.0.4"]);
+    let banned = sources(&f, c, &["45.64.0.1", "45.64.0.3"]);
+    assert_eq!(f.nodes[c].scene.probe(&banned, N), vec![0, 0]);
+    f.nodes[c].scene.wait_verdict(
+        "45.64.0.2".parse().expect("literal"),
+        "not banned",
+        Duration::from_secs(10),
+    );
+    wait_until("C to say etcd is away", Duration::from_secs(15), || {
+        let log = f.nodes[c].scene.agent().log_text();
+        log.contains("this node keeps enforcing what it has")
+    });
+    f.nodes[c].set_hub_link(true);
+    // What C banned reaches the others; what they banned meanwhile reaches C.
+    for i in 0..3 {
+        for addr in ["45.64.0.3", "45.64.0.4"] {
+            f.nodes[i].scene.wait_verdict(
+                addr.parse().expect("literal"),
+                "banned",
+                Duration::from_secs(30),
+            );
+        }
+    }
+    let log = f.nodes[c].scene.agent().log_text();
+    assert_eq!(
+        log.matches("read the fleet's whole ledger").count(),
+        1,
+        "C read everything again instead of catching up by watch:\n{log}"
+    );
+    assert!(log.contains("catching up by watch"), "{log}");
+}
+
+#[test]
+fn a_node_whose_revision_was_compacted_away_reads_everything_and_matches() {
+    require_root();
+    let mut f = Fleet::new(3);
+    for i in 0..3 {
+        f.start(i, &[]);
+    }
+    f.wait_leader(Duration::from_secs(20));
+    f.nodes[0].scene.agent().cli_ok(&["ban", "45.65.0.1"]);
+    f.nodes[2].scene.wait_verdict(
+        "45.65.0.1".parse().expect("literal"),
+        "banned",
+        Duration::from_secs(5),
+    );
+    assert_eq!(f.nodes[2].scene.stop(), Some(0));
+    for a in ["45.65.0.2", "45.65.0.3"] {
+        f.nodes[0].scene.agent().cli_ok(&["ban", a]);
+    }
+    f.nodes[0].scene.agent().cli_ok(&["unban", "45.65.0.1"]);
+    f.compact();
+    f.start(2, &[]);
+    for a in ["45.65.0.2", "45.65.0.3"] {
+        f.nodes[2].scene.wait_verdict(
+            a.parse().expect("literal"),
+            "banned",
+            Duration::from_secs(15),
+        );
+    }
+    f.nodes[2].scene.wait_verdict(
+        "45.65.0.1".parse().expect("literal"),
+        "not banned",
+        Duration::from_secs(5),
+    );
+    let log = f.nodes[2].scene.agent().log_text();
+    assert!(log.contains("no longer has the changes since"), "{log}");
+    assert_eq!(ledger_of(&f, 2), ledger_of(&f, 0));
+    let banned = sources(&f, 2, &["45.65.0.2", "45.65.0.3"]);
+    assert_eq!(f.nodes[2].scene.probe(&banned, N), vec![0, 0]);
+}
+
+#[test]
+fn a_node_started_without_etcd_enforces_its_saved_state_at_once() {
+    require_root();
+    let mut f = Fleet::new(1);
+    f.start(0, &[]);
+    f.wait_leader(Duration::from_secs(20));
+    f.nodes[0].scene.agent().cli_ok(&["ban", "45.66.0.1"]);
+    assert_eq!(f.nodes[0].scene.stop(), Some(0));
+    for member in &mut f.etcd {
+        member.kill();
+    }
+    let started = Instant::now();
+    f.start(0, &[]);
+    let check = f.nodes[0].scene.check("45.66.0.1");
+    assert_eq!(check["verdict"], "banned", "{check}");
+    let banned = sources(&f, 0, &["45.66.0.1"]);
+    assert_eq!(f.nodes[0].scene.probe(&banned, N), vec![0]);
+    println!(
+        "enforcing the saved state {:?} after the start",
+        started.elapsed()
+    );
+    wait_until(
+        "the agent to say etcd is away",
+        Duration::from_secs(15),
+        || {
+            f.nodes[0]
+                .scene
+                .agent()
+                .log_text()
+                .contains("this node keeps enforcing what it has")
+        },
+    );
+}

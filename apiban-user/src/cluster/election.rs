@@ -8,13 +8,13 @@ use std::{sync::Arc, time::Duration};
 use etcd_client::{Client, LeaderKey};
 use tokio::sync::{mpsc, watch as tokio_watch};
 
-use super::{ClusterUpdate, LEADER_LEASE_SECS, Retry, connect, keys::Keys};
+use super::{CallError, ClusterUpdate, LEADER_LEASE_SECS, Retry, connect, keys::Keys, within};
 use crate::{config::ClusterSettings, state::ApibanCursor, sync::Update};
 
 #[derive(Debug, thiserror::Error)]
 enum Lost {
     #[error("etcd")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(#[from] CallError),
     #[error("the leader lease was not renewed in time")]
     LeaseExpired,
     #[error("etcd answered the campaign without a leader key")]
@@ -33,7 +33,7 @@ pub async fn run(
     loop {
         let lost = match connect(&settings).await {
             Ok(client) => campaign_and_lead(client, &settings, &keys, &updates, &leader).await,
-            Err(e) => Lost::Etcd(e),
+            Err(e) => Lost::Etcd(e.into()),
         };
         if leader.send_replace(None).is_some() {
             tracing::warn!(
@@ -56,11 +56,11 @@ async fn campaign_and_lead(
     updates: &mpsc::Sender<Update>,
     leader: &tokio_watch::Sender<Option<LeaderKey>>,
 ) -> Lost {
-    let lease = match client.lease_grant(LEADER_LEASE_SECS, None).await {
+    let lease = match within("a lease", client.lease_grant(LEADER_LEASE_SECS, None)).await {
         Ok(l) => l.id(),
         Err(e) => return e.into(),
     };
-    let (mut keeper, mut acks) = match client.lease_keep_alive(lease).await {
+    let (mut keeper, mut acks) = match within("keep-alive", client.lease_keep_alive(lease)).await {
         Ok(k) => k,
         Err(e) => return e.into(),
     };
@@ -72,7 +72,7 @@ async fn campaign_and_lead(
             match answer.map(|mut a| a.take_leader()) {
                 Ok(Some(key)) => key,
                 Ok(None) => return Lost::NoLeaderKey,
-                Err(e) => return e.into(),
+                Err(e) => return CallError::from(e).into(),
             }
         }
         lost = &mut keep_alive => return lost,
@@ -83,8 +83,7 @@ async fn campaign_and_lead(
     let read = |key: String| {
         let mut client = client.clone();
         async move {
-            client
-                .get(key, None)
+            within("the fleet's APIBAN position", client.get(key, None))
                 .await
                 .map(|r| r.kvs().first().map(|kv| kv.value().to_vec()))
         }
@@ -129,12 +128,12 @@ async fn keep_lease(
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        if let Err(e) = keeper.keep_alive().await {
+        if let Err(e) = within("keep-alive", keeper.keep_alive()).await {
             return e.into();
         }
         match tokio::time::timeout(every * 2, acks.message()).await {
             Ok(Ok(Some(ack))) if ack.ttl() > 0 => {}
-            Ok(Err(e)) => return e.into(),
+            Ok(Err(e)) => return CallError::from(e).into(),
             _ => return Lost::LeaseExpired,
         }
     }

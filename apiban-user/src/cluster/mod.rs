@@ -207,6 +207,30 @@ pub fn start(
     Cluster { tasks, leader }
 }
 
+/// How long one call may wait for etcd: with no member reachable, a call on the client's
+/// balanced channel would wait for one forever.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a call to etcd failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("etcd")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer ({0}) within {secs} s", secs = CALL_TIMEOUT.as_secs())]
+    Timeout(&'static str),
+}
+
+/// One call to etcd, within [`CALL_TIMEOUT`].
+pub async fn within<T>(
+    what: &'static str,
+    call: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, CallError> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(CallError::Timeout(what)),
+    }
+}
+
 /// Waits before trying etcd again: doubling from 200 ms to 5 s.
 pub(crate) struct Retry(Duration);
 

@@ -2,15 +2,16 @@
 //! ledger, so a restart reads only what changed. Only a first start, or a saved revision
 //! that etcd has compacted away, reads everything: in pages, all at one revision.
 
-use std::{sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot, watch as tokio_watch};
 
 use super::{
-    ClusterUpdate, Retry, connect,
+    CallError, ClusterUpdate, Retry, connect,
     keys::{self, Keys},
+    within,
 };
 use crate::{
     config::ClusterSettings,
@@ -29,7 +30,7 @@ enum WatchEnd {
     #[error("etcd compacted the history past revision {0}")]
     Compacted(i64),
     #[error("etcd")]
-    Etcd(#[from] etcd_client::Error),
+    Etcd(#[from] CallError),
     #[error("etcd cancelled the watch: {0}")]
     Cancelled(String),
     #[error("etcd ended the watch")]
@@ -52,7 +53,7 @@ pub async fn run(
             Ok(c) => c,
             Err(e) => {
                 if !reported_down {
-                    tracing::warn!(error = %crate::error_chain(&e), "cannot reach etcd; enforcing what this node has");
+                    tracing::warn!(error = %crate::error_chain(&e), "cannot reach etcd; this node keeps enforcing what it has");
                     reported_down = true;
                 }
                 retry.wait().await;
@@ -69,7 +70,7 @@ pub async fn run(
                 Err(WatchEnd::Stopping) => return,
                 Err(e) => {
                     if !reported_down {
-                        tracing::warn!(error = %crate::error_chain(&e), "cannot read the fleet's ledger from etcd; enforcing what this node has");
+                        tracing::warn!(error = %crate::error_chain(&e), "cannot read the fleet's ledger from etcd; this node keeps enforcing what it has");
                         reported_down = true;
                     }
                     retry.wait().await;
@@ -97,7 +98,7 @@ pub async fn run(
                 read_all = true;
             }
             e => {
-                tracing::warn!(error = %crate::error_chain(&e), "the watch on etcd ended; resuming from the last applied revision");
+                tracing::warn!(error = %crate::error_chain(&e), "lost the watch on etcd; this node keeps enforcing what it has and catches up when etcd is back");
                 reported_down = true;
                 retry.wait().await;
             }
@@ -118,7 +119,7 @@ async fn follow(
         .with_prefix()
         .with_start_revision(from + 1)
         .with_progress_notify();
-    let mut stream = match client.watch(keys.prefix(), Some(options)).await {
+    let mut stream = match within("watch", client.watch(keys.prefix(), Some(options))).await {
         Ok(s) => s,
         Err(e) => return WatchEnd::Etcd(e),
     };
@@ -126,7 +127,7 @@ async fn follow(
         let response = match stream.message().await {
             Ok(Some(r)) => r,
             Ok(None) => return WatchEnd::Ended,
-            Err(e) => return WatchEnd::Etcd(e),
+            Err(e) => return WatchEnd::Etcd(e.into()),
         };
         if response.canceled() {
             if response.compact_revision() > 0 {
@@ -220,7 +221,7 @@ async fn read_range(
     client: &mut Client,
     prefix: &str,
     revision: i64,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, etcd_client::Error> {
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, CallError> {
     let end = prefix_end(prefix);
     let mut start = prefix.as_bytes().to_vec();
     let mut out = Vec::new();
@@ -229,14 +230,11 @@ async fn read_range(
             .with_range(end.clone())
             .with_limit(PAGE)
             .with_revision(revision);
-        let mut page = tokio::time::timeout(
-            Duration::from_secs(30),
+        let mut page = within(
+            "a page of the full read",
             client.get(start.clone(), Some(options)),
         )
-        .await
-        .map_err(|_| {
-            etcd_client::Error::WatchError("a page of the full read timed out".into())
-        })??;
+        .await?;
         let more = page.more();
         let kvs = page.take_kvs();
         let Some(last) = kvs.last().map(|kv| kv.key().to_vec()) else {
@@ -258,8 +256,9 @@ async fn read_everything(
     keys: &Keys,
     updates: &mpsc::Sender<Update>,
 ) -> Result<i64, WatchEnd> {
-    let head = client
-        .get(
+    let head = within(
+        "the ledger's revision",
+        client.get(
             keys.prefix(),
             Some(
                 GetOptions::new()
@@ -267,8 +266,9 @@ async fn read_everything(
                     .with_keys_only()
                     .with_limit(1),
             ),
-        )
-        .await?;
+        ),
+    )
+    .await?;
     let revision = head.header().map_or(0, |h| h.revision());
     let mut records: Vec<(IpNet, SourceId, Record)> = Vec::new();
     for (key, value) in read_range(client, &keys.records(), revision).await? {

@@ -11,8 +11,9 @@ use etcd_client::{Client, Compare, CompareOp, LeaderKey, Txn, TxnOp};
 use tokio::sync::{mpsc, watch as tokio_watch};
 
 use super::{
-    BudgetWrite, Outgoing, Retry, connect,
+    BudgetWrite, CallError, Outgoing, Retry, connect,
     keys::{self, Keys},
+    within,
 };
 use crate::config::ClusterSettings;
 
@@ -132,13 +133,12 @@ async fn write_budget(
             serde_json::to_vec(sent_ms).unwrap_or_default(),
             None,
         )]);
-    match tokio::time::timeout(std::time::Duration::from_secs(4), c.txn(txn)).await {
-        Ok(Ok(answer)) => answer.succeeded(),
-        Ok(Err(_)) => {
+    match within("the budget", c.txn(txn)).await {
+        Ok(answer) => answer.succeeded(),
+        Err(_) => {
             *client = None;
             false
         }
-        Err(_) => false,
     }
 }
 
@@ -175,7 +175,7 @@ async fn write(
     keys: &Keys,
     out: &Outgoing,
     fence: Option<&LeaderKey>,
-) -> Result<Written, etcd_client::Error> {
+) -> Result<Written, CallError> {
     let ops = operations(keys, out);
     for chunk in ops.chunks(MAX_OPS) {
         let mut txn = Txn::new();
@@ -186,7 +186,7 @@ async fn write(
                 key.rev(),
             )]);
         }
-        let answer = client.txn(txn.and_then(chunk.to_vec())).await?;
+        let answer = within("a write", client.txn(txn.and_then(chunk.to_vec()))).await?;
         if !answer.succeeded() {
             return Ok(Written::Deposed);
         }
