@@ -80,6 +80,24 @@ pub struct ListCursor {
 pub struct ClusterCursor {
     pub prefix: String,
     pub revision: i64,
+    /// Operators' changes on this node that etcd has not confirmed yet: sent again after a
+    /// restart, each only if etcd's key has not changed since `base_revision`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<PendingChange>,
+}
+
+/// One key an operator changed on this node, and the revision the node had applied then.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PendingChange {
+    pub key: PendingKey,
+    pub base_revision: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingKey {
+    Record { net: IpNet, source: SourceId },
+    Allow { net: IpNet },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -421,6 +439,13 @@ mod tests {
             cluster: Some(ClusterCursor {
                 prefix: "/apiban/v1/".into(),
                 revision: 4711,
+                pending: vec![PendingChange {
+                    key: PendingKey::Record {
+                        net: "192.0.2.9/32".parse().unwrap(),
+                        source: SourceId::Manual,
+                    },
+                    base_revision: 4700,
+                }],
             }),
             entries: vec![],
         };

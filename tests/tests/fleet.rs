@@ -411,3 +411,61 @@ fn a_node_started_without_etcd_enforces_its_saved_state_at_once() {
         },
     );
 }
+
+/// The conflict rule: a change made on a node cut off from etcd is written when etcd is back,
+/// even across a restart, unless another node changed the same key in etcd meanwhile; then
+/// etcd's newer change wins everywhere.
+#[test]
+fn changes_made_while_cut_off_survive_a_restart_and_the_newer_change_wins() {
+    require_root();
+    let mut f = Fleet::new(3);
+    for i in 0..3 {
+        f.start(i, &[]);
+    }
+    let leader = f.wait_leader(Duration::from_secs(20));
+    let (a, c) = ((leader + 1) % 3, (leader + 2) % 3);
+    f.nodes[c].set_hub_link(false);
+    f.nodes[c]
+        .scene
+        .agent()
+        .cli_ok(&["ban", "45.67.0.1", "--comment", "from C, cut off"]);
+    f.nodes[c]
+        .scene
+        .agent()
+        .cli_ok(&["ban", "45.67.0.2", "--comment", "from C, cut off"]);
+    f.nodes[a]
+        .scene
+        .agent()
+        .cli_ok(&["ban", "45.67.0.2", "--comment", "from A, later"]);
+    // C restarts before etcd is back: its changes are in its state file.
+    assert_eq!(f.nodes[c].scene.stop(), Some(0));
+    f.start(c, &[]);
+    assert_eq!(
+        f.nodes[c].scene.check("45.67.0.1")["verdict"],
+        "banned",
+        "C enforces its own change across the restart"
+    );
+    f.nodes[c].set_hub_link(true);
+    for node in &f.nodes {
+        node.scene.wait_verdict(
+            "45.67.0.1".parse().expect("literal"),
+            "banned",
+            Duration::from_secs(30),
+        );
+    }
+    let comment_of = |i: usize, addr: &str| {
+        f.nodes[i].scene.check(addr)["records"][0]["comment"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    wait_until(
+        "every node to hold A's newer change",
+        Duration::from_secs(30),
+        || (0..3).all(|i| comment_of(i, "45.67.0.2") == "from A, later"),
+    );
+    assert_eq!(comment_of(a, "45.67.0.1"), "from C, cut off");
+    let log = f.nodes[c].scene.agent().log_text();
+    assert!(log.contains("etcd's newer change wins"), "{log}");
+    assert!(log.contains("has not confirmed yet"), "{log}");
+}

@@ -48,6 +48,10 @@ pub struct Outgoing {
     /// Written only while this node leads, in a transaction fenced on its leader key: what
     /// the leader's feeds learned, and its sweeps.
     pub fenced: bool,
+    /// An operator's change: each key is written only if etcd's copy has not changed since
+    /// this revision (the node's, when the change was made). Otherwise etcd's newer copy
+    /// wins, and reaches this node by watch.
+    pub base_revision: Option<i64>,
 }
 
 impl Outgoing {
@@ -72,6 +76,8 @@ pub enum ClusterUpdate {
         revision: i64,
         reply: oneshot::Sender<()>,
     },
+    /// etcd has settled an operator's changes on these keys.
+    Settled { keys: Vec<crate::state::PendingKey> },
     /// This node now leads: it polls from the fleet's position, counting the requests the
     /// fleet sent within the budget's window.
     AdoptCursor {
@@ -196,12 +202,17 @@ pub fn start(
             updates.clone(),
             snapshots.clone(),
         )),
-        tokio::spawn(election::run(settings.clone(), updates, ends.leader)),
+        tokio::spawn(election::run(
+            settings.clone(),
+            updates.clone(),
+            ends.leader,
+        )),
         tokio::spawn(writer::run(
             settings,
             ends.outbox,
             ends.budget,
             leader.clone(),
+            updates,
         )),
     ];
     Cluster { tasks, leader }

@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use std::collections::HashMap;
+
 use etcd_client::{Client, Compare, CompareOp, LeaderKey, Txn, TxnOp};
 use tokio::sync::{mpsc, watch as tokio_watch};
 
@@ -15,7 +17,7 @@ use super::{
     keys::{self, Keys},
     within,
 };
-use crate::config::ClusterSettings;
+use crate::{config::ClusterSettings, state::PendingKey, sync::Update};
 
 /// Operations per transaction, one under etcd's default `--max-txn-ops`.
 pub const MAX_OPS: usize = 127;
@@ -31,8 +33,10 @@ pub async fn run(
     mut outbox: mpsc::UnboundedReceiver<Outgoing>,
     mut budget: mpsc::UnboundedReceiver<BudgetWrite>,
     leader: tokio_watch::Receiver<Option<LeaderKey>>,
+    updates: mpsc::Sender<Update>,
 ) {
     let keys = Keys::new(&settings.prefix);
+    let mut written = OwnWrites::default();
     let mut client: Option<Client> = None;
     let mut retry = Retry::new();
     let mut reported = false;
@@ -74,8 +78,18 @@ pub async fn run(
                     }
                 },
             };
-            match write(c, &keys, &out, fence.as_ref()).await {
+            let result = match out.base_revision {
+                Some(base) => write_if_unchanged(c, &keys, &out, base, &mut written).await,
+                None => write(c, &keys, &out, fence.as_ref()).await,
+            };
+            match result {
                 Ok(Written::Done) => {
+                    if out.base_revision.is_some() {
+                        let settled = Update::Cluster(super::ClusterUpdate::Settled {
+                            keys: pending_keys(&out),
+                        });
+                        let _ = updates.send(settled).await;
+                    }
                     if reported {
                         tracing::info!("etcd takes this node's changes again");
                         reported = false;
@@ -140,6 +154,84 @@ async fn write_budget(
             false
         }
     }
+}
+
+/// The revisions at which this node wrote operators' keys itself: the next change of such
+/// a key compares against its own write, not against the older revision it had applied.
+#[derive(Default)]
+struct OwnWrites(HashMap<String, i64>);
+
+impl OwnWrites {
+    fn base(&self, key: &str, base: i64) -> i64 {
+        self.0.get(key).map_or(base, |own| base.max(*own))
+    }
+
+    fn note(&mut self, key: String, revision: i64) {
+        // Operators' changes are few; the map only has to bridge the watch's short lag.
+        if self.0.len() >= 10_000 {
+            self.0.clear();
+        }
+        self.0.insert(key, revision);
+    }
+}
+
+fn pending_keys(out: &Outgoing) -> Vec<PendingKey> {
+    out.records
+        .iter()
+        .map(|(net, source, _)| PendingKey::Record {
+            net: *net,
+            source: source.clone(),
+        })
+        .chain(
+            out.allow
+                .iter()
+                .map(|(net, _)| PendingKey::Allow { net: *net }),
+        )
+        .collect()
+}
+
+/// An operator's change, key by key: each written only if etcd's copy has not changed since
+/// `base` (or since this node's own last write of it). A key another node changed meanwhile
+/// keeps that node's change.
+async fn write_if_unchanged(
+    client: &mut Client,
+    keys: &Keys,
+    out: &Outgoing,
+    base: i64,
+    written: &mut OwnWrites,
+) -> Result<Written, CallError> {
+    let plain = Outgoing {
+        records: out.records.clone(),
+        allow: out.allow.clone(),
+        ..Default::default()
+    };
+    let names: Vec<String> = out
+        .records
+        .iter()
+        .map(|(net, source, _)| keys.record(source, net))
+        .chain(out.allow.iter().map(|(net, _)| keys.allow(net)))
+        .collect();
+    for (key, op) in names.into_iter().zip(operations(keys, &plain)) {
+        let txn = Txn::new()
+            .when(vec![Compare::mod_revision(
+                key.clone(),
+                CompareOp::Less,
+                written.base(&key, base) + 1,
+            )])
+            .and_then(vec![op]);
+        let answer = within("a write", client.txn(txn)).await?;
+        if answer.succeeded() {
+            let revision = answer.header().map_or(0, |h| h.revision());
+            written.note(key, revision);
+        } else {
+            tracing::warn!(
+                %key,
+                base,
+                "another node changed this key in etcd after this node's change was made;                  etcd's newer change wins"
+            );
+        }
+    }
+    Ok(Written::Done)
 }
 
 /// The operations `out` stands for, the cursor last.

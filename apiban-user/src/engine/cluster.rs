@@ -10,7 +10,7 @@ use super::{Applied, Enforcer, Engine};
 use crate::{
     ledger::{Record, SourceId},
     rate_budget::{self, BudgetJournal},
-    state::{ApibanCursor, ClusterCursor},
+    state::{ApibanCursor, ClusterCursor, PendingChange, PendingKey},
 };
 
 /// One key's change as a watch delivers it.
@@ -29,6 +29,13 @@ pub enum RemoteChange {
 /// A record this node changed, as it is now (None: removed), for etcd.
 pub type Touched = (IpNet, SourceId, Option<Record>);
 
+/// What a pending key holds on this node now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PendingValue {
+    Record(Option<Record>),
+    Allow(bool),
+}
+
 impl<E: Enforcer> Engine<E> {
     /// Makes this engine a fleet node's under `prefix`. A saved revision from another
     /// prefix (another fleet) does not count: the node reads everything again.
@@ -38,6 +45,7 @@ impl<E: Enforcer> Engine<E> {
             self.cluster = Some(ClusterCursor {
                 prefix: prefix.to_owned(),
                 revision: 0,
+                pending: Vec::new(),
             });
         }
     }
@@ -147,6 +155,61 @@ impl<E: Enforcer> Engine<E> {
         if let Err(e) = journal.save(&merged) {
             tracing::warn!(error = %crate::error_chain(&e), "cannot keep the fleet's request times; the poller may wait a window");
         }
+    }
+
+    /// Keeps an operator's change until etcd confirms it, saved with the state: a node
+    /// restarted while cut off from etcd still sends it. A key changed twice keeps the
+    /// revision of its first change.
+    pub fn note_pending(&mut self, records: &[Touched], allow: &[(IpNet, bool)], now: u64) {
+        let revision = self.cluster_revision();
+        let Some(cluster) = &mut self.cluster else {
+            return;
+        };
+        let keys = records
+            .iter()
+            .map(|(net, source, _)| PendingKey::Record {
+                net: *net,
+                source: source.clone(),
+            })
+            .chain(allow.iter().map(|(net, _)| PendingKey::Allow { net: *net }));
+        for key in keys {
+            if !cluster.pending.iter().any(|p| p.key == key) {
+                cluster.pending.push(PendingChange {
+                    key,
+                    base_revision: revision,
+                });
+            }
+        }
+        self.save(now);
+    }
+
+    /// etcd has settled these keys (taken the change, or kept a newer one).
+    pub fn settle_pending(&mut self, keys: &[PendingKey]) {
+        if let Some(cluster) = &mut self.cluster {
+            cluster.pending.retain(|p| !keys.contains(&p.key));
+        }
+    }
+
+    /// What is still to send, as the node holds it now.
+    pub fn pending_changes(&self) -> Vec<(PendingChange, PendingValue)> {
+        let Some(cluster) = &self.cluster else {
+            return Vec::new();
+        };
+        cluster
+            .pending
+            .iter()
+            .map(|p| {
+                let value = match &p.key {
+                    PendingKey::Record { net, source } => {
+                        PendingValue::Record(self.ledger.record(net, source).cloned())
+                    }
+                    PendingKey::Allow { net } => {
+                        PendingValue::Allow(self.manual_allow.contains(net))
+                    }
+                };
+                (p.clone(), value)
+            })
+            .collect()
     }
 
     fn set_cluster_revision(&mut self, revision: i64) {

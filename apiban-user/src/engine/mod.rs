@@ -22,7 +22,7 @@ mod manual;
 mod sources;
 
 pub use self::{
-    cluster::{RemoteChange, Touched},
+    cluster::{PendingValue, RemoteChange, Touched},
     enforcer::{Enforcer, MemoryEnforcer},
 };
 use crate::{

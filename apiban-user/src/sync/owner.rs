@@ -108,6 +108,7 @@ impl<E: Enforcer> Owner<E> {
             cluster,
             cursor_sent: None,
         };
+        owner.send_pending();
         (owner, snapshots)
     }
 
@@ -148,6 +149,41 @@ impl<E: Enforcer> Owner<E> {
         ack.send();
     }
 
+    /// Operators' changes that etcd had not confirmed when the last agent stopped: sent
+    /// again, each still only if etcd's copy has not changed since it was made.
+    fn send_pending(&self) {
+        use crate::{engine::PendingValue, state::PendingKey};
+        let Some(link) = &self.cluster else { return };
+        let mut by_base: std::collections::BTreeMap<i64, Outgoing> = Default::default();
+        let pending = self.engine.pending_changes();
+        for (change, value) in &pending {
+            let out = by_base
+                .entry(change.base_revision)
+                .or_insert_with(|| Outgoing {
+                    base_revision: Some(change.base_revision),
+                    ..Default::default()
+                });
+            match (&change.key, value) {
+                (PendingKey::Record { net, source }, PendingValue::Record(record)) => {
+                    out.records.push((*net, source.clone(), record.clone()))
+                }
+                (PendingKey::Allow { net }, PendingValue::Allow(present)) => {
+                    out.allow.push((*net, *present))
+                }
+                _ => {}
+            }
+        }
+        if !pending.is_empty() {
+            tracing::info!(
+                changes = pending.len(),
+                "sending etcd the operators' changes it has not confirmed yet"
+            );
+        }
+        for out in by_base.into_values() {
+            let _ = link.outbox.send(out);
+        }
+    }
+
     /// In a fleet, sends what this node changed to etcd (see [`Origin`]).
     fn tell_the_fleet(&mut self, origin: Origin, applied: bool) {
         let Some(link) = &self.cluster else { return };
@@ -169,11 +205,20 @@ impl<E: Enforcer> Owner<E> {
                     ..Default::default()
                 }
             }
-            Origin::Operator(allow) => Outgoing {
-                records: self.engine.take_touched(),
-                allow: allow.filter(|_| applied).into_iter().collect(),
-                ..Default::default()
-            },
+            Origin::Operator(allow) => {
+                let records = self.engine.take_touched();
+                let allow: Vec<_> = allow.filter(|_| applied).into_iter().collect();
+                if records.is_empty() && allow.is_empty() {
+                    return;
+                }
+                self.engine.note_pending(&records, &allow, unix_now());
+                Outgoing {
+                    records,
+                    allow,
+                    base_revision: Some(self.engine.cluster_revision()),
+                    ..Default::default()
+                }
+            }
         };
         if !out.is_empty() {
             let _ = link.outbox.send(out);
@@ -298,6 +343,10 @@ impl<E: Enforcer> Owner<E> {
                     "the ledger now equals the fleet's"
                 );
                 Ack::Done(reply)
+            }
+            ClusterUpdate::Settled { keys } => {
+                self.engine.settle_pending(&keys);
+                Ack::None
             }
             ClusterUpdate::AdoptCursor {
                 cursor,
