@@ -285,7 +285,66 @@ pub fn render(r: &StatusReport) -> String {
         "1 if the last scrape could not read the XDP maps.",
         u8::from(r.dataplane_error.is_some()),
     );
+    if let Some(c) = &r.agent.cluster {
+        cluster(&mut w, c);
+    }
     w.out
+}
+
+/// `apiban_cluster_*`: only on a fleet node.
+fn cluster(w: &mut Writer, c: &crate::status::ClusterReport) {
+    w.family(
+        "apiban_cluster_leader",
+        "gauge",
+        "1 while this node leads the fleet (polls APIBAN and the lists).",
+    );
+    w.sample(
+        "apiban_cluster_leader",
+        &[("node", &c.node)],
+        u8::from(c.leader),
+    );
+    w.single(
+        "apiban_cluster_watching",
+        "gauge",
+        "1 while the watch on etcd is up.",
+        u8::from(c.watching),
+    );
+    w.single(
+        "apiban_cluster_applied_revision",
+        "gauge",
+        "The etcd revision this node's ledger reflects.",
+        c.applied_revision,
+    );
+    w.single(
+        "apiban_cluster_revision_lag",
+        "gauge",
+        "Revisions between the newest one this node has seen and the one it applied.",
+        c.revision_lag,
+    );
+    w.single(
+        "apiban_cluster_watch_restarts_total",
+        "counter",
+        "Watches on etcd that ended and were started again.",
+        c.watch_restarts,
+    );
+    w.single(
+        "apiban_cluster_etcd_errors_total",
+        "counter",
+        "Calls to etcd that failed or timed out.",
+        c.etcd_errors,
+    );
+    w.single(
+        "apiban_cluster_full_reads_total",
+        "counter",
+        "Reads of the whole ledger from etcd (a first start, or a compacted revision).",
+        c.full_reads,
+    );
+    w.single(
+        "apiban_cluster_pending_changes",
+        "gauge",
+        "Operators' changes on this node that etcd has not confirmed yet.",
+        c.pending_changes,
+    );
 }
 
 /// The method and path (without its query) of a request head as a client sent it: any

@@ -34,7 +34,18 @@ fn three_nodes_one_key_only_the_leader_polls_and_all_drop_the_same_sources() {
     let listed = ["45.60.0.1", "45.60.0.2", "45.60.0.3"];
     f.api.publish(&listed);
     for i in 0..3 {
-        f.start(i, &["--poll-interval", "1s", "--rate-limit", "5/10s"]);
+        // Each node's /metrics is on the loopback of its own namespace.
+        f.start(
+            i,
+            &[
+                "--poll-interval",
+                "1s",
+                "--rate-limit",
+                "5/10s",
+                "--metrics-addr",
+                "127.0.0.1:9477",
+            ],
+        );
     }
     let leader = f.wait_leader(Duration::from_secs(20));
     for node in &f.nodes {
@@ -85,6 +96,31 @@ fn three_nodes_one_key_only_the_leader_polls_and_all_drop_the_same_sources() {
         "the fleet sent {max} requests in one 10 s window with a budget of 5:\n{}",
         f.api.log_table()
     );
+    // Each node says which it is, and its metrics agree.
+    for i in 0..3 {
+        let node = &f.nodes[i];
+        let text = node.scene.agent().cli_ok(&["status"]);
+        assert!(
+            text.contains(&format!("node         {}", node.name)),
+            "{text}"
+        );
+        assert_eq!(text.contains("(leads"), i == leader, "{text}");
+        assert!(text.contains("etcd         watching"), "{text}");
+        let (code, body) = tests::agent::http_get(
+            Some(&node.scene.topo.server),
+            "127.0.0.1:9477".parse().expect("literal"),
+            "/metrics",
+        );
+        assert_eq!(code, 200);
+        let leads = format!(
+            "apiban_cluster_leader{{node=\"{}\"}} {}",
+            node.name,
+            u8::from(i == leader)
+        );
+        assert!(body.contains(&leads), "{body}");
+        assert!(body.contains("apiban_cluster_watching 1"), "{body}");
+        assert!(body.contains("apiban_cluster_pending_changes 0"), "{body}");
+    }
 }
 
 #[test]

@@ -102,6 +102,7 @@ fn info(
         rate_limit: c.apiban.poll.rate_limit.to_string(),
         poll_interval: crate::human::format_duration(c.apiban.poll.poll_interval),
         config_file: c.file.as_ref().map(|p| p.display().to_string()),
+        cluster: None,
     }
 }
 
@@ -407,6 +408,7 @@ fn serve<E: Enforcer + Send + 'static>(
             snapshots: running.subscribe(),
             info: Arc::new(Mutex::new(info)),
             dataplane: dataplane.map(Arc::new),
+            cluster: cluster.as_ref().map(|c| c.view.clone()),
         };
         let info = readers.info.clone();
         let mut servers = Vec::new();

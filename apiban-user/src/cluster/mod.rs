@@ -18,7 +18,13 @@ pub mod keys;
 pub mod watch;
 pub mod writer;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use etcd_client::{Client, ConnectOptions, LeaderKey};
 use ipnet::IpNet;
@@ -130,6 +136,45 @@ impl ClusterLink {
     }
 }
 
+/// What the cluster tasks have seen of etcd, for `status` and /metrics.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// The watch is following the prefix now.
+    pub watching: AtomicBool,
+    /// The newest etcd revision a watch answer or read carried.
+    pub head_revision: AtomicI64,
+    /// Watches that ended and were started again.
+    pub watch_restarts: AtomicU64,
+    /// Calls to etcd that failed or timed out.
+    pub etcd_errors: AtomicU64,
+    /// Whole-ledger reads (a first start, or a compacted revision).
+    pub full_reads: AtomicU64,
+}
+
+impl ClusterStats {
+    pub(crate) fn saw_revision(&self, revision: i64) {
+        self.head_revision.fetch_max(revision, Ordering::Relaxed);
+    }
+
+    pub(crate) fn error(&self) {
+        self.etcd_errors.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What readers (status, /metrics) hold of the cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterView {
+    pub node: String,
+    pub stats: Arc<ClusterStats>,
+    pub leader: tokio_watch::Receiver<Option<LeaderKey>>,
+}
+
+impl ClusterView {
+    pub fn leading(&self) -> bool {
+        self.leader.borrow().is_some()
+    }
+}
+
 /// The other ends of a [`ClusterLink`], for [`start`].
 pub struct LinkEnds {
     outbox: mpsc::UnboundedReceiver<Outgoing>,
@@ -161,6 +206,7 @@ pub struct Cluster {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Whether this node leads, as the election sees it.
     pub leader: tokio_watch::Receiver<Option<LeaderKey>>,
+    pub view: ClusterView,
 }
 
 impl Drop for Cluster {
@@ -196,11 +242,18 @@ pub fn start(
 ) -> Cluster {
     let settings = Arc::new(settings);
     let leader = ends.leader.subscribe();
+    let stats = Arc::new(ClusterStats::default());
+    let view = ClusterView {
+        node: settings.node.clone(),
+        stats: stats.clone(),
+        leader: leader.clone(),
+    };
     let tasks = vec![
         tokio::spawn(watch::run(
             settings.clone(),
             updates.clone(),
             snapshots.clone(),
+            stats.clone(),
         )),
         tokio::spawn(election::run(
             settings.clone(),
@@ -213,9 +266,14 @@ pub fn start(
             ends.budget,
             leader.clone(),
             updates,
+            stats,
         )),
     ];
-    Cluster { tasks, leader }
+    Cluster {
+        tasks,
+        leader,
+        view,
+    }
 }
 
 /// How long one call may wait for etcd: with no member reachable, a call on the client's

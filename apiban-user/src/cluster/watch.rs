@@ -2,14 +2,14 @@
 //! ledger, so a restart reads only what changed. Only a first start, or a saved revision
 //! that etcd has compacted away, reads everything: in pages, all at one revision.
 
-use std::sync::Arc;
+use std::sync::{Arc, atomic::Ordering};
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot, watch as tokio_watch};
 
 use super::{
-    CallError, ClusterUpdate, Retry, connect,
+    CallError, ClusterStats, ClusterUpdate, Retry, connect,
     keys::{self, Keys},
     within,
 };
@@ -43,6 +43,7 @@ pub async fn run(
     settings: Arc<ClusterSettings>,
     updates: mpsc::Sender<Update>,
     snapshots: tokio_watch::Receiver<Arc<Snapshot>>,
+    stats: Arc<ClusterStats>,
 ) {
     let keys = Keys::new(&settings.prefix);
     let mut retry = Retry::new();
@@ -52,6 +53,7 @@ pub async fn run(
         let mut client = match connect(&settings).await {
             Ok(c) => c,
             Err(e) => {
+                stats.error();
                 if !reported_down {
                     tracing::warn!(error = %crate::error_chain(&e), "cannot reach etcd; this node keeps enforcing what it has");
                     reported_down = true;
@@ -65,10 +67,13 @@ pub async fn run(
             match read_everything(&mut client, &keys, &updates).await {
                 Ok(revision) => {
                     read_all = false;
+                    stats.full_reads.fetch_add(1, Ordering::Relaxed);
+                    stats.saw_revision(revision);
                     revision
                 }
                 Err(WatchEnd::Stopping) => return,
                 Err(e) => {
+                    stats.error();
                     if !reported_down {
                         tracing::warn!(error = %crate::error_chain(&e), "cannot read the fleet's ledger from etcd; this node keeps enforcing what it has");
                         reported_down = true;
@@ -87,7 +92,10 @@ pub async fn run(
             );
             reported_down = false;
         }
-        match follow(&mut client, &keys, &updates, from, &mut retry).await {
+        let end = follow(&mut client, &keys, &updates, from, &mut retry, &stats).await;
+        stats.watching.store(false, Ordering::Relaxed);
+        stats.watch_restarts.fetch_add(1, Ordering::Relaxed);
+        match end {
             WatchEnd::Stopping => return,
             WatchEnd::Compacted(at) => {
                 tracing::warn!(
@@ -98,6 +106,7 @@ pub async fn run(
                 read_all = true;
             }
             e => {
+                stats.error();
                 tracing::warn!(error = %crate::error_chain(&e), "lost the watch on etcd; this node keeps enforcing what it has and catches up when etcd is back");
                 reported_down = true;
                 retry.wait().await;
@@ -114,6 +123,7 @@ async fn follow(
     updates: &mpsc::Sender<Update>,
     from: i64,
     retry: &mut Retry,
+    stats: &ClusterStats,
 ) -> WatchEnd {
     let options = WatchOptions::new()
         .with_prefix()
@@ -137,6 +147,10 @@ async fn follow(
         }
         if response.created() {
             retry.reset();
+            stats.watching.store(true, Ordering::Relaxed);
+        }
+        if let Some(header) = response.header() {
+            stats.saw_revision(header.revision());
         }
         let mut changes = Vec::new();
         let mut revision = 0;

@@ -34,6 +34,7 @@ pub async fn run(
     mut budget: mpsc::UnboundedReceiver<BudgetWrite>,
     leader: tokio_watch::Receiver<Option<LeaderKey>>,
     updates: mpsc::Sender<Update>,
+    stats: Arc<super::ClusterStats>,
 ) {
     let keys = Keys::new(&settings.prefix);
     let mut written = OwnWrites::default();
@@ -69,6 +70,7 @@ pub async fn run(
                 None => match connect(&settings).await {
                     Ok(c) => client.insert(c),
                     Err(e) => {
+                        stats.error();
                         if !reported {
                             tracing::warn!(error = %crate::error_chain(&e), "cannot reach etcd; this node's changes wait for it");
                             reported = true;
@@ -105,6 +107,7 @@ pub async fn run(
                     break;
                 }
                 Err(e) => {
+                    stats.error();
                     if !reported {
                         tracing::warn!(error = %crate::error_chain(&e), "cannot write to etcd; this node's changes wait for it");
                         reported = true;

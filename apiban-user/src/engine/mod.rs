@@ -131,6 +131,8 @@ pub struct EngineShared {
     pub state_dir: Option<std::path::PathBuf>,
     /// In a fleet: the etcd revision the ledger reflects (0: none yet, or no fleet).
     pub cluster_revision: i64,
+    /// In a fleet: operators' changes etcd has not confirmed yet.
+    pub cluster_pending: usize,
 }
 
 #[derive(Debug)]
@@ -562,6 +564,7 @@ impl<E: Enforcer> Engine<E> {
                 .collect(),
             state_dir: self.state_dir().map(std::path::Path::to_path_buf),
             cluster_revision: self.cluster_revision(),
+            cluster_pending: self.cluster.as_ref().map_or(0, |c| c.pending.len()),
         }
     }
 }

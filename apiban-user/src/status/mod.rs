@@ -26,6 +26,8 @@ pub struct Readers {
     pub info: Arc<std::sync::Mutex<AgentInfo>>,
     /// None in a dry run.
     pub dataplane: Option<Arc<DataplaneReader>>,
+    /// None without `--cluster`.
+    pub cluster: Option<crate::cluster::ClusterView>,
 }
 
 impl Readers {
@@ -40,7 +42,8 @@ impl Readers {
         read: impl FnOnce(&Snapshot, &AgentInfo, Option<&DataplaneReader>) -> T + Send + 'static,
     ) -> Result<T, tokio::task::JoinError> {
         let snapshot = self.snapshots.borrow().clone();
-        let info = crate::lock(&self.info).clone();
+        let mut info = crate::lock(&self.info).clone();
+        info.cluster = self.cluster.as_ref().map(|c| cluster_report(c, &snapshot));
         let dataplane = self.dataplane.clone();
         let (answer, snapshot) = tokio::task::spawn_blocking(move || {
             (read(&snapshot, &info, dataplane.as_deref()), snapshot)
@@ -59,6 +62,41 @@ impl Readers {
     }
 }
 
+fn cluster_report(view: &crate::cluster::ClusterView, snapshot: &Snapshot) -> ClusterReport {
+    use std::sync::atomic::Ordering::Relaxed;
+    let applied = snapshot.engine.cluster_revision;
+    let head = view.stats.head_revision.load(Relaxed);
+    ClusterReport {
+        node: view.node.clone(),
+        leader: view.leading(),
+        watching: view.stats.watching.load(Relaxed),
+        applied_revision: applied,
+        revision_lag: (head - applied).max(0),
+        watch_restarts: view.stats.watch_restarts.load(Relaxed),
+        etcd_errors: view.stats.etcd_errors.load(Relaxed),
+        full_reads: view.stats.full_reads.load(Relaxed),
+        pending_changes: snapshot.engine.cluster_pending,
+    }
+}
+
+/// A fleet node's view of its fleet.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ClusterReport {
+    pub node: String,
+    /// This node polls APIBAN and the lists for the fleet.
+    pub leader: bool,
+    /// The watch on etcd is up.
+    pub watching: bool,
+    pub applied_revision: i64,
+    /// How far the applied revision is behind the newest one this node has seen.
+    pub revision_lag: i64,
+    pub watch_restarts: u64,
+    pub etcd_errors: u64,
+    pub full_reads: u64,
+    /// Operators' changes on this node that etcd has not confirmed yet.
+    pub pending_changes: usize,
+}
+
 /// Facts about the agent that are not the ledger's: what it attached to and how it runs.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct AgentInfo {
@@ -72,6 +110,9 @@ pub struct AgentInfo {
     pub rate_limit: String,
     pub poll_interval: String,
     pub config_file: Option<String>,
+    /// In a fleet: this node's view of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterReport>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -153,6 +153,40 @@ impl StatusReport {
                 );
             }
         }
+        if let Some(c) = &a.cluster {
+            let _ = writeln!(o, "\nfleet");
+            let _ = writeln!(
+                o,
+                "  node         {}{}",
+                c.node,
+                if c.leader {
+                    " (leads: polls APIBAN and the lists for the fleet)"
+                } else {
+                    ""
+                }
+            );
+            let _ = writeln!(
+                o,
+                "  etcd         {}; revision {} (lag {}); {} watch restarts, {} errors, {} full reads",
+                if c.watching {
+                    "watching"
+                } else {
+                    "NOT REACHABLE: enforcing what this node has"
+                },
+                c.applied_revision,
+                c.revision_lag,
+                c.watch_restarts,
+                c.etcd_errors,
+                c.full_reads
+            );
+            if c.pending_changes > 0 {
+                let _ = writeln!(
+                    o,
+                    "  pending      {} operator changes wait for etcd",
+                    c.pending_changes
+                );
+            }
+        }
         let s = &self.sync;
         let _ = writeln!(o, "\nAPIBAN");
         if !a.apiban_enabled {
