@@ -74,6 +74,8 @@ pub enum Request {
         net: IpNet,
     },
     AllowList,
+    /// Every node of this node's fleet, from their heartbeats in etcd.
+    Fleet,
     /// Re-read the configuration, as SIGHUP does.
     Reload,
 }
@@ -88,7 +90,11 @@ impl Request {
     pub fn is_read_only(&self) -> bool {
         matches!(
             self,
-            Request::Status | Request::Check { .. } | Request::List { .. } | Request::AllowList
+            Request::Status
+                | Request::Check { .. }
+                | Request::List { .. }
+                | Request::AllowList
+                | Request::Fleet
         )
     }
 }
@@ -426,6 +432,20 @@ fn read_answer(read: Result<Response, tokio::task::JoinError>) -> Response {
 async fn answer(req: Request, ctx: &ControlContext) -> Response {
     let now = sync::unix_now();
     let change = match req {
+        Request::Fleet => {
+            let Some(view) = &ctx.readers.cluster else {
+                return Response::Refused(
+                    "this node is not in a fleet: it runs without --cluster".into(),
+                );
+            };
+            return match crate::cluster::heartbeat::read_fleet(&view.settings).await {
+                Ok(fleet) => to_value(&fleet),
+                Err(e) => Response::Error(format!(
+                    "cannot read the fleet from etcd: {}",
+                    crate::error_chain(&e)
+                )),
+            };
+        }
         Request::Status => {
             let built = ctx
                 .readers

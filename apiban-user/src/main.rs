@@ -56,6 +56,9 @@ enum Command {
     Status {
         #[arg(long)]
         json: bool,
+        /// Every node of the fleet (from their heartbeats in etcd), not only this one.
+        #[arg(long)]
+        fleet: bool,
         #[command(flatten)]
         client: Client,
     },
@@ -271,7 +274,24 @@ fn client(command: Command) -> anyhow::Result<()> {
         .context("could not start the async runtime")?;
     runtime.block_on(async {
         match command {
-            Command::Status { json, client } => {
+            Command::Status {
+                json,
+                fleet: true,
+                client,
+            } => {
+                let v = control::request(&socket(&client)?, &Request::Fleet).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    let fleet: apiban::cluster::heartbeat::FleetReport =
+                        serde_json::from_value(v).context("unexpected fleet answer")?;
+                    print!(
+                        "{}",
+                        apiban::status::fleet_text(&fleet, apiban::sync::unix_now())
+                    );
+                }
+            }
+            Command::Status { json, client, .. } => {
                 let v = control::request(&socket(&client)?, &Request::Status).await?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&v)?);

@@ -121,6 +121,29 @@ fn three_nodes_one_key_only_the_leader_polls_and_all_drop_the_same_sources() {
         assert!(body.contains("apiban_cluster_watching 1"), "{body}");
         assert!(body.contains("apiban_cluster_pending_changes 0"), "{body}");
     }
+    // Any node lists the whole fleet from the heartbeats.
+    let fleet = fleet_of(&f, (leader + 1) % 3);
+    let names: Vec<&str> = fleet
+        .iter()
+        .map(|n| n["node"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(names, ["node-a", "node-b", "node-c"], "{fleet:?}");
+    for (i, n) in fleet.iter().enumerate() {
+        assert_eq!(n["leader"], i == leader, "{fleet:?}");
+        assert_eq!(n["enforced_v4"], 4, "{fleet:?}");
+    }
+    let text = f.nodes[0].scene.agent().cli_ok(&["status", "--fleet"]);
+    assert!(text.contains("polls") && text.contains("node-c"), "{text}");
+}
+
+/// `apiban status --fleet --json` on node `i`: the nodes' heartbeats.
+fn fleet_of(f: &Fleet, i: usize) -> Vec<serde_json::Value> {
+    let out = f.nodes[i]
+        .scene
+        .agent()
+        .cli_ok(&["status", "--fleet", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("fleet answers JSON");
+    v["nodes"].as_array().cloned().unwrap_or_default()
 }
 
 #[test]
@@ -230,6 +253,16 @@ fn killing_the_leader_hands_polling_to_another_within_the_budget() {
         max <= 4,
         "{max} requests in one 20 s window across the handover, budget 4:\n{}",
         f.api.log_table()
+    );
+    // The killed node drops out of the fleet once its heartbeat's lease runs out.
+    let dead = f.nodes[first].name.clone();
+    wait_until(
+        "the killed node to drop out",
+        Duration::from_secs(20),
+        || {
+            let fleet = fleet_of(&f, next);
+            fleet.len() == 2 && fleet.iter().all(|n| n["node"] != dead.as_str())
+        },
     );
 }
 

@@ -398,6 +398,7 @@ fn serve<E: Enforcer + Send + 'static>(
                     ends,
                     running.updates.clone(),
                     running.subscribe(),
+                    config.attach.ifaces.clone(),
                 ))
             }
             _ => None,

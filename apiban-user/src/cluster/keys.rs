@@ -5,6 +5,7 @@
 //!   `P apiban/cursor`                        the fleet's APIBAN position (JSON)
 //!   `P apiban/requests`                      the fleet's recent request times (the budget)
 //!   `P leader/...`                           the election of the node that polls
+//!   `P nodes/<name>`                         each node's heartbeat, on a lease of its own
 //!
 //! The ban's expiry is in its value, not in an etcd lease: every node expires bans itself.
 
@@ -35,6 +36,14 @@ impl Keys {
 
     pub fn allowlist(&self) -> String {
         format!("{}allow/", self.prefix)
+    }
+
+    pub fn nodes(&self) -> String {
+        format!("{}nodes/", self.prefix)
+    }
+
+    pub fn node(&self, name: &str) -> String {
+        format!("{}{name}", self.nodes())
     }
 
     pub fn election(&self) -> String {

@@ -14,6 +14,7 @@
 //! - [`writer`]: what the owner sends to etcd.
 
 pub mod election;
+pub mod heartbeat;
 pub mod keys;
 pub mod watch;
 pub mod writer;
@@ -165,6 +166,7 @@ impl ClusterStats {
 #[derive(Clone, Debug)]
 pub struct ClusterView {
     pub node: String,
+    pub settings: Arc<ClusterSettings>,
     pub stats: Arc<ClusterStats>,
     pub leader: tokio_watch::Receiver<Option<LeaderKey>>,
 }
@@ -239,16 +241,24 @@ pub fn start(
     ends: LinkEnds,
     updates: mpsc::Sender<Update>,
     snapshots: tokio_watch::Receiver<Arc<Snapshot>>,
+    interfaces: Vec<String>,
 ) -> Cluster {
     let settings = Arc::new(settings);
     let leader = ends.leader.subscribe();
     let stats = Arc::new(ClusterStats::default());
     let view = ClusterView {
         node: settings.node.clone(),
+        settings: settings.clone(),
         stats: stats.clone(),
         leader: leader.clone(),
     };
     let tasks = vec![
+        tokio::spawn(heartbeat::run(
+            settings.clone(),
+            view.clone(),
+            snapshots.clone(),
+            interfaces,
+        )),
         tokio::spawn(watch::run(
             settings.clone(),
             updates.clone(),

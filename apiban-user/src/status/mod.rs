@@ -7,7 +7,7 @@ pub mod text;
 
 pub use self::{
     build::{check, list, report, top_entries},
-    text::{relative, utc},
+    text::{fleet_text, relative, utc},
 };
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};

@@ -343,6 +343,37 @@ impl CheckReport {
     }
 }
 
+/// `apiban status --fleet`: one line per node that has a heartbeat in etcd.
+pub fn fleet_text(fleet: &crate::cluster::heartbeat::FleetReport, now: u64) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<16} {:<8} {:<7} {:>10} {:>6} {:>9} {:>9} {:>8}  interfaces",
+        "node", "version", "role", "revision", "lag", "ipv4", "ipv6", "beat"
+    );
+    for n in &fleet.nodes {
+        let _ = writeln!(
+            o,
+            "{:<16} {:<8} {:<7} {:>10} {:>6} {:>9} {:>9} {:>8}  {}",
+            n.node,
+            n.version,
+            if n.leader { "polls" } else { "-" },
+            n.applied_revision,
+            (fleet.revision - n.applied_revision).max(0),
+            n.enforced_v4,
+            n.enforced_v6,
+            relative(n.at.min(now), now),
+            n.interfaces.join(",")
+        );
+    }
+    if fleet.nodes.is_empty() {
+        let _ = writeln!(o, "no node has a heartbeat in etcd");
+    }
+    let _ = writeln!(o, "etcd revision {}", fleet.revision);
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
