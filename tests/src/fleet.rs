@@ -87,13 +87,101 @@ pub struct Fleet {
     pub hub: Netns,
     pub dir: TempDir,
     pub prefix: String,
+    /// Set by [`Fleet::secured`]: etcd speaks TLS, wants client certificates and a password.
+    pub security: Option<Security>,
+    /// etcd's auth is on: the test's own client logs in too.
+    auth_on: std::cell::Cell<bool>,
+}
+
+/// Files for a fleet whose etcd wants TLS, a client certificate and a user with a password.
+pub struct Security {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub password_file: PathBuf,
+    pub password: String,
+}
+
+impl Security {
+    fn new(dir: &std::path::Path, nodes: usize) -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "apiban fleet test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let server_key = KeyPair::generate().expect("server key");
+        let mut server = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+        server
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().expect("literal")));
+        for i in 0..nodes {
+            server
+                .subject_alt_names
+                .push(SanType::IpAddress(Ipv4Addr::new(10, 88, i as u8, 1).into()));
+        }
+        let server_cert = server.signed_by(&server_key, &issuer).expect("server cert");
+        let client_key = KeyPair::generate().expect("client key");
+        let mut client = CertificateParams::new(Vec::<String>::new()).expect("params");
+        client
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "apiban");
+        let client_cert = client.signed_by(&client_key, &issuer).expect("client cert");
+        let write = |name: &str, text: String| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write a TLS file");
+            path
+        };
+        let password = unique_name("pw");
+        Self {
+            ca: write("ca.pem", ca_cert.pem()),
+            server_cert: write("server.pem", server_cert.pem()),
+            server_key: write("server-key.pem", server_key.serialize_pem()),
+            client_cert: write("client.pem", client_cert.pem()),
+            client_key: write("client-key.pem", client_key.serialize_pem()),
+            password_file: write("etcd-password", format!("{password}\n")),
+            password,
+        }
+    }
+
+    /// `apiban run` flags for TLS and the password.
+    fn args(&self) -> Vec<String> {
+        let path = |p: &PathBuf| p.display().to_string();
+        vec![
+            "--cluster-ca".into(),
+            path(&self.ca),
+            "--cluster-cert".into(),
+            path(&self.client_cert),
+            "--cluster-key".into(),
+            path(&self.client_key),
+            "--cluster-user".into(),
+            "root".into(),
+            "--cluster-password-file".into(),
+            path(&self.password_file),
+        ]
+    }
 }
 
 impl Fleet {
     /// The hub with its etcd cluster and APIBAN server, and `nodes` nodes (agents not started).
     pub fn new(nodes: usize) -> Self {
+        Self::build(nodes, false)
+    }
+
+    /// A fleet whose etcd wants TLS with client certificates, and auth with a password.
+    pub fn secured(nodes: usize) -> Self {
+        Self::build(nodes, true)
+    }
+
+    fn build(nodes: usize, secured: bool) -> Self {
         let hub = Netns::new("apfh");
         let dir = TempDir::new("apiban-fleet-");
+        let security = secured.then(|| Security::new(&dir.path, nodes));
         let api = in_netns(&hub, || {
             FakeApiban::start_on(crate::scene::KEY, "0.0.0.0:0".parse().expect("literal"))
         });
@@ -104,13 +192,32 @@ impl Fleet {
             hub,
             dir,
             prefix: format!("/{}/", unique_name("fleet")),
+            security,
+            auth_on: std::cell::Cell::new(false),
         };
         fleet.start_etcd();
         for i in 0..nodes {
             fleet.add_node(i);
         }
         fleet.wait_etcd_healthy(Duration::from_secs(30));
+        if let Some(s) = &fleet.security {
+            let password = s.password.clone();
+            fleet.etcd_client(async move |c| {
+                c.user_add("root", password, None).await.expect("add root");
+                c.user_grant_role("root", "root").await.expect("grant root");
+                c.auth_enable().await.expect("enable auth");
+            });
+            fleet.auth_on.set(true);
+        }
         fleet
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.security.is_some() {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     fn start_etcd(&mut self) {
@@ -126,17 +233,32 @@ impl Fleet {
             let data = self.dir.path.join(&name);
             let log = self.dir.path.join(format!("{name}.log"));
             let log_file = std::fs::File::create(&log).expect("etcd log");
+            let scheme = self.scheme();
+            let mut tls: Vec<String> = Vec::new();
+            if let Some(s) = &self.security {
+                let path = |p: &PathBuf| p.display().to_string();
+                tls = vec![
+                    "--cert-file".into(),
+                    path(&s.server_cert),
+                    "--key-file".into(),
+                    path(&s.server_key),
+                    "--trusted-ca-file".into(),
+                    path(&s.ca),
+                    "--client-cert-auth".into(),
+                ];
+            }
             let child = Command::new("ip")
                 .args(["netns", "exec", &self.hub.name, "etcd"])
+                .args(&tls)
                 .args(["--name", &name])
                 .args(["--data-dir", &data.display().to_string()])
                 .args([
                     "--listen-client-urls",
-                    &format!("http://0.0.0.0:{client_port}"),
+                    &format!("{scheme}://0.0.0.0:{client_port}"),
                 ])
                 .args([
                     "--advertise-client-urls",
-                    &format!("http://127.0.0.1:{client_port}"),
+                    &format!("{scheme}://127.0.0.1:{client_port}"),
                 ])
                 .args(["--listen-peer-urls", &peer])
                 .args(["--initial-advertise-peer-urls", &peer])
@@ -208,9 +330,35 @@ impl Fleet {
         });
     }
 
-    /// Waits until etcd answers a write through every member.
+    /// Waits until every member says it serves clients.
     fn wait_etcd_healthy(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        if self.security.is_some() {
+            for member in &self.etcd {
+                while !std::fs::read_to_string(&member.log)
+                    .unwrap_or_default()
+                    .contains("ready to serve client requests")
+                {
+                    assert!(
+                        Instant::now() < deadline,
+                        "etcd member {} not ready within {timeout:?}",
+                        member.name
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            // Ready members still elect their Raft leader.
+            self.etcd_client(async |c| {
+                for _ in 0..100 {
+                    if c.put("/apiban-test/ready", "1", None).await.is_ok() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("etcd takes no write");
+            });
+            return;
+        }
         for member in &self.etcd {
             let url = format!("http://127.0.0.1:{}/health", member.client_port);
             loop {
@@ -237,19 +385,39 @@ impl Fleet {
         &self,
         f: impl AsyncFnOnce(&mut etcd_client::Client) -> T + Send + 'static,
     ) -> T {
+        let scheme = self.scheme();
         let endpoints: Vec<String> = self
             .etcd
             .iter()
             .filter(|m| m.is_running())
-            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client_port))
             .collect();
+        let options = self.security.as_ref().map(|s| {
+            let read = |p: &PathBuf| std::fs::read(p).expect("a TLS file");
+            let tls = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read(&s.ca)))
+                .identity(etcd_client::Identity::from_pem(
+                    read(&s.client_cert),
+                    read(&s.client_key),
+                ));
+            (tls, s.password.clone())
+        });
+        let auth_enabled = self.auth_on.get();
         in_netns(&self.hub, move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("a runtime");
             runtime.block_on(async move {
-                let mut client = etcd_client::Client::connect(&endpoints, None)
+                let options = options.map(|(tls, password)| {
+                    let o = etcd_client::ConnectOptions::new().with_tls(tls);
+                    if auth_enabled {
+                        o.with_user("root", password)
+                    } else {
+                        o
+                    }
+                });
+                let mut client = etcd_client::Client::connect(&endpoints, options)
                     .await
                     .expect("connect to etcd");
                 f(&mut client).await
@@ -298,14 +466,21 @@ impl Fleet {
     /// `apiban run` flags that make node `i` a member of this fleet.
     pub fn node_args(&self, i: usize) -> Vec<String> {
         let node = &self.nodes[i];
-        vec![
+        let endpoints = node
+            .endpoints()
+            .replace("http://", &format!("{}://", self.scheme()));
+        let mut args = vec![
             "--cluster".into(),
-            node.endpoints(),
+            endpoints,
             "--cluster-prefix".into(),
             self.prefix.clone(),
             "--node-name".into(),
             node.name.clone(),
-        ]
+        ];
+        if let Some(s) = &self.security {
+            args.extend(s.args());
+        }
+        args
     }
 
     /// Starts node `i`'s agent with the fleet's flags and `extra`.

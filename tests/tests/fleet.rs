@@ -538,3 +538,34 @@ fn changes_made_while_cut_off_survive_a_restart_and_the_newer_change_wins() {
     assert!(log.contains("etcd's newer change wins"), "{log}");
     assert!(log.contains("has not confirmed yet"), "{log}");
 }
+
+/// etcd as production runs it: TLS with client certificates, and auth with a password read
+/// from a file. A ban still reaches every node, and the password is never logged.
+#[test]
+fn a_fleet_on_an_etcd_with_tls_and_a_password() {
+    require_root();
+    let mut f = Fleet::secured(2);
+    for i in 0..2 {
+        f.start(i, &[]);
+    }
+    f.wait_leader(Duration::from_secs(20));
+    f.nodes[0].scene.agent().cli_ok(&["ban", "45.68.0.1"]);
+    f.nodes[1].scene.wait_verdict(
+        "45.68.0.1".parse().expect("literal"),
+        "banned",
+        Duration::from_secs(5),
+    );
+    let banned = sources(&f, 1, &["45.68.0.1"]);
+    assert_eq!(f.nodes[1].scene.probe(&banned, N), vec![0]);
+    let password = f.security.as_ref().expect("secured").password.clone();
+    for node in &f.nodes {
+        let log = node.scene.agent().log_text();
+        assert!(
+            !log.contains(&password),
+            "the password is in the log:\n{log}"
+        );
+        let status = node.scene.agent().cli_ok(&["status", "--json"]);
+        assert!(!status.contains(&password));
+    }
+    assert_eq!(records_in_etcd(&f).len(), 1);
+}

@@ -33,7 +33,7 @@ pub async fn run(
     loop {
         let lost = match connect(&settings).await {
             Ok(client) => campaign_and_lead(client, &settings, &keys, &updates, &leader).await,
-            Err(e) => Lost::Etcd(e.into()),
+            Err(e) => Lost::Etcd(e),
         };
         if leader.send_replace(None).is_some() {
             tracing::warn!(

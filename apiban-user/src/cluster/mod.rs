@@ -231,8 +231,33 @@ fn connect_options() -> ConnectOptions {
 
 /// A client for the fleet's endpoints. Connecting is lazy per member: this fails only on
 /// endpoints that cannot be used at all.
-pub async fn connect(settings: &ClusterSettings) -> Result<Client, etcd_client::Error> {
-    Client::connect(&settings.endpoints, Some(connect_options())).await
+pub async fn connect(settings: &ClusterSettings) -> Result<Client, CallError> {
+    let mut options = connect_options();
+    if let Some(tls) = &settings.tls {
+        // Read at every connect, so that rotated files are used without a restart.
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| CallError::Credentials {
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let mut config = etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?));
+        if let Some((cert, key)) = &tls.identity {
+            config = config.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+        }
+        options = options.with_tls(config);
+    }
+    if let Some((user, password_file)) = &settings.user {
+        let password =
+            std::fs::read_to_string(password_file).map_err(|source| CallError::Credentials {
+                path: password_file.clone(),
+                source,
+            })?;
+        let password = password.lines().next().unwrap_or_default().to_owned();
+        options = options.with_user(user.clone(), password);
+    }
+    Ok(Client::connect(&settings.endpoints, Some(options)).await?)
 }
 
 /// Starts the watch, the election and the writer.
@@ -297,6 +322,12 @@ pub enum CallError {
     Etcd(#[from] etcd_client::Error),
     #[error("etcd did not answer ({0}) within {secs} s", secs = CALL_TIMEOUT.as_secs())]
     Timeout(&'static str),
+    #[error("cannot read {path} (for etcd's TLS or password)")]
+    Credentials {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// One call to etcd, within [`CALL_TIMEOUT`].

@@ -205,6 +205,21 @@ pub struct RunArgs {
     /// This node's name in the fleet [default: the host name].
     #[arg(long, env = "APIBAN_NODE_NAME")]
     pub node_name: Option<String>,
+    /// PEM file of the CA that signed etcd's certificates (for https:// endpoints).
+    #[arg(long, env = "APIBAN_CLUSTER_CA")]
+    pub cluster_ca: Option<PathBuf>,
+    /// This node's client certificate for etcd, PEM (with --cluster-key).
+    #[arg(long, env = "APIBAN_CLUSTER_CERT")]
+    pub cluster_cert: Option<PathBuf>,
+    /// The client certificate's key, PEM.
+    #[arg(long, env = "APIBAN_CLUSTER_KEY")]
+    pub cluster_key: Option<PathBuf>,
+    /// etcd user (with --cluster-password-file).
+    #[arg(long, env = "APIBAN_CLUSTER_USER")]
+    pub cluster_user: Option<String>,
+    /// File whose first line is the etcd user's password (e.g. a systemd credential).
+    #[arg(long, env = "APIBAN_CLUSTER_PASSWORD_FILE")]
+    pub cluster_password_file: Option<PathBuf>,
     /// Log format [default: text].
     #[arg(long, env = "APIBAN_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,

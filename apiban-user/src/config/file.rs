@@ -58,6 +58,11 @@ pub struct FileConfig {
     pub cluster: Option<Vec<String>>,
     pub cluster_prefix: Option<String>,
     pub node_name: Option<String>,
+    pub cluster_ca: Option<PathBuf>,
+    pub cluster_cert: Option<PathBuf>,
+    pub cluster_key: Option<PathBuf>,
+    pub cluster_user: Option<String>,
+    pub cluster_password_file: Option<PathBuf>,
 }
 
 /// `[[list]]` in the file: a blocklist with its own refresh interval if it needs one.

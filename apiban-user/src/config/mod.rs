@@ -95,6 +95,19 @@ pub struct ClusterSettings {
     pub prefix: String,
     #[serde(rename = "node-name")]
     pub node: String,
+    #[serde(rename = "cluster-ca")]
+    pub tls: Option<ClusterTls>,
+    /// The user and the file its password is in (read at every connect, never logged).
+    #[serde(rename = "cluster-user")]
+    pub user: Option<(String, PathBuf)>,
+}
+
+/// TLS to etcd: the CA that signed its certificates, and this node's client certificate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ClusterTls {
+    pub ca: PathBuf,
+    /// Certificate and key, PEM.
+    pub identity: Option<(PathBuf, PathBuf)>,
 }
 
 pub const DEFAULT_CLUSTER_PREFIX: &str = "/apiban/v1/";
@@ -442,10 +455,72 @@ fn resolve_cluster(
             format!("`{node}`: a node name has no spaces or slashes"),
         ));
     }
+    let https = endpoints.iter().any(|e| e.starts_with("https://"));
+    if https && endpoints.iter().any(|e| e.starts_with("http://")) {
+        return Err(invalid(
+            "cluster",
+            "give every endpoint as https:// or every one as http://",
+        ));
+    }
+    let ca = args.cluster_ca.clone().or_else(|| file.cluster_ca.clone());
+    let cert = args
+        .cluster_cert
+        .clone()
+        .or_else(|| file.cluster_cert.clone());
+    let key = args
+        .cluster_key
+        .clone()
+        .or_else(|| file.cluster_key.clone());
+    let identity = match (cert, key) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => {
+            return Err(invalid(
+                "cluster-cert",
+                "give --cluster-cert and --cluster-key together",
+            ));
+        }
+    };
+    let tls = match (https, ca) {
+        (true, Some(ca)) => Some(ClusterTls { ca, identity }),
+        (true, None) => {
+            return Err(invalid(
+                "cluster-ca",
+                "https:// endpoints need --cluster-ca (the CA that signed etcd's certificates)",
+            ));
+        }
+        (false, None) if identity.is_none() => None,
+        (false, _) => {
+            return Err(invalid(
+                "cluster-ca",
+                "TLS settings need https:// endpoints",
+            ));
+        }
+    };
+    let user = args
+        .cluster_user
+        .clone()
+        .or_else(|| file.cluster_user.clone());
+    let password = args
+        .cluster_password_file
+        .clone()
+        .or_else(|| file.cluster_password_file.clone());
+    let user = match (user, password) {
+        (Some(u), Some(p)) => Some((u, p)),
+        (None, None) => None,
+        _ => {
+            return Err(invalid(
+                "cluster-user",
+                "give --cluster-user and --cluster-password-file together",
+            ));
+        }
+    };
     Ok(Some(ClusterSettings {
         endpoints,
         prefix,
         node,
+        tls,
+        user,
     }))
 }
 

@@ -319,3 +319,92 @@ fn the_packaged_config_parses_and_documents_every_flag() {
         );
     }
 }
+
+#[test]
+fn fleet_flags_come_together_or_not_at_all() {
+    let err = |a: &[&str]| {
+        resolve(&args(a), None, FileConfig::default())
+            .unwrap_err()
+            .to_string()
+    };
+    let base = ["--iface", "e", "--node-name", "n1"];
+    fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [base, extra].concat()
+    }
+    let with = |extra: &[&'static str]| with(&base, extra);
+    let c = resolve(
+        &args(&with(&[
+            "--cluster",
+            "http://10.0.0.5:2379,http://10.0.0.6:2379",
+        ])),
+        None,
+        FileConfig::default(),
+    )
+    .unwrap();
+    let cluster = c.cluster.expect("a fleet node");
+    assert_eq!(cluster.endpoints.len(), 2);
+    assert_eq!(cluster.prefix, DEFAULT_CLUSTER_PREFIX);
+    assert!(cluster.tls.is_none() && cluster.user.is_none());
+    assert!(err(&with(&["--cluster", "10.0.0.5:2379"])).starts_with("cluster:"));
+    assert!(err(&with(&["--cluster", "https://e:2379"])).starts_with("cluster-ca:"));
+    assert!(
+        err(&with(&[
+            "--cluster",
+            "http://e:2379",
+            "--cluster-ca",
+            "/ca.pem"
+        ]))
+        .starts_with("cluster-ca:")
+    );
+    assert!(
+        err(&with(&[
+            "--cluster",
+            "https://e:2379",
+            "--cluster-ca",
+            "/ca.pem",
+            "--cluster-cert",
+            "/c.pem"
+        ]))
+        .starts_with("cluster-cert:")
+    );
+    assert!(
+        err(&with(&[
+            "--cluster",
+            "http://e:2379",
+            "--cluster-user",
+            "u"
+        ]))
+        .starts_with("cluster-user:")
+    );
+    assert!(
+        err(&with(&[
+            "--cluster",
+            "http://e:2379",
+            "--cluster-prefix",
+            "nope"
+        ]))
+        .starts_with("cluster-prefix:")
+    );
+    let c = resolve(
+        &args(&with(&[
+            "--cluster",
+            "https://e:2379",
+            "--cluster-ca",
+            "/ca.pem",
+            "--cluster-cert",
+            "/c.pem",
+            "--cluster-key",
+            "/k.pem",
+            "--cluster-user",
+            "apiban",
+            "--cluster-password-file",
+            "/run/pw",
+        ])),
+        None,
+        FileConfig::default(),
+    )
+    .unwrap();
+    let cluster = c.cluster.expect("a fleet node");
+    assert!(cluster.tls.as_ref().is_some_and(|t| t.identity.is_some()));
+    assert_eq!(cluster.user, Some(("apiban".into(), "/run/pw".into())));
+}
