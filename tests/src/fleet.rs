@@ -41,6 +41,11 @@ impl EtcdMember {
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
+
+    /// The member's process (`ip netns exec` execs etcd in place).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
 }
 
 impl Drop for EtcdMember {

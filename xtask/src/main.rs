@@ -92,6 +92,7 @@ enum BenchKind {
     Dataplane,
     Sync,
     Compare,
+    Fleet,
 }
 
 impl BenchKind {
@@ -100,6 +101,7 @@ impl BenchKind {
             BenchKind::Dataplane => "dataplane",
             BenchKind::Sync => "sync",
             BenchKind::Compare => "compare",
+            BenchKind::Fleet => "fleet",
         }
     }
 }
@@ -202,10 +204,18 @@ fn main() -> anyhow::Result<()> {
             require_root("benchmarks load XDP programs")?;
             let kinds = match kind {
                 Some(k) => vec![k],
-                None => vec![BenchKind::Dataplane, BenchKind::Sync, BenchKind::Compare],
+                None => vec![
+                    BenchKind::Dataplane,
+                    BenchKind::Sync,
+                    BenchKind::Compare,
+                    BenchKind::Fleet,
+                ],
             };
             if kinds.iter().any(|k| matches!(k, BenchKind::Compare)) {
                 setup::ensure_bench_tools()?;
+            }
+            if kinds.iter().any(|k| matches!(k, BenchKind::Fleet)) {
+                setup::ensure_test_tools()?;
             }
             bench(&root, &kinds, quick, json)
         }
@@ -290,6 +300,24 @@ fn print_targets(r: &serde_json::Value) {
         f("veth.xdp_vs_nft_set"),
         |x| x >= 1.5,
         "x",
+    );
+    line(
+        "a manual ban on every node of a 3-node fleet within 1 s (p99)",
+        f("fleet.propagation_p99_ms"),
+        |x| x <= 1000.0,
+        " ms",
+    );
+    line(
+        "a new fleet node syncs 100k bans within 5 s",
+        f("fleet.new_node_sync_s_100k"),
+        |x| x <= 5.0,
+        " s",
+    );
+    line(
+        "a new fleet node syncs 1M bans within 60 s",
+        f("fleet.new_node_sync_s_1m"),
+        |x| x <= 60.0,
+        " s",
     );
     line(
         "the agent under 50 MB resident with 100k entries",

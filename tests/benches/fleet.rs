@@ -1,0 +1,230 @@
+//! `cargo xtask bench fleet`: three release agents on a three-member etcd cluster in network
+//! namespaces (see `tests::fleet`).
+//!
+//! - propagation: a manual ban made on one node, until both others answer `check` with
+//!   "banned" on their control sockets (polled every millisecond), over 200 bans;
+//! - a new node's initial sync: N records written straight into etcd, then a node with no
+//!   state started, until its `status` enforces all of them; with its RSS and the etcd
+//!   members' RSS;
+//! - catch-up: that node stopped, 10k more records written, started again, until it
+//!   enforces them (by watch from its saved revision, not a full read).
+//!
+//! `--quick` measures at 100k only; without it, at 100k and 1M.
+
+use std::{
+    io::{Read as _, Write as _},
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use tests::{agent, fleet::Fleet, require_root};
+
+const BANS: usize = 200;
+const CATCH_UP: u32 = 10_000;
+
+/// One request on a control socket; the answer.
+fn control(socket: &Path, request: &str) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("control socket");
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .expect("send the request");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("end the request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read the answer");
+    answer
+}
+
+fn banned_at(socket: &Path, addr: &str) -> bool {
+    control(socket, &format!(r#"{{"op":"check","addr":"{addr}"}}"#))
+        .contains(r#""verdict":"banned""#)
+}
+
+fn enforced_v4(socket: &Path) -> u64 {
+    let answer: serde_json::Value =
+        serde_json::from_str(&control(socket, r#"{"op":"status"}"#)).expect("status JSON");
+    answer["ok"]["enforced"]["ipv4"].as_u64().unwrap_or(0)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * q) as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+/// Writes `n` APIBAN records, starting at address index `from`, straight into etcd.
+fn write_records(f: &Fleet, from: u32, n: u32) {
+    let prefix = format!("{}records/apiban/", f.prefix);
+    f.etcd_client(async move |c| {
+        let now = apiban::sync::unix_now();
+        let value = format!(
+            r#"{{"first_seen":{now},"last_seen":{now},"expires":{}}}"#,
+            now + 7 * 86_400
+        );
+        let mut i = from;
+        while i < from + n {
+            let end = (i + 127).min(from + n);
+            let ops: Vec<etcd_client::TxnOp> = (i..end)
+                .map(|k| {
+                    let addr = std::net::Ipv4Addr::from(0x2e00_0000u32 + k);
+                    etcd_client::TxnOp::put(format!("{prefix}{addr}/32"), value.clone(), None)
+                })
+                .collect();
+            c.txn(etcd_client::Txn::new().and_then(ops))
+                .await
+                .expect("write records");
+            i = end;
+        }
+    });
+}
+
+struct Sync {
+    initial: Duration,
+    catch_up: Duration,
+    agent_rss_mib: f64,
+    etcd_rss_mib: f64,
+}
+
+/// A new node's initial sync at `n` records, then its catch-up after 10k more.
+fn new_node_sync(n: u32) -> Sync {
+    let mut f = Fleet::new(1);
+    write_records(&f, 0, n);
+    let started = Instant::now();
+    f.start(0, &[]);
+    let socket = f.nodes[0].scene.control_socket();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while enforced_v4(&socket) < u64::from(n) {
+        assert!(
+            Instant::now() < deadline,
+            "{n} records not enforced in 600 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let initial = started.elapsed();
+    let agent_rss_mib = rss_mib(f.nodes[0].scene.agent().pid() as u32);
+    let etcd_rss_mib = f
+        .etcd
+        .iter()
+        .filter_map(|m| m.pid())
+        .map(rss_mib)
+        .fold(0.0, f64::max);
+    assert_eq!(f.nodes[0].scene.stop(), Some(0));
+    write_records(&f, n, CATCH_UP);
+    let started = Instant::now();
+    f.start(0, &[]);
+    while enforced_v4(&socket) < u64::from(n + CATCH_UP) {
+        assert!(Instant::now() < deadline, "the catch-up took over 600 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let catch_up = started.elapsed();
+    let log = f.nodes[0].scene.agent().log_text();
+    assert!(
+        !log.contains("read the fleet's whole ledger"),
+        "the restarted node read everything instead of catching up by watch"
+    );
+    Sync {
+        initial,
+        catch_up,
+        agent_rss_mib,
+        etcd_rss_mib,
+    }
+}
+
+fn main() {
+    require_root();
+    agent::use_apiban_bin(agent::build_apiban(true));
+    let quick = std::env::args().any(|a| a == "--quick");
+
+    let mut f = Fleet::new(3);
+    for i in 0..3 {
+        f.start(i, &[]);
+    }
+    f.wait_leader(Duration::from_secs(20));
+    let sockets: Vec<_> = f.nodes.iter().map(|n| n.scene.control_socket()).collect();
+    let mut delays = Vec::with_capacity(BANS);
+    for k in 0..BANS {
+        let from = k % 3;
+        let addr = std::net::Ipv4Addr::from(0x2d40_0000u32 + k as u32).to_string();
+        let request = format!(r#"{{"op":"ban","net":"{addr}/32","ttl_secs":null,"comment":null}}"#);
+        let at = Instant::now();
+        let answer = control(&sockets[from], &request);
+        assert!(answer.starts_with(r#"{"ok""#), "{answer}");
+        for (i, socket) in sockets.iter().enumerate() {
+            if i == from {
+                continue;
+            }
+            while !banned_at(socket, &addr) {
+                assert!(
+                    at.elapsed() < Duration::from_secs(10),
+                    "{addr} never reached node {i}"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        delays.push(at.elapsed());
+    }
+    drop(f);
+    delays.sort();
+    let (p50, p99) = (percentile(&delays, 0.5), percentile(&delays, 0.99));
+    println!("fleet benchmark: 3 release agents, a 3-member etcd cluster, namespaces on one host");
+    println!(
+        "  manual ban on one node until both others enforce it, {BANS} bans: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms   target p99 <= 1000 ms",
+        ms(p50),
+        ms(p99),
+        ms(*delays.last().expect("bans"))
+    );
+    let mut sizes = vec![100_000u32];
+    if !quick {
+        sizes.push(1_000_000);
+    }
+    let mut results = Vec::new();
+    for n in sizes {
+        let s = new_node_sync(n);
+        println!(
+            "  {n} records: a new node enforces them after {:.1} s; after 10k more while stopped, it catches up in {:.1} s; agent {:.1} MiB, largest etcd member {:.1} MiB",
+            s.initial.as_secs_f64(),
+            s.catch_up.as_secs_f64(),
+            s.agent_rss_mib,
+            s.etcd_rss_mib
+        );
+        results.push((n, s));
+    }
+    if let Some(path) = json_out() {
+        let mut fleet = serde_json::json!({
+            "propagation_p50_ms": ms(p50),
+            "propagation_p99_ms": ms(p99),
+        });
+        let round = |x: f64| (x * 10.0).round() / 10.0;
+        for (n, s) in &results {
+            let suffix = if *n == 100_000 { "100k" } else { "1m" };
+            fleet[format!("new_node_sync_s_{suffix}")] = round(s.initial.as_secs_f64()).into();
+            if *n == 100_000 {
+                fleet["catch_up_s_10k"] = round(s.catch_up.as_secs_f64()).into();
+            } else {
+                fleet["etcd_rss_mib_1m"] = round(s.etcd_rss_mib).into();
+                fleet["agent_rss_mib_1m"] = round(s.agent_rss_mib).into();
+            }
+        }
+        let out = serde_json::json!({ "fleet": fleet });
+        std::fs::write(path, out.to_string()).expect("write the JSON results");
+    }
+}
+
+fn json_out() -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    let i = args.iter().position(|a| a == "--json-out")?;
+    args.get(i + 1).cloned()
+}
