@@ -12,29 +12,18 @@
 //! `--quick` measures at 100k only; without it, at 100k and 1M.
 
 use std::{
-    io::{Read as _, Write as _},
     path::Path,
     time::{Duration, Instant},
 };
 
-use tests::{agent, fleet::Fleet, require_root};
+use tests::{
+    agent::{self, control_request as control},
+    fleet::Fleet,
+    require_root,
+};
 
 const BANS: usize = 200;
 const CATCH_UP: u32 = 10_000;
-
-/// One request on a control socket; the answer.
-fn control(socket: &Path, request: &str) -> String {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("control socket");
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .expect("send the request");
-    stream
-        .shutdown(std::net::Shutdown::Write)
-        .expect("end the request");
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).expect("read the answer");
-    answer
-}
 
 fn banned_at(socket: &Path, addr: &str) -> bool {
     control(socket, &format!(r#"{{"op":"check","addr":"{addr}"}}"#))

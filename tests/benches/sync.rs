@@ -298,22 +298,12 @@ struct StatusUnderSaves {
     max: Duration,
 }
 
-/// One request on the control socket, as `apiban` sends it; the answer's length.
+/// One request on the control socket that the agent must accept; the answer's length.
 fn control_request(socket: &std::path::Path, request: &str) -> usize {
-    use std::io::{Read as _, Write as _};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("control socket");
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .expect("send the request");
-    stream
-        .shutdown(std::net::Shutdown::Write)
-        .expect("end the request");
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).expect("read the answer");
+    let answer = agent::control_request(socket, request);
     assert!(
-        answer.starts_with(b"{\"ok\""),
-        "the agent refused {request}: {}",
-        String::from_utf8_lossy(&answer)
+        answer.starts_with("{\"ok\""),
+        "the agent refused {request}: {answer}"
     );
     answer.len()
 }

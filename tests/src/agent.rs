@@ -311,3 +311,19 @@ pub fn http_get(netns: Option<&Netns>, addr: SocketAddr, path: &str) -> (u16, St
         None => get(),
     }
 }
+
+/// One request on a control socket, as `apiban` sends it (a JSON line, then end of input);
+/// the raw answer.
+pub fn control_request(socket: &Path, request: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("control socket");
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .expect("send the request");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("end the request");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read the answer");
+    answer
+}
