@@ -56,7 +56,7 @@ fn ms(d: Duration) -> f64 {
 
 /// Writes `n` APIBAN records, starting at address index `from`, straight into etcd.
 fn write_records(f: &Fleet, from: u32, n: u32) {
-    let prefix = format!("{}records/apiban/", f.prefix);
+    let prefix = format!("{}ledger/records/apiban/", f.prefix);
     f.etcd_client(async move |c| {
         let now = apiban::sync::unix_now();
         let value = format!(

@@ -268,7 +268,7 @@ fn killing_the_leader_hands_polling_to_another_within_the_budget() {
 
 /// Every record key under the fleet's prefix, as etcd holds them.
 fn records_in_etcd(f: &Fleet) -> Vec<String> {
-    let prefix = format!("{}records/", f.prefix);
+    let prefix = format!("{}ledger/records/", f.prefix);
     let mut keys: Vec<String> = f.etcd_client(async move |c| {
         c.get(
             prefix,

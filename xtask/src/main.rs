@@ -42,7 +42,13 @@ enum Cmd {
     /// apiban end to end in about a minute, with no key and no internet (root): two network
     /// namespaces, a local APIBAN-compatible server, the real agent, SIP OPTIONS from listed
     /// and clean addresses, and what got through. Cleans up after itself, also on Ctrl-C.
-    Demo,
+    ///
+    /// With --fleet: three agents on a three-member etcd cluster: the elected poller, a ban
+    /// made on one node dropped on the others, the poller killed and replaced, status --fleet.
+    Demo {
+        #[arg(long)]
+        fleet: bool,
+    },
     /// Long fuzzing runs: every cargo-fuzz target (APIBAN responses, blocklists, the state
     /// file, the config file, control requests, the metrics request head) for `--time`
     /// seconds each, then the differential test of the XDP program against its model on
@@ -142,11 +148,19 @@ fn main() -> anyhow::Result<()> {
             setup::ensure_fuzz_tools()?;
             test(&root)
         }
-        Cmd::Demo => {
+        Cmd::Demo { fleet } => {
             setup::run()?;
             require_root("the demo creates network namespaces and attaches XDP")?;
+            if fleet {
+                setup::ensure_test_tools()?;
+            }
             build_release(&root)?;
             let mut cmd = cargo(&root);
+            let bin = if fleet {
+                "apiban-fleet-demo"
+            } else {
+                "apiban-demo"
+            };
             cmd.args([
                 "run",
                 "--quiet",
@@ -154,7 +168,7 @@ fn main() -> anyhow::Result<()> {
                 "-p",
                 "tests",
                 "--bin",
-                "apiban-demo",
+                bin,
                 "--",
                 "--agent",
             ])

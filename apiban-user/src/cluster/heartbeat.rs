@@ -46,7 +46,7 @@ fn beat(view: &ClusterView, snapshot: &Snapshot, interfaces: &[String]) -> NodeB
         version: env!("CARGO_PKG_VERSION").into(),
         interfaces: interfaces.to_vec(),
         leader: view.leading(),
-        applied_revision: snapshot.engine.cluster_revision,
+        applied_revision: view.stats.current_to(snapshot.engine.cluster_revision),
         enforced_v4: enforced.len() - v6,
         enforced_v6: v6,
         pending_changes: snapshot.engine.cluster_pending,

@@ -1,13 +1,14 @@
 //! Where a fleet keeps its ledger in etcd, under its prefix `P`:
 //!
-//!   `P records/<source>/<address>/<length>`  one source's record of one prefix (JSON)
-//!   `P allow/<address>/<length>`             a manual allowlist entry (`{}`)
+//!   `P ledger/records/<source>/<address>/<length>`  one source's record of one prefix (JSON)
+//!   `P ledger/allow/<address>/<length>`             a manual allowlist entry (`{}`)
 //!   `P apiban/cursor`                        the fleet's APIBAN position (JSON)
 //!   `P apiban/requests`                      the fleet's recent request times (the budget)
 //!   `P leader/...`                           the election of the node that polls
 //!   `P nodes/<name>`                         each node's heartbeat, on a lease of its own
 //!
 //! The ban's expiry is in its value, not in an etcd lease: every node expires bans itself.
+//! Nodes watch `P ledger/` only, so heartbeats and the poller's bookkeeping reach no watch.
 
 use ipnet::IpNet;
 
@@ -30,12 +31,17 @@ impl Keys {
         &self.prefix
     }
 
+    /// What every node watches.
+    pub fn ledger(&self) -> String {
+        format!("{}ledger/", self.prefix)
+    }
+
     pub fn records(&self) -> String {
-        format!("{}records/", self.prefix)
+        format!("{}records/", self.ledger())
     }
 
     pub fn allowlist(&self) -> String {
-        format!("{}allow/", self.prefix)
+        format!("{}allow/", self.ledger())
     }
 
     pub fn nodes(&self) -> String {
@@ -116,11 +122,11 @@ mod tests {
             );
         }
         assert_eq!(
-            keys.parse_record(b"/apiban/v1/records/apiban/garbage"),
+            keys.parse_record(b"/apiban/v1/ledger/records/apiban/garbage"),
             None
         );
         assert_eq!(
-            keys.parse_record(b"/other/records/apiban/192.0.2.1/32"),
+            keys.parse_record(b"/other/ledger/records/apiban/192.0.2.1/32"),
             None
         );
         let net: IpNet = "10.9.0.0/16".parse().unwrap();

@@ -144,6 +144,9 @@ pub struct ClusterStats {
     pub watching: AtomicBool,
     /// The newest etcd revision a watch answer or read carried.
     pub head_revision: AtomicI64,
+    /// The revision up to which etcd said the watch has sent everything, all of it applied
+    /// (its progress answers): the ledger is current to here even with nothing to apply.
+    pub caught_up: AtomicI64,
     /// Watches that ended and were started again.
     pub watch_restarts: AtomicU64,
     /// Calls to etcd that failed or timed out.
@@ -153,6 +156,12 @@ pub struct ClusterStats {
 }
 
 impl ClusterStats {
+    /// The revision this node's ledger is current to: what it applied, or what etcd said
+    /// there was nothing more to apply up to.
+    pub fn current_to(&self, applied: i64) -> i64 {
+        applied.max(self.caught_up.load(Ordering::Relaxed))
+    }
+
     pub(crate) fn saw_revision(&self, revision: i64) {
         self.head_revision.fetch_max(revision, Ordering::Relaxed);
     }

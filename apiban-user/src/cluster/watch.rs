@@ -23,6 +23,9 @@ use crate::{
 
 /// Keys per page of a full read: well under etcd's 1.5 MiB response limit.
 const PAGE: i64 = 5_000;
+/// How often the watch asks etcd how far it has sent: the answer says the ledger is
+/// current, and a watch that stops answering is given up and started again.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why following the watch stopped.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +38,8 @@ enum WatchEnd {
     Cancelled(String),
     #[error("etcd ended the watch")]
     Ended,
+    #[error("etcd did not answer the watch's progress requests")]
+    Silent,
     #[error("the agent is stopping")]
     Stopping,
 }
@@ -129,12 +134,29 @@ async fn follow(
         .with_prefix()
         .with_start_revision(from + 1)
         .with_progress_notify();
-    let mut stream = match within("watch", client.watch(keys.prefix(), Some(options))).await {
+    let stream = match within("watch", client.watch(keys.ledger(), Some(options))).await {
         Ok(s) => s,
         Err(e) => return WatchEnd::Etcd(e),
     };
+    let (mut requests, mut responses) = stream.split();
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    let mut unanswered_since: Option<std::time::Instant> = None;
     loop {
-        let response = match stream.message().await {
+        let message = tokio::select! {
+            m = responses.message() => m,
+            _ = progress.tick() => {
+                if unanswered_since.is_some_and(|t| t.elapsed() > PROGRESS_EVERY * 3) {
+                    return WatchEnd::Silent;
+                }
+                if requests.request_progress().await.is_err() {
+                    return WatchEnd::Ended;
+                }
+                unanswered_since.get_or_insert_with(std::time::Instant::now);
+                continue;
+            }
+        };
+        unanswered_since = None;
+        let response = match message {
             Ok(Some(r)) => r,
             Ok(None) => return WatchEnd::Ended,
             Err(e) => return WatchEnd::Etcd(e.into()),
@@ -171,6 +193,16 @@ async fn follow(
             }
         }
         if changes.is_empty() {
+            // A progress answer (no events, not the creation): everything up to its revision
+            // has been sent, and what was sent has been applied.
+            if !response.created()
+                && response.events().is_empty()
+                && let Some(header) = response.header()
+            {
+                stats
+                    .caught_up
+                    .fetch_max(header.revision(), Ordering::Relaxed);
+            }
             continue;
         }
         if send(updates, |reply| ClusterUpdate::Changes {

@@ -64,7 +64,7 @@ impl Readers {
 
 fn cluster_report(view: &crate::cluster::ClusterView, snapshot: &Snapshot) -> ClusterReport {
     use std::sync::atomic::Ordering::Relaxed;
-    let applied = snapshot.engine.cluster_revision;
+    let applied = view.stats.current_to(snapshot.engine.cluster_revision);
     let head = view.stats.head_revision.load(Relaxed);
     ClusterReport {
         node: view.node.clone(),
