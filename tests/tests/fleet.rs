@@ -569,3 +569,27 @@ fn a_fleet_on_an_etcd_with_tls_and_a_password() {
     }
     assert_eq!(records_in_etcd(&f).len(), 1);
 }
+
+/// A leader stopped as systemd stops it (SIGTERM) resigns: another node polls at once, not
+/// after the 5 s lease runs out.
+#[test]
+fn a_leader_that_is_stopped_hands_over_at_once() {
+    require_root();
+    let mut f = Fleet::new(2);
+    for i in 0..2 {
+        f.start(i, &[]);
+    }
+    let first = f.wait_leader(Duration::from_secs(20));
+    let stopped_at = Instant::now();
+    let (code, log) = f.nodes[first].scene.stop_with_log();
+    assert_eq!(code, Some(0));
+    assert!(log.contains("resigning"), "{log}");
+    let next = f.wait_leader(Duration::from_secs(10));
+    assert_ne!(next, first);
+    let took = stopped_at.elapsed();
+    println!("the next leader polls {took:?} after SIGTERM to the last one");
+    assert!(
+        took < Duration::from_secs(3),
+        "the stopped leader did not resign: a new one after {took:?}"
+    );
+}

@@ -547,6 +547,9 @@ fn serve<E: Enforcer + Send + 'static>(
         for s in &servers {
             s.abort();
         }
+        if let Some(cluster) = cluster {
+            cluster.stop().await;
+        }
         let owner_died = running.owner_health(Duration::MAX).err();
         let _ = std::fs::remove_file(&config.process.control_socket);
         // The owner finishes the change it is making, then comes back for the last save.

@@ -27,12 +27,15 @@ pub async fn run(
     settings: Arc<ClusterSettings>,
     updates: mpsc::Sender<Update>,
     leader: tokio_watch::Sender<Option<LeaderKey>>,
+    mut stop: tokio_watch::Receiver<bool>,
 ) {
     let keys = Keys::new(&settings.prefix);
     let mut retry = Retry::new();
     loop {
         let lost = match connect(&settings).await {
-            Ok(client) => campaign_and_lead(client, &settings, &keys, &updates, &leader).await,
+            Ok(client) => {
+                campaign_and_lead(client, &settings, &keys, &updates, &leader, &mut stop).await
+            }
             Err(e) => Lost::Etcd(e),
         };
         if leader.send_replace(None).is_some() {
@@ -55,6 +58,7 @@ async fn campaign_and_lead(
     keys: &Keys,
     updates: &mpsc::Sender<Update>,
     leader: &tokio_watch::Sender<Option<LeaderKey>>,
+    stop: &mut tokio_watch::Receiver<bool>,
 ) -> Lost {
     let lease = match within("a lease", client.lease_grant(LEADER_LEASE_SECS, None)).await {
         Ok(l) => l.id(),
@@ -113,7 +117,14 @@ async fn campaign_and_lead(
         "this node leads the fleet: it polls APIBAN and the lists for every node"
     );
     leader.send_replace(Some(key));
-    let lost = keep_alive.await;
+    let lost = tokio::select! {
+        lost = keep_alive => lost,
+        _ = stop.wait_for(|stopping| *stopping) => Lost::Stopping,
+    };
+    if matches!(lost, Lost::Stopping) {
+        leader.send_replace(None);
+        tracing::info!("stopping: resigning, so that another node polls at once");
+    }
     // Let another node take over at once rather than after the lease runs out.
     let _ = tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(lease)).await;
     lost

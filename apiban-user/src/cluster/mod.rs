@@ -215,14 +215,27 @@ pub fn link() -> (ClusterLink, LinkEnds) {
 /// The running cluster tasks; dropping this stops them.
 pub struct Cluster {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: tokio_watch::Sender<bool>,
+    election: Option<tokio::task::JoinHandle<()>>,
     /// Whether this node leads, as the election sees it.
     pub leader: tokio_watch::Receiver<Option<LeaderKey>>,
     pub view: ClusterView,
 }
 
+impl Cluster {
+    /// Stops the tasks; a leader resigns first (within a second), so that another node
+    /// polls at once instead of after the lease runs out.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(election) = self.election.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), election).await;
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.tasks.iter().chain(&self.election) {
             t.abort();
         }
     }
@@ -286,6 +299,13 @@ pub fn start(
         stats: stats.clone(),
         leader: leader.clone(),
     };
+    let (stop, stopping) = tokio_watch::channel(false);
+    let election = tokio::spawn(election::run(
+        settings.clone(),
+        updates.clone(),
+        ends.leader,
+        stopping,
+    ));
     let tasks = vec![
         tokio::spawn(heartbeat::run(
             settings.clone(),
@@ -299,11 +319,6 @@ pub fn start(
             snapshots.clone(),
             stats.clone(),
         )),
-        tokio::spawn(election::run(
-            settings.clone(),
-            updates.clone(),
-            ends.leader,
-        )),
         tokio::spawn(writer::run(
             settings,
             ends.outbox,
@@ -315,6 +330,8 @@ pub fn start(
     ];
     Cluster {
         tasks,
+        stop,
+        election: Some(election),
         leader,
         view,
     }
