@@ -11,7 +11,11 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(request) = parse_request(&line) {
         let read_only = matches!(
             request,
-            Request::Status | Request::Check { .. } | Request::List { .. } | Request::AllowList
+            Request::Status
+                | Request::Check { .. }
+                | Request::List { .. }
+                | Request::AllowList
+                | Request::Fleet
         );
         assert_eq!(request.is_read_only(), read_only);
         let again = serde_json::to_string(&request).expect("a request serialises");
