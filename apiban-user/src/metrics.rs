@@ -340,6 +340,12 @@ fn cluster(w: &mut Writer, c: &crate::status::ClusterReport) {
         c.full_reads,
     );
     w.single(
+        "apiban_cluster_expired_deleted_total",
+        "counter",
+        "Expired records this node deleted from etcd while it led.",
+        c.expired_deleted,
+    );
+    w.single(
         "apiban_cluster_pending_changes",
         "gauge",
         "Operators' changes on this node that etcd has not confirmed yet.",

@@ -593,3 +593,84 @@ fn a_leader_that_is_stopped_hands_over_at_once() {
         "the stopped leader did not resign: a new one after {took:?}"
     );
 }
+
+/// Puts records straight into etcd, as a node that died before deleting them would leave
+/// them: `(source, prefix, expires)`.
+fn put_records(f: &Fleet, records: &[(&str, &str, Option<u64>)]) {
+    let prefix = f.prefix.clone();
+    let records: Vec<(String, String)> = records
+        .iter()
+        .map(|(source, net, expires)| {
+            let value = serde_json::json!({"first_seen": 1, "last_seen": 1, "expires": expires});
+            (
+                format!("{prefix}ledger/records/{source}/{net}"),
+                value.to_string(),
+            )
+        })
+        .collect();
+    f.etcd_client(async move |c| {
+        for (key, value) in records {
+            c.put(key, value, None).await.expect("put a record");
+        }
+    });
+}
+
+#[test]
+fn expired_records_left_in_etcd_are_deleted_by_each_new_leader() {
+    require_root();
+    let mut f = Fleet::new(2);
+    let past = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .as_secs()
+        - 60;
+    put_records(
+        &f,
+        &[
+            ("manual", "45.70.0.1/32", Some(past)),
+            ("apiban", "45.70.0.2/32", Some(past)),
+            ("manual", "45.70.0.3/32", None),
+            ("apiban", "45.70.0.4/32", Some(past + 86_400)),
+        ],
+    );
+    for i in 0..2 {
+        f.start(i, &[]);
+    }
+    let first = f.wait_leader(Duration::from_secs(20));
+    let live = vec![
+        format!("{}ledger/records/apiban/45.70.0.4/32", f.prefix),
+        format!("{}ledger/records/manual/45.70.0.3/32", f.prefix),
+    ];
+    wait_until(
+        "the leader deletes the expired records",
+        Duration::from_secs(10),
+        || records_in_etcd(&f) == live,
+    );
+    for i in 0..2 {
+        let held: Vec<String> = ledger_of(&f, i).into_iter().map(|(net, _)| net).collect();
+        assert_eq!(held, ["45.70.0.3/32", "45.70.0.4/32"], "node {i}");
+    }
+    let status = f.nodes[first].scene.status();
+    assert_eq!(status["agent"]["cluster"]["expired_deleted"], 2, "{status}");
+
+    // One more left behind while the first leader leads: the next leader's pass finds it.
+    put_records(&f, &[("manual", "45.70.0.5/32", Some(past))]);
+    let (code, _) = f.nodes[first].scene.stop_with_log();
+    assert_eq!(code, Some(0));
+    let next = f.wait_leader(Duration::from_secs(10));
+    assert_ne!(next, first);
+    wait_until(
+        "the next leader deletes the expired record",
+        Duration::from_secs(10),
+        || records_in_etcd(&f) == live,
+    );
+    assert!(
+        f.nodes[next]
+            .scene
+            .agent()
+            .log_text()
+            .contains("deleted expired records from etcd"),
+        "{}",
+        f.logs()
+    );
+}

@@ -11,11 +11,14 @@
 //! - [`keys`]: the key layout;
 //! - [`watch`]: the watch that feeds the owner, and the full read when it must start over;
 //! - [`election`]: the campaign, and what the node does while it leads;
-//! - [`writer`]: what the owner sends to etcd.
+//! - [`writer`]: what the owner sends to etcd;
+//! - [`janitor`]: the leader's deletion of records that expired but are still in etcd.
 
 pub mod election;
 pub mod heartbeat;
+pub mod janitor;
 pub mod keys;
+pub mod pages;
 pub mod watch;
 pub mod writer;
 
@@ -153,6 +156,8 @@ pub struct ClusterStats {
     pub etcd_errors: AtomicU64,
     /// Whole-ledger reads (a first start, or a compacted revision).
     pub full_reads: AtomicU64,
+    /// Expired records this node deleted from etcd in its passes as leader.
+    pub expired_deleted: AtomicU64,
 }
 
 impl ClusterStats {
@@ -317,6 +322,11 @@ pub fn start(
             settings.clone(),
             updates.clone(),
             snapshots.clone(),
+            stats.clone(),
+        )),
+        tokio::spawn(janitor::run(
+            settings.clone(),
+            leader.clone(),
             stats.clone(),
         )),
         tokio::spawn(writer::run(

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch as tokio_watch};
 use super::{
     CallError, ClusterStats, ClusterUpdate, Retry, connect,
     keys::{self, Keys},
+    pages::Pages,
     within,
 };
 use crate::{
@@ -250,48 +251,16 @@ async fn send(
     done.await.map_err(|_| ())
 }
 
-/// The key right after every key that starts with `prefix`.
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 /// Every key under `prefix` at `revision`, in pages.
 async fn read_range(
     client: &mut Client,
     prefix: &str,
     revision: i64,
 ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, CallError> {
-    let end = prefix_end(prefix);
-    let mut start = prefix.as_bytes().to_vec();
+    let mut pages = Pages::under(prefix, PAGE, "a page of the full read").at_revision(revision);
     let mut out = Vec::new();
-    loop {
-        let options = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(PAGE)
-            .with_revision(revision);
-        let mut page = within(
-            "a page of the full read",
-            client.get(start.clone(), Some(options)),
-        )
-        .await?;
-        let more = page.more();
-        let kvs = page.take_kvs();
-        let Some(last) = kvs.last().map(|kv| kv.key().to_vec()) else {
-            break;
-        };
-        out.extend(kvs.into_iter().map(|kv| kv.into_key_value()));
-        if !more {
-            break;
-        }
-        start = last;
-        start.push(0);
+    while let Some(page) = pages.next(client).await? {
+        out.extend(page.into_iter().map(|kv| kv.into_key_value()));
     }
     Ok(out)
 }
@@ -349,12 +318,6 @@ async fn read_everything(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prefix_end_is_the_first_key_past_the_prefix() {
-        assert_eq!(prefix_end("/apiban/v1/"), b"/apiban/v10".to_vec());
-        assert_eq!(prefix_end("a\u{7f}"), b"a\x80".to_vec());
-    }
 
     #[test]
     fn only_ledger_keys_become_changes() {

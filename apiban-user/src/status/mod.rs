@@ -75,6 +75,7 @@ fn cluster_report(view: &crate::cluster::ClusterView, snapshot: &Snapshot) -> Cl
         watch_restarts: view.stats.watch_restarts.load(Relaxed),
         etcd_errors: view.stats.etcd_errors.load(Relaxed),
         full_reads: view.stats.full_reads.load(Relaxed),
+        expired_deleted: view.stats.expired_deleted.load(Relaxed),
         pending_changes: snapshot.engine.cluster_pending,
     }
 }
@@ -93,6 +94,9 @@ pub struct ClusterReport {
     pub watch_restarts: u64,
     pub etcd_errors: u64,
     pub full_reads: u64,
+    /// Expired records this node deleted from etcd while it led.
+    #[serde(default)]
+    pub expired_deleted: u64,
     /// Operators' changes on this node that etcd has not confirmed yet.
     pub pending_changes: usize,
 }
