@@ -674,3 +674,78 @@ fn expired_records_left_in_etcd_are_deleted_by_each_new_leader() {
         f.logs()
     );
 }
+
+#[test]
+fn a_list_the_leader_drops_from_its_config_leaves_every_node() {
+    require_root();
+    let mut f = Fleet::new(2);
+    f.api.set_list("partner.txt", "45.72.0.1\n45.72.0.2\n");
+    let mut configs = Vec::new();
+    for i in 0..2 {
+        let config = f.nodes[i].scene.state_dir().with_file_name("config.toml");
+        let url = format!(
+            "http://{}:{}/lists/partner.txt",
+            f.nodes[i].hub_ip,
+            f.api.addr().port()
+        );
+        std::fs::write(
+            &config,
+            format!("[[list]]\nname = \"partner\"\nlocation = \"{url}\"\nrefresh = \"1s\"\n"),
+        )
+        .expect("write the config");
+        f.start(i, &["--config", &config.display().to_string()]);
+        configs.push(config);
+    }
+    let leader = f.wait_leader(Duration::from_secs(20));
+    let standby = 1 - leader;
+    let listed: Vec<IpAddr> = ["45.72.0.1", "45.72.0.2"]
+        .iter()
+        .map(|a| a.parse().expect("literal"))
+        .collect();
+    let from: Vec<Vec<IpAddr>> = (0..2)
+        .map(|i| sources(&f, i, &["45.72.0.1", "45.72.0.2"]))
+        .collect();
+    for node in &f.nodes {
+        for addr in &listed {
+            node.scene
+                .wait_verdict(*addr, "banned", Duration::from_secs(10));
+        }
+    }
+    let partner_keys = |f: &Fleet| {
+        records_in_etcd(f)
+            .iter()
+            .filter(|k| k.contains("partner"))
+            .count()
+    };
+    assert_eq!(partner_keys(&f), 2);
+
+    // The standby's config does not speak for the fleet: dropping the list there changes
+    // nothing.
+    std::fs::write(&configs[standby], "").expect("write the config");
+    f.nodes[standby].scene.agent().signal(libc::SIGHUP);
+    wait_until("the standby's reload", Duration::from_secs(10), || {
+        f.nodes[standby]
+            .scene
+            .agent()
+            .log_text()
+            .contains("configuration reloaded")
+    });
+    assert_eq!(partner_keys(&f), 2);
+    assert_eq!(f.nodes[standby].scene.probe(&from[standby], N), vec![0, 0]);
+
+    // The leader's does: its records leave etcd and every node.
+    std::fs::write(&configs[leader], "").expect("write the config");
+    f.nodes[leader].scene.agent().signal(libc::SIGHUP);
+    wait_until("the list leaves etcd", Duration::from_secs(10), || {
+        partner_keys(&f) == 0
+    });
+    for node in &f.nodes {
+        for addr in &listed {
+            node.scene
+                .wait_verdict(*addr, "not banned", Duration::from_secs(5));
+        }
+    }
+    for (i, from) in from.iter().enumerate() {
+        assert_eq!(f.nodes[i].scene.probe(from, N), vec![N, N], "node {i}");
+    }
+}

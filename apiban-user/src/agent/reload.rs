@@ -74,9 +74,11 @@ async fn apply_reload<E: Enforcer + Send + 'static>(
         // The operator may have fixed what made APIBAN reject the key outside our view.
         running.retry_apiban_now();
     }
+    let polling = running.polling();
     for name in running.set_lists(new.lists.clone()) {
-        // In a fleet, the lists' records are the leader's, in etcd: they expire there.
-        if config.cluster.is_none() {
+        // In a fleet, the lists are the leader's: its drop deletes the records in etcd for
+        // every node. A standby node's list config does not speak for the fleet.
+        if polling {
             let _ = control::send_change(&running.updates, Change::DropList { name }).await;
         }
     }

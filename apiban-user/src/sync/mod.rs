@@ -149,6 +149,12 @@ impl<E: Enforcer> Running<E> {
         gone
     }
 
+    /// Whether this node's feeds run: a single node's always do, a fleet node's while it
+    /// leads.
+    pub fn polling(&self) -> bool {
+        !self.standby
+    }
+
     /// A fleet node stands by while another leads: its poller and lists stop, and start
     /// again, as configured, once it leads.
     pub fn set_standby(&mut self, standby: bool) {

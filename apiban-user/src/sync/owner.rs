@@ -57,7 +57,9 @@ impl Origin {
                 Change::Ban { .. } | Change::Unban { .. } => Origin::Operator(None),
                 Change::AllowAdd { net } => Origin::Operator(Some((*net, true))),
                 Change::AllowRemove { net } => Origin::Operator(Some((*net, false))),
-                Change::Settings { .. } | Change::DropList { .. } => Origin::Local,
+                // Sent only where the feeds run: a single node, or the fleet's leader.
+                Change::DropList { .. } => Origin::Feed,
+                Change::Settings { .. } => Origin::Local,
             },
             _ => Origin::Local,
         }
