@@ -7,12 +7,17 @@
 //!   state started, until its `status` enforces all of them; with its RSS and the etcd
 //!   members' RSS;
 //! - catch-up: that node stopped, 10k more records written, started again, until it
-//!   enforces them (by watch from its saved revision, not a full read).
+//!   enforces them (by watch from its saved revision, not a full read);
+//! - 200 simulated watchers: 200 more etcd clients, each on its own connection, watching
+//!   `ledger/` as a node does; the propagation bans again, timed to the two nodes and until
+//!   every watcher has the event, with the etcd members' RSS.
 //!
 //! `--quick` measures at 100k only; without it, at 100k and 1M.
 
 use std::{
+    collections::HashMap,
     path::Path,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -24,6 +29,7 @@ use tests::{
 
 const BANS: usize = 200;
 const CATCH_UP: u32 = 10_000;
+const WATCHERS: usize = 200;
 
 fn banned_at(socket: &Path, addr: &str) -> bool {
     control(socket, &format!(r#"{{"op":"check","addr":"{addr}"}}"#))
@@ -104,12 +110,7 @@ fn new_node_sync(n: u32) -> Sync {
     }
     let initial = started.elapsed();
     let agent_rss_mib = rss_mib(f.nodes[0].scene.agent().pid() as u32);
-    let etcd_rss_mib = f
-        .etcd
-        .iter()
-        .filter_map(|m| m.pid())
-        .map(rss_mib)
-        .fold(0.0, f64::max);
+    let etcd_rss_mib = etcd_rss_mib(&f);
     assert_eq!(f.nodes[0].scene.stop(), Some(0));
     write_records(&f, n, CATCH_UP);
     let started = Instant::now();
@@ -132,23 +133,29 @@ fn new_node_sync(n: u32) -> Sync {
     }
 }
 
-fn main() {
-    require_root();
-    agent::use_apiban_bin(agent::build_apiban(true));
-    let quick = std::env::args().any(|a| a == "--quick");
+/// The largest etcd member's RSS.
+fn etcd_rss_mib(f: &Fleet) -> f64 {
+    f.etcd
+        .iter()
+        .filter_map(|m| m.pid())
+        .map(rss_mib)
+        .fold(0.0, f64::max)
+}
 
-    let mut f = Fleet::new(3);
-    for i in 0..3 {
-        f.start(i, &[]);
-    }
-    f.wait_leader(Duration::from_secs(20));
+/// [`BANS`] manual bans, each made on one node in turn, from address index `first`: how long
+/// each took until both other nodes enforce it. With `watchers`, each ban's start is noted
+/// so that its arrival at every watcher can be timed too.
+fn propagation(f: &Fleet, first: u32, watchers: Option<&Watchers>) -> Vec<Duration> {
     let sockets: Vec<_> = f.nodes.iter().map(|n| n.scene.control_socket()).collect();
     let mut delays = Vec::with_capacity(BANS);
     for k in 0..BANS {
         let from = k % 3;
-        let addr = std::net::Ipv4Addr::from(0x2d40_0000u32 + k as u32).to_string();
+        let addr = std::net::Ipv4Addr::from(0x2d40_0000u32 + first + k as u32).to_string();
         let request = format!(r#"{{"op":"ban","net":"{addr}/32","ttl_secs":null,"comment":null}}"#);
         let at = Instant::now();
+        if let Some(w) = watchers {
+            w.expect(&addr, at);
+        }
         let answer = control(&sockets[from], &request);
         assert!(answer.starts_with(r#"{"ok""#), "{answer}");
         for (i, socket) in sockets.iter().enumerate() {
@@ -165,8 +172,142 @@ fn main() {
         }
         delays.push(at.elapsed());
     }
+    delays
+}
+
+/// Simulated fleet nodes: etcd clients in the hub namespace, each on its own connection to
+/// one member (spread over the three), each watching `ledger/` as a node does.
+struct Watchers {
+    /// Per banned address: when its ban was made, and when each watcher saw it.
+    seen: Arc<Mutex<HashMap<String, (Instant, Vec<Instant>)>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: std::thread::JoinHandle<()>,
+    n: usize,
+}
+
+impl Watchers {
+    fn start(f: &Fleet, n: usize) -> Self {
+        let endpoints = f.hub_endpoints();
+        let prefix = format!("{}ledger/", f.prefix);
+        let seen: Arc<Mutex<HashMap<String, (Instant, Vec<Instant>)>>> = Arc::default();
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let thread = tests::spawn_in_netns(&f.hub, {
+            let seen = seen.clone();
+            move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                runtime.block_on(async move {
+                    let mut tasks = Vec::with_capacity(n);
+                    for i in 0..n {
+                        let endpoint = endpoints[i % endpoints.len()].clone();
+                        let mut client = etcd_client::Client::connect([endpoint], None)
+                            .await
+                            .expect("a watcher connects");
+                        let mut stream = client
+                            .watch(
+                                prefix.clone(),
+                                Some(etcd_client::WatchOptions::new().with_prefix()),
+                            )
+                            .await
+                            .expect("a watch");
+                        let seen = seen.clone();
+                        let mut stopping = stopping.clone();
+                        tasks.push(tokio::spawn(async move {
+                            let _keep = client;
+                            loop {
+                                let message = tokio::select! {
+                                    m = stream.message() => m,
+                                    _ = stopping.wait_for(|s| *s) => return,
+                                };
+                                let Ok(Some(answer)) = message else { return };
+                                let now = Instant::now();
+                                let mut seen = seen.lock().expect("not poisoned");
+                                for event in answer.events() {
+                                    let Some(kv) = event.kv() else { continue };
+                                    let key = String::from_utf8_lossy(kv.key());
+                                    // `.../manual/<addr>/32`: the address is the second-last part.
+                                    let addr = key.rsplit('/').nth(1).unwrap_or_default();
+                                    if let Some((_, at)) = seen.get_mut(addr) {
+                                        at.push(now);
+                                    }
+                                }
+                            }
+                        }));
+                    }
+                    let _ = ready_tx.send(());
+                    for t in tasks {
+                        let _ = t.await;
+                    }
+                });
+            }
+        });
+        ready
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the watchers are up");
+        Self {
+            seen,
+            stop,
+            thread,
+            n,
+        }
+    }
+
+    fn expect(&self, addr: &str, at: Instant) {
+        self.seen
+            .lock()
+            .expect("not poisoned")
+            .insert(addr.to_owned(), (at, Vec::new()));
+    }
+
+    /// Stops the watchers once every one has seen every ban; each ban's time until the last
+    /// watcher had it.
+    fn stop(self) -> Vec<Duration> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let done = self
+                .seen
+                .lock()
+                .expect("not poisoned")
+                .values()
+                .all(|(_, at)| at.len() >= self.n);
+            if done {
+                break;
+            }
+            assert!(Instant::now() < deadline, "a watcher missed a ban");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.stop.send(true);
+        let _ = self.thread.join();
+        let seen = self.seen.lock().expect("not poisoned");
+        seen.values()
+            .map(|(made, at)| at.iter().max().map_or(Duration::ZERO, |last| *last - *made))
+            .collect()
+    }
+}
+
+fn main() {
+    require_root();
+    agent::use_apiban_bin(agent::build_apiban(true));
+    let quick = std::env::args().any(|a| a == "--quick");
+
+    let mut f = Fleet::new(3);
+    for i in 0..3 {
+        f.start(i, &[]);
+    }
+    f.wait_leader(Duration::from_secs(20));
+    let mut delays = propagation(&f, 0, None);
+    let watchers = Watchers::start(&f, WATCHERS);
+    let mut with_watchers = propagation(&f, BANS as u32, Some(&watchers));
+    let etcd_rss_watched = etcd_rss_mib(&f);
+    let mut to_watchers = watchers.stop();
     drop(f);
     delays.sort();
+    with_watchers.sort();
+    to_watchers.sort();
     let (p50, p99) = (percentile(&delays, 0.5), percentile(&delays, 0.99));
     println!("fleet benchmark: 3 release agents, a 3-member etcd cluster, namespaces on one host");
     println!(
@@ -174,6 +315,14 @@ fn main() {
         ms(p50),
         ms(p99),
         ms(*delays.last().expect("bans"))
+    );
+    println!(
+        "  with {WATCHERS} more watchers on etcd: to both nodes p50 {:.1} ms, p99 {:.1} ms; to all {WATCHERS} watchers p50 {:.1} ms, p99 {:.1} ms; largest etcd member {:.1} MiB",
+        ms(percentile(&with_watchers, 0.5)),
+        ms(percentile(&with_watchers, 0.99)),
+        ms(percentile(&to_watchers, 0.5)),
+        ms(percentile(&to_watchers, 0.99)),
+        etcd_rss_watched
     );
     let mut sizes = vec![100_000u32];
     if !quick {
@@ -195,6 +344,9 @@ fn main() {
         let mut fleet = serde_json::json!({
             "propagation_p50_ms": ms(p50),
             "propagation_p99_ms": ms(p99),
+            "propagation_p99_ms_200_watchers": ms(percentile(&with_watchers, 0.99)),
+            "watchers_200_p99_ms": ms(percentile(&to_watchers, 0.99)),
+            "etcd_rss_mib_200_watchers": (etcd_rss_watched * 10.0).round() / 10.0,
         });
         let round = |x: f64| (x * 10.0).round() / 10.0;
         for (n, s) in &results {

@@ -385,18 +385,22 @@ impl Fleet {
         }
     }
 
+    /// The running members' client URLs as seen from inside the hub namespace.
+    pub fn hub_endpoints(&self) -> Vec<String> {
+        let scheme = self.scheme();
+        self.etcd
+            .iter()
+            .filter(|m| m.is_running())
+            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
     /// Runs `f` with an etcd client on the hub's members, in the hub namespace.
     pub fn etcd_client<T: Send + 'static>(
         &self,
         f: impl AsyncFnOnce(&mut etcd_client::Client) -> T + Send + 'static,
     ) -> T {
-        let scheme = self.scheme();
-        let endpoints: Vec<String> = self
-            .etcd
-            .iter()
-            .filter(|m| m.is_running())
-            .map(|m| format!("{scheme}://127.0.0.1:{}", m.client_port))
-            .collect();
+        let endpoints = self.hub_endpoints();
         let options = self.security.as_ref().map(|s| {
             let read = |p: &PathBuf| std::fs::read(p).expect("a TLS file");
             let tls = etcd_client::TlsOptions::new()

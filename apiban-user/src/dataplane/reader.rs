@@ -5,13 +5,14 @@
 
 use std::net::IpAddr;
 
+use apiban_common::DenyEntry;
 use aya::maps::lpm_trie::Key;
 
 use super::{
     DataplaneError, DenyHits, Family, Stats,
     counters::Counters,
     deny::DenyLookup,
-    prefix_map::{net_from_v4, net_from_v6},
+    prefix_map::{Entry, net_from_v4, net_from_v6},
 };
 
 pub struct DataplaneReader {
@@ -44,23 +45,10 @@ impl DataplaneReader {
 
     /// The deny entries of both families that were hit at least once.
     pub fn hit_deny_entries(&self) -> Result<Vec<DenyHits>, DataplaneError> {
-        let v4 = self
-            .deny_v4
-            .hit_entries()?
-            .into_iter()
-            .map(|(k, entry)| DenyHits {
-                net: net_from_v4(k),
-                entry,
-            });
-        let v6 = self
-            .deny_v6
-            .hit_entries()?
-            .into_iter()
-            .map(|(k, entry)| DenyHits {
-                net: net_from_v6(k),
-                entry,
-            });
-        Ok(v4.chain(v6).collect())
+        Ok(both_families(
+            self.deny_v4.hit_entries()?,
+            self.deny_v6.hit_entries()?,
+        ))
     }
 
     /// The deny entry that covers `addr` (the longest match) and its hit bookkeeping.
@@ -87,15 +75,20 @@ pub(super) fn deny_hits(
     v4: &DenyLookup<4>,
     v6: &DenyLookup<16>,
 ) -> Result<Vec<DenyHits>, DataplaneError> {
-    let v4 = v4.entries()?.into_iter().map(|(k, entry)| DenyHits {
+    Ok(both_families(v4.entries()?, v6.entries()?))
+}
+
+/// Both families' map entries as prefixes, IPv4 then IPv6.
+fn both_families(v4: Vec<Entry<4, DenyEntry>>, v6: Vec<Entry<16, DenyEntry>>) -> Vec<DenyHits> {
+    let v4 = v4.into_iter().map(|(k, entry)| DenyHits {
         net: net_from_v4(k),
         entry,
     });
-    let v6 = v6.entries()?.into_iter().map(|(k, entry)| DenyHits {
+    let v6 = v6.into_iter().map(|(k, entry)| DenyHits {
         net: net_from_v6(k),
         entry,
     });
-    Ok(v4.chain(v6).collect())
+    v4.chain(v6).collect()
 }
 
 /// The deny entry the program finds for a packet from `addr`.
