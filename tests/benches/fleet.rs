@@ -175,11 +175,13 @@ fn propagation(f: &Fleet, first: u32, watchers: Option<&Watchers>) -> Vec<Durati
     delays
 }
 
+/// Per banned address: when its ban was made, and when each watcher saw it.
+type Arrivals = Arc<Mutex<HashMap<String, (Instant, Vec<Instant>)>>>;
+
 /// Simulated fleet nodes: etcd clients in the hub namespace, each on its own connection to
 /// one member (spread over the three), each watching `ledger/` as a node does.
 struct Watchers {
-    /// Per banned address: when its ban was made, and when each watcher saw it.
-    seen: Arc<Mutex<HashMap<String, (Instant, Vec<Instant>)>>>,
+    seen: Arrivals,
     stop: tokio::sync::watch::Sender<bool>,
     thread: std::thread::JoinHandle<()>,
     n: usize,
@@ -189,7 +191,7 @@ impl Watchers {
     fn start(f: &Fleet, n: usize) -> Self {
         let endpoints = f.hub_endpoints();
         let prefix = format!("{}ledger/", f.prefix);
-        let seen: Arc<Mutex<HashMap<String, (Instant, Vec<Instant>)>>> = Arc::default();
+        let seen: Arrivals = Arc::default();
         let (stop, stopping) = tokio::sync::watch::channel(false);
         let (ready_tx, ready) = std::sync::mpsc::channel();
         let thread = tests::spawn_in_netns(&f.hub, {
