@@ -37,6 +37,14 @@ pub mod map_names {
     pub const SCOPE_PORTS: &str = "SCOPE_PORTS";
     /// ifindex -> counter slot, so counters are per interface without a hash lookup.
     pub const IFACE_SLOTS: &str = "IFACE_SLOTS";
+    /// SIP scanner detection (see [`super::detect`]): its settings, the SIP ports, the
+    /// per-source request counts and the samples sent to the agent. Rebuilt on every load,
+    /// so not pinned: a program left running without its agent detects nothing new.
+    pub const DETECT_CONFIG: &str = "DETECT_CONFIG";
+    pub const SIP_PORTS: &str = "SIP_PORTS";
+    pub const SIP_SOURCES: &str = "SIP_SOURCES";
+    pub const SIP_SAMPLES: &str = "SIP_SAMPLES";
+    pub const SAMPLE_BUDGET: &str = "SAMPLE_BUDGET";
     /// Only used by the benchmark programs; never pinned.
     pub const BENCH_PARAMS: &str = "BENCH_PARAMS";
     pub const TRAFFICGEN: &str = "TRAFFICGEN";
@@ -415,5 +423,140 @@ mod pod {
         HostHits,
         HostTables,
         HitClock,
+        DetectConfig,
+        SipSource,
+        SampleBudget,
+        SipSample,
     );
+}
+
+/// SIP scanner detection in the dataplane. For SIP requests (UDP, or a TCP segment with
+/// payload) to a SIP port, from a source that is neither banned nor allowed, the program
+/// counts requests per source and method in a bounded LRU map, and sends the agent, through
+/// a ring buffer, the first packets of each new source and one in `sample_every` after that,
+/// at most `samples_per_sec` in all; a source over `rate_threshold` requests of one method
+/// within a window is reported once per window. Nothing goes to userspace per packet.
+pub mod detect {
+    /// Sources tracked at once; the least recently seen go first.
+    pub const SOURCES: u32 = 65_536;
+    /// Bytes of SIP payload a sample carries at most.
+    pub const SNAPLEN: usize = 512;
+    /// The ring buffer's size: room for about 500 samples between two reads.
+    pub const RING_BYTES: u32 = 1 << 19;
+
+    /// Methods counted apart; everything else is `METHOD_OTHER`.
+    pub const METHOD_REGISTER: u8 = 0;
+    pub const METHOD_INVITE: u8 = 1;
+    pub const METHOD_OPTIONS: u8 = 2;
+    pub const METHOD_OTHER: u8 = 3;
+    pub const METHODS: usize = 4;
+    pub const METHOD_NAMES: [&str; METHODS] = ["REGISTER", "INVITE", "OPTIONS", "other"];
+
+    /// What a ring buffer record is.
+    pub const KIND_SAMPLE: u8 = 1;
+    /// The source went over the rate threshold in this window (no payload).
+    pub const KIND_RATE: u8 = 2;
+
+    /// Budget slots in `SAMPLE_BUDGET`: samples and rate reports have separate caps, so a
+    /// flood of samples cannot hide a rate report.
+    pub const BUDGET_SAMPLES: u32 = 0;
+    pub const BUDGET_REPORTS: u32 = 1;
+
+    /// The method of a request from the first four bytes of its payload; None for a
+    /// response (`SIP/`), which a scanner's target sends, not the scanner.
+    #[inline(always)]
+    pub const fn method_of(head: [u8; 4]) -> Option<u8> {
+        match &head {
+            b"REGI" => Some(METHOD_REGISTER),
+            b"INVI" => Some(METHOD_INVITE),
+            b"OPTI" => Some(METHOD_OPTIONS),
+            b"SIP/" => None,
+            _ => Some(METHOD_OTHER),
+        }
+    }
+}
+
+/// The detection settings the agent writes; all zero (the default) means off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DetectConfig {
+    /// 1: detection on.
+    pub enabled: u32,
+    /// Packets of a new source that are all sampled.
+    pub first_samples: u32,
+    /// After those, one packet in this many (0: none).
+    pub sample_every: u32,
+    /// Samples per second at most, over all sources and CPUs.
+    pub samples_per_sec: u32,
+    /// Rate reports per second at most.
+    pub reports_per_sec: u32,
+    /// Requests of one method from one source within a window that make a rate report
+    /// (0: no rate reports).
+    pub rate_threshold: u32,
+    /// The window of `rate_threshold`.
+    pub window_ns: u64,
+}
+
+/// One source's requests, in `SIP_SOURCES` (key: the address, IPv4 mapped into IPv6).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SipSource {
+    pub window_start_ns: u64,
+    /// Requests per method in the current window.
+    pub requests: [u32; detect::METHODS],
+    /// Requests since the source was first seen (sampling counts on this).
+    pub seen: u32,
+    /// 1 once this window's rate report went out.
+    pub reported: u32,
+}
+
+/// A cap per second (see `SAMPLE_BUDGET`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SampleBudget {
+    pub second: u64,
+    pub used: u64,
+}
+
+/// A ring buffer record: a sample of a request, or a rate report.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SipSample {
+    /// `detect::KIND_*`.
+    pub kind: u8,
+    /// 4 or 6.
+    pub family: u8,
+    /// IPPROTO_UDP or IPPROTO_TCP.
+    pub proto: u8,
+    /// `detect::METHOD_*` of this request.
+    pub method: u8,
+    pub dst_port: u16,
+    /// Bytes of `payload` that hold data.
+    pub captured: u16,
+    /// The source, IPv4 mapped into IPv6 (`::ffff:a.b.c.d`).
+    pub src: [u8; 16],
+    /// The source's counts when this was sent.
+    pub requests: [u32; detect::METHODS],
+    pub seen: u32,
+    pub ifindex: u32,
+    pub payload: [u8; detect::SNAPLEN],
+}
+
+impl SipSample {
+    /// An empty record, for userspace tests and parsing.
+    pub const fn zeroed() -> Self {
+        Self {
+            kind: 0,
+            family: 0,
+            proto: 0,
+            method: 0,
+            dst_port: 0,
+            captured: 0,
+            src: [0; 16],
+            requests: [0; detect::METHODS],
+            seen: 0,
+            ifindex: 0,
+            payload: [0; detect::SNAPLEN],
+        }
+    }
 }

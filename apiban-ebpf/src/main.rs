@@ -111,6 +111,7 @@ const MAX_IPV6_EXT_HEADERS: usize = 4;
 // load (feature `bench`): production agents never carry them.
 #[cfg(feature = "bench")]
 mod bench;
+mod detect;
 
 #[xdp]
 pub fn apiban(ctx: XdpContext) -> u32 {
@@ -125,6 +126,10 @@ pub(crate) fn try_apiban(ctx: &XdpContext) -> Result<u32, ()> {
     let flags = CONFIG.get(0).map_or(0, |c| c.flags);
     let verdict = classify(ctx, flags).unwrap_or(Verdict::Malformed);
     count(ctx, verdict);
+    if verdict == Verdict::Passed {
+        // Only sources that are neither banned nor allowed: what no list knows yet.
+        let _ = detect::watch(ctx);
+    }
     Ok(match verdict {
         Verdict::Dropped => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
@@ -150,7 +155,7 @@ fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
 }
 
 #[inline(always)]
-fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
+pub(crate) fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
     // SAFETY: bounds-checked by ptr_at; headers are not guaranteed aligned after VLAN tags.
     Ok(unsafe { ptr_at::<T>(ctx, offset)?.read_unaligned() })
 }
@@ -158,6 +163,17 @@ fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
 /// `Err` means a header we needed was cut short: the caller counts it as malformed.
 #[inline(always)]
 fn classify(ctx: &XdpContext, flags: u32) -> Result<Verdict, ()> {
+    let (ethertype, offset) = l3_start(ctx)?;
+    match ethertype {
+        ETH_P_IPV4 => classify_v4(ctx, offset, flags),
+        ETH_P_IPV6 => classify_v6(ctx, offset, flags),
+        _ => Ok(Verdict::NotIp),
+    }
+}
+
+/// The ethertype after up to two VLAN tags, and where the network header starts.
+#[inline(always)]
+pub(crate) fn l3_start(ctx: &XdpContext) -> Result<(u16, usize), ()> {
     let mut offset = EthHdr::LEN;
     let mut ethertype = u16::from_be(load::<u16>(ctx, mem::offset_of!(EthHdr, ether_type))?);
     // Up to two tags: 802.1Q, or 802.1ad (QinQ) outer + 802.1Q inner. Written out rather than
@@ -176,11 +192,7 @@ fn classify(ctx: &XdpContext, flags: u32) -> Result<Verdict, ()> {
             offset += VlanHdr::LEN;
         }
     }
-    match ethertype {
-        ETH_P_IPV4 => classify_v4(ctx, offset, flags),
-        ETH_P_IPV6 => classify_v6(ctx, offset, flags),
-        _ => Ok(Verdict::NotIp),
-    }
+    Ok((ethertype, offset))
 }
 
 #[inline(always)]
@@ -415,7 +427,7 @@ fn record_hit(entry: *mut HostHits, flags: u32) {
 
 /// `bpf_ktime_get_coarse_ns`, called at most once per tick on each CPU (see `HitClock`).
 #[inline(always)]
-fn coarse_now_ns() -> u64 {
+pub(crate) fn coarse_now_ns() -> u64 {
     // SAFETY: helpers without arguments.
     let jiffies = unsafe { bpf_jiffies64() };
     let Some(clock) = HIT_CLOCK.get_ptr_mut(0) else {

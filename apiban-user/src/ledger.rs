@@ -24,6 +24,8 @@ pub enum SourceId {
     List(String),
     /// `apiban ban`.
     Manual,
+    /// This host's own SIP scanner detection (see `detect`).
+    Detect,
 }
 
 impl SourceId {
@@ -39,6 +41,7 @@ impl fmt::Display for SourceId {
             SourceId::Apiban => f.write_str("apiban"),
             SourceId::List(name) => write!(f, "list:{name}"),
             SourceId::Manual => f.write_str("manual"),
+            SourceId::Detect => f.write_str("detect"),
         }
     }
 }
@@ -49,10 +52,11 @@ impl FromStr for SourceId {
         match s {
             "apiban" => Ok(SourceId::Apiban),
             "manual" => Ok(SourceId::Manual),
+            "detect" => Ok(SourceId::Detect),
             _ => match s.strip_prefix("list:") {
                 Some(name) if !name.is_empty() => Ok(SourceId::List(name.to_owned())),
                 _ => Err(format!(
-                    "unknown source `{s}`; expected apiban, manual or list:<name>"
+                    "unknown source `{s}`; expected apiban, manual, detect or list:<name>"
                 )),
             },
         }
@@ -81,6 +85,24 @@ pub struct Record {
     pub expires: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
+    /// Why detection banned it; boxed, since almost no record has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Box<Evidence>>,
+}
+
+/// What a detection rule saw, kept with its ban so that `check` can say why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    /// The rule's name, e.g. `scanner-user-agent`.
+    pub rule: String,
+    /// What the rule counted, e.g. `REGISTER 240 in 10s`.
+    pub counts: String,
+    /// The first matching line of a request, printable and truncated.
+    pub line: String,
+    /// When the rule matched (Unix seconds).
+    pub at: u64,
+    /// How many times detection has banned this source (its TTL doubles each time).
+    pub offence: u32,
 }
 
 impl Record {
@@ -203,6 +225,7 @@ impl Ledger {
                     last_seen: now,
                     expires,
                     comment,
+                    evidence: None,
                 };
                 match existing {
                     Some((_, r)) => *r = record,
@@ -215,6 +238,19 @@ impl Ledger {
                 touch(&mut self.journal, net, source);
                 true
             }
+        }
+    }
+
+    /// Keeps why detection banned a prefix with its record.
+    pub fn note_evidence(&mut self, net: &IpNet, source: &SourceId, evidence: Evidence) {
+        let net = net.trunc();
+        if let Some((_, r)) = self
+            .entries
+            .get_mut(&net)
+            .and_then(|records| records.iter_mut().find(|(s, _)| s == source))
+        {
+            r.evidence = Some(Box::new(evidence));
+            touch(&mut self.journal, net, source);
         }
     }
 
@@ -550,6 +586,7 @@ mod tests {
                 last_seen: 1,
                 expires: None,
                 comment: None,
+                evidence: None,
             },
         );
         assert_eq!(*l.counts(), recount(&l));
@@ -591,6 +628,7 @@ mod tests {
                 last_seen: 1,
                 expires: None,
                 comment: None,
+                evidence: None,
             },
         );
         assert_eq!(found(&l, "172.20.0.1").as_deref(), Some("172.16.0.0/12"));

@@ -109,6 +109,8 @@ pub struct SavedEntry {
     pub expires: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<Box<crate::ledger::Evidence>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +161,7 @@ impl State {
                     last_seen: e.last_seen,
                     expires: e.expires,
                     comment: e.comment.clone(),
+                    evidence: e.evidence.clone(),
                 },
             );
         }
@@ -177,6 +180,7 @@ impl State {
                     last_seen: r.last_seen,
                     expires: r.expires,
                     comment: r.comment.clone(),
+                    evidence: r.evidence.clone(),
                 });
             }
         }
@@ -208,6 +212,8 @@ struct SavedEntryRef<'a> {
     expires: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     comment: &'a Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    evidence: &'a Option<Box<crate::ledger::Evidence>>,
 }
 
 impl Serialize for EntriesView<'_> {
@@ -223,6 +229,7 @@ impl Serialize for EntriesView<'_> {
                     last_seen: r.last_seen,
                     expires: r.expires,
                     comment: &r.comment,
+                    evidence: &r.evidence,
                 })?;
             }
         }

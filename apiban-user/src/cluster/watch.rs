@@ -328,6 +328,7 @@ mod tests {
             last_seen: 2,
             expires: Some(3),
             comment: None,
+            evidence: None,
         };
         let key = keys.record(&SourceId::Apiban, &net);
         let value = keys::encode_record(&record);

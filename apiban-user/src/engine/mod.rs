@@ -228,6 +228,7 @@ impl<E: Enforcer> Engine<E> {
                         last_seen: seen,
                         expires: Some(seen.saturating_add(engine.ttl_secs)),
                         comment: Some("adopted from the pinned maps; state was lost".into()),
+                        evidence: None,
                     },
                 );
             }

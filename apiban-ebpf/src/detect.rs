@@ -1,0 +1,213 @@
+//! SIP scanner detection (see `apiban_common::detect`): for requests to a SIP port from
+//! sources the verdict passed, counts per source and method, and samples to the agent.
+//! Runs only after the verdict, so the drop path of banned sources does not change.
+
+use core::{
+    ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_xadd},
+};
+
+use apiban_common::{
+    DetectConfig, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS,
+    SampleBudget, SipSample, SipSource, detect,
+};
+use aya_ebpf::{
+    helpers::generated::bpf_xdp_load_bytes,
+    macros::map,
+    maps::{Array, LruHashMap, RingBuf},
+    programs::XdpContext,
+};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
+
+use crate::{coarse_now_ns, l3_start, load};
+
+#[map]
+static DETECT_CONFIG: Array<DetectConfig> = Array::with_max_entries(1, 0);
+#[map]
+static SIP_PORTS: Array<u8> = Array::with_max_entries(SCOPE_PORT_SLOTS, 0);
+#[map]
+static SIP_SOURCES: LruHashMap<[u8; 16], SipSource> =
+    LruHashMap::with_max_entries(detect::SOURCES, 0);
+#[map]
+static SIP_SAMPLES: RingBuf = RingBuf::with_byte_size(detect::RING_BYTES, 0);
+#[map]
+static SAMPLE_BUDGET: Array<SampleBudget> = Array::with_max_entries(2, 0);
+
+/// A request's place in the frame.
+struct Request {
+    src: [u8; 16],
+    family: u8,
+    proto: u8,
+    dst_port: u16,
+    /// Offset of the SIP payload.
+    payload: usize,
+}
+
+/// Looks at a passed packet; any error only means it is not a SIP request we can read.
+#[inline(always)]
+pub fn watch(ctx: &XdpContext) -> Result<(), ()> {
+    let Some(config) = DETECT_CONFIG.get(0) else {
+        return Ok(());
+    };
+    if config.enabled == 0 {
+        return Ok(());
+    }
+    let Some(request) = sip_request(ctx)? else {
+        return Ok(());
+    };
+    let Some(method) = detect::method_of(load::<[u8; 4]>(ctx, request.payload)?) else {
+        return Ok(());
+    };
+    let now = coarse_now_ns();
+    let source = match SIP_SOURCES.get_ptr_mut(&request.src) {
+        Some(s) => s,
+        None => {
+            let fresh = SipSource {
+                window_start_ns: now,
+                ..SipSource::default()
+            };
+            SIP_SOURCES.insert(&request.src, &fresh, 0).map_err(|_| ())?;
+            SIP_SOURCES.get_ptr_mut(&request.src).ok_or(())?
+        }
+    };
+    let m = usize::from(method) & (detect::METHODS - 1);
+    // SAFETY: from a successful lookup, valid for this run (RCU). Two CPUs may update one
+    // source at once; the counts are estimates for thresholds, and a lost increment is fine.
+    let (seen, report) = unsafe {
+        if now.wrapping_sub((*source).window_start_ns) >= config.window_ns {
+            (*source).window_start_ns = now;
+            (*source).requests = [0; detect::METHODS];
+            (*source).reported = 0;
+        }
+        (*source).requests[m] += 1;
+        (*source).seen = (*source).seen.saturating_add(1);
+        let count = (*source).requests[m];
+        let report = config.rate_threshold != 0
+            && count >= config.rate_threshold
+            && (*source).reported == 0;
+        ((*source).seen, report)
+    };
+    if report && take_budget(detect::BUDGET_REPORTS, config.reports_per_sec, now) {
+        // SAFETY: as above.
+        unsafe { (*source).reported = 1 };
+        send(ctx, &request, method, source, detect::KIND_RATE);
+    }
+    let sampled = seen <= config.first_samples
+        || (config.sample_every != 0 && seen % config.sample_every == 0);
+    if sampled && take_budget(detect::BUDGET_SAMPLES, config.samples_per_sec, now) {
+        send(ctx, &request, method, source, detect::KIND_SAMPLE);
+    }
+    Ok(())
+}
+
+/// The source, transport and payload offset of a UDP datagram or TCP segment with payload
+/// to a SIP port; None for anything else (other ports, non-first fragments, IPv6 extension
+/// headers, empty TCP segments).
+#[inline(always)]
+fn sip_request(ctx: &XdpContext) -> Result<Option<Request>, ()> {
+    let (ethertype, offset) = l3_start(ctx)?;
+    let mut src = [0u8; 16];
+    let (family, proto, l4) = match ethertype {
+        ETH_P_IPV4 => {
+            let ip: Ipv4Hdr = load(ctx, offset)?;
+            if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
+                return Ok(None);
+            }
+            src[10] = 0xff;
+            src[11] = 0xff;
+            src[12..].copy_from_slice(&ip.src_addr);
+            (4, ip.proto, offset + usize::from(ip.vihl & 0x0f) * 4)
+        }
+        ETH_P_IPV6 => {
+            let ip: Ipv6Hdr = load(ctx, offset)?;
+            src = ip.src_addr;
+            (6, ip.next_hdr, offset + Ipv6Hdr::LEN)
+        }
+        _ => return Ok(None),
+    };
+    let payload = match proto {
+        IPPROTO_UDP => l4 + 8,
+        IPPROTO_TCP => {
+            let [data_offset] = load::<[u8; 1]>(ctx, l4 + 12)?;
+            l4 + usize::from(data_offset >> 4) * 4
+        }
+        _ => return Ok(None),
+    };
+    let [_, _, hi, lo] = load::<[u8; 4]>(ctx, l4)?;
+    let dst_port = u16::from_be_bytes([hi, lo]);
+    if SIP_PORTS.get(u32::from(dst_port)).is_none_or(|on| *on == 0) {
+        return Ok(None);
+    }
+    Ok(Some(Request {
+        src,
+        family,
+        proto,
+        dst_port,
+        payload,
+    }))
+}
+
+/// Takes one from a per-second cap shared by every CPU. Read, then add: the object is built
+/// for BPF's first instruction set, whose atomic add returns nothing, so CPUs racing at the
+/// cap or at a new second may take a few more than the cap; it bounds a flood all the same.
+#[inline(always)]
+fn take_budget(slot: u32, cap: u32, now: u64) -> bool {
+    if cap == 0 {
+        return false;
+    }
+    let Some(budget) = SAMPLE_BUDGET.get_ptr_mut(slot) else {
+        return false;
+    };
+    let second = now / 1_000_000_000;
+    // SAFETY: an array slot, valid for the program's life; `used` is added to atomically.
+    unsafe {
+        if (&raw const (*budget).second).read_volatile() != second {
+            (*budget).second = second;
+            (*budget).used = 0;
+        }
+        if (&raw const (*budget).used).read_volatile() >= u64::from(cap) {
+            return false;
+        }
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*budget).used, 1);
+    }
+    true
+}
+
+#[inline(always)]
+fn send(ctx: &XdpContext, request: &Request, method: u8, source: *mut SipSource, kind: u8) {
+    let Some(mut entry) = SIP_SAMPLES.reserve::<SipSample>(0) else {
+        return;
+    };
+    let sample = entry.as_mut_ptr();
+    let available = (ctx.data_end() - ctx.data()).saturating_sub(request.payload);
+    let mut len = if kind == detect::KIND_SAMPLE {
+        available as u32
+    } else {
+        0
+    };
+    if len > detect::SNAPLEN as u32 {
+        len = detect::SNAPLEN as u32;
+    }
+    // SAFETY: `sample` is the ring buffer's reservation of a whole SipSample; `source` is
+    // from a successful lookup. The copy is bounded by the payload array's size.
+    unsafe {
+        (*sample).kind = kind;
+        (*sample).family = request.family;
+        (*sample).proto = request.proto;
+        (*sample).method = method;
+        (*sample).dst_port = request.dst_port;
+        (*sample).src = request.src;
+        (*sample).requests = (*source).requests;
+        (*sample).seen = (*source).seen;
+        (*sample).ifindex = ctx.ingress_ifindex() as u32;
+        let copied = len > 0
+            && bpf_xdp_load_bytes(
+                ctx.ctx,
+                request.payload as u32,
+                (&raw mut (*sample).payload).cast::<c_void>(),
+                len,
+            ) == 0;
+        (*sample).captured = if copied { len as u16 } else { 0 };
+    }
+    entry.submit(0);
+}
