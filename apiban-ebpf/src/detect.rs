@@ -8,8 +8,8 @@ use core::{
 };
 
 use apiban_common::{
-    DetectConfig, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS,
-    SampleBudget, SipSample, SipSource, detect,
+    DetectConfig, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS, SampleBudget,
+    SipSample, SipSource, detect,
 };
 use aya_ebpf::{
     helpers::generated::bpf_xdp_load_bytes,
@@ -66,7 +66,9 @@ pub fn watch(ctx: &XdpContext) -> Result<(), ()> {
                 window_start_ns: now,
                 ..SipSource::default()
             };
-            SIP_SOURCES.insert(&request.src, &fresh, 0).map_err(|_| ())?;
+            SIP_SOURCES
+                .insert(&request.src, &fresh, 0)
+                .map_err(|_| ())?;
             SIP_SOURCES.get_ptr_mut(&request.src).ok_or(())?
         }
     };
@@ -82,9 +84,8 @@ pub fn watch(ctx: &XdpContext) -> Result<(), ()> {
         (*source).requests[m] += 1;
         (*source).seen = (*source).seen.saturating_add(1);
         let count = (*source).requests[m];
-        let report = config.rate_threshold != 0
-            && count >= config.rate_threshold
-            && (*source).reported == 0;
+        let report =
+            config.rate_threshold != 0 && count >= config.rate_threshold && (*source).reported == 0;
         ((*source).seen, report)
     };
     if report && take_budget(detect::BUDGET_REPORTS, config.reports_per_sec, now) {

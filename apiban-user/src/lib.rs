@@ -7,6 +7,7 @@ pub mod config;
 pub mod conn_slots;
 pub mod control;
 pub mod dataplane;
+pub mod detect;
 pub mod engine;
 pub mod host_addresses;
 pub mod human;

@@ -285,10 +285,59 @@ pub fn render(r: &StatusReport) -> String {
         "1 if the last scrape could not read the XDP maps.",
         u8::from(r.dataplane_error.is_some()),
     );
+    if let Some(d) = &r.agent.detect {
+        detect(&mut w, d);
+    }
     if let Some(c) = &r.agent.cluster {
         cluster(&mut w, c);
     }
     w.out
+}
+
+/// `apiban_detect_*`: what SIP scanner detection saw and did.
+fn detect(w: &mut Writer, d: &crate::status::DetectReport) {
+    w.single(
+        "apiban_detect_samples_total",
+        "counter",
+        "Samples of SIP requests the dataplane sent to the agent.",
+        d.samples,
+    );
+    w.single(
+        "apiban_detect_rate_reports_total",
+        "counter",
+        "Sources the dataplane reported over the request-rate threshold.",
+        d.rate_reports,
+    );
+    w.family(
+        "apiban_detect_matches_total",
+        "counter",
+        "Sources a detection rule matched, by rule and mode (observe: would have banned).",
+    );
+    for m in &d.matches {
+        w.sample(
+            "apiban_detect_matches_total",
+            &[("rule", &m.rule), ("mode", &m.mode)],
+            m.count,
+        );
+    }
+    w.single(
+        "apiban_detect_bans_total",
+        "counter",
+        "Bans detection made (enforce mode).",
+        d.bans,
+    );
+    w.single(
+        "apiban_detect_refused_total",
+        "counter",
+        "Matches the ledger refused: allowlisted, this host's, special-purpose.",
+        d.refused,
+    );
+    w.single(
+        "apiban_detect_sources",
+        "gauge",
+        "Sources the detection rules follow now.",
+        d.tracked,
+    );
 }
 
 /// `apiban_cluster_*`: only on a fleet node.

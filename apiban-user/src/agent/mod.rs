@@ -103,6 +103,7 @@ fn info(
         poll_interval: crate::human::format_duration(c.apiban.poll.poll_interval),
         config_file: c.file.as_ref().map(|p| p.display().to_string()),
         cluster: None,
+        detect: None,
     }
 }
 
@@ -178,6 +179,8 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         .reserve_counter_slots(&config.attach.ifaces)
         .context("could not give the interfaces their counters")?;
     let adoption = loaded.adoption.clone();
+    let detect_tap = crate::dataplane::detect::DetectTap::take(loaded.ebpf_mut())
+        .context("could not open the detection maps")?;
     let (mut enforcement, dataplane) = loaded.into_parts();
     let reader = dataplane
         .reader()
@@ -225,7 +228,14 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
     }
     warn_unconfigured_attachments(&config);
     let info = info(&config, interfaces, apiban.is_some(), started_at);
-    match serve(args, config, engine, apiban, info, Some(reader))? {
+    match serve(
+        args,
+        config,
+        engine,
+        apiban,
+        info,
+        Some((reader, detect_tap)),
+    )? {
         Exit::Stopped { enforced } => {
             report_stop(&enforcement, Some(enforced));
             Ok(())
@@ -335,8 +345,12 @@ fn serve<E: Enforcer + Send + 'static>(
     mut engine: Engine<E>,
     apiban: Option<(ApibanClient, PollSettings)>,
     info: AgentInfo,
-    dataplane: Option<crate::dataplane::DataplaneReader>,
+    dataplane: Option<(
+        crate::dataplane::DataplaneReader,
+        crate::dataplane::detect::DetectTap,
+    )>,
 ) -> anyhow::Result<Exit> {
+    let (dataplane, detect_tap) = dataplane.unzip();
     let now = sync::unix_now();
     let configured: Vec<&str> = config.lists.iter().map(|l| l.name.as_str()).collect();
     // In a fleet, the leader's configuration says which lists there are.
@@ -405,11 +419,32 @@ fn serve<E: Enforcer + Send + 'static>(
         };
         let mut leader = cluster.as_ref().map(|c| c.leader.clone());
         crate::host_addresses::watch(own, running.updates.clone());
+        let (detect_settings, detect_view) = match detect_tap {
+            Some(tap) => {
+                let (tx, rx) = tokio::sync::watch::channel(config.detect.clone());
+                let stats = Arc::new(crate::detect::DetectStats::default());
+                tokio::spawn(crate::detect::run(
+                    tap,
+                    rx.clone(),
+                    running.updates.clone(),
+                    stats.clone(),
+                ));
+                (
+                    Some(tx),
+                    Some(crate::detect::DetectView {
+                        stats,
+                        settings: rx,
+                    }),
+                )
+            }
+            None => (None, None),
+        };
         let readers = crate::status::Readers {
             snapshots: running.subscribe(),
             info: Arc::new(Mutex::new(info)),
             dataplane: dataplane.map(Arc::new),
             cluster: cluster.as_ref().map(|c| c.view.clone()),
+            detect: detect_view,
         };
         let info = readers.info.clone();
         let mut servers = Vec::new();
@@ -504,12 +539,12 @@ fn serve<E: Enforcer + Send + 'static>(
                 }
                 _ = hup.recv() => {
                     notifier.reloading();
-                    let _ = reload(&args, &mut config, &mut running, &info, &mut key_in_use).await;
+                    let _ = reload(&args, &mut config, &mut running, &info, &mut key_in_use, detect_settings.as_ref()).await;
                     notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
                 }
                 Some(reply) = reload_rx.recv() => {
                     notifier.reloading();
-                    let outcome = reload(&args, &mut config, &mut running, &info, &mut key_in_use).await;
+                    let outcome = reload(&args, &mut config, &mut running, &info, &mut key_in_use, detect_settings.as_ref()).await;
                     notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
                     let _ = reply.send(outcome);
                 }

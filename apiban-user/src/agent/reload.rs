@@ -32,8 +32,9 @@ pub(super) async fn reload<E: Enforcer + Send + 'static>(
     running: &mut Running<E>,
     info: &Arc<Mutex<AgentInfo>>,
     key_in_use: &mut Option<ApiKey>,
+    detect: Option<&tokio::sync::watch::Sender<crate::detect::DetectSettings>>,
 ) -> Result<(), ReloadError> {
-    let outcome = apply_reload(args, config, running, info, key_in_use).await;
+    let outcome = apply_reload(args, config, running, info, key_in_use, detect).await;
     match &outcome {
         Ok(()) => tracing::info!("configuration reloaded"),
         Err(e) => tracing::error!(error = %crate::error_chain(e), "reload failed"),
@@ -47,6 +48,7 @@ async fn apply_reload<E: Enforcer + Send + 'static>(
     running: &mut Running<E>,
     info: &Arc<Mutex<AgentInfo>>,
     key_in_use: &mut Option<ApiKey>,
+    detect: Option<&tokio::sync::watch::Sender<crate::detect::DetectSettings>>,
 ) -> Result<(), ReloadError> {
     let new = config::load(args).map_err(ReloadError::Config)?;
     let apiban = apiban_client(&new.apiban).map_err(|e| ReloadError::Apiban(e.into()))?;
@@ -88,6 +90,13 @@ async fn apply_reload<E: Enforcer + Send + 'static>(
         i.rate_limit = new.apiban.poll.rate_limit.to_string();
         i.poll_interval = crate::human::format_duration(new.apiban.poll.poll_interval);
         i.apiban_enabled = apiban_enabled;
+    }
+    if let Some(detect) = detect {
+        detect.send_if_modified(|running| {
+            let changed = *running != new.detect;
+            running.clone_from(&new.detect);
+            changed
+        });
     }
     *config = config.reloaded(new);
     Ok(())

@@ -223,4 +223,52 @@ pub struct RunArgs {
     /// Log format [default: text].
     #[arg(long, env = "APIBAN_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
+    /// SIP scanner detection in the dataplane: off, observe (log and count what it would
+    /// ban) or enforce (ban it, source `detect`) [default: observe].
+    #[arg(long, env = "APIBAN_DETECT", value_enum)]
+    pub detect: Option<crate::detect::DetectMode>,
+    /// SIP ports detection watches (UDP, and TCP with payload) [default: 5060,5061].
+    #[arg(long, env = "APIBAN_DETECT_PORTS", value_delimiter = ',')]
+    pub detect_ports: Vec<u16>,
+    /// How long a detected scanner is banned; each re-offence doubles it [default: 1d].
+    #[arg(long, env = "APIBAN_DETECT_TTL")]
+    pub detect_ttl: Option<HumanDuration>,
+    /// The longest a doubled detection TTL gets [default: 30d].
+    #[arg(long, env = "APIBAN_DETECT_TTL_MAX")]
+    pub detect_ttl_max: Option<HumanDuration>,
+    /// User-Agent substrings that mark a scanner, case-insensitive; replaces the default
+    /// list (friendly-scanner, sipvicious, sipcli, VaxSIPUserAgent, pplsip, sundayddr, iWar,
+    /// SIPScan, sip-scan).
+    #[arg(long, env = "APIBAN_DETECT_USER_AGENTS", value_delimiter = ',')]
+    pub detect_user_agents: Vec<String>,
+    /// Requests of one method from one source within a window, N/T, or off
+    /// [default: 100/10s].
+    #[arg(long, env = "APIBAN_DETECT_RATE")]
+    pub detect_rate: Option<Threshold>,
+    /// Distinct target users (extensions) from one source within a window, or off
+    /// [default: 20/60s].
+    #[arg(long, env = "APIBAN_DETECT_USERS")]
+    pub detect_users: Option<Threshold>,
+    /// Malformed SIP requests from one source within a window, or off [default: 10/60s].
+    #[arg(long, env = "APIBAN_DETECT_MALFORMED")]
+    pub detect_malformed: Option<Threshold>,
+    /// Never banned by detection (repeatable): customers' PBXs, trunks, monitoring.
+    #[arg(long, env = "APIBAN_DETECT_EXEMPT", value_delimiter = ',', value_parser = parse_cidr)]
+    pub detect_exempt: Vec<IpNet>,
+}
+
+/// A detection rule's threshold, `N/T`, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Threshold(pub Option<RateLimit>);
+
+impl FromStr for Threshold {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        text.parse::<RateLimit>()
+            .map(|r| Self(Some(r)))
+            .map_err(|_| format!("`{text}` is not N/T (e.g. 100/10s) or off"))
+    }
 }

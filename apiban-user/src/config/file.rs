@@ -63,6 +63,15 @@ pub struct FileConfig {
     pub cluster_key: Option<PathBuf>,
     pub cluster_user: Option<String>,
     pub cluster_password_file: Option<PathBuf>,
+    pub detect: Option<ByName<crate::detect::DetectMode>>,
+    pub detect_ports: Option<Vec<u16>>,
+    pub detect_ttl: Option<Parsed<HumanDuration>>,
+    pub detect_ttl_max: Option<Parsed<HumanDuration>>,
+    pub detect_user_agents: Option<Vec<String>>,
+    pub detect_rate: Option<Parsed<super::args::Threshold>>,
+    pub detect_users: Option<Parsed<super::args::Threshold>>,
+    pub detect_malformed: Option<Parsed<super::args::Threshold>>,
+    pub detect_exempt: Option<Vec<Cidr>>,
 }
 
 /// `[[list]]` in the file: a blocklist with its own refresh interval if it needs one.

@@ -25,6 +25,7 @@ pub use self::{
 };
 use crate::{
     dataplane::{Scope, loader::AttachMode},
+    detect::DetectSettings,
     engine::EngineSettings,
     source::{
         apiban::{ApiVersion, DEFAULT_BASE_URL, DataSet},
@@ -83,6 +84,8 @@ pub struct AgentConfig {
     pub lists: Vec<ListSpec>,
     /// The fleet this node belongs to; None: a single node.
     pub cluster: Option<ClusterSettings>,
+    /// SIP scanner detection; all of it changes on a reload.
+    pub detect: DetectSettings,
 }
 
 /// `--cluster`: the etcd this node's fleet shares its ledger through.
@@ -189,6 +192,15 @@ fn first<T>(flag: Option<T>, file: Option<T>, default: T) -> T {
     flag.or(file).unwrap_or(default)
 }
 
+/// A duration's flag over its key over its default.
+fn duration(
+    flag: Option<crate::human::HumanDuration>,
+    file: Option<file::Parsed<crate::human::HumanDuration>>,
+    default: Duration,
+) -> Duration {
+    first(flag.map(|d| d.0), file.map(|d| d.0.0), default)
+}
+
 /// The first of the flag's and the file's lists that is not empty.
 fn first_list<T: Clone>(flag: &[T], file: Option<Vec<T>>) -> Vec<T> {
     if flag.is_empty() {
@@ -272,10 +284,6 @@ fn resolve_apiban(args: &RunArgs, file: &FileConfig) -> Result<ApibanSettings, C
         },
     };
     let defaults = PollSettings::default();
-    let duration =
-        |flag: Option<crate::human::HumanDuration>,
-         file: Option<file::Parsed<crate::human::HumanDuration>>,
-         default| first(flag.map(|d| d.0), file.map(|d| d.0.0), default);
     let poll = PollSettings {
         poll_interval: duration(
             args.poll_interval,
@@ -409,7 +417,56 @@ pub fn resolve(
         scope: resolve_scope(args, &file)?,
         lists: resolve_lists(args, &file)?,
         cluster: resolve_cluster(args, &file)?,
+        detect: resolve_detect(args, &file)?,
     })
+}
+
+fn resolve_detect(args: &RunArgs, file: &FileConfig) -> Result<DetectSettings, ConfigError> {
+    let defaults = DetectSettings::default();
+    let threshold = |flag: Option<args::Threshold>,
+                     key: Option<file::Parsed<args::Threshold>>,
+                     default: Option<crate::human::RateLimit>| {
+        flag.or(key.map(|k| k.0)).map_or(default, |t| t.0)
+    };
+    let user_agents: Vec<String> =
+        first_list(&args.detect_user_agents, file.detect_user_agents.clone())
+            .into_iter()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+    let settings = DetectSettings {
+        mode: first(args.detect, file.detect.map(|m| m.0), defaults.mode),
+        ports: Some(first_list(&args.detect_ports, file.detect_ports.clone()))
+            .filter(|p| !p.is_empty())
+            .unwrap_or(defaults.ports),
+        ttl: duration(args.detect_ttl, file.detect_ttl, defaults.ttl),
+        ttl_max: duration(args.detect_ttl_max, file.detect_ttl_max, defaults.ttl_max),
+        user_agents: if user_agents.is_empty() {
+            defaults.user_agents
+        } else {
+            user_agents
+        },
+        rate: threshold(args.detect_rate, file.detect_rate, defaults.rate),
+        users: threshold(args.detect_users, file.detect_users, defaults.users),
+        malformed: threshold(
+            args.detect_malformed,
+            file.detect_malformed,
+            defaults.malformed,
+        ),
+        exempt: first_list(
+            &args.detect_exempt,
+            file.detect_exempt
+                .as_ref()
+                .map(|a| a.iter().map(|c| c.0).collect()),
+        ),
+    };
+    if settings.ttl.as_secs() == 0 {
+        return Err(invalid("detect-ttl", "must be at least 1s"));
+    }
+    if settings.ports.contains(&0) {
+        return Err(invalid("detect-ports", "0 is not a port"));
+    }
+    Ok(settings)
 }
 
 fn resolve_cluster(

@@ -17,6 +17,7 @@ pub mod batch;
 pub mod bpffs;
 pub mod counters;
 pub mod deny;
+pub mod detect;
 pub mod filter;
 pub mod host_table;
 pub mod loader;

@@ -107,3 +107,31 @@ impl<E: Enforcer> Engine<E> {
         (removed, self.commit(now))
     }
 }
+
+impl<E: Enforcer> Engine<E> {
+    /// A source this host's detection recognised as a scanner: banned for `ttl` with its
+    /// evidence, through the same sanitiser as the feeds (the allowlist wins; this host's
+    /// addresses and special-purpose ranges are refused).
+    pub fn detected(
+        &mut self,
+        addr: std::net::IpAddr,
+        ttl: std::time::Duration,
+        evidence: crate::ledger::Evidence,
+        now: u64,
+    ) -> Result<Applied, super::EngineError> {
+        let net = ipnet::IpNet::from(addr);
+        if let Err(why) = self.sanitiser.check_net(net, &self.allow) {
+            return Err(super::EngineError::Refused(net, why.to_string()));
+        }
+        let ledger = Arc::make_mut(&mut self.ledger);
+        ledger.observe(
+            net,
+            &SourceId::Detect,
+            now,
+            Some(ttl.as_secs().max(1)),
+            None,
+        );
+        ledger.note_evidence(&net, &SourceId::Detect, evidence);
+        Ok(self.commit(now))
+    }
+}

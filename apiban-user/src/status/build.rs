@@ -204,6 +204,7 @@ pub fn check(
                 last_seen: r.last_seen,
                 expires: r.expires,
                 comment: r.comment,
+                evidence: r.evidence.map(|e| *e),
             })
             .collect(),
         allowed_by,

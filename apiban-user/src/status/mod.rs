@@ -28,6 +28,8 @@ pub struct Readers {
     pub dataplane: Option<Arc<DataplaneReader>>,
     /// None without `--cluster`.
     pub cluster: Option<crate::cluster::ClusterView>,
+    /// None in a dry run.
+    pub detect: Option<crate::detect::DetectView>,
 }
 
 impl Readers {
@@ -44,6 +46,7 @@ impl Readers {
         let snapshot = self.snapshots.borrow().clone();
         let mut info = crate::lock(&self.info).clone();
         info.cluster = self.cluster.as_ref().map(|c| cluster_report(c, &snapshot));
+        info.detect = self.detect.as_ref().map(detect_report);
         let dataplane = self.dataplane.clone();
         let (answer, snapshot) = tokio::task::spawn_blocking(move || {
             (read(&snapshot, &info, dataplane.as_deref()), snapshot)
@@ -78,6 +81,58 @@ fn cluster_report(view: &crate::cluster::ClusterView, snapshot: &Snapshot) -> Cl
         expired_deleted: view.stats.expired_deleted.load(Relaxed),
         pending_changes: snapshot.engine.cluster_pending,
     }
+}
+
+fn detect_report(view: &crate::detect::DetectView) -> DetectReport {
+    use std::sync::atomic::Ordering::Relaxed;
+    let settings = view.settings.borrow();
+    let stats = &view.stats;
+    DetectReport {
+        mode: settings.mode,
+        ports: settings.ports.clone(),
+        samples: stats.samples.load(Relaxed),
+        rate_reports: stats.rate_reports.load(Relaxed),
+        bans: stats.bans.load(Relaxed),
+        refused: stats.refused.load(Relaxed),
+        tracked: stats.tracked.load(Relaxed),
+        matches: stats
+            .matches()
+            .into_iter()
+            .map(|(rule, mode, count)| RuleMatches {
+                rule: rule.to_owned(),
+                mode: mode.to_owned(),
+                count,
+            })
+            .collect(),
+        recent: stats.recent(),
+    }
+}
+
+/// What SIP scanner detection has seen and done.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DetectReport {
+    pub mode: crate::detect::DetectMode,
+    pub ports: Vec<u16>,
+    /// Samples of requests the dataplane sent.
+    pub samples: u64,
+    /// Sources the dataplane reported over the rate threshold.
+    pub rate_reports: u64,
+    /// Bans made (enforce mode).
+    pub bans: u64,
+    /// Matches the ledger refused (allowlisted, this host, special-purpose).
+    pub refused: u64,
+    /// Sources the rules follow now.
+    pub tracked: u64,
+    pub matches: Vec<RuleMatches>,
+    /// The latest matches, oldest first.
+    pub recent: Vec<crate::detect::Detection>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RuleMatches {
+    pub rule: String,
+    pub mode: String,
+    pub count: u64,
 }
 
 /// A fleet node's view of its fleet.
@@ -117,6 +172,9 @@ pub struct AgentInfo {
     /// In a fleet: this node's view of it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterReport>,
+    /// SIP scanner detection (absent in a dry run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detect: Option<DetectReport>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -229,6 +287,9 @@ pub struct RecordReport {
     pub last_seen: u64,
     pub expires: Option<u64>,
     pub comment: Option<String>,
+    /// Why detection banned it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evidence: Option<crate::ledger::Evidence>,
 }
 
 /// `apiban list`: one row per prefix and source.

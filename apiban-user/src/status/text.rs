@@ -187,6 +187,41 @@ impl StatusReport {
                 );
             }
         }
+        if let Some(d) = &a.detect {
+            let _ = writeln!(o, "\nSIP scanner detection");
+            let ports: Vec<String> = d.ports.iter().map(u16::to_string).collect();
+            let _ = writeln!(
+                o,
+                "  mode         {}{} on ports {}",
+                d.mode.name(),
+                match d.mode {
+                    crate::detect::DetectMode::Observe =>
+                        " (logs what it would ban, drops nothing)",
+                    crate::detect::DetectMode::Enforce =>
+                        " (bans what the rules match, source detect)",
+                    crate::detect::DetectMode::Off => "",
+                },
+                ports.join(",")
+            );
+            let _ = writeln!(
+                o,
+                "  seen         {} samples, {} rate reports, {} sources followed; {} banned, {} refused",
+                d.samples, d.rate_reports, d.tracked, d.bans, d.refused
+            );
+            for m in d.recent.iter().rev().take(5) {
+                let _ = writeln!(
+                    o,
+                    "  {:<24} {} {}: {} ({}) \"{}\" {}",
+                    m.addr.to_string(),
+                    relative(m.at.min(self.now), self.now),
+                    m.rule,
+                    m.outcome,
+                    m.counts,
+                    m.line,
+                    m.mode.name()
+                );
+            }
+        }
         let s = &self.sync;
         let _ = writeln!(o, "\nAPIBAN");
         if !a.apiban_enabled {
@@ -326,6 +361,17 @@ impl CheckReport {
                     .map(|c| format!(" ({c})"))
                     .unwrap_or_default()
             );
+            if let Some(e) = &r.evidence {
+                let _ = writeln!(
+                    o,
+                    "  evidence   {} {}: {}; \"{}\" (offence {})",
+                    e.rule,
+                    relative(e.at.min(now), now),
+                    e.counts,
+                    e.line,
+                    e.offence
+                );
+            }
         }
         if let Some(a) = self.allowed_by {
             let _ = writeln!(o, "  allowlist  {a} (wins over every feed)");

@@ -43,6 +43,13 @@ pub enum Update {
     },
     /// In a fleet: what etcd holds (see `cluster`).
     Cluster(crate::cluster::ClusterUpdate),
+    /// Detection recognised a scanner (enforce mode).
+    Detected {
+        addr: std::net::IpAddr,
+        ttl: std::time::Duration,
+        evidence: crate::ledger::Evidence,
+        reply: oneshot::Sender<Result<String, ChangeError>>,
+    },
 }
 
 /// Why an operator's change was not made.

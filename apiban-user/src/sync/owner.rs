@@ -53,6 +53,8 @@ impl Origin {
             | Update::ApibanBatch { .. }
             | Update::ApibanDone { .. }
             | Update::ListSnapshot { .. } => Origin::Feed,
+            // A detection's ban protects every node of a fleet, like an operator's.
+            Update::Detected { .. } => Origin::Operator(None),
             Update::Control { change, .. } => match change {
                 Change::Ban { .. } | Change::Unban { .. } => Origin::Operator(None),
                 Change::AllowAdd { net } => Origin::Operator(Some((*net, true))),
@@ -306,6 +308,19 @@ impl<E: Enforcer> Owner<E> {
             }
             Update::Control { change, reply } => Ack::Change(reply, self.change(change, now)),
             Update::Cluster(update) => self.apply_the_fleets(update, now),
+            Update::Detected {
+                addr,
+                ttl,
+                evidence,
+                reply,
+            } => {
+                let answer = self
+                    .engine
+                    .detected(addr, ttl, evidence, now)
+                    .map(|applied| format!("banned {addr} (detect); {}", effect(applied)))
+                    .map_err(ChangeError::from);
+                Ack::Change(reply, answer)
+            }
         }
     }
 
@@ -367,12 +382,6 @@ impl<E: Enforcer> Owner<E> {
 
     /// Applies an operator's change; the answer is one line for the operator.
     pub fn change(&mut self, change: Change, now: u64) -> Result<String, ChangeError> {
-        let effect = |a: crate::engine::Applied| {
-            format!(
-                "{} added to and {} removed from the dataplane",
-                a.added, a.removed
-            )
-        };
         let out = match change {
             Change::Ban {
                 net,
@@ -669,4 +678,12 @@ fn log_sync(source: &str, r: &IngestReport, full_pull: bool) {
         not_enforced = r.applied.not_enforced,
         "sync"
     );
+}
+
+/// What a change did to the dataplane, for the operator's answer.
+fn effect(a: crate::engine::Applied) -> String {
+    format!(
+        "{} added to and {} removed from the dataplane",
+        a.added, a.removed
+    )
 }

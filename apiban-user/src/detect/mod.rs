@@ -1,0 +1,390 @@
+//! SIP scanner detection: one more source of the ledger (`detect`), fed by the dataplane.
+//!
+//! The XDP program counts SIP requests per source and sends samples and rate reports
+//! through a ring buffer (see `apiban_common::detect`); this task reads them, applies the
+//! rules (see [`rules`]) and, in `enforce` mode, asks the ledger's owner to ban what they
+//! match, with evidence and a TTL that doubles on each re-offence. In `observe` mode it only
+//! logs and counts what it would ban. The owner applies the ban like any feed's: the
+//! allowlist wins, this host's addresses and the sanitiser's limits are refused.
+
+pub mod rules;
+pub mod sample;
+pub mod sip;
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use apiban_common::DetectConfig;
+use clap::ValueEnum;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, oneshot, watch},
+};
+
+use self::{
+    rules::{Detector, Finding, RULES},
+    sample::Sample,
+};
+use crate::{
+    dataplane::detect::DetectTap,
+    human::RateLimit,
+    ledger::Evidence,
+    sync::{ChangeError, Update, unix_now},
+};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DetectMode {
+    /// No detection: the program counts and samples nothing.
+    Off,
+    /// Log and count what would be banned; drop nothing.
+    #[default]
+    Observe,
+    /// Ban what the rules match.
+    Enforce,
+}
+
+impl DetectMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            DetectMode::Off => "off",
+            DetectMode::Observe => "observe",
+            DetectMode::Enforce => "enforce",
+        }
+    }
+}
+
+/// User-Agent substrings of scanners seen in the wild (matched case-insensitively).
+pub const DEFAULT_USER_AGENTS: [&str; 9] = [
+    "friendly-scanner",
+    "sipvicious",
+    "sipcli",
+    "vaxsipuseragent",
+    "pplsip",
+    "sundayddr",
+    "iwar",
+    "sipscan",
+    "sip-scan",
+];
+
+/// `--detect*`: what detection looks at and what it does. All of it changes on a reload.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DetectSettings {
+    pub mode: DetectMode,
+    pub ports: Vec<u16>,
+    /// A first ban's TTL; each re-offence doubles it, up to `ttl_max`.
+    pub ttl: Duration,
+    pub ttl_max: Duration,
+    /// Lower-cased substrings.
+    pub user_agents: Vec<String>,
+    /// Requests of one method from one source within a window (None: rule off).
+    pub rate: Option<RateLimit>,
+    /// Distinct target users from one source within a window.
+    pub users: Option<RateLimit>,
+    /// Malformed requests from one source within a window.
+    pub malformed: Option<RateLimit>,
+    /// Never banned by detection (customers' PBXs, trunks); feeds may still ban them.
+    pub exempt: Vec<IpNet>,
+}
+
+impl Default for DetectSettings {
+    fn default() -> Self {
+        Self {
+            mode: DetectMode::Observe,
+            ports: vec![5060, 5061],
+            ttl: Duration::from_secs(86_400),
+            ttl_max: Duration::from_secs(30 * 86_400),
+            user_agents: DEFAULT_USER_AGENTS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            rate: Some(RateLimit {
+                requests: 100,
+                window: Duration::from_secs(10),
+            }),
+            users: Some(RateLimit {
+                requests: 20,
+                window: Duration::from_secs(60),
+            }),
+            malformed: Some(RateLimit {
+                requests: 10,
+                window: Duration::from_secs(60),
+            }),
+            exempt: Vec::new(),
+        }
+    }
+}
+
+/// Packets of a new source that are all sampled, then one in `SAMPLE_EVERY`.
+const FIRST_SAMPLES: u32 = 8;
+const SAMPLE_EVERY: u32 = 8;
+/// Samples per second at most: what the agent can parse without noticing, and a bound on
+/// what a flood of new sources costs it.
+const SAMPLES_PER_SEC: u32 = 2_000;
+const REPORTS_PER_SEC: u32 = 500;
+/// Detections kept for `status`.
+const RECENT: usize = 20;
+
+impl DetectSettings {
+    /// What the program is told.
+    pub fn dataplane_config(&self) -> DetectConfig {
+        if self.mode == DetectMode::Off {
+            return DetectConfig::default();
+        }
+        let rate = self.rate;
+        DetectConfig {
+            enabled: 1,
+            first_samples: FIRST_SAMPLES,
+            sample_every: SAMPLE_EVERY,
+            samples_per_sec: SAMPLES_PER_SEC,
+            reports_per_sec: REPORTS_PER_SEC,
+            rate_threshold: rate.map_or(0, |r| r.requests),
+            window_ns: rate.map_or(10_000_000_000, |r| r.window.as_nanos() as u64),
+        }
+    }
+
+    /// The TTL of a source's `offence`-th ban: doubled each time, up to the maximum.
+    pub fn ttl_for(&self, offence: u32) -> Duration {
+        let doublings = offence.saturating_sub(1).min(30);
+        self.ttl
+            .saturating_mul(1u32 << doublings)
+            .min(self.ttl_max.max(self.ttl))
+    }
+}
+
+/// One match, as `status` lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Detection {
+    pub addr: IpAddr,
+    pub rule: String,
+    pub mode: DetectMode,
+    pub counts: String,
+    pub line: String,
+    pub at: u64,
+    /// What the ledger's owner said (enforce mode): banned, or why not.
+    pub outcome: String,
+}
+
+/// What detection has seen, for `status` and /metrics.
+#[derive(Debug, Default)]
+pub struct DetectStats {
+    pub samples: AtomicU64,
+    pub rate_reports: AtomicU64,
+    /// Per rule (in `RULES` order), then per mode: observe, enforce.
+    matches: [[AtomicU64; 2]; 4],
+    pub bans: AtomicU64,
+    pub refused: AtomicU64,
+    pub tracked: AtomicU64,
+    recent: Mutex<VecDeque<Detection>>,
+}
+
+impl DetectStats {
+    fn matched(&self, rule: &str, mode: DetectMode) {
+        if let Some(i) = RULES.iter().position(|r| *r == rule) {
+            self.matches[i][usize::from(mode == DetectMode::Enforce)].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// (rule, mode, count) for every rule and both modes.
+    pub fn matches(&self) -> Vec<(&'static str, &'static str, u64)> {
+        RULES
+            .iter()
+            .enumerate()
+            .flat_map(|(i, rule)| {
+                [("observe", 0), ("enforce", 1)]
+                    .map(|(mode, m)| (*rule, mode, self.matches[i][m].load(Relaxed)))
+            })
+            .collect()
+    }
+
+    pub fn recent(&self) -> Vec<Detection> {
+        crate::lock(&self.recent).iter().cloned().collect()
+    }
+
+    fn remember(&self, detection: Detection) {
+        let mut recent = crate::lock(&self.recent);
+        if recent.len() >= RECENT {
+            recent.pop_front();
+        }
+        recent.push_back(detection);
+    }
+}
+
+/// What readers hold of detection.
+#[derive(Clone, Debug)]
+pub struct DetectView {
+    pub stats: Arc<DetectStats>,
+    pub settings: watch::Receiver<DetectSettings>,
+}
+
+/// Reads the ring buffer until the agent stops; a change of `settings` is written to the
+/// program at once.
+pub async fn run(
+    tap: DetectTap,
+    mut settings: watch::Receiver<DetectSettings>,
+    updates: mpsc::Sender<Update>,
+    stats: Arc<DetectStats>,
+) {
+    let DetectTap {
+        mut switches,
+        samples,
+    } = tap;
+    let mut current = settings.borrow_and_update().clone();
+    if let Err(e) = switches.set(current.dataplane_config(), &current.ports) {
+        tracing::error!(error = %crate::error_chain(&e), "cannot set up SIP scanner detection; it stays off");
+        return;
+    }
+    tracing::info!(mode = current.mode.name(), ports = ?current.ports, "SIP scanner detection");
+    let mut detector = Detector::default();
+    // Detection's bans per source, for the doubling TTL; forgotten after the longest TTL.
+    let mut offences: HashMap<IpAddr, (u32, u64)> = HashMap::new();
+    // Sources already reported in observe mode, so that one scanner is one log line a TTL.
+    let mut reported: HashMap<IpAddr, u64> = HashMap::new();
+    // SAFETY: the ring buffer owns its descriptor and keeps it open until it is dropped,
+    // which only the AsyncFd does.
+    let mut ring = match unsafe { AsyncFd::register(samples) } {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot wait on the detection ring buffer; detection stays off");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            changed = settings.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                current = settings.borrow_and_update().clone();
+                match switches.set(current.dataplane_config(), &current.ports) {
+                    Ok(()) => tracing::info!(mode = current.mode.name(), "SIP scanner detection settings applied"),
+                    Err(e) => tracing::warn!(error = %crate::error_chain(&e), "cannot apply the detection settings"),
+                }
+                continue;
+            }
+            guard = ring.readable_mut() => {
+                let Ok(mut guard) = guard else { return };
+                let mut batch = Vec::new();
+                while let Some(item) = guard.get_inner_mut().next() {
+                    if let Some(sample) = Sample::decode(&item) {
+                        batch.push(sample);
+                    }
+                }
+                guard.clear_ready();
+                let now = unix_now();
+                let now_ms = now.saturating_mul(1000);
+                for sample in batch {
+                    if sample.kind == apiban_common::detect::KIND_RATE {
+                        stats.rate_reports.fetch_add(1, Relaxed);
+                    } else {
+                        stats.samples.fetch_add(1, Relaxed);
+                    }
+                    if current.mode == DetectMode::Off
+                        || current.exempt.iter().any(|n| n.contains(&sample.addr))
+                    {
+                        continue;
+                    }
+                    let Some(finding) = detector.observe(&current, &sample, now_ms) else {
+                        continue;
+                    };
+                    if reported.get(&finding.addr).is_some_and(|until| *until > now) {
+                        continue;
+                    }
+                    stats.matched(finding.rule, current.mode);
+                    act(&current, finding, now, &updates, &stats, &mut offences, &mut reported).await;
+                }
+                stats.tracked.store(detector.tracked() as u64, Relaxed);
+                let horizon = current.ttl_max.as_secs();
+                if offences.len() > 100_000 {
+                    offences.retain(|_, (_, at)| now.saturating_sub(*at) < horizon);
+                }
+                if reported.len() > 100_000 {
+                    reported.retain(|_, until| *until > now);
+                }
+            }
+        }
+    }
+}
+
+async fn act(
+    settings: &DetectSettings,
+    finding: Finding,
+    now: u64,
+    updates: &mpsc::Sender<Update>,
+    stats: &DetectStats,
+    offences: &mut HashMap<IpAddr, (u32, u64)>,
+    reported: &mut HashMap<IpAddr, u64>,
+) {
+    let offence = match offences.get(&finding.addr) {
+        // A previous ban that has expired by now: this is a re-offence.
+        Some((n, _)) => n + 1,
+        None => 1,
+    };
+    let ttl = settings.ttl_for(offence);
+    let outcome = if settings.mode == DetectMode::Enforce {
+        let evidence = Evidence {
+            rule: finding.rule.to_owned(),
+            counts: finding.counts.clone(),
+            line: finding.line.clone(),
+            at: now,
+            offence,
+        };
+        let (reply, answer) = oneshot::channel();
+        let sent = updates
+            .send(Update::Detected {
+                addr: finding.addr,
+                ttl,
+                evidence,
+                reply,
+            })
+            .await;
+        let answer = match sent {
+            Ok(()) => answer
+                .await
+                .unwrap_or(Err(ChangeError::Failed("the agent is stopping".into()))),
+            Err(_) => Err(ChangeError::Failed("the agent is stopping".into())),
+        };
+        match answer {
+            Ok(_) => {
+                stats.bans.fetch_add(1, Relaxed);
+                offences.insert(finding.addr, (offence, now));
+                tracing::warn!(
+                    addr = %finding.addr, rule = finding.rule, counts = %finding.counts,
+                    line = %finding.line, ttl = %crate::human::format_duration(ttl), offence,
+                    "SIP scanner detected: banned"
+                );
+                "banned".to_owned()
+            }
+            Err(e) => {
+                stats.refused.fetch_add(1, Relaxed);
+                tracing::info!(addr = %finding.addr, rule = finding.rule, why = %e, "SIP scanner detected, not banned");
+                format!("not banned: {e}")
+            }
+        }
+    } else {
+        tracing::warn!(
+            addr = %finding.addr, rule = finding.rule, counts = %finding.counts,
+            line = %finding.line, "SIP scanner detected (observe mode: would ban, dropping nothing)"
+        );
+        "would ban (observe mode)".to_owned()
+    };
+    reported.insert(finding.addr, now.saturating_add(ttl.as_secs()));
+    stats.remember(Detection {
+        addr: finding.addr,
+        rule: finding.rule.to_owned(),
+        mode: settings.mode,
+        counts: finding.counts,
+        line: finding.line,
+        at: now,
+        outcome,
+    });
+}
