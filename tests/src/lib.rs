@@ -3,6 +3,7 @@
 //! builder for the packets the tests send ([`traffic`] sends and counts them).
 
 pub mod agent;
+pub mod attackers;
 pub mod fake_apiban;
 pub mod fleet;
 pub mod frame;
@@ -273,10 +274,10 @@ impl Topology {
         };
         self.attacker.exec(
             "ip",
-            &["addr", "add", &cidr, "dev", &self.attacker_if, "nodad"],
+            &["addr", "replace", &cidr, "dev", &self.attacker_if, "nodad"],
         );
         self.server
-            .exec("ip", &["route", "add", &cidr, "via", &via]);
+            .exec("ip", &["route", "replace", &cidr, "via", &via]);
     }
 }
 

@@ -144,7 +144,7 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test => {
             setup::run()?;
-            setup::ensure_test_tools()?;
+            setup::ensure_test_tools(&root)?;
             setup::ensure_fuzz_tools()?;
             test(&root)
         }
@@ -152,7 +152,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             require_root("the demo creates network namespaces and attaches XDP")?;
             if fleet {
-                setup::ensure_test_tools()?;
+                setup::ensure_test_tools(&root)?;
             }
             build_release(&root)?;
             let mut cmd = cargo(&root);
@@ -229,7 +229,7 @@ fn main() -> anyhow::Result<()> {
                 setup::ensure_bench_tools()?;
             }
             if kinds.iter().any(|k| matches!(k, BenchKind::Fleet)) {
-                setup::ensure_test_tools()?;
+                setup::ensure_test_tools(&root)?;
             }
             bench(&root, &kinds, quick, json)
         }

@@ -186,8 +186,16 @@ fn ensure_protoc() -> anyhow::Result<()> {
 }
 
 /// What the tests use beyond building: systemd-analyze verifies the unit, setpriv runs the
-/// agent with exactly the unit's capabilities, etcd is the fleet tests' cluster.
-pub fn ensure_test_tools() -> anyhow::Result<()> {
+/// agent with exactly the unit's capabilities, etcd is the fleet tests' cluster, SIPVicious
+/// and SIPp are the detection tests' attackers and customer.
+pub fn ensure_test_tools(root: &Path) -> anyhow::Result<()> {
+    // `sipp -v` exits with 99, so the binary being there is what counts.
+    if Path::new("/usr/bin/sipp").exists() {
+        progress("sip-tester", "present");
+    } else {
+        apt_install("sip-tester", "the detection tests flood and call with SIPp")?;
+    }
+    ensure_sipvicious(root)?;
     ensure_tool(
         "etcd",
         &["--version"],
@@ -205,6 +213,45 @@ pub fn ensure_test_tools() -> anyhow::Result<()> {
         &["--version"],
         "util-linux",
         "the tests run the agent with the unit's capabilities via setpriv",
+    )
+}
+
+const SIPVICIOUS_VERSION: &str = "0.3.8";
+
+/// Where the tests find SIPVicious: a virtualenv of its own under target/, so that nothing
+/// is installed into the system's Python.
+pub fn sipvicious_venv(root: &Path) -> std::path::PathBuf {
+    root.join("target/test-tools/sipvicious")
+}
+
+/// SIPVicious from PyPI (pinned), the scanner real attackers run.
+fn ensure_sipvicious(root: &Path) -> anyhow::Result<()> {
+    let venv = sipvicious_venv(root);
+    let what = format!(
+        "sipvicious {SIPVICIOUS_VERSION} (PyPI, in {})",
+        venv.display()
+    );
+    let pip = venv.join("bin/pip");
+    let installed = output(&pip.display().to_string(), &["show", "sipvicious"])
+        .is_some_and(|v| v.contains(&format!("Version: {SIPVICIOUS_VERSION}")));
+    if installed {
+        progress(&what, "present");
+        return Ok(());
+    }
+    if output("python3", &["-c", "import venv, ensurepip"]).is_none() {
+        apt_install("python3-venv", "SIPVicious is installed into a virtualenv")?;
+    }
+    run_step(
+        "a virtualenv for sipvicious",
+        Command::new("python3").arg("-m").arg("venv").arg(&venv),
+    )?;
+    run_step(
+        &what,
+        Command::new(&pip).args([
+            "install",
+            "-q",
+            &format!("sipvicious=={SIPVICIOUS_VERSION}"),
+        ]),
     )
 }
 

@@ -145,7 +145,13 @@ impl Detector {
                 );
             }
         }
-        if let (Some(limit), Some(user)) = (settings.users, request.target_user()) {
+        // REGISTER and OPTIONS only: a PBX's INVITEs go to many numbers, its registrations
+        // and keep-alives to its own few accounts; svwar walks extensions with REGISTER by
+        // default (and an INVITE flood is the rate rule's).
+        let probes_users = matches!(request.method, "REGISTER" | "OPTIONS");
+        if let (Some(limit), Some(user), true) =
+            (settings.users, request.target_user(), probes_users)
+        {
             let limit_n = limit.requests as usize;
             if tracked.users.len() < limit_n
                 && tracked.users.insert(user.to_owned())
@@ -260,6 +266,21 @@ mod tests {
             }
         }
         assert_eq!(found.expect("a match").rule, EXTENSION_ENUMERATION);
+    }
+
+    #[test]
+    fn a_pbx_calling_many_numbers_is_no_enumeration() {
+        let s = DetectSettings::default();
+        let mut d = Detector::default();
+        for n in 0..200 {
+            let invite = format!(
+                "INVITE sip:{n}@192.0.2.1 SIP/2.0\r\nTo: <sip:{n}@192.0.2.1>\r\nFrom: <sip:pbx@192.0.2.9>;tag=1\r\nUser-Agent: Asterisk PBX 20\r\n\r\n"
+            );
+            assert_eq!(
+                d.observe(&s, &sample("198.51.100.13", invite.as_bytes()), 10),
+                None
+            );
+        }
     }
 
     #[test]
