@@ -135,14 +135,16 @@ fn main() {
     // the same frames from sources that are not banned, detection off and on, in one run.
     // The sources rotate, so with 65,536 of them every packet is a new source for the
     // LRU map (a flood from spoofed sources), and the sample budget runs out at once.
-    let mut tap = apiban::dataplane::detect::DetectTap::take(loaded.ebpf_mut())
-        .expect("the detection maps");
+    let mut tap =
+        apiban::dataplane::detect::DetectTap::take(loaded.ebpf_mut()).expect("the detection maps");
     let detect_on = apiban::detect::DetectSettings {
         mode: apiban::detect::DetectMode::Enforce,
         ..Default::default()
     };
     println!();
-    println!("clean SIP traffic (OPTIONS to 5060) with SIP scanner detection off and on, {inserted} entries");
+    println!(
+        "clean SIP traffic (OPTIONS to 5060) with SIP scanner detection off and on, {inserted} entries"
+    );
     for sources in [1_024u32, 65_536] {
         set_params(&mut loaded, inserted, sources - 1);
         tap.switches

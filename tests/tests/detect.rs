@@ -17,9 +17,23 @@ use tests::{
 
 const SERVER: &str = "10.77.0.1";
 
+/// Banned in the dataplane. (The ledger's snapshot, which `check`'s records come from,
+/// is published once the owner has also saved the state, a moment later.)
 fn banned(socket: &Path, addr: IpAddr) -> bool {
     control_request(socket, &format!(r#"{{"op":"check","addr":"{addr}"}}"#))
         .contains(r#""verdict":"banned""#)
+}
+
+/// `check` once the ledger's record of the ban is published.
+fn check_recorded(scene: &Scene, addr: &str) -> serde_json::Value {
+    let mut check = scene.check(addr);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while check["records"].as_array().is_none_or(Vec::is_empty) {
+        assert!(Instant::now() < deadline, "no record of the ban: {check}");
+        std::thread::sleep(Duration::from_millis(10));
+        check = scene.check(addr);
+    }
+    check
 }
 
 /// The SIP server the scanners talk to: a port of its own, so that the scene's receiver
@@ -108,7 +122,7 @@ fn sipvicious_is_banned_within_a_second_of_its_first_packets() {
         let (took, mut run) = time_to_ban(&scene, &pbx, tool, addr, args);
         println!("{tool} from {addr}: banned {took:?} after its first request reached the server");
         assert!(took <= Duration::from_secs(1), "{tool}: {took:?}");
-        let check = scene.check(addr);
+        let check = check_recorded(&scene, addr);
         let record = &check["records"][0];
         assert_eq!(record["source"], "detect", "{check}");
         assert_eq!(record["evidence"]["rule"], "scanner-user-agent", "{check}");
@@ -131,6 +145,8 @@ fn sipvicious_is_banned_within_a_second_of_its_first_packets() {
             assert!(reached < 100, "{tool}: {reached} requests got through");
         }
     }
+    println!("{}", scene.agent().cli_ok(&["check", "45.81.0.2"]));
+    println!("{}", scene.agent().cli_ok(&["status"]));
     let status = scene.status();
     let dropped = status["traffic"][&scene.topo.server_if]["dropped"]["packets"]
         .as_u64()
@@ -252,7 +268,7 @@ fn a_register_flood_with_a_normal_user_agent_is_banned_by_the_rate_rule() {
         "REGISTER flood at 300/s banned {:?} after SIPp started",
         started.elapsed()
     );
-    let check = scene.check("45.82.0.1");
+    let check = check_recorded(&scene, "45.82.0.1");
     let evidence = &check["records"][0]["evidence"];
     assert_eq!(evidence["rule"], "request-rate", "{check}");
     assert!(
@@ -390,7 +406,7 @@ fn a_scanner_back_after_its_ban_expired_is_banned_for_twice_as_long() {
     let mut ttls = Vec::new();
     for round in 0..3 {
         let (_, mut run) = time_to_ban(&scene, &pbx, "svmap", addr, &[SERVER]);
-        let check = scene.check(addr);
+        let check = check_recorded(&scene, addr);
         let record = &check["records"][0];
         let ttl =
             record["expires"].as_u64().unwrap_or(0) - record["first_seen"].as_u64().unwrap_or(0);
