@@ -508,6 +508,10 @@ pub struct SipSource {
     pub seen: u32,
     /// 1 once this window's rate report went out.
     pub reported: u32,
+    /// REGISTER and OPTIONS requests since the source was first seen: what extension
+    /// enumeration sends, so that the agent can scale what it samples of them.
+    pub probes: u32,
+    pub _pad: u32,
 }
 
 /// A cap per second (see `SAMPLE_BUDGET`).
@@ -538,6 +542,7 @@ pub struct SipSample {
     /// The source's counts when this was sent.
     pub requests: [u32; detect::METHODS],
     pub seen: u32,
+    pub probes: u32,
     pub ifindex: u32,
     pub payload: [u8; detect::SNAPLEN],
 }
@@ -555,8 +560,12 @@ impl SipSample {
             src: [0; 16],
             requests: [0; detect::METHODS],
             seen: 0,
+            probes: 0,
             ifindex: 0,
             payload: [0; detect::SNAPLEN],
         }
     }
 }
+
+const _: () = assert!(core::mem::size_of::<SipSource>() == 40);
+const _: () = assert!(core::mem::size_of::<SipSample>() == 564);

@@ -83,6 +83,9 @@ pub fn watch(ctx: &XdpContext) -> Result<(), ()> {
         }
         (*source).requests[m] += 1;
         (*source).seen = (*source).seen.saturating_add(1);
+        if method == detect::METHOD_REGISTER || method == detect::METHOD_OPTIONS {
+            (*source).probes = (*source).probes.saturating_add(1);
+        }
         let count = (*source).requests[m];
         let report =
             config.rate_threshold != 0 && count >= config.rate_threshold && (*source).reported == 0;
@@ -200,6 +203,7 @@ fn send(ctx: &XdpContext, request: &Request, method: u8, source: *mut SipSource,
         (*sample).src = request.src;
         (*sample).requests = (*source).requests;
         (*sample).seen = (*source).seen;
+        (*sample).probes = (*source).probes;
         (*sample).ifindex = ctx.ingress_ifindex() as u32;
         let copied = len > 0
             && bpf_xdp_load_bytes(

@@ -418,3 +418,61 @@ fn a_scanner_back_after_its_ban_expired_is_banned_for_twice_as_long() {
     // 3 s, doubled to 6 s, then capped at 8 s.
     assert_eq!(ttls, [3, 6, 8]);
 }
+
+#[test]
+fn an_extension_walk_with_a_normal_user_agent_is_banned_as_enumeration() {
+    require_root();
+    let mut scene = Scene::new();
+    scene.start(&["--detect", "enforce"]);
+    let src = scene.source("45.84.0.1");
+    let scenario = scene.dir.path.join("walk.xml");
+    // One REGISTER per extension, 5 a second: under the rate rule's 100 in 10 s.
+    std::fs::write(
+        &scenario,
+        sipp_scenario("REGISTER", "[call_number]", "Zoiper rv2.10.20.3", None),
+    )
+    .expect("write the scenario");
+    let started = Instant::now();
+    let walk = Tool::start(
+        &scene.topo.attacker,
+        &sipp(),
+        &[
+            "-sf",
+            &scenario.display().to_string(),
+            "-i",
+            "45.84.0.1",
+            "-p",
+            "5073",
+            "-r",
+            "5",
+            "-m",
+            "200",
+            "-nostdin",
+            &format!("{SERVER}:5060"),
+        ],
+        scene.dir.path.join("sipp-walk.log"),
+    );
+    let socket = scene.control_socket();
+    while !banned(&socket, src) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the walk is not banned after 30 s:\n{}\n{}",
+            walk.output(),
+            scene.agent().log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!(
+        "extension walk at 5/s banned {:?} after SIPp started",
+        started.elapsed()
+    );
+    let check = check_recorded(&scene, "45.84.0.1");
+    let evidence = &check["records"][0]["evidence"];
+    assert_eq!(evidence["rule"], "extension-enumeration", "{check}");
+    // It took about the threshold's 20 extensions, not the 200 of the walk.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}

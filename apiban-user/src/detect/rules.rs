@@ -49,10 +49,18 @@ pub struct Finding {
 struct Tracked {
     window_start_ms: u64,
     users: BTreeSet<String>,
+    /// Sampled REGISTER and OPTIONS requests in this window.
+    probes_sampled: u32,
+    enumeration_found: bool,
+    /// The dataplane's count of them when the window started.
+    probes_at_start: u32,
     malformed: u32,
     /// The request line of the first sample in this window, for a rate report's evidence.
     first_line: Option<String>,
 }
+
+/// Most distinct users kept per source: far above any threshold that makes sense.
+const MAX_USERS: usize = 4_096;
 
 #[derive(Debug, Default)]
 pub struct Detector {
@@ -79,6 +87,8 @@ impl Detector {
         if now_ms.saturating_sub(tracked.window_start_ms) >= window_ms {
             *tracked = Tracked {
                 window_start_ms: now_ms,
+                // This sample's own request is counted in `probes` already.
+                probes_at_start: sample.probes.saturating_sub(1),
                 ..Tracked::default()
             };
         }
@@ -152,15 +162,17 @@ impl Detector {
         if let (Some(limit), Some(user), true) =
             (settings.users, request.target_user(), probes_users)
         {
-            let limit_n = limit.requests as usize;
-            if tracked.users.len() < limit_n
-                && tracked.users.insert(user.to_owned())
-                && tracked.users.len() == limit_n
-            {
+            tracked.probes_sampled += 1;
+            if tracked.users.len() < MAX_USERS {
+                tracked.users.insert(user.to_owned());
+            }
+            let estimate = distinct_users(tracked, sample.probes);
+            if estimate >= limit.requests && !tracked.enumeration_found {
+                tracked.enumeration_found = true;
                 return finding(
                     EXTENSION_ENUMERATION,
                     format!(
-                        "{limit_n} distinct target users within {} (last: {user})",
+                        "about {estimate} distinct target users within {} (last: {user})",
                         format_duration(limit.window)
                     ),
                     printable(&request_line, LINE_CHARS),
@@ -173,6 +185,22 @@ impl Detector {
     /// Sources followed now.
     pub fn tracked(&self) -> usize {
         self.sources.len()
+    }
+}
+
+/// The distinct target users among all of a source's REGISTER and OPTIONS requests in this
+/// window, from the sampled ones. The dataplane samples only some requests; when every
+/// sampled request named a new user, as in an enumeration, the requests between them
+/// most likely did too, so the count is scaled by requests per sample. When users repeat
+/// (a PBX re-registering its accounts) the sampled count is the estimate.
+fn distinct_users(tracked: &Tracked, probes_now: u32) -> u32 {
+    let distinct = tracked.users.len() as u32;
+    let requests = probes_now.saturating_sub(tracked.probes_at_start);
+    if distinct == tracked.probes_sampled && requests > tracked.probes_sampled {
+        (u64::from(distinct) * u64::from(requests) / u64::from(tracked.probes_sampled.max(1)))
+            .min(u64::from(u32::MAX)) as u32
+    } else {
+        distinct
     }
 }
 
@@ -209,6 +237,7 @@ mod tests {
             dst_port: 5060,
             requests: [1, 0, 0, 0],
             seen: 1,
+            probes: 1,
             payload: payload.to_vec(),
         }
     }
@@ -266,6 +295,49 @@ mod tests {
             }
         }
         assert_eq!(found.expect("a match").rule, EXTENSION_ENUMERATION);
+    }
+
+    #[test]
+    fn sampled_enumeration_is_scaled_to_the_requests_between_samples() {
+        let s = DetectSettings::default();
+        let mut d = Detector::default();
+        // The dataplane's sampling: the first 8 requests, then one in 8; every request
+        // names a new user.
+        let mut found = None;
+        for n in 1..=200u32 {
+            if n > 8 && n % 8 != 0 {
+                continue;
+            }
+            let mut one = sample(
+                "198.51.100.14",
+                &register(&format!("{}", 1000 + n), "Zoiper"),
+            );
+            one.probes = n;
+            one.seen = n;
+            if let Some(f) = d.observe(&s, &one, 10) {
+                found = Some((n, f));
+                break;
+            }
+        }
+        let (n, f) = found.expect("enumeration found");
+        assert_eq!(f.rule, EXTENSION_ENUMERATION);
+        assert!(n <= 24, "found only after {n} requests");
+    }
+
+    #[test]
+    fn a_pbx_re_registering_its_trunks_is_no_enumeration() {
+        let s = DetectSettings::default();
+        let mut d = Detector::default();
+        // Five trunks re-registered every minute, all sampled, for an hour.
+        for n in 0..300u32 {
+            let mut one = sample(
+                "198.51.100.15",
+                &register(&format!("trunk{}", n % 5), "Asterisk"),
+            );
+            one.probes = n + 1;
+            one.seen = n + 1;
+            assert_eq!(d.observe(&s, &one, u64::from(n / 5) * 60_000), None);
+        }
     }
 
     #[test]

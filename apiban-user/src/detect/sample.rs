@@ -14,6 +14,8 @@ pub struct Sample {
     pub dst_port: u16,
     pub requests: [u32; detect::METHODS],
     pub seen: u32,
+    /// REGISTER and OPTIONS requests from the source so far, sampled or not.
+    pub probes: u32,
     pub payload: Vec<u8>,
 }
 
@@ -43,6 +45,7 @@ impl Sample {
             dst_port: raw.dst_port,
             requests: raw.requests,
             seen: raw.seen,
+            probes: raw.probes,
             payload: raw.payload[..captured].to_vec(),
         })
     }
