@@ -1,0 +1,216 @@
+//! The dataplane's side of SIP scanner detection, through BPF_PROG_TEST_RUN: which frames
+//! are counted and sampled into the ring buffer, what a sample carries, and the rate
+//! report that goes out once per window.
+
+use std::net::IpAddr;
+
+use apiban::{
+    dataplane::{
+        detect::DetectTap,
+        loader::{self, LoadOptions, Loaded},
+    },
+    detect::sample::Sample,
+};
+use apiban_common::{DetectConfig, detect, program_names};
+use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use tests::{
+    BpffsDir,
+    frame::{Frame, PROTO_TCP, PROTO_UDP, tcp_syn, udp},
+    require_root,
+};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+struct Harness {
+    loaded: Loaded,
+    tap: DetectTap,
+    _dir: BpffsDir,
+}
+
+impl Harness {
+    fn new(config: DetectConfig) -> Self {
+        require_root();
+        let dir = BpffsDir::new();
+        let mut loaded = loader::load(&LoadOptions {
+            bpffs_dir: dir.path.clone(),
+            ..Default::default()
+        })
+        .expect("load the XDP program");
+        let mut tap = DetectTap::take(loaded.ebpf_mut()).expect("the detection maps");
+        tap.switches.set(config, &[5060]).expect("set detection");
+        Self {
+            loaded,
+            tap,
+            _dir: dir,
+        }
+    }
+
+    fn run(&mut self, frame: &[u8]) -> u32 {
+        let prog: &mut Xdp = self
+            .loaded
+            .ebpf_mut()
+            .program_mut(program_names::APIBAN)
+            .expect("program")
+            .try_into()
+            .expect("xdp");
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    }
+
+    /// Everything in the ring buffer now.
+    fn records(&mut self) -> Vec<Sample> {
+        let mut out = Vec::new();
+        while let Some(item) = self.tap.samples.next() {
+            out.push(Sample::decode(&item).expect("a whole record"));
+        }
+        out
+    }
+}
+
+fn on() -> DetectConfig {
+    DetectConfig {
+        enabled: 1,
+        first_samples: 2,
+        sample_every: 4,
+        samples_per_sec: 1_000,
+        reports_per_sec: 100,
+        rate_threshold: 5,
+        window_ns: 60_000_000_000,
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("literal")
+}
+
+fn sip_udp(src: &str, payload: &[u8]) -> Vec<u8> {
+    let dst = if src.contains(':') {
+        "2001:db8::1"
+    } else {
+        "192.0.2.1"
+    };
+    Frame::ip(ip(src), ip(dst), PROTO_UDP, udp(40000, 5060, payload)).build()
+}
+
+fn sip_tcp(src: &str, payload: &[u8]) -> Vec<u8> {
+    let dst = if src.contains(':') {
+        "2001:db8::1"
+    } else {
+        "192.0.2.1"
+    };
+    let mut l4 = tcp_syn(40000, 5060);
+    l4.extend_from_slice(payload);
+    Frame::ip(ip(src), ip(dst), PROTO_TCP, l4).build()
+}
+
+const REGISTER: &[u8] = b"REGISTER sip:192.0.2.1 SIP/2.0\r\nUser-Agent: friendly-scanner\r\n\r\n";
+
+#[test]
+fn a_new_sources_sip_request_is_sampled_with_its_payload() {
+    let mut h = Harness::new(on());
+    assert_eq!(h.run(&sip_udp("198.51.100.7", REGISTER)), XDP_PASS);
+    let records = h.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let s = &records[0];
+    assert_eq!(s.kind, detect::KIND_SAMPLE);
+    assert_eq!(s.addr, ip("198.51.100.7"));
+    assert_eq!(s.method, detect::METHOD_REGISTER);
+    assert_eq!(s.dst_port, 5060);
+    assert_eq!(s.payload, REGISTER);
+    assert_eq!((s.seen, s.probes, s.requests), (1, 1, [1, 0, 0, 0]));
+
+    // TCP with payload, over IPv6.
+    let options = b"OPTIONS sip:100@[2001:db8::1] SIP/2.0\r\n\r\n";
+    assert_eq!(h.run(&sip_tcp("2001:db8:77::7", options)), XDP_PASS);
+    let records = h.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].addr, ip("2001:db8:77::7"));
+    assert_eq!(records[0].method, detect::METHOD_OPTIONS);
+    assert_eq!(records[0].payload, options);
+}
+
+#[test]
+fn only_sip_requests_from_sources_no_list_knows_are_watched() {
+    let mut h = Harness::new(on());
+    h.loaded
+        .dataplane
+        .deny("203.0.113.7/32".parse().expect("literal"))
+        .expect("deny");
+    h.loaded
+        .dataplane
+        .deny("203.0.113.8/32".parse().expect("literal"))
+        .expect("deny");
+    h.loaded
+        .dataplane
+        .allow("203.0.113.8/32".parse().expect("literal"))
+        .expect("allow");
+    // Banned: dropped, not watched. Allowed: passed, not watched.
+    assert_eq!(h.run(&sip_udp("203.0.113.7", REGISTER)), XDP_DROP);
+    assert_eq!(h.run(&sip_udp("203.0.113.8", REGISTER)), XDP_PASS);
+    // Not a SIP port; a TCP segment without payload; a response (sent by a server).
+    let other_port = Frame::ip(
+        ip("198.51.100.9"),
+        ip("192.0.2.1"),
+        PROTO_UDP,
+        udp(40000, 80, REGISTER),
+    )
+    .build();
+    assert_eq!(h.run(&other_port), XDP_PASS);
+    let syn = Frame::tcp(ip("198.51.100.9"), ip("192.0.2.1"), 5060).build();
+    assert_eq!(h.run(&syn), XDP_PASS);
+    assert_eq!(
+        h.run(&sip_udp("198.51.100.9", b"SIP/2.0 200 OK\r\n\r\n")),
+        XDP_PASS
+    );
+    assert_eq!(h.records(), Vec::new());
+}
+
+#[test]
+fn the_first_requests_then_one_in_n_are_sampled_and_a_rate_report_goes_once() {
+    let mut h = Harness::new(on());
+    for _ in 0..12 {
+        assert_eq!(h.run(&sip_udp("198.51.100.10", REGISTER)), XDP_PASS);
+    }
+    let records = h.records();
+    let sampled: Vec<u32> = records
+        .iter()
+        .filter(|r| r.kind == detect::KIND_SAMPLE)
+        .map(|r| r.seen)
+        .collect();
+    // The first 2, then every 4th.
+    assert_eq!(sampled, [1, 2, 4, 8, 12]);
+    let reports: Vec<&Sample> = records
+        .iter()
+        .filter(|r| r.kind == detect::KIND_RATE)
+        .collect();
+    assert_eq!(reports.len(), 1, "{records:?}");
+    // At the threshold of 5 REGISTERs within the window, no payload.
+    assert_eq!(reports[0].requests[usize::from(detect::METHOD_REGISTER)], 5);
+    assert!(reports[0].payload.is_empty());
+}
+
+#[test]
+fn the_sample_budget_caps_a_flood_of_new_sources() {
+    let mut h = Harness::new(DetectConfig {
+        samples_per_sec: 10,
+        ..on()
+    });
+    for i in 0..100u32 {
+        let src = format!("198.51.{}.{}", 100 + i / 250, 1 + i % 250);
+        h.run(&sip_udp(&src, REGISTER));
+    }
+    let n = h.records().len();
+    // Ten a second; a run that crosses a second boundary may take ten more.
+    assert!((10..=20).contains(&n), "{n} samples");
+}
+
+#[test]
+fn detection_off_sends_nothing() {
+    let mut h = Harness::new(DetectConfig::default());
+    for _ in 0..10 {
+        assert_eq!(h.run(&sip_udp("198.51.100.11", REGISTER)), XDP_PASS);
+    }
+    assert_eq!(h.records(), Vec::new());
+}
