@@ -429,6 +429,12 @@ fn serve<E: Enforcer + Send + 'static>(
                     rx.clone(),
                     running.updates.clone(),
                     stats.clone(),
+                    Some(
+                        config
+                            .process
+                            .state_dir
+                            .join(crate::detect::offences::FILE),
+                    ),
                 ));
                 (
                     Some(tx),

@@ -7,6 +7,7 @@
 //! logs and counts what it would ban. The owner applies the ban like any feed's: the
 //! allowlist wins, this host's addresses and the sanitiser's limits are refused.
 
+pub mod offences;
 pub mod rules;
 pub mod sample;
 pub mod sip;
@@ -31,6 +32,7 @@ use tokio::{
 };
 
 use self::{
+    offences::Offences,
     rules::{Detector, Finding, RULES},
     sample::Sample,
 };
@@ -233,6 +235,7 @@ pub async fn run(
     mut settings: watch::Receiver<DetectSettings>,
     updates: mpsc::Sender<Update>,
     stats: Arc<DetectStats>,
+    offences_file: Option<std::path::PathBuf>,
 ) {
     let DetectTap {
         mut switches,
@@ -245,8 +248,11 @@ pub async fn run(
     }
     tracing::info!(mode = current.mode.name(), ports = ?current.ports, "SIP scanner detection");
     let mut detector = Detector::default();
-    // Detection's bans per source, for the doubling TTL; forgotten after the longest TTL.
-    let mut offences: HashMap<IpAddr, (u32, u64)> = HashMap::new();
+    // Detection's bans per source, for the doubling TTL, across restarts; forgotten after
+    // the longest TTL. Written at most every few seconds, however many bans a wave brings.
+    let mut offences = Offences::load(offences_file);
+    let mut save_tick = tokio::time::interval(Duration::from_secs(5));
+    save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Sources already reported in observe mode, so that one scanner is one log line a TTL.
     let mut reported: HashMap<IpAddr, u64> = HashMap::new();
     // SAFETY: the ring buffer owns its descriptor and keeps it open until it is dropped,
@@ -260,6 +266,13 @@ pub async fn run(
     };
     loop {
         tokio::select! {
+            _ = save_tick.tick() => {
+                offences.forget_older_than(unix_now(), current.ttl_max.as_secs().max(current.ttl.as_secs()) * 2);
+                if let Err(e) = offences.save_if_changed() {
+                    tracing::warn!(error = %e, "cannot save detection's offence counts; re-offences after a restart start over");
+                }
+                continue;
+            }
             changed = settings.changed() => {
                 if changed.is_err() {
                     return;
@@ -303,10 +316,6 @@ pub async fn run(
                     act(&current, finding, now, &updates, &stats, &mut offences, &mut reported).await;
                 }
                 stats.tracked.store(detector.tracked() as u64, Relaxed);
-                let horizon = current.ttl_max.as_secs();
-                if offences.len() > 100_000 {
-                    offences.retain(|_, (_, at)| now.saturating_sub(*at) < horizon);
-                }
                 if reported.len() > 100_000 {
                     reported.retain(|_, until| *until > now);
                 }
@@ -321,14 +330,10 @@ async fn act(
     now: u64,
     updates: &mpsc::Sender<Update>,
     stats: &DetectStats,
-    offences: &mut HashMap<IpAddr, (u32, u64)>,
+    offences: &mut Offences,
     reported: &mut HashMap<IpAddr, u64>,
 ) {
-    let offence = match offences.get(&finding.addr) {
-        // A previous ban that has expired by now: this is a re-offence.
-        Some((n, _)) => n + 1,
-        None => 1,
-    };
+    let offence = offences.next(finding.addr);
     let ttl = settings.ttl_for(offence);
     let outcome = if settings.mode == DetectMode::Enforce {
         let evidence = Evidence {
@@ -356,7 +361,7 @@ async fn act(
         match answer {
             Ok(_) => {
                 stats.bans.fetch_add(1, Relaxed);
-                offences.insert(finding.addr, (offence, now));
+                offences.record(finding.addr, offence, now);
                 tracing::warn!(
                     addr = %finding.addr, rule = finding.rule, counts = %finding.counts,
                     line = %finding.line, ttl = %crate::human::format_duration(ttl), offence,
