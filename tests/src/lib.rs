@@ -25,6 +25,20 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// The production program's XDP action on `frame`, through BPF_PROG_TEST_RUN.
+pub fn run_frame(loaded: &mut apiban::dataplane::loader::Loaded, frame: &[u8]) -> u32 {
+    use aya::programs::TestRun as _;
+    let prog: &mut aya::programs::Xdp = loaded
+        .ebpf_mut()
+        .program_mut(apiban_common::program_names::APIBAN)
+        .expect("the program")
+        .try_into()
+        .expect("XDP");
+    let mut opts = aya::programs::TestRunOptions::new();
+    opts.data_in = Some(frame);
+    prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+}
+
 /// Fails the test, with a message saying why, unless running as root. Privileged tests are
 /// never skipped: a skipped test would pass without proving anything.
 pub fn require_root() {

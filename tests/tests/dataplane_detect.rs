@@ -11,8 +11,7 @@ use apiban::{
     },
     detect::sample::Sample,
 };
-use apiban_common::{DetectConfig, detect, program_names};
-use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use apiban_common::{DetectConfig, detect};
 use tests::{
     BpffsDir,
     frame::{Frame, PROTO_TCP, PROTO_UDP, tcp_syn, udp},
@@ -47,16 +46,7 @@ impl Harness {
     }
 
     fn run(&mut self, frame: &[u8]) -> u32 {
-        let prog: &mut Xdp = self
-            .loaded
-            .ebpf_mut()
-            .program_mut(program_names::APIBAN)
-            .expect("program")
-            .try_into()
-            .expect("xdp");
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+        tests::run_frame(&mut self.loaded, frame)
     }
 
     /// Everything in the ring buffer now.

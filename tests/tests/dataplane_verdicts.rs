@@ -7,8 +7,7 @@ use apiban::dataplane::{
     Scope,
     loader::{self, Capacities, LoadOptions, Loaded},
 };
-use apiban_common::{DataplaneConfig, Verdict, program_names};
-use aya::programs::{TestRun as _, TestRunOptions, Xdp};
+use apiban_common::{DataplaneConfig, Verdict};
 use ipnet::IpNet;
 use tests::{
     BpffsDir,
@@ -127,16 +126,7 @@ impl Harness {
     }
 
     fn run(&mut self, frame: &[u8]) -> u32 {
-        let prog: &mut Xdp = self
-            .loaded
-            .ebpf_mut()
-            .program_mut(program_names::APIBAN)
-            .expect("program")
-            .try_into()
-            .expect("xdp");
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+        tests::run_frame(&mut self.loaded, frame)
     }
 
     /// Runs `frame` and asserts the action and that exactly one counter moved, by one

@@ -11,11 +11,8 @@
 use std::{collections::BTreeSet, path::Path};
 
 use apiban::dataplane::{Scope, loader};
-use apiban_common::{Counter, VERDICT_COUNT, Verdict, map_names, program_names};
-use aya::{
-    maps::{Map, MapData, PerCpuArray},
-    programs::{TestRun as _, TestRunOptions, Xdp},
-};
+use apiban_common::{Counter, VERDICT_COUNT, Verdict, map_names};
+use aya::maps::{Map, MapData, PerCpuArray};
 use ipnet::IpNet;
 use tests::{
     BpffsDir,
@@ -83,16 +80,7 @@ impl Under {
     /// The program's verdict on `frame`: its action, and which counter moved.
     fn verdict(&mut self, frame: &[u8]) -> (u32, Option<Verdict>) {
         let before = self.counts();
-        let prog: &mut Xdp = self
-            .loaded
-            .ebpf_mut()
-            .program_mut(program_names::APIBAN)
-            .expect("the program")
-            .try_into()
-            .expect("XDP");
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        let action = prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value;
+        let action = tests::run_frame(&mut self.loaded, frame);
         let after = self.counts();
         let moved: Vec<Verdict> = Verdict::ALL
             .into_iter()
