@@ -31,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
         dst_port: 5060,
         requests: [u32::MAX, 0, 7, 1],
         seen: 1,
+        probes: data.len() as u32,
         payload: data.to_vec(),
     });
     let mut detector = Detector::default();

@@ -501,7 +501,10 @@ fn fuzz_run(root: &Path, target: &str, extra: &[&str]) -> anyhow::Result<()> {
         .args(["--", "-rss_limit_mb=2048", "-timeout=10", "-max_len=65536"])
         .args(extra);
     status(cmd).with_context(|| {
-        format!("fuzz target {target} failed: the input that did it is in fuzz/artifacts/{target}/")
+        format!(
+            "fuzz target {target} failed: a build error (above), or a crash whose input is in \
+             fuzz/artifacts/{target}/"
+        )
     })
 }
 
