@@ -253,7 +253,8 @@ pub async fn run(
     let mut offences = Offences::load(offences_file);
     let mut save_tick = tokio::time::interval(Duration::from_secs(5));
     save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Sources already reported in observe mode, so that one scanner is one log line a TTL.
+    // Sources already matched, until their TTL: one scanner is one log line and one ban a
+    // TTL, in either mode, however many samples it keeps sending.
     let mut reported: HashMap<IpAddr, u64> = HashMap::new();
     // SAFETY: the ring buffer owns its descriptor and keeps it open until it is dropped,
     // which only the AsyncFd does.
@@ -286,15 +287,19 @@ pub async fn run(
             }
             guard = ring.readable_mut() => {
                 let Ok(mut guard) = guard else { return };
+                // Cleared before draining: a record committed while we drain wakes us again
+                // rather than waiting for the next one.
+                guard.clear_ready();
                 let mut batch = Vec::new();
                 while let Some(item) = guard.get_inner_mut().next() {
                     if let Some(sample) = Sample::decode(&item) {
                         batch.push(sample);
                     }
                 }
-                guard.clear_ready();
                 let now = unix_now();
-                let now_ms = now.saturating_mul(1000);
+                let now_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(now.saturating_mul(1000), |d| d.as_millis() as u64);
                 for sample in batch {
                     if sample.kind == apiban_common::detect::KIND_RATE {
                         stats.rate_reports.fetch_add(1, Relaxed);

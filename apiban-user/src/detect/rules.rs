@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use apiban_common::detect::{KIND_RATE, METHOD_NAMES};
+use apiban_common::detect::{KIND_RATE, METHOD_NAMES, METHOD_OPTIONS, METHOD_REGISTER};
 
 use super::{
     DetectSettings,
@@ -87,8 +87,10 @@ impl Detector {
         if now_ms.saturating_sub(tracked.window_start_ms) >= window_ms {
             *tracked = Tracked {
                 window_start_ms: now_ms,
-                // This sample's own request is counted in `probes` already.
-                probes_at_start: sample.probes.saturating_sub(1),
+                // A REGISTER's or OPTIONS' own request is counted in `probes` already.
+                probes_at_start: sample
+                    .probes
+                    .saturating_sub(u32::from(is_probe(sample.method))),
                 ..Tracked::default()
             };
         }
@@ -202,6 +204,11 @@ fn distinct_users(tracked: &Tracked, probes_now: u32) -> u32 {
     } else {
         distinct
     }
+}
+
+/// REGISTER and OPTIONS: what the dataplane counts in `probes`.
+fn is_probe(method: u8) -> bool {
+    method == METHOD_REGISTER || method == METHOD_OPTIONS
 }
 
 /// The window state is kept for: the longest of the rules' windows.
