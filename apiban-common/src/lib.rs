@@ -30,7 +30,11 @@ pub mod map_names {
     pub const ALLOW_V6_FILTER: &str = "ALLOW_V6_FILTER";
     pub const ALLOW_V4: &str = "ALLOW_V4";
     pub const ALLOW_V6: &str = "ALLOW_V6";
-    pub const STATS: &str = "STATS";
+    /// Packets and bytes per verdict and interface. Renamed from `STATS` when the `observed`
+    /// verdict made its layout grow: a starting agent removes the old pin (see
+    /// [`LEGACY_STATS`]), so counters restart from zero once, on that upgrade.
+    pub const STATS: &str = "VERDICT_STATS";
+    pub const LEGACY_STATS: &str = "STATS";
     /// Per-CPU; rebuilt on every load, so not pinned.
     pub const HIT_CLOCK: &str = "HIT_CLOCK";
     pub const CONFIG: &str = "CONFIG";
@@ -228,8 +232,23 @@ pub struct HostBucketV6 {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HostHits {
+    /// The hit count, and in bit 63 [`OBSERVED`]. The mark shares the word the program adds
+    /// to on every hit, so checking it costs no cache line the drop does not touch anyway;
+    /// a count cannot reach bit 63.
     pub hits: u64,
     pub last_hit_ns: u64,
+}
+
+/// Bit 63 of a deny entry's `hits` (host slot or trie value): every source of the entry is in
+/// observe mode, so a packet that matches it passes, counted as [`Verdict::Observed`]. The
+/// agent sets it before it publishes the entry and flips it with one atomic operation, so a
+/// source switched between observe and enforce never leaves a gap.
+pub const OBSERVED: u64 = 1 << 63;
+
+/// The hit count of a `hits` word, without the [`OBSERVED`] mark.
+#[inline(always)]
+pub const fn hit_count(hits: u64) -> u64 {
+    hits & !OBSERVED
 }
 
 /// The geometry of both host tables, in the single slot of the `HOST_TABLES` array. The agent
@@ -288,9 +307,12 @@ pub enum Verdict {
     NotIp = 3,
     /// IP but truncated or inconsistent headers: passed, since the source cannot be trusted.
     Malformed = 4,
+    /// From a source only sources in observe mode ban: passed, counted as what would have
+    /// been dropped.
+    Observed = 5,
 }
 
-pub const VERDICT_COUNT: u32 = 5;
+pub const VERDICT_COUNT: u32 = 6;
 
 impl Verdict {
     pub const ALL: [Verdict; VERDICT_COUNT as usize] = [
@@ -299,6 +321,7 @@ impl Verdict {
         Verdict::Passed,
         Verdict::NotIp,
         Verdict::Malformed,
+        Verdict::Observed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -308,6 +331,7 @@ impl Verdict {
             Verdict::Passed => "passed",
             Verdict::NotIp => "not_ip",
             Verdict::Malformed => "malformed",
+            Verdict::Observed => "observed",
         }
     }
 }
@@ -329,6 +353,7 @@ pub struct Counter {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DenyEntry {
+    /// The hit count, with the [`OBSERVED`] mark in bit 63 (see [`HostHits`]).
     pub hits: u64,
     pub last_hit_ns: u64,
     pub prefix_len: u32,
@@ -365,6 +390,9 @@ impl DataplaneConfig {
     /// one is gone.
     pub const ALLOW_V4_LISTED: u32 = 1 << 3;
     pub const ALLOW_V6_LISTED: u32 = 1 << 4;
+    /// Some deny entry carries the [`OBSERVED`] mark. While none does, a drop does not read
+    /// the mark; set before the first marked entry goes in, cleared after the last is gone.
+    pub const OBSERVED_LISTED: u32 = 1 << 5;
 }
 
 /// Parameters of the `bench_cycle` program: source address of run `i` is

@@ -21,8 +21,8 @@ use apiban_common::{
     DEFAULT_DENY_V4_ENTRIES, DEFAULT_DENY_V6_ENTRIES, DataplaneConfig, DenyEntry, ETH_P_8021AD,
     ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, HitClock, HostBucketV4, HostBucketV6, HostHits,
     HostTables, IFACE_COUNTER_SLOTS, IFACE_SLOT_INDEXES, IPPROTO_AH, IPPROTO_DSTOPTS,
-    IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS,
-    VERDICT_COUNT, Verdict, block_filter, host_table,
+    IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, OBSERVED,
+    SCOPE_PORT_SLOTS, VERDICT_COUNT, Verdict, block_filter, host_table,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, xdp_action},
@@ -91,7 +91,7 @@ static ALLOW_V4: LpmTrie<[u8; 4], AllowEntry> =
 static ALLOW_V6: LpmTrie<[u8; 16], AllowEntry> =
     LpmTrie::with_max_entries(DEFAULT_ALLOW_V6_ENTRIES, 0);
 #[map]
-static STATS: PerCpuArray<Counter> =
+static VERDICT_STATS: PerCpuArray<Counter> =
     PerCpuArray::with_max_entries(VERDICT_COUNT * IFACE_COUNTER_SLOTS, 0);
 // An array indexed by ifindex rather than a hash: one bounds check on the hot path.
 #[map]
@@ -126,8 +126,9 @@ pub(crate) fn try_apiban(ctx: &XdpContext) -> Result<u32, ()> {
     let flags = CONFIG.get(0).map_or(0, |c| c.flags);
     let verdict = classify(ctx, flags).unwrap_or(Verdict::Malformed);
     count(ctx, verdict);
-    if verdict == Verdict::Passed {
-        // Only sources that are neither banned nor allowed: what no list knows yet.
+    if verdict == Verdict::Passed || verdict == Verdict::Observed {
+        // Only sources that are neither banned nor allowed: what no list knows yet, or only
+        // lists on trial know.
         let _ = detect::watch(ctx);
     }
     Ok(match verdict {
@@ -238,9 +239,10 @@ fn classify_v4(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
             Verdict::Allowed
         }
         Some(entry) => {
+            let verdict = enforced(entry, flags);
             record_hit(entry, flags);
-            debug_event(ctx, flags, Verdict::Dropped, u32::from_be_bytes(src));
-            Verdict::Dropped
+            debug_event(ctx, flags, verdict, u32::from_be_bytes(src));
+            verdict
         }
     })
 }
@@ -280,10 +282,27 @@ fn classify_v6(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
             Verdict::Allowed
         }
         Some(entry) => {
+            let verdict = enforced(entry, flags);
             record_hit(entry, flags);
-            Verdict::Dropped
+            verdict
         }
     })
+}
+
+/// What a deny entry does to the packet: drop it, unless all its sources only observe.
+#[inline(always)]
+fn enforced(entry: *mut HostHits, flags: u32) -> Verdict {
+    if flags & DataplaneConfig::OBSERVED_LISTED == 0 {
+        return Verdict::Dropped;
+    }
+    // SAFETY: a pointer from a successful map lookup, valid for this run (RCU). One aligned
+    // 64-bit load: the agent flips the mark with an atomic operation on the same word.
+    let hits = unsafe { (&raw const (*entry).hits).read_volatile() };
+    if hits & OBSERVED != 0 {
+        Verdict::Observed
+    } else {
+        Verdict::Dropped
+    }
 }
 
 /// The hit bookkeeping of a banned IPv4 host, if the host table has it.
@@ -452,7 +471,7 @@ fn count(ctx: &XdpContext, verdict: Verdict) {
         .copied()
         .filter(|s| *s < IFACE_COUNTER_SLOTS)
         .unwrap_or(0);
-    if let Some(counter) = STATS.get_ptr_mut(slot * VERDICT_COUNT + verdict as u32) {
+    if let Some(counter) = VERDICT_STATS.get_ptr_mut(slot * VERDICT_COUNT + verdict as u32) {
         let bytes = (ctx.data_end() - ctx.data()) as u64;
         // SAFETY: a per-CPU slot is only ever touched by the CPU running this program.
         unsafe {

@@ -450,16 +450,7 @@ async fn answer(req: Request, ctx: &ControlContext) -> Response {
             let built = ctx
                 .readers
                 .read(move |snapshot, info, dataplane| {
-                    let mut report = status::report(snapshot, info, dataplane, now);
-                    if let Some(dp) = dataplane {
-                        match dp.hit_deny_entries() {
-                            Ok(hits) => {
-                                report.top = status::top_entries(hits, TOP_SOURCES, snapshot)
-                            }
-                            Err(e) => report.dataplane_error = Some(crate::error_chain(&e)),
-                        }
-                    }
-                    report
+                    status::report(snapshot, info, dataplane, now, TOP_SOURCES)
                 })
                 .await;
             return read_answer(built.map(|report| to_value(&report)));

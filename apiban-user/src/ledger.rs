@@ -159,6 +159,14 @@ fn count(
     }
 }
 
+/// What the dataplane should hold (see [`Ledger::desired_modes`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Desired {
+    pub nets: BTreeSet<IpNet>,
+    /// The part of `nets` that only observes.
+    pub observed: BTreeSet<IpNet>,
+}
+
 /// What must change in the dataplane to make it equal to the ledger.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Diff {
@@ -393,15 +401,66 @@ impl Ledger {
     /// left out (the allowlist always wins); manual bans stay, and the XDP allow trie carves
     /// the operator's exceptions out of them.
     pub fn desired(&self, now: u64, allow: &AllowList) -> BTreeSet<IpNet> {
-        self.entries
+        self.desired_modes(now, allow, &BTreeSet::new()).nets
+    }
+
+    /// What the dataplane should hold, and which of it only observes: the prefixes whose
+    /// every live record comes from a source in `observing`, unless an enforced prefix
+    /// covers them. The program stops at the longest match, so an observed /32 inside an
+    /// enforced /24 must itself enforce, or it would let the /24's ban through.
+    pub fn desired_modes(
+        &self,
+        now: u64,
+        allow: &AllowList,
+        observing: &BTreeSet<SourceId>,
+    ) -> Desired {
+        let mut desired = Desired::default();
+        for (net, records) in &self.entries {
+            let mut live = records.iter().filter(|(source, record)| {
+                record.is_live(now) && (!source.is_remote() || !allow.covers(net))
+            });
+            let Some(first) = live.next() else { continue };
+            desired.nets.insert(*net);
+            if std::iter::once(first)
+                .chain(live)
+                .all(|(source, _)| observing.contains(source))
+            {
+                desired.observed.insert(*net);
+            }
+        }
+        if desired.observed.is_empty() {
+            return desired;
+        }
+        let enforced_lens: BTreeSet<(bool, u8)> = desired
+            .nets
+            .difference(&desired.observed)
+            .filter(|n| n.prefix_len() < n.max_prefix_len())
+            .map(|n| (matches!(n, IpNet::V6(_)), n.prefix_len()))
+            .collect();
+        if enforced_lens.is_empty() {
+            return desired;
+        }
+        let covered: Vec<IpNet> = desired
+            .observed
             .iter()
-            .filter(|(net, records)| {
-                records.iter().any(|(source, record)| {
-                    record.is_live(now) && (!source.is_remote() || !allow.covers(net))
-                })
+            .filter(|net| {
+                let v6 = matches!(net, IpNet::V6(_));
+                enforced_lens
+                    .iter()
+                    .filter(|(family, len)| *family == v6 && *len < net.prefix_len())
+                    .any(|(_, len)| {
+                        IpNet::new(net.addr(), *len).is_ok_and(|wider| {
+                            let wider = wider.trunc();
+                            desired.nets.contains(&wider) && !desired.observed.contains(&wider)
+                        })
+                    })
             })
-            .map(|(net, _)| *net)
-            .collect()
+            .copied()
+            .collect();
+        for net in covered {
+            desired.observed.remove(&net);
+        }
+        desired
     }
 
     pub fn get(&self, net: &IpNet) -> Option<&Records> {

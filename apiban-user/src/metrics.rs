@@ -96,6 +96,32 @@ pub fn render(r: &StatusReport) -> String {
         );
     }
     w.family(
+        "apiban_source_observing",
+        "gauge",
+        "1 while the source is in observe mode (its entries are matched and counted, not dropped), else 0.",
+    );
+    for src in &r.sources {
+        w.sample(
+            "apiban_source_observing",
+            &[("source", &src.source)],
+            u8::from(src.mode == "observe"),
+        );
+    }
+    w.family(
+        "apiban_source_matched_packets",
+        "gauge",
+        "Packets matched by the source's entries now in the maps, by verdict: dropped, or observed (would have been dropped). An entry's count goes with it, so this can fall.",
+    );
+    for src in &r.sources {
+        for (verdict, n) in [("dropped", src.dropped), ("observed", src.observed)] {
+            w.sample(
+                "apiban_source_matched_packets",
+                &[("source", &src.source), ("verdict", verdict)],
+                n,
+            );
+        }
+    }
+    w.family(
         "apiban_enforced_prefixes",
         "gauge",
         "Prefixes in the XDP deny maps by address family.",

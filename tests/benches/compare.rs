@@ -194,7 +194,7 @@ fn load_apiban(addrs: &[Ipv4Addr]) -> (Duration, Duration) {
     loaded.dataplane.undeny_batch(&nets).expect("clear");
     let batched = best_of(3, || {
         let start = Instant::now();
-        loaded.dataplane.deny_batch(&nets).expect("batch");
+        loaded.dataplane.deny_batch(&nets, false).expect("batch");
         let took = start.elapsed();
         loaded.dataplane.undeny_batch(&nets).expect("clear");
         took
@@ -776,7 +776,10 @@ fn attach_xdp(topo: &Topology, dir: &BpffsDir, addrs: &[Ipv4Addr]) {
         loaded
             .attach(&iface, loader::AttachMode::Native)
             .expect("attach native XDP to the veth");
-        loaded.dataplane.deny_batch(&nets).expect("load the bans");
+        loaded
+            .dataplane
+            .deny_batch(&nets, false)
+            .expect("load the bans");
         // Dropping the object leaves the pinned link and maps enforcing.
     });
 }

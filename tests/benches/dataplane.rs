@@ -186,7 +186,7 @@ fn main() {
         load_row("one call per address", size, one_by_one);
         loaded.dataplane.undeny_batch(&nets).expect("clear");
         let batched = time(|| {
-            loaded.dataplane.deny_batch(&nets).expect("batch");
+            loaded.dataplane.deny_batch(&nets, false).expect("batch");
         });
         load_row("one call per batch", size, batched);
         loaded.dataplane.undeny_batch(&nets).expect("clear");
@@ -311,7 +311,7 @@ fn grow_to(loaded: &mut Loaded, inserted: &mut u32, size: u32) {
     if size > *inserted {
         loaded
             .dataplane
-            .deny_batch(&addresses(*inserted, size))
+            .deny_batch(&addresses(*inserted, size), false)
             .expect("fill deny map");
         *inserted = size;
     }

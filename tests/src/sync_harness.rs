@@ -36,8 +36,14 @@ impl Enforcer for SharedMemory {
     fn allowed(&self) -> Result<BTreeSet<IpNet>, DataplaneError> {
         apiban::lock(&self.0).allowed()
     }
-    fn deny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError> {
-        apiban::lock(&self.0).deny(nets)
+    fn observed(&self) -> Result<BTreeSet<IpNet>, DataplaneError> {
+        apiban::lock(&self.0).observed()
+    }
+    fn deny(&mut self, nets: &[IpNet], observed: bool) -> Result<(), DataplaneError> {
+        apiban::lock(&self.0).deny(nets, observed)
+    }
+    fn mark(&mut self, nets: &[IpNet], observed: bool) -> Result<(), DataplaneError> {
+        apiban::lock(&self.0).mark(nets, observed)
     }
     fn undeny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError> {
         apiban::lock(&self.0).undeny(nets)

@@ -666,7 +666,10 @@ fn batched_updates_match_one_by_one() {
         }))
         .collect();
     let dp = &mut h.loaded.dataplane;
-    assert_eq!(dp.deny_batch(&nets).expect("batch insert"), nets.len());
+    assert_eq!(
+        dp.deny_batch(&nets, false).expect("batch insert"),
+        nets.len()
+    );
     assert_eq!(dp.deny_v4().count(), 5000);
     assert_eq!(dp.deny_v6().count(), 100);
     for n in nets.iter().step_by(97) {
@@ -705,7 +708,7 @@ fn a_full_map_is_reported_and_keeps_existing_bans() {
         .map(|i| net(&format!("203.0.113.{i}/32")))
         .collect();
     assert!(matches!(
-        dp.deny_batch(&batch),
+        dp.deny_batch(&batch, false),
         Err(apiban::dataplane::DataplaneError::MapFull { .. })
     ));
     for i in 1..=4u8 {
@@ -796,7 +799,7 @@ fn the_deny_filter_never_hides_a_ban() {
     let hosts: Vec<IpNet> = (0..2000u32)
         .map(|i| IpNet::new(IpAddr::V4((0x2d00_0000 + (i << 8) + 5).into()), 32).expect("net"))
         .collect();
-    let added = h.loaded.dataplane.deny_batch(&hosts).expect("batch");
+    let added = h.loaded.dataplane.deny_batch(&hosts, false).expect("batch");
     assert_eq!(added, hosts.len());
     h.loaded
         .dataplane
@@ -914,7 +917,10 @@ fn the_host_table_overflows_into_the_trie_and_reuses_slots_clean() {
     // Batches and a restart see the same placement.
     let more = same_home(buckets, 40, 70);
     let more: Vec<IpNet> = more.iter().map(|n| net(n)).collect();
-    assert_eq!(h.loaded.dataplane.deny_batch(&more).expect("batch"), 70);
+    assert_eq!(
+        h.loaded.dataplane.deny_batch(&more, false).expect("batch"),
+        70
+    );
     h = h.reload();
     let dp = &h.loaded.dataplane;
     assert_eq!(dp.deny_v4().count(), window + 70);
@@ -1195,4 +1201,111 @@ fn batch_calls_refuse_elements_of_the_wrong_size() {
     assert!(ok.error.is_none() && ok.done == 1, "{ok:?}");
     let ok = batch::delete(fd, &[Key::new(24, [198u8, 18, 0, 0])]);
     assert!(ok.error.is_none() && ok.done == 1, "{ok:?}");
+}
+
+#[test]
+fn observed_entries_pass_counted_and_switch_in_place_both_ways() {
+    let mut h = Harness::with_test_lists();
+    let dp = &mut h.loaded.dataplane;
+    let trial = [
+        net("192.0.2.77/32"),
+        net("203.0.112.0/24"),
+        net("2001:db8::77/128"),
+        net("2001:db8:77::/48"),
+        // Inside the allowlist's 198.51.100.128/25: the allowlist still wins.
+        net("198.51.100.200/32"),
+    ];
+    dp.deny_batch(&trial, true).expect("observed bans");
+    assert_ne!(
+        dp.config().expect("config").flags & DataplaneConfig::OBSERVED_LISTED,
+        0,
+        "the program reads the mark"
+    );
+    let hits = |h: &Harness, n: &str| {
+        h.loaded
+            .dataplane
+            .deny_hits()
+            .expect("hits")
+            .into_iter()
+            .find(|e| e.net == net(n))
+            .unwrap_or_else(|| panic!("{n} is in the deny map"))
+    };
+    let cases = [
+        ("observed v4 host", "192.0.2.77", "192.0.2.77/32"),
+        ("observed v4 prefix", "203.0.112.9", "203.0.112.0/24"),
+        ("observed v6 host", "2001:db8::77", "2001:db8::77/128"),
+        ("observed v6 prefix", "2001:db8:77::5", "2001:db8:77::/48"),
+    ];
+    for (case, src, entry) in cases {
+        let dst = if src.contains(':') {
+            "2001:db8::1"
+        } else {
+            "192.0.2.1"
+        };
+        let frame = Frame::udp(ip(src), ip(dst), 5060).build();
+        h.expect(case, &frame, Verdict::Observed);
+        let e = hits(&h, entry);
+        assert!(e.observed, "{case}: marked");
+        assert_eq!(e.entry.hits, 1, "{case}: the count leaves the mark out");
+        assert_eq!(
+            h.loaded.dataplane.verdict_for(ip(src)).expect("verdict").0,
+            Verdict::Observed,
+            "{case}: what check reports"
+        );
+    }
+    h.expect(
+        "allowlisted, observed",
+        &Frame::udp(ip("198.51.100.200"), ip("192.0.2.1"), 5060).build(),
+        Verdict::Allowed,
+    );
+    // Enforced entries beside them still drop.
+    h.expect(
+        "enforced host",
+        &Frame::udp(ip("203.0.113.7"), ip("192.0.2.1"), 5060).build(),
+        Verdict::Dropped,
+    );
+
+    // Observe -> enforce, in place: the next packet drops, the count goes on.
+    h.loaded
+        .dataplane
+        .mark_batch(&trial, false)
+        .expect("enforce");
+    for (case, src, entry) in cases {
+        let dst = if src.contains(':') {
+            "2001:db8::1"
+        } else {
+            "192.0.2.1"
+        };
+        let frame = Frame::udp(ip(src), ip(dst), 5060).build();
+        h.expect(case, &frame, Verdict::Dropped);
+        let e = hits(&h, entry);
+        assert!(!e.observed, "{case}: unmarked");
+        assert_eq!(e.entry.hits, 2, "{case}: the count survived the switch");
+    }
+    // And back.
+    h.loaded
+        .dataplane
+        .mark_batch(&trial[..1], true)
+        .expect("observe");
+    h.expect(
+        "observed again",
+        &Frame::udp(ip("192.0.2.77"), ip("192.0.2.1"), 5060).build(),
+        Verdict::Observed,
+    );
+    // With the switch off the mark is not read: what the owner does once nothing observes.
+    h.loaded.dataplane.set_observing(false).expect("switch");
+    h.expect(
+        "switch off",
+        &Frame::udp(ip("192.0.2.77"), ip("192.0.2.1"), 5060).build(),
+        Verdict::Dropped,
+    );
+    // A removed observed host leaves a clean slot: a new ban there enforces.
+    h.loaded.dataplane.set_observing(true).expect("switch");
+    h.undeny("192.0.2.77/32");
+    h.deny("192.0.2.77/32");
+    h.expect(
+        "re-banned, enforcing",
+        &Frame::udp(ip("192.0.2.77"), ip("192.0.2.1"), 5060).build(),
+        Verdict::Dropped,
+    );
 }

@@ -42,7 +42,10 @@ impl Under {
             ..Default::default()
         })
         .expect("load the XDP program");
-        loaded.dataplane.deny_batch(&policy.deny).expect("deny");
+        loaded
+            .dataplane
+            .deny_batch(&policy.deny, false)
+            .expect("deny");
         for net in &policy.allow {
             loaded.dataplane.allow(*net).expect("allow");
         }

@@ -414,12 +414,26 @@ impl apiban::engine::Enforcer for FaultyEnforcer {
     fn allowed(&self) -> Result<BTreeSet<IpNet>, apiban::dataplane::DataplaneError> {
         self.inner.allowed()
     }
-    fn deny(&mut self, nets: &[IpNet]) -> Result<(), apiban::dataplane::DataplaneError> {
+    fn observed(&self) -> Result<BTreeSet<IpNet>, apiban::dataplane::DataplaneError> {
+        self.inner.observed()
+    }
+    fn deny(
+        &mut self,
+        nets: &[IpNet],
+        observed: bool,
+    ) -> Result<(), apiban::dataplane::DataplaneError> {
         match self.stall {
             None => panic!("a bug in the owner's path"),
             Some(d) => std::thread::sleep(d),
         }
-        self.inner.deny(nets)
+        self.inner.deny(nets, observed)
+    }
+    fn mark(
+        &mut self,
+        nets: &[IpNet],
+        observed: bool,
+    ) -> Result<(), apiban::dataplane::DataplaneError> {
+        self.inner.mark(nets, observed)
     }
     fn undeny(&mut self, nets: &[IpNet]) -> Result<(), apiban::dataplane::DataplaneError> {
         self.inner.undeny(nets)

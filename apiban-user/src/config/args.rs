@@ -58,22 +58,32 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     })
 }
 
-/// `--list NAME=PATH|URL`.
+/// One comma-separated item of `--list NAME=PATH|URL[,mode=observe|enforce]`: a list, or
+/// the mode of the list before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListArg {
+    List(NamedList),
+    Mode(crate::config::SourceMode),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NamedList {
     pub name: String,
     pub location: ListLocation,
 }
 
-fn parse_named_list(text: &str) -> Result<NamedList, String> {
+fn parse_named_list(text: &str) -> Result<ListArg, String> {
     let (name, location) = text
         .split_once('=')
         .filter(|(n, loc)| !n.is_empty() && !loc.is_empty())
         .ok_or_else(|| format!("`{text}`: write NAME=PATH or NAME=URL"))?;
-    Ok(NamedList {
+    if name == "mode" {
+        return value_enum(location).map(ListArg::Mode);
+    }
+    Ok(ListArg::List(NamedList {
         name: name.to_owned(),
         location: ListLocation::parse(location),
-    })
+    }))
 }
 
 /// A value-enum's name, matched as clap matches it (case-insensitively), listing the choices
@@ -169,9 +179,16 @@ pub struct RunArgs {
     /// Feed entries broader than this IPv6 prefix length are refused [default: 32].
     #[arg(long, env = "APIBAN_MIN_PREFIX_V6")]
     pub min_prefix_v6: Option<u8>,
-    /// Plain-text blocklist as NAME=PATH or NAME=URL (repeatable).
+    /// Plain-text blocklist as NAME=PATH or NAME=URL, optionally followed by ,mode=observe
+    /// to match and count its entries without dropping (repeatable).
     #[arg(long = "list", env = "APIBAN_LIST", value_delimiter = ',', value_parser = parse_named_list)]
-    pub lists: Vec<NamedList>,
+    pub lists: Vec<ListArg>,
+    /// APIBAN's entries: enforce (drop) or observe (match, count and pass) [default: enforce].
+    #[arg(long, env = "APIBAN_APIBAN_MODE", value_enum)]
+    pub apiban_mode: Option<crate::config::SourceMode>,
+    /// Manual bans (`apiban ban`, the ban API): enforce or observe [default: enforce].
+    #[arg(long, env = "APIBAN_MANUAL_MODE", value_enum)]
+    pub manual_mode: Option<crate::config::SourceMode>,
     /// How often blocklists are re-read [default: 1h].
     #[arg(long, env = "APIBAN_LIST_REFRESH")]
     pub list_refresh: Option<HumanDuration>,

@@ -49,6 +49,8 @@ pub struct FileConfig {
     pub min_prefix_v6: Option<u8>,
     pub list: Option<Vec<FileList>>,
     pub list_refresh: Option<Parsed<HumanDuration>>,
+    pub apiban_mode: Option<ByName<super::SourceMode>>,
+    pub manual_mode: Option<ByName<super::SourceMode>>,
     pub state_dir: Option<PathBuf>,
     pub control_socket: Option<PathBuf>,
     pub control_group: Option<String>,
@@ -82,6 +84,7 @@ pub struct FileList {
     /// A path or an http(s) URL.
     pub location: String,
     pub refresh: Option<Parsed<HumanDuration>>,
+    pub mode: Option<ByName<super::SourceMode>>,
 }
 
 /// A string value parsed with the type's `FromStr`, the parser its flag uses.

@@ -20,13 +20,14 @@ use std::{
 use serde::Serialize;
 
 pub use self::{
-    args::{LogFormat, MetricsAddr, NamedList, RunArgs, ScopeKind, parse_cidr},
+    args::{ListArg, LogFormat, MetricsAddr, NamedList, RunArgs, ScopeKind, parse_cidr},
     file::{FileConfig, FileList, parse_file, read_file},
 };
 use crate::{
     dataplane::{Scope, loader::AttachMode},
     detect::DetectSettings,
     engine::EngineSettings,
+    ledger::SourceId,
     source::{
         apiban::{ApiVersion, DEFAULT_BASE_URL, DataSet},
         blocklist::ListSpec,
@@ -230,12 +231,28 @@ fn resolve_scope(args: &RunArgs, file: &FileConfig) -> Result<Scope, ConfigError
     }
 }
 
-fn resolve_lists(args: &RunArgs, file: &FileConfig) -> Result<Vec<ListSpec>, ConfigError> {
+/// Whether a source's entries are dropped or only matched and counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceMode {
+    /// Drop what the source bans.
+    #[default]
+    Enforce,
+    /// Match what it bans, count it as `observed` and let it pass: a source on trial.
+    Observe,
+}
+
+/// The configured lists, and the names of those in observe mode.
+fn resolve_lists(
+    args: &RunArgs,
+    file: &FileConfig,
+) -> Result<(Vec<ListSpec>, BTreeSet<String>), ConfigError> {
     let refresh = first(
         args.list_refresh.map(|d| d.0),
         file.list_refresh.map(|d| d.0.0),
         Duration::from_secs(3600),
     );
+    let mut observe = BTreeSet::new();
     let lists: Vec<ListSpec> = if args.lists.is_empty() {
         let mut lists = Vec::new();
         for l in file.list.clone().unwrap_or_default() {
@@ -245,6 +262,9 @@ fn resolve_lists(args: &RunArgs, file: &FileConfig) -> Result<Vec<ListSpec>, Con
                     "every [[list]] needs a name and a location",
                 ));
             }
+            if l.mode.is_some_and(|m| m.0 == SourceMode::Observe) {
+                observe.insert(l.name.clone());
+            }
             lists.push(ListSpec {
                 name: l.name,
                 location: crate::source::blocklist::ListLocation::parse(&l.location),
@@ -253,14 +273,30 @@ fn resolve_lists(args: &RunArgs, file: &FileConfig) -> Result<Vec<ListSpec>, Con
         }
         lists
     } else {
-        args.lists
-            .iter()
-            .map(|l| ListSpec {
-                name: l.name.clone(),
-                location: l.location.clone(),
-                refresh,
-            })
-            .collect()
+        let mut lists: Vec<ListSpec> = Vec::new();
+        for arg in &args.lists {
+            match arg {
+                args::ListArg::List(l) => lists.push(ListSpec {
+                    name: l.name.clone(),
+                    location: l.location.clone(),
+                    refresh,
+                }),
+                args::ListArg::Mode(mode) => {
+                    let Some(list) = lists.last() else {
+                        return Err(invalid(
+                            "list",
+                            "mode= follows the list it applies to, e.g. voipbl=URL,mode=observe",
+                        ));
+                    };
+                    if *mode == SourceMode::Observe {
+                        observe.insert(list.name.clone());
+                    } else {
+                        observe.remove(&list.name);
+                    }
+                }
+            }
+        }
+        lists
     };
     let mut names = BTreeSet::new();
     if let Some(dup) = lists.iter().find(|l| !names.insert(l.name.as_str())) {
@@ -269,7 +305,7 @@ fn resolve_lists(args: &RunArgs, file: &FileConfig) -> Result<Vec<ListSpec>, Con
             format!("two lists are named `{}`", dup.name),
         ));
     }
-    Ok(lists)
+    Ok((lists, observe))
 }
 
 fn resolve_apiban(args: &RunArgs, file: &FileConfig) -> Result<ApibanSettings, ConfigError> {
@@ -352,7 +388,31 @@ fn resolve_engine(args: &RunArgs, file: &FileConfig) -> Result<EngineSettings, C
         min_prefix_v4,
         min_prefix_v6,
         allow: first_list(&args.allow, file_allow),
+        observe: BTreeSet::new(),
     })
+}
+
+/// The sources in observe mode: APIBAN, manual bans, each list, detection.
+fn observing_sources(
+    args: &RunArgs,
+    file: &FileConfig,
+    lists: BTreeSet<String>,
+    detect: &DetectSettings,
+) -> BTreeSet<SourceId> {
+    let mut observe: BTreeSet<SourceId> = lists.into_iter().map(SourceId::List).collect();
+    let mode = |flag: Option<SourceMode>, key: Option<file::ByName<SourceMode>>| {
+        first(flag, key.map(|m| m.0), SourceMode::Enforce)
+    };
+    if mode(args.apiban_mode, file.apiban_mode) == SourceMode::Observe {
+        observe.insert(SourceId::Apiban);
+    }
+    if mode(args.manual_mode, file.manual_mode) == SourceMode::Observe {
+        observe.insert(SourceId::Manual);
+    }
+    if detect.mode == crate::detect::DetectMode::Observe {
+        observe.insert(SourceId::Detect);
+    }
+    observe
 }
 
 /// Flags (with the environment folded in by clap) over the file over the defaults.
@@ -408,16 +468,20 @@ pub fn resolve(
             LogFormat::Text,
         ),
     };
+    let (lists, observed_lists) = resolve_lists(args, &file)?;
+    let detect = resolve_detect(args, &file)?;
+    let mut engine = resolve_engine(args, &file)?;
+    engine.observe = observing_sources(args, &file, observed_lists, &detect);
     Ok(AgentConfig {
         file: file_path,
         attach,
         process,
         apiban: resolve_apiban(args, &file)?,
-        engine: resolve_engine(args, &file)?,
+        engine,
         scope: resolve_scope(args, &file)?,
-        lists: resolve_lists(args, &file)?,
+        lists,
         cluster: resolve_cluster(args, &file)?,
-        detect: resolve_detect(args, &file)?,
+        detect,
     })
 }
 

@@ -408,3 +408,44 @@ fn fleet_flags_come_together_or_not_at_all() {
     assert!(cluster.tls.as_ref().is_some_and(|t| t.identity.is_some()));
     assert_eq!(cluster.user, Some(("apiban".into(), "/run/pw".into())));
 }
+
+#[test]
+fn each_source_has_a_mode_from_flags_or_the_file() {
+    use crate::ledger::SourceId;
+    let a = args(&[
+        "--iface",
+        "eth0",
+        "--list",
+        "voipbl=https://example.net/v.txt,mode=observe,local=/etc/l.txt",
+        "--apiban-mode",
+        "observe",
+        "--detect",
+        "enforce",
+    ]);
+    let c = resolve(&a, None, FileConfig::default()).unwrap();
+    assert_eq!(c.lists.len(), 2);
+    assert_eq!(
+        c.engine.observe,
+        BTreeSet::from([SourceId::Apiban, SourceId::List("voipbl".into())])
+    );
+    // Detection's default is observe, and so is its source's mode.
+    let f = file(
+        "manual-mode = \"observe\"\n[[list]]\nname = \"p\"\nlocation = \"/x\"\nmode = \"observe\"\n",
+    );
+    let c = resolve(&args(&["--iface", "eth0"]), None, f).unwrap();
+    assert_eq!(
+        c.engine.observe,
+        BTreeSet::from([
+            SourceId::Manual,
+            SourceId::Detect,
+            SourceId::List("p".into())
+        ])
+    );
+    let e = resolve(
+        &args(&["--iface", "eth0", "--list", "mode=observe"]),
+        None,
+        FileConfig::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("mode= follows the list"), "{e}");
+}

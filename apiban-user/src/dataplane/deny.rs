@@ -1,6 +1,6 @@
 //! The deny list of one family: the host table, the trie and the filter in front of them.
 
-use apiban_common::{DenyEntry, HostHits};
+use apiban_common::{DenyEntry, HostHits, OBSERVED, hit_count};
 use aya::maps::{MapData, lpm_trie::Key};
 
 use super::{
@@ -85,7 +85,7 @@ impl<const N: usize> DenyLookup<N> {
             self.prefixes
                 .entries()?
                 .into_iter()
-                .filter(|(_, e)| e.hits > 0),
+                .filter(|(_, e)| hit_count(e.hits) > 0),
         );
         Ok(hit)
     }
@@ -166,7 +166,7 @@ impl<const N: usize> DenyMap<N> {
 
     /// Adds a prefix. An existing entry keeps its value (and so its hit count).
     pub(super) fn insert(&mut self, key: Key<[u8; N]>) -> Result<(), DataplaneError> {
-        self.insert_batch(&[key]).map(|_| ())
+        self.insert_batch(&[key], false).map(|_| ())
     }
 
     /// Removes an exact prefix; removing an absent one is not an error.
@@ -213,12 +213,17 @@ impl<const N: usize> DenyMap<N> {
     }
 
     /// Adds many prefixes: hosts into the table, the rest (and hosts it has no room for) with
-    /// batched trie updates. Prefixes already present keep their hit counts.
-    pub(super) fn insert_batch(&mut self, keys: &[Key<[u8; N]>]) -> Result<usize, DataplaneError> {
+    /// batched trie updates; `observed` ones carry the observe mark from their first packet.
+    /// Prefixes already present keep their hit counts and their mark.
+    pub(super) fn insert_batch(
+        &mut self,
+        keys: &[Key<[u8; N]>],
+        observed: bool,
+    ) -> Result<usize, DataplaneError> {
         self.filter.add(keys.iter().map(member))?;
         let (hosts, mut prefixes) = Self::split(keys);
         let before = self.lookup.hosts.len();
-        let no_room = self.lookup.hosts.insert_batch(&hosts)?;
+        let no_room = self.lookup.hosts.insert_batch(&hosts, observed)?;
         let placed = self.lookup.hosts.len() - before;
         prefixes.extend(Self::host_keys(no_room));
         let mut fresh = Vec::with_capacity(prefixes.len());
@@ -227,7 +232,46 @@ impl<const N: usize> DenyMap<N> {
                 fresh.push(key);
             }
         }
-        Ok(placed + self.lookup.prefixes.insert_batch(&fresh)?)
+        let values: Vec<DenyEntry> = fresh
+            .iter()
+            .map(|k| DenyEntry {
+                hits: if observed { OBSERVED } else { 0 },
+                prefix_len: k.prefix_len(),
+                ..Default::default()
+            })
+            .collect();
+        Ok(placed + self.lookup.prefixes.write_batch(&fresh, &values)?)
+    }
+
+    /// Sets or clears the observe mark of present prefixes in place, without a moment
+    /// between a ban and its mark. A trie entry is rewritten whole, so hits counted between
+    /// its read and its write are lost: a few packets' worth, once per switch.
+    pub(super) fn mark_batch(
+        &mut self,
+        keys: &[Key<[u8; N]>],
+        observed: bool,
+    ) -> Result<(), DataplaneError> {
+        let (hosts, mut prefixes) = Self::split(keys);
+        prefixes.extend(Self::host_keys(
+            self.lookup.hosts.mark_batch(&hosts, observed)?,
+        ));
+        let mut present = Vec::with_capacity(prefixes.len());
+        let mut values = Vec::with_capacity(prefixes.len());
+        for key in prefixes {
+            if let Some(mut entry) = self.lookup.prefixes.exact(key)? {
+                entry.hits = if observed {
+                    entry.hits | OBSERVED
+                } else {
+                    hit_count(entry.hits)
+                };
+                present.push(key);
+                values.push(entry);
+            }
+        }
+        self.lookup
+            .prefixes
+            .write_batch(&present, &values)
+            .map(drop)
     }
 
     /// Removes many exact prefixes, all of which must be present. After a failure the filter
@@ -263,7 +307,7 @@ impl<const N: usize> DenyMap<N> {
             .iter()
             .map(|(addr, _)| Key::new(Self::HOST_LEN, *addr))
             .collect();
-        self.insert_batch(&keys)?;
+        self.insert_batch(&keys, false)?;
         let hits: Vec<_> = entries
             .iter()
             .map(|(addr, e)| {

@@ -18,7 +18,7 @@ use std::{
 };
 
 use apiban_common::{
-    HostHits,
+    HostHits, OBSERVED, hit_count,
     host_table::{self, PROBE_BUCKETS},
 };
 use aya::maps::{Array, IterableMap as _, Map, MapData, MapError};
@@ -286,14 +286,26 @@ impl<const N: usize> HostTable<N> {
         host_table::home(hash, self.buckets)
     }
 
-    /// Places hosts that are not in the table yet. Returns those that found no free slot in
-    /// their probe window (or cannot be told from a free slot): they belong in the trie.
-    /// Stops with `MapFull` at capacity, keeping the hosts placed until then.
+    /// Every slot's hit bookkeeping, mapped for marking: mapping costs only what is touched.
+    fn map_all_hits(&self) -> Result<Mapping, DataplaneError> {
+        self.map_hits(0..self.buckets * Self::SLOTS, true)
+    }
+
+    /// Places hosts that are not in the table yet, `observed` ones with their mark set before
+    /// they are published. Returns those that found no free slot in their probe window (or
+    /// cannot be told from a free slot): they belong in the trie. Stops with `MapFull` at
+    /// capacity, keeping the hosts placed until then.
     pub(super) fn insert_batch(
         &mut self,
         addrs: &[[u8; N]],
+        observed: bool,
     ) -> Result<Vec<[u8; N]>, DataplaneError> {
         let whole = self.map_for(addrs.len(), true)?;
+        let hits = if observed {
+            Some(self.map_all_hits()?)
+        } else {
+            None
+        };
         let mut window = None;
         let mut no_room = Vec::new();
         for addr in addrs {
@@ -316,6 +328,11 @@ impl<const N: usize> HostTable<N> {
             }
             match keys.free_slot(home) {
                 Some(slot) => {
+                    if let Some(hits) = &hits {
+                        // A free slot's bookkeeping is zero (see the module's comment).
+                        hits.u64_at(slot as usize * 2)
+                            .fetch_or(OBSERVED, Ordering::Release);
+                    }
                     keys.publish(slot, &words);
                     self.len += 1;
                 }
@@ -323,6 +340,34 @@ impl<const N: usize> HostTable<N> {
             }
         }
         Ok(no_room)
+    }
+
+    /// Sets or clears the observe mark of hosts in place: one atomic operation each, which
+    /// the program sees on its next packet. Returns those not in the table: they may be in
+    /// the trie.
+    pub(super) fn mark_batch(
+        &mut self,
+        addrs: &[[u8; N]],
+        observed: bool,
+    ) -> Result<Vec<[u8; N]>, DataplaneError> {
+        let keys = self.map_keys(false)?;
+        let hits = self.map_all_hits()?;
+        let mut absent = Vec::new();
+        for addr in addrs {
+            let words = Self::words(addr);
+            match keys.find(self.home(&words), &words) {
+                Some(slot) if words[0] != 0 => {
+                    let word = hits.u64_at(slot as usize * 2);
+                    if observed {
+                        word.fetch_or(OBSERVED, Ordering::AcqRel);
+                    } else {
+                        word.fetch_and(!OBSERVED, Ordering::AcqRel);
+                    }
+                }
+                _ => absent.push(*addr),
+            }
+        }
+        Ok(absent)
     }
 
     /// Removes hosts. Returns those that were not in the table: they may be in the trie.
@@ -382,7 +427,7 @@ impl<const N: usize> HostTable<N> {
     /// The hosts that were hit at least once: what `status` ranks, without copying out the
     /// slots of every host that never sent a packet.
     pub(super) fn hit_entries(&self) -> Result<Vec<([u8; N], HostHits)>, DataplaneError> {
-        self.collect(0, |h| h.hits > 0)
+        self.collect(0, |h| hit_count(h.hits) > 0)
     }
 
     fn collect(

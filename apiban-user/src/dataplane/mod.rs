@@ -151,11 +151,27 @@ impl Stats {
     }
 }
 
-/// A deny entry as the dataplane sees it: the prefix and its hit bookkeeping.
+/// A deny entry as the dataplane sees it: the prefix, its hit bookkeeping (the count without
+/// the observe mark) and whether it carries the mark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DenyHits {
     pub net: IpNet,
     pub entry: DenyEntry,
+    /// Matching packets pass, counted as observed (see `apiban_common::OBSERVED`).
+    pub observed: bool,
+}
+
+impl DenyHits {
+    /// Splits the mark off a map entry's `hits` word.
+    pub(crate) fn from_map(net: IpNet, mut entry: DenyEntry) -> Self {
+        let observed = entry.hits & apiban_common::OBSERVED != 0;
+        entry.hits = apiban_common::hit_count(entry.hits);
+        Self {
+            net,
+            entry,
+            observed,
+        }
+    }
 }
 
 /// A map key of each family.
@@ -400,36 +416,45 @@ impl Dataplane {
     /// What the XDP program would decide for a packet from `addr` (ignoring port scope),
     /// with the deny prefix that matched, if any.
     pub fn verdict_for(&self, addr: IpAddr) -> Result<(Verdict, Option<IpNet>), DataplaneError> {
-        let (deny, allowed) = match addr {
-            IpAddr::V4(a) => {
-                let key = Key::new(32, a.octets());
-                let deny = self
-                    .deny_v4
-                    .longest_match(key)?
-                    .map(|(len, _)| net_from_v4(Key::new(len, a.octets())));
-                (deny, self.allow_v4.longest_match(key)?.is_some())
-            }
-            IpAddr::V6(a) => {
-                let key = Key::new(128, a.octets());
-                let deny = self
-                    .deny_v6
-                    .longest_match(key)?
-                    .map(|(len, _)| net_from_v6(Key::new(len, a.octets())));
-                (deny, self.allow_v6.longest_match(key)?.is_some())
-            }
-        };
-        Ok(match deny {
+        let allowed = match addr {
+            IpAddr::V4(a) => self.allow_v4.longest_match(Key::new(32, a.octets()))?,
+            IpAddr::V6(a) => self.allow_v6.longest_match(Key::new(128, a.octets()))?,
+        }
+        .is_some();
+        let observing = self.config()?.flags & DataplaneConfig::OBSERVED_LISTED != 0;
+        Ok(match self.deny_match(addr)? {
             None => (Verdict::Passed, None),
-            Some(net) if allowed => (Verdict::Allowed, Some(net)),
-            Some(net) => (Verdict::Dropped, Some(net)),
+            Some(hit) if allowed => (Verdict::Allowed, Some(hit.net)),
+            Some(hit) if hit.observed && observing => (Verdict::Observed, Some(hit.net)),
+            Some(hit) => (Verdict::Dropped, Some(hit.net)),
         })
     }
 
-    /// Adds many deny prefixes with batched map updates. Prefixes already present are
-    /// skipped so that their hit counters survive.
-    pub fn deny_batch(&mut self, nets: &[IpNet]) -> Result<usize, DataplaneError> {
+    /// Adds many deny prefixes with batched map updates, `observed` ones with the observe
+    /// mark (the switch that makes the program read it goes on first). Prefixes already
+    /// present are skipped so that their hit counters survive.
+    pub fn deny_batch(&mut self, nets: &[IpNet], observed: bool) -> Result<usize, DataplaneError> {
+        if observed && !nets.is_empty() {
+            self.set_observing(true)?;
+        }
         let (v4, v6) = keys_by_family(nets);
-        Ok(self.deny_v4.insert_batch(&v4)? + self.deny_v6.insert_batch(&v6)?)
+        Ok(self.deny_v4.insert_batch(&v4, observed)? + self.deny_v6.insert_batch(&v6, observed)?)
+    }
+
+    /// Sets or clears the observe mark of present deny prefixes in place.
+    pub fn mark_batch(&mut self, nets: &[IpNet], observed: bool) -> Result<(), DataplaneError> {
+        if observed && !nets.is_empty() {
+            self.set_observing(true)?;
+        }
+        let (v4, v6) = keys_by_family(nets);
+        self.deny_v4.mark_batch(&v4, observed)?;
+        self.deny_v6.mark_batch(&v6, observed)
+    }
+
+    /// Whether the program reads the observe mark. On before any marked entry goes in; the
+    /// owner turns it off once none is left, so drops pay nothing for the mode.
+    pub fn set_observing(&mut self, on: bool) -> Result<(), DataplaneError> {
+        self.set_flag(DataplaneConfig::OBSERVED_LISTED, on)
     }
 
     /// Removes many deny prefixes with batched map deletes.

@@ -196,12 +196,23 @@ impl<const N: usize, V: PrefixValue> PrefixMap<N, V> {
         }
     }
 
-    /// Adds many prefixes in as few syscalls as the kernel allows. Prefixes already present
-    /// are overwritten with a fresh value, so callers pass only prefixes that are new.
-    pub(super) fn insert_batch(&mut self, keys: &[Key<[u8; N]>]) -> Result<usize, DataplaneError> {
-        let values: Vec<V> = keys.iter().map(|k| V::for_prefix(k.prefix_len())).collect();
-        let outcome = batch::update(self.trie.map().fd().as_fd(), keys, &values);
+    /// Writes `values[i]` for `keys[i]` in as few syscalls as the kernel allows, adding the
+    /// keys that are new. Present keys get the new value (their hit counts too).
+    pub(super) fn write_batch(
+        &mut self,
+        keys: &[Key<[u8; N]>],
+        values: &[V],
+    ) -> Result<usize, DataplaneError> {
+        let outcome = batch::update(self.trie.map().fd().as_fd(), keys, values);
         batch_result(self.name, outcome, || self.full())
+    }
+
+    /// The value of exactly this prefix, if present.
+    pub(super) fn exact(&self, key: Key<[u8; N]>) -> Result<Option<V>, DataplaneError> {
+        Ok(self
+            .longest_match(key)?
+            .filter(|(len, _)| *len == key.prefix_len())
+            .map(|(_, v)| v))
     }
 
     /// Removes many exact prefixes; all must be present.

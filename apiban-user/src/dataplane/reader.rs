@@ -80,14 +80,12 @@ pub(super) fn deny_hits(
 
 /// Both families' map entries as prefixes, IPv4 then IPv6.
 fn both_families(v4: Vec<Entry<4, DenyEntry>>, v6: Vec<Entry<16, DenyEntry>>) -> Vec<DenyHits> {
-    let v4 = v4.into_iter().map(|(k, entry)| DenyHits {
-        net: net_from_v4(k),
-        entry,
-    });
-    let v6 = v6.into_iter().map(|(k, entry)| DenyHits {
-        net: net_from_v6(k),
-        entry,
-    });
+    let v4 = v4
+        .into_iter()
+        .map(|(k, entry)| DenyHits::from_map(net_from_v4(k), entry));
+    let v6 = v6
+        .into_iter()
+        .map(|(k, entry)| DenyHits::from_map(net_from_v6(k), entry));
     v4.chain(v6).collect()
 }
 
@@ -100,15 +98,9 @@ pub(super) fn deny_match(
     Ok(match addr {
         IpAddr::V4(a) => v4
             .longest_match(Key::new(32, a.octets()))?
-            .map(|(len, entry)| DenyHits {
-                net: net_from_v4(Key::new(len, a.octets())),
-                entry,
-            }),
+            .map(|(len, entry)| DenyHits::from_map(net_from_v4(Key::new(len, a.octets())), entry)),
         IpAddr::V6(a) => v6
             .longest_match(Key::new(128, a.octets()))?
-            .map(|(len, entry)| DenyHits {
-                net: net_from_v6(Key::new(len, a.octets())),
-                entry,
-            }),
+            .map(|(len, entry)| DenyHits::from_map(net_from_v6(Key::new(len, a.octets())), entry)),
     })
 }

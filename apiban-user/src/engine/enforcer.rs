@@ -10,8 +10,17 @@ use crate::dataplane::{Dataplane, DataplaneError};
 /// What enforces the ban list: the XDP maps, or an in-memory set for `--dry-run` and tests.
 pub trait Enforcer {
     fn denied(&self) -> Result<BTreeSet<IpNet>, DataplaneError>;
+    /// The deny entries that only observe: matching packets pass and are counted.
+    fn observed(&self) -> Result<BTreeSet<IpNet>, DataplaneError>;
     fn allowed(&self) -> Result<BTreeSet<IpNet>, DataplaneError>;
-    fn deny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError>;
+    /// Adds deny entries; `observed` ones only observe from their first packet on.
+    fn deny(&mut self, nets: &[IpNet], observed: bool) -> Result<(), DataplaneError>;
+    /// Switches present deny entries between observing and enforcing, in place.
+    fn mark(&mut self, nets: &[IpNet], observed: bool) -> Result<(), DataplaneError>;
+    /// Whether any entry observes; off, enforcing entries cost nothing for the mode.
+    fn set_observing(&mut self, _on: bool) -> Result<(), DataplaneError> {
+        Ok(())
+    }
     fn undeny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError>;
     fn allow(&mut self, net: IpNet) -> Result<(), DataplaneError>;
     fn unallow(&mut self, net: IpNet) -> Result<(), DataplaneError>;
@@ -26,12 +35,29 @@ impl Enforcer for Dataplane {
         Ok(self.deny_hits()?.into_iter().map(|h| h.net).collect())
     }
 
+    fn observed(&self) -> Result<BTreeSet<IpNet>, DataplaneError> {
+        Ok(self
+            .deny_hits()?
+            .into_iter()
+            .filter(|h| h.observed)
+            .map(|h| h.net)
+            .collect())
+    }
+
     fn allowed(&self) -> Result<BTreeSet<IpNet>, DataplaneError> {
         Ok(self.allow_entries()?.into_iter().collect())
     }
 
-    fn deny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError> {
-        self.deny_batch(nets).map(drop)
+    fn deny(&mut self, nets: &[IpNet], observed: bool) -> Result<(), DataplaneError> {
+        self.deny_batch(nets, observed).map(drop)
+    }
+
+    fn mark(&mut self, nets: &[IpNet], observed: bool) -> Result<(), DataplaneError> {
+        self.mark_batch(nets, observed)
+    }
+
+    fn set_observing(&mut self, on: bool) -> Result<(), DataplaneError> {
+        Dataplane::set_observing(self, on)
     }
 
     fn undeny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError> {
@@ -55,6 +81,8 @@ impl Enforcer for Dataplane {
 #[derive(Clone, Debug, Default)]
 pub struct MemoryEnforcer {
     pub deny: BTreeSet<IpNet>,
+    /// The entries of `deny` that only observe.
+    pub observed: BTreeSet<IpNet>,
     pub allow: BTreeSet<IpNet>,
     /// Deny capacity, to behave like a full map; None is unbounded.
     pub capacity: Option<usize>,
@@ -65,11 +93,26 @@ impl Enforcer for MemoryEnforcer {
         Ok(self.deny.clone())
     }
 
+    fn observed(&self) -> Result<BTreeSet<IpNet>, DataplaneError> {
+        Ok(self.observed.clone())
+    }
+
     fn allowed(&self) -> Result<BTreeSet<IpNet>, DataplaneError> {
         Ok(self.allow.clone())
     }
 
-    fn deny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError> {
+    fn mark(&mut self, nets: &[IpNet], observed: bool) -> Result<(), DataplaneError> {
+        for net in nets.iter().filter(|n| self.deny.contains(n)) {
+            if observed {
+                self.observed.insert(*net);
+            } else {
+                self.observed.remove(net);
+            }
+        }
+        Ok(())
+    }
+
+    fn deny(&mut self, nets: &[IpNet], observed: bool) -> Result<(), DataplaneError> {
         for net in nets {
             if self.capacity.is_some_and(|c| self.deny.len() >= c) {
                 return Err(DataplaneError::MapFull {
@@ -81,7 +124,9 @@ impl Enforcer for MemoryEnforcer {
                     capacity: self.capacity.unwrap_or(0) as u32,
                 });
             }
-            self.deny.insert(*net);
+            if self.deny.insert(*net) && observed {
+                self.observed.insert(*net);
+            }
         }
         Ok(())
     }
@@ -89,6 +134,7 @@ impl Enforcer for MemoryEnforcer {
     fn undeny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError> {
         for net in nets {
             self.deny.remove(net);
+            self.observed.remove(net);
         }
         Ok(())
     }

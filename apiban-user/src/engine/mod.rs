@@ -57,6 +57,8 @@ pub struct EngineSettings {
     pub min_prefix_v6: u8,
     /// The allowlist from configuration (flags or config file).
     pub allow: Vec<IpNet>,
+    /// Sources on trial: what only they ban is matched and counted, never dropped.
+    pub observe: BTreeSet<SourceId>,
 }
 
 impl Default for EngineSettings {
@@ -66,6 +68,7 @@ impl Default for EngineSettings {
             min_prefix_v4: 16,
             min_prefix_v6: 32,
             allow: Vec::new(),
+            observe: BTreeSet::new(),
         }
     }
 }
@@ -75,6 +78,8 @@ impl Default for EngineSettings {
 pub struct Applied {
     pub added: usize,
     pub removed: usize,
+    /// Entries switched in place between observing and enforcing.
+    pub switched: usize,
     /// Prefixes that should be enforced but did not fit in the maps.
     pub not_enforced: usize,
 }
@@ -117,6 +122,10 @@ pub struct EngineShared {
     pub ledger: Arc<Ledger>,
     /// Prefixes in the deny maps, as far as the engine applied them.
     pub enforced: Arc<BTreeSet<IpNet>>,
+    /// The part of `enforced` that only observes.
+    pub observed: Arc<BTreeSet<IpNet>>,
+    /// The sources in observe mode.
+    pub observing: Arc<BTreeSet<SourceId>>,
     /// The allowlist in force: configured and manual entries.
     pub allowlist: Arc<AllowList>,
     /// The entries `apiban allow add` made.
@@ -153,6 +162,11 @@ pub struct Engine<E: Enforcer> {
     allow: Arc<AllowList>,
     enforcer: E,
     applied_deny: Arc<BTreeSet<IpNet>>,
+    /// The part of `applied_deny` that carries the observe mark.
+    applied_observed: Arc<BTreeSet<IpNet>>,
+    /// Whether the program reads the mark (None: not set by this engine yet).
+    observing_switch: Option<bool>,
+    observing: Arc<BTreeSet<SourceId>>,
     applied_allow: BTreeSet<IpNet>,
     store: Option<StateStore>,
     apiban: ApibanCursor,
@@ -188,6 +202,7 @@ impl<E: Enforcer> Engine<E> {
             }
         };
         let applied_deny = enforcer.denied()?;
+        let applied_observed = enforcer.observed()?;
         let applied_allow = enforcer.allowed()?;
         let mut engine = Self {
             ledger: Arc::new(state.ledger()),
@@ -197,6 +212,9 @@ impl<E: Enforcer> Engine<E> {
             allow: Arc::default(),
             enforcer,
             applied_deny: Arc::new(applied_deny),
+            applied_observed: Arc::new(applied_observed),
+            observing_switch: None,
+            observing: Arc::new(settings.observe.clone()),
             applied_allow,
             store,
             apiban: state.apiban,
@@ -290,6 +308,11 @@ impl<E: Enforcer> Engine<E> {
         self.lists.get(name)
     }
 
+    /// The sources in observe mode.
+    pub fn observing(&self) -> &BTreeSet<SourceId> {
+        &self.observing
+    }
+
     pub fn ttl(&self) -> Duration {
         Duration::from_secs(self.ttl_secs)
     }
@@ -300,6 +323,9 @@ impl<E: Enforcer> Engine<E> {
         self.sanitiser.min_prefix_v4 = settings.min_prefix_v4;
         self.sanitiser.min_prefix_v6 = settings.min_prefix_v6;
         self.set_config_allow(settings.allow);
+        if *self.observing != settings.observe {
+            self.observing = Arc::new(settings.observe);
+        }
     }
 
     /// This host's addresses changed: feeds may not ban the new ones, and what they banned
@@ -379,15 +405,28 @@ impl<E: Enforcer> Engine<E> {
                 }
             }
         }
-        let desired = self.ledger.desired(now, &self.allow);
+        let wanted = self.ledger.desired_modes(now, &self.allow, &self.observing);
+        // Tighten before anything else: what starts enforcing does so before any add or
+        // removal, and what starts observing only after its replacement is in.
+        applied.switched = self.switch_marks(&wanted, false);
+        let desired = wanted.nets.clone();
         let diff = Diff::between(&self.applied_deny, &desired);
-        applied.added = self.add_denies(&diff.add);
+        let (observe_add, enforce_add): (Vec<IpNet>, Vec<IpNet>) =
+            diff.add.iter().partition(|n| wanted.observed.contains(n));
+        applied.added = self.add_denies(&enforce_add, false) + self.add_denies(&observe_add, true);
+        applied.switched += self.switch_marks(&wanted, true);
         if !diff.remove.is_empty() {
             match self.enforcer.undeny(&diff.remove) {
                 Ok(()) => {
                     let applied_deny = Arc::make_mut(&mut self.applied_deny);
                     for net in &diff.remove {
                         applied_deny.remove(net);
+                    }
+                    if !self.applied_observed.is_empty() {
+                        let observed = Arc::make_mut(&mut self.applied_observed);
+                        for net in &diff.remove {
+                            observed.remove(net);
+                        }
                     }
                     applied.removed = diff.remove.len();
                 }
@@ -401,9 +440,13 @@ impl<E: Enforcer> Engine<E> {
         }
         if applied.added < diff.add.len() && applied.removed > 0 {
             // The removals made room in a full map.
-            let retry: Vec<IpNet> = desired.difference(&self.applied_deny).copied().collect();
-            applied.added += self.add_denies(&retry);
+            let (observe_retry, enforce_retry): (Vec<IpNet>, Vec<IpNet>) = desired
+                .difference(&self.applied_deny)
+                .partition(|n| wanted.observed.contains(n));
+            applied.added +=
+                self.add_denies(&enforce_retry, false) + self.add_denies(&observe_retry, true);
         }
+        self.sync_observing_switch();
         applied.not_enforced = desired.difference(&self.applied_deny).count();
         let stale_allow: Vec<IpNet> = self
             .applied_allow
@@ -425,14 +468,79 @@ impl<E: Enforcer> Engine<E> {
         applied
     }
 
-    /// Adds deny prefixes; returns how many went in. A full map is logged once and counted.
-    fn add_denies(&mut self, add: &[IpNet]) -> usize {
+    /// Switches present entries to enforcing (`to_observe` false) or to observing, as
+    /// `wanted` says; returns how many switched.
+    fn switch_marks(&mut self, wanted: &crate::ledger::Desired, to_observe: bool) -> usize {
+        let nets: Vec<IpNet> = if to_observe {
+            wanted
+                .observed
+                .iter()
+                .filter(|n| self.applied_deny.contains(n) && !self.applied_observed.contains(n))
+                .copied()
+                .collect()
+        } else {
+            self.applied_observed
+                .iter()
+                .filter(|n| !wanted.observed.contains(n) && wanted.nets.contains(n))
+                .copied()
+                .collect()
+        };
+        if nets.is_empty() {
+            return 0;
+        }
+        if to_observe {
+            self.observing_switch = Some(true);
+        }
+        match self.enforcer.mark(&nets, to_observe) {
+            Ok(()) => {
+                let observed = Arc::make_mut(&mut self.applied_observed);
+                for net in &nets {
+                    if to_observe {
+                        observed.insert(*net);
+                    } else {
+                        observed.remove(net);
+                    }
+                }
+                nets.len()
+            }
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "cannot switch deny entries between observe and enforce; will retry");
+                self.refresh_applied();
+                0
+            }
+        }
+    }
+
+    /// Turns the program's reading of the observe mark off once no entry carries it (and
+    /// on, on a start with marked entries adopted from pins).
+    fn sync_observing_switch(&mut self) {
+        let on = !self.applied_observed.is_empty();
+        if self.observing_switch == Some(on) {
+            return;
+        }
+        match self.enforcer.set_observing(on) {
+            Ok(()) => self.observing_switch = Some(on),
+            Err(e) => {
+                tracing::error!(error = %crate::error_chain(&e), "cannot set the dataplane's observe switch")
+            }
+        }
+    }
+
+    /// Adds deny prefixes, observing or enforcing; returns how many went in. A full map is
+    /// logged once and counted.
+    fn add_denies(&mut self, add: &[IpNet], observed: bool) -> usize {
         if add.is_empty() {
             return 0;
         }
-        match self.enforcer.deny(add) {
+        if observed {
+            self.observing_switch = Some(true);
+        }
+        match self.enforcer.deny(add, observed) {
             Ok(()) => {
                 Arc::make_mut(&mut self.applied_deny).extend(add.iter().copied());
+                if observed {
+                    Arc::make_mut(&mut self.applied_observed).extend(add.iter().copied());
+                }
                 add.len()
             }
             Err(e) => {
@@ -457,8 +565,15 @@ impl<E: Enforcer> Engine<E> {
     }
 
     fn refresh_applied(&mut self) {
-        match self.enforcer.denied() {
-            Ok(d) => self.applied_deny = Arc::new(d),
+        match self
+            .enforcer
+            .denied()
+            .and_then(|d| Ok((d, self.enforcer.observed()?)))
+        {
+            Ok((d, o)) => {
+                self.applied_deny = Arc::new(d);
+                self.applied_observed = Arc::new(o);
+            }
             Err(e) => {
                 tracing::error!(error = %crate::error_chain(&e), "cannot read the deny maps back")
             }
@@ -553,6 +668,8 @@ impl<E: Enforcer> Engine<E> {
         EngineShared {
             ledger: self.ledger.clone(),
             enforced: self.applied_deny.clone(),
+            observed: self.applied_observed.clone(),
+            observing: self.observing.clone(),
             allowlist: self.allow.clone(),
             manual_allow: self.manual_allow.clone(),
             counters: self.counters.clone(),

@@ -239,7 +239,13 @@ impl Enforcer for CrowdedMaps {
     fn allowed(&self) -> Result<BTreeSet<IpNet>, DataplaneError> {
         Ok(BTreeSet::new())
     }
-    fn deny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError> {
+    fn observed(&self) -> Result<BTreeSet<IpNet>, DataplaneError> {
+        Ok(BTreeSet::new())
+    }
+    fn mark(&mut self, _: &[IpNet], _: bool) -> Result<(), DataplaneError> {
+        Ok(())
+    }
+    fn deny(&mut self, nets: &[IpNet], _: bool) -> Result<(), DataplaneError> {
         // Half goes in, then the map is full; meanwhile a previous agent's program put
         // three entries of its own there.
         self.deny.extend(nets.iter().take(nets.len() / 2).copied());
@@ -286,4 +292,65 @@ fn pinned_bans_without_state_are_kept_until_a_pull_settles_them() {
     e.apiban_batch(&strings(&["2.2.2.2"]), "9".into(), 50);
     e.apiban_done(51);
     assert_eq!(e.enforcer().deny, BTreeSet::from([net("2.2.2.2")]));
+}
+
+fn observing(sources: &[SourceId]) -> EngineSettings {
+    EngineSettings {
+        observe: sources.iter().cloned().collect(),
+        ..settings(1000)
+    }
+}
+
+#[test]
+fn a_source_in_observe_mode_is_matched_not_enforced_until_it_is_switched() {
+    let trial = SourceId::List("voipbl".into());
+    let (mut e, _) = Engine::start(
+        MemoryEnforcer::default(),
+        None,
+        observing(&[trial.clone()]),
+        10,
+    )
+    .unwrap();
+    e.list_snapshot("voipbl", &["1.1.1.1", "5.5.5.0/24"], 10);
+    e.apiban_batch(&strings(&["2.2.2.2", "1.1.1.1"]), "1".into(), 10);
+    let dp = e.enforcer();
+    assert_eq!(dp.deny.len(), 3);
+    // 1.1.1.1 is APIBAN's too, and APIBAN enforces.
+    assert_eq!(dp.observed, BTreeSet::from([net("5.5.5.0/24")]));
+    assert_eq!(e.shared().observed.len(), 1);
+
+    // Switched to enforce: the entry stays and only loses its mark; nothing is re-added.
+    let applied = e.reconfigure(settings(1000), 11);
+    assert_eq!(
+        (applied.added, applied.removed, applied.switched),
+        (0, 0, 1)
+    );
+    assert!(e.enforcer().observed.is_empty());
+    assert_eq!(e.enforcer().deny.len(), 3);
+
+    // And back: what APIBAN also bans keeps enforcing.
+    let applied = e.reconfigure(observing(&[trial, SourceId::Apiban]), 12);
+    assert_eq!(applied.switched, 3);
+    assert_eq!(e.enforcer().observed.len(), 3);
+}
+
+#[test]
+fn an_observed_entry_inside_an_enforced_prefix_enforces_so_the_wider_ban_holds() {
+    let (mut e, _) = Engine::start(
+        MemoryEnforcer::default(),
+        None,
+        observing(&[SourceId::Apiban]),
+        10,
+    )
+    .unwrap();
+    e.apiban_batch(&strings(&["7.7.7.7", "8.8.4.4"]), "1".into(), 10);
+    e.list_snapshot("local", &["7.7.7.0/24"], 10);
+    // The program stops at the /32: were it observed, 7.7.7.7 would pass despite the /24.
+    assert_eq!(e.enforcer().observed, BTreeSet::from([net("8.8.4.4")]));
+    // The /24 leaves the list: 7.7.7.7 observes again.
+    e.list_snapshot("local", &["9.9.9.0/24"], 11);
+    assert_eq!(
+        e.enforcer().observed,
+        BTreeSet::from([net("7.7.7.7"), net("8.8.4.4")])
+    );
 }

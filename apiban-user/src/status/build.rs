@@ -31,13 +31,14 @@ fn ago_secs(last_hit_ns: u64) -> Option<u64> {
     (last_hit_ns != 0).then(|| monotonic_ns().saturating_sub(last_hit_ns) / 1_000_000_000)
 }
 
-/// The status report without the top sources (see [`top_entries`]): the snapshot's figures
-/// and, with a dataplane, its capacities and counters.
+/// The status report with the `top` entries by hits (none for 0): the snapshot's figures
+/// and, with a dataplane, its capacities, counters and what each source's entries matched.
 pub fn report(
     snapshot: &Snapshot,
     agent: &AgentInfo,
     dataplane: Option<&DataplaneReader>,
     now: u64,
+    top: usize,
 ) -> StatusReport {
     let mut report = StatusReport {
         now,
@@ -52,6 +53,16 @@ pub fn report(
             count: *count,
         });
     }
+    let hits = match dataplane.map(DataplaneReader::hit_deny_entries) {
+        Some(Ok(hits)) => hits,
+        Some(Err(e)) => {
+            report.dataplane_error = Some(crate::error_chain(&e));
+            Vec::new()
+        }
+        None => Vec::new(),
+    };
+    report.sources = source_hits(&hits, snapshot);
+    report.top = top_entries(hits, top, snapshot);
     // IPv4 prefixes sort before IPv6 ones: count the (usually few) IPv6 ones only.
     let first_v6 = IpNet::V6(ipnet::Ipv6Net::default());
     let v6 = snapshot.engine.enforced.range(first_v6..).count();
@@ -140,6 +151,53 @@ pub fn report(
     report
 }
 
+/// Every source with records or a mode of its own, with what its entries in the maps
+/// dropped and observed (see [`super::SourceReport`]).
+pub fn source_hits(
+    hits: &[crate::dataplane::DenyHits],
+    snapshot: &Snapshot,
+) -> Vec<super::SourceReport> {
+    let mut by_source: std::collections::BTreeMap<SourceId, super::SourceReport> =
+        std::collections::BTreeMap::new();
+    for source in snapshot.engine.observing.iter() {
+        source_row(&mut by_source, source, snapshot);
+    }
+    for ((source, _), count) in snapshot.engine.ledger.counts() {
+        source_row(&mut by_source, source, snapshot).entries += count;
+    }
+    for hit in hits.iter().filter(|h| h.entry.hits > 0) {
+        for (source, _) in snapshot.engine.ledger.get(&hit.net).into_iter().flatten() {
+            let r = source_row(&mut by_source, source, snapshot);
+            if hit.observed {
+                r.observed += hit.entry.hits;
+            } else {
+                r.dropped += hit.entry.hits;
+            }
+        }
+    }
+    by_source.into_values().collect()
+}
+
+fn source_row<'a>(
+    rows: &'a mut std::collections::BTreeMap<SourceId, super::SourceReport>,
+    source: &SourceId,
+    snapshot: &Snapshot,
+) -> &'a mut super::SourceReport {
+    rows.entry(source.clone())
+        .or_insert_with(|| super::SourceReport {
+            source: source.to_string(),
+            mode: if snapshot.engine.observing.contains(source) {
+                "observe"
+            } else {
+                "enforce"
+            }
+            .into(),
+            entries: 0,
+            dropped: 0,
+            observed: 0,
+        })
+}
+
 /// The `n` deny entries with the most hits, with the sources that hold them. The hits are
 /// read by the caller, who may do it away from the owner (see `DataplaneReader`).
 pub fn top_entries(
@@ -211,7 +269,9 @@ pub fn check(
         hits: None,
         last_hit_ago: None,
         dry_run: dataplane.is_none(),
+        observed_by: Vec::new(),
     };
+    let mut observed = entry.is_some_and(|n| snapshot.engine.observed.contains(&n));
     if let Some(dp) = dataplane
         && let Ok(Some(hit)) = dp.deny_match(addr)
     {
@@ -219,13 +279,26 @@ pub fn check(
         report.enforced = true;
         report.hits = Some(hit.entry.hits);
         report.last_hit_ago = ago_secs(hit.entry.last_hit_ns);
+        observed = hit.observed;
     }
     report.verdict = match (report.enforced, allowed_by) {
         (true, Some(_)) => "allowed",
+        (true, None) if observed => "observed",
         (true, None) => "banned",
         (false, _) => "not banned",
     }
     .into();
+    if report.verdict == "observed" {
+        report.observed_by = report
+            .records
+            .iter()
+            .map(|r| r.source.clone())
+            .filter(|s| {
+                s.parse::<SourceId>()
+                    .is_ok_and(|s| snapshot.engine.observing.contains(&s))
+            })
+            .collect();
+    }
     report
 }
 

@@ -6,7 +6,7 @@ pub mod build;
 pub mod text;
 
 pub use self::{
-    build::{check, list, report, top_entries},
+    build::{check, list, report, source_hits, top_entries},
     text::{fleet_text, relative, utc},
 };
 
@@ -60,7 +60,7 @@ impl Readers {
 
     /// The status report of this moment, without the top sources.
     pub async fn report(&self, now: u64) -> Result<StatusReport, tokio::task::JoinError> {
-        self.read(move |snapshot, info, dataplane| report(snapshot, info, dataplane, now))
+        self.read(move |snapshot, info, dataplane| report(snapshot, info, dataplane, now, 0))
             .await
     }
 }
@@ -196,6 +196,22 @@ pub struct EntryCount {
     pub count: usize,
 }
 
+/// What one source's entries did in the dataplane: dropped (enforce) or let pass and counted
+/// (observe). Counted from the hit counts of the entries in the maps now: an entry held by
+/// two sources counts for both, and an entry's count goes with it when it leaves.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SourceReport {
+    pub source: String,
+    /// "enforce" or "observe".
+    pub mode: String,
+    /// Prefixes of this source in the ledger.
+    pub entries: usize,
+    /// Packets its entries dropped.
+    pub dropped: u64,
+    /// Packets its entries matched in observe mode: what it would have dropped.
+    pub observed: u64,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TopEntry {
     pub net: IpNet,
@@ -251,6 +267,10 @@ pub struct StatusReport {
     pub agent: AgentInfo,
     /// Ledger records by source and family.
     pub entries: Vec<EntryCount>,
+    /// Each source's mode and what its entries dropped or would have dropped (absent from
+    /// agents before observe mode).
+    #[serde(default)]
+    pub sources: Vec<SourceReport>,
     /// Prefixes in the deny maps by family.
     pub enforced: BTreeMap<String, usize>,
     /// Deny map capacity by family (each of the host hash and the prefix trie holds this many).
@@ -269,8 +289,12 @@ pub struct StatusReport {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CheckReport {
     pub addr: IpAddr,
-    /// "banned", "allowed" (banned but the allowlist wins) or "not banned".
+    /// "banned", "observed" (only sources in observe mode ban it: it would be dropped),
+    /// "allowed" (banned but the allowlist wins) or "not banned".
     pub verdict: String,
+    /// With "observed": the sources in observe mode that hold it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub observed_by: Vec<String>,
     pub entry: Option<IpNet>,
     pub enforced: bool,
     pub records: Vec<RecordReport>,

@@ -118,9 +118,21 @@ impl StatusReport {
             );
             for (iface, v) in &self.traffic {
                 let get = |name: &str| v.get(name).copied().unwrap_or_default();
-                let (d, p, al) = (get("dropped"), get("passed"), get("allowed"));
-                if iface == "other" && d.packets + p.packets + al.packets == 0 {
+                let (d, p, al, ob) = (
+                    get("dropped"),
+                    get("passed"),
+                    get("allowed"),
+                    get("observed"),
+                );
+                if iface == "other" && d.packets + p.packets + al.packets + ob.packets == 0 {
                     continue;
+                }
+                let mut notes = Vec::new();
+                if al.packets > 0 {
+                    notes.push(format!("{} passed by the allowlist", al.packets));
+                }
+                if ob.packets > 0 {
+                    notes.push(format!("{} observed: would be dropped", ob.packets));
                 }
                 let _ = writeln!(
                     o,
@@ -128,13 +140,28 @@ impl StatusReport {
                     iface,
                     d.packets,
                     d.bytes,
-                    p.packets + al.packets,
-                    p.bytes + al.bytes,
-                    if al.packets > 0 {
-                        format!("  ({} passed by the allowlist)", al.packets)
-                    } else {
+                    p.packets + al.packets + ob.packets,
+                    p.bytes + al.bytes + ob.bytes,
+                    if notes.is_empty() {
                         String::new()
+                    } else {
+                        format!("  ({})", notes.join(", "))
                     }
+                );
+            }
+        }
+        if !self.sources.is_empty() {
+            let _ = writeln!(
+                o,
+                "
+sources      {:<8} {:>9} {:>14} {:>14}",
+                "mode", "entries", "dropped pkts", "observed pkts"
+            );
+            for s in &self.sources {
+                let _ = writeln!(
+                    o,
+                    "  {:<10} {:<8} {:>9} {:>14} {:>14}",
+                    s.source, s.mode, s.entries, s.dropped, s.observed
                 );
             }
         }
@@ -324,9 +351,17 @@ impl CheckReport {
         let mut o = String::new();
         let _ = writeln!(
             o,
-            "{} is {}{}",
+            "{} is {}{}{}",
             self.addr,
             self.verdict.to_uppercase(),
+            if self.observed_by.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ": would be dropped by {} (observe)",
+                    self.observed_by.join(", ")
+                )
+            },
             if self.dry_run {
                 " (dry run: nothing is enforced)"
             } else {

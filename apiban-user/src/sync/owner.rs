@@ -394,7 +394,16 @@ impl<E: Enforcer> Owner<E> {
                     Some(t) => format!("for {}", crate::human::format_duration(t)),
                     None => "until unbanned".to_owned(),
                 };
-                format!("banned {} {until}; {}", net.trunc(), effect(applied))
+                let mode = if self
+                    .engine
+                    .observing()
+                    .contains(&crate::ledger::SourceId::Manual)
+                {
+                    " (manual bans observe: matched and counted, not dropped)"
+                } else {
+                    ""
+                };
+                format!("banned {} {until}{mode}; {}", net.trunc(), effect(applied))
             }
             Change::Unban { net } => {
                 let (sources, applied) = self.engine.unban(net, now);
@@ -683,7 +692,13 @@ fn log_sync(source: &str, r: &IngestReport, full_pull: bool) {
 /// What a change did to the dataplane, for the operator's answer.
 fn effect(a: crate::engine::Applied) -> String {
     format!(
-        "{} added to and {} removed from the dataplane",
-        a.added, a.removed
+        "{} added to and {} removed from the dataplane{}",
+        a.added,
+        a.removed,
+        if a.switched > 0 {
+            format!(", {} switched between observe and enforce", a.switched)
+        } else {
+            String::new()
+        }
     )
 }

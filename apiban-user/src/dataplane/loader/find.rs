@@ -101,11 +101,29 @@ pub(super) fn adopt_by_interface(
     Ok(None)
 }
 
-/// Pins of the host hashes that versions before the host tables used.
-const LEGACY_HOST_PINS: [&str; 2] = [
+/// Pins of maps earlier versions had: the host hashes before the host tables, and the
+/// verdict counters before the `observed` verdict.
+const LEGACY_HOST_PINS: [&str; 3] = [
     map_names::LEGACY_DENY_V4_HOSTS,
     map_names::LEGACY_DENY_V6_HOSTS,
+    map_names::LEGACY_STATS,
 ];
+
+/// The counters of a version before the `observed` verdict have a layout of their own; the
+/// new program counts in a map of its own from zero, and the old pin goes.
+pub(super) fn drop_legacy_stats(dir: &Path) -> Result<(), LoaderError> {
+    let path = dir.join(map_names::LEGACY_STATS);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {
+            tracing::info!(
+                "verdict counters restart from zero: this version counts `observed` too"
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
 
 /// After an upgrade from a version with host hashes, their hosts move into the host tables
 /// before the new program is attached, so no banned host passes in between. The old program
@@ -127,6 +145,7 @@ pub(super) fn adopt_legacy_hosts(dir: &Path, dataplane: &mut Dataplane) -> Resul
     }
     let v4_path = dir.join(map_names::LEGACY_DENY_V4_HOSTS);
     let v6_path = dir.join(map_names::LEGACY_DENY_V6_HOSTS);
+    drop_legacy_stats(dir)?;
     let (v4, v6) = (read::<4>(&v4_path)?, read::<16>(&v6_path)?);
     if !v4_path.exists() && !v6_path.exists() {
         return Ok(());
