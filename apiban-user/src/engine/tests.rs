@@ -307,7 +307,7 @@ fn a_source_in_observe_mode_is_matched_not_enforced_until_it_is_switched() {
     let (mut e, _) = Engine::start(
         MemoryEnforcer::default(),
         None,
-        observing(&[trial.clone()]),
+        observing(std::slice::from_ref(&trial)),
         10,
     )
     .unwrap();
