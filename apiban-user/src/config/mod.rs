@@ -392,12 +392,12 @@ fn resolve_engine(args: &RunArgs, file: &FileConfig) -> Result<EngineSettings, C
     })
 }
 
-/// The sources in observe mode: APIBAN, manual bans, each list, detection.
+/// The sources in observe mode: APIBAN, manual bans, each list. Detection has a mode of its
+/// own (`--detect`), whose observe logs and counts what it would ban without entries.
 fn observing_sources(
     args: &RunArgs,
     file: &FileConfig,
     lists: BTreeSet<String>,
-    detect: &DetectSettings,
 ) -> BTreeSet<SourceId> {
     let mut observe: BTreeSet<SourceId> = lists.into_iter().map(SourceId::List).collect();
     let mode = |flag: Option<SourceMode>, key: Option<file::ByName<SourceMode>>| {
@@ -408,9 +408,6 @@ fn observing_sources(
     }
     if mode(args.manual_mode, file.manual_mode) == SourceMode::Observe {
         observe.insert(SourceId::Manual);
-    }
-    if detect.mode == crate::detect::DetectMode::Observe {
-        observe.insert(SourceId::Detect);
     }
     observe
 }
@@ -471,7 +468,7 @@ pub fn resolve(
     let (lists, observed_lists) = resolve_lists(args, &file)?;
     let detect = resolve_detect(args, &file)?;
     let mut engine = resolve_engine(args, &file)?;
-    engine.observe = observing_sources(args, &file, observed_lists, &detect);
+    engine.observe = observing_sources(args, &file, observed_lists);
     Ok(AgentConfig {
         file: file_path,
         attach,

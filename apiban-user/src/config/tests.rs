@@ -428,18 +428,14 @@ fn each_source_has_a_mode_from_flags_or_the_file() {
         c.engine.observe,
         BTreeSet::from([SourceId::Apiban, SourceId::List("voipbl".into())])
     );
-    // Detection's default is observe, and so is its source's mode.
+    // Detection's observe mode adds no entries: its source is not among them.
     let f = file(
         "manual-mode = \"observe\"\n[[list]]\nname = \"p\"\nlocation = \"/x\"\nmode = \"observe\"\n",
     );
     let c = resolve(&args(&["--iface", "eth0"]), None, f).unwrap();
     assert_eq!(
         c.engine.observe,
-        BTreeSet::from([
-            SourceId::Manual,
-            SourceId::Detect,
-            SourceId::List("p".into())
-        ])
+        BTreeSet::from([SourceId::Manual, SourceId::List("p".into())])
     );
     let e = resolve(
         &args(&["--iface", "eth0", "--list", "mode=observe"]),

@@ -3,9 +3,8 @@
 //! The XDP program counts SIP requests per source and sends samples and rate reports
 //! through a ring buffer (see `apiban_common::detect`); this task reads them, applies the
 //! rules (see [`rules`]) and, in `enforce` mode, asks the ledger's owner to ban what they
-//! match, with evidence and a TTL that doubles on each re-offence. In `observe` mode the ban
-//! is recorded the same way, with source `detect` in observe mode: the dataplane matches and
-//! counts it as `observed` and lets it pass. The owner applies the ban like any feed's: the
+//! match, with evidence and a TTL that doubles on each re-offence. In `observe` mode it only
+//! logs and counts what it would ban. The owner applies the ban like any feed's: the
 //! allowlist wins, this host's addresses and the sanitiser's limits are refused.
 
 pub mod offences;
@@ -49,7 +48,7 @@ use crate::{
 pub enum DetectMode {
     /// No detection: the program counts and samples nothing.
     Off,
-    /// Record, match and count what would be banned; drop nothing.
+    /// Log and count what would be banned; drop nothing.
     #[default]
     Observe,
     /// Ban what the rules match.
@@ -341,10 +340,9 @@ async fn act(
 ) {
     let offence = offences.next(finding.addr);
     let ttl = settings.ttl_for(offence);
-    // Observe mode records the ban too: the ledger holds it as `detect`, in observe mode,
-    // so the dataplane counts what it would drop and `check` says why.
-    let enforce = settings.mode == DetectMode::Enforce;
-    let outcome = {
+    // Observe mode only logs and counts: detection is on by default, and a default must not
+    // fill the ledger (and a fleet's etcd) with every scanner's address.
+    let outcome = if settings.mode == DetectMode::Enforce {
         let evidence = Evidence {
             rule: finding.rule.to_owned(),
             counts: finding.counts.clone(),
@@ -368,7 +366,7 @@ async fn act(
             Err(_) => Err(ChangeError::Failed("the agent is stopping".into())),
         };
         match answer {
-            Ok(_) if enforce => {
+            Ok(_) => {
                 stats.bans.fetch_add(1, Relaxed);
                 offences.record(finding.addr, offence, now);
                 tracing::warn!(
@@ -378,20 +376,18 @@ async fn act(
                 );
                 "banned".to_owned()
             }
-            Ok(_) => {
-                tracing::warn!(
-                    addr = %finding.addr, rule = finding.rule, counts = %finding.counts,
-                    line = %finding.line,
-                    "SIP scanner detected (observe mode: would ban, dropping nothing)"
-                );
-                "would ban (observe mode)".to_owned()
-            }
             Err(e) => {
                 stats.refused.fetch_add(1, Relaxed);
                 tracing::info!(addr = %finding.addr, rule = finding.rule, why = %e, "SIP scanner detected, not banned");
                 format!("not banned: {e}")
             }
         }
+    } else {
+        tracing::warn!(
+            addr = %finding.addr, rule = finding.rule, counts = %finding.counts,
+            line = %finding.line, "SIP scanner detected (observe mode: would ban, dropping nothing)"
+        );
+        "would ban (observe mode)".to_owned()
     };
     reported.insert(finding.addr, now.saturating_add(ttl.as_secs()));
     stats.remember(Detection {
