@@ -26,6 +26,8 @@ pub enum SourceId {
     Manual,
     /// This host's own SIP scanner detection (see `detect`).
     Detect,
+    /// A SIP proxy through the ban API (see `ban_api`).
+    Api,
 }
 
 impl SourceId {
@@ -42,6 +44,7 @@ impl fmt::Display for SourceId {
             SourceId::List(name) => write!(f, "list:{name}"),
             SourceId::Manual => f.write_str("manual"),
             SourceId::Detect => f.write_str("detect"),
+            SourceId::Api => f.write_str("api"),
         }
     }
 }
@@ -53,10 +56,11 @@ impl FromStr for SourceId {
             "apiban" => Ok(SourceId::Apiban),
             "manual" => Ok(SourceId::Manual),
             "detect" => Ok(SourceId::Detect),
+            "api" => Ok(SourceId::Api),
             _ => match s.strip_prefix("list:") {
                 Some(name) if !name.is_empty() => Ok(SourceId::List(name.to_owned())),
                 _ => Err(format!(
-                    "unknown source `{s}`; expected apiban, manual, detect or list:<name>"
+                    "unknown source `{s}`; expected apiban, manual, detect, api or list:<name>"
                 )),
             },
         }

@@ -2,6 +2,7 @@
 //! sanitiser, the ledger and its engine, the state store and the sync tasks.
 
 pub mod agent;
+pub mod ban_api;
 pub mod cluster;
 pub mod config;
 pub mod conn_slots;

@@ -497,6 +497,49 @@ fn serve<E: Enforcer + Send + 'static>(
                 }
             }
         }
+        if let Some(addr) = config.process.ban_api {
+            let token = match &config.process.ban_api_token_file {
+                Some(path) => match std::fs::read_to_string(path) {
+                    Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+                    Ok(_) => {
+                        running.abort();
+                        anyhow::bail!(
+                            "the ban API token file {} is empty; put a token in it",
+                            path.display()
+                        );
+                    }
+                    Err(e) => {
+                        running.abort();
+                        return Err(e).with_context(|| {
+                            format!("cannot read the ban API token file {}", path.display())
+                        });
+                    }
+                },
+                None => None,
+            };
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    let local = listener.local_addr().unwrap_or(addr);
+                    let settings = crate::ban_api::BanApiSettings {
+                        token,
+                        ttl: config.process.ban_api_ttl,
+                        ttl_max: crate::ban_api::TTL_MAX,
+                    };
+                    servers.push(tokio::spawn(crate::ban_api::serve(
+                        listener,
+                        settings,
+                        running.updates.clone(),
+                    )));
+                    tracing::info!(%local, "ban API at http://{local}/ (addip, blockip, removeip, v1/bans)");
+                }
+                Err(e) => {
+                    running.abort();
+                    return Err(e).with_context(|| {
+                        format!("cannot serve the ban API on {addr}; pick another --ban-api or `off`")
+                    });
+                }
+            }
+        }
         notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
 
         let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
@@ -547,12 +590,98 @@ fn serve<E: Enforcer + Send + 'static>(
                 _ = hup.recv() => {
                     notifier.reloading();
                     let _ = reload(&args, &mut config, &mut running, &info, &mut key_in_use, detect_settings.as_ref()).await;
-                    notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
+                    if let Some(addr) = config.process.ban_api {
+            let token = match &config.process.ban_api_token_file {
+                Some(path) => match std::fs::read_to_string(path) {
+                    Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+                    Ok(_) => {
+                        running.abort();
+                        anyhow::bail!(
+                            "the ban API token file {} is empty; put a token in it",
+                            path.display()
+                        );
+                    }
+                    Err(e) => {
+                        running.abort();
+                        return Err(e).with_context(|| {
+                            format!("cannot read the ban API token file {}", path.display())
+                        });
+                    }
+                },
+                None => None,
+            };
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    let local = listener.local_addr().unwrap_or(addr);
+                    let settings = crate::ban_api::BanApiSettings {
+                        token,
+                        ttl: config.process.ban_api_ttl,
+                        ttl_max: crate::ban_api::TTL_MAX,
+                    };
+                    servers.push(tokio::spawn(crate::ban_api::serve(
+                        listener,
+                        settings,
+                        running.updates.clone(),
+                    )));
+                    tracing::info!(%local, "ban API at http://{local}/ (addip, blockip, removeip, v1/bans)");
+                }
+                Err(e) => {
+                    running.abort();
+                    return Err(e).with_context(|| {
+                        format!("cannot serve the ban API on {addr}; pick another --ban-api or `off`")
+                    });
+                }
+            }
+        }
+        notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
                 }
                 Some(reply) = reload_rx.recv() => {
                     notifier.reloading();
                     let outcome = reload(&args, &mut config, &mut running, &info, &mut key_in_use, detect_settings.as_ref()).await;
-                    notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
+                    if let Some(addr) = config.process.ban_api {
+            let token = match &config.process.ban_api_token_file {
+                Some(path) => match std::fs::read_to_string(path) {
+                    Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
+                    Ok(_) => {
+                        running.abort();
+                        anyhow::bail!(
+                            "the ban API token file {} is empty; put a token in it",
+                            path.display()
+                        );
+                    }
+                    Err(e) => {
+                        running.abort();
+                        return Err(e).with_context(|| {
+                            format!("cannot read the ban API token file {}", path.display())
+                        });
+                    }
+                },
+                None => None,
+            };
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    let local = listener.local_addr().unwrap_or(addr);
+                    let settings = crate::ban_api::BanApiSettings {
+                        token,
+                        ttl: config.process.ban_api_ttl,
+                        ttl_max: crate::ban_api::TTL_MAX,
+                    };
+                    servers.push(tokio::spawn(crate::ban_api::serve(
+                        listener,
+                        settings,
+                        running.updates.clone(),
+                    )));
+                    tracing::info!(%local, "ban API at http://{local}/ (addip, blockip, removeip, v1/bans)");
+                }
+                Err(e) => {
+                    running.abort();
+                    return Err(e).with_context(|| {
+                        format!("cannot serve the ban API on {addr}; pick another --ban-api or `off`")
+                    });
+                }
+            }
+        }
+        notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
                     let _ = reply.send(outcome);
                 }
                 _ = key_check.tick(), if matches!(config.apiban.key, Some(KeySource::File(_))) => {

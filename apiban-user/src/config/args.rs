@@ -208,6 +208,17 @@ pub struct RunArgs {
     /// [default: 127.0.0.1:9477].
     #[arg(long, env = "APIBAN_METRICS_ADDR")]
     pub metrics_addr: Option<MetricsAddr>,
+    /// Serve the ban API for SIP proxies (palner/iptables-api's /addip, /blockip, /removeip,
+    /// plus POST /v1/bans) on ADDRESS:PORT, e.g. 127.0.0.1:8082 [default: off].
+    #[arg(long, env = "APIBAN_BAN_API")]
+    pub ban_api: Option<MetricsAddr>,
+    /// File holding the bearer token ban API clients must send; required unless the ban API
+    /// listens on loopback only.
+    #[arg(long, env = "APIBAN_BAN_API_TOKEN_FILE")]
+    pub ban_api_token_file: Option<PathBuf>,
+    /// How long a ban through /addip or /blockip lasts (a JSON ban may say) [default: 1h].
+    #[arg(long, env = "APIBAN_BAN_API_TTL")]
+    pub ban_api_ttl: Option<HumanDuration>,
     /// Fetch and report what would be blocked; load and attach nothing.
     #[arg(long, env = "APIBAN_DRY_RUN", num_args = 0..=1, default_missing_value = "true")]
     pub dry_run: Option<bool>,

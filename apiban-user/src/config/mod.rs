@@ -137,6 +137,10 @@ pub struct ProcessSettings {
     pub control_socket: PathBuf,
     pub control_group: Option<String>,
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The ban API's address (off: None), token file and TTL for calls without one.
+    pub ban_api: Option<std::net::SocketAddr>,
+    pub ban_api_token_file: Option<PathBuf>,
+    pub ban_api_ttl: Duration,
     pub dry_run: bool,
     pub log_format: LogFormat,
 }
@@ -458,6 +462,19 @@ pub fn resolve(
             Some(MetricsAddr(addr)) => addr,
             None => DEFAULT_METRICS_ADDR.parse().ok(),
         },
+        ban_api: args
+            .ban_api
+            .or(file.ban_api.map(|m| m.0))
+            .and_then(|MetricsAddr(a)| a),
+        ban_api_token_file: args
+            .ban_api_token_file
+            .clone()
+            .or_else(|| file.ban_api_token_file.clone()),
+        ban_api_ttl: duration(
+            args.ban_api_ttl,
+            file.ban_api_ttl,
+            Duration::from_secs(3600),
+        ),
         dry_run,
         log_format: first(
             args.log_format,
@@ -465,6 +482,20 @@ pub fn resolve(
             LogFormat::Text,
         ),
     };
+    if let Some(addr) = process.ban_api
+        && !addr.ip().is_loopback()
+        && process.ban_api_token_file.is_none()
+    {
+        return Err(invalid(
+            "ban-api-token-file",
+            format!(
+                "the ban API on {addr} is reachable beyond this host: give it a token file                  (or listen on 127.0.0.1)"
+            ),
+        ));
+    }
+    if process.ban_api_ttl.is_zero() {
+        return Err(invalid("ban-api-ttl", "must be at least 1s"));
+    }
     let (lists, observed_lists) = resolve_lists(args, &file)?;
     let detect = resolve_detect(args, &file)?;
     let mut engine = resolve_engine(args, &file)?;

@@ -445,3 +445,29 @@ fn each_source_has_a_mode_from_flags_or_the_file() {
     .unwrap_err();
     assert!(e.to_string().contains("mode= follows the list"), "{e}");
 }
+
+#[test]
+fn the_ban_api_needs_a_token_beyond_loopback() {
+    let c = resolve(
+        &args(&["--iface", "eth0", "--ban-api", "127.0.0.1:8082"]),
+        None,
+        FileConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(c.process.ban_api, Some("127.0.0.1:8082".parse().unwrap()));
+    assert_eq!(c.process.ban_api_ttl, Duration::from_secs(3600));
+    let e = resolve(
+        &args(&["--iface", "eth0", "--ban-api", "0.0.0.0:8082"]),
+        None,
+        FileConfig::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("ban-api-token-file"), "{e}");
+    let c = resolve(
+        &args(&["--iface", "eth0", "--ban-api", "off"]),
+        None,
+        file("ban-api = \"0.0.0.0:8082\"\nban-api-token-file = \"/etc/apiban/t\"\n"),
+    )
+    .unwrap();
+    assert_eq!(c.process.ban_api, None, "the flag's off wins over the file");
+}

@@ -104,6 +104,52 @@ impl<E: Enforcer> Engine<E> {
         (sources, self.commit(now))
     }
 
+    /// A SIP proxy's ban through the ban API: as a feed's, the allowlist wins and the
+    /// sanitiser's limits apply (this host, special-purpose ranges, prefix lengths), since
+    /// what a proxy asks for comes from what a remote party sent it.
+    pub fn api_ban(
+        &mut self,
+        net: IpNet,
+        ttl: Duration,
+        comment: Option<String>,
+        now: u64,
+    ) -> Result<Applied, EngineError> {
+        let net = net.trunc();
+        if let Err(why) = self.sanitiser.check_net(net, &self.allow) {
+            return Err(EngineError::Refused(net, why.to_string()));
+        }
+        if comment
+            .as_ref()
+            .is_some_and(|c| c.chars().count() > MAX_COMMENT_CHARS)
+        {
+            return Err(EngineError::Refused(
+                net,
+                format!("a comment is at most {MAX_COMMENT_CHARS} characters"),
+            ));
+        }
+        Arc::make_mut(&mut self.ledger).observe(
+            net,
+            &SourceId::Api,
+            now,
+            Some(ttl.as_secs().max(1)),
+            comment,
+        );
+        Ok(self.commit(now))
+    }
+
+    /// Removes the ban API's record of `net`, not other sources': a proxy lifts what it
+    /// banned. Returns whether there was one.
+    pub fn api_unban(&mut self, net: IpNet, now: u64) -> (bool, Applied) {
+        let removed = Arc::make_mut(&mut self.ledger).remove(&net.trunc(), &SourceId::Api);
+        (removed, self.commit(now))
+    }
+
+    /// Removes every record the ban API made.
+    pub fn api_flush(&mut self, now: u64) -> (usize, Applied) {
+        let removed = Arc::make_mut(&mut self.ledger).remove_source(&SourceId::Api);
+        (removed, self.commit(now))
+    }
+
     pub fn allow_add(&mut self, net: IpNet, now: u64) -> Applied {
         Arc::make_mut(&mut self.manual_allow).insert(net.trunc());
         self.set_config_allow(self.config_allow.iter().copied().collect());

@@ -100,6 +100,16 @@ pub enum Change {
     DropList {
         name: String,
     },
+    /// From a SIP proxy through the ban API (source `api`).
+    ApiBan {
+        net: IpNet,
+        ttl: Duration,
+        comment: Option<String>,
+    },
+    ApiUnban {
+        net: IpNet,
+    },
+    ApiFlush,
 }
 
 #[derive(Clone, Debug)]

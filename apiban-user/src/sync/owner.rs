@@ -56,7 +56,11 @@ impl Origin {
             // A detection's ban protects every node of a fleet, like an operator's.
             Update::Detected { .. } => Origin::Operator(None),
             Update::Control { change, .. } => match change {
-                Change::Ban { .. } | Change::Unban { .. } => Origin::Operator(None),
+                Change::Ban { .. }
+                | Change::Unban { .. }
+                | Change::ApiBan { .. }
+                | Change::ApiUnban { .. }
+                | Change::ApiFlush => Origin::Operator(None),
                 Change::AllowAdd { net } => Origin::Operator(Some((*net, true))),
                 Change::AllowRemove { net } => Origin::Operator(Some((*net, false))),
                 // Sent only where the feeds run: a single node, or the fleet's leader.
@@ -448,6 +452,29 @@ impl<E: Enforcer> Owner<E> {
                 })?;
                 let applied = self.engine.reconfigure(engine, now);
                 format!("settings applied; {}", effect(applied))
+            }
+            Change::ApiBan { net, ttl, comment } => {
+                let applied = self.engine.api_ban(net, ttl, comment, now)?;
+                format!(
+                    "banned {} for {} (api); {}",
+                    net.trunc(),
+                    crate::human::format_duration(ttl),
+                    effect(applied)
+                )
+            }
+            Change::ApiUnban { net } => {
+                let (removed, applied) = self.engine.api_unban(net, now);
+                if !removed {
+                    return Err(ChangeError::Refused(format!(
+                        "{} has no api ban",
+                        net.trunc()
+                    )));
+                }
+                format!("unbanned {} (api); {}", net.trunc(), effect(applied))
+            }
+            Change::ApiFlush => {
+                let (removed, applied) = self.engine.api_flush(now);
+                format!("removed {removed} api bans; {}", effect(applied))
             }
             Change::DropList { name } => {
                 let (records, applied) = self.engine.drop_list(&name, now);
