@@ -187,7 +187,7 @@ fn ensure_protoc() -> anyhow::Result<()> {
 
 /// What the tests use beyond building: systemd-analyze verifies the unit, setpriv runs the
 /// agent with exactly the unit's capabilities, etcd is the fleet tests' cluster, SIPVicious
-/// and SIPp are the detection tests' attackers and customer.
+/// and SIPp are the detection tests' attackers and customer, Kamailio the ban API's client.
 pub fn ensure_test_tools(root: &Path) -> anyhow::Result<()> {
     // `sipp -v` exits with 99, so the binary being there is what counts.
     if Path::new("/usr/bin/sipp").exists() {
@@ -196,6 +196,19 @@ pub fn ensure_test_tools(root: &Path) -> anyhow::Result<()> {
         apt_install("sip-tester", "the detection tests flood and call with SIPp")?;
     }
     ensure_sipvicious(root)?;
+    // The ban API's test runs a real Kamailio whose pike module calls it over http_client.
+    if Path::new("/usr/sbin/kamailio").exists()
+        && Path::new("/usr/lib/x86_64-linux-gnu/kamailio/modules/http_client.so").exists()
+    {
+        progress("kamailio", "present");
+    } else {
+        for package in ["kamailio", "kamailio-utils-modules"] {
+            apt_install(
+                package,
+                "the ban API test bans through a real Kamailio (pike + http_client)",
+            )?;
+        }
+    }
     ensure_tool(
         "etcd",
         &["--version"],
