@@ -163,6 +163,18 @@ fn count(
     }
 }
 
+/// A block banned because one source banned enough addresses in it (see
+/// [`Ledger::escalations`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Escalation {
+    pub net: IpNet,
+    pub source: SourceId,
+    /// How many of the source's bans are inside it.
+    pub from: usize,
+    /// The latest expiry among them; None: one never expires.
+    pub expires: Option<u64>,
+}
+
 /// What the dataplane should hold (see [`Ledger::desired_modes`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
@@ -418,6 +430,18 @@ impl Ledger {
         allow: &AllowList,
         observing: &BTreeSet<SourceId>,
     ) -> Desired {
+        self.desired_with(now, allow, observing, &[])
+    }
+
+    /// As [`Ledger::desired_modes`], with `derived` prefixes (see [`Ledger::escalations`])
+    /// held as if their sources had listed them.
+    pub fn desired_with(
+        &self,
+        now: u64,
+        allow: &AllowList,
+        observing: &BTreeSet<SourceId>,
+        derived: &[Escalation],
+    ) -> Desired {
         let mut desired = Desired::default();
         for (net, records) in &self.entries {
             let mut live = records.iter().filter(|(source, record)| {
@@ -430,6 +454,16 @@ impl Ledger {
                 .all(|(source, _)| observing.contains(source))
             {
                 desired.observed.insert(*net);
+            }
+        }
+        for d in derived {
+            let observes = observing.contains(&d.source);
+            if desired.nets.insert(d.net) {
+                if observes {
+                    desired.observed.insert(d.net);
+                }
+            } else if !observes {
+                desired.observed.remove(&d.net);
             }
         }
         if desired.observed.is_empty() {
@@ -465,6 +499,48 @@ impl Ledger {
             desired.observed.remove(&net);
         }
         desired
+    }
+
+    /// IPv6 prefix escalation: each `prefix_len` block in which one source has live bans of
+    /// at least `threshold` distinct longer prefixes (hosts, mostly), as a derived ban of the
+    /// block by that source. Scanners rotate through the addresses of one /64; a host-by-host
+    /// list never catches up. Derived, not stored: when the bans under it expire or go below
+    /// the threshold, so does the block.
+    pub fn escalations(&self, now: u64, prefix_len: u8, threshold: usize) -> Vec<Escalation> {
+        if threshold == 0 {
+            return Vec::new();
+        }
+        let first_v6 = IpNet::V6(ipnet::Ipv6Net::default());
+        let mut blocks: BTreeMap<(IpNet, SourceId), (usize, Option<u64>)> = BTreeMap::new();
+        for (net, records) in self.entries.range(first_v6..) {
+            if net.prefix_len() <= prefix_len {
+                continue;
+            }
+            let Ok(block) = IpNet::new(net.addr(), prefix_len).map(|b| b.trunc()) else {
+                continue;
+            };
+            for (source, record) in records.iter().filter(|(_, r)| r.is_live(now)) {
+                let (count, expires) = blocks
+                    .entry((block, source.clone()))
+                    .or_insert((0, Some(0)));
+                *count += 1;
+                // The block lasts as long as its longest-lived ban; None is never.
+                *expires = match (*expires, record.expires) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                };
+            }
+        }
+        blocks
+            .into_iter()
+            .filter(|(_, (count, _))| *count >= threshold)
+            .map(|((net, source), (from, expires))| Escalation {
+                net,
+                source,
+                from,
+                expires,
+            })
+            .collect()
     }
 
     pub fn get(&self, net: &IpNet) -> Option<&Records> {

@@ -121,6 +121,12 @@ pub fn render(r: &StatusReport) -> String {
             );
         }
     }
+    w.single(
+        "apiban_derived_prefixes",
+        "gauge",
+        "IPv6 blocks banned by escalation: enough bans of one source inside them.",
+        r.derived_prefixes,
+    );
     w.family(
         "apiban_enforced_prefixes",
         "gauge",

@@ -47,12 +47,24 @@ fn full_pull_over_several_batches_v4_and_v6() {
         s.source("45.21.0.33"),
     ];
     let v6 = [s.source("2a01:4f8:20::7"), s.source("2a01:4f8:20::14")];
+    // Not listed, but inside the /64 where APIBAN lists twenty: banned by escalation.
+    let neighbour6 = s.source("2a01:4f8:20::99");
     let clean_public = s.source("45.22.0.1");
 
     s.start(&FAST);
     s.wait_synced(Duration::from_secs(30));
     assert_eq!(s.probe(&v4, N), vec![0, 0, 0]);
     assert_eq!(s.probe(&v6, N), vec![0, 0]);
+    assert_eq!(s.probe(&[neighbour6], N), vec![0]);
+    let text = s.agent().cli_ok(&["check", "2a01:4f8:20::99"]);
+    println!("{text}");
+    assert!(
+        text.starts_with("2a01:4f8:20::99 is BANNED")
+            && text.contains(
+                "derived    2a01:4f8:20::/64: 20 bans by apiban inside it (IPv6 escalation)"
+            ),
+        "{text}"
+    );
     assert_eq!(
         s.probe(&[clean_public], N),
         vec![N],
@@ -60,7 +72,9 @@ fn full_pull_over_several_batches_v4_and_v6() {
     );
     let status = s.status();
     assert_eq!(status["enforced"]["ipv4"], 351);
-    assert_eq!(status["enforced"]["ipv6"], 20);
+    // The twenty hosts and their /64.
+    assert_eq!(status["enforced"]["ipv6"], 21);
+    assert_eq!(status["derived_prefixes"], 1);
     let gets = s.api.requests().iter().filter(|r| r.status == 200).count();
     assert!(gets >= 4, "371 entries in batches of 100: {gets} batches");
 }

@@ -51,6 +51,39 @@ impl FromStr for MetricsAddr {
     }
 }
 
+/// `--v6-escalation N/LEN`: N bans of one source inside one IPv6 /LEN ban the /LEN; `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct V6Escalation {
+    /// 0: off.
+    pub threshold: usize,
+    pub prefix_len: u8,
+}
+
+impl FromStr for V6Escalation {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(Self {
+                threshold: 0,
+                prefix_len: 64,
+            });
+        }
+        let wrong = || format!("`{text}` is not N/LEN (e.g. 4/64: 4 bans in one /64) or off");
+        let (n, len) = text.split_once('/').ok_or_else(wrong)?;
+        let threshold: usize = n.trim().parse().map_err(|_| wrong())?;
+        let prefix_len: u8 = len.trim().parse().map_err(|_| wrong())?;
+        if threshold < 2 || !(16..=127).contains(&prefix_len) {
+            return Err(format!(
+                "`{text}`: N must be at least 2 and LEN from 16 to 127"
+            ));
+        }
+        Ok(Self {
+            threshold,
+            prefix_len,
+        })
+    }
+}
+
 /// An address or a CIDR, as operators write them on the command line and in files.
 pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
     crate::sanitise::parse_net(text).ok_or_else(|| {
@@ -186,7 +219,11 @@ pub struct RunArgs {
     /// APIBAN's entries: enforce (drop) or observe (match, count and pass) [default: enforce].
     #[arg(long, env = "APIBAN_APIBAN_MODE", value_enum)]
     pub apiban_mode: Option<crate::config::SourceMode>,
-    /// Manual bans (`apiban ban`, the ban API): enforce or observe [default: enforce].
+    /// IPv6 prefix escalation: N bans of one source inside one /LEN ban the whole /LEN
+    /// while they last, or off [default: 4/64].
+    #[arg(long, env = "APIBAN_V6_ESCALATION")]
+    pub v6_escalation: Option<V6Escalation>,
+    /// Manual bans (`apiban ban`): enforce or observe [default: enforce].
     #[arg(long, env = "APIBAN_MANUAL_MODE", value_enum)]
     pub manual_mode: Option<crate::config::SourceMode>,
     /// How often blocklists are re-read [default: 1h].

@@ -47,6 +47,7 @@ pub struct FileConfig {
     pub allow: Option<Vec<Cidr>>,
     pub min_prefix_v4: Option<u8>,
     pub min_prefix_v6: Option<u8>,
+    pub v6_escalation: Option<Parsed<super::args::V6Escalation>>,
     pub list: Option<Vec<FileList>>,
     pub list_refresh: Option<Parsed<HumanDuration>>,
     pub apiban_mode: Option<ByName<super::SourceMode>>,

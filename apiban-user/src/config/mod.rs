@@ -382,6 +382,23 @@ fn resolve_engine(args: &RunArgs, file: &FileConfig) -> Result<EngineSettings, C
     if min_prefix_v6 > 128 {
         return Err(invalid("min-prefix-v6", "must be 0..=128"));
     }
+    let escalation = first(
+        args.v6_escalation,
+        file.v6_escalation.map(|e| e.0),
+        args::V6Escalation {
+            threshold: 4,
+            prefix_len: 64,
+        },
+    );
+    if escalation.threshold > 0 && escalation.prefix_len < min_prefix_v6 {
+        return Err(invalid(
+            "v6-escalation",
+            format!(
+                "a /{} is broader than min-prefix-v6 /{min_prefix_v6} lets a feed ban",
+                escalation.prefix_len
+            ),
+        ));
+    }
     let file_allow = file.allow.as_ref().map(|a| a.iter().map(|c| c.0).collect());
     Ok(EngineSettings {
         ttl: first(
@@ -393,6 +410,8 @@ fn resolve_engine(args: &RunArgs, file: &FileConfig) -> Result<EngineSettings, C
         min_prefix_v6,
         allow: first_list(&args.allow, file_allow),
         observe: BTreeSet::new(),
+        v6_escalation_threshold: escalation.threshold,
+        v6_escalation_prefix: escalation.prefix_len,
     })
 }
 

@@ -59,6 +59,10 @@ pub struct EngineSettings {
     pub allow: Vec<IpNet>,
     /// Sources on trial: what only they ban is matched and counted, never dropped.
     pub observe: BTreeSet<SourceId>,
+    /// IPv6 escalation: this many bans of one source inside one block of this length ban
+    /// the block (0: off).
+    pub v6_escalation_threshold: usize,
+    pub v6_escalation_prefix: u8,
 }
 
 impl Default for EngineSettings {
@@ -69,6 +73,8 @@ impl Default for EngineSettings {
             min_prefix_v6: 32,
             allow: Vec::new(),
             observe: BTreeSet::new(),
+            v6_escalation_threshold: 4,
+            v6_escalation_prefix: 64,
         }
     }
 }
@@ -126,6 +132,8 @@ pub struct EngineShared {
     pub observed: Arc<BTreeSet<IpNet>>,
     /// The sources in observe mode.
     pub observing: Arc<BTreeSet<SourceId>>,
+    /// The IPv6 blocks banned by escalation.
+    pub derived: Arc<Vec<crate::ledger::Escalation>>,
     /// The allowlist in force: configured and manual entries.
     pub allowlist: Arc<AllowList>,
     /// The entries `apiban allow add` made.
@@ -167,6 +175,9 @@ pub struct Engine<E: Enforcer> {
     /// Whether the program reads the mark (None: not set by this engine yet).
     observing_switch: Option<bool>,
     observing: Arc<BTreeSet<SourceId>>,
+    /// IPv6 escalation's settings and what it derived at the last apply.
+    escalation: (usize, u8),
+    derived: Arc<Vec<crate::ledger::Escalation>>,
     applied_allow: BTreeSet<IpNet>,
     store: Option<StateStore>,
     apiban: ApibanCursor,
@@ -215,6 +226,11 @@ impl<E: Enforcer> Engine<E> {
             applied_observed: Arc::new(applied_observed),
             observing_switch: None,
             observing: Arc::new(settings.observe.clone()),
+            escalation: (
+                settings.v6_escalation_threshold,
+                settings.v6_escalation_prefix,
+            ),
+            derived: Arc::default(),
             applied_allow,
             store,
             apiban: state.apiban,
@@ -326,6 +342,10 @@ impl<E: Enforcer> Engine<E> {
         if *self.observing != settings.observe {
             self.observing = Arc::new(settings.observe);
         }
+        self.escalation = (
+            settings.v6_escalation_threshold,
+            settings.v6_escalation_prefix,
+        );
     }
 
     /// This host's addresses changed: feeds may not ban the new ones, and what they banned
@@ -405,7 +425,20 @@ impl<E: Enforcer> Engine<E> {
                 }
             }
         }
-        let wanted = self.ledger.desired_modes(now, &self.allow, &self.observing);
+        let (threshold, prefix_len) = self.escalation;
+        // A derived block is a ban no feed sent: it passes the sanitiser like one would.
+        let derived: Vec<crate::ledger::Escalation> = self
+            .ledger
+            .escalations(now, prefix_len, threshold)
+            .into_iter()
+            .filter(|d| self.sanitiser.check_net(d.net, &self.allow).is_ok())
+            .collect();
+        if *self.derived != derived {
+            self.derived = Arc::new(derived);
+        }
+        let wanted = self
+            .ledger
+            .desired_with(now, &self.allow, &self.observing, &self.derived);
         // Tighten before anything else: what starts enforcing does so before any add or
         // removal, and what starts observing only after its replacement is in.
         applied.switched = self.switch_marks(&wanted, false);
@@ -670,6 +703,7 @@ impl<E: Enforcer> Engine<E> {
             enforced: self.applied_deny.clone(),
             observed: self.applied_observed.clone(),
             observing: self.observing.clone(),
+            derived: self.derived.clone(),
             allowlist: self.allow.clone(),
             manual_allow: self.manual_allow.clone(),
             counters: self.counters.clone(),

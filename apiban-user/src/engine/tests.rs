@@ -354,3 +354,65 @@ fn an_observed_entry_inside_an_enforced_prefix_enforces_so_the_wider_ban_holds()
         BTreeSet::from([net("7.7.7.7"), net("8.8.4.4")])
     );
 }
+
+#[test]
+fn four_ipv6_bans_of_one_source_in_a_64_ban_the_64_while_they_last() {
+    let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, settings(100), 10).unwrap();
+    let block = net("2a01:4f8:7::/64");
+    e.apiban_batch(
+        &strings(&["2a01:4f8:7::1", "2a01:4f8:7::2", "2a01:4f8:7::3"]),
+        "1".into(),
+        10,
+    );
+    assert!(!e.enforcer().deny.contains(&block), "three are not enough");
+    // Another source's ban in the block does not count towards APIBAN's.
+    e.list_snapshot("other", &["2a01:4f8:7::9"], 10);
+    assert!(!e.enforcer().deny.contains(&block));
+    e.apiban_batch(&strings(&["2a01:4f8:7::4"]), "2".into(), 50);
+    assert!(
+        e.enforcer().deny.contains(&block),
+        "the fourth bans the /64"
+    );
+    let derived = e.shared().derived;
+    assert_eq!(derived.len(), 1);
+    assert_eq!(
+        (derived[0].net, derived[0].from, derived[0].expires),
+        (block, 4, Some(150)),
+        "the longest remaining expiry"
+    );
+    // Three expire at 110: the block goes with them; the fourth stays.
+    e.sweep(111);
+    assert!(!e.enforcer().deny.contains(&block));
+    assert!(e.enforcer().deny.contains(&net("2a01:4f8:7::4")));
+    assert!(e.shared().derived.is_empty());
+}
+
+#[test]
+fn escalation_yields_to_the_allowlist_this_host_and_its_off_switch() {
+    let allowing = EngineSettings {
+        allow: vec![net("2a01:4f8:8::/64")],
+        ..settings(100)
+    };
+    let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, allowing, 10).unwrap();
+    e.set_own_addresses(vec!["2a01:4f8:9::1".parse().unwrap()], 10);
+    let hosts = |p: &str| -> Vec<String> { (11..=14).map(|i| format!("{p}::{i}")).collect() };
+    e.apiban_batch(&hosts("2a01:4f8:8"), "1".into(), 10);
+    e.apiban_batch(&hosts("2a01:4f8:9"), "2".into(), 10);
+    // The allowlist wins twice: its hosts are refused, and so would be the block.
+    assert!(
+        !e.enforcer().deny.contains(&net("2a01:4f8:8::/64")),
+        "allowlisted"
+    );
+    assert!(
+        !e.enforcer().deny.contains(&net("2a01:4f8:9::/64")),
+        "holds this host"
+    );
+    e.apiban_batch(&hosts("2a01:4f8:a"), "3".into(), 10);
+    assert!(e.enforcer().deny.contains(&net("2a01:4f8:a::/64")));
+    let off = EngineSettings {
+        v6_escalation_threshold: 0,
+        ..settings(100)
+    };
+    e.reconfigure(off, 11);
+    assert!(!e.enforcer().deny.contains(&net("2a01:4f8:a::/64")), "off");
+}

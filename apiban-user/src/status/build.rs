@@ -44,6 +44,7 @@ pub fn report(
         now,
         agent: agent.clone(),
         allowlist: snapshot.engine.allowlist.len(),
+        derived_prefixes: snapshot.engine.derived.len(),
         ..Default::default()
     };
     for ((source, v6), count) in snapshot.engine.ledger.counts() {
@@ -248,6 +249,15 @@ pub fn check(
         ),
         None => (None, Vec::new()),
     };
+    let derived: Vec<crate::ledger::Escalation> = snapshot
+        .engine
+        .derived
+        .iter()
+        .filter(|d| d.net.contains(&addr))
+        .cloned()
+        .collect();
+    // Without a dataplane to ask, a derived block is the match when no ban is longer.
+    let entry = entry.or_else(|| derived.first().map(|d| d.net));
     let enforced = entry.is_some_and(|n| snapshot.engine.enforced.contains(&n));
     let mut report = CheckReport {
         addr,
@@ -270,6 +280,7 @@ pub fn check(
         last_hit_ago: None,
         dry_run: dataplane.is_none(),
         observed_by: Vec::new(),
+        derived,
     };
     let mut observed = entry.is_some_and(|n| snapshot.engine.observed.contains(&n));
     if let Some(dp) = dataplane

@@ -267,6 +267,9 @@ pub struct StatusReport {
     pub agent: AgentInfo,
     /// Ledger records by source and family.
     pub entries: Vec<EntryCount>,
+    /// IPv6 blocks banned by escalation (absent from agents before it).
+    #[serde(default)]
+    pub derived_prefixes: usize,
     /// Each source's mode and what its entries dropped or would have dropped (absent from
     /// agents before observe mode).
     #[serde(default)]
@@ -295,6 +298,9 @@ pub struct CheckReport {
     /// With "observed": the sources in observe mode that hold it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub observed_by: Vec<String>,
+    /// IPv6 blocks banned by escalation that cover the address, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub derived: Vec<crate::ledger::Escalation>,
     pub entry: Option<IpNet>,
     pub enforced: bool,
     pub records: Vec<RecordReport>,

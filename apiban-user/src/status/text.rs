@@ -408,6 +408,19 @@ impl CheckReport {
                 );
             }
         }
+        for d in &self.derived {
+            let _ = writeln!(
+                o,
+                "  derived    {}: {} bans by {} inside it (IPv6 escalation), {}",
+                d.net,
+                d.from,
+                d.source,
+                match d.expires {
+                    Some(t) => format!("until the last expires {}", relative(t, now)),
+                    None => "while one never expires".into(),
+                }
+            );
+        }
         if let Some(a) = self.allowed_by {
             let _ = writeln!(o, "  allowlist  {a} (wins over every feed)");
         }
