@@ -15,6 +15,10 @@
 //!   extension header (four of a fragment header), four of the transport header.
 //! - In scope, a source no deny prefix covers passes; one the allowlist covers is allowed;
 //!   the rest are dropped. The allowlist is only consulted for banned sources.
+//! - Observe mode: a source covered only by prefixes of sources in observe mode is
+//!   observed (counted, passed); one that any enforcing prefix covers is dropped, whatever
+//!   observes it too ("unless an enforcing source bans it too, or an enforcing prefix covers
+//!   it"). The allowlist wins over both.
 //!
 //! Fields are read straight from the bytes here; `crosscheck` compares them with etherparse
 //! wherever etherparse can parse the whole frame, so the model's own offsets are checked
@@ -31,7 +35,10 @@ use ipnet::IpNet;
 /// What the program is configured with.
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
+    /// Banned by enforcing sources.
     pub deny: Vec<IpNet>,
+    /// Listed by sources in observe mode only (a prefix in both lists is enforced).
+    pub observe: Vec<IpNet>,
     pub allow: Vec<IpNet>,
     /// `Some` is scope `ports` with these destination ports.
     pub ports: Option<BTreeSet<u16>>,
@@ -129,13 +136,16 @@ fn v6_scope(
 }
 
 fn decide(source: IpAddr, policy: &Policy) -> Verdict {
-    if !policy.deny.iter().any(|n| n.contains(&source)) {
+    let denied = policy.deny.iter().any(|n| n.contains(&source));
+    if !denied && !policy.observe.iter().any(|n| n.contains(&source)) {
         return Verdict::Passed;
     }
     if policy.allow.iter().any(|n| n.contains(&source)) {
         Verdict::Allowed
-    } else {
+    } else if denied {
         Verdict::Dropped
+    } else {
+        Verdict::Observed
     }
 }
 

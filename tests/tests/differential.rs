@@ -1,8 +1,11 @@
 //! The XDP program against an independent model of its policy (`tests::reference`), frame by
 //! frame under BPF_PROG_TEST_RUN, on frames from `tests::framegen`: every verdict must agree
-//! (dropped, allowed, passed, not IP, malformed, read from the program's own counters), under
-//! scope all and scope ports, with and without an allowlist, with hosts in the host tables
-//! and prefixes in the tries, a filter-saturating wide prefix included.
+//! (dropped, allowed, passed, not IP, malformed, observed, read from the program's own
+//! counters), under scope all and scope ports, with and without an allowlist, with hosts in
+//! the host tables and prefixes in the tries, a filter-saturating wide prefix included, and
+//! sources in observe mode beside enforcing ones. Which entries carry the observe mark is
+//! decided by the agent's own ledger, so the test covers that rule (an observed host inside
+//! an enforced prefix must enforce) together with the program.
 //!
 //! APIBAN_DIFF_FRAMES sets how many frames (default 200,000, spread over the
 //! configurations); APIBAN_DIFF_SEED replays a run (the seed is printed). `cargo xtask fuzz`
@@ -10,7 +13,11 @@
 
 use std::{collections::BTreeSet, path::Path};
 
-use apiban::dataplane::{Scope, loader};
+use apiban::{
+    dataplane::{Scope, loader},
+    ledger::{Ledger, SourceId},
+    sanitise::AllowList,
+};
 use apiban_common::{Counter, VERDICT_COUNT, Verdict, map_names};
 use aya::maps::{Map, MapData, PerCpuArray};
 use ipnet::IpNet;
@@ -42,10 +49,12 @@ impl Under {
             ..Default::default()
         })
         .expect("load the XDP program");
+        let (enforced, observed) = marks(policy);
+        loaded.dataplane.deny_batch(&enforced, false).expect("deny");
         loaded
             .dataplane
-            .deny_batch(&policy.deny, false)
-            .expect("deny");
+            .deny_batch(&observed, true)
+            .expect("deny, observe only");
         for net in &policy.allow {
             loaded.dataplane.allow(*net).expect("allow");
         }
@@ -93,6 +102,28 @@ impl Under {
     }
 }
 
+/// The deny entries as the agent writes them, enforcing and observe-only: an enforcing
+/// source bans `policy.deny`, a list in observe mode `policy.observe`, and the ledger says
+/// which entries carry the mark.
+fn marks(policy: &Policy) -> (Vec<IpNet>, Vec<IpNet>) {
+    let trial = SourceId::List("trial".into());
+    let mut ledger = Ledger::default();
+    for net in &policy.deny {
+        ledger.observe(*net, &SourceId::Apiban, 1, None, None);
+    }
+    for net in &policy.observe {
+        ledger.observe(*net, &trial, 1, None, None);
+    }
+    // The allowlist goes into the dataplane below: the program, not the ledger, must let it win.
+    let desired = ledger.desired_modes(2, &AllowList::default(), &[trial].into());
+    let enforced = desired
+        .nets
+        .difference(&desired.observed)
+        .copied()
+        .collect();
+    (enforced, desired.observed.into_iter().collect())
+}
+
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 
@@ -112,7 +143,19 @@ fn configurations() -> Vec<(&'static str, Policy)> {
         "100.64.7.0/24",
         "2001:db8:bad::1/128",
         "2001:db8:1000:ffff::/64",
+        "45.91.0.128/25",
     ]);
+    // On trial: alone, inside enforced prefixes, around enforced hosts, and listed twice.
+    let observe = nets(&[
+        "45.90.0.1/32",
+        "45.91.0.0/24",
+        "198.51.100.77/32",
+        "203.0.113.7/32",
+        "2001:db8:b5::/48",
+        "2001:db8:b6::1/128",
+        "2001:db8::66/128",
+    ]);
+    let deny = [deny, nets(&["45.91.0.9/32"])].concat();
     let ports: BTreeSet<u16> = [5060, 5061].into();
     let mut wide = deny.clone();
     // Wider than the filter's span: it saturates, every packet takes the full lookup.
@@ -122,6 +165,7 @@ fn configurations() -> Vec<(&'static str, Policy)> {
             "scope all, no allowlist",
             Policy {
                 deny: deny.clone(),
+                observe: observe.clone(),
                 ..Default::default()
             },
         ),
@@ -129,6 +173,7 @@ fn configurations() -> Vec<(&'static str, Policy)> {
             "scope all, allowlist",
             Policy {
                 deny: deny.clone(),
+                observe: observe.clone(),
                 allow: allow.clone(),
                 ports: None,
             },
@@ -137,6 +182,7 @@ fn configurations() -> Vec<(&'static str, Policy)> {
             "scope ports, no allowlist",
             Policy {
                 deny: deny.clone(),
+                observe: observe.clone(),
                 allow: vec![],
                 ports: Some(ports.clone()),
             },
@@ -145,6 +191,7 @@ fn configurations() -> Vec<(&'static str, Policy)> {
             "scope ports, allowlist, wide prefixes",
             Policy {
                 deny: wide,
+                observe,
                 allow,
                 ports: Some(ports),
             },
@@ -170,7 +217,13 @@ fn the_program_agrees_with_the_model_on_every_frame() {
     let mut crosschecked = 0usize;
     for (i, (name, policy)) in configs.iter().enumerate() {
         let mut under = Under::new(policy);
-        let pools: Vec<IpNet> = policy.deny.iter().chain(&policy.allow).copied().collect();
+        let pools: Vec<IpNet> = policy
+            .deny
+            .iter()
+            .chain(&policy.observe)
+            .chain(&policy.allow)
+            .copied()
+            .collect();
         let ports: Vec<u16> = policy
             .ports
             .clone()
@@ -206,7 +259,7 @@ fn the_program_agrees_with_the_model_on_every_frame() {
         }
     }
     println!(
-        "agreed on every frame; verdicts {:?} (dropped, allowed, passed, not_ip, malformed); \
+        "agreed on every frame; verdicts {:?} (dropped, allowed, passed, not_ip, malformed, observed); \
          {crosschecked} IP frames",
         seen
     );
