@@ -195,4 +195,15 @@ fn kamailio_pike_bans_a_flooding_source_through_the_api_and_xdp_drops_it() {
         (200, "{\"success\":\"flushed\"}\n".to_owned())
     );
     assert_eq!(s.check("45.95.0.3")["verdict"], "not banned");
+
+    // Reloads, by SIGHUP and by `apiban reload`, keep the agent and its ban API serving.
+    s.agent().signal(libc::SIGHUP);
+    s.agent().cli_ok(&["reload"]);
+    assert!(
+        s.agent_running(),
+        "the agent stopped on reload:\n{}",
+        s.agent().log_text()
+    );
+    assert_eq!(get(&s, "/addip/45.95.0.4").0, 200);
+    assert_eq!(s.check("45.95.0.4")["verdict"], "banned");
 }

@@ -181,6 +181,13 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
     let adoption = loaded.adoption.clone();
     let detect_tap = crate::dataplane::detect::DetectTap::take(loaded.ebpf_mut())
         .context("could not open the detection maps")?;
+    let capture_tap = crate::dataplane::capture::CaptureTap::take(loaded.ebpf_mut())
+        .context("could not open the capture maps")?;
+    // A capture cut short by a crash left the program's switch on; no capture runs now.
+    loaded
+        .dataplane
+        .set_flag(apiban_common::DataplaneConfig::CAPTURE, false)
+        .context("could not switch off a capture left running")?;
     let (mut enforcement, dataplane) = loaded.into_parts();
     let reader = dataplane
         .reader()
@@ -234,7 +241,11 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         engine,
         apiban,
         info,
-        Some((reader, detect_tap)),
+        Some(Taps {
+            reader,
+            detect: detect_tap,
+            capture: capture_tap,
+        }),
     )? {
         Exit::Stopped { enforced } => {
             report_stop(&enforcement, Some(enforced));
@@ -339,18 +350,64 @@ fn report_stop(enforcement: &loader::Enforcement, enforced: Option<usize>) {
     }
 }
 
+/// What reads the program besides the ledger's owner: the maps' reader, detection's and
+/// the capture's maps. None in a dry run.
+struct Taps {
+    reader: crate::dataplane::DataplaneReader,
+    detect: crate::dataplane::detect::DetectTap,
+    capture: crate::dataplane::capture::CaptureTap,
+}
+
+/// The ban API's server, if `--ban-api` asks for one: the token read, the address bound.
+async fn start_ban_api(
+    config: &AgentConfig,
+    updates: tokio::sync::mpsc::Sender<sync::Update>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    let Some(addr) = config.process.ban_api else {
+        return Ok(None);
+    };
+    let token = match &config.process.ban_api_token_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| {
+                format!("cannot read the ban API token file {}", path.display())
+            })?;
+            if text.trim().is_empty() {
+                anyhow::bail!(
+                    "the ban API token file {} is empty; put a token in it",
+                    path.display()
+                );
+            }
+            Some(text.trim().to_owned())
+        }
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("cannot serve the ban API on {addr}; pick another --ban-api or `off`")
+    })?;
+    let local = listener.local_addr().unwrap_or(addr);
+    let settings = crate::ban_api::BanApiSettings {
+        token,
+        ttl: config.process.ban_api_ttl,
+        ttl_max: crate::ban_api::TTL_MAX,
+    };
+    tracing::info!(%local, "ban API at http://{local}/ (addip, blockip, removeip, v1/bans)");
+    Ok(Some(tokio::spawn(crate::ban_api::serve(
+        listener, settings, updates,
+    ))))
+}
+
 fn serve<E: Enforcer + Send + 'static>(
     args: RunArgs,
     mut config: AgentConfig,
     mut engine: Engine<E>,
     apiban: Option<(ApibanClient, PollSettings)>,
     info: AgentInfo,
-    dataplane: Option<(
-        crate::dataplane::DataplaneReader,
-        crate::dataplane::detect::DetectTap,
-    )>,
+    taps: Option<Taps>,
 ) -> anyhow::Result<Exit> {
-    let (dataplane, detect_tap) = dataplane.unzip();
+    let (dataplane, detect_tap, capture_tap) = match taps {
+        Some(t) => (Some(t.reader), Some(t.detect), Some(t.capture)),
+        None => (None, None, None),
+    };
     let now = sync::unix_now();
     let configured: Vec<&str> = config.lists.iter().map(|l| l.name.as_str()).collect();
     // In a fleet, the leader's configuration says which lists there are.
@@ -473,6 +530,13 @@ fn serve<E: Enforcer + Send + 'static>(
                 readers: readers.clone(),
                 updates: running.updates.clone(),
                 reload: reload_tx,
+                capture: match capture_tap {
+                    Some(tap) => Some(Arc::new(
+                        crate::capture::CaptureService::new(tap, &config.attach.ifaces)
+                            .context("cannot wait on the capture ring buffer")?,
+                    )),
+                    None => None,
+                },
             };
             servers.push(tokio::spawn(control::serve(listener, ctx, access)));
             tracing::info!(path = %config.process.control_socket.display(), "control socket ready");
@@ -497,47 +561,12 @@ fn serve<E: Enforcer + Send + 'static>(
                 }
             }
         }
-        if let Some(addr) = config.process.ban_api {
-            let token = match &config.process.ban_api_token_file {
-                Some(path) => match std::fs::read_to_string(path) {
-                    Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
-                    Ok(_) => {
-                        running.abort();
-                        anyhow::bail!(
-                            "the ban API token file {} is empty; put a token in it",
-                            path.display()
-                        );
-                    }
-                    Err(e) => {
-                        running.abort();
-                        return Err(e).with_context(|| {
-                            format!("cannot read the ban API token file {}", path.display())
-                        });
-                    }
-                },
-                None => None,
-            };
-            match tokio::net::TcpListener::bind(addr).await {
-                Ok(listener) => {
-                    let local = listener.local_addr().unwrap_or(addr);
-                    let settings = crate::ban_api::BanApiSettings {
-                        token,
-                        ttl: config.process.ban_api_ttl,
-                        ttl_max: crate::ban_api::TTL_MAX,
-                    };
-                    servers.push(tokio::spawn(crate::ban_api::serve(
-                        listener,
-                        settings,
-                        running.updates.clone(),
-                    )));
-                    tracing::info!(%local, "ban API at http://{local}/ (addip, blockip, removeip, v1/bans)");
-                }
-                Err(e) => {
-                    running.abort();
-                    return Err(e).with_context(|| {
-                        format!("cannot serve the ban API on {addr}; pick another --ban-api or `off`")
-                    });
-                }
+        match start_ban_api(&config, running.updates.clone()).await {
+            Ok(Some(server)) => servers.push(server),
+            Ok(None) => {}
+            Err(e) => {
+                running.abort();
+                return Err(e);
             }
         }
         notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
@@ -590,98 +619,12 @@ fn serve<E: Enforcer + Send + 'static>(
                 _ = hup.recv() => {
                     notifier.reloading();
                     let _ = reload(&args, &mut config, &mut running, &info, &mut key_in_use, detect_settings.as_ref()).await;
-                    if let Some(addr) = config.process.ban_api {
-            let token = match &config.process.ban_api_token_file {
-                Some(path) => match std::fs::read_to_string(path) {
-                    Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
-                    Ok(_) => {
-                        running.abort();
-                        anyhow::bail!(
-                            "the ban API token file {} is empty; put a token in it",
-                            path.display()
-                        );
-                    }
-                    Err(e) => {
-                        running.abort();
-                        return Err(e).with_context(|| {
-                            format!("cannot read the ban API token file {}", path.display())
-                        });
-                    }
-                },
-                None => None,
-            };
-            match tokio::net::TcpListener::bind(addr).await {
-                Ok(listener) => {
-                    let local = listener.local_addr().unwrap_or(addr);
-                    let settings = crate::ban_api::BanApiSettings {
-                        token,
-                        ttl: config.process.ban_api_ttl,
-                        ttl_max: crate::ban_api::TTL_MAX,
-                    };
-                    servers.push(tokio::spawn(crate::ban_api::serve(
-                        listener,
-                        settings,
-                        running.updates.clone(),
-                    )));
-                    tracing::info!(%local, "ban API at http://{local}/ (addip, blockip, removeip, v1/bans)");
-                }
-                Err(e) => {
-                    running.abort();
-                    return Err(e).with_context(|| {
-                        format!("cannot serve the ban API on {addr}; pick another --ban-api or `off`")
-                    });
-                }
-            }
-        }
-        notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
+                    notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
                 }
                 Some(reply) = reload_rx.recv() => {
                     notifier.reloading();
                     let outcome = reload(&args, &mut config, &mut running, &info, &mut key_in_use, detect_settings.as_ref()).await;
-                    if let Some(addr) = config.process.ban_api {
-            let token = match &config.process.ban_api_token_file {
-                Some(path) => match std::fs::read_to_string(path) {
-                    Ok(t) if !t.trim().is_empty() => Some(t.trim().to_owned()),
-                    Ok(_) => {
-                        running.abort();
-                        anyhow::bail!(
-                            "the ban API token file {} is empty; put a token in it",
-                            path.display()
-                        );
-                    }
-                    Err(e) => {
-                        running.abort();
-                        return Err(e).with_context(|| {
-                            format!("cannot read the ban API token file {}", path.display())
-                        });
-                    }
-                },
-                None => None,
-            };
-            match tokio::net::TcpListener::bind(addr).await {
-                Ok(listener) => {
-                    let local = listener.local_addr().unwrap_or(addr);
-                    let settings = crate::ban_api::BanApiSettings {
-                        token,
-                        ttl: config.process.ban_api_ttl,
-                        ttl_max: crate::ban_api::TTL_MAX,
-                    };
-                    servers.push(tokio::spawn(crate::ban_api::serve(
-                        listener,
-                        settings,
-                        running.updates.clone(),
-                    )));
-                    tracing::info!(%local, "ban API at http://{local}/ (addip, blockip, removeip, v1/bans)");
-                }
-                Err(e) => {
-                    running.abort();
-                    return Err(e).with_context(|| {
-                        format!("cannot serve the ban API on {addr}; pick another --ban-api or `off`")
-                    });
-                }
-            }
-        }
-        notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
+                    notifier.ready(&format!("enforcing {} prefixes", running.snapshot().engine.enforced.len()));
                     let _ = reply.send(outcome);
                 }
                 _ = key_check.tick(), if matches!(config.apiban.key, Some(KeySource::File(_))) => {
@@ -732,6 +675,10 @@ fn serve<E: Enforcer + Send + 'static>(
             (None, None) => return Ok(Exit::OwnerDied(sync::OwnerFault::Stopped)),
         };
         let mut engine = owner.engine;
+        // The program outlives the agent: a capture cut short by the stop must not go on.
+        if let Err(e) = engine.set_capture(false) {
+            tracing::warn!(error = %crate::error_chain(&e), "cannot switch off the capture");
+        }
         engine.save(sync::unix_now());
         if config.process.dry_run {
             report_dry_run(engine.enforced());
