@@ -49,6 +49,12 @@ pub mod map_names {
     pub const SIP_SOURCES: &str = "SIP_SOURCES";
     pub const SIP_SAMPLES: &str = "SIP_SAMPLES";
     pub const SAMPLE_BUDGET: &str = "SAMPLE_BUDGET";
+    /// `apiban capture` (see [`super::capture`]): what to capture, the records, the cap.
+    /// Rebuilt on every load like detection's; the switch is a flag in the pinned `CONFIG`,
+    /// which a starting agent clears.
+    pub const CAPTURE_CONFIG: &str = "CAPTURE_CONFIG";
+    pub const CAPTURE_RING: &str = "CAPTURE_RING";
+    pub const CAPTURE_BUDGET: &str = "CAPTURE_BUDGET";
     /// Only used by the benchmark programs; never pinned.
     pub const BENCH_PARAMS: &str = "BENCH_PARAMS";
     pub const TRAFFICGEN: &str = "TRAFFICGEN";
@@ -393,6 +399,9 @@ impl DataplaneConfig {
     /// Some deny entry carries the [`OBSERVED`] mark. While none does, a drop does not read
     /// the mark; set before the first marked entry goes in, cleared after the last is gone.
     pub const OBSERVED_LISTED: u32 = 1 << 5;
+    /// A capture runs (`apiban capture`): packets whose verdict it asks for are copied to the
+    /// agent. Off, capturing costs nothing but the test of this bit in a word already loaded.
+    pub const CAPTURE: u32 = 1 << 6;
 }
 
 /// Parameters of the `bench_cycle` program: source address of run `i` is
@@ -455,6 +464,9 @@ mod pod {
         SipSource,
         SampleBudget,
         SipSample,
+        CaptureConfig,
+        CaptureBudget,
+        CaptureRecord,
     );
 }
 
@@ -597,3 +609,71 @@ impl SipSample {
 
 const _: () = assert!(core::mem::size_of::<SipSource>() == 40);
 const _: () = assert!(core::mem::size_of::<SipSample>() == 564);
+
+/// `apiban capture`: while [`DataplaneConfig::CAPTURE`] is set, the program copies the first
+/// `snaplen` bytes of each packet whose verdict is in `verdicts` into a ring buffer, at most
+/// `per_sec` a second over all CPUs, with the time it saw it.
+pub mod capture {
+    /// Bytes of a frame a record holds at most: a full Ethernet frame with two VLAN tags.
+    pub const SNAPLEN: usize = 1536;
+    /// The ring buffer's size: room for about 650 records between two reads.
+    pub const RING_BYTES: u32 = 1 << 20;
+    /// The highest cap an operator may ask for.
+    pub const MAX_PER_SEC: u32 = 100_000;
+}
+
+/// What a capture wants; all zero captures nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// Bit `v` set: capture packets with verdict `v` ([`Verdict`] as u32).
+    pub verdicts: u32,
+    /// Bytes copied of each frame, at most [`capture::SNAPLEN`].
+    pub snaplen: u32,
+    /// Records per second at most, over all CPUs.
+    pub per_sec: u32,
+    pub _pad: u32,
+}
+
+/// The capture's cap per second and what it could not send.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureBudget {
+    pub window: SampleBudget,
+    /// Packets that matched past the cap.
+    pub over_cap: u64,
+    /// Packets the ring buffer had no room for (the agent fell behind).
+    pub lost: u64,
+}
+
+/// A captured packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureRecord {
+    /// `bpf_ktime_get_ns` when the program saw it (CLOCK_MONOTONIC).
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    /// The frame's length on the wire.
+    pub len: u32,
+    /// Bytes of `data` that hold the frame's start.
+    pub captured: u32,
+    /// The [`Verdict`] as u32.
+    pub verdict: u32,
+    pub data: [u8; capture::SNAPLEN],
+}
+
+impl CaptureRecord {
+    /// An empty record, for userspace tests and parsing.
+    pub const fn zeroed() -> Self {
+        Self {
+            ts_ns: 0,
+            ifindex: 0,
+            len: 0,
+            captured: 0,
+            verdict: 0,
+            data: [0; capture::SNAPLEN],
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<CaptureRecord>() == 24 + capture::SNAPLEN);

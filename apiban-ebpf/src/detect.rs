@@ -2,10 +2,7 @@
 //! sources the verdict passed, counts per source and method, and samples to the agent.
 //! Runs only after the verdict, so the drop path of banned sources does not change.
 
-use core::{
-    ffi::c_void,
-    intrinsics::{AtomicOrdering, atomic_xadd},
-};
+use core::ffi::c_void;
 
 use apiban_common::{
     DetectConfig, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS, SampleBudget,
@@ -151,30 +148,12 @@ fn sip_request(ctx: &XdpContext) -> Result<Option<Request>, ()> {
     }))
 }
 
-/// Takes one from a per-second cap shared by every CPU. Read, then add: the object is built
-/// for BPF's first instruction set, whose atomic add returns nothing, so CPUs racing at the
-/// cap or at a new second may take a few more than the cap; it bounds a flood all the same.
+/// Takes one from detection's cap in `slot` of `SAMPLE_BUDGET`.
 #[inline(always)]
 fn take_budget(slot: u32, cap: u32, now: u64) -> bool {
-    if cap == 0 {
-        return false;
-    }
-    let Some(budget) = SAMPLE_BUDGET.get_ptr_mut(slot) else {
-        return false;
-    };
-    let second = now / 1_000_000_000;
-    // SAFETY: an array slot, valid for the program's life; `used` is added to atomically.
-    unsafe {
-        if (&raw const (*budget).second).read_volatile() != second {
-            (*budget).second = second;
-            (*budget).used = 0;
-        }
-        if (&raw const (*budget).used).read_volatile() >= u64::from(cap) {
-            return false;
-        }
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*budget).used, 1);
-    }
-    true
+    SAMPLE_BUDGET
+        .get_ptr_mut(slot)
+        .is_some_and(|budget| crate::take_budget(budget, cap, now))
 }
 
 #[inline(always)]

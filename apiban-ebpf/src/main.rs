@@ -22,7 +22,7 @@ use apiban_common::{
     ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, HitClock, HostBucketV4, HostBucketV6, HostHits,
     HostTables, IFACE_COUNTER_SLOTS, IFACE_SLOT_INDEXES, IPPROTO_AH, IPPROTO_DSTOPTS,
     IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, OBSERVED,
-    SCOPE_PORT_SLOTS, VERDICT_COUNT, Verdict, block_filter, host_table,
+    SCOPE_PORT_SLOTS, SampleBudget, VERDICT_COUNT, Verdict, block_filter, host_table,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, xdp_action},
@@ -111,6 +111,7 @@ const MAX_IPV6_EXT_HEADERS: usize = 4;
 // load (feature `bench`): production agents never carry them.
 #[cfg(feature = "bench")]
 mod bench;
+mod capture;
 mod detect;
 
 #[xdp]
@@ -126,6 +127,9 @@ pub(crate) fn try_apiban(ctx: &XdpContext) -> Result<u32, ()> {
     let flags = CONFIG.get(0).map_or(0, |c| c.flags);
     let verdict = classify(ctx, flags).unwrap_or(Verdict::Malformed);
     count(ctx, verdict);
+    if flags & DataplaneConfig::CAPTURE != 0 {
+        capture::offer(ctx, verdict);
+    }
     if verdict == Verdict::Passed || verdict == Verdict::Observed {
         // Only sources that are neither banned nor allowed: what no list knows yet, or only
         // lists on trial know.
@@ -461,6 +465,30 @@ pub(crate) fn coarse_now_ns() -> u64 {
         }
         (*clock).coarse_ns
     }
+}
+
+/// Takes one from a per-second cap shared by every CPU. Read, then add: the object is built
+/// for BPF's first instruction set, whose atomic add returns nothing, so CPUs racing at the
+/// cap or at a new second may take a few more than the cap; it bounds a flood all the same.
+#[inline(always)]
+pub(crate) fn take_budget(budget: *mut SampleBudget, cap: u32, now: u64) -> bool {
+    if cap == 0 {
+        return false;
+    }
+    let second = now / 1_000_000_000;
+    // SAFETY: a pointer into an array map's slot, valid for the program's life; `used` is
+    // added to atomically, `second` is a plain store where the last writer wins.
+    unsafe {
+        if (&raw const (*budget).second).read_volatile() != second {
+            (*budget).second = second;
+            (*budget).used = 0;
+        }
+        if (&raw const (*budget).used).read_volatile() >= u64::from(cap) {
+            return false;
+        }
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*budget).used, 1);
+    }
+    true
 }
 
 #[inline(always)]

@@ -78,6 +78,8 @@ pub enum Request {
     Fleet,
     /// Re-read the configuration, as SIGHUP does.
     Reload,
+    /// Stream what the program drops (or allows, or observes) until stopped; see `capture`.
+    Capture(crate::capture::CaptureSpec),
 }
 
 /// One request line from a client, or why it is not one.
@@ -237,13 +239,9 @@ pub enum ControlError {
     InUse(PathBuf),
 }
 
-/// Sends one request and returns the agent's answer.
-pub async fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ControlError> {
-    let io_err = |source: io::Error| ControlError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut stream = UnixStream::connect(path).await.map_err(|source| {
+/// Connects to the agent, or says why not in words an operator can act on.
+pub async fn connect(path: &Path) -> Result<UnixStream, ControlError> {
+    UnixStream::connect(path).await.map_err(|source| {
         if source.kind() == io::ErrorKind::PermissionDenied {
             ControlError::Permission {
                 path: path.to_path_buf(),
@@ -254,19 +252,33 @@ pub async fn request(path: &Path, req: &Request) -> Result<serde_json::Value, Co
                 source,
             }
         }
-    })?;
+    })
+}
+
+/// The agent's answer to a request, from its JSON.
+pub fn parse_response(answer: &[u8]) -> Result<serde_json::Value, ControlError> {
+    match serde_json::from_slice::<Response>(answer) {
+        Ok(Response::Ok(v)) => Ok(v),
+        Ok(Response::Refused(e)) => Err(ControlError::Refused(e)),
+        Ok(Response::Error(e)) => Err(ControlError::Failed(e)),
+        Err(e) => Err(ControlError::Protocol(e.to_string())),
+    }
+}
+
+/// Sends one request and returns the agent's answer.
+pub async fn request(path: &Path, req: &Request) -> Result<serde_json::Value, ControlError> {
+    let io_err = |source: io::Error| ControlError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = connect(path).await?;
     let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
     line.push(b'\n');
     stream.write_all(&line).await.map_err(io_err)?;
     stream.shutdown().await.map_err(io_err)?;
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).await.map_err(io_err)?;
-    match serde_json::from_slice::<Response>(&answer) {
-        Ok(Response::Ok(v)) => Ok(v),
-        Ok(Response::Refused(e)) => Err(ControlError::Refused(e)),
-        Ok(Response::Error(e)) => Err(ControlError::Failed(e)),
-        Err(e) => Err(ControlError::Protocol(e.to_string())),
-    }
+    parse_response(&answer)
 }
 
 /// What the server needs: the owner's snapshots to read, its inbox to send changes to, the
@@ -276,6 +288,8 @@ pub struct ControlContext {
     pub readers: status::Readers,
     pub updates: mpsc::Sender<Update>,
     pub reload: mpsc::Sender<ReloadReply>,
+    /// None in a dry run: no program to capture from.
+    pub capture: Option<Arc<crate::capture::CaptureService>>,
 }
 
 /// Binds the socket: creates the directory if needed, replaces a stale socket left by a
@@ -361,17 +375,12 @@ pub async fn serve(listener: UnixListener, ctx: ControlContext, access: Access) 
         };
         let peer = classify(&stream, access, me);
         let (ctx, reads) = (ctx.clone(), reads.clone());
-        slots.spawn(async move {
-            if tokio::time::timeout(IO_TIMEOUT, handle(stream, ctx, peer, reads))
-                .await
-                .is_err()
-            {
-                tracing::debug!("control connection timed out");
-            }
-        });
+        slots.spawn(handle(stream, ctx, peer, reads));
     }
 }
 
+/// Serves one connection: one request, one answer within [`IO_TIMEOUT`]; a capture streams
+/// until it ends instead.
 async fn handle(
     stream: UnixStream,
     ctx: ControlContext,
@@ -379,43 +388,86 @@ async fn handle(
     reads: Arc<tokio::sync::Semaphore>,
 ) {
     let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST));
     let mut line = String::new();
-    let read = tokio::time::timeout(
-        REQUEST_TIMEOUT,
-        BufReader::new(read.take(MAX_REQUEST)).read_line(&mut line),
-    )
-    .await;
-    let response = match read {
-        Err(_) => Response::Error(format!("no request within {}s", REQUEST_TIMEOUT.as_secs())),
-        Ok(Err(e)) => Response::Error(format!("cannot read the request: {e}")),
-        Ok(Ok(n)) if n as u64 >= MAX_REQUEST && !line.ends_with('\n') => {
-            Response::Error(format!("request larger than {} KiB", MAX_REQUEST / 1024))
-        }
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line)).await;
+    let request = match read {
+        Err(_) => Err(Response::Error(format!(
+            "no request within {}s",
+            REQUEST_TIMEOUT.as_secs()
+        ))),
+        Ok(Err(e)) => Err(Response::Error(format!("cannot read the request: {e}"))),
+        Ok(Ok(n)) if n as u64 >= MAX_REQUEST && !line.ends_with('\n') => Err(Response::Error(
+            format!("request larger than {} KiB", MAX_REQUEST / 1024),
+        )),
         Ok(Ok(_)) => match (parse_request(&line), &peer) {
-            (Err(e), _) => Response::Error(e),
+            (Err(e), _) => Err(Response::Error(e)),
             (Ok(_), Peer::Denied(why)) => {
                 tracing::warn!(%why, "control socket: refused a peer");
-                Response::Error(why.clone())
+                Err(Response::Error(why.clone()))
             }
-            (Ok(req), Peer::Reader) if !req.is_read_only() => Response::Error(
+            (Ok(req), Peer::Reader) if !req.is_read_only() => Err(Response::Error(
                 "permission denied: members of the --control-group may only read (status, \
-                 check, list, allow list); changes need root"
+                 check, list, allow list); changes and captures need root"
                     .into(),
-            ),
-            (Ok(req), _) if req.is_read_only() => match reads.acquire().await {
+            )),
+            (Ok(req), _) => Ok(req),
+        },
+    };
+    let request = match request {
+        Ok(Request::Capture(spec)) => return capture(&spec, &ctx, reader, &mut write).await,
+        other => other,
+    };
+    let answered = async {
+        let response = match request {
+            Err(response) => response,
+            Ok(req) if req.is_read_only() => match reads.acquire().await {
                 Ok(_permit) => answer(req, &ctx).await,
                 Err(_) => Response::Error("the agent is stopping".into()),
             },
-            (Ok(req), _) => answer(req, &ctx).await,
-        },
+            Ok(req) => answer(req, &ctx).await,
+        };
+        send(&mut write, &response).await;
     };
-    // A client that went away is not an error worth more than a debug line.
-    let body = serde_json::to_vec(&response).unwrap_or_else(|e| {
+    if tokio::time::timeout(IO_TIMEOUT, answered).await.is_err() {
+        tracing::debug!("control connection timed out");
+    }
+}
+
+/// Writes one answer; a client that went away is not an error worth more than a debug line.
+async fn send(write: &mut (impl tokio::io::AsyncWrite + Unpin), response: &Response) {
+    let body = serde_json::to_vec(response).unwrap_or_else(|e| {
         format!("{{\"error\":\"cannot encode the answer: {e}\"}}").into_bytes()
     });
     if let Err(e) = write.write_all(&body).await {
         tracing::debug!(error = %crate::error_chain(&e), "control client went away");
     }
+}
+
+/// `apiban capture`: the session streams until it ends; a capture that cannot start gets
+/// one answer, like any request.
+async fn capture(
+    spec: &crate::capture::CaptureSpec,
+    ctx: &ControlContext,
+    reader: impl tokio::io::AsyncBufRead + Unpin,
+    write: &mut (impl tokio::io::AsyncWrite + Unpin),
+) {
+    use crate::capture::{SessionContext, SessionError};
+    let Some(service) = &ctx.capture else {
+        let why = "this agent runs --dry-run: no XDP program to capture from";
+        return send(write, &Response::Refused(why.into())).await;
+    };
+    let session = SessionContext {
+        service,
+        snapshots: &ctx.readers.snapshots,
+        updates: &ctx.updates,
+    };
+    let response = match crate::capture::session(session, spec, reader, write).await {
+        Ok(_) => return,
+        Err(e @ (SessionError::Spec(_) | SessionError::Busy)) => Response::Refused(e.to_string()),
+        Err(e @ SessionError::Failed(_)) => Response::Error(e.to_string()),
+    };
+    send(write, &response).await;
 }
 
 fn to_value<T: Serialize>(v: &T) -> Response {
@@ -504,6 +556,9 @@ async fn answer(req: Request, ctx: &ControlContext) -> Response {
         Request::Unban { net } => Change::Unban { net },
         Request::AllowAdd { net } => Change::AllowAdd { net },
         Request::AllowRemove { net } => Change::AllowRemove { net },
+        Request::Capture(_) => {
+            return Response::Error("a capture is served on its own connection".into());
+        }
         Request::Reload => {
             let (reply, rx) = oneshot::channel();
             if ctx.reload.send(reply).await.is_err() {

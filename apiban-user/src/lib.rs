@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod ban_api;
+pub mod capture;
 pub mod cluster;
 pub mod config;
 pub mod conn_slots;

@@ -1,5 +1,7 @@
 //! The `apiban` command: the agent (`run`) and the clients that talk to it.
 
+mod capture_client;
+
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
@@ -129,6 +131,38 @@ enum Command {
     ///
     /// Example: apiban reload
     Reload {
+        #[command(flatten)]
+        client: Client,
+    },
+    /// Capture what the XDP program drops (allows, observes) as pcap, or one line a packet.
+    ///
+    /// XDP drops never reach tcpdump. While a capture runs the program copies matching
+    /// packets to the agent, at most --rate a second; with none running it costs nothing.
+    ///
+    /// Example: apiban capture -w drops.pcap --count 100
+    ///          apiban capture --source list:voipbl --verdict observed
+    ///          apiban capture -w - | tshark -r - -Y sip
+    Capture {
+        /// Which verdicts: dropped, allowed (a banned source the allowlist saved), observed
+        /// (matched a source in observe mode); repeat or separate with commas.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "dropped")]
+        verdict: Vec<apiban::capture::CaptureVerdict>,
+        /// Only packets whose entry this source lists: apiban, manual, detect, api or
+        /// list:NAME.
+        #[arg(long)]
+        source: Option<String>,
+        /// Stop after this many packets.
+        #[arg(long, short = 'c')]
+        count: Option<u64>,
+        /// Bytes of each frame to keep (0: all the program copies, 1536).
+        #[arg(long, short = 's', default_value_t = 0)]
+        snaplen: u32,
+        /// Packets a second at most, over all CPUs; what is over is counted, not copied.
+        #[arg(long, default_value_t = apiban::capture::DEFAULT_PER_SEC)]
+        rate: u32,
+        /// Write a pcap file (`-` for stdout) instead of one line per packet.
+        #[arg(short = 'w', long = "write")]
+        write: Option<PathBuf>,
         #[command(flatten)]
         client: Client,
     },
@@ -376,6 +410,24 @@ fn client(command: Command) -> anyhow::Result<()> {
                     }
                 }
             },
+            Command::Capture {
+                verdict,
+                source,
+                count,
+                snaplen,
+                rate,
+                write,
+                client,
+            } => {
+                let spec = apiban::capture::CaptureSpec {
+                    verdicts: verdict,
+                    source,
+                    count,
+                    snaplen,
+                    per_sec: rate,
+                };
+                capture_client::run(&socket(&client)?, spec, write).await?;
+            }
             Command::Run(_) | Command::Detach { .. } => unreachable!("handled in main"),
         }
         anyhow::Ok(())

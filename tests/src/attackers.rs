@@ -95,6 +95,12 @@ impl Tool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Sends `sig` to its process group, as a terminal's Ctrl-C does.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling the process group this guard started.
+        unsafe { libc::kill(-(self.child.id() as i32), sig) };
+    }
+
     pub fn output(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -210,6 +210,12 @@ pub fn ensure_test_tools(root: &Path) -> anyhow::Result<()> {
         }
     }
     ensure_tool(
+        "tshark",
+        &["--version"],
+        "tshark",
+        "the capture test reads apiban's pcap files with tshark",
+    )?;
+    ensure_tool(
         "etcd",
         &["--version"],
         "etcd-server",

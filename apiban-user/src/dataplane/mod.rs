@@ -15,6 +15,7 @@
 pub mod allow;
 pub mod batch;
 pub mod bpffs;
+pub mod capture;
 pub mod counters;
 pub mod deny;
 pub mod detect;

@@ -21,6 +21,10 @@ pub trait Enforcer {
     fn set_observing(&mut self, _on: bool) -> Result<(), DataplaneError> {
         Ok(())
     }
+    /// Whether the program copies packets to a running capture; a dry run has no packets.
+    fn set_capture(&mut self, _on: bool) -> Result<(), DataplaneError> {
+        Ok(())
+    }
     fn undeny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError>;
     fn allow(&mut self, net: IpNet) -> Result<(), DataplaneError>;
     fn unallow(&mut self, net: IpNet) -> Result<(), DataplaneError>;
@@ -58,6 +62,10 @@ impl Enforcer for Dataplane {
 
     fn set_observing(&mut self, on: bool) -> Result<(), DataplaneError> {
         Dataplane::set_observing(self, on)
+    }
+
+    fn set_capture(&mut self, on: bool) -> Result<(), DataplaneError> {
+        self.set_flag(apiban_common::DataplaneConfig::CAPTURE, on)
     }
 
     fn undeny(&mut self, nets: &[IpNet]) -> Result<(), DataplaneError> {

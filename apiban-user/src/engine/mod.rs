@@ -295,6 +295,12 @@ impl<E: Enforcer> Engine<E> {
         self.enforcer.set_scope(scope)
     }
 
+    /// Whether the program copies packets to a capture (see `capture`); like the scope, a
+    /// switch of the one enforcer there is.
+    pub fn set_capture(&mut self, on: bool) -> Result<(), DataplaneError> {
+        self.enforcer.set_capture(on)
+    }
+
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
     }

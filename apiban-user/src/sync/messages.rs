@@ -50,6 +50,11 @@ pub enum Update {
         evidence: crate::ledger::Evidence,
         reply: oneshot::Sender<Result<String, ChangeError>>,
     },
+    /// `apiban capture` starts or stops: the program's capture switch (see `capture`).
+    Capture {
+        on: bool,
+        reply: oneshot::Sender<Result<String, ChangeError>>,
+    },
 }
 
 /// Why an operator's change was not made.

@@ -325,6 +325,20 @@ impl<E: Enforcer> Owner<E> {
                     .map_err(ChangeError::from);
                 Ack::Change(reply, answer)
             }
+            Update::Capture { on, reply } => {
+                let answer = self
+                    .engine
+                    .set_capture(on)
+                    .map(|()| String::new())
+                    .map_err(|e| {
+                        ChangeError::Failed(format!(
+                            "cannot switch the capture {}: {}",
+                            if on { "on" } else { "off" },
+                            crate::error_chain(&e)
+                        ))
+                    });
+                Ack::Change(reply, answer)
+            }
         }
     }
 

@@ -1,0 +1,801 @@
+//! `apiban capture`: what the XDP program dropped, allowed or observed, as a pcap.
+//!
+//! XDP drops never reach tcpdump. While a capture runs, the program copies the packets of
+//! the verdicts it asks for into a ring buffer, at most `--rate` a second over all CPUs (see
+//! `apiban_common::capture`); the agent reads them, keeps those of the `--source` asked for,
+//! and streams them over the control socket to the client, which writes the pcap. One
+//! capture at a time; when none runs the program's capture switch is off and costs nothing.
+//!
+//! The stream, after the usual JSON answer line: messages of a tag byte, a little-endian u32
+//! length and that many bytes. [`TAG_PACKET`]: [`Packet::encode`]. [`TAG_SUMMARY`]: the
+//! [`Summary`] as JSON, last. The client ends a capture early by sending `stop\n`, or by
+//! closing the socket.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+    time::Duration,
+};
+
+use apiban_common::{CaptureConfig, CaptureRecord, Verdict, capture};
+use aya::maps::{MapData, RingBuf};
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufRead, AsyncBufReadExt as _, AsyncWrite, AsyncWriteExt as _, unix::AsyncFd},
+    sync::{Mutex, mpsc, oneshot},
+};
+
+use crate::{
+    dataplane::capture::{CaptureControls, CaptureTap},
+    ledger::SourceId,
+    snapshot::Snapshot,
+    sync::{ChangeError, Update},
+};
+
+pub const TAG_PACKET: u8 = 1;
+pub const TAG_SUMMARY: u8 = 2;
+/// The packet rate a capture is capped at unless it asks otherwise.
+pub const DEFAULT_PER_SEC: u32 = 1000;
+
+/// The verdicts a capture can ask for: what the program decided about a listed source.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum CaptureVerdict {
+    /// Dropped: from a banned source.
+    Dropped,
+    /// Passed because the allowlist covers a banned source.
+    Allowed,
+    /// Passed and counted: only sources in observe mode list it.
+    Observed,
+}
+
+impl CaptureVerdict {
+    pub fn verdict(self) -> Verdict {
+        match self {
+            CaptureVerdict::Dropped => Verdict::Dropped,
+            CaptureVerdict::Allowed => Verdict::Allowed,
+            CaptureVerdict::Observed => Verdict::Observed,
+        }
+    }
+}
+
+/// What a client asks to capture.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaptureSpec {
+    pub verdicts: Vec<CaptureVerdict>,
+    /// Only packets whose matching entry this source lists (`apiban`, `list:NAME`, ...).
+    pub source: Option<String>,
+    /// Stop after this many packets.
+    pub count: Option<u64>,
+    /// Bytes of each frame; 0 or more than the program copies means all it copies.
+    pub snaplen: u32,
+    /// Packets a second at most.
+    pub per_sec: u32,
+}
+
+/// Why a capture cannot run as asked.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("--verdict: give at least one of dropped, allowed, observed")]
+    NoVerdict,
+    #[error("--rate {0}: give 1 to {max} packets a second", max = capture::MAX_PER_SEC)]
+    Rate(u32),
+    #[error("--count 0 would capture nothing; leave it out to capture until Ctrl-C")]
+    Count,
+    #[error("--source: {0}")]
+    Source(String),
+}
+
+/// A spec the program can run: its settings in the program, and the source to keep.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub config: CaptureConfig,
+    pub source: Option<SourceId>,
+    pub count: Option<u64>,
+}
+
+impl CaptureSpec {
+    pub fn plan(&self) -> Result<Plan, SpecError> {
+        if self.verdicts.is_empty() {
+            return Err(SpecError::NoVerdict);
+        }
+        if self.per_sec == 0 || self.per_sec > capture::MAX_PER_SEC {
+            return Err(SpecError::Rate(self.per_sec));
+        }
+        if self.count == Some(0) {
+            return Err(SpecError::Count);
+        }
+        let source = self
+            .source
+            .as_deref()
+            .map(str::parse::<SourceId>)
+            .transpose()
+            .map_err(SpecError::Source)?;
+        Ok(Plan {
+            config: CaptureConfig {
+                verdicts: self
+                    .verdicts
+                    .iter()
+                    .fold(0, |mask, v| mask | 1 << (v.verdict() as u32)),
+                snaplen: effective_snaplen(self.snaplen),
+                per_sec: self.per_sec,
+                _pad: 0,
+            },
+            source,
+            count: self.count,
+        })
+    }
+}
+
+/// What the program copies of a frame for `asked` (0: as much as it can, like tcpdump -s 0).
+pub fn effective_snaplen(asked: u32) -> u32 {
+    match asked {
+        0 => capture::SNAPLEN as u32,
+        n => n.min(capture::SNAPLEN as u32),
+    }
+}
+
+/// The agent's first answer: the capture runs, with these settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Started {
+    pub snaplen: u32,
+    pub per_sec: u32,
+    pub verdicts: Vec<CaptureVerdict>,
+    pub source: Option<String>,
+    /// The interfaces the program is attached to, by ifindex.
+    pub ifaces: BTreeMap<u32, String>,
+}
+
+/// The last message: what the capture saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Packets sent to the client.
+    pub captured: u64,
+    /// Copied by the program, but their entry is not the asked source's.
+    pub other_sources: u64,
+    /// Matched past the rate cap, not copied.
+    pub over_cap: u64,
+    /// Not copied: the ring buffer was full (the agent or the client fell behind).
+    pub lost: u64,
+    /// Why it ended: `count`, `stopped`, `client gone`, or an error.
+    pub ended: String,
+}
+
+/// One captured packet as the client gets it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packet {
+    /// Nanoseconds since the Unix epoch when the program saw it.
+    pub ts_unix_ns: u64,
+    /// Its length on the wire; `data` may be shorter (snaplen).
+    pub len: u32,
+    pub ifindex: u32,
+    pub verdict: Verdict,
+    /// The sources of the entry it matched, e.g. `apiban,list:voipbl` (empty when the
+    /// ledger no longer has it).
+    pub sources: String,
+    pub data: Vec<u8>,
+}
+
+const PACKET_HEAD: usize = 8 + 4 + 4 + 1 + 2;
+
+impl Packet {
+    pub fn encode(&self) -> Vec<u8> {
+        let sources = self.sources.as_bytes();
+        let sources = &sources[..sources.len().min(usize::from(u16::MAX))];
+        let mut out = Vec::with_capacity(PACKET_HEAD + sources.len() + self.data.len());
+        out.extend_from_slice(&self.ts_unix_ns.to_le_bytes());
+        out.extend_from_slice(&self.len.to_le_bytes());
+        out.extend_from_slice(&self.ifindex.to_le_bytes());
+        out.push(self.verdict as u8);
+        out.extend_from_slice(&(sources.len() as u16).to_le_bytes());
+        out.extend_from_slice(sources);
+        out.extend_from_slice(&self.data);
+        out
+    }
+
+    /// None for bytes that are not a packet message.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let head = bytes.get(..PACKET_HEAD)?;
+        let u32_at =
+            |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+        let verdict = Verdict::ALL.into_iter().find(|v| *v as u8 == head[16])?;
+        let sources_len = usize::from(u16::from_le_bytes([head[17], head[18]]));
+        let sources = bytes.get(PACKET_HEAD..PACKET_HEAD + sources_len)?;
+        Some(Self {
+            ts_unix_ns: u64::from_le_bytes(head[..8].try_into().ok()?),
+            len: u32_at(8),
+            ifindex: u32_at(12),
+            verdict,
+            sources: String::from_utf8_lossy(sources).into_owned(),
+            data: bytes[PACKET_HEAD + sources_len..].to_vec(),
+        })
+    }
+}
+
+/// A tagged, length-prefixed message.
+pub fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + body.len());
+    out.push(tag);
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// A ring buffer record, checked and copied out of the kernel's bytes; None for anything
+/// that is not a whole record.
+pub fn decode_record(bytes: &[u8]) -> Option<(CaptureRecord, usize)> {
+    if bytes.len() < std::mem::size_of::<CaptureRecord>() {
+        return None;
+    }
+    // SAFETY: the length is checked above; CaptureRecord is plain integers (any bits are a
+    // value) and read unaligned.
+    let record: CaptureRecord = unsafe { bytes.as_ptr().cast::<CaptureRecord>().read_unaligned() };
+    let captured = (record.captured as usize).min(capture::SNAPLEN);
+    Some((record, captured))
+}
+
+/// The ethertype after up to two VLAN tags, and where the network header starts.
+fn l3(data: &[u8]) -> Option<(u16, usize)> {
+    let be16 = |at: usize| Some(u16::from_be_bytes([*data.get(at)?, *data.get(at + 1)?]));
+    let mut ethertype = be16(12)?;
+    let mut at = 14;
+    for _ in 0..2 {
+        if ethertype != 0x8100 && ethertype != 0x88a8 {
+            break;
+        }
+        ethertype = be16(at + 2)?;
+        at += 4;
+    }
+    Some((ethertype, at))
+}
+
+/// What a frame carries, as far as its bytes go.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Headers {
+    src: Option<IpAddr>,
+    dst: Option<IpAddr>,
+    proto: Option<u8>,
+    ports: Option<(u16, u16)>,
+    payload: Option<usize>,
+}
+
+fn headers(data: &[u8]) -> Headers {
+    let mut h = Headers::default();
+    let Some((ethertype, at)) = l3(data) else {
+        return h;
+    };
+    let (proto, l4) = match ethertype {
+        0x0800 => {
+            let Some(ip) = data.get(at..at + 20) else {
+                return h;
+            };
+            h.src = Some(IpAddr::V4(Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15])));
+            h.dst = Some(IpAddr::V4(Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19])));
+            if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+                return h;
+            }
+            (ip[9], at + usize::from(ip[0] & 0x0f) * 4)
+        }
+        0x86dd => {
+            let Some(ip) = data.get(at..at + 40) else {
+                return h;
+            };
+            let addr = |from: usize| {
+                let octets: [u8; 16] = ip[from..from + 16].try_into().unwrap_or([0; 16]);
+                IpAddr::V6(Ipv6Addr::from(octets))
+            };
+            h.src = Some(addr(8));
+            h.dst = Some(addr(24));
+            (ip[6], at + 40)
+        }
+        _ => return h,
+    };
+    h.proto = Some(proto);
+    let be16 = |at: usize| Some(u16::from_be_bytes([*data.get(at)?, *data.get(at + 1)?]));
+    if let (6 | 17, Some(sport), Some(dport)) = (proto, be16(l4), be16(l4 + 2)) {
+        h.ports = Some((sport, dport));
+        h.payload = match proto {
+            17 => Some(l4 + 8),
+            _ => data.get(l4 + 12).map(|off| l4 + usize::from(off >> 4) * 4),
+        };
+    }
+    h
+}
+
+/// The source address of an Ethernet frame (up to two VLAN tags), as the program reads it.
+pub fn frame_source(data: &[u8]) -> Option<IpAddr> {
+    headers(data).src
+}
+
+/// One line per packet for a terminal, as tcpdump prints one: the time (UTC), interface,
+/// verdict, addresses and ports, a SIP message's first line, and the entry's sources.
+pub fn describe(p: &Packet, ifaces: &BTreeMap<u32, String>) -> String {
+    let secs = p.ts_unix_ns / 1_000_000_000;
+    let micros = p.ts_unix_ns % 1_000_000_000 / 1000;
+    let time = format!(
+        "{:02}:{:02}:{:02}.{micros:06}",
+        secs / 3600 % 24,
+        secs / 60 % 60,
+        secs % 60
+    );
+    let iface = ifaces
+        .get(&p.ifindex)
+        .cloned()
+        .unwrap_or_else(|| format!("if{}", p.ifindex));
+    let h = headers(&p.data);
+    let endpoint = |addr: Option<IpAddr>, port: Option<u16>| match (addr, port) {
+        (Some(IpAddr::V6(a)), Some(port)) => format!("[{a}]:{port}"),
+        (Some(a), Some(port)) => format!("{a}:{port}"),
+        (Some(a), None) => a.to_string(),
+        (None, _) => "?".to_owned(),
+    };
+    let proto = match h.proto {
+        Some(6) => "TCP".to_owned(),
+        Some(17) => "UDP".to_owned(),
+        Some(1) => "ICMP".to_owned(),
+        Some(58) => "ICMPv6".to_owned(),
+        Some(n) => format!("proto {n}"),
+        None => "not IP".to_owned(),
+    };
+    let mut line = format!(
+        "{time} {iface} {} {} > {} {proto} {} bytes",
+        p.verdict.name(),
+        endpoint(h.src, h.ports.map(|(s, _)| s)),
+        endpoint(h.dst, h.ports.map(|(_, d)| d)),
+        p.len
+    );
+    if let Some(first) = h
+        .payload
+        .and_then(|at| p.data.get(at..))
+        .and_then(sip_first_line)
+    {
+        line.push_str(&format!(" \"{first}\""));
+    }
+    if !p.sources.is_empty() {
+        line.push_str(&format!(" [{}]", p.sources));
+    }
+    line
+}
+
+/// A SIP request's or response's first line, if the payload starts with one.
+fn sip_first_line(payload: &[u8]) -> Option<String> {
+    let end = payload
+        .iter()
+        .position(|b| *b == b'\r' || *b == b'\n')
+        .unwrap_or(payload.len())
+        .min(120);
+    let first = std::str::from_utf8(&payload[..end]).ok()?;
+    let looks_sip = first.ends_with("SIP/2.0") || first.starts_with("SIP/2.0 ");
+    (looks_sip && first.chars().all(|c| c.is_ascii_graphic() || c == ' ')).then(|| first.to_owned())
+}
+
+/// The sources of the ledger's entry for `addr`: its longest match, as the program's, and any
+/// IPv6 block derived over it.
+pub fn sources_of(snapshot: &Snapshot, addr: IpAddr) -> Vec<SourceId> {
+    let mut sources: Vec<SourceId> = snapshot
+        .engine
+        .ledger
+        .longest_match(addr)
+        .map(|(_, records)| records.iter().map(|(s, _)| s.clone()).collect())
+        .unwrap_or_default();
+    for derived in snapshot
+        .engine
+        .derived
+        .iter()
+        .filter(|d| d.net.contains(&addr))
+    {
+        if !sources.contains(&derived.source) {
+            sources.push(derived.source.clone());
+        }
+    }
+    sources
+}
+
+/// The capture maps, and the ring buffer registered with the runtime. One capture at a time
+/// holds them.
+pub struct CaptureService {
+    inner: Mutex<Inner>,
+    ifaces: BTreeMap<u32, String>,
+}
+
+struct Inner {
+    tap: CaptureControls,
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
+impl CaptureService {
+    /// Must be called within the runtime, which watches the ring buffer's descriptor.
+    pub fn new(tap: CaptureTap, ifaces: &[String]) -> std::io::Result<Self> {
+        let CaptureTap { controls, ring } = tap;
+        let ifaces = ifaces
+            .iter()
+            .filter_map(|name| ifindex(name).map(|i| (i, name.clone())))
+            .collect();
+        // SAFETY: the ring buffer owns its descriptor and keeps it open until it is dropped,
+        // which only the AsyncFd does.
+        let ring = unsafe { AsyncFd::register(ring) }?;
+        Ok(Self {
+            inner: Mutex::new(Inner {
+                tap: controls,
+                ring,
+            }),
+            ifaces,
+        })
+    }
+}
+
+fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: a valid NUL-terminated string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// Nanoseconds to add to CLOCK_MONOTONIC (the program's clock) to get the Unix time.
+fn monotonic_to_unix_ns() -> i128 {
+    let read = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: ts is a valid timespec to write.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+    };
+    let mono = read(libc::CLOCK_MONOTONIC);
+    read(libc::CLOCK_REALTIME) - mono
+}
+
+/// Asks the ledger's owner, the only writer of `CONFIG`, to switch the program's capture.
+async fn switch(updates: &mpsc::Sender<Update>, on: bool) -> Result<(), String> {
+    let (reply, rx) = oneshot::channel();
+    updates
+        .send(Update::Capture { on, reply })
+        .await
+        .map_err(|_| "the agent is stopping".to_owned())?;
+    match rx.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(ChangeError::Refused(e) | ChangeError::Failed(e))) => Err(e),
+        Err(_) => Err("the agent is stopping".to_owned()),
+    }
+}
+
+/// Switches the capture off if a session ends without doing it (the agent stopping, the
+/// session's task aborted): the program outlives the agent, and must not go on copying.
+struct SwitchOff {
+    updates: Option<mpsc::Sender<Update>>,
+}
+
+impl Drop for SwitchOff {
+    fn drop(&mut self) {
+        if let Some(updates) = self.updates.take() {
+            let (reply, _) = oneshot::channel();
+            let _ = updates.try_send(Update::Capture { on: false, reply });
+        }
+    }
+}
+
+/// What a session needs from the agent.
+pub struct SessionContext<'a> {
+    pub service: &'a CaptureService,
+    pub snapshots: &'a tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    pub updates: &'a mpsc::Sender<Update>,
+}
+
+/// Why a session did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("{0}")]
+    Spec(#[from] SpecError),
+    #[error("a capture is already running (one at a time); stop it first")]
+    Busy,
+    #[error("cannot start the capture: {0}")]
+    Failed(String),
+}
+
+/// Runs one capture: switches it on, streams what the program copies to `out` (the answer
+/// line first, see the module's doc), and switches it off however it ends.
+pub async fn session<R, W>(
+    ctx: SessionContext<'_>,
+    spec: &CaptureSpec,
+    mut client: R,
+    out: &mut W,
+) -> Result<Summary, SessionError>
+where
+    R: AsyncBufRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let plan = spec.plan()?;
+    let Ok(mut inner) = ctx.service.inner.try_lock() else {
+        return Err(SessionError::Busy);
+    };
+    let Inner { tap, ring } = &mut *inner;
+    let mut stale = 0;
+    while ring.get_mut().next().is_some() {
+        stale += 1;
+    }
+    if stale > 0 {
+        tracing::debug!(stale, "capture: dropped records left by an earlier capture");
+    }
+    let fail = |e: crate::dataplane::DataplaneError| SessionError::Failed(crate::error_chain(&e));
+    let before = tap.budget().map_err(fail)?;
+    tap.set(plan.config).map_err(fail)?;
+    let mut guard = SwitchOff {
+        updates: Some(ctx.updates.clone()),
+    };
+    if let Err(e) = switch(ctx.updates, true).await {
+        guard.updates = None;
+        let _ = tap.set(CaptureConfig::default());
+        return Err(SessionError::Failed(e));
+    }
+    tracing::info!(verdicts = ?spec.verdicts, source = ?spec.source, count = ?spec.count, "capture started");
+    let started = Started {
+        snaplen: plan.config.snaplen,
+        per_sec: plan.config.per_sec,
+        verdicts: spec.verdicts.clone(),
+        source: spec.source.clone(),
+        ifaces: ctx.service.ifaces.clone(),
+    };
+    let mut summary = Summary::default();
+    let mut head = serde_json::to_vec(&crate::control::Response::Ok(
+        serde_json::to_value(&started).unwrap_or_default(),
+    ))
+    .unwrap_or_default();
+    head.push(b'\n');
+    summary.ended = match out.write_all(&head).await {
+        Err(_) => "client gone".into(),
+        Ok(()) => stream(&plan, &ctx, ring, &mut client, out, &mut summary).await,
+    };
+    guard.updates = None;
+    if let Err(e) = switch(ctx.updates, false).await {
+        tracing::warn!(error = %e, "capture: cannot switch the program's capture off");
+    }
+    let _ = tap.set(CaptureConfig::default());
+    if let Ok(after) = tap.budget() {
+        summary.over_cap = after.over_cap.saturating_sub(before.over_cap);
+        summary.lost = after.lost.saturating_sub(before.lost);
+    }
+    tracing::info!(
+        captured = summary.captured,
+        over_cap = summary.over_cap,
+        lost = summary.lost,
+        ended = %summary.ended,
+        "capture ended"
+    );
+    let body = serde_json::to_vec(&summary).unwrap_or_default();
+    let _ = out.write_all(&frame(TAG_SUMMARY, &body)).await;
+    let _ = out.flush().await;
+    Ok(summary)
+}
+
+/// Streams packets until the count is reached, the client stops or goes; returns why it
+/// ended.
+async fn stream<R, W>(
+    plan: &Plan,
+    ctx: &SessionContext<'_>,
+    ring: &mut AsyncFd<RingBuf<MapData>>,
+    client: &mut R,
+    out: &mut W,
+    summary: &mut Summary,
+) -> String
+where
+    R: AsyncBufRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut line = String::new();
+    loop {
+        tokio::select! {
+            read = client.read_line(&mut line) => {
+                return match read {
+                    Ok(0) | Err(_) => "client gone".into(),
+                    Ok(_) if line.trim() == "stop" => "stopped".into(),
+                    Ok(_) => format!("unexpected client message {:?}", line.trim()),
+                };
+            }
+            guard = ring.readable_mut() => {
+                let Ok(mut guard) = guard else {
+                    return "cannot wait on the capture ring buffer".into();
+                };
+                // Cleared before draining: a record committed meanwhile wakes us again.
+                guard.clear_ready();
+                let offset = monotonic_to_unix_ns();
+                let snapshot = ctx.snapshots.borrow().clone();
+                let mut batch = Vec::new();
+                while let Some(item) = guard.get_inner_mut().next() {
+                    let Some((record, captured)) = decode_record(&item) else { continue };
+                    let Some(verdict) = Verdict::ALL.into_iter().find(|v| *v as u32 == record.verdict) else {
+                        continue;
+                    };
+                    let data = &record.data[..captured];
+                    let sources = frame_source(data)
+                        .map(|addr| sources_of(&snapshot, addr))
+                        .unwrap_or_default();
+                    if plan.source.as_ref().is_some_and(|s| !sources.contains(s)) {
+                        summary.other_sources += 1;
+                        continue;
+                    }
+                    if plan.count.is_some_and(|c| summary.captured >= c) {
+                        continue;
+                    }
+                    let packet = Packet {
+                        ts_unix_ns: (i128::from(record.ts_ns) + offset).max(0) as u64,
+                        len: record.len,
+                        ifindex: record.ifindex,
+                        verdict,
+                        sources: sources.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                        data: data.to_vec(),
+                    };
+                    batch.extend_from_slice(&frame(TAG_PACKET, &packet.encode()));
+                    summary.captured += 1;
+                }
+                if !batch.is_empty() {
+                    // A client that stops reading blocks the session, not the agent: the
+                    // ring buffer fills and the program counts what it loses.
+                    if out.write_all(&batch).await.is_err() || out.flush().await.is_err() {
+                        return "client gone".into();
+                    }
+                }
+                if plan.count.is_some_and(|c| summary.captured >= c) {
+                    return "count".into();
+                }
+            }
+            // Nothing to read for a while: look again, in case a wakeup was missed.
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> CaptureSpec {
+        CaptureSpec {
+            verdicts: vec![CaptureVerdict::Dropped, CaptureVerdict::Observed],
+            source: Some("list:voipbl".into()),
+            count: Some(10),
+            snaplen: 0,
+            per_sec: DEFAULT_PER_SEC,
+        }
+    }
+
+    #[test]
+    fn a_spec_becomes_the_programs_settings() {
+        let plan = spec().plan().expect("valid");
+        assert_eq!(
+            plan.config.verdicts,
+            1 << Verdict::Dropped as u32 | 1 << Verdict::Observed as u32
+        );
+        assert_eq!(plan.config.snaplen, capture::SNAPLEN as u32);
+        assert_eq!(plan.source, Some(SourceId::List("voipbl".into())));
+        assert_eq!(effective_snaplen(96), 96);
+        assert_eq!(effective_snaplen(65535), capture::SNAPLEN as u32);
+    }
+
+    #[test]
+    fn bad_specs_say_what_to_give() {
+        let mut s = spec();
+        s.verdicts.clear();
+        assert_eq!(s.plan(), Err(SpecError::NoVerdict));
+        let mut s = spec();
+        s.per_sec = 0;
+        assert_eq!(s.plan(), Err(SpecError::Rate(0)));
+        s.per_sec = capture::MAX_PER_SEC + 1;
+        assert!(s.plan().is_err());
+        let mut s = spec();
+        s.count = Some(0);
+        assert_eq!(s.plan(), Err(SpecError::Count));
+        let mut s = spec();
+        s.source = Some("nosuch".into());
+        assert!(matches!(s.plan(), Err(SpecError::Source(_))));
+    }
+
+    #[test]
+    fn packets_survive_the_wire() {
+        let p = Packet {
+            ts_unix_ns: 1_765_000_000_123_456_789,
+            len: 1500,
+            ifindex: 7,
+            verdict: Verdict::Observed,
+            sources: "apiban,list:voipbl".into(),
+            data: vec![1, 2, 3],
+        };
+        assert_eq!(Packet::decode(&p.encode()), Some(p.clone()));
+        assert_eq!(Packet::decode(&p.encode()[..PACKET_HEAD - 1]), None);
+        let framed = frame(TAG_PACKET, &p.encode());
+        assert_eq!(framed[0], TAG_PACKET);
+        assert_eq!(
+            u32::from_le_bytes(framed[1..5].try_into().expect("4 bytes")) as usize,
+            framed.len() - 5
+        );
+    }
+
+    #[test]
+    fn frame_sources_behind_vlan_tags() {
+        let mut v4 = vec![0u8; 12];
+        v4.extend_from_slice(&[0x81, 0x00, 0, 1, 0x08, 0x00]);
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[12..16].copy_from_slice(&[45, 95, 0, 1]);
+        v4.extend_from_slice(&ip);
+        assert_eq!(
+            frame_source(&v4),
+            Some("45.95.0.1".parse().expect("literal"))
+        );
+        assert_eq!(frame_source(&v4[..30]), None);
+        let mut v6 = vec![0u8; 12];
+        v6.extend_from_slice(&[0x86, 0xdd]);
+        let mut ip = [0u8; 40];
+        ip[8..24].copy_from_slice(
+            &"2001:db8::66"
+                .parse::<Ipv6Addr>()
+                .expect("literal")
+                .octets(),
+        );
+        v6.extend_from_slice(&ip);
+        assert_eq!(
+            frame_source(&v6),
+            Some("2001:db8::66".parse().expect("literal"))
+        );
+        assert_eq!(frame_source(&[0u8; 10]), None);
+    }
+
+    #[test]
+    fn a_packet_reads_like_a_tcpdump_line() {
+        let mut frame = vec![0u8; 12];
+        frame.extend_from_slice(&[0x08, 0x00]);
+        let payload = b"OPTIONS sip:100@192.0.2.1 SIP/2.0\r\nVia: x\r\n\r\n";
+        let mut ip = [0u8; 20];
+        ip[0] = 0x45;
+        ip[9] = 17;
+        ip[12..16].copy_from_slice(&[45, 95, 0, 1]);
+        ip[16..20].copy_from_slice(&[192, 0, 2, 1]);
+        frame.extend_from_slice(&ip);
+        frame.extend_from_slice(&[0x13, 0xc4, 0x13, 0xc4, 0, 0, 0, 0]);
+        frame.extend_from_slice(payload);
+        let p = Packet {
+            ts_unix_ns: 86_400 * 1_000_000_000 + 3_723_000_456_000,
+            len: frame.len() as u32,
+            ifindex: 3,
+            verdict: Verdict::Dropped,
+            sources: "apiban".into(),
+            data: frame,
+        };
+        let ifaces = BTreeMap::from([(3, "eth0".to_owned())]);
+        assert_eq!(
+            describe(&p, &ifaces),
+            format!(
+                "01:02:03.000456 eth0 dropped 45.95.0.1:5060 > 192.0.2.1:5060 UDP {} bytes \
+                 \"OPTIONS sip:100@192.0.2.1 SIP/2.0\" [apiban]",
+                p.len
+            )
+        );
+        let cut = Packet {
+            data: p.data[..20].to_vec(),
+            sources: String::new(),
+            ..p
+        };
+        assert_eq!(
+            describe(&cut, &BTreeMap::new()),
+            format!("01:02:03.000456 if3 dropped ? > ? not IP {} bytes", cut.len)
+        );
+    }
+
+    #[test]
+    fn records_shorter_than_a_record_are_refused() {
+        assert!(decode_record(&[0u8; 16]).is_none());
+        let mut record = CaptureRecord::zeroed();
+        record.captured = 99_999;
+        // SAFETY: CaptureRecord is repr(C) plain data without padding.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&raw const record).cast::<u8>(),
+                std::mem::size_of::<CaptureRecord>(),
+            )
+        };
+        assert_eq!(decode_record(bytes).map(|(_, n)| n), Some(capture::SNAPLEN));
+    }
+}
