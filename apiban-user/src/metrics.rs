@@ -1,255 +1,365 @@
-//! /metrics in the Prometheus text exposition format (0.0.4), rendered from the same
-//! snapshot as `apiban status`, served by a deliberately small HTTP/1.1 responder: one GET
-//! per connection, bounded request size and time, loopback by default.
+//! /metrics: every metric rendered from the same snapshot as `apiban status`, at each scrape,
+//! through prometheus-client (a `Collector`), in the OpenMetrics text format or, for clients
+//! that do not ask for it, Prometheus' text format 0.0.4; served by hyper, one request per
+//! connection, bounded in header size and time, loopback by default.
 
-use std::{fmt::Write as _, net::SocketAddr, time::Duration};
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpListener, TcpStream},
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
 };
+use tokio::net::TcpListener;
 
 use crate::{
     status::{Readers, StatusReport},
     sync,
 };
 
-const MAX_REQUEST_HEAD: usize = 8 * 1024;
 /// How long a client has to send its request head, and a whole exchange may take.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections served at once; past this the oldest is dropped, so idle connections
 /// (slowloris) never keep a scrape out (see `conn_slots`).
 const MAX_CONNECTIONS: usize = 512;
+/// A request head larger than this is refused by hyper.
+const MAX_HEAD: usize = 16 * 1024;
 
-/// Label values escaped as the format requires.
-fn esc(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The exposition format of a scrape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    OpenMetrics,
+    /// Prometheus' text format 0.0.4: what curl and older scrapers get.
+    Text,
 }
 
-struct Writer {
-    out: String,
-}
-
-impl Writer {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {help}");
-        let _ = writeln!(self.out, "# TYPE {name} {kind}");
-    }
-
-    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
-        self.out.push_str(name);
-        if !labels.is_empty() {
-            self.out.push('{');
-            for (i, (k, v)) in labels.iter().enumerate() {
-                if i > 0 {
-                    self.out.push(',');
-                }
-                let _ = write!(self.out, "{k}=\"{}\"", esc(v));
-            }
-            self.out.push('}');
+impl Format {
+    /// OpenMetrics when the Accept header offers it (with a non-zero q), else text.
+    pub fn negotiate(accept: Option<&str>) -> Self {
+        let offered = accept.unwrap_or("").split(',').any(|range| {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+        });
+        if offered {
+            Format::OpenMetrics
+        } else {
+            Format::Text
         }
-        let _ = writeln!(self.out, " {value}");
     }
 
-    fn single(&mut self, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
-        self.family(name, kind, help);
-        self.sample(name, &[], value);
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => OPENMETRICS_CONTENT_TYPE,
+            Format::Text => TEXT_CONTENT_TYPE,
+        }
     }
 }
 
-/// Renders every metric from a status snapshot.
-pub fn render(r: &StatusReport) -> String {
-    let mut w = Writer { out: String::new() };
-    w.family(
+/// Renders every metric of a status report in `format`.
+pub fn render(report: StatusReport, format: Format) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ReportCollector(Arc::new(report))));
+    let mut out = String::new();
+    // Writing to a String does not fail; a collector's error would be a bug, shown as is.
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        out = format!("# encoding the metrics failed: {e}\n");
+    }
+    match format {
+        Format::OpenMetrics => out,
+        Format::Text => openmetrics_to_text(&out),
+    }
+}
+
+/// The OpenMetrics text as Prometheus' 0.0.4 text: a counter family is named with its
+/// `_total` there, and there is no `# EOF` or `# UNIT`. Samples are the same lines.
+pub fn openmetrics_to_text(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{tag}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// A report, encoded at scrape time.
+#[derive(Debug)]
+struct ReportCollector(Arc<StatusReport>);
+
+impl Collector for ReportCollector {
+    fn encode(&self, encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut w = Writer { enc: encoder };
+        write_report(&mut w, &self.0)
+    }
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Families by the names the README documents: counters are registered without their
+/// `_total`, which the encoder adds to each sample.
+struct Writer<'a> {
+    enc: DescriptorEncoder<'a>,
+}
+
+impl Writer<'_> {
+    fn family<M: EncodeMetric>(
+        &mut self,
+        name: &str,
+        help: &str,
+        kind: MetricType,
+        samples: Vec<(Labels, M)>,
+    ) -> Result<(), std::fmt::Error> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let name = match kind {
+            MetricType::Counter => name.strip_suffix("_total").unwrap_or(name),
+            _ => name,
+        };
+        let mut metric = self.enc.encode_descriptor(name, help, None, kind)?;
+        match samples.as_slice() {
+            // A family without labels is written `name value`, not `name{} value`.
+            [(labels, sample)] if labels.is_empty() => sample.encode(metric),
+            _ => {
+                for (labels, sample) in &samples {
+                    sample.encode(metric.encode_family(labels)?)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn gauges<V>(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: Vec<(Labels, V)>,
+    ) -> Result<(), std::fmt::Error>
+    where
+        ConstGauge<V>: EncodeMetric,
+    {
+        let samples = samples
+            .into_iter()
+            .map(|(l, v)| (l, ConstGauge::new(v)))
+            .collect();
+        self.family(name, help, MetricType::Gauge, samples)
+    }
+
+    fn counters(
+        &mut self,
+        name: &str,
+        help: &str,
+        samples: Vec<(Labels, u64)>,
+    ) -> Result<(), std::fmt::Error> {
+        let samples = samples
+            .into_iter()
+            .map(|(l, v)| (l, ConstCounter::new(v)))
+            .collect();
+        self.family(name, help, MetricType::Counter, samples)
+    }
+
+    fn gauge<V>(&mut self, name: &str, help: &str, value: V) -> Result<(), std::fmt::Error>
+    where
+        ConstGauge<V>: EncodeMetric,
+    {
+        self.gauges(name, help, vec![(Vec::new(), value)])
+    }
+
+    fn counter(&mut self, name: &str, help: &str, value: u64) -> Result<(), std::fmt::Error> {
+        self.counters(name, help, vec![(Vec::new(), value)])
+    }
+}
+
+fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+}
+
+fn write_report(w: &mut Writer, r: &StatusReport) -> Result<(), std::fmt::Error> {
+    w.gauges(
         "apiban_build_info",
-        "gauge",
         "Version of the running agent.",
-    );
-    w.sample(
-        "apiban_build_info",
-        &[
-            ("version", &r.agent.version),
-            ("dry_run", if r.agent.dry_run { "true" } else { "false" }),
-        ],
-        1,
-    );
-    w.single(
+        vec![(
+            labels([
+                ("version", &r.agent.version),
+                ("dry_run", if r.agent.dry_run { "true" } else { "false" }),
+            ]),
+            1,
+        )],
+    )?;
+    w.gauge(
         "apiban_start_time_seconds",
-        "gauge",
         "When the agent started (Unix time).",
         r.agent.started_at,
-    );
-
-    w.family(
+    )?;
+    w.gauges(
         "apiban_entries",
-        "gauge",
         "Ledger records by source and address family (a prefix held by two sources counts twice).",
-    );
-    for e in &r.entries {
-        w.sample(
-            "apiban_entries",
-            &[("source", &e.source), ("family", &e.family)],
-            e.count,
-        );
-    }
-    w.family(
+        r.entries
+            .iter()
+            .map(|e| {
+                (
+                    labels([("source", &e.source), ("family", &e.family)]),
+                    e.count,
+                )
+            })
+            .collect(),
+    )?;
+    w.gauges(
         "apiban_source_observing",
-        "gauge",
         "1 while the source is in observe mode (its entries are matched and counted, not dropped), else 0.",
-    );
-    for src in &r.sources {
-        w.sample(
-            "apiban_source_observing",
-            &[("source", &src.source)],
-            u8::from(src.mode == "observe"),
-        );
-    }
-    w.family(
+        r.sources
+            .iter()
+            .map(|s| (labels([("source", &s.source)]), u32::from(s.mode == "observe")))
+            .collect(),
+    )?;
+    w.gauges(
         "apiban_source_matched_packets",
-        "gauge",
         "Packets matched by the source's entries now in the maps, by verdict: dropped, or observed (would have been dropped). An entry's count goes with it, so this can fall.",
-    );
-    for src in &r.sources {
-        for (verdict, n) in [("dropped", src.dropped), ("observed", src.observed)] {
-            w.sample(
-                "apiban_source_matched_packets",
-                &[("source", &src.source), ("verdict", verdict)],
-                n,
-            );
-        }
-    }
-    w.single(
+        r.sources
+            .iter()
+            .flat_map(|s| {
+                [("dropped", s.dropped), ("observed", s.observed)]
+                    .map(|(verdict, n)| (labels([("source", &s.source), ("verdict", verdict)]), n))
+            })
+            .collect(),
+    )?;
+    w.gauge(
         "apiban_derived_prefixes",
-        "gauge",
         "IPv6 blocks banned by escalation: enough bans of one source inside them.",
         r.derived_prefixes,
-    );
-    w.family(
+    )?;
+    w.gauges(
         "apiban_enforced_prefixes",
-        "gauge",
         "Prefixes in the XDP deny maps by address family.",
-    );
-    for (family, n) in &r.enforced {
-        w.sample("apiban_enforced_prefixes", &[("family", family)], n);
-    }
-    if !r.capacity.is_empty() {
-        w.family(
-            "apiban_deny_map_capacity",
-            "gauge",
-            "Capacity of each deny map (host hash and prefix trie) by address family.",
-        );
-        for (family, n) in &r.capacity {
-            w.sample("apiban_deny_map_capacity", &[("family", family)], n);
-        }
-        w.family(
-            "apiban_deny_map_used_ratio",
-            "gauge",
-            "Enforced prefixes over deny map capacity, by address family.",
-        );
-        for (family, cap) in &r.capacity {
-            let used = r.enforced.get(family).copied().unwrap_or(0);
-            let ratio = if *cap == 0 {
-                0.0
-            } else {
-                used as f64 / f64::from(*cap)
-            };
-            w.sample("apiban_deny_map_used_ratio", &[("family", family)], ratio);
-        }
-    }
-    w.single(
+        r.enforced
+            .iter()
+            .map(|(family, n)| (labels([("family", family)]), *n))
+            .collect(),
+    )?;
+    w.gauges(
+        "apiban_deny_map_capacity",
+        "Capacity of each deny map (host hash and prefix trie) by address family.",
+        r.capacity
+            .iter()
+            .map(|(family, n)| (labels([("family", family)]), *n))
+            .collect(),
+    )?;
+    w.gauges(
+        "apiban_deny_map_used_ratio",
+        "Enforced prefixes over deny map capacity, by address family.",
+        r.capacity
+            .iter()
+            .map(|(family, cap)| {
+                let used = r.enforced.get(family).copied().unwrap_or(0);
+                let ratio = if *cap == 0 {
+                    0.0
+                } else {
+                    used as f64 / f64::from(*cap)
+                };
+                (labels([("family", family)]), ratio)
+            })
+            .collect(),
+    )?;
+    w.gauge(
         "apiban_allowlist_prefixes",
-        "gauge",
         "Prefixes on the allowlist (configuration and manual).",
         r.allowlist,
-    );
-
-    if !r.traffic.is_empty() {
-        w.family(
-            "apiban_packets_total",
-            "counter",
-            "Packets seen by the XDP program by interface and verdict.",
-        );
-        for (iface, verdicts) in &r.traffic {
-            for (verdict, t) in verdicts {
-                w.sample(
-                    "apiban_packets_total",
-                    &[("iface", iface), ("verdict", verdict)],
-                    t.packets,
-                );
-            }
-        }
-        w.family(
-            "apiban_bytes_total",
-            "counter",
-            "Bytes seen by the XDP program by interface and verdict.",
-        );
-        for (iface, verdicts) in &r.traffic {
-            for (verdict, t) in verdicts {
-                w.sample(
-                    "apiban_bytes_total",
-                    &[("iface", iface), ("verdict", verdict)],
-                    t.bytes,
-                );
-            }
-        }
-    }
+    )?;
+    let traffic = |pick: fn(&crate::status::Traffic) -> u64| {
+        r.traffic
+            .iter()
+            .flat_map(|(iface, verdicts)| {
+                verdicts.iter().map(move |(verdict, t)| {
+                    (labels([("iface", iface), ("verdict", verdict)]), pick(t))
+                })
+            })
+            .collect()
+    };
+    w.counters(
+        "apiban_packets_total",
+        "Packets seen by the XDP program by interface and verdict.",
+        traffic(|t| t.packets),
+    )?;
+    w.counters(
+        "apiban_bytes_total",
+        "Bytes seen by the XDP program by interface and verdict.",
+        traffic(|t| t.bytes),
+    )?;
 
     let s = &r.sync;
-    w.family(
+    w.counters(
         "apiban_api_requests_total",
-        "counter",
         "Requests to the APIBAN API by outcome.",
-    );
-    for (outcome, n) in &s.requests {
-        w.sample("apiban_api_requests_total", &[("outcome", outcome)], n);
-    }
-    w.single(
+        s.requests
+            .iter()
+            .map(|(outcome, n)| (labels([("outcome", outcome)]), *n))
+            .collect(),
+    )?;
+    w.gauge(
         "apiban_last_successful_sync_timestamp_seconds",
-        "gauge",
         "When the last APIBAN poll or full pull completed (Unix time; 0 = never).",
         s.last_success.unwrap_or(0),
-    );
-    w.single(
+    )?;
+    w.gauge(
         "apiban_api_key_rejected_since_timestamp_seconds",
-        "gauge",
         "Since when APIBAN has rejected the key with 403 (Unix time; 0 = the key is accepted).",
         s.key_rejected_since.unwrap_or(0),
-    );
-    w.single(
+    )?;
+    w.gauge(
         "apiban_api_next_request_timestamp_seconds",
-        "gauge",
         "When the poller sends its next APIBAN request (Unix time; 0 = none scheduled).",
         s.next_request.unwrap_or(0),
-    );
-    w.single(
+    )?;
+    w.counter(
         "apiban_rate_limit_waits_total",
-        "counter",
         "Times a request waited for the rate budget.",
         s.rate_limit_waits,
-    );
-    w.single(
+    )?;
+    w.gauge(
         "apiban_rate_budget_remaining",
-        "gauge",
         "Requests left in the current rate-limit window.",
         s.budget_left,
-    );
-    if !s.lists.is_empty() {
-        w.family(
-            "apiban_list_last_success_timestamp_seconds",
-            "gauge",
-            "When each blocklist was last read successfully (Unix time; 0 = never).",
-        );
-        for l in &s.lists {
-            w.sample(
-                "apiban_list_last_success_timestamp_seconds",
-                &[("list", &l.name)],
-                l.last_success.unwrap_or(0),
-            );
-        }
-    }
+    )?;
+    w.gauges(
+        "apiban_list_last_success_timestamp_seconds",
+        "When each blocklist was last read successfully (Unix time; 0 = never).",
+        s.lists
+            .iter()
+            .map(|l| (labels([("list", &l.name)]), l.last_success.unwrap_or(0)))
+            .collect(),
+    )?;
 
     let e = &r.engine;
     for (name, help, value) in [
@@ -285,164 +395,124 @@ pub fn render(r: &StatusReport) -> String {
             e.save_failures,
         ),
     ] {
-        w.single(name, "counter", help, value);
+        w.counter(name, help, value)?;
     }
-    w.family(
+    w.counters(
         "apiban_feed_entries_skipped_total",
-        "counter",
         "Feed entries the sanitiser refused, by reason.",
-    );
-    for (reason, n) in &e.skipped {
-        w.sample(
-            "apiban_feed_entries_skipped_total",
-            &[("reason", reason)],
-            n,
-        );
-    }
-    w.single(
+        e.skipped
+            .iter()
+            .map(|(reason, n)| (labels([("reason", reason)]), *n))
+            .collect(),
+    )?;
+    w.gauge(
         "apiban_state_unsaved",
-        "gauge",
         "1 while the state file is behind what is enforced (the last save failed).",
-        u8::from(e.unsaved),
-    );
-    w.single(
+        u32::from(e.unsaved),
+    )?;
+    w.gauge(
         "apiban_state_save_duration_seconds",
-        "gauge",
         "How long the last state save took.",
         e.last_save_seconds,
-    );
-    w.single(
+    )?;
+    w.gauge(
         "apiban_dataplane_read_errors",
-        "gauge",
         "1 if the last scrape could not read the XDP maps.",
-        u8::from(r.dataplane_error.is_some()),
-    );
+        u32::from(r.dataplane_error.is_some()),
+    )?;
     if let Some(d) = &r.agent.detect {
-        detect(&mut w, d);
+        detect(w, d)?;
     }
     if let Some(c) = &r.agent.cluster {
-        cluster(&mut w, c);
+        cluster(w, c)?;
     }
-    w.out
+    Ok(())
 }
 
 /// `apiban_detect_*`: what SIP scanner detection saw and did.
-fn detect(w: &mut Writer, d: &crate::status::DetectReport) {
-    w.single(
+fn detect(w: &mut Writer, d: &crate::status::DetectReport) -> Result<(), std::fmt::Error> {
+    w.counter(
         "apiban_detect_samples_total",
-        "counter",
         "Samples of SIP requests the dataplane sent to the agent.",
         d.samples,
-    );
-    w.single(
+    )?;
+    w.counter(
         "apiban_detect_rate_reports_total",
-        "counter",
         "Sources the dataplane reported over the request-rate threshold.",
         d.rate_reports,
-    );
-    w.family(
+    )?;
+    w.counters(
         "apiban_detect_matches_total",
-        "counter",
         "Sources a detection rule matched, by rule and mode (observe: would have banned).",
-    );
-    for m in &d.matches {
-        w.sample(
-            "apiban_detect_matches_total",
-            &[("rule", &m.rule), ("mode", &m.mode)],
-            m.count,
-        );
-    }
-    w.single(
+        d.matches
+            .iter()
+            .map(|m| (labels([("rule", &m.rule), ("mode", &m.mode)]), m.count))
+            .collect(),
+    )?;
+    w.counter(
         "apiban_detect_bans_total",
-        "counter",
         "Bans detection made (enforce mode).",
         d.bans,
-    );
-    w.single(
+    )?;
+    w.counter(
         "apiban_detect_refused_total",
-        "counter",
         "Matches the ledger refused: allowlisted, this host's, special-purpose.",
         d.refused,
-    );
-    w.single(
+    )?;
+    w.gauge(
         "apiban_detect_sources",
-        "gauge",
         "Sources the detection rules follow now.",
         d.tracked,
-    );
+    )
 }
 
 /// `apiban_cluster_*`: only on a fleet node.
-fn cluster(w: &mut Writer, c: &crate::status::ClusterReport) {
-    w.family(
+fn cluster(w: &mut Writer, c: &crate::status::ClusterReport) -> Result<(), std::fmt::Error> {
+    w.gauges(
         "apiban_cluster_leader",
-        "gauge",
         "1 while this node leads the fleet (polls APIBAN and the lists).",
-    );
-    w.sample(
-        "apiban_cluster_leader",
-        &[("node", &c.node)],
-        u8::from(c.leader),
-    );
-    w.single(
+        vec![(labels([("node", &c.node)]), u32::from(c.leader))],
+    )?;
+    w.gauge(
         "apiban_cluster_watching",
-        "gauge",
         "1 while the watch on etcd is up.",
-        u8::from(c.watching),
-    );
-    w.single(
+        u32::from(c.watching),
+    )?;
+    w.gauge(
         "apiban_cluster_applied_revision",
-        "gauge",
         "The etcd revision this node's ledger reflects.",
         c.applied_revision,
-    );
-    w.single(
+    )?;
+    w.gauge(
         "apiban_cluster_revision_lag",
-        "gauge",
         "Revisions between the newest one this node has seen and the one it applied.",
         c.revision_lag,
-    );
-    w.single(
+    )?;
+    w.counter(
         "apiban_cluster_watch_restarts_total",
-        "counter",
         "Watches on etcd that ended and were started again.",
         c.watch_restarts,
-    );
-    w.single(
+    )?;
+    w.counter(
         "apiban_cluster_etcd_errors_total",
-        "counter",
         "Calls to etcd that failed or timed out.",
         c.etcd_errors,
-    );
-    w.single(
+    )?;
+    w.counter(
         "apiban_cluster_full_reads_total",
-        "counter",
         "Reads of the whole ledger from etcd (a first start, or a compacted revision).",
         c.full_reads,
-    );
-    w.single(
+    )?;
+    w.counter(
         "apiban_cluster_expired_deleted_total",
-        "counter",
         "Expired records this node deleted from etcd while it led.",
         c.expired_deleted,
-    );
-    w.single(
+    )?;
+    w.gauge(
         "apiban_cluster_pending_changes",
-        "gauge",
         "Operators' changes on this node that etcd has not confirmed yet.",
         c.pending_changes,
-    );
-}
-
-/// The method and path (without its query) of a request head as a client sent it: any
-/// bytes at all, cut at the size bound.
-pub fn request_target(head: &[u8]) -> (String, String) {
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    (method.to_owned(), path.to_owned())
+    )
 }
 
 /// Binds the metrics address; a clear error when it is taken.
@@ -464,59 +534,149 @@ pub async fn serve(listener: TcpListener, readers: Readers) {
         };
         let readers = readers.clone();
         slots.spawn(async move {
-            let _ = tokio::time::timeout(IO_TIMEOUT, respond(stream, readers)).await;
+            let service = hyper::service::service_fn(move |req| respond(req, readers.clone()));
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(IO_TIMEOUT, connection).await;
         });
     }
 }
 
-async fn respond(mut stream: TcpStream, readers: Readers) {
-    let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    let read_head = async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => head.extend_from_slice(&buf[..n]),
+fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+async fn respond<B>(
+    req: Request<B>,
+    readers: Readers,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+        response
+            .headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
+        return Ok(response);
+    }
+    Ok(match req.uri().path() {
+        "/metrics" => {
+            let format = Format::negotiate(
+                req.headers()
+                    .get(header::ACCEPT)
+                    .and_then(|v| v.to_str().ok()),
+            );
+            match readers.report(sync::unix_now()).await {
+                Ok(report) => {
+                    let mut response =
+                        Response::new(Full::new(Bytes::from(render(report, format))));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static(format.content_type()),
+                    );
+                    response
+                }
+                Err(e) => plain(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("building the metrics failed: {e}\n"),
+                ),
             }
         }
-    };
-    if tokio::time::timeout(HEAD_TIMEOUT, read_head).await.is_err() {
-        return;
+        "/" => plain(StatusCode::OK, "apiban agent: metrics at /metrics\n"),
+        _ => plain(StatusCode::NOT_FOUND, "not found\n"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::Traffic;
+
+    fn report() -> StatusReport {
+        let mut r = StatusReport::default();
+        r.agent.version = "0.1.0".into();
+        r.traffic.insert(
+            "eth9".into(),
+            [(
+                "dropped".to_owned(),
+                Traffic {
+                    packets: 5,
+                    bytes: 320,
+                },
+            )]
+            .into(),
+        );
+        r.enforced.insert("ipv4".into(), 1);
+        r.capacity.insert("ipv4".into(), 4);
+        r.engine.skipped.insert("own_address".into(), 2);
+        r.sync.lists.push(crate::status::ListReport {
+            name: "odd \"list\"\\\n".into(),
+            last_success: None,
+            last_error: None,
+        });
+        r
     }
-    let (method, path) = request_target(&head);
-    let (method, path) = (method.as_str(), path.as_str());
-    let (status_line, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => match readers.report(sync::unix_now()).await {
-            Ok(report) => (
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                render(&report),
+
+    #[test]
+    fn scrapers_that_ask_for_openmetrics_get_it() {
+        for (accept, want) in [
+            (None, Format::Text),
+            (Some("text/plain"), Format::Text),
+            (
+                Some(
+                    "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+                ),
+                Format::OpenMetrics,
             ),
-            Err(e) => (
-                "500 Internal Server Error",
-                "text/plain",
-                format!("building the metrics failed: {e}\n"),
-            ),
-        },
-        ("GET" | "HEAD", "/") => (
-            "200 OK",
-            "text/plain; charset=utf-8",
-            "apiban agent: metrics at /metrics\n".to_owned(),
-        ),
-        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET\n".to_owned(),
-        ),
-    };
-    let mut response = format!(
-        "HTTP/1.1 {status_line}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    if method != "HEAD" {
-        response.push_str(&body);
+            (Some("application/openmetrics-text; q=0"), Format::Text),
+            (Some("Application/OpenMetrics-Text"), Format::OpenMetrics),
+        ] {
+            assert_eq!(Format::negotiate(accept), want, "{accept:?}");
+        }
     }
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+
+    #[test]
+    fn both_formats_carry_the_documented_names() {
+        let text = render(report(), Format::Text);
+        for line in [
+            "# TYPE apiban_packets_total counter",
+            "apiban_packets_total{iface=\"eth9\",verdict=\"dropped\"} 5",
+            "apiban_bytes_total{iface=\"eth9\",verdict=\"dropped\"} 320",
+            "apiban_feed_entries_skipped_total{reason=\"own_address\"} 2",
+            "# TYPE apiban_enforced_prefixes gauge",
+            "apiban_enforced_prefixes{family=\"ipv4\"} 1",
+            "apiban_deny_map_used_ratio{family=\"ipv4\"} 0.25",
+            "apiban_build_info{version=\"0.1.0\",dry_run=\"false\"} 1",
+            "apiban_allowlist_prefixes 0",
+            "# TYPE apiban_rate_limit_waits_total counter",
+            "apiban_rate_limit_waits_total 0",
+            "apiban_list_last_success_timestamp_seconds{list=\"odd \\\"list\\\"\\\\\\n\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        }
+        assert!(!text.contains("# EOF"));
+        let om = render(report(), Format::OpenMetrics);
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert!(om.lines().any(|l| l == "# TYPE apiban_packets counter"));
+        assert!(
+            om.lines()
+                .any(|l| l == "apiban_packets_total{iface=\"eth9\",verdict=\"dropped\"} 5")
+        );
+        // Samples are the same lines in both.
+        let samples = |s: &str| -> Vec<String> {
+            s.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&text), samples(&om));
+    }
 }

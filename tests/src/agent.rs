@@ -285,17 +285,48 @@ impl Drop for AgentProcess {
 
 /// GET over plain HTTP/1.1 from inside `netns` (or the host); returns (status code, body).
 pub fn http_get(netns: Option<&Netns>, addr: SocketAddr, path: &str) -> (u16, String) {
-    let path = path.to_owned();
-    let get = move || {
+    let r = http_request(netns, addr, "GET", path, &[]);
+    (r.code, r.body)
+}
+
+/// What [`http_request`] got back.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub code: u16,
+    /// The status line and headers, as sent.
+    pub head: String,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// A header's value (names compared without case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// One HTTP/1.1 request with `headers`, over a connection the server closes.
+pub fn http_request(
+    netns: Option<&Netns>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> HttpResponse {
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        request.push_str(&format!("{k}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    let send = move || {
         let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
         s.set_read_timeout(Some(Duration::from_secs(10)))
             .expect("timeout");
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-        )
-        .expect("send request");
+        s.write_all(request.as_bytes()).expect("send request");
         let mut text = String::new();
         s.read_to_string(&mut text).expect("read response");
         let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
@@ -304,11 +335,15 @@ pub fn http_get(netns: Option<&Netns>, addr: SocketAddr, path: &str) -> (u16, St
             .nth(1)
             .and_then(|c| c.parse().ok())
             .expect("status code");
-        (code, body.to_owned())
+        HttpResponse {
+            code,
+            head: head.to_owned(),
+            body: body.to_owned(),
+        }
     };
     match netns {
-        Some(ns) => in_netns(ns, get),
-        None => get(),
+        Some(ns) => in_netns(ns, send),
+        None => send(),
     }
 }
 

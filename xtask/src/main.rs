@@ -50,7 +50,7 @@ enum Cmd {
         fleet: bool,
     },
     /// Long fuzzing runs: every cargo-fuzz target (APIBAN responses, blocklists, the state
-    /// file, the config file, control requests, the metrics request head) for `--time`
+    /// file, the config file, control requests, SIP samples) for `--time`
     /// seconds each, then the differential test of the XDP program against its model on
     /// `--frames` frames (root). Crashes land in fuzz/artifacts/.
     ///

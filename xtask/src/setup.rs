@@ -216,6 +216,12 @@ pub fn ensure_test_tools(root: &Path) -> anyhow::Result<()> {
         "the capture test reads apiban's pcap files with tshark",
     )?;
     ensure_tool(
+        "promtool",
+        &["--version"],
+        "prometheus",
+        "the metrics test checks /metrics with promtool",
+    )?;
+    ensure_tool(
         "etcd",
         &["--version"],
         "etcd-server",
