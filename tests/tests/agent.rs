@@ -411,7 +411,8 @@ fn systemd_notify_watchdog_and_json_logs() {
     let try_next = || {
         let mut buf = [0u8; 512];
         let n = systemd.recv(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+        // sd_notify(3) allows a trailing newline; the sd-notify crate sends one.
+        Some(String::from_utf8_lossy(&buf[..n]).trim_end().to_owned())
     };
     let next = || try_next().expect("a notification from the agent within 10s");
     let mut seen = Vec::new();
