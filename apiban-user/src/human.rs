@@ -11,45 +11,14 @@ pub enum ParseError {
     RateLimit(String),
 }
 
-/// Parses `500ms`, `90s`, `5m`, `24h`, `7d`, `1w`, or combinations such as `1h30m`.
-/// A bare number is seconds.
+/// Parses `500ms`, `90s`, `5m`, `24h`, `7d`, `1w`, or combinations such as `1h30m`, with
+/// humantime; a bare number is seconds, as in the config files operators already have.
 pub fn parse_duration(text: &str) -> Result<Duration, ParseError> {
-    let err = || ParseError::Duration(text.to_owned());
     let s = text.trim();
-    if s.is_empty() {
-        return Err(err());
-    }
     if let Ok(secs) = s.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
-        if digits == 0 {
-            return Err(err());
-        }
-        let value: u64 = rest[..digits].parse().map_err(|_| err())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let part = match unit {
-            "ms" => Duration::from_millis(value),
-            "s" | "sec" | "secs" => Duration::from_secs(value),
-            "m" | "min" | "mins" => Duration::from_secs(value.checked_mul(60).ok_or_else(err)?),
-            "h" | "hour" | "hours" => Duration::from_secs(value.checked_mul(3600).ok_or_else(err)?),
-            "d" | "day" | "days" => Duration::from_secs(value.checked_mul(86_400).ok_or_else(err)?),
-            "w" | "week" | "weeks" => {
-                Duration::from_secs(value.checked_mul(604_800).ok_or_else(err)?)
-            }
-            _ => return Err(err()),
-        };
-        total = total.checked_add(part).ok_or_else(err)?;
-    }
-    Ok(total)
+    humantime::parse_duration(s).map_err(|_| ParseError::Duration(text.to_owned()))
 }
 
 /// The shortest exact human form: `7d`, `90s`, `1h30m`, `250ms`.
@@ -137,7 +106,9 @@ mod tests {
         assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
-        for bad in ["", "s", "7x", "-5s", "1.5h", "h5", "99999999999999999999d"] {
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        for bad in ["", "s", "7x", "-5s", "h5", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad} should not parse");
         }
     }
