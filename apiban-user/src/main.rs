@@ -166,6 +166,16 @@ enum Command {
         #[command(flatten)]
         client: Client,
     },
+    /// Shell completions for apiban, on stdout.
+    ///
+    /// Example: apiban completions bash > /etc/bash_completion.d/apiban
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Man pages (apiban.1 and one per command) into a directory; for packaging.
+    #[command(hide = true)]
+    Manpages { dir: PathBuf },
     /// Remove the XDP program from interfaces and delete everything pinned.
     ///
     /// Example: apiban detach            (all interfaces, maps too)
@@ -228,6 +238,16 @@ fn main() -> ExitCode {
             init_tracing(LogFormat::Text);
             detach(&bpffs_dir, iface.as_deref(), force)
         }
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut <Cli as clap::CommandFactory>::command(),
+                "apiban",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Manpages { dir } => manpages(&dir),
         other => client(other),
     };
     match result {
@@ -246,6 +266,30 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// apiban.1 and apiban-COMMAND.1 for every command, from the same definitions as --help.
+fn manpages(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let command = <Cli as clap::CommandFactory>::command();
+    let mut pages = vec![("apiban".to_owned(), command.clone())];
+    for sub in command.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("apiban-{}", sub.get_name());
+        pages.push((
+            name.clone(),
+            sub.clone().bin_name(name.clone()).display_name(name),
+        ));
+    }
+    for (name, page) in pages {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page)
+            .title(name.to_uppercase())
+            .render(&mut out)
+            .with_context(|| format!("cannot render {name}.1"))?;
+        std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 fn init_tracing(format: LogFormat) {
@@ -428,7 +472,10 @@ fn client(command: Command) -> anyhow::Result<()> {
                 };
                 capture_client::run(&socket(&client)?, spec, write).await?;
             }
-            Command::Run(_) | Command::Detach { .. } => unreachable!("handled in main"),
+            Command::Run(_)
+            | Command::Detach { .. }
+            | Command::Completions { .. }
+            | Command::Manpages { .. } => unreachable!("handled in main"),
         }
         anyhow::Ok(())
     })

@@ -75,6 +75,11 @@ enum Cmd {
         #[arg(long)]
         destdir: Option<PathBuf>,
     },
+    /// Build target/debian/apiban_<version>_amd64.deb (cargo-deb): the binary, the systemd
+    /// unit, /etc/apiban/config.toml as a conffile, man pages, shell completions, the README.
+    ///
+    /// Example: cargo xtask package && dpkg -i target/debian/apiban_*_amd64.deb
+    Package,
     /// Benchmarks, all of them by default: `dataplane` (ns per packet under
     /// BPF_PROG_TEST_RUN, map load times), `sync` (ingesting 100k addresses, memory),
     /// `compare` (apiban against iptables, ipset and nftables: loading, and a flood on a veth
@@ -146,6 +151,7 @@ fn main() -> anyhow::Result<()> {
             setup::run()?;
             setup::ensure_test_tools(&root)?;
             setup::ensure_fuzz_tools()?;
+            setup::ensure_package_tools()?;
             test(&root)
         }
         Cmd::Demo { fleet } => {
@@ -206,6 +212,13 @@ fn main() -> anyhow::Result<()> {
                 .env("APIBAN_DIFF_FRAMES", frames.to_string());
                 status(cmd).context("the differential test found a disagreement")?;
             }
+            Ok(())
+        }
+        Cmd::Package => {
+            setup::run()?;
+            setup::ensure_package_tools()?;
+            let deb = package(&root)?;
+            eprintln!("[package] {}", deb.display());
             Ok(())
         }
         Cmd::Install { destdir } => {
@@ -354,6 +367,66 @@ fn key_configured(agent_args: &[String]) -> bool {
     in_flags || in_env || in_file
 }
 
+/// Builds the release binary, the package's generated assets, then the .deb; its path.
+fn package(root: &Path) -> anyhow::Result<PathBuf> {
+    build_release(root)?;
+    let assets = root.join("target/release/debian-assets");
+    let _ = std::fs::remove_dir_all(&assets);
+    let man = assets.join("man");
+    std::fs::create_dir_all(&man).with_context(|| format!("cannot create {}", man.display()))?;
+    // The unit as installed by the package: Debian's binaries live in /usr/bin.
+    let unit = std::fs::read_to_string(root.join("packaging/apiban.service"))
+        .context("cannot read packaging/apiban.service")?
+        .replace("/usr/local/bin/apiban", "/usr/bin/apiban")
+        .replace(
+            "# Install: `cargo xtask install` (binary, this unit, /etc/apiban/config.toml), then",
+            "# Installed by the apiban package (binary, this unit, /etc/apiban/config.toml); then",
+        );
+    std::fs::write(assets.join("apiban.service"), unit).context("cannot write the unit")?;
+    let apiban = root.join("target/release/apiban");
+    status({
+        let mut c = Command::new(&apiban);
+        c.arg("manpages").arg(&man);
+        c
+    })
+    .context("generating the man pages failed")?;
+    // Debian ships man pages compressed; -n keeps the build reproducible.
+    for page in std::fs::read_dir(&man)? {
+        status({
+            let mut c = Command::new("gzip");
+            c.args(["-9", "-n", "-f"]).arg(page?.path());
+            c
+        })
+        .context("gzip is needed to compress the man pages")?;
+    }
+    for (shell, file) in [
+        ("bash", "apiban.bash"),
+        ("zsh", "_apiban"),
+        ("fish", "apiban.fish"),
+    ] {
+        let out = Command::new(&apiban)
+            .args(["completions", shell])
+            .output()
+            .with_context(|| format!("could not run {}", apiban.display()))?;
+        anyhow::ensure!(out.status.success(), "apiban completions {shell} failed");
+        std::fs::write(assets.join(file), out.stdout)?;
+    }
+    let mut cmd = cargo(root);
+    cmd.args(["deb", "-p", "apiban-user", "--no-build", "-o"])
+        .arg(root.join("target/debian"));
+    let out = cmd
+        .output()
+        .context("could not run cargo deb (`cargo xtask setup` installs cargo-deb)")?;
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(out.status.success(), "cargo deb failed");
+    let deb = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    anyhow::ensure!(
+        !deb.is_empty(),
+        "cargo deb did not say where the package is"
+    );
+    Ok(PathBuf::from(deb))
+}
+
 /// Installs binary, unit and config; an existing config is never overwritten.
 fn install(root: &Path, destdir: Option<&Path>) -> anyhow::Result<()> {
     if destdir.is_none() {
@@ -458,12 +531,18 @@ fn test(root: &Path) -> anyhow::Result<()> {
              they will fail saying so"
         );
     }
+    // The package test installs what `cargo xtask package` builds.
+    let deb = package(root).context("building the Debian package failed")?;
     // Tests that touch kernel state (namespaces, XDP attachments, pins) run one at a time.
-    step(
-        root,
-        &["test", "-p", "tests", "--", "--test-threads=1"],
-        "kernel tests",
-    )?;
+    let args = ["test", "-p", "tests", "--", "--test-threads=1"];
+    eprintln!(
+        "[test] kernel tests: APIBAN_DEB={} cargo {}",
+        deb.display(),
+        args.join(" ")
+    );
+    let mut cmd = cargo(root);
+    cmd.args(args).env("APIBAN_DEB", &deb);
+    status(cmd).context("kernel tests failed")?;
     // A few seconds of each fuzz target over its corpus: what `cargo xtask fuzz` runs for
     // minutes, enough to catch a parser that a change broke.
     for target in fuzz_targets(root)? {

@@ -216,6 +216,12 @@ pub fn ensure_test_tools(root: &Path) -> anyhow::Result<()> {
         "the capture test reads apiban's pcap files with tshark",
     )?;
     ensure_tool(
+        "man",
+        &["--version"],
+        "man-db",
+        "the package test reads the installed man page",
+    )?;
+    ensure_tool(
         "promtool",
         &["--version"],
         "prometheus",
@@ -295,6 +301,26 @@ pub fn ensure_fuzz_tools() -> anyhow::Result<()> {
         "cargo-fuzz",
         "--version",
         CARGO_FUZZ_VERSION,
+        "--locked",
+    ]);
+    run_step(&format!("{what}, building from crates.io"), &mut cmd)
+}
+
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// cargo-deb, which `cargo xtask package` builds the .deb with.
+pub fn ensure_package_tools() -> anyhow::Result<()> {
+    let what = format!("cargo-deb {CARGO_DEB_VERSION}");
+    if output("cargo", &["deb", "--version"]).is_some_and(|v| v.contains(CARGO_DEB_VERSION)) {
+        progress(&what, "present");
+        return Ok(());
+    }
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.args([
+        "install",
+        "cargo-deb",
+        "--version",
+        CARGO_DEB_VERSION,
         "--locked",
     ]);
     run_step(&format!("{what}, building from crates.io"), &mut cmd)
