@@ -51,30 +51,28 @@ pub fn offer(ctx: &XdpContext, verdict: Verdict) {
     };
     let record = entry.as_mut_ptr();
     let len = (ctx.data_end() - ctx.data()) as u64;
-    // 64-bit all the way to the helper: a 32-bit value is zero-extended by shifts that make
-    // the verifier forget the copy is at least one byte.
-    let mut copy = len;
-    if copy > u64::from(config.snaplen) {
-        copy = u64::from(config.snaplen);
-    }
-    if copy > capture::SNAPLEN as u64 {
-        copy = capture::SNAPLEN as u64;
-    }
+    let snaplen = u64::from(config.snaplen).min(capture::SNAPLEN as u64);
     // SAFETY: `record` is the ring buffer's reservation of a whole CaptureRecord; the copy is
-    // bounded by its data array's size.
+    // bounded by its data array's size (`copy_len`).
     unsafe {
         (*record).ts_ns = now;
         (*record).ifindex = ctx.ingress_ifindex() as u32;
         (*record).len = len as u32;
         (*record).verdict = verdict as u32;
-        let copied = copy > 0
-            && bpf_xdp_load_bytes(
-                ctx.ctx,
-                0,
-                (&raw mut (*record).data).cast::<c_void>(),
-                copy as u32,
-            ) == 0;
-        (*record).captured = if copied { copy as u32 } else { 0 };
+        let copied = match crate::copy_len(len.min(snaplen), capture::SNAPLEN as u64) {
+            Some(n)
+                if bpf_xdp_load_bytes(
+                    ctx.ctx,
+                    0,
+                    (&raw mut (*record).data).cast::<c_void>(),
+                    n,
+                ) == 0 =>
+            {
+                n
+            }
+            _ => 0,
+        };
+        (*record).captured = copied;
     }
     entry.submit(0);
 }

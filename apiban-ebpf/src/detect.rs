@@ -162,17 +162,14 @@ fn send(ctx: &XdpContext, request: &Request, method: u8, source: *mut SipSource,
         return;
     };
     let sample = entry.as_mut_ptr();
-    let available = (ctx.data_end() - ctx.data()).saturating_sub(request.payload);
-    let mut len = if kind == detect::KIND_SAMPLE {
-        available as u32
+    let available = (ctx.data_end() - ctx.data()).saturating_sub(request.payload) as u64;
+    let wanted = if kind == detect::KIND_SAMPLE {
+        available
     } else {
         0
     };
-    if len > detect::SNAPLEN as u32 {
-        len = detect::SNAPLEN as u32;
-    }
     // SAFETY: `sample` is the ring buffer's reservation of a whole SipSample; `source` is
-    // from a successful lookup. The copy is bounded by the payload array's size.
+    // from a successful lookup. The copy is bounded by the payload array's size (`copy_len`).
     unsafe {
         (*sample).kind = kind;
         (*sample).family = request.family;
@@ -184,14 +181,20 @@ fn send(ctx: &XdpContext, request: &Request, method: u8, source: *mut SipSource,
         (*sample).seen = (*source).seen;
         (*sample).probes = (*source).probes;
         (*sample).ifindex = ctx.ingress_ifindex() as u32;
-        let copied = len > 0
-            && bpf_xdp_load_bytes(
-                ctx.ctx,
-                request.payload as u32,
-                (&raw mut (*sample).payload).cast::<c_void>(),
-                len,
-            ) == 0;
-        (*sample).captured = if copied { len as u16 } else { 0 };
+        let copied = match crate::copy_len(wanted, detect::SNAPLEN as u64) {
+            Some(n)
+                if bpf_xdp_load_bytes(
+                    ctx.ctx,
+                    request.payload as u32,
+                    (&raw mut (*sample).payload).cast::<c_void>(),
+                    n,
+                ) == 0 =>
+            {
+                n
+            }
+            _ => 0,
+        };
+        (*sample).captured = copied as u16;
     }
     entry.submit(0);
 }

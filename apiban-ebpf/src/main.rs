@@ -9,6 +9,8 @@
 // The BPF target has no atomic RMW on core's Atomic types; the intrinsic lowers to BPF's
 // atomic add. The eBPF crate is built with a pinned nightly, so the feature is stable for us.
 #![feature(core_intrinsics)]
+// An empty asm! hides a length from LLVM (see `copy_len`); asm on BPF is still unstable.
+#![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 
 use core::{
@@ -465,6 +467,28 @@ pub(crate) fn coarse_now_ns() -> u64 {
         }
         (*clock).coarse_ns
     }
+}
+
+/// `len` as a length `bpf_xdp_load_bytes` may copy into a buffer of `max` bytes: `None` for
+/// nothing to copy, else a value the verifier can prove is in `1..=max`. LLVM folds a plain
+/// `len > 0` into `len != 0`, which verifiers before 6.8 do not narrow to a lower bound (Debian
+/// 12's 6.1 refuses the copy then), so the test is a signed one on a value LLVM cannot see
+/// through.
+#[inline(always)]
+pub(crate) fn copy_len(len: u64, max: u64) -> Option<u32> {
+    let mut len = len;
+    // SAFETY: a register moved onto itself: no memory, no stack. One real instruction, not an
+    // empty template: 6.1's verifier refuses two line_info records at one offset.
+    unsafe {
+        core::arch::asm!("{0} = {0}", inout(reg) len, options(nomem, nostack, preserves_flags));
+    }
+    if (len as i64) < 1 {
+        return None;
+    }
+    if len > max {
+        len = max;
+    }
+    Some(len as u32)
 }
 
 /// Takes one from a per-second cap shared by every CPU. Read, then add: the object is built
