@@ -21,6 +21,7 @@ pub mod deny;
 pub mod detect;
 pub mod filter;
 pub mod host_table;
+pub mod kernel;
 pub mod loader;
 mod mapping;
 pub mod netlink;

@@ -110,10 +110,14 @@ pub enum LoaderError {
     )]
     IfaceInUse { iface: String },
     #[error(
-        "loading the XDP program failed; the kernel needs BTF and BPF support (Linux >= \
-         5.15) and the agent needs root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON"
+        "loading the XDP program failed; the kernel needs BPF support (Linux >= {}) and the \
+         agent needs root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON",
+        super::kernel::OLDEST_SUPPORTED
     )]
     Load(#[source] Box<aya::EbpfError>),
+    /// The kernel lacks what the program uses; the text names each piece.
+    #[error("{0}")]
+    KernelTooOld(String),
     #[error(
         "the maps pinned in {dir} do not match this build; if the capacities changed, run \
          `apiban detach --bpffs-dir {dir}` first (this drops all bans until the agent has \
@@ -363,7 +367,7 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
                 source: Box::new(source),
             }
         }
-        other => LoaderError::Load(Box::new(other)),
+        other => too_old().unwrap_or(LoaderError::Load(Box::new(other))),
     })?;
     if options.debug_events
         && let Err(e) = aya_log::EbpfLogger::init(&mut ebpf)
@@ -375,7 +379,8 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
         source,
     };
     let prog = program_mut(&mut ebpf, program_names::APIBAN)?;
-    prog.load().map_err(program_err)?;
+    prog.load()
+        .map_err(|source| too_old().unwrap_or(program_err(source)))?;
     let prog_id = prog.info().map_err(program_err)?.id();
     let mut dataplane = Dataplane::from_ebpf(&mut ebpf)?;
     adopt_legacy_hosts(dir, &mut dataplane)?;
@@ -393,6 +398,17 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
         },
         dataplane,
         adoption,
+    })
+}
+
+/// After a failed load: the features this kernel lacks, if the probes find any.
+fn too_old() -> Option<LoaderError> {
+    let missing = super::kernel::missing();
+    (!missing.is_empty()).then(|| {
+        LoaderError::KernelTooOld(super::kernel::describe_missing(
+            &super::kernel::release(),
+            &missing,
+        ))
     })
 }
 

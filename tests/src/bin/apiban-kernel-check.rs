@@ -1,0 +1,163 @@
+//! Does the production XDP program load and decide right on this kernel? `cargo xtask compat`
+//! boots an older kernel (Debian 12's 6.1) under qemu with this binary as /init; it also runs
+//! on any host as root.
+//!
+//! It probes what the program needs of the kernel, loads the program (the verifier's word),
+//! runs the differential check (generated frames through BPF_PROG_TEST_RUN, every verdict
+//! compared with the model) and a capture through the ring buffer, then prints one line
+//! `apiban-kernel-check: PASS ...` or `apiban-kernel-check: FAIL ...`. As PID 1 it mounts
+//! what it needs first and powers the machine off at the end.
+
+use std::{path::Path, time::Instant};
+
+use apiban::dataplane::{capture::CaptureTap, kernel};
+use apiban_common::{CaptureConfig, DataplaneConfig, Verdict, capture};
+use tests::{differential, frame::Frame, reference::Policy, run_frame};
+
+const FRAMES: usize = 20_000;
+const SEED: u64 = 0x00a9_1ba2;
+
+fn main() {
+    let init = std::process::id() == 1;
+    if init {
+        mount_basics();
+    }
+    let outcome = check();
+    match &outcome {
+        Ok(summary) => println!(
+            "apiban-kernel-check: PASS on {}: {summary}",
+            kernel::release()
+        ),
+        Err(why) => println!("apiban-kernel-check: FAIL on {}: {why}", kernel::release()),
+    }
+    if init {
+        // SAFETY: sync and reboot take no pointers; as PID 1 there is nothing else to stop.
+        unsafe {
+            libc::sync();
+            libc::reboot(libc::RB_POWER_OFF);
+        }
+    }
+    std::process::exit(i32::from(outcome.is_err()));
+}
+
+/// /proc, /sys, bpffs: what the loader and the probes read.
+fn mount_basics() {
+    for (source, target, fstype) in [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("bpf", "/sys/fs/bpf", "bpf"),
+    ] {
+        let _ = std::fs::create_dir_all(target);
+        let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
+        let (source, target_c, fstype) = (c(source), c(target), c(fstype));
+        // SAFETY: valid NUL-terminated strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target_c.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            println!(
+                "apiban-kernel-check: cannot mount {target}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+fn check() -> Result<String, String> {
+    println!(
+        "apiban-kernel-check: kernel {}, BTF {}",
+        kernel::release(),
+        if Path::new("/sys/kernel/btf/vmlinux").exists() {
+            "present"
+        } else {
+            "absent"
+        }
+    );
+    for r in kernel::REQUIREMENTS {
+        let state = match r.present() {
+            Some(true) => "yes",
+            Some(false) => "MISSING",
+            None => "unknown (the probe failed)",
+        };
+        println!(
+            "apiban-kernel-check: {} (Linux {}): {state}",
+            r.what, r.since
+        );
+    }
+    let missing = kernel::missing();
+    if !missing.is_empty() {
+        return Err(kernel::describe_missing(&kernel::release(), &missing));
+    }
+    let start = Instant::now();
+    let agreement = std::panic::catch_unwind(|| differential::run(FRAMES, SEED))
+        .map_err(|_| "the differential check panicked (see above)".to_owned())??;
+    if let Some(v) = Verdict::ALL
+        .into_iter()
+        .find(|v| agreement.seen[*v as usize] == 0)
+    {
+        return Err(format!("no {} frame was generated", v.name()));
+    }
+    let differential_took = start.elapsed();
+    let captured = std::panic::catch_unwind(capture_one)
+        .map_err(|_| "the capture check panicked (see above)".to_owned())??;
+    Ok(format!(
+        "{FRAMES} frames agreed with the model in {:.1}s (verdicts {:?}); a dropped frame \
+         captured whole ({captured} bytes)",
+        differential_took.as_secs_f64(),
+        agreement.seen
+    ))
+}
+
+/// The capture path: a banned source's frame, dropped, arrives in the ring buffer whole.
+fn capture_one() -> Result<usize, String> {
+    let policy = Policy {
+        deny: differential::nets(&["203.0.113.7/32"]),
+        ..Default::default()
+    };
+    let mut under = differential::Under::new(&policy);
+    let mut tap = CaptureTap::take(under.loaded.ebpf_mut()).map_err(|e| e.to_string())?;
+    tap.controls
+        .set(CaptureConfig {
+            verdicts: 1 << Verdict::Dropped as u32,
+            snaplen: capture::SNAPLEN as u32,
+            per_sec: 10,
+            _pad: 0,
+        })
+        .map_err(|e| e.to_string())?;
+    under
+        .loaded
+        .dataplane
+        .set_flag(DataplaneConfig::CAPTURE, true)
+        .map_err(|e| e.to_string())?;
+    let sent = Frame::udp(
+        "203.0.113.7".parse().expect("literal"),
+        "192.0.2.1".parse().expect("literal"),
+        5060,
+    )
+    .build();
+    let action = run_frame(&mut under.loaded, &sent);
+    if action != differential::XDP_DROP {
+        return Err(format!(
+            "the banned frame got action {action}, not XDP_DROP"
+        ));
+    }
+    let record = tap
+        .ring
+        .next()
+        .ok_or("nothing arrived in the capture ring buffer")?;
+    let (record, len) = apiban::capture::decode_record(&record).ok_or("a short record")?;
+    if record.data[..len] != sent[..] || record.verdict != Verdict::Dropped as u32 {
+        return Err(format!(
+            "the captured record differs: verdict {}, {len} of {} bytes",
+            record.verdict,
+            sent.len()
+        ));
+    }
+    Ok(len)
+}
