@@ -326,6 +326,22 @@ pub fn ensure_package_tools() -> anyhow::Result<()> {
     run_step(&format!("{what}, building from crates.io"), &mut cmd)
 }
 
+/// What `cargo xtask compat` boots Debian's kernel with.
+pub fn ensure_compat_tools() -> anyhow::Result<()> {
+    ensure_tool(
+        "qemu-system-x86_64",
+        &["--version"],
+        "qemu-system-x86",
+        "the compat check boots Debian 12's kernel under qemu",
+    )?;
+    ensure_tool(
+        "cpio",
+        &["--version"],
+        "cpio",
+        "the compat check packs its initramfs with cpio",
+    )
+}
+
 /// The firewalls `cargo xtask bench` compares apiban with.
 pub fn ensure_bench_tools() -> anyhow::Result<()> {
     for (program, package) in [
