@@ -57,6 +57,12 @@ pub mod map_names {
     pub const CAPTURE_BUDGET: &str = "CAPTURE_BUDGET";
     /// Only used by the benchmark programs; never pinned.
     pub const BENCH_PARAMS: &str = "BENCH_PARAMS";
+    /// The yardsticks' arrays (the size of the IPv4 host table's keys and of its hit counts)
+    /// and the peers' maps: a hash of hosts and one LPM trie of everything.
+    pub const BENCH_LIMIT_KEYS: &str = "BENCH_LIMIT_KEYS";
+    pub const BENCH_LIMIT_HITS: &str = "BENCH_LIMIT_HITS";
+    pub const BENCH_HASH_V4: &str = "BENCH_HASH_V4";
+    pub const BENCH_LPM_V4: &str = "BENCH_LPM_V4";
     pub const TRAFFICGEN: &str = "TRAFFICGEN";
     pub const TRAFFICGEN_SOURCES: &str = "TRAFFICGEN_SOURCES";
 
@@ -94,6 +100,33 @@ pub mod program_names {
     /// A traffic generator for the veth benchmark: rewrites the source address of each live
     /// frame and redirects it into a veth, as xdp-trafficgen does.
     pub const BENCH_TRAFFICGEN: &str = "bench_trafficgen";
+    /// The physical limit: the same parse, then one dependent random 8-byte load from an array
+    /// the size of the host table's keys (`_2`: and a second load, dependent on the first,
+    /// from one the size of its hit counts). No lookup of a table that size is cheaper.
+    pub const BENCH_LIMIT_1: &str = "bench_limit_1";
+    pub const BENCH_LIMIT_2: &str = "bench_limit_2";
+    /// The peers: the same bans in a `BPF_MAP_TYPE_HASH` of hosts (as xdp-filter and most
+    /// XDP blocklists keep them), and in a single LPM trie (where apiban started).
+    pub const BENCH_HASH: &str = "bench_hash";
+    pub const BENCH_LPM: &str = "bench_lpm";
+    /// Prototypes of other host-table layouts (see the benchmark's prototype table).
+    pub const BENCH_PROTOS: [&str; 15] = [
+        "bench_proto_prod_classify",
+        "bench_proto_prod_classify_untracked",
+        "bench_proto_prod_counted",
+        "bench_proto_prod_lookup",
+        "bench_proto_prod_hosts",
+        "bench_proto_keys_mmap",
+        "bench_proto_filter_branch_key",
+        "bench_proto_filter_key",
+        "bench_proto_bloom_key",
+        "bench_proto_filter_key_hits_atomic",
+        "bench_proto_filter_key_hits_plain",
+        "bench_proto_filter_coloc8_atomic",
+        "bench_proto_filter_coloc8_plain",
+        "bench_proto_filter_coloc16_plain",
+        "bench_proto_bloom_coloc8_plain",
+    ];
 }
 
 /// Capacity defaults. The tries (deny prefixes, allow) allocate entries on use. The host tables
@@ -266,15 +299,31 @@ pub struct HostTables {
     pub v6_buckets: u32,
 }
 
-/// A per-CPU clock for last-hit times: `bpf_jiffies64` is inlined by the verifier where
-/// `bpf_ktime_get_coarse_ns` is a call, and the coarse clock only moves on a tick, so the
-/// program reads it once per tick per CPU and reuses it for every hit until jiffies move on.
+/// A per-CPU clock for last-hit times, and the pace of this CPU's hits. `bpf_jiffies64` is
+/// inlined by the verifier where `bpf_ktime_get_coarse_ns` is a call, and the coarse clock
+/// only moves on a tick, so the program reads it once per tick per CPU and reuses it for
+/// every hit until jiffies move on.
+///
+/// Hit bookkeeping writes the entry's count and time, a line of its own that a cache-cold
+/// drop would otherwise have to fetch and dirty on every packet. So a CPU records every hit
+/// up to [`EXACT_HITS_PER_TICK`] in a tick; past that (a flood) it records one hit in
+/// [`SAMPLED_HIT_EVERY`], adding that many: counts stay exact at the rates a person reads
+/// one by one, and within a sample of the truth under a flood.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HitClock {
     pub jiffies: u64,
     pub coarse_ns: u64,
+    /// Hits on this CPU in this tick.
+    pub hits: u32,
+    /// Hits left until the next sampled one.
+    pub countdown: u32,
 }
+
+/// Hits per CPU per tick (4 ms at HZ=250) that are all recorded: 64,000 a second per CPU.
+pub const EXACT_HITS_PER_TICK: u32 = 256;
+/// Past that, one hit in this many is recorded, counting for all of them.
+pub const SAMPLED_HIT_EVERY: u32 = 16;
 
 /// Interfaces are numbered by ifindex up to this bound for per-interface counters; a larger
 /// ifindex counts in slot 0 with every interface that has no slot.

@@ -4,17 +4,22 @@
 
 use core::mem;
 
-use apiban_common::{BENCH_MULTIPLIER, BenchParams, TRAFFICGEN_SOURCE_SLOTS, TrafficgenParams};
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use apiban_common::{
+    BENCH_MULTIPLIER, BenchParams, DEFAULT_DENY_V4_ENTRIES, ETH_P_IPV4, TRAFFICGEN_SOURCE_SLOTS,
+    TrafficgenParams, block_filter, host_table,
+};
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{BPF_F_MMAPABLE, xdp_action},
     helpers::bpf_redirect,
     macros::{map, xdp},
-    maps::{Array, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::XdpContext,
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
-use crate::{ptr_at_mut, try_apiban};
+use crate::{l3_start, load, ptr_at_mut, try_apiban};
 
 #[map]
 static BENCH_PARAMS: Array<BenchParams> = Array::with_max_entries(1, 0);
@@ -24,6 +29,40 @@ static TRAFFICGEN: Array<TrafficgenParams> = Array::with_max_entries(1, 0);
 static TRAFFICGEN_SOURCES: Array<[u8; 4]> = Array::with_max_entries(TRAFFICGEN_SOURCE_SLOTS, 0);
 #[map]
 static TRAFFICGEN_NEXT: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Buckets of the default IPv4 host table, whose size the yardsticks' arrays take.
+const LIMIT_BUCKETS: u32 = host_table::buckets(DEFAULT_DENY_V4_ENTRIES, host_table::V4_SLOTS);
+/// u64 words: 8 per 64-byte bucket of keys, 2 per 16-byte hit count of each slot.
+const KEY_WORDS_PER_BUCKET: u32 = 8;
+const HIT_WORDS_PER_BUCKET: u32 = host_table::V4_SLOTS * 2;
+#[map]
+static BENCH_LIMIT_KEYS: Array<u64> =
+    Array::with_max_entries(LIMIT_BUCKETS * KEY_WORDS_PER_BUCKET, 0);
+// The same, memory-mappable as the production tables are: such arrays are allocated for
+// mmap with 4 KiB pages, where others may get huge ones.
+#[map]
+static BENCH_LIMIT_KEYS_MMAP: Array<u64> =
+    Array::with_max_entries(LIMIT_BUCKETS * KEY_WORDS_PER_BUCKET, BPF_F_MMAPABLE);
+#[map]
+static BENCH_LIMIT_HITS: Array<u64> =
+    Array::with_max_entries(LIMIT_BUCKETS * HIT_WORDS_PER_BUCKET, 0);
+// Prototypes of layouts the host table could take, measured beside the yardsticks (see
+// BENCHMARKS.md, "Where the per-packet time goes"): the block filter's 2 MiB, a co-located
+// table with a key and a hit count in each line (8 or 16 bytes a slot), a 1 MiB Bloom-style
+// filter that would stay in L2.
+const SLOTS: u32 = LIMIT_BUCKETS * host_table::V4_SLOTS;
+#[map]
+static BENCH_PROTO_FILTER: Array<u64> = Array::with_max_entries(block_filter::WORDS, 0);
+#[map]
+static BENCH_PROTO_COLOC8: Array<u64> = Array::with_max_entries(SLOTS, 0);
+#[map]
+static BENCH_PROTO_COLOC16: Array<u64> = Array::with_max_entries(SLOTS * 2, 0);
+#[map]
+static BENCH_PROTO_BLOOM: Array<u64> = Array::with_max_entries(1 << 17, 0);
+#[map]
+static BENCH_HASH_V4: HashMap<[u8; 4], u64> = HashMap::with_max_entries(DEFAULT_DENY_V4_ENTRIES, 0);
+#[map]
+static BENCH_LPM_V4: LpmTrie<[u8; 4], u64> = LpmTrie::with_max_entries(DEFAULT_DENY_V4_ENTRIES, 0);
 
 /// Bare `XDP_DROP`: what any XDP program costs on this machine, the benchmarks' floor.
 #[xdp]
@@ -45,6 +84,13 @@ pub fn bench_cycle(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_bench_cycle(ctx: &XdpContext) -> Result<u32, ()> {
+    next_source(ctx)?;
+    try_apiban(ctx)
+}
+
+/// Rewrites the frame's IPv4 source to the next of the run's sources (see `bench_cycle`).
+#[inline(always)]
+fn next_source(ctx: &XdpContext) -> Result<(), ()> {
     let params = BENCH_PARAMS.get(0).ok_or(())?;
     let counter: *mut u32 = ptr_at_mut(ctx, 0)?;
     let src: *mut [u8; 4] = ptr_at_mut(ctx, EthHdr::LEN + mem::offset_of!(Ipv4Hdr, src_addr))?;
@@ -58,7 +104,95 @@ fn try_bench_cycle(ctx: &XdpContext) -> Result<u32, ()> {
             .wrapping_mul(BENCH_MULTIPLIER);
         src.write_unaligned(addr.to_be_bytes());
     }
-    try_apiban(ctx)
+    Ok(())
+}
+
+/// The yardsticks' and peers' first steps, as the production program takes them: the next
+/// source, the Ethernet and IPv4 headers, the source address.
+#[inline(always)]
+fn parsed_source(ctx: &XdpContext) -> Result<[u8; 4], ()> {
+    next_source(ctx)?;
+    let (ethertype, offset) = l3_start(ctx)?;
+    if ethertype != ETH_P_IPV4 {
+        return Err(());
+    }
+    let ip: Ipv4Hdr = load(ctx, offset)?;
+    Ok(ip.src_addr)
+}
+
+/// The physical limit of a lookup in a table the host table's size: one random load.
+#[xdp]
+pub fn bench_limit_1(ctx: XdpContext) -> u32 {
+    limit(&ctx, false).unwrap_or(xdp_action::XDP_PASS)
+}
+
+/// The same with a second load that depends on the first: a key, then its hit count.
+#[xdp]
+pub fn bench_limit_2(ctx: XdpContext) -> u32 {
+    limit(&ctx, true).unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn limit(ctx: &XdpContext, second: bool) -> Result<u32, ()> {
+    let src = parsed_source(ctx)?;
+    let bucket = host_table::home(host_table::v4_hash(u32::from_ne_bytes(src)), LIMIT_BUCKETS);
+    let key = BENCH_LIMIT_KEYS
+        .get(bucket * KEY_WORDS_PER_BUCKET)
+        .ok_or(())?;
+    // SAFETY: a reference from a successful lookup; volatile so that the load stays.
+    let mut word = unsafe { (key as *const u64).read_volatile() };
+    if second {
+        // The slot's index comes from the loaded word: a load that cannot start before the
+        // first one has finished, as a hit count cannot before its key was found.
+        let slot = (word as u32 ^ u32::from_ne_bytes(src)) & (host_table::V4_SLOTS - 1);
+        let hits = BENCH_LIMIT_HITS
+            .get(bucket * HIT_WORDS_PER_BUCKET + slot * 2)
+            .ok_or(())?;
+        // SAFETY: as above.
+        word ^= unsafe { (hits as *const u64).read_volatile() };
+    }
+    // The arrays hold zeros: every packet drops, as a banned source's does.
+    Ok(if word == u64::MAX {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    })
+}
+
+/// A peer: hosts in a BPF hash, with a hit count, as xdp-filter keeps them.
+#[xdp]
+pub fn bench_hash(ctx: XdpContext) -> u32 {
+    let Ok(src) = parsed_source(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    hit_or_pass(BENCH_HASH_V4.get_ptr_mut(&src))
+}
+
+/// A peer: everything in one LPM trie, with a hit count.
+#[xdp]
+pub fn bench_lpm(ctx: XdpContext) -> u32 {
+    let Ok(src) = parsed_source(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    // The trie hands out shared references; the count is added to atomically all the same,
+    // as the production program does with its trie entries.
+    hit_or_pass(
+        BENCH_LPM_V4
+            .get(&Key::new(32, src))
+            .map(|v| (v as *const u64).cast_mut()),
+    )
+}
+
+#[inline(always)]
+fn hit_or_pass(hits: Option<*mut u64>) -> u32 {
+    match hits {
+        Some(hits) => {
+            // SAFETY: a pointer from a successful lookup, valid for this run.
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(hits, 1) };
+            xdp_action::XDP_DROP
+        }
+        None => xdp_action::XDP_PASS,
+    }
 }
 
 /// The veth benchmark's traffic generator, run with `BPF_F_TEST_XDP_LIVE_FRAMES`: frames
@@ -109,4 +243,264 @@ fn checksum_replace(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     !(sum as u16)
+}
+
+// The prototypes: which filter is read first (none, the 2 MiB block filter, a 1 MiB one that
+// would stay in L2), where the key is (the 5 MiB keys, or a line with its count beside it),
+// and how the count is kept (not at all, an atomic add, or a plain add that may lose a
+// concurrent increment).
+macro_rules! proto_program {
+    ($name:ident, $filter:expr, $table:expr, $count:expr) => {
+        #[xdp]
+        pub fn $name(ctx: XdpContext) -> u32 {
+            proto(&ctx, $filter, $table, $count).unwrap_or(xdp_action::XDP_PASS)
+        }
+    };
+}
+
+proto_program!(
+    bench_proto_filter_key,
+    Filter::Block,
+    Table::Keys,
+    Count::None
+);
+proto_program!(
+    bench_proto_keys_mmap,
+    Filter::None,
+    Table::KeysMmap,
+    Count::None
+);
+proto_program!(
+    bench_proto_filter_branch_key,
+    Filter::BlockBranch,
+    Table::Keys,
+    Count::None
+);
+proto_program!(
+    bench_proto_bloom_key,
+    Filter::Small,
+    Table::Keys,
+    Count::None
+);
+proto_program!(
+    bench_proto_filter_key_hits_atomic,
+    Filter::Block,
+    Table::Keys,
+    Count::Atomic
+);
+proto_program!(
+    bench_proto_filter_key_hits_plain,
+    Filter::Block,
+    Table::Keys,
+    Count::Plain
+);
+proto_program!(
+    bench_proto_filter_coloc8_atomic,
+    Filter::Block,
+    Table::Coloc8,
+    Count::Atomic
+);
+proto_program!(
+    bench_proto_filter_coloc8_plain,
+    Filter::Block,
+    Table::Coloc8,
+    Count::Plain
+);
+proto_program!(
+    bench_proto_filter_coloc16_plain,
+    Filter::Block,
+    Table::Coloc16,
+    Count::Plain
+);
+proto_program!(
+    bench_proto_bloom_coloc8_plain,
+    Filter::Small,
+    Table::Coloc8,
+    Count::Plain
+);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Filter {
+    None,
+    Block,
+    /// The block filter, with the program's branch on its bit before the keys are read.
+    BlockBranch,
+    Small,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Table {
+    /// The keys' 5 MiB; a count, if any, in a separate array the size of today's hit counts.
+    Keys,
+    /// The same keys' size, memory-mappable.
+    KeysMmap,
+    /// Key and u32 count in one line, 8 bytes a slot.
+    Coloc8,
+    /// Key, u64 count and time in one line, 16 bytes a slot.
+    Coloc16,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Count {
+    None,
+    Atomic,
+    Plain,
+}
+
+#[inline(always)]
+fn volatile(word: &u64) -> u64 {
+    // SAFETY: a reference from a successful lookup; volatile so that the load stays.
+    unsafe { (word as *const u64).read_volatile() }
+}
+
+#[inline(always)]
+fn count(word: *mut u64, how: Count) {
+    // SAFETY: a pointer from a successful lookup, valid for this run.
+    unsafe {
+        match how {
+            Count::None => {}
+            Count::Atomic => {
+                atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(word, 1);
+            }
+            Count::Plain => word.write_volatile(word.read_volatile() + 1),
+        }
+    }
+}
+
+#[inline(always)]
+fn proto(ctx: &XdpContext, filter: Filter, table: Table, how: Count) -> Result<u32, ()> {
+    let src = parsed_source(ctx)?;
+    let hash = host_table::v4_hash(u32::from_ne_bytes(src));
+    let mut word = match filter {
+        Filter::None => 0,
+        Filter::Block => {
+            let bit = block_filter::v4_bit(u32::from_be_bytes(src));
+            volatile(BENCH_PROTO_FILTER.get(bit >> 6).ok_or(())?)
+        }
+        Filter::Small => volatile(BENCH_PROTO_BLOOM.get(hash >> 15).ok_or(())?),
+        Filter::BlockBranch => {
+            let bit = block_filter::v4_bit(u32::from_be_bytes(src));
+            let filter = volatile(BENCH_PROTO_FILTER.get(bit >> 6).ok_or(())?);
+            // The array is all zeros: "no ban in this block" is a set bit here, so that every
+            // packet goes on to the keys, as a banned source's does.
+            if filter & (1 << (bit & 63)) != 0 {
+                return Ok(xdp_action::XDP_PASS);
+            }
+            0
+        }
+    };
+    match table {
+        Table::Keys => {
+            let bucket = host_table::home(hash, LIMIT_BUCKETS);
+            let key = volatile(
+                BENCH_LIMIT_KEYS
+                    .get(bucket * KEY_WORDS_PER_BUCKET)
+                    .ok_or(())?,
+            );
+            word ^= key;
+            if how != Count::None {
+                // The slot's index comes from the key line, as a found slot's does.
+                let slot = (key as u32 ^ u32::from_ne_bytes(src)) & (host_table::V4_SLOTS - 1);
+                let hits = BENCH_LIMIT_HITS
+                    .get_ptr_mut(bucket * HIT_WORDS_PER_BUCKET + slot * 2)
+                    .ok_or(())?;
+                count(hits, how);
+            }
+        }
+        Table::KeysMmap => {
+            let bucket = host_table::home(hash, LIMIT_BUCKETS);
+            word ^= volatile(
+                BENCH_LIMIT_KEYS_MMAP
+                    .get(bucket * KEY_WORDS_PER_BUCKET)
+                    .ok_or(())?,
+            );
+        }
+        Table::Coloc8 | Table::Coloc16 => {
+            let (map, words) = if table == Table::Coloc16 {
+                (&BENCH_PROTO_COLOC16, 2 * SLOTS)
+            } else {
+                (&BENCH_PROTO_COLOC8, SLOTS)
+            };
+            // A 64-byte line holds 8 words: the key's line, and its count in the same line.
+            let line = host_table::home(hash, words / 8) * 8;
+            word ^= volatile(map.get(line).ok_or(())?);
+            count(map.get_ptr_mut(line + 4).ok_or(())?, how);
+        }
+    }
+    Ok(if word == u64::MAX {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    })
+}
+
+/// The production maps and lookups alone: its filter check, then its host-table search.
+#[xdp]
+pub fn bench_proto_prod_lookup(ctx: XdpContext) -> u32 {
+    let Ok(src) = parsed_source(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    let bit = block_filter::v4_bit(u32::from_be_bytes(src));
+    if !crate::may_match(&crate::DENY_V4_FILTER, bit) {
+        return xdp_action::XDP_PASS;
+    }
+    match crate::v4_host(u32::from_ne_bytes(src)) {
+        Some(_) => xdp_action::XDP_DROP,
+        None => xdp_action::XDP_PASS,
+    }
+}
+
+/// Only the production host-table search, no filter.
+#[xdp]
+pub fn bench_proto_prod_hosts(ctx: XdpContext) -> u32 {
+    let Ok(src) = parsed_source(&ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    match crate::v4_host(u32::from_ne_bytes(src)) {
+        Some(_) => xdp_action::XDP_DROP,
+        None => xdp_action::XDP_PASS,
+    }
+}
+
+/// The production verdict without the counters (`count`) or anything after it.
+#[xdp]
+pub fn bench_proto_prod_classify(ctx: XdpContext) -> u32 {
+    if next_source(&ctx).is_err() {
+        return xdp_action::XDP_PASS;
+    }
+    let flags = crate::CONFIG.get(0).map_or(0, |c| c.flags);
+    match crate::classify(&ctx, flags) {
+        Ok(apiban_common::Verdict::Dropped) => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// The same with the verdict counted, as the production program does.
+#[xdp]
+pub fn bench_proto_prod_counted(ctx: XdpContext) -> u32 {
+    if next_source(&ctx).is_err() {
+        return xdp_action::XDP_PASS;
+    }
+    let flags = crate::CONFIG.get(0).map_or(0, |c| c.flags);
+    let verdict = crate::classify(&ctx, flags).unwrap_or(apiban_common::Verdict::Malformed);
+    crate::count(&ctx, verdict);
+    match verdict {
+        apiban_common::Verdict::Dropped => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
+}
+
+/// `bench_proto_prod_classify` with per-entry hit bookkeeping switched off for this program
+/// only: the same rounds tell what the bookkeeping costs.
+#[xdp]
+pub fn bench_proto_prod_classify_untracked(ctx: XdpContext) -> u32 {
+    if next_source(&ctx).is_err() {
+        return xdp_action::XDP_PASS;
+    }
+    let flags = crate::CONFIG.get(0).map_or(0, |c| c.flags)
+        | apiban_common::DataplaneConfig::NO_HIT_TRACKING;
+    match crate::classify(&ctx, flags) {
+        Ok(apiban_common::Verdict::Dropped) => xdp_action::XDP_DROP,
+        _ => xdp_action::XDP_PASS,
+    }
 }

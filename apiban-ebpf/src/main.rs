@@ -21,10 +21,11 @@ use core::{
 use apiban_common::{
     AllowEntry, Counter, DEFAULT_ALLOW_V4_ENTRIES, DEFAULT_ALLOW_V6_ENTRIES,
     DEFAULT_DENY_V4_ENTRIES, DEFAULT_DENY_V6_ENTRIES, DataplaneConfig, DenyEntry, ETH_P_8021AD,
-    ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, HitClock, HostBucketV4, HostBucketV6, HostHits,
-    HostTables, IFACE_COUNTER_SLOTS, IFACE_SLOT_INDEXES, IPPROTO_AH, IPPROTO_DSTOPTS,
+    ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, EXACT_HITS_PER_TICK, HitClock, HostBucketV4, HostBucketV6,
+    HostHits, HostTables, IFACE_COUNTER_SLOTS, IFACE_SLOT_INDEXES, IPPROTO_AH, IPPROTO_DSTOPTS,
     IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, OBSERVED,
-    SCOPE_PORT_SLOTS, SampleBudget, VERDICT_COUNT, Verdict, block_filter, host_table,
+    SAMPLED_HIT_EVERY, SCOPE_PORT_SLOTS, SampleBudget, VERDICT_COUNT, Verdict, block_filter,
+    host_table,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, xdp_action},
@@ -77,7 +78,8 @@ static DENY_V6: LpmTrie<[u8; 16], DenyEntry> =
 // Checked before either deny map (see `apiban_common::block_filter`). Memory-mapped so that the
 // agent sets and clears bits with plain atomic stores, not a syscall per word.
 #[map]
-static DENY_V4_FILTER: Array<u64> = Array::with_max_entries(block_filter::WORDS, BPF_F_MMAPABLE);
+pub(crate) static DENY_V4_FILTER: Array<u64> =
+    Array::with_max_entries(block_filter::WORDS, BPF_F_MMAPABLE);
 #[map]
 static DENY_V6_FILTER: Array<u64> = Array::with_max_entries(block_filter::WORDS, BPF_F_MMAPABLE);
 // Checked before either allow trie, so a banned source outside every allowed block is dropped
@@ -100,7 +102,7 @@ static VERDICT_STATS: PerCpuArray<Counter> =
 static IFACE_SLOTS: Array<u32> = Array::with_max_entries(IFACE_SLOT_INDEXES, 0);
 
 #[map]
-static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
+pub(crate) static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
 #[map]
 static SCOPE_PORTS: Array<u8> = Array::with_max_entries(SCOPE_PORT_SLOTS, 0);
 
@@ -169,7 +171,7 @@ pub(crate) fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
 
 /// `Err` means a header we needed was cut short: the caller counts it as malformed.
 #[inline(always)]
-fn classify(ctx: &XdpContext, flags: u32) -> Result<Verdict, ()> {
+pub(crate) fn classify(ctx: &XdpContext, flags: u32) -> Result<Verdict, ()> {
     let (ethertype, offset) = l3_start(ctx)?;
     match ethertype {
         ETH_P_IPV4 => classify_v4(ctx, offset, flags),
@@ -313,7 +315,7 @@ fn enforced(entry: *mut HostHits, flags: u32) -> Verdict {
 
 /// The hit bookkeeping of a banned IPv4 host, if the host table has it.
 #[inline(always)]
-fn v4_host(addr: u32) -> Option<*mut HostHits> {
+pub(crate) fn v4_host(addr: u32) -> Option<*mut HostHits> {
     let buckets = HOST_TABLES.get(0)?.v4_buckets;
     let mut bucket = host_table::home(host_table::v4_hash(addr), buckets);
     for _ in 0..host_table::PROBE_BUCKETS {
@@ -374,7 +376,7 @@ fn prefix_hits(entry: &DenyEntry) -> *mut HostHits {
 /// cannot find (it always can: the index is below the map's size) sends the packet to the full
 /// lookup.
 #[inline(always)]
-fn may_match(filter: &Array<u64>, bit: u32) -> bool {
+pub(crate) fn may_match(filter: &Array<u64>, bit: u32) -> bool {
     filter
         .get(bit >> 6)
         .is_none_or(|word| word & (1 << (bit & 63)) != 0)
@@ -437,12 +439,36 @@ fn record_hit(entry: *mut HostHits, flags: u32) {
     if flags & DataplaneConfig::NO_HIT_TRACKING != 0 {
         return;
     }
-    let now = coarse_now_ns();
+    let Some(clock) = HIT_CLOCK.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a helper without arguments.
+    let jiffies = unsafe { bpf_jiffies64() };
+    // SAFETY: a per-CPU slot, only touched by the CPU running this program.
+    let (add, now) = unsafe {
+        if (*clock).jiffies != jiffies {
+            (*clock).jiffies = jiffies;
+            (*clock).coarse_ns = bpf_ktime_get_coarse_ns();
+            (*clock).hits = 0;
+        }
+        (*clock).hits += 1;
+        // See `HitClock`: exact up to a pace, sampled past it.
+        let add = if (*clock).hits <= EXACT_HITS_PER_TICK {
+            1
+        } else if (*clock).countdown > 1 {
+            (*clock).countdown -= 1;
+            return;
+        } else {
+            (*clock).countdown = SAMPLED_HIT_EVERY;
+            u64::from(SAMPLED_HIT_EVERY)
+        };
+        (add, (*clock).coarse_ns)
+    };
     // SAFETY: the pointer comes from a successful map lookup and stays valid for this run
     // (RCU). Many CPUs may hit one entry at once: the count is atomic, the timestamp a plain
     // store where the last writer wins, skipped when it would not change.
     unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).hits, 1);
+        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).hits, add);
         let last = &raw mut (*entry).last_hit_ns;
         if last.read_volatile() != now {
             last.write_volatile(now);
@@ -516,7 +542,7 @@ pub(crate) fn take_budget(budget: *mut SampleBudget, cap: u32, now: u64) -> bool
 }
 
 #[inline(always)]
-fn count(ctx: &XdpContext, verdict: Verdict) {
+pub(crate) fn count(ctx: &XdpContext, verdict: Verdict) {
     let ifindex = ctx.ingress_ifindex() as u32;
     let slot = IFACE_SLOTS
         .get(ifindex)

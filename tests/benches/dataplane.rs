@@ -5,6 +5,13 @@
 //! as `bench_cycle`, which rewrites the source address on every repeat so lookups walk many
 //! distinct keys spread over the address space (`apiban_common::bench_address`) instead of
 //! one hot cache line; its rewrite costs a few instructions that the floor does not pay.
+//!
+//! From 10k bans on, the same frames also go through yardsticks that carry over between
+//! machines, in the same paired rounds: the physical limit (`bench_limit_1`: the same rewrite
+//! and parse, then one dependent random load from an array the size of the host table;
+//! `bench_limit_2`: and a second, dependent load from one the size of its hit counts), and
+//! the peers, holding the same bans: a BPF hash of hosts (`bench_hash`, as xdp-filter) and a
+//! single LPM trie (`bench_lpm`).
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -14,7 +21,7 @@ use std::{
 use apiban::dataplane::loader::{self, LoadOptions, Loaded};
 use apiban_common::{BenchParams, DataplaneConfig, bench_address, map_names, program_names};
 use aya::{
-    maps::Array,
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use ipnet::{IpNet, Ipv4Net};
@@ -52,7 +59,17 @@ fn main() {
         ..Default::default()
     })
     .expect("load the XDP program (root, bpffs)");
-    for name in [program_names::BENCH_FLOOR, program_names::BENCH_CYCLE] {
+    for name in [
+        program_names::BENCH_FLOOR,
+        program_names::BENCH_CYCLE,
+        program_names::BENCH_LIMIT_1,
+        program_names::BENCH_LIMIT_2,
+        program_names::BENCH_HASH,
+        program_names::BENCH_LPM,
+    ]
+    .into_iter()
+    .chain(program_names::BENCH_PROTOS)
+    {
         program(&mut loaded, name)
             .load()
             .expect("load bench program");
@@ -76,6 +93,15 @@ fn main() {
         "{:<34} {:>9} {:>9} {:>8} {:>8}",
         "program", "entries", "sources", "ns/pkt", "x floor"
     );
+    // `--prototypes`: only the prototype table, at 100k bans with the full rounds, for a
+    // focused look at one layout question.
+    if std::env::args().any(|a| a == "--prototypes") {
+        let mut inserted = 0;
+        grow_to(&mut loaded, &mut inserted, 100_000);
+        let mut json = serde_json::Map::new();
+        prototypes(&mut loaded, &frame, &config, &mut json);
+        return;
+    }
     let floor = measure(&mut loaded, program_names::BENCH_FLOOR, &frame, &config);
     row("bare XDP_DROP (floor)", None, 1, floor);
     let floor = floor.ns;
@@ -86,31 +112,38 @@ fn main() {
     // scanners); 65,536 sources make nearly every lookup a cache and TLB miss.
     let mut inserted = 0u32;
     let mut at_100k = Vec::new();
+    let mut yardsticks = Vec::new();
     for &size in &config.sizes {
         grow_to(&mut loaded, &mut inserted, size);
+        let with_peers = size >= 10_000;
         for sources in [1_024u32, 65_536] {
+            let mut programs = vec![program_names::BENCH_CYCLE];
+            if with_peers {
+                programs.extend(PEERS);
+            }
             set_params(&mut loaded, size, sources - 1);
-            let miss = measure(&mut loaded, program_names::BENCH_CYCLE, &frame, &config);
+            let miss_set = measure_set(&mut loaded, &programs, &frame, &config);
+            let miss = miss_set.of(program_names::BENCH_CYCLE);
             row("apiban, source not banned", Some(size), sources, miss);
             if size < sources {
                 continue;
             }
             set_params(&mut loaded, 0, sources - 1);
-            let hit = measure(&mut loaded, program_names::BENCH_CYCLE, &frame, &config);
+            let hit_set = measure_set(&mut loaded, &programs, &frame, &config);
+            let hit = hit_set.of(program_names::BENCH_CYCLE);
             row("apiban, source banned (drop)", Some(size), sources, hit);
             set_flag(&mut loaded, DataplaneConfig::NO_HIT_TRACKING, true);
             let untracked = measure(&mut loaded, program_names::BENCH_CYCLE, &frame, &config);
             set_flag(&mut loaded, DataplaneConfig::NO_HIT_TRACKING, false);
             row("  same, per-entry hits off", Some(size), sources, untracked);
+            if with_peers {
+                yardsticks.push((size, sources, miss_set, hit_set));
+            }
             let worst = miss.x_floor.max(hit.x_floor);
             if size == 100_000 {
                 at_100k.push((sources, worst));
             }
-            let label = match size {
-                0 => "0".to_owned(),
-                s if s >= 1_000_000 => format!("{}m", s / 1_000_000),
-                s => format!("{}k", s / 1_000),
-            };
+            let label = label(size);
             let suffix = if sources == 1_024 {
                 "_1024_sources"
             } else {
@@ -129,6 +162,10 @@ fn main() {
                 round(miss.x_floor),
             );
         }
+    }
+    yardstick_table(&yardsticks, &mut json);
+    if inserted >= 100_000 {
+        prototypes(&mut loaded, &frame, &config, &mut json);
     }
 
     // SIP scanner detection costs only clean SIP traffic (the drop path does not run it):
@@ -200,12 +237,39 @@ fn main() {
     }
 
     println!();
-    for (sources, worst) in at_100k {
+    for (sources, worst) in at_100k.iter().filter(|(s, _)| *s == 1_024) {
         verdict(
-            &format!("ours at 100k entries within 1.6x the floor, {sources} sources"),
-            worst <= 1.6,
-            format!("{worst:.2}x, worst of hit and miss"),
+            &format!("ours at 100k entries within 1.6x the floor, {sources} sources (warm)"),
+            *worst <= 1.6,
+            format!("{worst:.2}x, worst of drop and clean"),
         );
+    }
+    let f = |key: &str| json.get(key).and_then(serde_json::Value::as_f64);
+    for (key, what, met) in [
+        (
+            "cold_drop_x_limit_100k",
+            "cold drop (65,536 sources, 100k bans) within 1.3x the one-load limit",
+            (|x| x <= 1.3) as fn(f64) -> bool,
+        ),
+        (
+            "cold_drop_x_limit_1m",
+            "cold drop at 1M bans within 1.5x the one-load limit",
+            |x| x <= 1.5,
+        ),
+        (
+            "hash_x_ours_cold_100k",
+            "the BPF hash >= 2x ours on the cold drop at 100k",
+            |x| x >= 2.0,
+        ),
+        (
+            "lpm_x_ours_cold_100k",
+            "the LPM trie >= 3x ours on the cold drop at 100k",
+            |x| x >= 3.0,
+        ),
+    ] {
+        if let Some(x) = f(key) {
+            verdict(what, met(x), format!("{x:.2}x"));
+        }
     }
     if let Some(batched) = batched_100k {
         verdict(
@@ -276,6 +340,62 @@ fn measure(loaded: &mut Loaded, name: &str, frame: &[u8], config: &Config) -> Me
     }
 }
 
+/// Every round: the floor, then each program in turn, `repeat` runs each.
+struct Rounds {
+    names: Vec<String>,
+    /// ns per run, one row per round, the floor first.
+    ns: Vec<Vec<f64>>,
+}
+
+impl Rounds {
+    fn index(&self, name: &str) -> usize {
+        self.names
+            .iter()
+            .position(|n| n == name)
+            .unwrap_or_else(|| panic!("{name} was not measured"))
+    }
+
+    /// The median over rounds of `a`'s time over `b`'s in the same round.
+    fn ratio(&self, a: &str, b: &str) -> f64 {
+        let (a, b) = (self.index(a), self.index(b));
+        median(self.ns.iter().map(|r| r[a] / r[b]).collect())
+    }
+
+    fn of(&self, name: &str) -> Measured {
+        let i = self.index(name);
+        Measured {
+            ns: median(self.ns.iter().map(|r| r[i]).collect()),
+            x_floor: median(self.ns.iter().map(|r| r[i] / r[0]).collect()),
+        }
+    }
+}
+
+fn measure_set(loaded: &mut Loaded, names: &[&str], frame: &[u8], config: &Config) -> Rounds {
+    let mut run = |name: &str, repeat: u32| {
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat;
+        program(loaded, name)
+            .test_run(opts)
+            .expect("test run")
+            .duration
+            .as_nanos() as f64
+    };
+    let all: Vec<&str> = std::iter::once(program_names::BENCH_FLOOR)
+        .chain(names.iter().copied())
+        .collect();
+    for name in &all {
+        run(name, config.repeat / 10);
+    }
+    let ns = (0..config.rounds)
+        .map(|_| all.iter().map(|name| run(name, config.repeat)).collect())
+        .collect();
+    Rounds {
+        names: all.iter().map(|n| (*n).to_owned()).collect(),
+        ns,
+    }
+}
+
 fn median(mut samples: Vec<f64>) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[samples.len() / 2]
@@ -307,13 +427,243 @@ fn addresses(from: u32, to: u32) -> Vec<IpNet> {
         .collect()
 }
 
+/// Grows our maps, and the peers' with the same bans, to `size` addresses.
 fn grow_to(loaded: &mut Loaded, inserted: &mut u32, size: u32) {
     if size > *inserted {
         loaded
             .dataplane
             .deny_batch(&addresses(*inserted, size), false)
             .expect("fill deny map");
+        let ebpf = loaded.ebpf_mut();
+        let mut hash: HashMap<_, [u8; 4], u64> = HashMap::try_from(
+            ebpf.map_mut(map_names::BENCH_HASH_V4)
+                .expect("the hash peer"),
+        )
+        .expect("a hash map");
+        for i in *inserted..size {
+            let key = bench_address(0, u32::MAX, i).to_be_bytes();
+            hash.insert(&key, &0, 0).expect("fill the hash peer");
+        }
+        let mut trie: LpmTrie<_, [u8; 4], u64> = LpmTrie::try_from(
+            ebpf.map_mut(map_names::BENCH_LPM_V4)
+                .expect("the trie peer"),
+        )
+        .expect("an LPM trie");
+        for i in *inserted..size {
+            let key = Key::new(32, bench_address(0, u32::MAX, i).to_be_bytes());
+            trie.insert(&key, &0, 0).expect("fill the trie peer");
+        }
         *inserted = size;
+    }
+}
+
+fn label(size: u32) -> String {
+    match size {
+        0 => "0".to_owned(),
+        s if s >= 1_000_000 => format!("{}m", s / 1_000_000),
+        s => format!("{}k", s / 1_000),
+    }
+}
+
+/// Other layouts the host table could take, as bench-only programs, against the same limits
+/// with 65,536 banned sources: what each would cost before anyone builds it.
+fn prototypes(
+    loaded: &mut Loaded,
+    frame: &[u8],
+    config: &Config,
+    json: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    use program_names::{BENCH_CYCLE as OURS, BENCH_LIMIT_1, BENCH_LIMIT_2};
+    set_params(loaded, 0, 65_535);
+    let mut names = vec![OURS, BENCH_LIMIT_1, BENCH_LIMIT_2];
+    names.extend(program_names::BENCH_PROTOS);
+    let set = measure_set(loaded, &names, frame, config);
+    set_flag(loaded, DataplaneConfig::NO_HIT_TRACKING, true);
+    let protos = program_names::BENCH_PROTOS;
+    let untracked = measure_set(
+        loaded,
+        &[
+            OURS,
+            BENCH_LIMIT_1,
+            protos[7],
+            protos[0],
+            protos[2],
+            protos[3],
+        ],
+        frame,
+        config,
+    );
+    set_flag(loaded, DataplaneConfig::NO_HIT_TRACKING, false);
+    println!();
+    println!(
+        "prototypes of the drop path, 65,536 banned sources: ns per packet and x the one-load \
+         limit, same rounds"
+    );
+    let show = |what: &str, ns: f64, x: f64| println!("  {what:<58} {ns:>7.1} {x:>6.2}x");
+    show("ours", set.of(OURS).ns, set.ratio(OURS, BENCH_LIMIT_1));
+    show(
+        "ours, per-entry hits off (block filter + keys)",
+        untracked.of(OURS).ns,
+        untracked.ratio(OURS, BENCH_LIMIT_1),
+    );
+    for (name, what) in [
+        (protos[7], "  same rounds: block filter + keys, no count"),
+        (
+            protos[0],
+            "  same rounds: ours' verdict (classify), uncounted",
+        ),
+        (
+            protos[2],
+            "  same rounds: ours' verdict, counted per interface",
+        ),
+        (
+            protos[3],
+            "  same rounds: ours' filter check and host search alone",
+        ),
+    ] {
+        show(
+            what,
+            untracked.of(name).ns,
+            untracked.ratio(name, BENCH_LIMIT_1),
+        );
+    }
+    show(
+        "limit: one load, 5 MiB (the keys)",
+        set.of(BENCH_LIMIT_1).ns,
+        1.0,
+    );
+    show(
+        "limit: two dependent loads, 5 + 20 MiB (keys, hit counts)",
+        set.of(BENCH_LIMIT_2).ns,
+        set.ratio(BENCH_LIMIT_2, BENCH_LIMIT_1),
+    );
+    for (name, what) in program_names::BENCH_PROTOS.iter().zip([
+        "ours' verdict (classify), uncounted",
+        "  the same without per-entry hit bookkeeping",
+        "ours' verdict, counted per interface",
+        "ours' filter check and host-table search alone",
+        "ours' host-table search alone",
+        "one load, 5 MiB memory-mappable array (as ours are)",
+        "block filter, a branch on its bit, then keys, no count",
+        "block filter + keys (independent loads), no count",
+        "1 MiB filter + keys (independent loads), no count",
+        "block filter + keys + hit line, atomic add (today's)",
+        "block filter + keys + hit line, plain add",
+        "block filter + key/u32 count line (10 MiB), atomic add",
+        "block filter + key/u32 count line (10 MiB), plain add",
+        "block filter + key/u64 count/time line (20 MiB), plain add",
+        "1 MiB filter + key/u32 count line (10 MiB), plain add",
+    ]) {
+        show(what, set.of(name).ns, set.ratio(name, BENCH_LIMIT_1));
+        json.insert(
+            format!("{}_x_limit_100k", name.trim_start_matches("bench_")),
+            round(set.ratio(name, BENCH_LIMIT_1)),
+        );
+    }
+    json.insert(
+        "cold_drop_untracked_x_limit_100k".into(),
+        round(untracked.ratio(OURS, BENCH_LIMIT_1)),
+    );
+}
+
+/// The yardsticks and the peers, measured in the same rounds as ours.
+const PEERS: [&str; 4] = [
+    program_names::BENCH_LIMIT_1,
+    program_names::BENCH_LIMIT_2,
+    program_names::BENCH_HASH,
+    program_names::BENCH_LPM,
+];
+
+/// Ours against the limits and the peers, from paired rounds: each ratio is the median of the
+/// rounds' own ratios.
+fn yardstick_table(
+    rows: &[(u32, u32, Rounds, Rounds)],
+    json: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    if rows.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "yardsticks, same frames and rounds: ns per packet, and ours over the one-load limit \
+         (x lim1), the two-load limit (x lim2); the peers over ours (hash/ours, lpm/ours)"
+    );
+    println!(
+        "{:>9} {:>8} {:<7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9} {:>8}",
+        "entries",
+        "sources",
+        "source",
+        "ours",
+        "lim1",
+        "lim2",
+        "hash",
+        "lpm",
+        "x lim1",
+        "x lim2",
+        "hash/ours",
+        "lpm/ours"
+    );
+    use program_names::{BENCH_CYCLE as OURS, BENCH_HASH, BENCH_LIMIT_1, BENCH_LIMIT_2, BENCH_LPM};
+    for (size, sources, miss, hit) in rows {
+        for (what, set) in [("clean", miss), ("banned", hit)] {
+            let ns = |p| set.of(p).ns;
+            println!(
+                "{:>9} {:>8} {:<7} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>6.2}x {:>6.2}x {:>8.2}x {:>7.2}x",
+                size,
+                sources,
+                what,
+                ns(OURS),
+                ns(BENCH_LIMIT_1),
+                ns(BENCH_LIMIT_2),
+                ns(BENCH_HASH),
+                ns(BENCH_LPM),
+                set.ratio(OURS, BENCH_LIMIT_1),
+                set.ratio(OURS, BENCH_LIMIT_2),
+                set.ratio(BENCH_HASH, OURS),
+                set.ratio(BENCH_LPM, OURS),
+            );
+            let warmth = if *sources == 1_024 { "warm" } else { "cold" };
+            let verdict = if what == "clean" { "clean" } else { "drop" };
+            let label = label(*size);
+            for (key, value) in [
+                (
+                    format!("{warmth}_{verdict}_x_limit_{label}"),
+                    set.ratio(OURS, BENCH_LIMIT_1),
+                ),
+                (
+                    format!("{warmth}_{verdict}_x_limit2_{label}"),
+                    set.ratio(OURS, BENCH_LIMIT_2),
+                ),
+                (
+                    format!("hash_x_ours_{warmth}_{verdict}_{label}"),
+                    set.ratio(BENCH_HASH, OURS),
+                ),
+                (
+                    format!("lpm_x_ours_{warmth}_{verdict}_{label}"),
+                    set.ratio(BENCH_LPM, OURS),
+                ),
+                (format!("limit_ns_{warmth}_{label}"), ns(BENCH_LIMIT_1)),
+                (format!("limit2_ns_{warmth}_{label}"), ns(BENCH_LIMIT_2)),
+                (
+                    format!("hash_ns_{warmth}_{verdict}_{label}"),
+                    ns(BENCH_HASH),
+                ),
+                (format!("lpm_ns_{warmth}_{verdict}_{label}"), ns(BENCH_LPM)),
+            ] {
+                json.insert(key, round(value));
+            }
+            if warmth == "cold" && verdict == "drop" {
+                // The issue's names for the cold drop.
+                json.insert(
+                    format!("hash_x_ours_cold_{label}"),
+                    round(set.ratio(BENCH_HASH, OURS)),
+                );
+                json.insert(
+                    format!("lpm_x_ours_cold_{label}"),
+                    round(set.ratio(BENCH_LPM, OURS)),
+                );
+            }
+        }
     }
 }
 

@@ -536,6 +536,67 @@ fn stacked_ipv6_extension_headers_do_not_bypass_port_scope() {
     }
 }
 
+/// A flood on one CPU: every hit up to `EXACT_HITS_PER_TICK` in a tick is recorded, then one
+/// in `SAMPLED_HIT_EVERY`, counting for all of them; the verdict counters stay exact.
+#[test]
+fn hits_are_exact_at_a_readable_pace_and_sampled_in_a_flood() {
+    use apiban_common::{EXACT_HITS_PER_TICK, SAMPLED_HIT_EVERY};
+    use aya::programs::TestRun as _;
+    let mut h = Harness::with_test_lists();
+    let frame = Frame::udp(ip("203.0.113.7"), ip("192.0.2.1"), 5060).build();
+    let dropped = |h: &Harness| {
+        h.loaded
+            .dataplane
+            .stats()
+            .expect("stats")
+            .get(Verdict::Dropped)
+            .packets
+    };
+    let before = dropped(&h);
+    let run = |h: &mut Harness, repeat: u32| {
+        let prog: &mut aya::programs::Xdp = h
+            .loaded
+            .ebpf_mut()
+            .program_mut(apiban_common::program_names::APIBAN)
+            .expect("the program")
+            .try_into()
+            .expect("XDP");
+        let mut opts = aya::programs::TestRunOptions::new();
+        opts.data_in = Some(&frame);
+        opts.repeat = repeat;
+        prog.test_run(opts).expect("BPF_PROG_TEST_RUN");
+    };
+    let hits = |h: &Harness| {
+        h.loaded
+            .dataplane
+            .deny_hits()
+            .expect("hits")
+            .into_iter()
+            .find(|e| e.net == net("203.0.113.7/32"))
+            .expect("the host")
+            .entry
+            .hits
+    };
+    // A handful, as a scanner sends them: every one.
+    run(&mut h, 40);
+    assert_eq!(hits(&h), 40);
+    // A flood in one call, far past a tick's exact hits: within one sample of the truth.
+    let flood = 200_000u32;
+    run(&mut h, flood);
+    let counted = hits(&h);
+    let truth = 40 + u64::from(flood);
+    assert!(
+        counted.abs_diff(truth) < u64::from(SAMPLED_HIT_EVERY),
+        "{counted} hits for {truth} packets"
+    );
+    assert!(u64::from(EXACT_HITS_PER_TICK) < truth);
+    assert_eq!(
+        dropped(&h) - before,
+        truth,
+        "the verdict counters count every packet"
+    );
+}
+
 #[test]
 fn drops_record_hits_on_the_matching_entry() {
     let mut h = Harness::with_test_lists();
