@@ -340,7 +340,8 @@ fn measure(loaded: &mut Loaded, name: &str, frame: &[u8], config: &Config) -> Me
     }
 }
 
-/// Every round: the floor, then each program in turn, `repeat` runs each.
+/// Every round: the floor, then each program in turn (rotated from round to round), `repeat`
+/// runs each.
 struct Rounds {
     names: Vec<String>,
     /// ns per run, one row per round, the floor first.
@@ -387,8 +388,20 @@ fn measure_set(loaded: &mut Loaded, names: &[&str], frame: &[u8], config: &Confi
     for name in &all {
         run(name, config.repeat / 10);
     }
+    // Each round starts the programs at the next one: a program that runs right after
+    // another on the same maps finds them warmed, so no program may always follow the same
+    // one. The floor runs first in every round.
     let ns = (0..config.rounds)
-        .map(|_| all.iter().map(|name| run(name, config.repeat)).collect())
+        .map(|round| {
+            let mut times = vec![0.0; all.len()];
+            times[0] = run(all[0], config.repeat);
+            let others = all.len() - 1;
+            for k in 0..others {
+                let i = 1 + (round + k) % others;
+                times[i] = run(all[i], config.repeat);
+            }
+            times
+        })
         .collect();
     Rounds {
         names: all.iter().map(|n| (*n).to_owned()).collect(),
