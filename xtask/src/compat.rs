@@ -41,7 +41,10 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     boot(&vmlinuz, &initrd, &console)?;
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     // The firmware's screen control codes share the check's first line on the console.
-    for line in log.lines().filter_map(|l| l.find("apiban-kernel-check").map(|at| &l[at..])) {
+    for line in log
+        .lines()
+        .filter_map(|l| l.find("apiban-kernel-check").map(|at| &l[at..]))
+    {
         eprintln!("[compat] {}", line.trim_end_matches('\r'));
     }
     let took = started.elapsed().as_secs();
