@@ -127,6 +127,15 @@ pub mod program_names {
         "bench_proto_filter_coloc16_plain",
         "bench_proto_bloom_coloc8_plain",
     ];
+    /// The one-load limit with work added after the load: 48 and 96 additions that do not
+    /// wait for it, 48 that do, and the production's per-interface counter (see the
+    /// benchmark's pipeline table).
+    pub const BENCH_PIPELINE: [&str; 4] = [
+        "bench_pipe_limit_pad",
+        "bench_pipe_limit_pad_twice",
+        "bench_pipe_limit_pad_dependent",
+        "bench_pipe_limit_counted",
+    ];
 }
 
 /// Capacity defaults. The tries (deny prefixes, allow) allocate entries on use. The host tables

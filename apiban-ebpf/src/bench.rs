@@ -504,3 +504,91 @@ pub fn bench_proto_prod_classify_untracked(ctx: XdpContext) -> u32 {
         _ => xdp_action::XDP_PASS,
     }
 }
+
+// Why work that touches only hot lines still costs on a cold drop: `BPF_PROG_TEST_RUN`'s
+// repeats, like packets off a ring, overlap their cache misses as far as the CPU's window of
+// in-flight instructions reaches. These are the one-load limit with work added after its load,
+// so the rounds tell whether an instruction costs by its latency (only when it waits for the
+// load) or by the room it takes in that window (either way).
+
+/// The limit, then 48 additions that do not wait for the load.
+#[xdp]
+pub fn bench_pipe_limit_pad(ctx: XdpContext) -> u32 {
+    limit_padded(&ctx, false, 1).unwrap_or(xdp_action::XDP_PASS)
+}
+
+/// The same with 96 additions.
+#[xdp]
+pub fn bench_pipe_limit_pad_twice(ctx: XdpContext) -> u32 {
+    limit_padded(&ctx, false, 2).unwrap_or(xdp_action::XDP_PASS)
+}
+
+/// The limit, then 48 additions that start from the loaded word.
+#[xdp]
+pub fn bench_pipe_limit_pad_dependent(ctx: XdpContext) -> u32 {
+    limit_padded(&ctx, true, 1).unwrap_or(xdp_action::XDP_PASS)
+}
+
+/// The limit, then the production's per-interface verdict counter.
+#[xdp]
+pub fn bench_pipe_limit_counted(ctx: XdpContext) -> u32 {
+    let Ok(action) = limit(&ctx, false) else {
+        return xdp_action::XDP_PASS;
+    };
+    let verdict = if action == xdp_action::XDP_DROP {
+        apiban_common::Verdict::Dropped
+    } else {
+        apiban_common::Verdict::Passed
+    };
+    crate::count(&ctx, verdict);
+    action
+}
+
+#[inline(always)]
+fn limit_padded(ctx: &XdpContext, dependent: bool, times: u32) -> Result<u32, ()> {
+    let src = parsed_source(ctx)?;
+    let bucket = host_table::home(host_table::v4_hash(u32::from_ne_bytes(src)), LIMIT_BUCKETS);
+    let word = volatile(
+        BENCH_LIMIT_KEYS
+            .get(bucket * KEY_WORDS_PER_BUCKET)
+            .ok_or(())?,
+    );
+    let seed = if dependent {
+        word
+    } else {
+        u64::from(u32::from_ne_bytes(src))
+    };
+    let mut chains = [seed, seed ^ 1, seed ^ 2, seed ^ 3];
+    for _ in 0..times {
+        chains = pad48(chains);
+    }
+    let [a, b, c, d] = chains;
+    // The verdict depends on both the load and the additions.
+    Ok(if word ^ a ^ b ^ c ^ d == u64::MAX {
+        xdp_action::XDP_PASS
+    } else {
+        xdp_action::XDP_DROP
+    })
+}
+
+#[inline(always)]
+fn pad48([mut a, mut b, mut c, mut d]: [u64; 4]) -> [u64; 4] {
+    // SAFETY: register arithmetic only: no memory, no stack. Four chains of twelve, so that
+    // the additions' own latency stays short next to a miss.
+    unsafe {
+        core::arch::asm!(
+            ".rept 12",
+            "{0} += 1",
+            "{1} += 1",
+            "{2} += 1",
+            "{3} += 1",
+            ".endr",
+            inout(reg) a,
+            inout(reg) b,
+            inout(reg) c,
+            inout(reg) d,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+    [a, b, c, d]
+}
