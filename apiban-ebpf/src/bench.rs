@@ -450,6 +450,34 @@ pub fn bench_proto_prod_lookup(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The same, then the hit bookkeeping's clock and pace, without writing the entry.
+#[xdp]
+pub fn bench_proto_prod_lookup_paced(ctx: XdpContext) -> u32 {
+    prod_lookup_booked(&ctx, false).unwrap_or(xdp_action::XDP_PASS)
+}
+
+/// The same, then the hit bookkeeping whole: clock, pace and the entry's sampled writes.
+#[xdp]
+pub fn bench_proto_prod_lookup_booked(ctx: XdpContext) -> u32 {
+    prod_lookup_booked(&ctx, true).unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn prod_lookup_booked(ctx: &XdpContext, write: bool) -> Result<u32, ()> {
+    let src = parsed_source(ctx)?;
+    let bit = block_filter::v4_bit(u32::from_be_bytes(src));
+    if !crate::may_match(&crate::DENY_V4_FILTER, bit) {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let entry = crate::v4_host(u32::from_ne_bytes(src)).ok_or(())?;
+    if let Some((add, now)) = crate::hit_sample()
+        && write
+    {
+        crate::write_hit(entry, add, now);
+    }
+    Ok(xdp_action::XDP_DROP)
+}
+
 /// Only the production host-table search, no filter.
 #[xdp]
 pub fn bench_proto_prod_hosts(ctx: XdpContext) -> u32 {

@@ -439,13 +439,20 @@ fn record_hit(entry: *mut HostHits, flags: u32) {
     if flags & DataplaneConfig::NO_HIT_TRACKING != 0 {
         return;
     }
-    let Some(clock) = HIT_CLOCK.get_ptr_mut(0) else {
-        return;
-    };
+    if let Some((add, now)) = hit_sample() {
+        write_hit(entry, add, now);
+    }
+}
+
+/// Whether this hit is recorded, and as how many hits at what time: this CPU's clock and pace
+/// (see `HitClock`), all on a per-CPU line.
+#[inline(always)]
+pub(crate) fn hit_sample() -> Option<(u64, u64)> {
+    let clock = HIT_CLOCK.get_ptr_mut(0)?;
     // SAFETY: a helper without arguments.
     let jiffies = unsafe { bpf_jiffies64() };
     // SAFETY: a per-CPU slot, only touched by the CPU running this program.
-    let (add, now) = unsafe {
+    unsafe {
         if (*clock).jiffies != jiffies {
             (*clock).jiffies = jiffies;
             (*clock).coarse_ns = bpf_ktime_get_coarse_ns();
@@ -457,13 +464,19 @@ fn record_hit(entry: *mut HostHits, flags: u32) {
             1
         } else if (*clock).countdown > 1 {
             (*clock).countdown -= 1;
-            return;
+            return None;
         } else {
             (*clock).countdown = SAMPLED_HIT_EVERY;
             u64::from(SAMPLED_HIT_EVERY)
         };
-        (add, (*clock).coarse_ns)
-    };
+        Some((add, (*clock).coarse_ns))
+    }
+}
+
+/// Adds to an entry's count and sets its last-hit time: the entry's own line, cold under a
+/// flood of many sources.
+#[inline(always)]
+pub(crate) fn write_hit(entry: *mut HostHits, add: u64, now: u64) {
     // SAFETY: the pointer comes from a successful map lookup and stays valid for this run
     // (RCU). Many CPUs may hit one entry at once: the count is atomic, the timestamp a plain
     // store where the last writer wins, skipped when it would not change.

@@ -585,6 +585,8 @@ fn prototypes(
         "block filter + key/u32 count line (10 MiB), plain add",
         "block filter + key/u64 count/time line (20 MiB), plain add",
         "1 MiB filter + key/u32 count line (10 MiB), plain add",
+        "ours' filter check + search + hit clock and pace, no write",
+        "ours' filter check + search + hit bookkeeping whole",
     ]) {
         show_both(what, name);
         json.insert(
