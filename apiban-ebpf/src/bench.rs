@@ -134,13 +134,7 @@ pub fn bench_limit_2(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn limit(ctx: &XdpContext, second: bool) -> Result<u32, ()> {
-    let src = parsed_source(ctx)?;
-    let bucket = host_table::home(host_table::v4_hash(u32::from_ne_bytes(src)), LIMIT_BUCKETS);
-    let key = BENCH_LIMIT_KEYS
-        .get(bucket * KEY_WORDS_PER_BUCKET)
-        .ok_or(())?;
-    // SAFETY: a reference from a successful lookup; volatile so that the load stays.
-    let mut word = unsafe { (key as *const u64).read_volatile() };
+    let (src, bucket, mut word) = limit_load(ctx)?;
     if second {
         // The slot's index comes from the loaded word: a load that cannot start before the
         // first one has finished, as a hit count cannot before its key was found.
@@ -157,6 +151,19 @@ fn limit(ctx: &XdpContext, second: bool) -> Result<u32, ()> {
     } else {
         xdp_action::XDP_DROP
     })
+}
+
+/// The limit's parse and its one random load: the source, its bucket, the loaded word.
+#[inline(always)]
+fn limit_load(ctx: &XdpContext) -> Result<([u8; 4], u32, u64), ()> {
+    let src = parsed_source(ctx)?;
+    let bucket = host_table::home(host_table::v4_hash(u32::from_ne_bytes(src)), LIMIT_BUCKETS);
+    let word = volatile(
+        BENCH_LIMIT_KEYS
+            .get(bucket * KEY_WORDS_PER_BUCKET)
+            .ok_or(())?,
+    );
+    Ok((src, bucket, word))
 }
 
 /// A peer: hosts in a BPF hash, with a hit count, as xdp-filter keeps them.
@@ -574,13 +581,7 @@ pub fn bench_pipe_limit_counted(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn limit_padded(ctx: &XdpContext, dependent: bool, times: u32) -> Result<u32, ()> {
-    let src = parsed_source(ctx)?;
-    let bucket = host_table::home(host_table::v4_hash(u32::from_ne_bytes(src)), LIMIT_BUCKETS);
-    let word = volatile(
-        BENCH_LIMIT_KEYS
-            .get(bucket * KEY_WORDS_PER_BUCKET)
-            .ok_or(())?,
-    );
+    let (src, _, word) = limit_load(ctx)?;
     let seed = if dependent {
         word
     } else {

@@ -359,14 +359,17 @@ impl Rounds {
 
     /// The median over rounds of `a`'s time over `b`'s in the same round.
     fn ratio(&self, a: &str, b: &str) -> f64 {
-        let (a, b) = (self.index(a), self.index(b));
-        median(self.ns.iter().map(|r| r[a] / r[b]).collect())
+        self.paired(a, b, |a, b| a / b)
     }
 
     /// The median over rounds of `a`'s time minus `b`'s in the same round, in ns.
     fn over(&self, a: &str, b: &str) -> f64 {
+        self.paired(a, b, |a, b| a - b)
+    }
+
+    fn paired(&self, a: &str, b: &str, compare: fn(f64, f64) -> f64) -> f64 {
         let (a, b) = (self.index(a), self.index(b));
-        median(self.ns.iter().map(|r| r[a] - r[b]).collect())
+        median(self.ns.iter().map(|r| compare(r[a], r[b])).collect())
     }
 
     fn of(&self, name: &str) -> Measured {
