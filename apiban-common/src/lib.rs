@@ -49,6 +49,7 @@ pub mod map_names {
     pub const SIP_SOURCES: &str = "SIP_SOURCES";
     pub const SIP_SAMPLES: &str = "SIP_SAMPLES";
     pub const SAMPLE_BUDGET: &str = "SAMPLE_BUDGET";
+    pub const DETECT_COUNTS: &str = "DETECT_COUNTS";
     /// `apiban capture` (see [`super::capture`]): what to capture, the records, the cap.
     /// Rebuilt on every load like detection's; the switch is a flag in the pinned `CONFIG`,
     /// which a starting agent clears.
@@ -534,7 +535,7 @@ mod pod {
 /// payload) to a SIP port, from a source that is neither banned nor allowed, the program
 /// counts requests per source and method in a bounded LRU map, and sends the agent, through
 /// a ring buffer, the first packets of each new source and one in `sample_every` after that,
-/// at most `samples_per_sec` in all; a source over `rate_threshold` requests of one method
+/// at most `samples_per_sec` in all; a source over the rate threshold of one method
 /// within a window is reported once per window. Nothing goes to userspace per packet.
 pub mod detect {
     /// Sources tracked at once; the least recently seen go first.
@@ -544,17 +545,26 @@ pub mod detect {
     /// The ring buffer's size: room for about 500 samples between two reads.
     pub const RING_BYTES: u32 = 1 << 19;
 
-    /// Methods counted apart; everything else is `METHOD_OTHER`.
+    /// Requests counted apart, per source and window, against a rate threshold each: the
+    /// ones that open a transaction outside a dialog, which is what a flood or a scan sends.
+    /// `METHOD_OTHER` is SUBSCRIBE, MESSAGE, PUBLISH and REFER.
     pub const METHOD_REGISTER: u8 = 0;
     pub const METHOD_INVITE: u8 = 1;
     pub const METHOD_OPTIONS: u8 = 2;
     pub const METHOD_OTHER: u8 = 3;
     pub const METHODS: usize = 4;
     pub const METHOD_NAMES: [&str; METHODS] = ["REGISTER", "INVITE", "OPTIONS", "other"];
+    /// Requests inside a call or a subscription (ACK, BYE, CANCEL, PRACK, UPDATE, INFO,
+    /// NOTIFY): a busy trunk sends them at its call rate, so they are sampled but never
+    /// counted against a rate.
+    pub const METHOD_IN_DIALOG: u8 = 4;
+    /// A payload that starts with no method we know: sampled so that the agent can count
+    /// and show it, never counted against a rate. What cannot be read is no reason to ban.
+    pub const METHOD_UNKNOWN: u8 = 5;
 
     /// What a ring buffer record is.
     pub const KIND_SAMPLE: u8 = 1;
-    /// The source went over the rate threshold in this window (no payload).
+    /// The source went over a rate threshold in this window (no payload).
     pub const KIND_RATE: u8 = 2;
 
     /// Budget slots in `SAMPLE_BUDGET`: samples and rate reports have separate caps, so a
@@ -562,17 +572,54 @@ pub mod detect {
     pub const BUDGET_SAMPLES: u32 = 0;
     pub const BUDGET_REPORTS: u32 = 1;
 
-    /// The method of a request from the first four bytes of its payload; None for a
-    /// response (`SIP/`), which a scanner's target sends, not the scanner.
+    /// `SIP_PORTS` values: a port whose payload is SIP in the clear, or SIP over TLS, whose
+    /// records are counted and never read (they are ciphertext to anyone but the server).
+    pub const PORT_SIP: u8 = 1;
+    pub const PORT_TLS: u8 = 2;
+
+    /// Slots of `DETECT_COUNTS` (per CPU): what detection passes over, counted so that
+    /// `status` and /metrics can show it.
+    /// Keep-alives: CRLF (RFC 5626 §3.5.1) and STUN binding requests.
+    pub const COUNT_KEEPALIVES: u32 = 0;
+    /// Packets to a TLS port, counted and not parsed.
+    pub const COUNT_TLS: u32 = 1;
+    pub const COUNTS: u32 = 2;
+
+    /// What the first four bytes of a payload are.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Payload {
+        /// A request, with its `METHOD_*`.
+        Request(u8),
+        /// A response (`SIP/`), which a scanner's target sends, not the scanner.
+        Response,
+        /// CRLF keep-alive or STUN: a phone behind NAT keeping its binding open.
+        KeepAlive,
+    }
+
+    /// The kind of a payload from its first four bytes (`head`, zero-padded when the payload
+    /// is shorter: a keep-alive can be two bytes, and some NATed phones send empty
+    /// datagrams). STUN's binding requests and answers start with 0x00 or 0x01 (RFC 5389
+    /// §6); no SIP message starts with either, nor with CR or LF.
     #[inline(always)]
-    pub const fn method_of(head: [u8; 4]) -> Option<u8> {
-        match &head {
-            b"REGI" => Some(METHOD_REGISTER),
-            b"INVI" => Some(METHOD_INVITE),
-            b"OPTI" => Some(METHOD_OPTIONS),
-            b"SIP/" => None,
-            _ => Some(METHOD_OTHER),
+    pub const fn classify(head: [u8; 4]) -> Payload {
+        if head[0] == b'\r' || head[0] == b'\n' || head[0] <= 0x01 {
+            return Payload::KeepAlive;
         }
+        Payload::Request(match &head {
+            b"REGI" => METHOD_REGISTER,
+            b"INVI" => METHOD_INVITE,
+            b"OPTI" => METHOD_OPTIONS,
+            b"SUBS" | b"MESS" | b"PUBL" | b"REFE" => METHOD_OTHER,
+            b"ACK " | b"BYE " | b"CANC" | b"PRAC" | b"UPDA" | b"INFO" | b"NOTI" => METHOD_IN_DIALOG,
+            b"SIP/" => return Payload::Response,
+            _ => METHOD_UNKNOWN,
+        })
+    }
+
+    /// Whether `method` is counted against a rate threshold (and indexes `requests`).
+    #[inline(always)]
+    pub const fn rated(method: u8) -> bool {
+        (method as usize) < METHODS
     }
 }
 
@@ -590,10 +637,11 @@ pub struct DetectConfig {
     pub samples_per_sec: u32,
     /// Rate reports per second at most.
     pub reports_per_sec: u32,
-    /// Requests of one method from one source within a window that make a rate report
-    /// (0: no rate reports).
-    pub rate_threshold: u32,
-    /// The window of `rate_threshold`.
+    /// Requests of each rated method (`detect::METHOD_*`) from one source within a window
+    /// that make a rate report (0: that method makes none).
+    pub rate_thresholds: [u32; detect::METHODS],
+    pub _pad: u32,
+    /// The window of `rate_thresholds`.
     pub window_ns: u64,
 }
 

@@ -1,17 +1,20 @@
 //! SIP scanner detection (see `apiban_common::detect`): for requests to a SIP port from
 //! sources the verdict passed, counts per source and method, and samples to the agent.
 //! Runs only after the verdict, so the drop path of banned sources does not change.
+//! Keep-alives and packets to a TLS port are only counted: what cannot be read as a request
+//! must never become a reason to ban.
 
 use core::ffi::c_void;
 
 use apiban_common::{
     DetectConfig, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS, SampleBudget,
-    SipSample, SipSource, detect,
+    SipSample, SipSource,
+    detect::{self, Payload},
 };
 use aya_ebpf::{
     helpers::generated::bpf_xdp_load_bytes,
     macros::map,
-    maps::{Array, LruHashMap, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
@@ -29,6 +32,8 @@ static SIP_SOURCES: LruHashMap<[u8; 16], SipSource> =
 static SIP_SAMPLES: RingBuf = RingBuf::with_byte_size(detect::RING_BYTES, 0);
 #[map]
 static SAMPLE_BUDGET: Array<SampleBudget> = Array::with_max_entries(2, 0);
+#[map]
+static DETECT_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(detect::COUNTS, 0);
 
 /// A request's place in the frame.
 struct Request {
@@ -36,8 +41,12 @@ struct Request {
     family: u8,
     proto: u8,
     dst_port: u16,
+    /// `detect::PORT_*` of the destination port.
+    port: u8,
     /// Offset of the SIP payload.
     payload: usize,
+    /// Its length, from the IP header's: an Ethernet frame's padding is not payload.
+    len: usize,
 }
 
 /// Looks at a passed packet; any error only means it is not a SIP request we can read.
@@ -52,8 +61,17 @@ pub fn watch(ctx: &XdpContext) -> Result<(), ()> {
     let Some(request) = sip_request(ctx)? else {
         return Ok(());
     };
-    let Some(method) = detect::method_of(load::<[u8; 4]>(ctx, request.payload)?) else {
+    if request.port == detect::PORT_TLS {
+        bump(detect::COUNT_TLS);
         return Ok(());
+    }
+    let method = match detect::classify(head(ctx, &request)?) {
+        Payload::Request(method) => method,
+        Payload::Response => return Ok(()),
+        Payload::KeepAlive => {
+            bump(detect::COUNT_KEEPALIVES);
+            return Ok(());
+        }
     };
     let now = coarse_now_ns();
     let source = match SIP_SOURCES.get_ptr_mut(&request.src) {
@@ -78,14 +96,19 @@ pub fn watch(ctx: &XdpContext) -> Result<(), ()> {
             (*source).requests = [0; detect::METHODS];
             (*source).reported = 0;
         }
-        (*source).requests[m] += 1;
         (*source).seen = (*source).seen.saturating_add(1);
         if method == detect::METHOD_REGISTER || method == detect::METHOD_OPTIONS {
             (*source).probes = (*source).probes.saturating_add(1);
         }
-        let count = (*source).requests[m];
-        let report =
-            config.rate_threshold != 0 && count >= config.rate_threshold && (*source).reported == 0;
+        // Only requests that open a transaction count against a rate: a trunk's ACKs and
+        // BYEs follow its INVITEs, and what cannot be read is no reason to ban.
+        let report = if detect::rated(method) {
+            (*source).requests[m] += 1;
+            let threshold = config.rate_thresholds[m];
+            threshold != 0 && (*source).requests[m] >= threshold && (*source).reported == 0
+        } else {
+            false
+        };
         ((*source).seen, report)
     };
     if report && take_budget(detect::BUDGET_REPORTS, config.reports_per_sec, now) {
@@ -108,7 +131,9 @@ pub fn watch(ctx: &XdpContext) -> Result<(), ()> {
 fn sip_request(ctx: &XdpContext) -> Result<Option<Request>, ()> {
     let (ethertype, offset) = l3_start(ctx)?;
     let mut src = [0u8; 16];
-    let (family, proto, l4) = match ethertype {
+    // Where the IP packet ends, by its own length: a short frame's Ethernet padding
+    // follows it.
+    let (family, proto, l4, ip_end) = match ethertype {
         ETH_P_IPV4 => {
             let ip: Ipv4Hdr = load(ctx, offset)?;
             if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
@@ -117,12 +142,22 @@ fn sip_request(ctx: &XdpContext) -> Result<Option<Request>, ()> {
             src[10] = 0xff;
             src[11] = 0xff;
             src[12..].copy_from_slice(&ip.src_addr);
-            (4, ip.proto, offset + usize::from(ip.vihl & 0x0f) * 4)
+            (
+                4,
+                ip.proto,
+                offset + usize::from(ip.vihl & 0x0f) * 4,
+                offset + usize::from(u16::from_be_bytes(ip.tot_len)),
+            )
         }
         ETH_P_IPV6 => {
             let ip: Ipv6Hdr = load(ctx, offset)?;
             src = ip.src_addr;
-            (6, ip.next_hdr, offset + Ipv6Hdr::LEN)
+            (
+                6,
+                ip.next_hdr,
+                offset + Ipv6Hdr::LEN,
+                offset + Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.payload_len)),
+            )
         }
         _ => return Ok(None),
     };
@@ -136,7 +171,14 @@ fn sip_request(ctx: &XdpContext) -> Result<Option<Request>, ()> {
     };
     let [_, _, hi, lo] = load::<[u8; 4]>(ctx, l4)?;
     let dst_port = u16::from_be_bytes([hi, lo]);
-    if SIP_PORTS.get(u32::from(dst_port)).is_none_or(|on| *on == 0) {
+    let port = match SIP_PORTS.get(u32::from(dst_port)) {
+        Some(kind) if *kind != 0 => *kind,
+        _ => return Ok(None),
+    };
+    let end = ip_end.min(ctx.data_end() - ctx.data());
+    // An empty TCP segment (an ACK) carries no request; an empty datagram is no keep-alive
+    // we count either.
+    if end <= payload {
         return Ok(None);
     }
     Ok(Some(Request {
@@ -144,8 +186,34 @@ fn sip_request(ctx: &XdpContext) -> Result<Option<Request>, ()> {
         family,
         proto,
         dst_port,
+        port,
         payload,
+        len: end - payload,
     }))
+}
+
+/// The payload's first four bytes, zero-padded when it is shorter (a CRLF keep-alive is
+/// two bytes). A single byte is no SIP message nor keep-alive: `Err`, not looked at. (Its
+/// one-byte load would not verify either: LLVM folds the `+ 1 > end` check into `>= end`.)
+#[inline(always)]
+fn head(ctx: &XdpContext, request: &Request) -> Result<[u8; 4], ()> {
+    if request.len >= 4 {
+        return load::<[u8; 4]>(ctx, request.payload);
+    }
+    if request.len < 2 {
+        return Err(());
+    }
+    let [a, b] = load::<[u8; 2]>(ctx, request.payload)?;
+    Ok([a, b, 0, 0])
+}
+
+/// Counts one packet detection passes over, in `DETECT_COUNTS[slot]`.
+#[inline(always)]
+fn bump(slot: u32) {
+    if let Some(count) = DETECT_COUNTS.get_ptr_mut(slot) {
+        // SAFETY: this CPU's own slot, from a successful lookup; no other CPU writes it.
+        unsafe { *count += 1 };
+    }
 }
 
 /// Takes one from detection's cap in `slot` of `SAMPLE_BUDGET`.
@@ -162,9 +230,8 @@ fn send(ctx: &XdpContext, request: &Request, method: u8, source: *mut SipSource,
         return;
     };
     let sample = entry.as_mut_ptr();
-    let available = (ctx.data_end() - ctx.data()).saturating_sub(request.payload) as u64;
     let wanted = if kind == detect::KIND_SAMPLE {
-        available
+        request.len as u64
     } else {
         0
     };

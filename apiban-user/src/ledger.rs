@@ -519,7 +519,12 @@ impl Ledger {
             let Ok(block) = IpNet::new(net.addr(), prefix_len).map(|b| b.trunc()) else {
                 continue;
             };
-            for (source, record) in records.iter().filter(|(_, r)| r.is_live(now)) {
+            // Detection's bans rest on requests, which someone forging addresses can send
+            // from a whole /64 of another network: they never widen into a block ban.
+            let counted = records
+                .iter()
+                .filter(|(s, r)| r.is_live(now) && *s != SourceId::Detect);
+            for (source, record) in counted {
                 let (count, expires) = blocks
                     .entry((block, source.clone()))
                     .or_insert((0, Some(0)));

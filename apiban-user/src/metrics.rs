@@ -459,6 +459,24 @@ fn detect(w: &mut Writer, d: &crate::status::DetectReport) -> Result<(), std::fm
         "Matches the ledger refused: allowlisted, this host's, special-purpose.",
         d.refused,
     )?;
+    w.counter(
+        "apiban_detect_exempted_total",
+        "Matches on the operator's proven peers (--detect-exempt), reported and not banned.",
+        d.exempted,
+    )?;
+    w.counters(
+        "apiban_detect_passed_over_total",
+        "Packets to SIP ports detection counted without reading them as requests: keep-alives (CRLF, STUN), TLS records.",
+        vec![
+            (labels([("kind", "keepalive")]), d.keepalives),
+            (labels([("kind", "tls")]), d.tls_packets),
+        ],
+    )?;
+    w.counter(
+        "apiban_detect_unreadable_total",
+        "Samples that were no SIP request the parser could read; never a reason to ban.",
+        d.unreadable,
+    )?;
     w.gauge(
         "apiban_detect_sources",
         "Sources the detection rules follow now.",

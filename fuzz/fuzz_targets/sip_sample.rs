@@ -6,7 +6,7 @@ use apiban::detect::{
     DetectSettings,
     rules::Detector,
     sample::Sample,
-    sip::{SipRequest, printable},
+    sip::{SipRequest, messages, printable},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -21,6 +21,18 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Some(user) = r.target_user() {
             assert!(text.contains(user));
+        }
+    }
+    let mut covered = 0;
+    for message in messages(data) {
+        // Each message is a piece of the input, in order.
+        let at = message.as_ptr() as usize - data.as_ptr() as usize;
+        assert!(at >= covered && at + message.len() <= data.len());
+        covered = at + message.len();
+        if let Ok(r) = SipRequest::parse(message) {
+            for (_, user) in r.user_parts() {
+                assert!(text.contains(user) || !user.is_ascii());
+            }
         }
     }
     assert!(printable(&text, 80).chars().all(|c| c == ' ' || c.is_ascii_graphic()));

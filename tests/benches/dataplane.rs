@@ -186,12 +186,20 @@ fn main() {
     for sources in [1_024u32, 65_536] {
         set_params(&mut loaded, inserted, sources - 1);
         tap.switches
-            .set(apiban_common::DetectConfig::default(), &detect_on.ports)
+            .set(
+                apiban_common::DetectConfig::default(),
+                &detect_on.ports,
+                &detect_on.tls_ports,
+            )
             .expect("detection off");
         let off = measure(&mut loaded, program_names::BENCH_CYCLE, &frame, &config);
         row("  detection off", Some(inserted), sources, off);
         tap.switches
-            .set(detect_on.dataplane_config(), &detect_on.ports)
+            .set(
+                detect_on.dataplane_config(),
+                &detect_on.ports,
+                &detect_on.tls_ports,
+            )
             .expect("detection on");
         let on = measure(&mut loaded, program_names::BENCH_CYCLE, &frame, &config);
         row("  detection on", Some(inserted), sources, on);
@@ -199,7 +207,7 @@ fn main() {
         json.insert(format!("detect_on_ns_{sources}_sources"), round(on.ns));
     }
     tap.switches
-        .set(apiban_common::DetectConfig::default(), &[])
+        .set(apiban_common::DetectConfig::default(), &[], &[])
         .expect("detection off");
 
     println!();

@@ -1,12 +1,13 @@
 //! The dataplane's side of SIP scanner detection, through BPF_PROG_TEST_RUN: which frames
-//! are counted and sampled into the ring buffer, what a sample carries, and the rate
-//! report that goes out once per window.
+//! are counted and sampled into the ring buffer, what a sample carries, the rate report
+//! that goes out once per window, and what is passed over without being read as a request
+//! (keep-alives, TLS, in-dialog requests for the rates, an Ethernet frame's padding).
 
 use std::net::IpAddr;
 
 use apiban::{
     dataplane::{
-        detect::DetectTap,
+        detect::{DetectTap, PassedOver},
         loader::{self, LoadOptions, Loaded},
     },
     detect::sample::Sample,
@@ -37,7 +38,9 @@ impl Harness {
         })
         .expect("load the XDP program");
         let mut tap = DetectTap::take(loaded.ebpf_mut()).expect("the detection maps");
-        tap.switches.set(config, &[5060]).expect("set detection");
+        tap.switches
+            .set(config, &[5060], &[5061])
+            .expect("set detection");
         Self {
             loaded,
             tap,
@@ -47,6 +50,10 @@ impl Harness {
 
     fn run(&mut self, frame: &[u8]) -> u32 {
         tests::run_frame(&mut self.loaded, frame)
+    }
+
+    fn passed_over(&self) -> PassedOver {
+        self.tap.counts.read().expect("read DETECT_COUNTS")
     }
 
     /// Everything in the ring buffer now.
@@ -66,7 +73,8 @@ fn on() -> DetectConfig {
         sample_every: 4,
         samples_per_sec: 1_000,
         reports_per_sec: 100,
-        rate_threshold: 5,
+        rate_thresholds: [5; detect::METHODS],
+        _pad: 0,
         window_ns: 60_000_000_000,
     }
 }
@@ -203,4 +211,122 @@ fn detection_off_sends_nothing() {
         assert_eq!(h.run(&sip_udp("198.51.100.11", REGISTER)), XDP_PASS);
     }
     assert_eq!(h.records(), Vec::new());
+}
+
+/// `frame` padded with zeros to Ethernet's 60-byte minimum, as a NIC delivers a short frame:
+/// the IP header's length still says where the packet ends.
+fn padded(mut frame: Vec<u8>) -> Vec<u8> {
+    if frame.len() < 60 {
+        frame.resize(60, 0);
+    }
+    frame
+}
+
+#[test]
+fn keep_alives_and_tls_are_counted_and_never_sampled() {
+    let mut h = Harness::new(on());
+    let stun_binding = [
+        0x00, 0x01, 0x00, 0x00, 0x21, 0x12, 0xa4, 0x42, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+    ];
+    for _ in 0..10 {
+        for payload in [&b"\r\n\r\n"[..], b"\r\n", &stun_binding] {
+            assert_eq!(h.run(&padded(sip_udp("198.51.100.20", payload))), XDP_PASS);
+        }
+        // RFC 5626's keep-alive over TCP.
+        assert_eq!(h.run(&sip_tcp("198.51.100.20", b"\r\n\r\n")), XDP_PASS);
+    }
+    let client_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage";
+    for _ in 0..7 {
+        let tls = Frame::ip(
+            ip("198.51.100.21"),
+            ip("192.0.2.1"),
+            PROTO_TCP,
+            [tcp_syn(40000, 5061), client_hello.to_vec()].concat(),
+        )
+        .build();
+        assert_eq!(h.run(&tls), XDP_PASS);
+    }
+    assert_eq!(h.records(), Vec::new(), "nothing sampled, nothing reported");
+    assert_eq!(
+        h.passed_over(),
+        PassedOver {
+            keepalives: 40,
+            tls: 7
+        }
+    );
+}
+
+#[test]
+fn padding_is_not_payload() {
+    let mut h = Harness::new(on());
+    // An empty TCP segment (an ACK) in a padded frame: no payload, nothing looked at.
+    let ack = padded(sip_tcp("198.51.100.22", b""));
+    assert_eq!(h.run(&ack), XDP_PASS);
+    assert_eq!(h.records(), Vec::new());
+    assert_eq!(h.passed_over(), PassedOver::default());
+    // A short request: the sample holds its bytes and not the zeros after them.
+    let short = b"ACK a SIP/2.0\r\n";
+    let frame = padded(sip_udp("198.51.100.22", short));
+    assert!(
+        frame.len() > 14 + 20 + 8 + short.len(),
+        "the frame is padded"
+    );
+    assert_eq!(h.run(&frame), XDP_PASS);
+    let records = h.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].payload, short);
+}
+
+#[test]
+fn only_requests_that_open_a_transaction_count_against_the_rates() {
+    // Every request sampled, so that each one's method shows.
+    let mut h = Harness::new(DetectConfig {
+        first_samples: 100,
+        ..on()
+    });
+    // A trunk's calls: each INVITE brings an ACK and a BYE; 4 INVITEs stay under 5.
+    for _ in 0..4 {
+        for request in [
+            &b"INVITE sip:100@192.0.2.1 SIP/2.0\r\n\r\n"[..],
+            b"ACK sip:100@192.0.2.1 SIP/2.0\r\n\r\n",
+            b"BYE sip:100@192.0.2.1 SIP/2.0\r\n\r\n",
+            b"CANCEL sip:100@192.0.2.1 SIP/2.0\r\n\r\n",
+            b"\x16\x03\x01 a TLS record on a port of SIP in the clear\r\n",
+        ] {
+            assert_eq!(h.run(&sip_udp("198.51.100.23", request)), XDP_PASS);
+        }
+    }
+    let records = h.records();
+    assert!(
+        records.iter().all(|r| r.kind == detect::KIND_SAMPLE),
+        "no rate report: {records:?}"
+    );
+    let last = records.last().expect("samples");
+    assert_eq!(last.requests, [0, 4, 0, 0], "{records:?}");
+    let methods: Vec<u8> = records.iter().take(5).map(|r| r.method).collect();
+    assert_eq!(
+        methods,
+        [
+            detect::METHOD_INVITE,
+            detect::METHOD_IN_DIALOG,
+            detect::METHOD_IN_DIALOG,
+            detect::METHOD_IN_DIALOG,
+            detect::METHOD_UNKNOWN
+        ]
+    );
+    // A SUBSCRIBE storm is counted as `other`, on its own threshold.
+    for _ in 0..5 {
+        h.run(&sip_udp(
+            "198.51.100.24",
+            b"SUBSCRIBE sip:201@192.0.2.1 SIP/2.0\r\n\r\n",
+        ));
+    }
+    let reports: Vec<Sample> = h
+        .records()
+        .into_iter()
+        .filter(|r| r.kind == detect::KIND_RATE)
+        .collect();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].method, detect::METHOD_OTHER);
+    assert_eq!(reports[0].requests, [0, 0, 0, 5]);
 }

@@ -39,7 +39,7 @@ fn check_recorded(scene: &Scene, addr: &str) -> serde_json::Value {
 /// The SIP server the scanners talk to: a port of its own, so that the scene's receiver
 /// keeps 5060; the agent is told it is a SIP port.
 const PBX_PORT: &str = "5062";
-const DETECT_PORTS: [&str; 2] = ["--detect-ports", "5060,5061,5062"];
+const DETECT_PORTS: [&str; 2] = ["--detect-ports", "5060,5062"];
 
 /// Makes `addr` the attacker's source towards the server: SIPVicious binds its socket to
 /// `-b` but some of its tools send from the route's source address.

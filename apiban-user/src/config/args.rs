@@ -292,34 +292,68 @@ pub struct RunArgs {
     /// ban) or enforce (ban it, source `detect`) [default: observe].
     #[arg(long, env = "APIBAN_DETECT", value_enum)]
     pub detect: Option<crate::detect::DetectMode>,
-    /// SIP ports detection watches (UDP, and TCP with payload) [default: 5060,5061].
+    /// Ports of SIP in the clear that detection reads (UDP, and TCP with payload)
+    /// [default: 5060].
     #[arg(long, env = "APIBAN_DETECT_PORTS", value_delimiter = ',')]
     pub detect_ports: Vec<u16>,
-    /// How long a detected scanner is banned; each re-offence doubles it [default: 1d].
+    /// Ports of SIP over TLS: their packets are counted, never read [default: 5061].
+    #[arg(long, env = "APIBAN_DETECT_TLS_PORTS", value_delimiter = ',')]
+    pub detect_tls_ports: Vec<u16>,
+    /// How long a detected scanner is first banned; each re-offence doubles it. Short,
+    /// because a forged source address can bring any rule's evidence [default: 10m].
     #[arg(long, env = "APIBAN_DETECT_TTL")]
     pub detect_ttl: Option<HumanDuration>,
-    /// The longest a doubled detection TTL gets [default: 30d].
+    /// The longest a doubled detection TTL gets [default: 1d].
     #[arg(long, env = "APIBAN_DETECT_TTL_MAX")]
     pub detect_ttl_max: Option<HumanDuration>,
-    /// User-Agent substrings that mark a scanner, case-insensitive; replaces the default
-    /// list (friendly-scanner, sipvicious, sipcli, VaxSIPUserAgent, pplsip, sundayddr, iWar,
-    /// SIPScan, sip-scan).
+    /// User-Agents that mark a scanner: each matches a User-Agent that is it, or starts with
+    /// it and then a character that is no letter or digit, case-insensitively; replaces the
+    /// default list (friendly-scanner, sipvicious, sipcli, VaxSIPUserAgent, pplsip,
+    /// sundayddr, iWar, SIPScan, sip-scan).
     #[arg(long, env = "APIBAN_DETECT_USER_AGENTS", value_delimiter = ',')]
     pub detect_user_agents: Vec<String>,
-    /// Requests of one method from one source within a window, N/T, or off
-    /// [default: 100/10s].
+    /// OPTIONS requests from one source within a window, N/T, or off; T is the window of
+    /// every --detect-rate* threshold [default: 100/10s].
     #[arg(long, env = "APIBAN_DETECT_RATE")]
     pub detect_rate: Option<Threshold>,
-    /// Distinct target users (extensions) from one source within a window, or off
-    /// [default: 20/60s].
+    /// REGISTER requests from one source within --detect-rate's window, or off
+    /// [default: 300].
+    #[arg(long, env = "APIBAN_DETECT_RATE_REGISTER")]
+    pub detect_rate_register: Option<Count>,
+    /// INVITE requests from one source within --detect-rate's window, or off [default: 1000].
+    #[arg(long, env = "APIBAN_DETECT_RATE_INVITE")]
+    pub detect_rate_invite: Option<Count>,
+    /// SUBSCRIBE, MESSAGE, PUBLISH and REFER requests from one source within --detect-rate's
+    /// window, or off [default: 1000].
+    #[arg(long, env = "APIBAN_DETECT_RATE_OTHER")]
+    pub detect_rate_other: Option<Count>,
+    /// Distinct target users (extensions) from one source within a window, from a source
+    /// that answered no challenge with credentials, or off [default: 20/60s].
     #[arg(long, env = "APIBAN_DETECT_USERS")]
     pub detect_users: Option<Threshold>,
-    /// Malformed SIP requests from one source within a window, or off [default: 10/60s].
-    #[arg(long, env = "APIBAN_DETECT_MALFORMED")]
-    pub detect_malformed: Option<Threshold>,
-    /// Never banned by detection (repeatable): customers' PBXs, trunks, monitoring.
+    /// Proven peers, never banned by detection (repeatable): customers' PBXs, trunks,
+    /// monitoring. What a rule would have done to them is still logged and shown.
     #[arg(long, env = "APIBAN_DETECT_EXEMPT", value_delimiter = ',', value_parser = parse_cidr)]
     pub detect_exempt: Vec<IpNet>,
+}
+
+/// A count of requests, or `off` (0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Count(pub u32);
+
+impl FromStr for Count {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(Self(0));
+        }
+        match text.parse::<u32>() {
+            Ok(n) if n > 0 => Ok(Self(n)),
+            _ => Err(format!(
+                "`{text}` is not a count of requests (e.g. 300) or off"
+            )),
+        }
+    }
 }
 
 /// A detection rule's threshold, `N/T`, or `off`.

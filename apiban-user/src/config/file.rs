@@ -71,12 +71,15 @@ pub struct FileConfig {
     pub cluster_password_file: Option<PathBuf>,
     pub detect: Option<ByName<crate::detect::DetectMode>>,
     pub detect_ports: Option<Vec<u16>>,
+    pub detect_tls_ports: Option<Vec<u16>>,
     pub detect_ttl: Option<Parsed<HumanDuration>>,
     pub detect_ttl_max: Option<Parsed<HumanDuration>>,
     pub detect_user_agents: Option<Vec<String>>,
     pub detect_rate: Option<Parsed<super::args::Threshold>>,
+    pub detect_rate_register: Option<super::args::Count>,
+    pub detect_rate_invite: Option<super::args::Count>,
+    pub detect_rate_other: Option<super::args::Count>,
     pub detect_users: Option<Parsed<super::args::Threshold>>,
-    pub detect_malformed: Option<Parsed<super::args::Threshold>>,
     pub detect_exempt: Option<Vec<Cidr>>,
 }
 
@@ -103,6 +106,27 @@ where
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
         text.parse().map(Parsed).map_err(de::Error::custom)
+    }
+}
+
+/// A count is a number in the file, or "off" (or a number in a string), as its flag takes it.
+impl<'de> Deserialize<'de> for super::args::Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u32),
+            Text(String),
+        }
+        match Raw::deserialize(d)
+            .map_err(|_| de::Error::custom("expected a count of requests (e.g. 300) or \"off\""))?
+        {
+            Raw::Number(0) => Err(de::Error::custom(
+                "0 is not a count of requests; write \"off\" to turn the rule off",
+            )),
+            Raw::Number(n) => Ok(Self(n)),
+            Raw::Text(text) => text.parse().map_err(de::Error::custom),
+        }
     }
 }
 

@@ -17,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use apiban_common::detect::{METHOD_INVITE, METHOD_OPTIONS, METHOD_OTHER, METHOD_REGISTER};
 use serde::Serialize;
 
 pub use self::{
@@ -25,8 +26,9 @@ pub use self::{
 };
 use crate::{
     dataplane::{Scope, loader::AttachMode},
-    detect::DetectSettings,
+    detect::{DetectSettings, RateThresholds},
     engine::EngineSettings,
+    human::RateLimit,
     ledger::SourceId,
     source::{
         apiban::{ApiVersion, DEFAULT_BASE_URL, DataSet},
@@ -557,13 +559,43 @@ fn resolve_detect(args: &RunArgs, file: &FileConfig) -> Result<DetectSettings, C
         } else {
             user_agents
         },
-        rate: threshold(args.detect_rate, file.detect_rate, defaults.rate),
+        tls_ports: Some(first_list(
+            &args.detect_tls_ports,
+            file.detect_tls_ports.clone(),
+        ))
+        .filter(|p| !p.is_empty())
+        .unwrap_or(defaults.tls_ports),
+        rate: {
+            let options = args.detect_rate.or(file.detect_rate.map(|k| k.0)).map_or(
+                Some(RateLimit {
+                    requests: defaults.rate.per_method[METHOD_OPTIONS as usize],
+                    window: defaults.rate.window,
+                }),
+                |t| t.0,
+            );
+            let count = |flag: Option<args::Count>, key: Option<args::Count>, method: u8| {
+                flag.or(key)
+                    .map_or(defaults.rate.per_method[usize::from(method)], |c| c.0)
+            };
+            RateThresholds {
+                window: options.map_or(defaults.rate.window, |o| o.window),
+                per_method: [
+                    count(
+                        args.detect_rate_register,
+                        file.detect_rate_register,
+                        METHOD_REGISTER,
+                    ),
+                    count(
+                        args.detect_rate_invite,
+                        file.detect_rate_invite,
+                        METHOD_INVITE,
+                    ),
+                    options.map_or(0, |o| o.requests),
+                    count(args.detect_rate_other, file.detect_rate_other, METHOD_OTHER),
+                ],
+            }
+        },
         users: threshold(args.detect_users, file.detect_users, defaults.users),
-        malformed: threshold(
-            args.detect_malformed,
-            file.detect_malformed,
-            defaults.malformed,
-        ),
         exempt: first_list(
             &args.detect_exempt,
             file.detect_exempt
@@ -574,8 +606,22 @@ fn resolve_detect(args: &RunArgs, file: &FileConfig) -> Result<DetectSettings, C
     if settings.ttl.as_secs() == 0 {
         return Err(invalid("detect-ttl", "must be at least 1s"));
     }
-    if settings.ports.contains(&0) {
+    if settings.ports.contains(&0) || settings.tls_ports.contains(&0) {
         return Err(invalid("detect-ports", "0 is not a port"));
+    }
+    if let Some(both) = settings
+        .ports
+        .iter()
+        .find(|p| settings.tls_ports.contains(p))
+    {
+        return Err(invalid(
+            "detect-ports",
+            format!(
+                "{both} is in detect-ports and detect-tls-ports; a port carries SIP either in the \
+                 clear or over TLS (TLS ports are counted, never read; the default TLS port is \
+                 5061): take it out of one list"
+            ),
+        ));
     }
     Ok(settings)
 }

@@ -471,3 +471,50 @@ fn the_ban_api_needs_a_token_beyond_loopback() {
     .unwrap();
     assert_eq!(c.process.ban_api, None, "the flag's off wins over the file");
 }
+
+#[test]
+fn detection_rates_are_per_method_and_tls_ports_are_apart() {
+    use apiban_common::detect::{METHOD_INVITE, METHOD_OPTIONS, METHOD_OTHER, METHOD_REGISTER};
+    let c = resolve(&args(&["--iface", "eth0"]), None, FileConfig::default()).unwrap();
+    assert_eq!(
+        (c.detect.ports, c.detect.tls_ports),
+        (vec![5060], vec![5061])
+    );
+    assert_eq!(c.detect.rate.per_method, [300, 1_000, 100, 1_000]);
+    let c = resolve(
+        &args(&[
+            "--iface",
+            "eth0",
+            "--detect-rate",
+            "50/5s",
+            "--detect-rate-invite",
+            "off",
+        ]),
+        None,
+        file(
+            "detect-rate-register = 600\ndetect-rate-other = \"off\"\ndetect-tls-ports = [5071]\n",
+        ),
+    )
+    .unwrap();
+    let rate = c.detect.rate;
+    assert_eq!(rate.window, Duration::from_secs(5));
+    assert_eq!(rate.per_method[usize::from(METHOD_REGISTER)], 600);
+    assert_eq!(rate.per_method[usize::from(METHOD_INVITE)], 0);
+    assert_eq!(rate.per_method[usize::from(METHOD_OPTIONS)], 50);
+    assert_eq!(rate.per_method[usize::from(METHOD_OTHER)], 0);
+    assert_eq!(c.detect.tls_ports, vec![5071]);
+    // A port is SIP in the clear or over TLS, not both; 0 requests is written "off".
+    let e = resolve(
+        &args(&["--iface", "eth0", "--detect-ports", "5060,5061"]),
+        None,
+        FileConfig::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("5061 is in detect-ports and detect-tls-ports"),
+        "{e}"
+    );
+    let e = parse_file("detect-rate-register = 0\n").unwrap_err();
+    assert!(e.contains("write \"off\""), "{e}");
+}

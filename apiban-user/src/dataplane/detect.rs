@@ -2,14 +2,43 @@
 //! buffer of samples. None of them is pinned (see `map_names::DETECT_CONFIG`); the detection
 //! task owns them, and nothing here touches what is enforced.
 
-use apiban_common::{DetectConfig, SCOPE_PORT_SLOTS, map_names};
-use aya::maps::{Array, MapData, RingBuf};
+use apiban_common::{DetectConfig, SCOPE_PORT_SLOTS, detect, map_names};
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 
 use super::DataplaneError;
 
 pub struct DetectTap {
     pub switches: DetectSwitches,
     pub samples: RingBuf<MapData>,
+    pub counts: DetectCounts,
+}
+
+/// What the program passed over without reading it as a request (per CPU, summed here).
+pub struct DetectCounts(PerCpuArray<MapData, u64>);
+
+/// `DETECT_COUNTS`, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PassedOver {
+    pub keepalives: u64,
+    pub tls: u64,
+}
+
+impl DetectCounts {
+    pub fn read(&self) -> Result<PassedOver, DataplaneError> {
+        let sum = |slot| {
+            self.0
+                .get(&slot, 0)
+                .map(|per_cpu| per_cpu.iter().sum::<u64>())
+                .map_err(|source| DataplaneError::Map {
+                    name: map_names::DETECT_COUNTS,
+                    source,
+                })
+        };
+        Ok(PassedOver {
+            keepalives: sum(detect::COUNT_KEEPALIVES)?,
+            tls: sum(detect::COUNT_TLS)?,
+        })
+    }
 }
 
 /// Detection's settings in the program.
@@ -38,28 +67,46 @@ impl DetectTap {
             },
             samples: RingBuf::try_from(take(map_names::SIP_SAMPLES)?)
                 .map_err(typed(map_names::SIP_SAMPLES))?,
+            counts: DetectCounts(
+                PerCpuArray::try_from(take(map_names::DETECT_COUNTS)?)
+                    .map_err(typed(map_names::DETECT_COUNTS))?,
+            ),
         })
     }
 }
 
 impl DetectSwitches {
-    /// Marks the SIP ports, then writes the settings: the program sees ports before it is
-    /// told to look at them. An all-zero `config` turns detection off.
-    pub fn set(&mut self, config: DetectConfig, ports: &[u16]) -> Result<(), DataplaneError> {
+    /// Marks the SIP ports (`tls` ones as SIP over TLS, counted and never read), then
+    /// writes the settings: the program sees ports before it is told to look at them. An
+    /// all-zero `config` turns detection off.
+    pub fn set(
+        &mut self,
+        config: DetectConfig,
+        ports: &[u16],
+        tls: &[u16],
+    ) -> Result<(), DataplaneError> {
         let err = |name| move |source| DataplaneError::Map { name, source };
-        for port in ports {
-            if u32::from(*port) < SCOPE_PORT_SLOTS {
+        let marks = ports
+            .iter()
+            .map(|p| (*p, detect::PORT_SIP))
+            .chain(tls.iter().map(|p| (*p, detect::PORT_TLS)));
+        for (port, kind) in marks {
+            if u32::from(port) < SCOPE_PORT_SLOTS {
                 self.ports
-                    .set(u32::from(*port), &1, 0)
+                    .set(u32::from(port), &kind, 0)
                     .map_err(err(map_names::SIP_PORTS))?;
             }
         }
-        for old in self.marked.iter().filter(|p| !ports.contains(p)) {
+        for old in self
+            .marked
+            .iter()
+            .filter(|p| !ports.contains(p) && !tls.contains(p))
+        {
             self.ports
                 .set(u32::from(*old), &0, 0)
                 .map_err(err(map_names::SIP_PORTS))?;
         }
-        self.marked = ports.to_vec();
+        self.marked = ports.iter().chain(tls).copied().collect();
         self.config
             .set(0, &config, 0)
             .map_err(err(map_names::DETECT_CONFIG))

@@ -6,6 +6,12 @@
 //! match, with evidence and a TTL that doubles on each re-offence. In `observe` mode it only
 //! logs and counts what it would ban. The owner applies the ban like any feed's: the
 //! allowlist wins, this host's addresses and the sanitiser's limits are refused.
+//!
+//! Every rule reads requests, which whoever can forge a source address can send in that
+//! address's name; so each needs several requests, a ban is short (`--detect-ttl`, minutes)
+//! and grows only on re-offence, the operator's proven peers (`--detect-exempt`) are never
+//! banned (what would have happened is still reported), and such bans never count towards
+//! IPv6 prefix escalation.
 
 pub mod offences;
 pub mod rules;
@@ -65,7 +71,9 @@ impl DetectMode {
     }
 }
 
-/// User-Agent substrings of scanners seen in the wild (matched case-insensitively).
+/// User-Agents of scanners seen in the wild: each matches a User-Agent that is it or starts
+/// with it and then a character that is no letter or digit, case-insensitively (see
+/// [`rules::user_agent_matches`]).
 pub const DEFAULT_USER_AGENTS: [&str; 9] = [
     "friendly-scanner",
     "sipvicious",
@@ -78,23 +86,48 @@ pub const DEFAULT_USER_AGENTS: [&str; 9] = [
     "sip-scan",
 ];
 
+/// `--detect-rate*`: requests of each method that opens a transaction (REGISTER, INVITE,
+/// OPTIONS, other: SUBSCRIBE, MESSAGE, PUBLISH, REFER) from one source within one window.
+/// In-dialog requests (ACK, BYE, CANCEL...), responses and keep-alives never count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateThresholds {
+    pub window: Duration,
+    /// Indexed by `apiban_common::detect::METHOD_*`; 0 is off.
+    pub per_method: [u32; apiban_common::detect::METHODS],
+}
+
+impl Default for RateThresholds {
+    /// A NAT office of 150 phones re-registering after an outage (each REGISTER challenged
+    /// once: 300), a trunk at 100 calls a second, phones subscribing to their colleagues'
+    /// lines (BLF) at boot: all under; SIPp's or svcrack's floods are over in a second or
+    /// two.
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(10),
+            per_method: [300, 1_000, 100, 1_000],
+        }
+    }
+}
+
 /// `--detect*`: what detection looks at and what it does. All of it changes on a reload.
 #[derive(Clone, Debug, PartialEq)]
 pub struct DetectSettings {
     pub mode: DetectMode,
+    /// Ports of SIP in the clear, read.
     pub ports: Vec<u16>,
-    /// A first ban's TTL; each re-offence doubles it, up to `ttl_max`.
+    /// Ports of SIP over TLS: counted, never read.
+    pub tls_ports: Vec<u16>,
+    /// A first ban's TTL; each re-offence doubles it, up to `ttl_max`. Short: every rule's
+    /// evidence could come from someone forging the source's address.
     pub ttl: Duration,
     pub ttl_max: Duration,
-    /// Lower-cased substrings.
+    /// Lower-cased signatures (see [`DEFAULT_USER_AGENTS`]).
     pub user_agents: Vec<String>,
-    /// Requests of one method from one source within a window (None: rule off).
-    pub rate: Option<RateLimit>,
+    pub rate: RateThresholds,
     /// Distinct target users from one source within a window.
     pub users: Option<RateLimit>,
-    /// Malformed requests from one source within a window.
-    pub malformed: Option<RateLimit>,
-    /// Never banned by detection (customers' PBXs, trunks); feeds may still ban them.
+    /// The operator's proven peers: never banned by detection (customers' PBXs, trunks),
+    /// what would have happened is reported; feeds may still ban them.
     pub exempt: Vec<IpNet>,
 }
 
@@ -102,23 +135,17 @@ impl Default for DetectSettings {
     fn default() -> Self {
         Self {
             mode: DetectMode::Observe,
-            ports: vec![5060, 5061],
-            ttl: Duration::from_secs(86_400),
-            ttl_max: Duration::from_secs(30 * 86_400),
+            ports: vec![5060],
+            tls_ports: vec![5061],
+            ttl: Duration::from_secs(600),
+            ttl_max: Duration::from_secs(86_400),
             user_agents: DEFAULT_USER_AGENTS
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),
-            rate: Some(RateLimit {
-                requests: 100,
-                window: Duration::from_secs(10),
-            }),
+            rate: RateThresholds::default(),
             users: Some(RateLimit {
                 requests: 20,
-                window: Duration::from_secs(60),
-            }),
-            malformed: Some(RateLimit {
-                requests: 10,
                 window: Duration::from_secs(60),
             }),
             exempt: Vec::new(),
@@ -142,15 +169,15 @@ impl DetectSettings {
         if self.mode == DetectMode::Off {
             return DetectConfig::default();
         }
-        let rate = self.rate;
         DetectConfig {
             enabled: 1,
             first_samples: FIRST_SAMPLES,
             sample_every: SAMPLE_EVERY,
             samples_per_sec: SAMPLES_PER_SEC,
             reports_per_sec: REPORTS_PER_SEC,
-            rate_threshold: rate.map_or(0, |r| r.requests),
-            window_ns: rate.map_or(10_000_000_000, |r| r.window.as_nanos() as u64),
+            rate_thresholds: self.rate.per_method,
+            _pad: 0,
+            window_ns: self.rate.window.as_nanos() as u64,
         }
     }
 
@@ -185,8 +212,16 @@ pub struct DetectStats {
     matches: [[AtomicU64; 2]; 4],
     pub bans: AtomicU64,
     pub refused: AtomicU64,
+    /// Matches on the operator's proven peers, reported and not banned.
+    pub exempted: AtomicU64,
     pub tracked: AtomicU64,
+    /// Samples that were no SIP request we could read; never a ban reason.
+    pub unreadable: AtomicU64,
+    /// What the program passed over: keep-alives, packets to TLS ports.
+    pub keepalives: AtomicU64,
+    pub tls: AtomicU64,
     recent: Mutex<VecDeque<Detection>>,
+    last_unreadable: Mutex<Option<rules::Unreadable>>,
 }
 
 impl DetectStats {
@@ -210,6 +245,10 @@ impl DetectStats {
 
     pub fn recent(&self) -> Vec<Detection> {
         crate::lock(&self.recent).iter().cloned().collect()
+    }
+
+    pub fn last_unreadable(&self) -> Option<rules::Unreadable> {
+        crate::lock(&self.last_unreadable).clone()
     }
 
     fn remember(&self, detection: Detection) {
@@ -240,19 +279,25 @@ pub async fn run(
     let DetectTap {
         mut switches,
         samples,
+        counts,
     } = tap;
     let mut current = settings.borrow_and_update().clone();
-    if let Err(e) = switches.set(current.dataplane_config(), &current.ports) {
+    if let Err(e) = switches.set(
+        current.dataplane_config(),
+        &current.ports,
+        &current.tls_ports,
+    ) {
         tracing::error!(error = %crate::error_chain(&e), "cannot set up SIP scanner detection; it stays off");
         return;
     }
-    tracing::info!(mode = current.mode.name(), ports = ?current.ports, "SIP scanner detection");
+    tracing::info!(mode = current.mode.name(), ports = ?current.ports, tls_ports = ?current.tls_ports, "SIP scanner detection");
     let mut detector = Detector::default();
     // Detection's bans per source, for the doubling TTL, across restarts; forgotten after
     // the longest TTL. Written at most every few seconds, however many bans a wave brings.
     let mut offences = Offences::load(offences_file);
-    let mut save_tick = tokio::time::interval(Duration::from_secs(5));
+    let mut save_tick = tokio::time::interval(Duration::from_secs(1));
     save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u64;
     // Sources already matched, until their TTL: one scanner is one log line and one ban a
     // TTL, in either mode, however many samples it keeps sending.
     let mut reported: HashMap<IpAddr, u64> = HashMap::new();
@@ -268,6 +313,17 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = save_tick.tick() => {
+                match counts.read() {
+                    Ok(passed) => {
+                        stats.keepalives.store(passed.keepalives, Relaxed);
+                        stats.tls.store(passed.tls, Relaxed);
+                    }
+                    Err(e) => tracing::debug!(error = %crate::error_chain(&e), "cannot read detection's counts"),
+                }
+                ticks += 1;
+                if !ticks.is_multiple_of(5) {
+                    continue;
+                }
                 offences.forget_older_than(unix_now(), current.ttl_max.as_secs().max(current.ttl.as_secs()) * 2);
                 if let Err(e) = offences.save_if_changed() {
                     tracing::warn!(error = %e, "cannot save detection's offence counts; re-offences after a restart start over");
@@ -279,7 +335,7 @@ pub async fn run(
                     return;
                 }
                 current = settings.borrow_and_update().clone();
-                match switches.set(current.dataplane_config(), &current.ports) {
+                match switches.set(current.dataplane_config(), &current.ports, &current.tls_ports) {
                     Ok(()) => tracing::info!(mode = current.mode.name(), "SIP scanner detection settings applied"),
                     Err(e) => tracing::warn!(error = %crate::error_chain(&e), "cannot apply the detection settings"),
                 }
@@ -306,12 +362,15 @@ pub async fn run(
                     } else {
                         stats.samples.fetch_add(1, Relaxed);
                     }
-                    if current.mode == DetectMode::Off
-                        || current.exempt.iter().any(|n| n.contains(&sample.addr))
-                    {
+                    if current.mode == DetectMode::Off {
                         continue;
                     }
-                    let Some(finding) = detector.observe(&current, &sample, now_ms) else {
+                    let finding = detector.observe(&current, &sample, now_ms);
+                    if detector.unreadable != stats.unreadable.load(Relaxed) {
+                        stats.unreadable.store(detector.unreadable, Relaxed);
+                        *crate::lock(&stats.last_unreadable) = detector.last_unreadable.clone();
+                    }
+                    let Some(finding) = finding else {
                         continue;
                     };
                     if reported.get(&finding.addr).is_some_and(|until| *until > now) {
@@ -340,9 +399,22 @@ async fn act(
 ) {
     let offence = offences.next(finding.addr);
     let ttl = settings.ttl_for(offence);
+    let proven = settings
+        .exempt
+        .iter()
+        .find(|n| n.contains(&finding.addr))
+        .copied();
     // Observe mode only logs and counts: detection is on by default, and a default must not
     // fill the ledger (and a fleet's etcd) with every scanner's address.
-    let outcome = if settings.mode == DetectMode::Enforce {
+    let outcome = if let Some(peer) = proven {
+        stats.exempted.fetch_add(1, Relaxed);
+        tracing::warn!(
+            addr = %finding.addr, rule = finding.rule, counts = %finding.counts,
+            line = %finding.line, proven_peer = %peer,
+            "SIP scanner rule matched a proven peer (--detect-exempt): not banned"
+        );
+        format!("not banned: proven peer (--detect-exempt {peer})")
+    } else if settings.mode == DetectMode::Enforce {
         let evidence = Evidence {
             rule: finding.rule.to_owned(),
             counts: finding.counts.clone(),

@@ -1,6 +1,11 @@
 //! The rules that recognise a scanner from what the dataplane sends: samples of its requests
 //! and rate reports. Each rule has a name (in evidence, logs and metrics) and a threshold;
 //! the state per source is bounded and forgets a source once its window has passed.
+//!
+//! Every rule here reads requests, which anyone who can forge a source address can send in
+//! that address's name, so none fires on one request: a signature must be seen in several
+//! sampled requests, a rate or an enumeration needs many. What cannot be read as SIP is
+//! counted and shown, never a reason to ban.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -8,31 +13,52 @@ use std::{
     time::Duration,
 };
 
-use apiban_common::detect::{KIND_RATE, METHOD_NAMES, METHOD_OPTIONS, METHOD_REGISTER};
+use apiban_common::detect::{KIND_RATE, METHOD_NAMES, METHOD_OPTIONS, METHOD_REGISTER, METHODS};
 
 use super::{
     DetectSettings,
     sample::Sample,
-    sip::{SipRequest, printable},
+    sip::{self, SipRequest, printable},
 };
 use crate::human::format_duration;
 
 /// Rule names, as evidence, logs and `apiban_detect_matches_total{rule}` spell them.
 pub const SCANNER_USER_AGENT: &str = "scanner-user-agent";
+pub const INJECTION: &str = "injection";
 pub const REQUEST_RATE: &str = "request-rate";
 pub const EXTENSION_ENUMERATION: &str = "extension-enumeration";
-pub const MALFORMED_REQUESTS: &str = "malformed-requests";
 pub const RULES: [&str; 4] = [
     SCANNER_USER_AGENT,
+    INJECTION,
     REQUEST_RATE,
     EXTENSION_ENUMERATION,
-    MALFORMED_REQUESTS,
 ];
+
+/// Sampled requests carrying a scanner's signature (its User-Agent, an injection) that a
+/// source must have sent within [`SIGNATURE_WINDOW`] before a signature rule matches: one
+/// forged datagram must not be enough. The dataplane samples a new source's first requests
+/// all, so a real scanner is caught on its third.
+pub const SIGNATURE_REQUESTS: u32 = 3;
+pub const SIGNATURE_WINDOW: Duration = Duration::from_secs(60);
 
 /// Sources followed at once; a flood of spoofed sources cannot grow the agent past this.
 const MAX_SOURCES: usize = 65_536;
 /// Longest evidence line kept.
 const LINE_CHARS: usize = 160;
+
+/// What an injection puts in a user part, and no phone's or PBX's user part holds: quotes,
+/// SQL comments and the words of a SQL or template injection (matched as whole words, case
+/// insensitively, so `selector` or `reunion` are not).
+const INJECTION_MARKS: [&str; 6] = ["'", "\"", "%27", "%22", "--", "/*"];
+const INJECTION_WORDS: [&str; 7] = [
+    "union",
+    "select",
+    "sleep",
+    "benchmark",
+    "waitfor",
+    "jndi",
+    "script",
+];
 
 /// A rule that matched a source.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +71,14 @@ pub struct Finding {
     pub line: String,
 }
 
+/// A sample that could not be read as SIP: counted and shown, never a ban reason.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unreadable {
+    pub addr: IpAddr,
+    pub why: String,
+    pub line: String,
+}
+
 #[derive(Debug, Default)]
 struct Tracked {
     window_start_ms: u64,
@@ -52,9 +86,17 @@ struct Tracked {
     /// Sampled REGISTER and OPTIONS requests in this window.
     probes_sampled: u32,
     enumeration_found: bool,
+    /// A sampled request in this window answered a challenge: this source registers or
+    /// calls with credentials, as a NAT office full of phones does and a scanner walking
+    /// extensions does not.
+    credentials: bool,
     /// The dataplane's count of them when the window started.
     probes_at_start: u32,
-    malformed: u32,
+    /// Sampled requests with a signature in this window, and the first one's rule and
+    /// evidence.
+    signatures: u32,
+    signature: Option<(&'static str, String, String)>,
+    signature_found: bool,
     /// The request line of the first sample in this window, for a rate report's evidence.
     first_line: Option<String>,
 }
@@ -65,6 +107,9 @@ const MAX_USERS: usize = 4_096;
 #[derive(Debug, Default)]
 pub struct Detector {
     sources: HashMap<IpAddr, Tracked>,
+    /// Samples (or messages in them) that were not SIP requests we could read.
+    pub unreadable: u64,
+    pub last_unreadable: Option<Unreadable>,
 }
 
 impl Detector {
@@ -103,91 +148,173 @@ impl Detector {
             })
         };
         if sample.kind == KIND_RATE {
-            let (method, count) = busiest(&sample.requests);
-            let limit = settings.rate?;
+            // The report names the method that went over its threshold.
+            let m = usize::from(sample.method);
+            let limit = *settings.rate.per_method.get(m)?;
+            if limit == 0 {
+                return None;
+            }
             return finding(
                 REQUEST_RATE,
                 format!(
-                    "{count} {method} requests within {} (limit {})",
-                    format_duration(limit.window),
-                    limit.requests
+                    "{} {} requests within {} (limit {limit})",
+                    sample.requests[m],
+                    METHOD_NAMES[m],
+                    format_duration(settings.rate.window),
                 ),
                 tracked.first_line.clone().unwrap_or_default(),
             );
         }
-        let request = match SipRequest::parse(&sample.payload) {
-            Ok(r) => r,
-            Err(why) => {
-                tracked.malformed += 1;
-                let limit = settings.malformed?;
-                if tracked.malformed == limit.requests {
-                    let first = sample
-                        .payload
-                        .split(|b| *b == b'\n')
-                        .next()
-                        .unwrap_or_default();
-                    return finding(
-                        MALFORMED_REQUESTS,
-                        format!(
-                            "{} malformed requests within {} ({why})",
-                            tracked.malformed,
-                            format_duration(limit.window)
-                        ),
-                        printable(&String::from_utf8_lossy(first), LINE_CHARS),
-                    );
+        let cut = sample.payload.len() >= apiban_common::detect::SNAPLEN;
+        let messages = sip::messages(&sample.payload);
+        let last = messages.len().saturating_sub(1);
+        let mut found = None;
+        for (i, message) in messages.into_iter().enumerate() {
+            if sip::is_response(message) {
+                continue;
+            }
+            let request = match SipRequest::parse(message) {
+                Ok(r) => r,
+                // The sample's end, not the sender, cut this one.
+                Err(sip::Malformed::Truncated) if i == last && (i > 0 || cut) => break,
+                Err(why) => {
+                    self.unreadable += 1;
+                    let first = message.split(|b| *b == b'\n').next().unwrap_or_default();
+                    self.last_unreadable = Some(Unreadable {
+                        addr: sample.addr,
+                        why: why.to_string(),
+                        line: printable(&String::from_utf8_lossy(first), LINE_CHARS),
+                    });
+                    // What follows cannot be placed either.
+                    break;
                 }
-                return None;
-            }
-        };
-        let request_line = format!("{} {} SIP/2.0", request.method, request.uri);
-        tracked
-            .first_line
-            .get_or_insert_with(|| printable(&request_line, LINE_CHARS));
-        if let Some(agent) = request.user_agent {
-            let lower = agent.to_ascii_lowercase();
-            if let Some(known) = settings
-                .user_agents
-                .iter()
-                .find(|known| lower.contains(known.as_str()))
-            {
-                return finding(
-                    SCANNER_USER_AGENT,
-                    format!("User-Agent contains `{known}`"),
-                    printable(&format!("User-Agent: {agent}"), LINE_CHARS),
-                );
+            };
+            if found.is_none() {
+                found = request_rules(settings, tracked, &request, sample.probes);
             }
         }
-        // REGISTER and OPTIONS only: a PBX's INVITEs go to many numbers, its registrations
-        // and keep-alives to its own few accounts; svwar walks extensions with REGISTER by
-        // default (and an INVITE flood is the rate rule's).
-        let probes_users = matches!(request.method, "REGISTER" | "OPTIONS");
-        if let (Some(limit), Some(user), true) =
-            (settings.users, request.target_user(), probes_users)
-        {
-            tracked.probes_sampled += 1;
-            if tracked.users.len() < MAX_USERS {
-                tracked.users.insert(user.to_owned());
-            }
-            let estimate = distinct_users(tracked, sample.probes);
-            if estimate >= limit.requests && !tracked.enumeration_found {
-                tracked.enumeration_found = true;
-                return finding(
-                    EXTENSION_ENUMERATION,
-                    format!(
-                        "about {estimate} distinct target users within {} (last: {user})",
-                        format_duration(limit.window)
-                    ),
-                    printable(&request_line, LINE_CHARS),
-                );
-            }
-        }
-        None
+        let (rule, counts, line) = found?;
+        finding(rule, counts, line)
     }
 
     /// Sources followed now.
     pub fn tracked(&self) -> usize {
         self.sources.len()
     }
+}
+
+/// The rules one readable request feeds: signatures, then enumeration.
+fn request_rules(
+    settings: &DetectSettings,
+    tracked: &mut Tracked,
+    request: &SipRequest,
+    probes_now: u32,
+) -> Option<(&'static str, String, String)> {
+    let request_line = format!("{} {} SIP/2.0", request.method, request.uri);
+    tracked
+        .first_line
+        .get_or_insert_with(|| printable(&request_line, LINE_CHARS));
+    tracked.credentials |= request.credentials;
+    if let Some(signature) = signature(settings, request) {
+        tracked.signatures += 1;
+        let first = tracked.signature.get_or_insert(signature);
+        if tracked.signatures >= SIGNATURE_REQUESTS && !tracked.signature_found {
+            tracked.signature_found = true;
+            let (rule, what, line) = first.clone();
+            return Some((
+                rule,
+                format!(
+                    "{what}; {} sampled requests within {} carried it",
+                    tracked.signatures,
+                    format_duration(SIGNATURE_WINDOW)
+                ),
+                line,
+            ));
+        }
+    }
+    // REGISTER and OPTIONS only: a PBX's INVITEs go to many numbers, its registrations
+    // and keep-alives to its own few accounts; svwar walks extensions with REGISTER by
+    // default (and an INVITE flood is the rate rule's).
+    let probes_users = matches!(request.method, "REGISTER" | "OPTIONS");
+    let (Some(limit), Some(user), true) = (settings.users, request.target_user(), probes_users)
+    else {
+        return None;
+    };
+    tracked.probes_sampled += 1;
+    if tracked.users.len() < MAX_USERS {
+        tracked.users.insert(user.to_owned());
+    }
+    // Phones behind one NAT address register many users, each answering the server's
+    // challenge; an extension scanner never holds credentials to answer with.
+    if tracked.credentials || tracked.enumeration_found {
+        return None;
+    }
+    let estimate = distinct_users(tracked, probes_now);
+    if estimate < limit.requests {
+        return None;
+    }
+    tracked.enumeration_found = true;
+    Some((
+        EXTENSION_ENUMERATION,
+        format!(
+            "about {estimate} distinct target users within {}, none with credentials (last: {user})",
+            format_duration(limit.window)
+        ),
+        printable(&request_line, LINE_CHARS),
+    ))
+}
+
+/// A scanner's mark on one request: (rule, what it is, the evidence line).
+fn signature(
+    settings: &DetectSettings,
+    request: &SipRequest,
+) -> Option<(&'static str, String, String)> {
+    if let Some(agent) = request.user_agent
+        && let Some(known) = settings
+            .user_agents
+            .iter()
+            .find(|known| user_agent_matches(agent, known))
+    {
+        return Some((
+            SCANNER_USER_AGENT,
+            format!("User-Agent starts with `{known}`"),
+            printable(&format!("User-Agent: {agent}"), LINE_CHARS),
+        ));
+    }
+    request.user_parts().find_map(|(place, user)| {
+        let mark = injection(user)?;
+        Some((
+            INJECTION,
+            format!("the user part of the {place} holds `{mark}`"),
+            printable(&format!("{place} user: {user}"), LINE_CHARS),
+        ))
+    })
+}
+
+/// A User-Agent is a scanner's when it is `known`, or starts with it followed by something
+/// that is not a letter or digit (a version, a space), case-insensitively: `friendly-scanner`
+/// and `sipvicious 0.3.4` match, a phone whose name merely contains a short word does not.
+pub fn user_agent_matches(agent: &str, known: &str) -> bool {
+    let agent = agent.trim();
+    let Some(head) = agent.get(..known.len()) else {
+        return false;
+    };
+    head.eq_ignore_ascii_case(known)
+        && agent[known.len()..]
+            .chars()
+            .next()
+            .is_none_or(|c| !c.is_ascii_alphanumeric())
+}
+
+/// The first injection mark in a user part.
+fn injection(user: &str) -> Option<&'static str> {
+    let lower = user.to_ascii_lowercase();
+    if let Some(mark) = INJECTION_MARKS.iter().find(|m| lower.contains(**m)) {
+        return Some(mark);
+    }
+    lower
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .find_map(|word| INJECTION_WORDS.iter().find(|w| **w == word).copied())
 }
 
 /// The distinct target users among all of a source's REGISTER and OPTIONS requests in this
@@ -213,28 +340,23 @@ fn is_probe(method: u8) -> bool {
 
 /// The window state is kept for: the longest of the rules' windows.
 fn window(settings: &DetectSettings) -> Duration {
-    [settings.rate, settings.users, settings.malformed]
-        .iter()
-        .flatten()
-        .map(|l| l.window)
-        .max()
-        .unwrap_or(Duration::from_secs(60))
+    [
+        Some(settings.rate.window),
+        settings.users.map(|l| l.window),
+        Some(SIGNATURE_WINDOW),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or(SIGNATURE_WINDOW)
 }
 
-/// The method with the most requests, and how many.
-fn busiest(requests: &[u32; 4]) -> (&'static str, u32) {
-    let (i, n) = requests
-        .iter()
-        .enumerate()
-        .max_by_key(|(_, n)| **n)
-        .map_or((0, 0), |(i, n)| (i, *n));
-    (METHOD_NAMES[i], n)
-}
+const _: () = assert!(METHODS == METHOD_NAMES.len());
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use apiban_common::detect::KIND_SAMPLE;
+    use apiban_common::detect::{KIND_SAMPLE, METHOD_INVITE};
 
     fn sample(addr: &str, payload: &[u8]) -> Sample {
         Sample {
@@ -256,19 +378,87 @@ mod tests {
         .into_bytes()
     }
 
-    #[test]
-    fn a_scanner_user_agent_matches_case_insensitively() {
+    /// `register` answering the server's challenge.
+    fn register_with_credentials(to_user: &str) -> Vec<u8> {
+        format!(
+            "REGISTER sip:192.0.2.1 SIP/2.0\r\nTo: <sip:{to_user}@192.0.2.1>\r\nFrom: <sip:{to_user}@192.0.2.1>;tag=1\r\nAuthorization: Digest username=\"{to_user}\", nonce=\"abc\"\r\nUser-Agent: Yealink SIP-T46S\r\nCall-ID: {to_user}\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    /// Feeds `n` copies of `payload` from `addr`; the findings.
+    fn feed(d: &mut Detector, addr: &str, payload: &[u8], n: u32) -> Vec<Finding> {
         let s = DetectSettings::default();
+        (1..=n)
+            .filter_map(|i| {
+                let mut one = sample(addr, payload);
+                one.seen = i;
+                d.observe(&s, &one, 10)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_scanner_user_agent_matches_on_its_third_request_only() {
         let mut d = Detector::default();
-        let f = d
-            .observe(
-                &s,
-                &sample("198.51.100.7", &register("100", "Friendly-Scanner 0.3")),
-                0,
-            )
-            .expect("a match");
-        assert_eq!(f.rule, SCANNER_USER_AGENT);
-        assert_eq!(f.line, "User-Agent: Friendly-Scanner 0.3");
+        let found = feed(
+            &mut d,
+            "198.51.100.7",
+            &register("100", "Friendly-Scanner 0.3"),
+            2,
+        );
+        assert_eq!(
+            found,
+            [],
+            "one or two requests, forged or not, are not enough"
+        );
+        let found = feed(
+            &mut d,
+            "198.51.100.7",
+            &register("100", "Friendly-Scanner 0.3"),
+            5,
+        );
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].rule, SCANNER_USER_AGENT);
+        assert_eq!(found[0].line, "User-Agent: Friendly-Scanner 0.3");
+        assert!(found[0].counts.contains("3 sampled requests"), "{found:?}");
+    }
+
+    #[test]
+    fn signatures_match_whole_names_not_substrings() {
+        for (agent, known, hit) in [
+            ("friendly-scanner", "friendly-scanner", true),
+            ("sipvicious 0.3.4", "sipvicious", true),
+            ("SIPVicious/0.3.4", "sipvicious", true),
+            ("iWar 0.5", "iwar", true),
+            // A device whose name merely holds a short word.
+            ("Polycom-iWar-7", "iwar", false),
+            ("iwarrior phone 2.1", "iwar", false),
+            ("MySIPCLIent 1.0", "sipcli", false),
+            ("sipclient 4", "sipcli", false),
+            ("", "sipcli", false),
+        ] {
+            assert_eq!(user_agent_matches(agent, known), hit, "{agent} / {known}");
+        }
+    }
+
+    #[test]
+    fn injections_in_user_parts_are_a_signature() {
+        let attempt = b"INVITE sip:100'%20or%201=1--@192.0.2.1 SIP/2.0\r\nFrom: <sip:100@192.0.2.1>;tag=1\r\nTo: <sip:100@192.0.2.1>\r\n\r\n";
+        let found = feed(&mut Detector::default(), "198.51.100.30", attempt, 3);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].rule, INJECTION);
+        assert!(found[0].counts.contains("Request-URI"), "{found:?}");
+        let union = b"OPTIONS sip:x@192.0.2.1 SIP/2.0\r\nFrom: \"a\" <sip:1 UNION SELECT password@192.0.2.1>;tag=1\r\n\r\n";
+        let found = feed(&mut Detector::default(), "198.51.100.31", union, 3);
+        assert_eq!(found.len(), 1, "{found:?}");
+        // Display names are quoted; user parts with words that merely contain the marks.
+        for clean in [
+            &b"INVITE sip:+4930123@192.0.2.1 SIP/2.0\r\nFrom: \"O'Brien, Sales\" <sip:obrien@192.0.2.1>;tag=1\r\nTo: <sip:selector-desk@192.0.2.1>\r\n\r\n"[..],
+            b"REGISTER sip:192.0.2.1 SIP/2.0\r\nTo: <sip:reunion.room@192.0.2.1>\r\nFrom: <sip:reunion.room@192.0.2.1>;tag=1\r\n\r\n",
+        ] {
+            assert_eq!(feed(&mut Detector::default(), "198.51.100.32", clean, 50), []);
+        }
     }
 
     #[test]
@@ -302,6 +492,31 @@ mod tests {
             }
         }
         assert_eq!(found.expect("a match").rule, EXTENSION_ENUMERATION);
+    }
+
+    #[test]
+    fn a_nat_office_answering_challenges_is_no_enumeration() {
+        // 60 phones behind one address after an outage: each REGISTER is challenged and
+        // sent again with credentials, all within seconds; the dataplane samples the first
+        // 8 requests, then one in 8.
+        let s = DetectSettings::default();
+        let mut d = Detector::default();
+        let mut n = 0u32;
+        for phone in 0..60 {
+            let user = format!("{}", 200 + phone);
+            for payload in [
+                register(&user, "Yealink SIP-T46S"),
+                register_with_credentials(&user),
+            ] {
+                n += 1;
+                if n > 8 && !n.is_multiple_of(8) {
+                    continue;
+                }
+                let mut one = sample("198.51.100.40", &payload);
+                (one.seen, one.probes) = (n, n);
+                assert_eq!(d.observe(&s, &one, u64::from(n) * 40), None, "request {n}");
+            }
+        }
     }
 
     #[test]
@@ -363,30 +578,56 @@ mod tests {
     }
 
     #[test]
-    fn malformed_requests_over_the_threshold_match_once() {
+    fn what_cannot_be_read_is_counted_and_never_a_finding() {
         let s = DetectSettings::default();
-        let limit = s.malformed.unwrap().requests;
         let mut d = Detector::default();
-        let matches = (0..limit * 3)
-            .filter_map(|_| d.observe(&s, &sample("198.51.100.10", b"\x16\x03\x01 garbage\r\n"), 5))
-            .count();
-        assert_eq!(matches, 1);
+        for payload in [
+            &b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"[..],
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"register sip:x SIP/2.0\r\n\r\n",
+        ] {
+            for _ in 0..100 {
+                assert_eq!(d.observe(&s, &sample("198.51.100.10", payload), 5), None);
+            }
+        }
+        assert_eq!(d.unreadable, 300);
+        let last = d.last_unreadable.clone().expect("the latest is kept");
+        assert_eq!(last.line, "register sip:x SIP/2.0?");
+        // A sample cut at the snap length in its request line is the sample's end, not
+        // the sender's.
+        let mut cut = sample("198.51.100.10", &[b'A'; 512]);
+        cut.payload[..8].copy_from_slice(b"OPTIONS ");
+        assert_eq!(d.observe(&s, &cut, 5), None);
+        assert_eq!(d.unreadable, 300);
     }
 
     #[test]
-    fn a_rate_report_names_the_busiest_method() {
+    fn a_scanner_request_after_an_ordinary_one_in_a_tcp_segment_is_read() {
+        let mut segment = b"OPTIONS sip:100@192.0.2.1 SIP/2.0\r\nUser-Agent: Yealink\r\nContent-Length: 0\r\n\r\n".to_vec();
+        segment.extend(register("100", "friendly-scanner"));
+        let found = feed(&mut Detector::default(), "198.51.100.33", &segment, 3);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].rule, SCANNER_USER_AGENT);
+    }
+
+    #[test]
+    fn a_rate_report_names_the_method_over_its_threshold() {
         let s = DetectSettings::default();
         let mut d = Detector::default();
         let mut report = sample("198.51.100.11", b"");
         report.kind = KIND_RATE;
-        report.requests = [300, 2, 0, 0];
+        report.method = METHOD_INVITE;
+        report.requests = [2, 1000, 0, 0];
         let f = d.observe(&s, &report, 0).expect("a match");
         assert_eq!(f.rule, REQUEST_RATE);
-        assert!(
-            f.counts.starts_with("300 REGISTER requests"),
-            "{}",
-            f.counts
+        assert_eq!(
+            f.counts, "1000 INVITE requests within 10s (limit 1000)",
+            "{f:?}"
         );
+        // A method whose threshold is off reports nothing.
+        let mut off = s.clone();
+        off.rate.per_method[usize::from(METHOD_INVITE)] = 0;
+        assert_eq!(d.observe(&off, &report, 0), None);
     }
 
     #[test]

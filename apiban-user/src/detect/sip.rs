@@ -1,7 +1,8 @@
 //! A small strict parser for the start of a SIP request (RFC 3261 §7): the request line and
 //! the headers detection looks at. Samples are cut at a fixed length and come from anyone,
 //! so it reads only complete lines, never panics on any bytes (fuzzed), and says `Malformed`
-//! for what no SIP stack would send.
+//! for what no SIP stack would send. [`messages`] splits a TCP segment (or a datagram) into
+//! the messages it carries, so that a request after the first is read too.
 
 /// The parts of a request the rules use, borrowed from the sample.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -12,6 +13,9 @@ pub struct SipRequest<'a> {
     pub to: Option<&'a str>,
     pub user_agent: Option<&'a str>,
     pub call_id: Option<&'a str>,
+    /// It carries `Authorization` or `Proxy-Authorization`: an answer to the server's
+    /// challenge, which an extension scanner never sends.
+    pub credentials: bool,
 }
 
 /// Why a sample is not a SIP request.
@@ -75,7 +79,12 @@ impl<'a> SipRequest<'a> {
                 return Err(Malformed::Header);
             }
             let value = value.trim();
-            let slot = match name.to_ascii_lowercase().as_str() {
+            let lower = name.to_ascii_lowercase();
+            if lower == "authorization" || lower == "proxy-authorization" {
+                request.credentials = true;
+                continue;
+            }
+            let slot = match lower.as_str() {
                 "from" | "f" => &mut request.from,
                 "to" | "t" => &mut request.to,
                 "user-agent" => &mut request.user_agent,
@@ -92,6 +101,89 @@ impl<'a> SipRequest<'a> {
     pub fn target_user(&self) -> Option<&'a str> {
         self.to.and_then(uri_user).or_else(|| uri_user(self.uri))
     }
+
+    /// The user parts of the Request-URI, From and To, each with where it came from.
+    pub fn user_parts(&self) -> impl Iterator<Item = (&'static str, &'a str)> {
+        [
+            ("Request-URI", Some(self.uri)),
+            ("From", self.from),
+            ("To", self.to),
+        ]
+        .into_iter()
+        .filter_map(|(place, text)| Some((place, raw_user(text?)?)))
+    }
+}
+
+/// Most messages read from one sample: a 512-byte sample holds a few at most.
+const MAX_MESSAGES: usize = 8;
+
+/// The messages in `bytes`, in order: each one's start line and headers (its body skipped
+/// by its Content-Length), after any CRLF keep-alives before it. The last may be cut where
+/// the sample ends. A message whose end cannot be found (no blank line, or no
+/// Content-Length where more bytes follow) ends the list: what follows it cannot be placed.
+pub fn messages(bytes: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while out.len() < MAX_MESSAGES {
+        let start = rest
+            .iter()
+            .position(|b| *b != b'\r' && *b != b'\n')
+            .unwrap_or(rest.len());
+        rest = &rest[start..];
+        if rest.is_empty() {
+            break;
+        }
+        let Some((head_len, blank_len)) = header_end(rest) else {
+            out.push(rest);
+            break;
+        };
+        let head = &rest[..head_len];
+        out.push(head);
+        let after = &rest[head_len + blank_len..];
+        if after.is_empty() {
+            break;
+        }
+        match content_length(head) {
+            Some(body) if body <= after.len() => rest = &after[body..],
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Where the header block ends: its length (through its last line's end) and the length of
+/// the empty line that follows.
+fn header_end(bytes: &[u8]) -> Option<(usize, usize)> {
+    let mut line_start = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        if *b != b'\n' {
+            continue;
+        }
+        let line = &bytes[line_start..i];
+        if line.is_empty() || line == b"\r" {
+            return Some((line_start, i + 1 - line_start));
+        }
+        line_start = i + 1;
+    }
+    None
+}
+
+/// The Content-Length (or `l`) header's value.
+fn content_length(head: &[u8]) -> Option<usize> {
+    let text = std::str::from_utf8(head).ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        let name = name.trim();
+        (name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("l"))
+            .then(|| value.trim().parse().ok())
+            .flatten()
+    })
+}
+
+/// A response's start line (`SIP/2.0 404 Not Found`): a client answering the server's own
+/// request, which is no request of the client's.
+pub fn is_response(message: &[u8]) -> bool {
+    message.starts_with(b"SIP/2.0 ")
 }
 
 /// `sip:100@host` (within a header such as `"A" <sip:100@host>;tag=1`) -> `100`.
@@ -104,6 +196,19 @@ fn uri_user(text: &str) -> Option<&str> {
     let at = rest.find('@')?;
     let user = &rest[..at];
     (!user.is_empty() && !user.contains(['>', ';', ' '])).then_some(user)
+}
+
+/// As [`uri_user`], but taking whatever stands between `sip:` and `@` (short of a `>`),
+/// spaces and quotes included: what an injection puts there.
+fn raw_user(text: &str) -> Option<&str> {
+    let start = text
+        .find("sip:")
+        .map(|i| i + 4)
+        .or_else(|| text.find("sips:").map(|i| i + 5))?;
+    let rest = &text[start..];
+    let rest = &rest[..rest.find('>').unwrap_or(rest.len())];
+    let user = &rest[..rest.rfind('@')?];
+    (!user.is_empty()).then_some(user)
 }
 
 /// A line for evidence: printable ASCII only, at most `max` characters.
@@ -191,6 +296,37 @@ Content-Length: 0\r\n\r\n";
                 .collect();
             let _ = SipRequest::parse(&bytes);
         }
+    }
+
+    #[test]
+    fn every_request_in_a_segment_is_found() {
+        let segment = b"\r\n\r\nOPTIONS sip:a@b SIP/2.0\r\nContent-Length: 4\r\n\r\nbodyREGISTER sip:b SIP/2.0\r\nUser-Agent: friendly-scanner\r\nl: 0\r\n\r\nSIP/2.0 200 OK\r\nl: 0\r\n\r\nINVITE sip:c";
+        let found = messages(segment);
+        assert_eq!(found.len(), 4, "{found:?}");
+        assert_eq!(SipRequest::parse(found[0]).unwrap().method, "OPTIONS");
+        let second = SipRequest::parse(found[1]).unwrap();
+        assert_eq!(second.user_agent, Some("friendly-scanner"));
+        assert!(is_response(found[2]));
+        assert_eq!(SipRequest::parse(found[3]), Err(Malformed::Truncated));
+        // Without a Content-Length, what follows a body cannot be placed.
+        let no_length = b"MESSAGE sip:a@b SIP/2.0\r\n\r\nhello REGISTER sip:b SIP/2.0\r\n\r\n";
+        assert_eq!(messages(no_length).len(), 1);
+        assert!(messages(b"\r\n\r\n").is_empty());
+    }
+
+    #[test]
+    fn credentials_and_user_parts_are_read() {
+        let r = SipRequest::parse(
+            b"REGISTER sip:x@h SIP/2.0\r\nFrom: <sip:100@h>;tag=1\r\nTo: <sip:100@h>\r\nAuthorization: Digest username=\"100\"\r\n\r\n",
+        )
+        .unwrap();
+        assert!(r.credentials);
+        let parts: Vec<_> = r.user_parts().collect();
+        assert_eq!(
+            parts,
+            [("Request-URI", "x"), ("From", "100"), ("To", "100")]
+        );
+        assert!(!SipRequest::parse(SVWAR).unwrap().credentials);
     }
 
     #[test]

@@ -90,11 +90,21 @@ fn detect_report(view: &crate::detect::DetectView) -> DetectReport {
     DetectReport {
         mode: settings.mode,
         ports: settings.ports.clone(),
+        tls_ports: settings.tls_ports.clone(),
         samples: stats.samples.load(Relaxed),
         rate_reports: stats.rate_reports.load(Relaxed),
         bans: stats.bans.load(Relaxed),
         refused: stats.refused.load(Relaxed),
+        exempted: stats.exempted.load(Relaxed),
         tracked: stats.tracked.load(Relaxed),
+        keepalives: stats.keepalives.load(Relaxed),
+        tls_packets: stats.tls.load(Relaxed),
+        unreadable: stats.unreadable.load(Relaxed),
+        last_unreadable: stats.last_unreadable().map(|u| UnreadableReport {
+            addr: u.addr,
+            why: u.why,
+            line: u.line,
+        }),
         matches: stats
             .matches()
             .into_iter()
@@ -113,6 +123,7 @@ fn detect_report(view: &crate::detect::DetectView) -> DetectReport {
 pub struct DetectReport {
     pub mode: crate::detect::DetectMode,
     pub ports: Vec<u16>,
+    pub tls_ports: Vec<u16>,
     /// Samples of requests the dataplane sent.
     pub samples: u64,
     /// Sources the dataplane reported over the rate threshold.
@@ -121,11 +132,27 @@ pub struct DetectReport {
     pub bans: u64,
     /// Matches the ledger refused (allowlisted, this host, special-purpose).
     pub refused: u64,
+    /// Matches on the operator's proven peers (`--detect-exempt`), not banned.
+    pub exempted: u64,
     /// Sources the rules follow now.
     pub tracked: u64,
+    /// Keep-alives (CRLF, STUN) and packets to TLS ports the program passed over.
+    pub keepalives: u64,
+    pub tls_packets: u64,
+    /// Samples that were no SIP request the parser could read: never a ban reason.
+    pub unreadable: u64,
+    pub last_unreadable: Option<UnreadableReport>,
     pub matches: Vec<RuleMatches>,
     /// The latest matches, oldest first.
     pub recent: Vec<crate::detect::Detection>,
+}
+
+/// The latest sample that could not be read, as `status` shows it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct UnreadableReport {
+    pub addr: std::net::IpAddr,
+    pub why: String,
+    pub line: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

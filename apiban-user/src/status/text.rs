@@ -217,9 +217,10 @@ sources      {:<8} {:>9} {:>14} {:>14}",
         if let Some(d) = &a.detect {
             let _ = writeln!(o, "\nSIP scanner detection");
             let ports: Vec<String> = d.ports.iter().map(u16::to_string).collect();
+            let tls: Vec<String> = d.tls_ports.iter().map(u16::to_string).collect();
             let _ = writeln!(
                 o,
-                "  mode         {}{} on ports {}",
+                "  mode         {}{} on ports {} (TLS, counted only: {})",
                 d.mode.name(),
                 match d.mode {
                     crate::detect::DetectMode::Observe =>
@@ -228,13 +229,26 @@ sources      {:<8} {:>9} {:>14} {:>14}",
                         " (bans what the rules match, source detect)",
                     crate::detect::DetectMode::Off => "",
                 },
-                ports.join(",")
+                ports.join(","),
+                tls.join(",")
             );
             let _ = writeln!(
                 o,
-                "  seen         {} samples, {} rate reports, {} sources followed; {} banned, {} refused",
-                d.samples, d.rate_reports, d.tracked, d.bans, d.refused
+                "  seen         {} samples, {} rate reports, {} sources followed; {} banned, {} refused, {} proven peers spared",
+                d.samples, d.rate_reports, d.tracked, d.bans, d.refused, d.exempted
             );
+            let _ = writeln!(
+                o,
+                "  passed over  {} keep-alives, {} TLS packets, {} unreadable samples (never a ban reason)",
+                d.keepalives, d.tls_packets, d.unreadable
+            );
+            if let Some(u) = &d.last_unreadable {
+                let _ = writeln!(
+                    o,
+                    "  unreadable   latest from {}: {} \"{}\"",
+                    u.addr, u.why, u.line
+                );
+            }
             for m in d.recent.iter().rev().take(5) {
                 let _ = writeln!(
                     o,
