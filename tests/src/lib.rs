@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod attackers;
+pub mod crowd;
 pub mod differential;
 pub mod fake_apiban;
 pub mod fleet;

@@ -96,7 +96,6 @@ struct Tracked {
     /// evidence.
     signatures: u32,
     signature: Option<(&'static str, String, String)>,
-    signature_found: bool,
     /// The request line of the first sample in this window, for a rate report's evidence.
     first_line: Option<String>,
 }
@@ -218,8 +217,9 @@ fn request_rules(
     if let Some(signature) = signature(settings, request) {
         tracked.signatures += 1;
         let first = tracked.signature.get_or_insert(signature);
-        if tracked.signatures >= SIGNATURE_REQUESTS && !tracked.signature_found {
-            tracked.signature_found = true;
+        // Every signature from here on matches: the caller reports a source once per ban,
+        // and one that comes back after its ban ends is matched again.
+        if tracked.signatures >= SIGNATURE_REQUESTS {
             let (rule, what, line) = first.clone();
             return Some((
                 rule,
@@ -418,7 +418,11 @@ mod tests {
             &register("100", "Friendly-Scanner 0.3"),
             5,
         );
-        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(
+            found.len(),
+            5,
+            "the third of seven and each after: {found:?}"
+        );
         assert_eq!(found[0].rule, SCANNER_USER_AGENT);
         assert_eq!(found[0].line, "User-Agent: Friendly-Scanner 0.3");
         assert!(found[0].counts.contains("3 sampled requests"), "{found:?}");
@@ -446,7 +450,7 @@ mod tests {
     fn injections_in_user_parts_are_a_signature() {
         let attempt = b"INVITE sip:100'%20or%201=1--@192.0.2.1 SIP/2.0\r\nFrom: <sip:100@192.0.2.1>;tag=1\r\nTo: <sip:100@192.0.2.1>\r\n\r\n";
         let found = feed(&mut Detector::default(), "198.51.100.30", attempt, 3);
-        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found.len(), 1, "on the third: {found:?}");
         assert_eq!(found[0].rule, INJECTION);
         assert!(found[0].counts.contains("Request-URI"), "{found:?}");
         let union = b"OPTIONS sip:x@192.0.2.1 SIP/2.0\r\nFrom: \"a\" <sip:1 UNION SELECT password@192.0.2.1>;tag=1\r\n\r\n";
