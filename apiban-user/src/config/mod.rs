@@ -414,6 +414,7 @@ fn resolve_engine(args: &RunArgs, file: &FileConfig) -> Result<EngineSettings, C
         observe: BTreeSet::new(),
         v6_escalation_threshold: escalation.threshold,
         v6_escalation_prefix: escalation.prefix_len,
+        detect_exempt: Vec::new(),
     })
 }
 
@@ -521,6 +522,7 @@ pub fn resolve(
     let detect = resolve_detect(args, &file)?;
     let mut engine = resolve_engine(args, &file)?;
     engine.observe = observing_sources(args, &file, observed_lists);
+    engine.detect_exempt = detect.exempt.clone();
     Ok(AgentConfig {
         file: file_path,
         attach,

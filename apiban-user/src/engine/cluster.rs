@@ -73,15 +73,23 @@ impl<E: Enforcer> Engine<E> {
         Arc::make_mut(&mut self.ledger).forget_touched();
     }
 
-    /// A record a feed holds covers one of this host's addresses: this node leaves it out,
-    /// as it leaves out such entries from the feeds it polls itself.
-    fn covers_own_address(&self, net: &IpNet, source: &SourceId) -> bool {
-        source.is_remote()
+    /// What this node leaves out of what etcd holds: a record a feed holds that covers one
+    /// of this host's addresses, as it leaves out such entries from the feeds it polls
+    /// itself; and another node's detection ban of one of this node's proven peers
+    /// (`--detect-exempt`), which its own detection would not have banned.
+    fn refused_from_fleet(&self, net: &IpNet, source: &SourceId) -> bool {
+        let own = source.is_remote()
             && self
                 .sanitiser
                 .own_addresses()
                 .iter()
-                .any(|a| net.contains(a))
+                .any(|a| net.contains(a));
+        let proven = *source == SourceId::Detect
+            && self.detect_exempt.iter().any(|e| e.contains(&net.addr()));
+        if proven {
+            tracing::info!(%net, "another node's detection ban of a proven peer (--detect-exempt) is not enforced here");
+        }
+        own || proven
     }
 
     /// Changes a watch delivered, up to `revision`: applied, enforced and saved with the
@@ -100,7 +108,7 @@ impl<E: Enforcer> Engine<E> {
                     source,
                     record,
                 } => {
-                    let record = record.filter(|_| !self.covers_own_address(&net, &source));
+                    let record = record.filter(|_| !self.refused_from_fleet(&net, &source));
                     Arc::make_mut(&mut self.ledger).apply_remote(net, source, record);
                 }
                 RemoteChange::Allow { net, present } => {
@@ -131,7 +139,7 @@ impl<E: Enforcer> Engine<E> {
     ) -> Applied {
         let records = records
             .into_iter()
-            .filter(|(net, source, _)| !self.covers_own_address(net, source))
+            .filter(|(net, source, _)| !self.refused_from_fleet(net, source))
             .collect();
         Arc::make_mut(&mut self.ledger).replace_remote(records);
         self.manual_allow = Arc::new(allow.into_iter().map(|n| n.trunc()).collect());

@@ -63,6 +63,9 @@ pub struct EngineSettings {
     /// the block (0: off).
     pub v6_escalation_threshold: usize,
     pub v6_escalation_prefix: u8,
+    /// This node's proven peers (`--detect-exempt`): another node's detection ban of one of
+    /// them is not enforced here, as this node's own detection would not have banned it.
+    pub detect_exempt: Vec<IpNet>,
 }
 
 impl Default for EngineSettings {
@@ -75,6 +78,7 @@ impl Default for EngineSettings {
             observe: BTreeSet::new(),
             v6_escalation_threshold: 4,
             v6_escalation_prefix: 64,
+            detect_exempt: Vec::new(),
         }
     }
 }
@@ -178,6 +182,8 @@ pub struct Engine<E: Enforcer> {
     /// IPv6 escalation's settings and what it derived at the last apply.
     escalation: (usize, u8),
     derived: Arc<Vec<crate::ledger::Escalation>>,
+    /// See [`EngineSettings::detect_exempt`].
+    detect_exempt: Vec<IpNet>,
     applied_allow: BTreeSet<IpNet>,
     store: Option<StateStore>,
     apiban: ApibanCursor,
@@ -231,6 +237,7 @@ impl<E: Enforcer> Engine<E> {
                 settings.v6_escalation_prefix,
             ),
             derived: Arc::default(),
+            detect_exempt: settings.detect_exempt.clone(),
             applied_allow,
             store,
             apiban: state.apiban,
@@ -352,6 +359,7 @@ impl<E: Enforcer> Engine<E> {
             settings.v6_escalation_threshold,
             settings.v6_escalation_prefix,
         );
+        self.detect_exempt = settings.detect_exempt;
     }
 
     /// This host's addresses changed: feeds may not ban the new ones, and what they banned

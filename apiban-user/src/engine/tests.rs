@@ -438,3 +438,43 @@ fn detection_bans_never_escalate_to_a_block() {
     assert!(!e.enforcer().deny.contains(&net("2a01:4f8:b::/64")));
     assert!(e.shared().derived.is_empty());
 }
+
+#[test]
+fn another_nodes_detection_ban_of_a_proven_peer_is_not_enforced_here() {
+    use crate::{
+        engine::cluster::RemoteChange,
+        ledger::{Record, SourceId},
+    };
+    let proven = EngineSettings {
+        detect_exempt: vec![net("203.0.113.0/24")],
+        ..settings(100)
+    };
+    let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, proven, 10).unwrap();
+    e.join_cluster("/apiban/", 60);
+    let record = Record {
+        first_seen: 10,
+        last_seen: 10,
+        expires: Some(610),
+        comment: None,
+        evidence: None,
+    };
+    let change = |addr: &str, source: SourceId| RemoteChange::Record {
+        net: net(addr),
+        source,
+        record: Some(record.clone()),
+    };
+    e.apply_cluster_changes(
+        vec![
+            change("203.0.113.7/32", SourceId::Detect),
+            change("198.51.100.7/32", SourceId::Detect),
+            // Only detection's word is weighed: an operator's ban of a peer stands.
+            change("203.0.113.8/32", SourceId::Manual),
+        ],
+        5,
+        11,
+    );
+    let deny = &e.enforcer().deny;
+    assert!(!deny.contains(&net("203.0.113.7/32")), "a proven peer");
+    assert!(deny.contains(&net("198.51.100.7/32")));
+    assert!(deny.contains(&net("203.0.113.8/32")));
+}
