@@ -93,6 +93,8 @@ pub mod map_names {
 pub mod program_names {
     /// The production XDP program.
     pub const APIBAN: &str = "apiban";
+    /// The production TC egress classifier: the SIP responses detection's sources get.
+    pub const EGRESS: &str = "apiban_egress";
     /// A bare `XDP_DROP`: the cost floor of an XDP program on this machine.
     pub const BENCH_FLOOR: &str = "bench_floor";
     /// The production logic behind a step that rewrites the source address on every run, so
@@ -566,11 +568,16 @@ pub mod detect {
     pub const KIND_SAMPLE: u8 = 1;
     /// The source went over a rate threshold in this window (no payload).
     pub const KIND_RATE: u8 = 2;
+    /// A response the server sent to a followed source, seen by the egress program: `src`
+    /// is the source it went to, `dst_port` the server's port it left from.
+    pub const KIND_RESPONSE: u8 = 3;
 
     /// Budget slots in `SAMPLE_BUDGET`: samples and rate reports have separate caps, so a
     /// flood of samples cannot hide a rate report.
     pub const BUDGET_SAMPLES: u32 = 0;
     pub const BUDGET_REPORTS: u32 = 1;
+    pub const BUDGET_RESPONSES: u32 = 2;
+    pub const BUDGETS: u32 = 3;
 
     /// `SIP_PORTS` values: a port whose payload is SIP in the clear, or SIP over TLS, whose
     /// records are counted and never read (they are ciphertext to anyone but the server).
@@ -640,7 +647,9 @@ pub struct DetectConfig {
     /// Requests of each rated method (`detect::METHOD_*`) from one source within a window
     /// that make a rate report (0: that method makes none).
     pub rate_thresholds: [u32; detect::METHODS],
-    pub _pad: u32,
+    /// Responses to followed sources the egress program sends, per second at most over all
+    /// CPUs (0: none).
+    pub responses_per_sec: u32,
     /// The window of `rate_thresholds`.
     pub window_ns: u64,
 }

@@ -21,17 +21,19 @@ use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 use crate::{coarse_now_ns, l3_start, load};
 
+// Shared with the egress program (`crate::egress`), which reads the same settings, ports and
+// sources and sends into the same ring buffer.
 #[map]
-static DETECT_CONFIG: Array<DetectConfig> = Array::with_max_entries(1, 0);
+pub(crate) static DETECT_CONFIG: Array<DetectConfig> = Array::with_max_entries(1, 0);
 #[map]
-static SIP_PORTS: Array<u8> = Array::with_max_entries(SCOPE_PORT_SLOTS, 0);
+pub(crate) static SIP_PORTS: Array<u8> = Array::with_max_entries(SCOPE_PORT_SLOTS, 0);
 #[map]
-static SIP_SOURCES: LruHashMap<[u8; 16], SipSource> =
+pub(crate) static SIP_SOURCES: LruHashMap<[u8; 16], SipSource> =
     LruHashMap::with_max_entries(detect::SOURCES, 0);
 #[map]
-static SIP_SAMPLES: RingBuf = RingBuf::with_byte_size(detect::RING_BYTES, 0);
+pub(crate) static SIP_SAMPLES: RingBuf = RingBuf::with_byte_size(detect::RING_BYTES, 0);
 #[map]
-static SAMPLE_BUDGET: Array<SampleBudget> = Array::with_max_entries(2, 0);
+static SAMPLE_BUDGET: Array<SampleBudget> = Array::with_max_entries(detect::BUDGETS, 0);
 #[map]
 static DETECT_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(detect::COUNTS, 0);
 
@@ -218,7 +220,7 @@ fn bump(slot: u32) {
 
 /// Takes one from detection's cap in `slot` of `SAMPLE_BUDGET`.
 #[inline(always)]
-fn take_budget(slot: u32, cap: u32, now: u64) -> bool {
+pub(crate) fn take_budget(slot: u32, cap: u32, now: u64) -> bool {
     SAMPLE_BUDGET
         .get_ptr_mut(slot)
         .is_some_and(|budget| crate::take_budget(budget, cap, now))

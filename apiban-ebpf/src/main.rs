@@ -117,6 +117,7 @@ const MAX_IPV6_EXT_HEADERS: usize = 4;
 mod bench;
 mod capture;
 mod detect;
+mod egress;
 
 #[xdp]
 pub fn apiban(ctx: XdpContext) -> u32 {

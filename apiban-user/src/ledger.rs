@@ -107,6 +107,11 @@ pub struct Evidence {
     pub at: u64,
     /// How many times detection has banned this source (its TTL doubles each time).
     pub offence: u32,
+    /// The evidence could not have been brought by someone forging the source address (it
+    /// rests on the server's answers, which only the real source sees). Older records lack
+    /// it: they came from rules that read requests only.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unforgeable: bool,
 }
 
 impl Record {
@@ -519,11 +524,13 @@ impl Ledger {
             let Ok(block) = IpNet::new(net.addr(), prefix_len).map(|b| b.trunc()) else {
                 continue;
             };
-            // Detection's bans rest on requests, which someone forging addresses can send
-            // from a whole /64 of another network: they never widen into a block ban.
-            let counted = records
-                .iter()
-                .filter(|(s, r)| r.is_live(now) && *s != SourceId::Detect);
+            // Detection's bans that rest on requests alone, which someone forging addresses
+            // can send from a whole /64 of another network, never widen into a block ban.
+            let counted = records.iter().filter(|(s, r)| {
+                r.is_live(now)
+                    && (*s != SourceId::Detect
+                        || r.evidence.as_ref().is_some_and(|e| e.unforgeable))
+            });
             for (source, record) in counted {
                 let (count, expires) = blocks
                     .entry((block, source.clone()))

@@ -562,7 +562,7 @@ fn detach(bpffs_dir: &Path, iface: Option<&str>, force: bool) -> anyhow::Result<
         other => anyhow::Error::new(other)
             .context(format!("could not detach using {}", bpffs_dir.display())),
     })?;
-    if report.interfaces.is_empty() && !report.maps_removed {
+    if report.interfaces.is_empty() && !report.maps_removed && report.egress.is_empty() {
         println!(
             "nothing of apiban's under {} or on this namespace's interfaces",
             bpffs_dir.display()
@@ -575,6 +575,9 @@ fn detach(bpffs_dir: &Path, iface: Option<&str>, force: bool) -> anyhow::Result<
             ""
         };
         println!("detached from {iface}{how}");
+    }
+    for iface in &report.egress {
+        println!("detached the egress classifier from {iface}");
     }
     for iface in &report.not_here {
         eprintln!(

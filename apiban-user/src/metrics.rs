@@ -461,8 +461,18 @@ fn detect(w: &mut Writer, d: &crate::status::DetectReport) -> Result<(), std::fm
     )?;
     w.counter(
         "apiban_detect_exempted_total",
-        "Matches on the operator's proven peers (--detect-exempt), reported and not banned.",
+        "Matches on proven peers (--detect-exempt, or proven by the server's answers), reported and not banned.",
         d.exempted,
+    )?;
+    w.counter(
+        "apiban_detect_responses_total",
+        "SIP responses to followed sources the egress classifier sent to the agent.",
+        d.responses,
+    )?;
+    w.gauge(
+        "apiban_detect_proven_peers",
+        "Sources proven by a 2xx to their authenticated REGISTER or INVITE, never banned by detection.",
+        d.proven,
     )?;
     w.counters(
         "apiban_detect_passed_over_total",

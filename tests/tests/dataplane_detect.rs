@@ -52,6 +52,24 @@ impl Harness {
         tests::run_frame(&mut self.loaded, frame)
     }
 
+    /// The egress classifier's verdict on a frame leaving the host.
+    fn egress(&mut self, frame: &[u8]) -> u32 {
+        use aya::programs::TestRun as _;
+        let prog: &mut aya::programs::SchedClassifier = self
+            .loaded
+            .ebpf_mut()
+            .program_mut(apiban_common::program_names::EGRESS)
+            .expect("the egress program")
+            .try_into()
+            .expect("a classifier");
+        if prog.fd().is_err() {
+            prog.load().expect("the verifier takes the egress program");
+        }
+        let mut opts = aya::programs::TestRunOptions::new();
+        opts.data_in = Some(frame);
+        prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
+    }
+
     fn passed_over(&self) -> PassedOver {
         self.tap.counts.read().expect("read DETECT_COUNTS")
     }
@@ -74,7 +92,7 @@ fn on() -> DetectConfig {
         samples_per_sec: 1_000,
         reports_per_sec: 100,
         rate_thresholds: [5; detect::METHODS],
-        _pad: 0,
+        responses_per_sec: 1_000,
         window_ns: 60_000_000_000,
     }
 }
@@ -329,4 +347,95 @@ fn only_requests_that_open_a_transaction_count_against_the_rates() {
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].method, detect::METHOD_OTHER);
     assert_eq!(reports[0].requests, [0, 0, 0, 5]);
+}
+
+/// A response from the server's `port` to `to`:40000.
+fn response_to(to: &str, port: u16, payload: &[u8]) -> Vec<u8> {
+    let from = if to.contains(':') {
+        "2001:db8::1"
+    } else {
+        "192.0.2.1"
+    };
+    Frame::ip(ip(from), ip(to), PROTO_UDP, udp(port, 40000, payload)).build()
+}
+
+const TC_ACT_OK: u32 = 0;
+
+#[test]
+fn the_egress_program_reports_final_responses_to_followed_sources_only() {
+    let mut h = Harness::new(on());
+    let challenge = b"SIP/2.0 401 Unauthorized\r\nCall-ID: c1\r\nCSeq: 1 REGISTER\r\nWWW-Authenticate: Digest realm=\"r\", nonce=\"n1\"\r\n\r\n";
+    // Not followed yet: detection has seen no request from it.
+    assert_eq!(
+        h.egress(&response_to("198.51.100.60", 5060, challenge)),
+        TC_ACT_OK
+    );
+    assert_eq!(h.records(), Vec::new());
+    assert_eq!(h.run(&sip_udp("198.51.100.60", REGISTER)), XDP_PASS);
+    assert_eq!(h.records().len(), 1, "the request's sample");
+    // A provisional answer, another port, the TLS port, a request the server sends: none.
+    for frame in [
+        response_to("198.51.100.60", 5060, b"SIP/2.0 100 Trying\r\n\r\n"),
+        response_to("198.51.100.60", 80, challenge),
+        response_to("198.51.100.60", 5061, challenge),
+        response_to("198.51.100.60", 5060, b"OPTIONS sip:a SIP/2.0\r\n\r\n"),
+    ] {
+        assert_eq!(h.egress(&frame), TC_ACT_OK);
+    }
+    assert_eq!(h.records(), Vec::new());
+    // The challenge, whole, padding excluded.
+    let padded = {
+        let mut f = response_to("198.51.100.60", 5060, challenge);
+        f.extend_from_slice(&[0; 8]);
+        f
+    };
+    assert_eq!(h.egress(&padded), TC_ACT_OK);
+    let records = h.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let r = &records[0];
+    assert_eq!(r.kind, detect::KIND_RESPONSE);
+    assert_eq!(r.addr, ip("198.51.100.60"), "the source it went to");
+    assert_eq!(r.dst_port, 5060, "the server's port");
+    assert_eq!(r.payload, challenge);
+    // IPv6, and TCP.
+    assert_eq!(h.run(&sip_tcp("2001:db8:77::60", REGISTER)), XDP_PASS);
+    let _ = h.records();
+    let mut tcp = tcp_syn(5060, 40000);
+    tcp.extend_from_slice(b"SIP/2.0 404 Not Found\r\n\r\n");
+    let v6 = Frame::ip(ip("2001:db8::1"), ip("2001:db8:77::60"), PROTO_TCP, tcp).build();
+    assert_eq!(h.egress(&v6), TC_ACT_OK);
+    let records = h.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].addr, ip("2001:db8:77::60"));
+    assert_eq!(records[0].payload, b"SIP/2.0 404 Not Found\r\n\r\n");
+}
+
+#[test]
+fn the_egress_programs_cap_holds_and_detection_off_silences_it() {
+    let mut h = Harness::new(DetectConfig {
+        responses_per_sec: 5,
+        ..on()
+    });
+    assert_eq!(h.run(&sip_udp("198.51.100.61", REGISTER)), XDP_PASS);
+    let _ = h.records();
+    for _ in 0..50 {
+        h.egress(&response_to(
+            "198.51.100.61",
+            5060,
+            b"SIP/2.0 404 Not Found\r\n\r\n",
+        ));
+    }
+    let n = h.records().len();
+    // Five a second; a run that crosses a second boundary may take five more.
+    assert!((5..=10).contains(&n), "{n} responses");
+    h.tap
+        .switches
+        .set(DetectConfig::default(), &[5060], &[5061])
+        .expect("detection off");
+    h.egress(&response_to(
+        "198.51.100.61",
+        5060,
+        b"SIP/2.0 404 Not Found\r\n\r\n",
+    ));
+    assert_eq!(h.records(), Vec::new());
 }

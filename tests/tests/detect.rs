@@ -400,9 +400,9 @@ fn a_scanner_back_after_its_ban_expired_is_banned_for_twice_as_long() {
     let mut args = vec![
         "--detect",
         "enforce",
-        "--detect-ttl",
+        "--detect-forgeable-ttl",
         "3s",
-        "--detect-ttl-max",
+        "--detect-forgeable-ttl-max",
         "8s",
     ];
     args.extend(DETECT_PORTS);

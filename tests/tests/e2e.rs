@@ -509,6 +509,21 @@ fn status_counts_agree_with_what_arrived() {
     assert_eq!(top.len(), 3, "{top:?}");
 }
 
+/// The egress classifiers (tcx) on the server's interface, as the kernel lists them.
+fn egress_programs(s: &Scene) -> Vec<String> {
+    let iface = s.topo.server_if.clone();
+    tests::in_netns(&s.topo.server, move || {
+        let index = apiban::dataplane::loader::ifindex(&iface).expect("the interface");
+        let (_, programs) =
+            aya::programs::SchedClassifier::query_tcx(index, aya::programs::TcAttachType::Egress)
+                .expect("query tcx");
+        programs
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or_default().to_owned())
+            .collect()
+    })
+}
+
 #[test]
 fn detach_leaves_nothing_behind() {
     require_root();
@@ -519,7 +534,15 @@ fn detach_leaves_nothing_behind() {
     s.wait_synced(Duration::from_secs(20));
     assert_eq!(s.stop(), Some(0));
     assert_eq!(s.probe(&[banned], N), vec![0], "still enforced after stop");
+    // The egress classifier stays too, and the next agent swaps its own in through the
+    // same link rather than adding a second.
+    assert_eq!(egress_programs(&s), ["apiban_egress"]);
+    s.start(&FAST);
+    assert_eq!(s.status()["agent"]["interfaces"][0]["egress"], "tcx");
+    assert_eq!(s.stop(), Some(0));
+    assert_eq!(egress_programs(&s), ["apiban_egress"]);
     s.detach();
+    assert_eq!(egress_programs(&s), Vec::<String>::new());
     assert!(
         !s.bpffs.path.exists(),
         "pins left in {}",

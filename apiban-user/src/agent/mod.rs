@@ -228,9 +228,25 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
             },
             "XDP program attached (checked with the kernel)"
         );
+        // The answers' side of detection: an interface without it still enforces.
+        let egress = match enforcement.attach_egress(iface) {
+            Ok(()) => {
+                tracing::info!(
+                    iface,
+                    "egress classifier attached (tcx, checked with the kernel): detection sees the server's answers"
+                );
+                loader::EgressHook::Tcx
+            }
+            Err(e) => {
+                let why = crate::error_chain(&e);
+                tracing::warn!(iface, error = %why, "egress classifier not attached (it needs tcx, Linux 6.6): detection sees requests only");
+                loader::EgressHook::Off(why)
+            }
+        };
         interfaces.push(InterfaceInfo {
             name: iface.clone(),
             mode: mode.to_string(),
+            egress: egress.describe(),
         });
     }
     warn_unconfigured_attachments(&config);
@@ -486,12 +502,7 @@ fn serve<E: Enforcer + Send + 'static>(
                     rx.clone(),
                     running.updates.clone(),
                     stats.clone(),
-                    Some(
-                        config
-                            .process
-                            .state_dir
-                            .join(crate::detect::offences::FILE),
-                    ),
+                    Some(config.process.state_dir.clone()),
                 ));
                 (
                     Some(tx),

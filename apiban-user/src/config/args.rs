@@ -299,13 +299,28 @@ pub struct RunArgs {
     /// Ports of SIP over TLS: their packets are counted, never read [default: 5061].
     #[arg(long, env = "APIBAN_DETECT_TLS_PORTS", value_delimiter = ',')]
     pub detect_tls_ports: Vec<u16>,
-    /// How long a detected scanner is first banned; each re-offence doubles it. Short,
-    /// because a forged source address can bring any rule's evidence [default: 10m].
+    /// How long a source is first banned on evidence a forged source address cannot bring
+    /// (auth-failure: the server's answers); each re-offence doubles it [default: 1d].
     #[arg(long, env = "APIBAN_DETECT_TTL")]
     pub detect_ttl: Option<HumanDuration>,
-    /// The longest a doubled detection TTL gets [default: 1d].
+    /// The longest a doubled --detect-ttl gets [default: 30d].
     #[arg(long, env = "APIBAN_DETECT_TTL_MAX")]
     pub detect_ttl_max: Option<HumanDuration>,
+    /// How long a source is first banned on evidence that someone forging its address could
+    /// bring (the rules that read requests only); each re-offence doubles it [default: 10m].
+    #[arg(long, env = "APIBAN_DETECT_FORGEABLE_TTL")]
+    pub detect_forgeable_ttl: Option<HumanDuration>,
+    /// The longest a doubled --detect-forgeable-ttl gets [default: 1d].
+    #[arg(long, env = "APIBAN_DETECT_FORGEABLE_TTL_MAX")]
+    pub detect_forgeable_ttl_max: Option<HumanDuration>,
+    /// Credentials for nonces the server issued to one source that it refused (401, 403,
+    /// 407 again) within a window, or off [default: 10/60s].
+    #[arg(long, env = "APIBAN_DETECT_AUTH_FAILURES")]
+    pub detect_auth_failures: Option<Threshold>,
+    /// How long a source stays proven after the server answered 2xx to its authenticated
+    /// REGISTER or INVITE; detection never bans a proven peer [default: 7d].
+    #[arg(long, env = "APIBAN_DETECT_PROVEN_TTL")]
+    pub detect_proven_ttl: Option<HumanDuration>,
     /// User-Agents that mark a scanner: each matches a User-Agent that is it, or starts with
     /// it and then a character that is no letter or digit, case-insensitively; replaces the
     /// default list (friendly-scanner, sipvicious, sipcli, VaxSIPUserAgent, pplsip,

@@ -556,6 +556,26 @@ fn resolve_detect(args: &RunArgs, file: &FileConfig) -> Result<DetectSettings, C
             .unwrap_or(defaults.ports),
         ttl: duration(args.detect_ttl, file.detect_ttl, defaults.ttl),
         ttl_max: duration(args.detect_ttl_max, file.detect_ttl_max, defaults.ttl_max),
+        forgeable_ttl: duration(
+            args.detect_forgeable_ttl,
+            file.detect_forgeable_ttl,
+            defaults.forgeable_ttl,
+        ),
+        forgeable_ttl_max: duration(
+            args.detect_forgeable_ttl_max,
+            file.detect_forgeable_ttl_max,
+            defaults.forgeable_ttl_max,
+        ),
+        auth_failures: threshold(
+            args.detect_auth_failures,
+            file.detect_auth_failures,
+            defaults.auth_failures,
+        ),
+        proven_ttl: duration(
+            args.detect_proven_ttl,
+            file.detect_proven_ttl,
+            defaults.proven_ttl,
+        ),
         user_agents: if user_agents.is_empty() {
             defaults.user_agents
         } else {
@@ -607,6 +627,9 @@ fn resolve_detect(args: &RunArgs, file: &FileConfig) -> Result<DetectSettings, C
     };
     if settings.ttl.as_secs() == 0 {
         return Err(invalid("detect-ttl", "must be at least 1s"));
+    }
+    if settings.forgeable_ttl.as_secs() == 0 {
+        return Err(invalid("detect-forgeable-ttl", "must be at least 1s"));
     }
     if settings.ports.contains(&0) || settings.tls_ports.contains(&0) {
         return Err(invalid("detect-ports", "0 is not a port"));

@@ -7,13 +7,16 @@
 //! logs and counts what it would ban. The owner applies the ban like any feed's: the
 //! allowlist wins, this host's addresses and the sanitiser's limits are refused.
 //!
-//! Every rule reads requests, which whoever can forge a source address can send in that
-//! address's name; so each needs several requests, a ban is short (`--detect-ttl`, minutes)
-//! and grows only on re-offence, the operator's proven peers (`--detect-exempt`) are never
-//! banned (what would have happened is still reported), and such bans never count towards
-//! IPv6 prefix escalation.
+//! The request rules read requests, which whoever can forge a source address can send in
+//! that address's name; so each needs several requests, their bans are short
+//! (`--detect-forgeable-ttl`, minutes) and grow only on re-offence, and they never count
+//! towards IPv6 prefix escalation. The egress program shows the server's answers, which a
+//! forger never sees: `auth-failure` bans rest on them (`--detect-ttl`), and so do proven
+//! peers ([`proven`]), which, like the operator's (`--detect-exempt`), detection never bans
+//! (what would have happened is still reported).
 
 pub mod offences;
+pub mod proven;
 pub mod rules;
 pub mod sample;
 pub mod sip;
@@ -39,6 +42,7 @@ use tokio::{
 
 use self::{
     offences::Offences,
+    proven::ProvenPeers,
     rules::{Detector, Finding, RULES},
     sample::Sample,
 };
@@ -117,10 +121,18 @@ pub struct DetectSettings {
     pub ports: Vec<u16>,
     /// Ports of SIP over TLS: counted, never read.
     pub tls_ports: Vec<u16>,
-    /// A first ban's TTL; each re-offence doubles it, up to `ttl_max`. Short: every rule's
-    /// evidence could come from someone forging the source's address.
+    /// A first ban's TTL on evidence a forged source cannot bring (`auth-failure`); each
+    /// re-offence doubles it, up to `ttl_max`.
     pub ttl: Duration,
     pub ttl_max: Duration,
+    /// The same for evidence that someone forging the source's address could bring (every
+    /// rule that reads requests only): short.
+    pub forgeable_ttl: Duration,
+    pub forgeable_ttl_max: Duration,
+    /// Credentials for nonces the server issued to one source, refused, within a window.
+    pub auth_failures: Option<RateLimit>,
+    /// How long a proof (2xx to an authenticated REGISTER or INVITE) keeps a peer proven.
+    pub proven_ttl: Duration,
     /// Lower-cased signatures (see [`DEFAULT_USER_AGENTS`]).
     pub user_agents: Vec<String>,
     pub rate: RateThresholds,
@@ -137,8 +149,17 @@ impl Default for DetectSettings {
             mode: DetectMode::Observe,
             ports: vec![5060],
             tls_ports: vec![5061],
-            ttl: Duration::from_secs(600),
-            ttl_max: Duration::from_secs(86_400),
+            ttl: Duration::from_secs(86_400),
+            ttl_max: Duration::from_secs(30 * 86_400),
+            forgeable_ttl: Duration::from_secs(600),
+            forgeable_ttl_max: Duration::from_secs(86_400),
+            // A phone with a wrong password retries once or twice a minute; a password
+            // guesser sends hundreds.
+            auth_failures: Some(RateLimit {
+                requests: 10,
+                window: Duration::from_secs(60),
+            }),
+            proven_ttl: Duration::from_secs(7 * 86_400),
             user_agents: DEFAULT_USER_AGENTS
                 .iter()
                 .map(|s| (*s).to_owned())
@@ -160,6 +181,9 @@ const SAMPLE_EVERY: u32 = 8;
 /// what a flood of new sources costs it.
 const SAMPLES_PER_SEC: u32 = 2_000;
 const REPORTS_PER_SEC: u32 = 500;
+/// Responses to followed sources a second at most (the egress program's own cap): a
+/// challenge or an answer to each sampled request, and then some.
+const RESPONSES_PER_SEC: u32 = 2_000;
 /// Detections kept for `status`.
 const RECENT: usize = 20;
 
@@ -176,17 +200,21 @@ impl DetectSettings {
             samples_per_sec: SAMPLES_PER_SEC,
             reports_per_sec: REPORTS_PER_SEC,
             rate_thresholds: self.rate.per_method,
-            _pad: 0,
+            responses_per_sec: RESPONSES_PER_SEC,
             window_ns: self.rate.window.as_nanos() as u64,
         }
     }
 
-    /// The TTL of a source's `offence`-th ban: doubled each time, up to the maximum.
-    pub fn ttl_for(&self, offence: u32) -> Duration {
+    /// The TTL of a source's `offence`-th ban: doubled each time, up to the maximum; short
+    /// where the evidence is `forgeable`.
+    pub fn ttl_for(&self, offence: u32, forgeable: bool) -> Duration {
+        let (first, max) = if forgeable {
+            (self.forgeable_ttl, self.forgeable_ttl_max)
+        } else {
+            (self.ttl, self.ttl_max)
+        };
         let doublings = offence.saturating_sub(1).min(30);
-        self.ttl
-            .saturating_mul(1u32 << doublings)
-            .min(self.ttl_max.max(self.ttl))
+        first.saturating_mul(1u32 << doublings).min(max.max(first))
     }
 }
 
@@ -209,11 +237,15 @@ pub struct DetectStats {
     pub samples: AtomicU64,
     pub rate_reports: AtomicU64,
     /// Per rule (in `RULES` order), then per mode: observe, enforce.
-    matches: [[AtomicU64; 2]; 4],
+    matches: [[AtomicU64; 2]; RULES.len()],
     pub bans: AtomicU64,
     pub refused: AtomicU64,
-    /// Matches on the operator's proven peers, reported and not banned.
+    /// Matches on proven peers (the operator's or proven by the server's answers),
+    /// reported and not banned.
     pub exempted: AtomicU64,
+    /// Responses the egress program sent, and peers proven now.
+    pub responses: AtomicU64,
+    pub proven: AtomicU64,
     pub tracked: AtomicU64,
     /// Samples that were no SIP request we could read; never a ban reason.
     pub unreadable: AtomicU64,
@@ -274,7 +306,7 @@ pub async fn run(
     mut settings: watch::Receiver<DetectSettings>,
     updates: mpsc::Sender<Update>,
     stats: Arc<DetectStats>,
-    offences_file: Option<std::path::PathBuf>,
+    state_dir: Option<std::path::PathBuf>,
 ) {
     let DetectTap {
         mut switches,
@@ -294,7 +326,9 @@ pub async fn run(
     let mut detector = Detector::default();
     // Detection's bans per source, for the doubling TTL, across restarts; forgotten after
     // the longest TTL. Written at most every few seconds, however many bans a wave brings.
-    let mut offences = Offences::load(offences_file);
+    let mut offences = Offences::load(state_dir.as_ref().map(|d| d.join(offences::FILE)));
+    let mut proven = ProvenPeers::load(state_dir.as_ref().map(|d| d.join(proven::FILE)));
+    stats.proven.store(proven.len() as u64, Relaxed);
     let mut save_tick = tokio::time::interval(Duration::from_secs(1));
     save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks = 0u64;
@@ -328,6 +362,11 @@ pub async fn run(
                 if let Err(e) = offences.save_if_changed() {
                     tracing::warn!(error = %e, "cannot save detection's offence counts; re-offences after a restart start over");
                 }
+                proven.forget_older_than(unix_now(), current.proven_ttl.as_secs());
+                stats.proven.store(proven.len() as u64, Relaxed);
+                if let Err(e) = proven.save_if_changed() {
+                    tracing::warn!(error = %e, "cannot save detection's proven peers; they prove themselves again after a restart");
+                }
                 continue;
             }
             changed = settings.changed() => {
@@ -357,15 +396,22 @@ pub async fn run(
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(now.saturating_mul(1000), |d| d.as_millis() as u64);
                 for sample in batch {
-                    if sample.kind == apiban_common::detect::KIND_RATE {
-                        stats.rate_reports.fetch_add(1, Relaxed);
-                    } else {
-                        stats.samples.fetch_add(1, Relaxed);
-                    }
+                    match sample.kind {
+                        apiban_common::detect::KIND_RATE => stats.rate_reports.fetch_add(1, Relaxed),
+                        apiban_common::detect::KIND_RESPONSE => stats.responses.fetch_add(1, Relaxed),
+                        _ => stats.samples.fetch_add(1, Relaxed),
+                    };
                     if current.mode == DetectMode::Off {
                         continue;
                     }
                     let finding = detector.observe(&current, &sample, now_ms);
+                    for proof in detector.take_proofs() {
+                        let first = proven.prove(proven::Proof { addr: proof.addr, at: now, how: proof.how.clone() });
+                        if first {
+                            tracing::info!(addr = %proof.addr, how = %proof.how, "proven peer: detection will not ban it");
+                            stats.proven.store(proven.len() as u64, Relaxed);
+                        }
+                    }
                     if detector.unreadable != stats.unreadable.load(Relaxed) {
                         stats.unreadable.store(detector.unreadable, Relaxed);
                         *crate::lock(&stats.last_unreadable) = detector.last_unreadable.clone();
@@ -377,7 +423,8 @@ pub async fn run(
                         continue;
                     }
                     stats.matched(finding.rule, current.mode);
-                    act(&current, finding, now, &updates, &stats, &mut offences, &mut reported).await;
+                    let proof = proven.get(finding.addr, now, current.proven_ttl.as_secs()).cloned();
+                    act(&current, finding, proof, now, &updates, &stats, &mut offences, &mut reported).await;
                 }
                 stats.tracked.store(detector.tracked() as u64, Relaxed);
                 if reported.len() > 100_000 {
@@ -388,9 +435,11 @@ pub async fn run(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn act(
     settings: &DetectSettings,
     finding: Finding,
+    proof: Option<proven::Proof>,
     now: u64,
     updates: &mpsc::Sender<Update>,
     stats: &DetectStats,
@@ -398,12 +447,22 @@ async fn act(
     reported: &mut HashMap<IpAddr, u64>,
 ) {
     let offence = offences.next(finding.addr);
-    let ttl = settings.ttl_for(offence);
+    let forgeable = rules::forgeable(finding.rule);
+    let ttl = settings.ttl_for(offence, forgeable);
     let proven = settings
         .exempt
         .iter()
         .find(|n| n.contains(&finding.addr))
-        .copied();
+        .map(|peer| format!("--detect-exempt {peer}"))
+        .or_else(|| {
+            proof.map(|p| {
+                format!(
+                    "{}, {} ago",
+                    p.how,
+                    crate::human::format_duration(Duration::from_secs(now.saturating_sub(p.at)))
+                )
+            })
+        });
     // Observe mode only logs and counts: detection is on by default, and a default must not
     // fill the ledger (and a fleet's etcd) with every scanner's address.
     let outcome = if let Some(peer) = proven {
@@ -411,9 +470,9 @@ async fn act(
         tracing::warn!(
             addr = %finding.addr, rule = finding.rule, counts = %finding.counts,
             line = %finding.line, proven_peer = %peer,
-            "SIP scanner rule matched a proven peer (--detect-exempt): not banned"
+            "SIP scanner rule matched a proven peer: not banned"
         );
-        format!("not banned: proven peer (--detect-exempt {peer})")
+        format!("not banned: proven peer ({peer})")
     } else if settings.mode == DetectMode::Enforce {
         let evidence = Evidence {
             rule: finding.rule.to_owned(),
@@ -421,6 +480,7 @@ async fn act(
             line: finding.line.clone(),
             at: now,
             offence,
+            unforgeable: !forgeable,
         };
         let (reply, answer) = oneshot::channel();
         let sent = updates

@@ -117,26 +117,32 @@ impl Offences {
                 })
                 .collect(),
         };
-        let tmp = path.with_extension("json.tmp");
-        let write = || -> io::Result<()> {
-            let mut file = fs::OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            file.write_all(&serde_json::to_vec(&saved)?)?;
-            file.sync_all()?;
-            fs::rename(&tmp, path)
-        };
-        let written = write();
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        } else {
-            self.dirty = false;
-        }
-        written
+        write_file(path, &serde_json::to_vec(&saved)?)?;
+        self.dirty = false;
+        Ok(())
     }
+}
+
+/// Writes `bytes` to `path` whole or not at all: a temporary file (owner-only), synced,
+/// renamed over the old one.
+pub(super) fn write_file(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let write = || -> io::Result<()> {
+        let mut file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    let written = write();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 #[cfg(test)]

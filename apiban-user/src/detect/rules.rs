@@ -2,23 +2,31 @@
 //! and rate reports. Each rule has a name (in evidence, logs and metrics) and a threshold;
 //! the state per source is bounded and forgets a source once its window has passed.
 //!
-//! Every rule here reads requests, which anyone who can forge a source address can send in
+//! The request rules read requests, which anyone who can forge a source address can send in
 //! that address's name, so none fires on one request: a signature must be seen in several
-//! sampled requests, a rate or an enumeration needs many. What cannot be read as SIP is
-//! counted and shown, never a reason to ban.
+//! sampled requests, a rate or an enumeration needs many, and their bans are short. What
+//! cannot be read as SIP is counted and shown, never a reason to ban.
+//!
+//! The server's answers (seen on egress, sent to the source's address) give what a forger
+//! cannot: the nonce of a digest challenge reaches only the real source, so credentials for
+//! it come from that source. Answered with 2xx, they prove the source a real peer (see
+//! [`super::proven`]); answered with another challenge or a refusal again and again, they
+//! are a password being guessed (`auth-failure`).
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, VecDeque},
     net::IpAddr,
     time::Duration,
 };
 
-use apiban_common::detect::{KIND_RATE, METHOD_NAMES, METHOD_OPTIONS, METHOD_REGISTER, METHODS};
+use apiban_common::detect::{
+    KIND_RATE, KIND_RESPONSE, METHOD_NAMES, METHOD_OPTIONS, METHOD_REGISTER, METHODS,
+};
 
 use super::{
     DetectSettings,
     sample::Sample,
-    sip::{self, SipRequest, printable},
+    sip::{self, SipRequest, SipResponse, printable},
 };
 use crate::human::format_duration;
 
@@ -27,12 +35,20 @@ pub const SCANNER_USER_AGENT: &str = "scanner-user-agent";
 pub const INJECTION: &str = "injection";
 pub const REQUEST_RATE: &str = "request-rate";
 pub const EXTENSION_ENUMERATION: &str = "extension-enumeration";
-pub const RULES: [&str; 4] = [
+pub const AUTH_FAILURE: &str = "auth-failure";
+pub const RULES: [&str; 5] = [
     SCANNER_USER_AGENT,
     INJECTION,
     REQUEST_RATE,
     EXTENSION_ENUMERATION,
+    AUTH_FAILURE,
 ];
+
+/// Whether a rule's evidence could have been brought by someone forging the source address:
+/// everything read from requests alone.
+pub fn forgeable(rule: &str) -> bool {
+    rule != AUTH_FAILURE
+}
 
 /// Sampled requests carrying a scanner's signature (its User-Agent, an injection) that a
 /// source must have sent within [`SIGNATURE_WINDOW`] before a signature rule matches: one
@@ -71,6 +87,13 @@ pub struct Finding {
     pub line: String,
 }
 
+/// A source proved a real peer (see [`super::proven`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proved {
+    pub addr: IpAddr,
+    pub how: String,
+}
+
 /// A sample that could not be read as SIP: counted and shown, never a ban reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unreadable {
@@ -98,6 +121,27 @@ struct Tracked {
     signature: Option<(&'static str, String, String)>,
     /// The request line of the first sample in this window, for a rate report's evidence.
     first_line: Option<String>,
+    /// Nonces the server's challenges to this source carried (seen on egress), newest last.
+    nonces: VecDeque<String>,
+    /// Calls (Call-IDs) in which this source sent credentials for one of those nonces.
+    answered: VecDeque<String>,
+    /// Credentials of this source answered by another challenge or a refusal, this window.
+    auth_failures: u32,
+    auth_failure_line: Option<String>,
+}
+
+/// Nonces and answered calls kept per source: a handshake takes one of each.
+const MAX_NONCES: usize = 16;
+const MAX_ANSWERED: usize = 32;
+
+fn push_bounded(queue: &mut VecDeque<String>, item: &str, max: usize) {
+    if queue.iter().any(|q| q == item) {
+        return;
+    }
+    if queue.len() >= max {
+        queue.pop_front();
+    }
+    queue.push_back(item.to_owned());
 }
 
 /// Most distinct users kept per source: far above any threshold that makes sense.
@@ -109,6 +153,10 @@ pub struct Detector {
     /// Samples (or messages in them) that were not SIP requests we could read.
     pub unreadable: u64,
     pub last_unreadable: Option<Unreadable>,
+    /// Responses read from the egress program.
+    pub responses: u64,
+    /// Proofs found since the caller last took them.
+    proofs: Vec<Proved>,
 }
 
 impl Detector {
@@ -164,6 +212,25 @@ impl Detector {
                 tracked.first_line.clone().unwrap_or_default(),
             );
         }
+        if sample.kind == KIND_RESPONSE {
+            self.responses += 1;
+            let mut found = None;
+            for message in sip::messages(&sample.payload) {
+                let Ok(response) = SipResponse::parse(message) else {
+                    continue;
+                };
+                let (outcome, proof) = response_rules(settings, tracked, &response);
+                if let Some(how) = proof {
+                    self.proofs.push(Proved {
+                        addr: sample.addr,
+                        how,
+                    });
+                }
+                found = found.or(outcome);
+            }
+            let (rule, counts, line) = found?;
+            return finding(rule, counts, line);
+        }
         let cut = sample.payload.len() >= apiban_common::detect::SNAPLEN;
         let messages = sip::messages(&sample.payload);
         let last = messages.len().saturating_sub(1);
@@ -200,6 +267,69 @@ impl Detector {
     pub fn tracked(&self) -> usize {
         self.sources.len()
     }
+
+    /// The proofs found since the last call.
+    pub fn take_proofs(&mut self) -> Vec<Proved> {
+        std::mem::take(&mut self.proofs)
+    }
+}
+
+/// What one response the server sent to a source shows: a nonce issued, a proof, or an
+/// authentication failure. Returns a finding and a proof's description.
+fn response_rules(
+    settings: &DetectSettings,
+    tracked: &mut Tracked,
+    response: &SipResponse,
+) -> (Option<(&'static str, String, String)>, Option<String>) {
+    let answered_call = response
+        .call_id
+        .is_some_and(|id| tracked.answered.iter().any(|a| a == id));
+    let user = response.target_user().unwrap_or("?");
+    if (200..300).contains(&response.status)
+        && matches!(response.method, "REGISTER" | "INVITE")
+        && answered_call
+    {
+        return (
+            None,
+            Some(format!(
+                "{} to an authenticated {} for {user}",
+                response.status, response.method
+            )),
+        );
+    }
+    let challenge = matches!(response.status, 401 | 407);
+    if challenge && let Some(nonce) = response.nonce {
+        push_bounded(&mut tracked.nonces, nonce, MAX_NONCES);
+    }
+    if !(answered_call && (challenge || response.status == 403)) {
+        return (None, None);
+    }
+    tracked.auth_failures += 1;
+    let line = format!(
+        "SIP/2.0 {} to credentials for {user} ({})",
+        response.status, response.method
+    );
+    tracked
+        .auth_failure_line
+        .get_or_insert_with(|| printable(&line, LINE_CHARS));
+    let Some(limit) = settings.auth_failures else {
+        return (None, None);
+    };
+    if tracked.auth_failures < limit.requests {
+        return (None, None);
+    }
+    (
+        Some((
+            AUTH_FAILURE,
+            format!(
+                "{} sets of credentials for nonces the server gave this address refused within {}",
+                tracked.auth_failures,
+                format_duration(limit.window)
+            ),
+            tracked.auth_failure_line.clone().unwrap_or_default(),
+        )),
+        None,
+    )
 }
 
 /// The rules one readable request feeds: signatures, then enumeration.
@@ -214,6 +344,12 @@ fn request_rules(
         .first_line
         .get_or_insert_with(|| printable(&request_line, LINE_CHARS));
     tracked.credentials |= request.credentials;
+    // Credentials for a nonce the server gave this address: only the real source saw it.
+    if let (Some(nonce), Some(call_id)) = (request.nonce, request.call_id)
+        && tracked.nonces.iter().any(|n| n == nonce)
+    {
+        push_bounded(&mut tracked.answered, call_id, MAX_ANSWERED);
+    }
     if let Some(signature) = signature(settings, request) {
         tracked.signatures += 1;
         let first = tracked.signature.get_or_insert(signature);
@@ -343,6 +479,7 @@ fn window(settings: &DetectSettings) -> Duration {
     [
         Some(settings.rate.window),
         settings.users.map(|l| l.window),
+        settings.auth_failures.map(|l| l.window),
         Some(SIGNATURE_WINDOW),
     ]
     .into_iter()
@@ -650,5 +787,117 @@ mod tests {
             assert_eq!(got, None);
         }
         assert_eq!(d.tracked(), 1);
+    }
+
+    fn response(
+        addr: &str,
+        status: &str,
+        call_id: &str,
+        method: &str,
+        nonce: Option<&str>,
+    ) -> Sample {
+        let challenge = nonce.map_or(String::new(), |n| {
+            format!("WWW-Authenticate: Digest realm=\"r\", nonce=\"{n}\"\r\n")
+        });
+        let mut s = sample(
+            addr,
+            format!(
+                "SIP/2.0 {status}\r\nTo: <sip:201@192.0.2.1>;tag=x\r\nCall-ID: {call_id}\r\nCSeq: 1 {method}\r\n{challenge}\r\n"
+            )
+            .as_bytes(),
+        );
+        s.kind = KIND_RESPONSE;
+        s
+    }
+
+    fn answer(addr: &str, call_id: &str, nonce: &str) -> Sample {
+        sample(
+            addr,
+            format!(
+                "REGISTER sip:192.0.2.1 SIP/2.0\r\nTo: <sip:201@192.0.2.1>\r\nCall-ID: {call_id}\r\nAuthorization: Digest username=\"201\", nonce=\"{nonce}\", response=\"x\"\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+    }
+
+    #[test]
+    fn a_2xx_to_credentials_for_an_issued_nonce_proves_the_peer() {
+        let s = DetectSettings::default();
+        let mut d = Detector::default();
+        let a = "198.51.100.50";
+        d.observe(
+            &s,
+            &response(a, "401 Unauthorized", "c1", "REGISTER", Some("n1")),
+            1,
+        );
+        d.observe(&s, &answer(a, "c1", "n1"), 2);
+        d.observe(&s, &response(a, "200 OK", "c1", "REGISTER", None), 3);
+        let proofs = d.take_proofs();
+        assert_eq!(proofs.len(), 1, "{proofs:?}");
+        assert_eq!(proofs[0].how, "200 to an authenticated REGISTER for 201");
+        // Credentials for a nonce this address was never given (a forger guessing, or
+        // replaying another address's) prove nothing, however the server answers.
+        let b = "198.51.100.51";
+        d.observe(
+            &s,
+            &response(b, "401 Unauthorized", "c2", "REGISTER", Some("n2")),
+            1,
+        );
+        d.observe(&s, &answer(b, "c2", "n1"), 2);
+        d.observe(&s, &response(b, "200 OK", "c2", "REGISTER", None), 3);
+        // Nor does a 200 to a request without credentials.
+        d.observe(&s, &response(b, "200 OK", "c3", "INVITE", None), 4);
+        assert_eq!(d.take_proofs(), []);
+    }
+
+    #[test]
+    fn refused_credentials_for_issued_nonces_are_an_auth_failure() {
+        let s = DetectSettings::default();
+        let limit = s.auth_failures.unwrap().requests;
+        let mut d = Detector::default();
+        let a = "198.51.100.52";
+        let mut found = Vec::new();
+        d.observe(
+            &s,
+            &response(a, "401 Unauthorized", "c0", "REGISTER", Some("n0")),
+            1,
+        );
+        for i in 1..=limit {
+            let call = format!("c{i}");
+            d.observe(&s, &answer(a, &call, &format!("n{}", i - 1)), 2);
+            let refused = response(
+                a,
+                "401 Unauthorized",
+                &call,
+                "REGISTER",
+                Some(&format!("n{i}")),
+            );
+            found.extend(d.observe(&s, &refused, 3));
+        }
+        assert_eq!(found.len(), 1, "at the limit: {found:?}");
+        assert_eq!(found[0].rule, AUTH_FAILURE);
+        assert!(!forgeable(AUTH_FAILURE));
+        assert!(
+            found[0].line.contains("401 to credentials for 201"),
+            "{found:?}"
+        );
+        // A phone with a wrong password, retrying twice a minute for an hour: never.
+        let s = DetectSettings::default();
+        let mut d = Detector::default();
+        let b = "198.51.100.53";
+        for minute in 0..60u64 {
+            for retry in 0..2u64 {
+                let at = minute * 60_000 + retry * 30_000;
+                let call = format!("p{minute}-{retry}");
+                d.observe(
+                    &s,
+                    &response(b, "401 Unauthorized", &call, "REGISTER", Some(&call)),
+                    at,
+                );
+                d.observe(&s, &answer(b, &call, &call), at + 1);
+                let refused = response(b, "403 Forbidden", &call, "REGISTER", None);
+                assert_eq!(d.observe(&s, &refused, at + 2), None);
+            }
+        }
     }
 }

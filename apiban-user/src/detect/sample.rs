@@ -4,7 +4,8 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use apiban_common::{SipSample, detect};
 
-/// One record: a sample of a request (with its payload) or a rate report.
+/// One record: a sample of a request (with its payload), a rate report, or a response the
+/// server sent to the source (`addr`: where it went).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sample {
     pub kind: u8,
@@ -28,7 +29,13 @@ impl Sample {
         // SAFETY: the length is checked above; SipSample is plain integers (any bits are a
         // value) and read unaligned.
         let raw: SipSample = unsafe { bytes.as_ptr().cast::<SipSample>().read_unaligned() };
-        if raw.kind != detect::KIND_SAMPLE && raw.kind != detect::KIND_RATE {
+        if ![
+            detect::KIND_SAMPLE,
+            detect::KIND_RATE,
+            detect::KIND_RESPONSE,
+        ]
+        .contains(&raw.kind)
+        {
             return None;
         }
         let v6 = Ipv6Addr::from(raw.src);

@@ -16,6 +16,81 @@ pub struct SipRequest<'a> {
     /// It carries `Authorization` or `Proxy-Authorization`: an answer to the server's
     /// challenge, which an extension scanner never sends.
     pub credentials: bool,
+    /// The nonce those credentials answer.
+    pub nonce: Option<&'a str>,
+}
+
+/// The parts of a final response the rules use (RFC 3261 §7.2), borrowed from the sample.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SipResponse<'a> {
+    pub status: u16,
+    /// The method of the request it answers, from CSeq.
+    pub method: &'a str,
+    pub call_id: Option<&'a str>,
+    pub to: Option<&'a str>,
+    /// The nonce of a `WWW-Authenticate` or `Proxy-Authenticate` challenge.
+    pub nonce: Option<&'a str>,
+}
+
+impl<'a> SipResponse<'a> {
+    /// A response's status line and the headers above; `Malformed` for anything else.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, Malformed> {
+        let complete = match bytes.iter().rposition(|b| *b == b'\n') {
+            Some(end) => &bytes[..=end],
+            None => return Err(Malformed::Truncated),
+        };
+        let text = std::str::from_utf8(complete).map_err(|_| Malformed::Binary)?;
+        let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+        let status_line = lines.next().ok_or(Malformed::Truncated)?;
+        let status = status_line
+            .strip_prefix("SIP/2.0 ")
+            .and_then(|rest| rest.get(..3))
+            .and_then(|code| code.parse::<u16>().ok())
+            .filter(|code| (100..700).contains(code))
+            .ok_or(Malformed::RequestLine)?;
+        let mut response = SipResponse {
+            status,
+            ..Default::default()
+        };
+        for line in lines {
+            if line.is_empty() {
+                break;
+            }
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            match name.trim().to_ascii_lowercase().as_str() {
+                "call-id" | "i" => response.call_id = response.call_id.or(Some(value)),
+                "to" | "t" => response.to = response.to.or(Some(value)),
+                "cseq" => {
+                    response.method = value.split_whitespace().nth(1).unwrap_or_default();
+                }
+                "www-authenticate" | "proxy-authenticate" => {
+                    response.nonce = response.nonce.or_else(|| digest_param(value, "nonce"));
+                }
+                _ => {}
+            }
+        }
+        Ok(response)
+    }
+
+    /// The user the answered request was aimed at (To's URI).
+    pub fn target_user(&self) -> Option<&'a str> {
+        self.to.and_then(uri_user)
+    }
+}
+
+/// A Digest challenge's or answer's parameter (`nonce="abc"`), unquoted.
+pub fn digest_param<'a>(value: &'a str, name: &str) -> Option<&'a str> {
+    let rest = value.strip_prefix("Digest")?.trim_start();
+    rest.split(',').find_map(|part| {
+        let (key, v) = part.trim().split_once('=')?;
+        key.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().trim_matches('"'))
+            .filter(|v| !v.is_empty() && v.len() <= 256)
+    })
 }
 
 /// Why a sample is not a SIP request.
@@ -82,6 +157,7 @@ impl<'a> SipRequest<'a> {
             let lower = name.to_ascii_lowercase();
             if lower == "authorization" || lower == "proxy-authorization" {
                 request.credentials = true;
+                request.nonce = request.nonce.or_else(|| digest_param(value, "nonce"));
                 continue;
             }
             let slot = match lower.as_str() {
@@ -327,6 +403,22 @@ Content-Length: 0\r\n\r\n";
             [("Request-URI", "x"), ("From", "100"), ("To", "100")]
         );
         assert!(!SipRequest::parse(SVWAR).unwrap().credentials);
+    }
+
+    #[test]
+    fn responses_give_their_status_method_and_challenge() {
+        let challenge = b"SIP/2.0 401 Unauthorized\r\nVia: SIP/2.0/UDP 198.51.100.7\r\nTo: <sip:100@h>;tag=9\r\nCall-ID: abc\r\nCSeq: 1 REGISTER\r\nWWW-Authenticate: Digest realm=\"r\", nonce=\"4f6e63\", algorithm=MD5\r\n\r\n";
+        let r = SipResponse::parse(challenge).unwrap();
+        assert_eq!(
+            (r.status, r.method, r.call_id, r.nonce, r.target_user()),
+            (401, "REGISTER", Some("abc"), Some("4f6e63"), Some("100"))
+        );
+        assert_eq!(
+            SipResponse::parse(b"SIP/2.0 2x0 OK\r\n\r\n"),
+            Err(Malformed::RequestLine)
+        );
+        let answer = SipRequest::parse(b"REGISTER sip:h SIP/2.0\r\nAuthorization: Digest username=\"100\", realm=\"r\", nonce=\"4f6e63\", response=\"x\"\r\n\r\n").unwrap();
+        assert_eq!(answer.nonce, Some("4f6e63"));
     }
 
     #[test]

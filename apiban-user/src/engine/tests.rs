@@ -418,25 +418,35 @@ fn escalation_yields_to_the_allowlist_this_host_and_its_off_switch() {
 }
 
 #[test]
-fn detection_bans_never_escalate_to_a_block() {
-    // Four of one /64 banned by detection: each rests on requests that someone forging
-    // addresses could have sent from another network's /64, so the block stays open.
+fn only_unforgeable_detection_bans_escalate_to_a_block() {
+    // Four of one /64 banned on requests alone: each rests on what someone forging
+    // addresses could have sent from another network's /64, so the block stays open. Four
+    // banned on the server's answers (auth-failure) widen as a feed's would.
     let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, settings(100), 10).unwrap();
-    for i in 11..=14 {
-        let evidence = crate::ledger::Evidence {
-            rule: "scanner-user-agent".into(),
-            counts: "User-Agent starts with `friendly-scanner`".into(),
-            line: "User-Agent: friendly-scanner".into(),
-            at: 10,
-            offence: 1,
-        };
-        let addr = format!("2a01:4f8:b::{i}").parse().unwrap();
-        e.detected(addr, std::time::Duration::from_secs(600), evidence, 10)
-            .unwrap();
+    for (block, unforgeable) in [("2a01:4f8:b", false), ("2a01:4f8:c", true)] {
+        for i in 11..=14 {
+            let evidence = crate::ledger::Evidence {
+                rule: if unforgeable {
+                    "auth-failure"
+                } else {
+                    "scanner-user-agent"
+                }
+                .into(),
+                counts: "what the rule counted".into(),
+                line: "User-Agent: friendly-scanner".into(),
+                at: 10,
+                offence: 1,
+                unforgeable,
+            };
+            let addr = format!("{block}::{i}").parse().unwrap();
+            e.detected(addr, std::time::Duration::from_secs(600), evidence, 10)
+                .unwrap();
+        }
     }
     assert!(e.enforcer().deny.contains(&net("2a01:4f8:b::14")));
     assert!(!e.enforcer().deny.contains(&net("2a01:4f8:b::/64")));
-    assert!(e.shared().derived.is_empty());
+    assert!(e.enforcer().deny.contains(&net("2a01:4f8:c::/64")));
+    assert_eq!(e.shared().derived.len(), 1);
 }
 
 #[test]

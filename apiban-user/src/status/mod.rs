@@ -96,6 +96,8 @@ fn detect_report(view: &crate::detect::DetectView) -> DetectReport {
         bans: stats.bans.load(Relaxed),
         refused: stats.refused.load(Relaxed),
         exempted: stats.exempted.load(Relaxed),
+        responses: stats.responses.load(Relaxed),
+        proven: stats.proven.load(Relaxed),
         tracked: stats.tracked.load(Relaxed),
         keepalives: stats.keepalives.load(Relaxed),
         tls_packets: stats.tls.load(Relaxed),
@@ -132,8 +134,15 @@ pub struct DetectReport {
     pub bans: u64,
     /// Matches the ledger refused (allowlisted, this host, special-purpose).
     pub refused: u64,
-    /// Matches on the operator's proven peers (`--detect-exempt`), not banned.
+    /// Matches on proven peers (`--detect-exempt`, or proven by the server's answers), not
+    /// banned.
     pub exempted: u64,
+    /// Responses to followed sources the egress program sent.
+    #[serde(default)]
+    pub responses: u64,
+    /// Peers proven by the server's answers now.
+    #[serde(default)]
+    pub proven: u64,
     /// Sources the rules follow now.
     pub tracked: u64,
     /// Keep-alives (CRLF, STUN) and packets to TLS ports the program passed over.
@@ -208,6 +217,9 @@ pub struct AgentInfo {
 pub struct InterfaceInfo {
     pub name: String,
     pub mode: String,
+    /// The egress classifier that shows detection the server's answers: `tcx`, or `off: why`.
+    #[serde(default)]
+    pub egress: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

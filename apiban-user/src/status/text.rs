@@ -76,7 +76,13 @@ impl StatusReport {
         let ifaces: Vec<String> = a
             .interfaces
             .iter()
-            .map(|i| format!("{} ({})", i.name, i.mode))
+            .map(|i| {
+                if i.egress.is_empty() {
+                    format!("{} ({})", i.name, i.mode)
+                } else {
+                    format!("{} ({}, egress {})", i.name, i.mode, i.egress)
+                }
+            })
             .collect();
         let _ = writeln!(
             o,
@@ -236,6 +242,11 @@ sources      {:<8} {:>9} {:>14} {:>14}",
                 o,
                 "  seen         {} samples, {} rate reports, {} sources followed; {} banned, {} refused, {} proven peers spared",
                 d.samples, d.rate_reports, d.tracked, d.bans, d.refused, d.exempted
+            );
+            let _ = writeln!(
+                o,
+                "  answers      {} responses seen on egress; {} peers proven (2xx to an authenticated REGISTER or INVITE)",
+                d.responses, d.proven
             );
             let _ = writeln!(
                 o,

@@ -30,6 +30,8 @@ pub struct DetachReport {
     /// Interfaces with a pin but not in this network namespace: deleted, or the agent ran in
     /// another namespace, where its program still runs.
     pub not_here: Vec<String>,
+    /// Interfaces whose egress classifier's link was unpinned, which detached it.
+    pub egress: Vec<String>,
 }
 
 /// Detaches apiban's program from `iface` (or from every interface it is attached to in
@@ -109,7 +111,10 @@ pub fn detach(
         }
     }
 
-    let mut report = DetachReport::default();
+    let mut report = DetachReport {
+        egress: super::detach_egress(bpffs_dir, iface)?,
+        ..DetachReport::default()
+    };
     for pinned in links {
         std::fs::remove_file(&pinned.path).map_err(io_err(&pinned.path))?;
         report.interfaces.push(pinned.iface);

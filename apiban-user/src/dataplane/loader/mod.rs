@@ -21,6 +21,7 @@
 
 mod attach;
 mod detach;
+mod egress;
 mod find;
 
 pub use self::{
@@ -29,6 +30,7 @@ pub use self::{
         pinned_attachments,
     },
     detach::{DetachReport, detach},
+    egress::{EgressHook, detach_egress},
 };
 use std::{
     borrow::Cow,

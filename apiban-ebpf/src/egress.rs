@@ -1,0 +1,174 @@
+//! The answers half of SIP scanner detection: a TC egress classifier on the same interfaces
+//! as the XDP program. For a SIP response (`SIP/2.0 NNN`, not provisional) leaving a SIP port
+//! towards a source detection follows, it sends the agent the response's first bytes through
+//! detection's ring buffer, under a cap of its own. Everything else costs a port check; it
+//! never changes a packet nor its fate.
+//!
+//! Packet bytes are read with `bpf_skb_load_bytes` (`TcContext::load`), which checks the
+//! bounds itself and reads past the linear part of the buffer, where a response's payload
+//! may lie.
+
+use core::ffi::c_void;
+
+use apiban_common::{
+    ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, SipSample, SipSource, detect,
+};
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{__sk_buff, TC_ACT_OK},
+    helpers::generated::bpf_skb_load_bytes,
+    macros::classifier,
+    programs::TcContext,
+};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+};
+
+use crate::{
+    coarse_now_ns,
+    detect::{DETECT_CONFIG, SIP_PORTS, SIP_SAMPLES, SIP_SOURCES, take_budget},
+};
+
+#[classifier]
+pub fn apiban_egress(ctx: TcContext) -> i32 {
+    // Only reads: whatever it finds, the packet goes on.
+    let _ = try_egress(&ctx);
+    TC_ACT_OK
+}
+
+/// A response's place in the packet.
+struct Response {
+    /// Where it goes: the source detection follows (IPv4 mapped into IPv6).
+    to: [u8; 16],
+    family: u8,
+    proto: u8,
+    /// The server's port it leaves from.
+    port: u16,
+    payload: usize,
+    len: usize,
+}
+
+#[inline(always)]
+fn try_egress(ctx: &TcContext) -> Result<(), ()> {
+    let Some(config) = DETECT_CONFIG.get(0) else {
+        return Ok(());
+    };
+    if config.enabled == 0 || config.responses_per_sec == 0 {
+        return Ok(());
+    }
+    let Some(response) = sip_response(ctx)? else {
+        return Ok(());
+    };
+    let Some(source) = SIP_SOURCES.get_ptr_mut(&response.to) else {
+        return Ok(());
+    };
+    let now = coarse_now_ns();
+    if take_budget(detect::BUDGET_RESPONSES, config.responses_per_sec, now) {
+        send(ctx, &response, source);
+    }
+    Ok(())
+}
+
+/// A final response (2xx-6xx) leaving a SIP port over UDP or TCP; None for anything else.
+#[inline(always)]
+fn sip_response(ctx: &TcContext) -> Result<Option<Response>, ()> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+    let l3 = EthHdr::LEN;
+    let mut to = [0u8; 16];
+    let (family, proto, l4, ip_end) = match ethertype {
+        ETH_P_IPV4 => {
+            let ip: Ipv4Hdr = ctx.load(l3).map_err(|_| ())?;
+            if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
+                return Ok(None);
+            }
+            to[10] = 0xff;
+            to[11] = 0xff;
+            to[12..].copy_from_slice(&ip.dst_addr);
+            (
+                4,
+                ip.proto,
+                l3 + usize::from(ip.vihl & 0x0f) * 4,
+                l3 + usize::from(u16::from_be_bytes(ip.tot_len)),
+            )
+        }
+        ETH_P_IPV6 => {
+            let ip: Ipv6Hdr = ctx.load(l3).map_err(|_| ())?;
+            to = ip.dst_addr;
+            (
+                6,
+                ip.next_hdr,
+                l3 + Ipv6Hdr::LEN,
+                l3 + Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.payload_len)),
+            )
+        }
+        _ => return Ok(None),
+    };
+    let payload = match proto {
+        IPPROTO_UDP => l4 + 8,
+        IPPROTO_TCP => {
+            let data_offset: u8 = ctx.load(l4 + 12).map_err(|_| ())?;
+            l4 + usize::from(data_offset >> 4) * 4
+        }
+        _ => return Ok(None),
+    };
+    let port = u16::from_be(ctx.load::<u16>(l4).map_err(|_| ())?);
+    match SIP_PORTS.get(u32::from(port)) {
+        Some(kind) if *kind == detect::PORT_SIP => {}
+        _ => return Ok(None),
+    }
+    let end = ip_end.min(ctx.len() as usize);
+    // `SIP/2.0 NNN`: the status code's first digit at 8.
+    if end < payload + 12 {
+        return Ok(None);
+    }
+    let head: [u8; 12] = ctx.load(payload).map_err(|_| ())?;
+    if &head[..8] != b"SIP/2.0 " || head[8] < b'2' || head[8] > b'6' {
+        return Ok(None);
+    }
+    Ok(Some(Response {
+        to,
+        family,
+        proto,
+        port,
+        payload,
+        len: end - payload,
+    }))
+}
+
+#[inline(always)]
+fn send(ctx: &TcContext, response: &Response, source: *mut SipSource) {
+    let Some(mut entry) = SIP_SAMPLES.reserve::<SipSample>(0) else {
+        return;
+    };
+    let sample = entry.as_mut_ptr();
+    // SAFETY: `sample` is the ring buffer's reservation of a whole SipSample; `source` is
+    // from a successful lookup. The copy is bounded by the payload array's size (`copy_len`).
+    unsafe {
+        (*sample).kind = detect::KIND_RESPONSE;
+        (*sample).family = response.family;
+        (*sample).proto = response.proto;
+        (*sample).method = 0;
+        (*sample).dst_port = response.port;
+        (*sample).src = response.to;
+        (*sample).requests = (*source).requests;
+        (*sample).seen = (*source).seen;
+        (*sample).probes = (*source).probes;
+        (*sample).ifindex = (*ctx.as_ptr().cast::<__sk_buff>()).ifindex;
+        let copied = match crate::copy_len(response.len as u64, detect::SNAPLEN as u64) {
+            Some(n)
+                if bpf_skb_load_bytes(
+                    ctx.as_ptr().cast_const(),
+                    response.payload as u32,
+                    (&raw mut (*sample).payload).cast::<c_void>(),
+                    n,
+                ) == 0 =>
+            {
+                n
+            }
+            _ => 0,
+        };
+        (*sample).captured = copied as u16;
+    }
+    entry.submit(0);
+}
