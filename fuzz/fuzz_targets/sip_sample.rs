@@ -6,7 +6,7 @@ use apiban::detect::{
     DetectSettings,
     rules::Detector,
     sample::Sample,
-    sip::{SipRequest, messages, printable},
+    sip::{SipRequest, SipResponse, messages, printable},
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -34,6 +34,12 @@ fuzz_target!(|data: &[u8]| {
                 assert!(text.contains(user) || !user.is_ascii());
             }
         }
+        if let Ok(r) = SipResponse::parse(message) {
+            assert!((100..700).contains(&r.status));
+            for part in [r.call_id, r.to, r.nonce].into_iter().flatten() {
+                assert!(text.contains(part), "{part:?} is not from the input");
+            }
+        }
     }
     assert!(printable(&text, 80).chars().all(|c| c == ' ' || c.is_ascii_graphic()));
     let sample = Sample::decode(data).unwrap_or(Sample {
@@ -53,7 +59,7 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// A sample or a rate report, by the first byte.
+/// A sample, a rate report or a response, by the first byte.
 fn apiban_common_kind(data: &[u8]) -> u8 {
-    if data.first().is_some_and(|b| b % 2 == 0) { 1 } else { 2 }
+    data.first().map_or(1, |b| b % 3 + 1)
 }
