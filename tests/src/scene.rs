@@ -196,6 +196,25 @@ impl Scene {
         ip
     }
 
+    /// Gives the attacker `addr` and makes it the source of what the attacker sends to
+    /// `server` without choosing one (a tool that does not bind its socket, a TCP client).
+    pub fn source_by_route(&self, addr: &str, server: &str) -> IpAddr {
+        let src = self.source(addr);
+        self.topo.attacker.exec(
+            "ip",
+            &[
+                "route",
+                "replace",
+                &format!("{server}/32"),
+                "dev",
+                &self.topo.attacker_if,
+                "src",
+                addr,
+            ],
+        );
+        src
+    }
+
     /// The attacker's own (clean) address of the same family.
     pub fn clean(&self, family_of: IpAddr) -> IpAddr {
         match family_of {

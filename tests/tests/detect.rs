@@ -48,20 +48,7 @@ const SVMAP_PORTS: &str = "5062-5064";
 /// Makes `addr` the attacker's source towards the server: SIPVicious binds its socket to
 /// `-b` but some of its tools send from the route's source address.
 fn attack_from(scene: &Scene, addr: &str) -> IpAddr {
-    let src = scene.source(addr);
-    scene.topo.attacker.exec(
-        "ip",
-        &[
-            "route",
-            "replace",
-            &format!("{SERVER}/32"),
-            "dev",
-            &scene.topo.attacker_if,
-            "src",
-            addr,
-        ],
-    );
-    src
+    scene.source_by_route(addr, SERVER)
 }
 
 /// Runs `tool args` from `addr` and times its ban from the moment its first request

@@ -53,18 +53,7 @@ fn the_legitimate_crowd_is_never_banned_in_enforce_mode() {
         .map(|a| scene.source(a))
         .collect();
     // The TLS client connects from the route's source address; the others bind theirs.
-    scene.topo.attacker.exec(
-        "ip",
-        &[
-            "route",
-            "replace",
-            &format!("{SERVER}/32"),
-            "dev",
-            &scene.topo.attacker_if,
-            "src",
-            TLS_CLIENT,
-        ],
-    );
+    scene.source_by_route(TLS_CLIENT, SERVER);
     let dir = &scene.dir.path;
     let file = |name: &str, text: &str| {
         let path = dir.join(name);

@@ -19,6 +19,7 @@ pub mod offences;
 pub mod proven;
 pub mod rules;
 pub mod sample;
+mod saved;
 pub mod sip;
 
 use std::{

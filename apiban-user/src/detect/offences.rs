@@ -1,14 +1,7 @@
 //! How many times detection has banned each source, kept in the state directory so that a
 //! scanner that comes back after a restart still gets the doubled TTL it has earned.
 
-use std::{
-    collections::HashMap,
-    fs,
-    io::{self, Write as _},
-    net::IpAddr,
-    os::unix::fs::OpenOptionsExt as _,
-    path::PathBuf,
-};
+use std::{collections::HashMap, io, net::IpAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,26 +36,17 @@ impl Offences {
     /// What the file holds; an unreadable file is reported and started over (it only
     /// lengthens TTLs, so losing it costs no protection).
     pub fn load(path: Option<PathBuf>) -> Self {
-        let mut by_addr = HashMap::new();
-        if let Some(p) = &path {
-            match fs::read(p) {
-                Ok(bytes) => match serde_json::from_slice::<Saved>(&bytes) {
-                    Ok(saved) if saved.version == VERSION => {
-                        by_addr.extend(saved.offences.iter().map(|o| (o.addr, (o.count, o.at))));
-                    }
-                    Ok(saved) => {
-                        tracing::warn!(path = %p.display(), version = saved.version, "detection's offence counts are of another version; starting them over")
-                    }
-                    Err(e) => {
-                        tracing::warn!(path = %p.display(), error = %e, "detection's offence counts are unreadable; starting them over")
-                    }
-                },
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(path = %p.display(), error = %e, "cannot read detection's offence counts; starting them over")
-                }
-            }
-        }
+        let saved = path
+            .as_deref()
+            .and_then(|p| super::saved::read::<Saved>(p, "offence counts", VERSION, |s| s.version));
+        let by_addr = saved
+            .map(|s| {
+                s.offences
+                    .iter()
+                    .map(|o| (o.addr, (o.count, o.at)))
+                    .collect()
+            })
+            .unwrap_or_default();
         Self {
             path,
             by_addr,
@@ -117,36 +101,16 @@ impl Offences {
                 })
                 .collect(),
         };
-        write_file(path, &serde_json::to_vec(&saved)?)?;
+        super::saved::write(path, &serde_json::to_vec(&saved)?)?;
         self.dirty = false;
         Ok(())
     }
 }
 
-/// Writes `bytes` to `path` whole or not at all: a temporary file (owner-only), synced,
-/// renamed over the old one.
-pub(super) fn write_file(path: &std::path::Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    let write = || -> io::Result<()> {
-        let mut file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&tmp, path)
-    };
-    let written = write();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written
-}
-
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]

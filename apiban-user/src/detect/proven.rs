@@ -6,7 +6,7 @@
 //! directory, so that an office re-registering after a power cut (and a restart of the agent)
 //! is still known.
 
-use std::{collections::HashMap, fs, io, net::IpAddr, path::PathBuf};
+use std::{collections::HashMap, io, net::IpAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,23 +43,12 @@ impl ProvenPeers {
     /// What the file holds; an unreadable file is reported and started over (peers prove
     /// themselves again at their next registration).
     pub fn load(path: Option<PathBuf>) -> Self {
-        let mut by_addr = HashMap::new();
-        if let Some(p) = &path {
-            match fs::read(p) {
-                Ok(bytes) => match serde_json::from_slice::<Saved>(&bytes) {
-                    Ok(saved) if saved.version == VERSION => {
-                        by_addr.extend(saved.proven.into_iter().map(|p| (p.addr, p)));
-                    }
-                    Ok(_) | Err(_) => {
-                        tracing::warn!(path = %p.display(), "detection's proven peers are unreadable; starting them over")
-                    }
-                },
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(path = %p.display(), error = %e, "cannot read detection's proven peers; starting them over")
-                }
-            }
-        }
+        let saved = path
+            .as_deref()
+            .and_then(|p| super::saved::read::<Saved>(p, "proven peers", VERSION, |s| s.version));
+        let by_addr = saved
+            .map(|s| s.proven.into_iter().map(|p| (p.addr, p)).collect())
+            .unwrap_or_default();
         Self {
             path,
             by_addr,
@@ -114,7 +103,7 @@ impl ProvenPeers {
             version: VERSION,
             proven: self.by_addr.values().cloned().collect(),
         };
-        super::offences::write_file(path, &serde_json::to_vec(&saved)?)?;
+        super::saved::write(path, &serde_json::to_vec(&saved)?)?;
         self.dirty = false;
         Ok(())
     }
@@ -122,6 +111,8 @@ impl ProvenPeers {
 
 #[cfg(test)]
 mod tests {
+    use std::fs;
+
     use super::*;
 
     #[test]

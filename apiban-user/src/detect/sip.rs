@@ -35,12 +35,7 @@ pub struct SipResponse<'a> {
 impl<'a> SipResponse<'a> {
     /// A response's status line and the headers above; `Malformed` for anything else.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, Malformed> {
-        let complete = match bytes.iter().rposition(|b| *b == b'\n') {
-            Some(end) => &bytes[..=end],
-            None => return Err(Malformed::Truncated),
-        };
-        let text = std::str::from_utf8(complete).map_err(|_| Malformed::Binary)?;
-        let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+        let mut lines = complete_lines(bytes)?;
         let status_line = lines.next().ok_or(Malformed::Truncated)?;
         let status = status_line
             .strip_prefix("SIP/2.0 ")
@@ -106,18 +101,23 @@ pub enum Malformed {
     Binary,
 }
 
+/// The complete lines of a message, without their line ends: the sample may end in the
+/// middle of one, which is left out.
+fn complete_lines(bytes: &[u8]) -> Result<impl Iterator<Item = &str>, Malformed> {
+    let complete = match bytes.iter().rposition(|b| *b == b'\n') {
+        Some(end) => &bytes[..=end],
+        None => return Err(Malformed::Truncated),
+    };
+    let text = std::str::from_utf8(complete).map_err(|_| Malformed::Binary)?;
+    Ok(text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)))
+}
+
 /// Longest method token accepted; real ones are at most 9 characters (SUBSCRIBE).
 const MAX_METHOD: usize = 16;
 
 impl<'a> SipRequest<'a> {
     pub fn parse(bytes: &'a [u8]) -> Result<Self, Malformed> {
-        // Only complete lines: the sample may end in the middle of one.
-        let complete = match bytes.iter().rposition(|b| *b == b'\n') {
-            Some(end) => &bytes[..=end],
-            None => return Err(Malformed::Truncated),
-        };
-        let text = std::str::from_utf8(complete).map_err(|_| Malformed::Binary)?;
-        let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+        let mut lines = complete_lines(bytes)?;
         let request_line = lines.next().ok_or(Malformed::Truncated)?;
         let mut parts = request_line.split(' ');
         let (Some(method), Some(uri), Some(version), None) =
