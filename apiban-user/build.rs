@@ -25,6 +25,13 @@ fn main() -> anyhow::Result<()> {
     if !linker_ok {
         bail!("bpf-linker is not on PATH: run `cargo xtask setup`");
     }
+    // aya-build watches the eBPF crate only; the types it shares with this one live in
+    // apiban-common, and a change there (a struct's size) must rebuild the object too, or
+    // the two sides disagree on every record's layout.
+    println!(
+        "cargo:rerun-if-changed={}",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../apiban-common")
+    );
     let bench = std::env::var_os("CARGO_FEATURE_BENCH_PROGRAMS").is_some();
     let ebpf = aya_build::Package {
         name: "apiban-ebpf",

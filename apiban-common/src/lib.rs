@@ -542,10 +542,12 @@ mod pod {
 pub mod detect {
     /// Sources tracked at once; the least recently seen go first.
     pub const SOURCES: u32 = 65_536;
-    /// Bytes of SIP payload a sample carries at most.
-    pub const SNAPLEN: usize = 512;
-    /// The ring buffer's size: room for about 500 samples between two reads.
-    pub const RING_BYTES: u32 = 1 << 19;
+    /// Bytes of SIP payload a sample carries at most: a REGISTER answering a challenge is
+    /// 500-800 bytes, and svcrack puts its Authorization after Content-Length, the last
+    /// header, which 512 bytes cut off.
+    pub const SNAPLEN: usize = 1024;
+    /// The ring buffer's size: room for about 950 samples between two reads.
+    pub const RING_BYTES: u32 = 1 << 20;
 
     /// Requests counted apart, per source and window, against a rate threshold each: the
     /// ones that open a transaction outside a dialog, which is what a flood or a scan sends.
@@ -725,7 +727,7 @@ impl SipSample {
 }
 
 const _: () = assert!(core::mem::size_of::<SipSource>() == 40);
-const _: () = assert!(core::mem::size_of::<SipSample>() == 564);
+const _: () = assert!(core::mem::size_of::<SipSample>() == 1076);
 
 /// `apiban capture`: while [`DataplaneConfig::CAPTURE`] is set, the program copies the first
 /// `snaplen` bytes of each packet whose verdict is in `verdicts` into a ring buffer, at most

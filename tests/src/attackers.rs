@@ -32,6 +32,65 @@ pub fn sipvicious(tool: &str) -> PathBuf {
     bin
 }
 
+/// A SIPVicious command whose requests carry `user_agent` instead of its own
+/// `friendly-scanner`, as an attacker who edits one line of it sends them: a copy of the
+/// installed package under `dir` with that default changed, and a launcher for `tool`.
+pub fn sipvicious_with_user_agent(dir: &Path, tool: &str, user_agent: &str) -> PathBuf {
+    let venv = sipvicious(tool)
+        .parent()
+        .and_then(Path::parent)
+        .expect("the virtualenv")
+        .to_path_buf();
+    let site = std::fs::read_dir(venv.join("lib"))
+        .expect("the virtualenv's lib")
+        .flatten()
+        .map(|e| e.path().join("site-packages/sipvicious"))
+        .find(|p| p.exists())
+        .expect("the installed sipvicious package");
+    let root = dir.join("sipvicious-patched");
+    copy_tree(&site, &root.join("sipvicious"));
+    let helper = root.join("sipvicious/libs/svhelper.py");
+    let text = std::fs::read_to_string(&helper).expect("svhelper.py");
+    let patched = text.replace(
+        "useragent='friendly-scanner'",
+        &format!("useragent='{user_agent}'"),
+    );
+    assert_ne!(
+        text, patched,
+        "svhelper.py no longer sets friendly-scanner as its default"
+    );
+    std::fs::write(&helper, patched).expect("patch svhelper.py");
+    let launcher = root.join(format!("sipvicious_{tool}"));
+    std::fs::write(
+        &launcher,
+        format!(
+            "#!{}\nimport sys\nsys.path.insert(0, {:?})\nfrom sipvicious.{tool} import main\nsys.exit(main())\n",
+            venv.join("bin/python3").display(),
+            root.display().to_string()
+        ),
+    )
+    .expect("write the launcher");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&launcher, std::fs::Permissions::from_mode(0o755))
+        .expect("make the launcher executable");
+    launcher
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create a directory");
+    for entry in std::fs::read_dir(from).expect("read a directory").flatten() {
+        let path = entry.path();
+        if entry.file_name() == "__pycache__" {
+            continue;
+        }
+        if path.is_dir() {
+            copy_tree(&path, &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(&path, to.join(entry.file_name())).expect("copy a file");
+        }
+    }
+}
+
 /// SIPp, from Debian's `sip-tester`.
 pub fn sipp() -> PathBuf {
     let bin = PathBuf::from("/usr/bin/sipp");

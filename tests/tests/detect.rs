@@ -9,7 +9,7 @@ use std::{
 
 use tests::{
     agent::{control_request, http_get},
-    attackers::{SipResponder, Tool, sipp, sipp_scenario, sipvicious},
+    attackers::{SipResponder, Tool, sipp, sipp_scenario, sipvicious, sipvicious_with_user_agent},
     require_root,
     scene::Scene,
     wait_until,
@@ -60,6 +60,18 @@ fn time_to_ban(
     addr: &str,
     args: &[&str],
 ) -> (Duration, Tool) {
+    time_to_ban_of(scene, pbx, tool, &sipvicious(tool), addr, args)
+}
+
+/// As [`time_to_ban`], running `program` as `tool`.
+fn time_to_ban_of(
+    scene: &Scene,
+    pbx: &SipResponder,
+    tool: &str,
+    program: &Path,
+    addr: &str,
+    args: &[&str],
+) -> (Duration, Tool) {
     let src = attack_from(scene, addr);
     let ports = if tool == "svmap" {
         SVMAP_PORTS
@@ -69,7 +81,7 @@ fn time_to_ban(
     let mut full = vec!["-b", addr, "-p", ports];
     full.extend_from_slice(args);
     let log = scene.dir.path.join(format!("{tool}.log"));
-    let tool_run = Tool::start(&scene.topo.attacker, &sipvicious(tool), &full, log);
+    let tool_run = Tool::start(&scene.topo.attacker, program, &full, log);
     let socket = scene.control_socket();
     let deadline = Instant::now() + Duration::from_secs(20);
     let first = loop {
@@ -86,8 +98,10 @@ fn time_to_ban(
     while !banned(&socket, src) {
         assert!(
             first.elapsed() < Duration::from_secs(5),
-            "{tool} from {addr} not banned 5 s after its first packet:\n{}",
-            scene.agent().log_text()
+            "{tool} from {addr} not banned 5 s after its first packet:\n{}\n{}\n{}",
+            scene.agent().log_text(),
+            scene.status()["agent"]["detect"],
+            tool_run.output()
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -478,4 +492,61 @@ fn an_extension_walk_with_a_normal_user_agent_is_banned_as_enumeration() {
         "{:?}",
         started.elapsed()
     );
+}
+
+/// The ban's TTL in seconds, from `check`'s first record.
+fn ttl_of(check: &serde_json::Value) -> u64 {
+    let record = &check["records"][0];
+    record["expires"].as_u64().unwrap_or(0) - record["first_seen"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn sipvicious_with_a_phones_user_agent_is_banned_by_what_it_does() {
+    require_root();
+    let mut scene = Scene::new();
+    let mut args = vec!["--detect", "enforce"];
+    args.extend(DETECT_PORTS);
+    scene.start(&args);
+    let pbx = SipResponder::start(
+        &scene.topo.server,
+        format!("{SERVER}:{PBX_PORT}").parse().expect("literal"),
+    );
+    const PHONE: &str = "Yealink SIP-T46S 66.86.0.15";
+    // svwar walks extensions without ever answering a challenge: enumeration, a rule on
+    // requests alone (a forger could bring them), so ten minutes.
+    let svwar = sipvicious_with_user_agent(&scene.dir.path, "svwar", PHONE);
+    let (took, svwar_run) = time_to_ban_of(
+        &scene,
+        &pbx,
+        "svwar",
+        &svwar,
+        "45.81.0.6",
+        &["--force", "-e", "100-400", SERVER],
+    );
+    println!("svwar as a phone: banned {took:?} after its first request");
+    let check = check_recorded(&scene, "45.81.0.6");
+    let evidence = &check["records"][0]["evidence"];
+    assert_eq!(evidence["rule"], "extension-enumeration", "{check}");
+    assert_eq!(ttl_of(&check), 600, "{check}");
+    // Stopped before the route's source changes: svwar sends from it, whatever its -b.
+    drop(svwar_run);
+    // svcrack guesses the password of an extension that exists: each guess answers the
+    // PBX's challenge, whose nonce went to svcrack's address only (seen on egress), and is
+    // refused: auth-failure, which no forger can bring, so a day.
+    let svcrack = sipvicious_with_user_agent(&scene.dir.path, "svcrack", PHONE);
+    let (took, _svcrack) = time_to_ban_of(
+        &scene,
+        &pbx,
+        "svcrack",
+        &svcrack,
+        "45.81.0.7",
+        &["-u", "100", "-r", "1000-1200", SERVER],
+    );
+    println!("svcrack as a phone: banned {took:?} after its first request");
+    let check = check_recorded(&scene, "45.81.0.7");
+    let evidence = &check["records"][0]["evidence"];
+    assert_eq!(evidence["rule"], "auth-failure", "{check}");
+    assert_eq!(evidence["unforgeable"], true, "{check}");
+    assert_eq!(ttl_of(&check), 86_400, "{check}");
+    println!("{}", scene.agent().cli_ok(&["check", "45.81.0.7"]));
 }

@@ -190,7 +190,7 @@ impl<'a> SipRequest<'a> {
     }
 }
 
-/// Most messages read from one sample: a 512-byte sample holds a few at most.
+/// Most messages read from one sample: a 1,024-byte sample holds a few at most.
 const MAX_MESSAGES: usize = 8;
 
 /// The messages in `bytes`, in order: each one's start line and headers (its body skipped

@@ -242,7 +242,7 @@ fn what_cannot_be_read_is_counted_and_never_a_finding() {
     assert_eq!(last.line, "register sip:x SIP/2.0?");
     // A sample cut at the snap length in its request line is the sample's end, not
     // the sender's.
-    let mut cut = sample("198.51.100.10", &[b'A'; 512]);
+    let mut cut = sample("198.51.100.10", &[b'A'; apiban_common::detect::SNAPLEN]);
     cut.payload[..8].copy_from_slice(b"OPTIONS ");
     assert_eq!(d.observe(&s, &cut, 5), None);
     assert_eq!(d.unreadable, 300);
