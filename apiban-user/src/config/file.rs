@@ -84,6 +84,10 @@ pub struct FileConfig {
     pub detect_rate_invite: Option<super::args::Count>,
     pub detect_rate_other: Option<super::args::Count>,
     pub detect_users: Option<Parsed<super::args::Threshold>>,
+    /// Removed (the malformed-requests rule is gone: what cannot be parsed is never a reason
+    /// to ban); accepted, whatever its value, and reported, so that an upgrade does not stop
+    /// an agent whose file still sets it.
+    pub detect_malformed: Option<toml::Value>,
     pub detect_exempt: Option<Vec<Cidr>>,
 }
 

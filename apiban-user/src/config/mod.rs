@@ -618,6 +618,18 @@ fn resolve_detect(args: &RunArgs, file: &FileConfig) -> Result<DetectSettings, C
             }
         },
         users: threshold(args.detect_users, file.detect_users, defaults.users),
+        notices: file
+            .detect_malformed
+            .as_ref()
+            .map(|_| {
+                "detect-malformed in the config file is ignored: the malformed-requests rule \
+                 is gone, since what cannot be parsed is never a reason to ban (unreadable \
+                 samples are counted in status and apiban_detect_unreadable_total); remove \
+                 the key"
+                    .to_owned()
+            })
+            .into_iter()
+            .collect(),
         exempt: first_list(
             &args.detect_exempt,
             file.detect_exempt

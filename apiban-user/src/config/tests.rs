@@ -517,4 +517,12 @@ fn detection_rates_are_per_method_and_tls_ports_are_apart() {
     );
     let e = parse_file("detect-rate-register = 0\n").unwrap_err();
     assert!(e.contains("write \"off\""), "{e}");
+    // A key this version removed does not stop the agent: it is reported.
+    let c = resolve(
+        &args(&["--iface", "eth0"]),
+        None,
+        file("detect-malformed = \"10/60s\"\n"),
+    )
+    .unwrap();
+    assert!(c.detect.notices[0].starts_with("detect-malformed in the config file is ignored"));
 }

@@ -142,6 +142,8 @@ pub struct DetectSettings {
     /// The operator's proven peers: never banned by detection (customers' PBXs, trunks),
     /// what would have happened is reported; feeds may still ban them.
     pub exempt: Vec<IpNet>,
+    /// What the configuration set that no longer does anything, for the log.
+    pub notices: Vec<String>,
 }
 
 impl Default for DetectSettings {
@@ -171,6 +173,7 @@ impl Default for DetectSettings {
                 window: Duration::from_secs(60),
             }),
             exempt: Vec::new(),
+            notices: Vec::new(),
         }
     }
 }
@@ -324,6 +327,9 @@ pub async fn run(
         return;
     }
     tracing::info!(mode = current.mode.name(), ports = ?current.ports, tls_ports = ?current.tls_ports, "SIP scanner detection");
+    for notice in &current.notices {
+        tracing::warn!("{notice}");
+    }
     let mut detector = Detector::default();
     // Detection's bans per source, for the doubling TTL, across restarts; forgotten after
     // the longest TTL. Written at most every few seconds, however many bans a wave brings.
