@@ -148,5 +148,13 @@ fn the_units_capabilities_are_enough_to_enforce() {
     agent.cli_ok(&["ban", "45.9.3.3"]);
     let clean = "10.77.0.2".parse().unwrap();
     assert_eq!(probe(&topo, &mut rx, &[banned], clean, 10), vec![0]);
+    // The egress classifier too, checked with the kernel without CAP_SYS_ADMIN.
+    let status = agent.status_json();
+    assert_eq!(
+        status["agent"]["interfaces"][0]["egress"],
+        "tcx",
+        "{status}\n{}",
+        agent.log_text()
+    );
     assert_eq!(agent.stop(), Some(0));
 }

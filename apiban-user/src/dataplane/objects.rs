@@ -69,6 +69,44 @@ pub(super) unsafe fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc:
     }
 }
 
+/// The `query` member of `union bpf_attr` (BPF_PROG_QUERY), up to the program IDs' count.
+#[repr(C)]
+#[derive(Default)]
+struct QueryAttr {
+    target_ifindex: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+    prog_attach_flags: u64,
+    link_ids: u64,
+    link_attach_flags: u64,
+    revision: u64,
+}
+
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_TCX_EGRESS: u32 = 47;
+
+/// The IDs of the programs on the interface's tcx egress hook. Needs CAP_NET_ADMIN only,
+/// where aya's query opens each program by ID, which needs CAP_SYS_ADMIN (the systemd unit
+/// does not grant it).
+pub fn tcx_egress_program_ids(ifindex: u32) -> io::Result<Vec<u32>> {
+    let mut ids = [0u32; 64];
+    let mut attr = QueryAttr {
+        target_ifindex: ifindex,
+        attach_type: BPF_TCX_EGRESS,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        ..Default::default()
+    };
+    // SAFETY: a `query` attr whose ID buffer (of `prog_cnt` entries) outlives the call.
+    unsafe { bpf(BPF_PROG_QUERY, &mut attr)? };
+    let n = (attr.prog_cnt as usize).min(ids.len());
+    Ok(ids[..n].to_vec())
+}
+
 fn c_path(path: &Path) -> io::Result<CString> {
     CString::new(path.as_os_str().as_bytes())
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))

@@ -136,9 +136,9 @@ impl Enforcement {
     /// Whether the kernel lists this agent's egress program on the interface.
     fn egress_attached(&mut self, index: u32) -> Result<bool, LoaderError> {
         let ours = self.egress_program()?.info().map_err(program_err)?.id();
-        let (_, attached) =
-            SchedClassifier::query_tcx(index, TcAttachType::Egress).map_err(program_err)?;
-        Ok(attached.iter().any(|p| p.id() == ours))
+        let attached = objects::tcx_egress_program_ids(index)
+            .map_err(io_err(Path::new("BPF_PROG_QUERY (tcx egress)")))?;
+        Ok(attached.contains(&ours))
     }
 }
 
