@@ -46,6 +46,7 @@ fuzz_target!(|data: &[u8]| {
         kind: apiban_common_kind(data),
         addr: "198.51.100.7".parse().unwrap(),
         method: 0,
+        proto: 17,
         dst_port: 5060,
         requests: [u32::MAX, 0, 7, 1],
         seen: 1,

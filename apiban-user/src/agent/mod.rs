@@ -455,8 +455,15 @@ fn serve<E: Enforcer + Send + 'static>(
             heartbeat_every: watchdog_timeout
                 .map_or(Duration::from_secs(1), |t| t / 4)
                 .clamp(Duration::from_millis(50), Duration::from_secs(1)),
-            // Detection's bans may be far shorter than the feeds' (--detect-ttl).
-            ..sync::OwnerTiming::new(sweep_every(config.engine.ttl.min(config.detect.ttl)))
+            // Detection's bans may be far shorter than the feeds' (--detect-ttl, and the
+            // shorter --detect-forgeable-ttl).
+            ..sync::OwnerTiming::new(sweep_every(
+                config
+                    .engine
+                    .ttl
+                    .min(config.detect.ttl)
+                    .min(config.detect.forgeable_ttl),
+            ))
         };
         let own = engine.own_addresses();
         let (link, ends) = match &config.cluster {

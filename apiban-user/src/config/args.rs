@@ -317,6 +317,11 @@ pub struct RunArgs {
     /// 407 again) within a window, or off [default: 10/60s].
     #[arg(long, env = "APIBAN_DETECT_AUTH_FAILURES")]
     pub detect_auth_failures: Option<Threshold>,
+    /// Distinct users the server answered "does not exist" (404, 484, 604) to one source
+    /// within a window, or off; bans over TCP keep --detect-ttl, over UDP (a forged request
+    /// also gets an answer) --detect-forgeable-ttl [default: 20/60s].
+    #[arg(long, env = "APIBAN_DETECT_UNKNOWN_USERS")]
+    pub detect_unknown_users: Option<Threshold>,
     /// How long a source stays proven after the server answered 2xx to its authenticated
     /// REGISTER or INVITE; detection never bans a proven peer [default: 7d].
     #[arg(long, env = "APIBAN_DETECT_PROVEN_TTL")]

@@ -77,6 +77,7 @@ pub struct FileConfig {
     pub detect_forgeable_ttl: Option<Parsed<HumanDuration>>,
     pub detect_forgeable_ttl_max: Option<Parsed<HumanDuration>>,
     pub detect_auth_failures: Option<Parsed<super::args::Threshold>>,
+    pub detect_unknown_users: Option<Parsed<super::args::Threshold>>,
     pub detect_proven_ttl: Option<Parsed<HumanDuration>>,
     pub detect_user_agents: Option<Vec<String>>,
     pub detect_rate: Option<Parsed<super::args::Threshold>>,

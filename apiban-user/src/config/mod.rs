@@ -571,6 +571,11 @@ fn resolve_detect(args: &RunArgs, file: &FileConfig) -> Result<DetectSettings, C
             file.detect_auth_failures,
             defaults.auth_failures,
         ),
+        unknown_users: threshold(
+            args.detect_unknown_users,
+            file.detect_unknown_users,
+            defaults.unknown_users,
+        ),
         proven_ttl: duration(
             args.detect_proven_ttl,
             file.detect_proven_ttl,

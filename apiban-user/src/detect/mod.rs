@@ -132,6 +132,8 @@ pub struct DetectSettings {
     pub forgeable_ttl_max: Duration,
     /// Credentials for nonces the server issued to one source, refused, within a window.
     pub auth_failures: Option<RateLimit>,
+    /// Distinct users the server answered "does not exist" to one source, within a window.
+    pub unknown_users: Option<RateLimit>,
     /// How long a proof (2xx to an authenticated REGISTER or INVITE) keeps a peer proven.
     pub proven_ttl: Duration,
     /// Lower-cased signatures (see [`DEFAULT_USER_AGENTS`]).
@@ -160,6 +162,12 @@ impl Default for DetectSettings {
             // guesser sends hundreds.
             auth_failures: Some(RateLimit {
                 requests: 10,
+                window: Duration::from_secs(60),
+            }),
+            // svwar against a real PBX: hundreds a minute. A few phones left registering with
+            // deleted extensions behind one NAT: a handful.
+            unknown_users: Some(RateLimit {
+                requests: 20,
                 window: Duration::from_secs(60),
             }),
             proven_ttl: Duration::from_secs(7 * 86_400),
@@ -454,7 +462,7 @@ async fn act(
     reported: &mut HashMap<IpAddr, u64>,
 ) {
     let offence = offences.next(finding.addr);
-    let forgeable = rules::forgeable(finding.rule);
+    let forgeable = finding.forgeable;
     let ttl = settings.ttl_for(offence, forgeable);
     let proven = settings
         .exempt

@@ -12,6 +12,8 @@ pub struct Sample {
     /// IPv4 sources as IPv4, not mapped.
     pub addr: IpAddr,
     pub method: u8,
+    /// IPPROTO_UDP or IPPROTO_TCP.
+    pub proto: u8,
     pub dst_port: u16,
     pub requests: [u32; detect::METHODS],
     pub seen: u32,
@@ -49,6 +51,7 @@ impl Sample {
             kind: raw.kind,
             addr,
             method: raw.method,
+            proto: raw.proto,
             dst_port: raw.dst_port,
             requests: raw.requests,
             seen: raw.seen,

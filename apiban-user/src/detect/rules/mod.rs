@@ -36,19 +36,15 @@ pub const INJECTION: &str = "injection";
 pub const REQUEST_RATE: &str = "request-rate";
 pub const EXTENSION_ENUMERATION: &str = "extension-enumeration";
 pub const AUTH_FAILURE: &str = "auth-failure";
-pub const RULES: [&str; 5] = [
+pub const UNKNOWN_USERS: &str = "unknown-users";
+pub const RULES: [&str; 6] = [
     SCANNER_USER_AGENT,
     INJECTION,
     REQUEST_RATE,
     EXTENSION_ENUMERATION,
     AUTH_FAILURE,
+    UNKNOWN_USERS,
 ];
-
-/// Whether a rule's evidence could have been brought by someone forging the source address:
-/// everything read from requests alone.
-pub fn forgeable(rule: &str) -> bool {
-    rule != AUTH_FAILURE
-}
 
 /// Sampled requests carrying a scanner's signature (its User-Agent, an injection) that a
 /// source must have sent within [`SIGNATURE_WINDOW`] before a signature rule matches: one
@@ -85,6 +81,9 @@ pub struct Finding {
     pub counts: String,
     /// The first matching line, printable and truncated.
     pub line: String,
+    /// Someone forging the source address could have brought this evidence: everything
+    /// read from requests alone, and answers to requests a forger can send over UDP.
+    pub forgeable: bool,
 }
 
 /// A source proved a real peer (see [`super::proven`]).
@@ -128,6 +127,8 @@ struct Tracked {
     /// Credentials of this source answered by another challenge or a refusal, this window.
     auth_failures: u32,
     auth_failure_line: Option<String>,
+    /// Users the server said do not exist (404, 484, 604), in answers to this source.
+    unknown_users: BTreeSet<String>,
 }
 
 /// Nonces and answered calls kept per source: a handshake takes one of each.
@@ -187,11 +188,19 @@ impl Detector {
             };
         }
         let finding = |rule, counts: String, line: String| {
+            let forgeable = match rule {
+                AUTH_FAILURE => false,
+                // A 404 answers whatever request reached the server, forged or not; over
+                // TCP the source completed a handshake first, which a forger cannot.
+                UNKNOWN_USERS => sample.proto != apiban_common::IPPROTO_TCP,
+                _ => true,
+            };
             Some(Finding {
                 addr: sample.addr,
                 rule,
                 counts,
                 line,
+                forgeable,
             })
         };
         if sample.kind == KIND_RATE {
@@ -296,6 +305,38 @@ fn response_rules(
                 response.status, response.method
             )),
         );
+    }
+    if matches!(response.status, 404 | 484 | 604)
+        && matches!(
+            response.method,
+            "REGISTER" | "INVITE" | "OPTIONS" | "SUBSCRIBE" | "MESSAGE"
+        )
+        && let (Some(limit), Some(user)) = (settings.unknown_users, response.target_user())
+    {
+        if tracked.unknown_users.len() < MAX_USERS {
+            tracked.unknown_users.insert(user.to_owned());
+        }
+        let distinct = tracked.unknown_users.len() as u32;
+        if distinct >= limit.requests {
+            return (
+                Some((
+                    UNKNOWN_USERS,
+                    format!(
+                        "{distinct} users the server said do not exist within {} (last: {user})",
+                        format_duration(limit.window)
+                    ),
+                    printable(
+                        &format!(
+                            "SIP/2.0 {} to {} for {user}",
+                            response.status, response.method
+                        ),
+                        LINE_CHARS,
+                    ),
+                )),
+                None,
+            );
+        }
+        return (None, None);
     }
     let challenge = matches!(response.status, 401 | 407);
     if challenge && let Some(nonce) = response.nonce {
@@ -480,6 +521,7 @@ fn window(settings: &DetectSettings) -> Duration {
         Some(settings.rate.window),
         settings.users.map(|l| l.window),
         settings.auth_failures.map(|l| l.window),
+        settings.unknown_users.map(|l| l.window),
         Some(SIGNATURE_WINDOW),
     ]
     .into_iter()

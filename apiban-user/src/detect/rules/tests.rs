@@ -6,6 +6,7 @@ fn sample(addr: &str, payload: &[u8]) -> Sample {
         kind: KIND_SAMPLE,
         addr: addr.parse().unwrap(),
         method: 0,
+        proto: apiban_common::IPPROTO_UDP,
         dst_port: 5060,
         requests: [1, 0, 0, 0],
         seen: 1,
@@ -378,7 +379,7 @@ fn refused_credentials_for_issued_nonces_are_an_auth_failure() {
     }
     assert_eq!(found.len(), 1, "at the limit: {found:?}");
     assert_eq!(found[0].rule, AUTH_FAILURE);
-    assert!(!forgeable(AUTH_FAILURE));
+    assert!(!found[0].forgeable, "only the real address saw the nonces");
     assert!(
         found[0].line.contains("401 to credentials for 201"),
         "{found:?}"
@@ -400,5 +401,50 @@ fn refused_credentials_for_issued_nonces_are_an_auth_failure() {
             let refused = response(b, "403 Forbidden", &call, "REGISTER", None);
             assert_eq!(d.observe(&s, &refused, at + 2), None);
         }
+    }
+}
+
+#[test]
+fn users_that_do_not_exist_are_unknown_users_and_over_udp_forgeable() {
+    let s = DetectSettings::default();
+    let limit = s.unknown_users.unwrap().requests;
+    let walk = |proto: u8| {
+        let mut d = Detector::default();
+        let a = "198.51.100.54";
+        let mut found = Vec::new();
+        for n in 0..limit {
+            let mut r = sample(
+                a,
+                format!(
+                    "SIP/2.0 404 Not Found\r\nTo: <sip:{}@192.0.2.1>;tag=x\r\nCall-ID: w{n}\r\nCSeq: 1 REGISTER\r\n\r\n",
+                    300 + n
+                )
+                .as_bytes(),
+            );
+            r.kind = KIND_RESPONSE;
+            r.proto = proto;
+            found.extend(d.observe(&s, &r, 1));
+        }
+        found
+    };
+    let udp = walk(apiban_common::IPPROTO_UDP);
+    assert_eq!(udp.len(), 1, "at the limit: {udp:?}");
+    assert_eq!(udp[0].rule, UNKNOWN_USERS);
+    assert!(udp[0].forgeable, "a forged UDP request gets its 404 too");
+    let tcp = walk(apiban_common::IPPROTO_TCP);
+    assert!(!tcp[0].forgeable, "a TCP source completed a handshake");
+    // Users that exist (challenged, then registered) never count, however many.
+    let mut d = Detector::default();
+    for n in 0..200 {
+        let mut r = sample(
+            "198.51.100.55",
+            format!(
+                "SIP/2.0 401 Unauthorized\r\nTo: <sip:{}@192.0.2.1>;tag=x\r\nCall-ID: o{n}\r\nCSeq: 1 REGISTER\r\nWWW-Authenticate: Digest realm=\"r\", nonce=\"{n}\"\r\n\r\n",
+                200 + n
+            )
+            .as_bytes(),
+        );
+        r.kind = KIND_RESPONSE;
+        assert_eq!(d.observe(&s, &r, 1), None);
     }
 }
