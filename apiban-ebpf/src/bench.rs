@@ -11,11 +11,11 @@ use apiban_common::{
     TrafficgenParams, block_filter, host_table,
 };
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, xdp_action},
+    bindings::{BPF_F_MMAPABLE, TC_ACT_OK, xdp_action},
     helpers::bpf_redirect,
-    macros::{map, xdp},
+    macros::{classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use network_types::{eth::EthHdr, ip::Ipv4Hdr};
 
@@ -68,6 +68,12 @@ static BENCH_LPM_V4: LpmTrie<[u8; 4], u64> = LpmTrie::with_max_entries(DEFAULT_D
 #[xdp]
 pub fn bench_floor(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_DROP
+}
+
+/// Bare `TC_ACT_OK`: what any classifier costs here, the egress program's floor.
+#[classifier]
+pub fn bench_tc_floor(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
 }
 
 /// The production logic, behind a step that rewrites the IPv4 source address on each run.

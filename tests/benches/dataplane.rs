@@ -27,6 +27,9 @@ use aya::{
 use ipnet::{IpNet, Ipv4Net};
 use tests::{BpffsDir, frame::Frame, require_root};
 
+#[path = "dataplane/detect.rs"]
+mod detect;
+
 struct Config {
     repeat: u32,
     rounds: usize,
@@ -103,6 +106,14 @@ fn main() {
         prototypes(&mut loaded, &frame, &config, &mut json);
         return;
     }
+    // `--detect`: only detection's rows, at 100k bans.
+    if std::env::args().any(|a| a == "--detect") {
+        let mut inserted = 0;
+        grow_to(&mut loaded, &mut inserted, 100_000);
+        let mut json = serde_json::Map::new();
+        detect::detection(&mut loaded, &frame, &config, inserted, &mut json);
+        return;
+    }
     let floor = measure(&mut loaded, program_names::BENCH_FLOOR, &frame, &config);
     row("bare XDP_DROP (floor)", None, 1, floor);
     let floor = floor.ns;
@@ -169,46 +180,7 @@ fn main() {
         prototypes(&mut loaded, &frame, &config, &mut json);
     }
 
-    // SIP scanner detection costs only clean SIP traffic (the drop path does not run it):
-    // the same frames from sources that are not banned, detection off and on, in one run.
-    // The sources rotate, so with 65,536 of them every packet is a new source for the
-    // LRU map (a flood from spoofed sources), and the sample budget runs out at once.
-    let mut tap =
-        apiban::dataplane::detect::DetectTap::take(loaded.ebpf_mut()).expect("the detection maps");
-    let detect_on = apiban::detect::DetectSettings {
-        mode: apiban::detect::DetectMode::Enforce,
-        ..Default::default()
-    };
-    println!();
-    println!(
-        "clean SIP traffic (OPTIONS to 5060) with SIP scanner detection off and on, {inserted} entries"
-    );
-    for sources in [1_024u32, 65_536] {
-        set_params(&mut loaded, inserted, sources - 1);
-        tap.switches
-            .set(
-                apiban_common::DetectConfig::default(),
-                &detect_on.ports,
-                &detect_on.tls_ports,
-            )
-            .expect("detection off");
-        let off = measure(&mut loaded, program_names::BENCH_CYCLE, &frame, &config);
-        row("  detection off", Some(inserted), sources, off);
-        tap.switches
-            .set(
-                detect_on.dataplane_config(),
-                &detect_on.ports,
-                &detect_on.tls_ports,
-            )
-            .expect("detection on");
-        let on = measure(&mut loaded, program_names::BENCH_CYCLE, &frame, &config);
-        row("  detection on", Some(inserted), sources, on);
-        json.insert(format!("detect_off_ns_{sources}_sources"), round(off.ns));
-        json.insert(format!("detect_on_ns_{sources}_sources"), round(on.ns));
-    }
-    tap.switches
-        .set(apiban_common::DetectConfig::default(), &[], &[])
-        .expect("detection off");
+    detect::detection(&mut loaded, &frame, &config, inserted, &mut json);
 
     println!();
     println!("loading bans into an empty map (IPv4 /32s)");
