@@ -1,12 +1,58 @@
 //! SIP scanner detection in the dataplane. For SIP requests (UDP, or a TCP segment with
 //! payload) to a SIP port, from a source that is neither banned nor allowed, the program
-//! counts requests per source and method in a bounded LRU map, and sends the agent, through
-//! a ring buffer, the first packets of each new source and one in `sample_every` after that,
-//! at most `samples_per_sec` in all; a source over the rate threshold of one method
-//! within a window is reported once per window. Nothing goes to userspace per packet.
+//! counts requests per source and method in a fixed table (`SIP_SOURCES`, see
+//! [`SOURCES`]), and sends the agent, through a ring buffer, the first packets of each
+//! new source and one in `sample_every` after that, at most `samples_per_sec` in all; a
+//! source over the rate threshold of one method within a window is reported once per
+//! window. Nothing goes to userspace per packet.
 
-/// Sources tracked at once; the least recently seen go first.
-pub const SOURCES: u32 = 65_536;
+/// Slots of `SIP_SOURCES`: a fixed array of buckets of `WAYS` slots, a bucket per source
+/// address by a keyed hash ([`source_hash`]). A fixed table rather than an LRU hash: under
+/// a flood from spoofed sources every packet is a new source, and an LRU insert with
+/// eviction per packet made detection the bottleneck. A slot is 32 bytes, so a bucket is one
+/// cache line. A newcomer takes a way that is free, idle this window, or seen once; a busier
+/// way only with a chance of one in its requests, so a flood of one-packet sources cannot
+/// wipe the counts of the sources that matter (see `apiban-ebpf/src/detect.rs`).
+pub const SOURCES: u32 = WAYS << BUCKET_BITS;
+pub const WAYS: u32 = 2;
+pub const BUCKET_BITS: u32 = 15;
+
+/// A source's hash under `seed` (`DetectConfig::hash_seed`, random per agent, so that no one
+/// can pick addresses that share a bucket with someone else's). `addr` is as
+/// [`address_words`] gives it. The hash is also the slot's tag: for IPv4 sources (one fixed
+/// first word) it is a bijection of the address, so no two share one.
+#[inline(always)]
+pub const fn source_hash(addr: &[u64; 2], seed: u64) -> u64 {
+    ((addr[0] ^ seed).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ addr[1])
+        .wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+}
+
+/// The first of the `WAYS` slots of the bucket of a source with `hash`.
+#[inline(always)]
+pub const fn bucket_slot(hash: u64) -> u32 {
+    ((hash >> (64 - BUCKET_BITS)) as u32) * WAYS
+}
+
+/// `SipSource::window_start`'s unit: 2^20 ns, about a millisecond.
+pub const TICK_SHIFT: u32 = 20;
+
+/// The most requests of one method a window can count (16 bits a count): a rate threshold
+/// above it could never be reached.
+pub const MAX_THRESHOLD: u32 = u16::MAX as u32;
+
+/// A source address as `SIP_SOURCES` keys it: its 16 bytes (IPv4 mapped into IPv6) as two
+/// native-endian words.
+#[inline(always)]
+pub const fn address_words(addr: &[u8; 16]) -> [u64; 2] {
+    [
+        u64::from_ne_bytes([
+            addr[0], addr[1], addr[2], addr[3], addr[4], addr[5], addr[6], addr[7],
+        ]),
+        u64::from_ne_bytes([
+            addr[8], addr[9], addr[10], addr[11], addr[12], addr[13], addr[14], addr[15],
+        ]),
+    ]
+}
 /// Bytes of SIP payload a sample carries at most: a REGISTER answering a challenge is
 /// 500-800 bytes, and svcrack puts its Authorization after Content-Length, the last
 /// header, which 512 bytes cut off.
@@ -57,7 +103,10 @@ pub const PORT_TLS: u8 = 2;
 pub const COUNT_KEEPALIVES: u32 = 0;
 /// Packets to a TLS port, counted and not parsed.
 pub const COUNT_TLS: u32 = 1;
-pub const COUNTS: u32 = 2;
+/// Requests from a source that found no slot in `SIP_SOURCES`: sampled within the cap,
+/// not counted against a rate, their answers not followed.
+pub const COUNT_UNTRACKED: u32 = 2;
+pub const COUNTS: u32 = 3;
 
 /// What the first four bytes of a payload are.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,44 +153,52 @@ pub struct DetectConfig {
     pub enabled: u32,
     /// Packets of a new source that are all sampled.
     pub first_samples: u32,
-    /// After those, one packet in this many (0: none).
+    /// After those, one packet in this many (0: none); a power of two.
     pub sample_every: u32,
     /// Samples per second at most, over all sources and CPUs.
     pub samples_per_sec: u32,
     /// Rate reports per second at most.
     pub reports_per_sec: u32,
     /// Requests of each rated method (`METHOD_*`) from one source within a window
-    /// that make a rate report (0: that method makes none).
+    /// that make a rate report (0: that method makes none); at most [`MAX_THRESHOLD`].
     pub rate_thresholds: [u32; METHODS],
     /// Responses to followed sources the egress program sends, per second at most over all
     /// CPUs (0: none).
     pub responses_per_sec: u32,
     /// The window of `rate_thresholds`.
     pub window_ns: u64,
+    /// The key of [`source_hash`].
+    pub hash_seed: u64,
 }
 
-/// One source's requests, in `SIP_SOURCES` (key: the address, IPv4 mapped into IPv6).
+/// One slot of `SIP_SOURCES`: a source's requests, in 32 bytes (two to a cache line).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SipSource {
-    pub window_start_ns: u64,
-    /// Requests per method in the current window.
-    pub requests: [u32; METHODS],
-    /// Requests since the source was first seen (sampling counts on this).
-    pub seen: u32,
-    /// 1 once this window's rate report went out.
-    pub reported: u32,
-    /// REGISTER and OPTIONS requests since the source was first seen: what extension
+    /// The source's [`source_hash`]; 0 in a slot never taken.
+    pub tag: u64,
+    /// When the current window started, in ticks of 2^[`TICK_SHIFT`] ns (wrapping).
+    pub window_start: u32,
+    /// Requests of any kind in the current window: what a newcomer must outweigh to take
+    /// the slot.
+    pub hits: u16,
+    /// Requests since the slot was taken (wrapping; sampling counts on this).
+    pub seen: u16,
+    /// Requests per method in the current window, saturating. A rate report goes when one
+    /// reaches its threshold, so once a window.
+    pub requests: [u16; METHODS],
+    /// REGISTER and OPTIONS requests since the slot was taken (wrapping): what extension
     /// enumeration sends, so that the agent can scale what it samples of them.
-    pub probes: u32,
-    pub _pad: u32,
+    pub probes: u16,
+    pub _pad: [u16; 3],
 }
 
-/// A cap per second (see `SAMPLE_BUDGET`).
+/// A cap per second (see `SAMPLE_BUDGET`): `used` of it since `until - 1 s`. An end time
+/// rather than a second number: no division on the packet path.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SampleBudget {
-    pub second: u64,
+    pub until: u64,
     pub used: u64,
 }
 
@@ -190,5 +247,5 @@ impl SipSample {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<SipSource>() == 40);
+const _: () = assert!(core::mem::size_of::<SipSource>() == 32);
 const _: () = assert!(core::mem::size_of::<SipSample>() == 1076);

@@ -538,7 +538,6 @@ mod pod {
 pub mod detect;
 pub use detect::{DetectConfig, SampleBudget, SipSample, SipSource};
 
-
 /// `apiban capture`: while [`DataplaneConfig::CAPTURE`] is set, the program copies the first
 /// `snaplen` bytes of each packet whose verdict is in `verdicts` into a ring buffer, at most
 /// `per_sec` a second over all CPUs, with the time it saw it.

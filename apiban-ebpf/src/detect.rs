@@ -12,9 +12,10 @@ use apiban_common::{
     detect::{self, Payload},
 };
 use aya_ebpf::{
+    helpers::bpf_get_prandom_u32,
     helpers::generated::bpf_xdp_load_bytes,
     macros::map,
-    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, PerCpuArray, RingBuf},
     programs::XdpContext,
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
@@ -28,8 +29,7 @@ pub(crate) static DETECT_CONFIG: Array<DetectConfig> = Array::with_max_entries(1
 #[map]
 pub(crate) static SIP_PORTS: Array<u8> = Array::with_max_entries(SCOPE_PORT_SLOTS, 0);
 #[map]
-pub(crate) static SIP_SOURCES: LruHashMap<[u8; 16], SipSource> =
-    LruHashMap::with_max_entries(detect::SOURCES, 0);
+pub(crate) static SIP_SOURCES: Array<SipSource> = Array::with_max_entries(detect::SOURCES, 0);
 #[map]
 pub(crate) static SIP_SAMPLES: RingBuf = RingBuf::with_byte_size(detect::RING_BYTES, 0);
 #[map]
@@ -39,7 +39,8 @@ static DETECT_COUNTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(detect::C
 
 /// A request's place in the frame.
 struct Request {
-    src: [u8; 16],
+    /// The source, as `detect::address_words` gives it.
+    src: [u64; 2],
     family: u8,
     proto: u8,
     dst_port: u16,
@@ -76,54 +77,112 @@ pub fn watch(ctx: &XdpContext) -> Result<(), ()> {
         }
     };
     let now = coarse_now_ns();
-    let source = match SIP_SOURCES.get_ptr_mut(&request.src) {
-        Some(s) => s,
-        None => {
-            let fresh = SipSource {
-                window_start_ns: now,
-                ..SipSource::default()
-            };
-            SIP_SOURCES
-                .insert(&request.src, &fresh, 0)
-                .map_err(|_| ())?;
-            SIP_SOURCES.get_ptr_mut(&request.src).ok_or(())?
+    let Some(source) = slot_for(&request.src, config, now) else {
+        // No room: sampled within the cap all the same, so that a full table hides no
+        // scanner's signature, but neither counted nor followed.
+        bump(detect::COUNT_UNTRACKED);
+        if take_budget(detect::BUDGET_SAMPLES, config.samples_per_sec, now) {
+            send(
+                ctx,
+                &request,
+                method,
+                &SipSource::default(),
+                detect::KIND_SAMPLE,
+            );
         }
+        return Ok(());
     };
     let m = usize::from(method) & (detect::METHODS - 1);
-    // SAFETY: from a successful lookup, valid for this run (RCU). Two CPUs may update one
-    // source at once; the counts are estimates for thresholds, and a lost increment is fine.
+    // SAFETY: a slot of an array map, valid for the program's life. Two CPUs may update
+    // one source at once; the counts are estimates for thresholds, and a lost increment is
+    // fine.
     let (seen, report) = unsafe {
-        if now.wrapping_sub((*source).window_start_ns) >= config.window_ns {
-            (*source).window_start_ns = now;
-            (*source).requests = [0; detect::METHODS];
-            (*source).reported = 0;
-        }
-        (*source).seen = (*source).seen.saturating_add(1);
+        (*source).seen = (*source).seen.wrapping_add(1);
+        (*source).hits = (*source).hits.saturating_add(1);
         if method == detect::METHOD_REGISTER || method == detect::METHOD_OPTIONS {
-            (*source).probes = (*source).probes.saturating_add(1);
+            (*source).probes = (*source).probes.wrapping_add(1);
         }
         // Only requests that open a transaction count against a rate: a trunk's ACKs and
-        // BYEs follow its INVITEs, and what cannot be read is no reason to ban.
-        let report = if detect::rated(method) {
-            (*source).requests[m] += 1;
-            let threshold = config.rate_thresholds[m];
-            threshold != 0 && (*source).requests[m] >= threshold && (*source).reported == 0
-        } else {
-            false
+        // BYEs follow its INVITEs, and what cannot be read is no reason to ban. The report
+        // goes when the count reaches the threshold: once a window.
+        let report = detect::rated(method) && {
+            let count = (*source).requests[m].saturating_add(1);
+            (*source).requests[m] = count;
+            u32::from(count) == config.rate_thresholds[m]
         };
         ((*source).seen, report)
     };
     if report && take_budget(detect::BUDGET_REPORTS, config.reports_per_sec, now) {
-        // SAFETY: as above.
-        unsafe { (*source).reported = 1 };
-        send(ctx, &request, method, source, detect::KIND_RATE);
+        // SAFETY: as above; the record copies the counts.
+        send(
+            ctx,
+            &request,
+            method,
+            unsafe { &*source },
+            detect::KIND_RATE,
+        );
     }
+    // `sample_every` is a power of two (see `DetectConfig`): a mask, not a division.
+    let seen = u32::from(seen);
     let sampled = seen <= config.first_samples
-        || (config.sample_every != 0 && seen % config.sample_every == 0);
+        || (config.sample_every != 0 && seen & (config.sample_every - 1) == 0);
     if sampled && take_budget(detect::BUDGET_SAMPLES, config.samples_per_sec, now) {
-        send(ctx, &request, method, source, detect::KIND_SAMPLE);
+        // SAFETY: as above.
+        send(
+            ctx,
+            &request,
+            method,
+            unsafe { &*source },
+            detect::KIND_SAMPLE,
+        );
     }
     Ok(())
+}
+
+/// The slot `src` has in `SIP_SOURCES`, or takes now, its window current; None when its
+/// bucket has no room for it. A newcomer takes the way with fewer requests this window
+/// when that way has at most one (never taken, idle, or one packet: what each source of a
+/// spoofed flood is), and a busier way only with a chance of one in its requests: a flood
+/// of new sources wears down a busy source's slot no faster than it earns it back.
+#[inline(always)]
+fn slot_for(src: &[u64; 2], config: &DetectConfig, now: u64) -> Option<*mut SipSource> {
+    let tag = detect::source_hash(src, config.hash_seed);
+    let first = detect::bucket_slot(tag);
+    let a = SIP_SOURCES.get_ptr_mut(first)?;
+    let b = SIP_SOURCES.get_ptr_mut(first + 1)?;
+    let tick = (now >> detect::TICK_SHIFT) as u32;
+    let window = (config.window_ns >> detect::TICK_SHIFT) as u32;
+    // SAFETY: slots of an array map, valid for the program's life; racing writers leave at
+    // worst a slot whose counts are off, never memory out of place.
+    unsafe {
+        let current = |slot: *mut SipSource| tick.wrapping_sub((*slot).window_start) < window;
+        let hit = if (*a).tag == tag {
+            a
+        } else if (*b).tag == tag {
+            b
+        } else {
+            let weight = |slot| if current(slot) { (*slot).hits } else { 0 };
+            let (wa, wb) = (weight(a), weight(b));
+            let (victim, held) = if wa <= wb { (a, wa) } else { (b, wb) };
+            // A chance of one in `held`, by multiply and shift: `r * held >> 32` is uniform
+            // over `0..held`, and no division runs on the packet path.
+            if held > 1 && (u64::from(bpf_get_prandom_u32()) * u64::from(held)) >> 32 != 0 {
+                return None;
+            }
+            *victim = SipSource {
+                tag,
+                window_start: tick,
+                ..SipSource::default()
+            };
+            return Some(victim);
+        };
+        if !current(hit) {
+            (*hit).window_start = tick;
+            (*hit).requests = [0; detect::METHODS];
+            (*hit).hits = 0;
+        }
+        Some(hit)
+    }
 }
 
 /// The source, transport and payload offset of a UDP datagram or TCP segment with payload
@@ -132,19 +191,17 @@ pub fn watch(ctx: &XdpContext) -> Result<(), ()> {
 #[inline(always)]
 fn sip_request(ctx: &XdpContext) -> Result<Option<Request>, ()> {
     let (ethertype, offset) = l3_start(ctx)?;
-    let mut src = [0u8; 16];
     // Where the IP packet ends, by its own length: a short frame's Ethernet padding
     // follows it.
-    let (family, proto, l4, ip_end) = match ethertype {
+    let (src, family, proto, l4, ip_end) = match ethertype {
         ETH_P_IPV4 => {
             let ip: Ipv4Hdr = load(ctx, offset)?;
             if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
                 return Ok(None);
             }
-            src[10] = 0xff;
-            src[11] = 0xff;
-            src[12..].copy_from_slice(&ip.src_addr);
+            let [a, b, c, d] = ip.src_addr;
             (
+                detect::address_words(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]),
                 4,
                 ip.proto,
                 offset + usize::from(ip.vihl & 0x0f) * 4,
@@ -153,8 +210,8 @@ fn sip_request(ctx: &XdpContext) -> Result<Option<Request>, ()> {
         }
         ETH_P_IPV6 => {
             let ip: Ipv6Hdr = load(ctx, offset)?;
-            src = ip.src_addr;
             (
+                detect::address_words(&ip.src_addr),
                 6,
                 ip.next_hdr,
                 offset + Ipv6Hdr::LEN,
@@ -227,7 +284,7 @@ pub(crate) fn take_budget(slot: u32, cap: u32, now: u64) -> bool {
 }
 
 #[inline(always)]
-fn send(ctx: &XdpContext, request: &Request, method: u8, source: *mut SipSource, kind: u8) {
+fn send(ctx: &XdpContext, request: &Request, method: u8, source: &SipSource, kind: u8) {
     let Some(mut entry) = SIP_SAMPLES.reserve::<SipSample>(0) else {
         return;
     };
@@ -237,18 +294,18 @@ fn send(ctx: &XdpContext, request: &Request, method: u8, source: *mut SipSource,
     } else {
         0
     };
-    // SAFETY: `sample` is the ring buffer's reservation of a whole SipSample; `source` is
-    // from a successful lookup. The copy is bounded by the payload array's size (`copy_len`).
+    // SAFETY: `sample` is the ring buffer's reservation of a whole SipSample. The copy is
+    // bounded by the payload array's size (`copy_len`).
     unsafe {
         (*sample).kind = kind;
         (*sample).family = request.family;
         (*sample).proto = request.proto;
         (*sample).method = method;
         (*sample).dst_port = request.dst_port;
-        (*sample).src = request.src;
-        (*sample).requests = (*source).requests;
-        (*sample).seen = (*source).seen;
-        (*sample).probes = (*source).probes;
+        (*sample).src = words_bytes(&request.src);
+        (*sample).requests = source.requests.map(u32::from);
+        (*sample).seen = u32::from(source.seen);
+        (*sample).probes = u32::from(source.probes);
         (*sample).ifindex = ctx.ingress_ifindex() as u32;
         let copied = match crate::copy_len(wanted, detect::SNAPLEN as u64) {
             Some(n)
@@ -266,4 +323,14 @@ fn send(ctx: &XdpContext, request: &Request, method: u8, source: *mut SipSource,
         (*sample).captured = copied as u16;
     }
     entry.submit(0);
+}
+
+/// The 16 bytes of an address in `detect::address_words` form.
+#[inline(always)]
+pub(crate) fn words_bytes(words: &[u64; 2]) -> [u8; 16] {
+    let (a, b) = (words[0].to_ne_bytes(), words[1].to_ne_bytes());
+    [
+        a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], b[0], b[1], b[2], b[3], b[4], b[5], b[6],
+        b[7],
+    ]
 }

@@ -4,9 +4,9 @@
 //! detection's ring buffer, under a cap of its own. Everything else costs a port check; it
 //! never changes a packet nor its fate.
 //!
-//! Packet bytes are read with `bpf_skb_load_bytes` (`TcContext::load`), which checks the
-//! bounds itself and reads past the linear part of the buffer, where a response's payload
-//! may lie.
+//! Headers are read directly from the buffer's linear part, where the stack puts them (a
+//! helper call per header cost the other packets 120 ns); the payload, which may lie past
+//! the linear part, with `bpf_skb_load_bytes` (`TcContext::load`).
 
 use core::ffi::c_void;
 
@@ -27,7 +27,8 @@ use network_types::{
 
 use crate::{
     coarse_now_ns,
-    detect::{DETECT_CONFIG, SIP_PORTS, SIP_SAMPLES, SIP_SOURCES, take_budget},
+    detect::{DETECT_CONFIG, SIP_PORTS, SIP_SAMPLES, SIP_SOURCES, take_budget, words_bytes},
+    load,
 };
 
 #[classifier]
@@ -39,8 +40,8 @@ pub fn apiban_egress(ctx: TcContext) -> i32 {
 
 /// A response's place in the packet.
 struct Response {
-    /// Where it goes: the source detection follows (IPv4 mapped into IPv6).
-    to: [u8; 16],
+    /// Where it goes: the source detection follows, as `detect::address_words` gives it.
+    to: [u64; 2],
     family: u8,
     proto: u8,
     /// The server's port it leaves from.
@@ -60,7 +61,7 @@ fn try_egress(ctx: &TcContext) -> Result<(), ()> {
     let Some(response) = sip_response(ctx)? else {
         return Ok(());
     };
-    let Some(source) = SIP_SOURCES.get_ptr_mut(&response.to) else {
+    let Some(source) = followed(&response.to, config.hash_seed) else {
         return Ok(());
     };
     let now = coarse_now_ns();
@@ -73,19 +74,17 @@ fn try_egress(ctx: &TcContext) -> Result<(), ()> {
 /// A final response (2xx-6xx) leaving a SIP port over UDP or TCP; None for anything else.
 #[inline(always)]
 fn sip_response(ctx: &TcContext) -> Result<Option<Response>, ()> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).map_err(|_| ())?);
+    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
     let l3 = EthHdr::LEN;
-    let mut to = [0u8; 16];
-    let (family, proto, l4, ip_end) = match ethertype {
+    let (to, family, proto, l4, ip_end) = match ethertype {
         ETH_P_IPV4 => {
-            let ip: Ipv4Hdr = ctx.load(l3).map_err(|_| ())?;
+            let ip: Ipv4Hdr = load(ctx, l3)?;
             if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
                 return Ok(None);
             }
-            to[10] = 0xff;
-            to[11] = 0xff;
-            to[12..].copy_from_slice(&ip.dst_addr);
+            let [a, b, c, d] = ip.dst_addr;
             (
+                detect::address_words(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]),
                 4,
                 ip.proto,
                 l3 + usize::from(ip.vihl & 0x0f) * 4,
@@ -93,9 +92,9 @@ fn sip_response(ctx: &TcContext) -> Result<Option<Response>, ()> {
             )
         }
         ETH_P_IPV6 => {
-            let ip: Ipv6Hdr = ctx.load(l3).map_err(|_| ())?;
-            to = ip.dst_addr;
+            let ip: Ipv6Hdr = load(ctx, l3)?;
             (
+                detect::address_words(&ip.dst_addr),
                 6,
                 ip.next_hdr,
                 l3 + Ipv6Hdr::LEN,
@@ -107,12 +106,12 @@ fn sip_response(ctx: &TcContext) -> Result<Option<Response>, ()> {
     let payload = match proto {
         IPPROTO_UDP => l4 + 8,
         IPPROTO_TCP => {
-            let data_offset: u8 = ctx.load(l4 + 12).map_err(|_| ())?;
+            let [data_offset] = load::<[u8; 1]>(ctx, l4 + 12)?;
             l4 + usize::from(data_offset >> 4) * 4
         }
         _ => return Ok(None),
     };
-    let port = u16::from_be(ctx.load::<u16>(l4).map_err(|_| ())?);
+    let port = u16::from_be(load::<u16>(ctx, l4)?);
     match SIP_PORTS.get(u32::from(port)) {
         Some(kind) if *kind == detect::PORT_SIP => {}
         _ => return Ok(None),
@@ -136,8 +135,23 @@ fn sip_response(ctx: &TcContext) -> Result<Option<Response>, ()> {
     }))
 }
 
+/// The slot of `to` in `SIP_SOURCES`, if detection follows it: a lookup, never an insert.
 #[inline(always)]
-fn send(ctx: &TcContext, response: &Response, source: *mut SipSource) {
+fn followed(to: &[u64; 2], seed: u64) -> Option<*const SipSource> {
+    let tag = detect::source_hash(to, seed);
+    let first = detect::bucket_slot(tag);
+    for slot in [first, first + 1] {
+        let source = SIP_SOURCES.get_ptr(slot)?;
+        // SAFETY: a slot of an array map, valid for the program's life.
+        if unsafe { (*source).tag } == tag {
+            return Some(source);
+        }
+    }
+    None
+}
+
+#[inline(always)]
+fn send(ctx: &TcContext, response: &Response, source: *const SipSource) {
     let Some(mut entry) = SIP_SAMPLES.reserve::<SipSample>(0) else {
         return;
     };
@@ -150,10 +164,10 @@ fn send(ctx: &TcContext, response: &Response, source: *mut SipSource) {
         (*sample).proto = response.proto;
         (*sample).method = 0;
         (*sample).dst_port = response.port;
-        (*sample).src = response.to;
-        (*sample).requests = (*source).requests;
-        (*sample).seen = (*source).seen;
-        (*sample).probes = (*source).probes;
+        (*sample).src = words_bytes(&response.to);
+        (*sample).requests = (*source).requests.map(u32::from);
+        (*sample).seen = u32::from((*source).seen);
+        (*sample).probes = u32::from((*source).probes);
         (*sample).ifindex = (*ctx.as_ptr().cast::<__sk_buff>()).ifindex;
         let copied = match crate::copy_len(response.len as u64, detect::SNAPLEN as u64) {
             Some(n)

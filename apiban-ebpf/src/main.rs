@@ -32,7 +32,7 @@ use aya_ebpf::{
     helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
     macros::{map, xdp},
     maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::XdpContext,
+    programs::{TcContext, XdpContext},
 };
 use aya_log_ebpf::debug;
 use network_types::{
@@ -146,12 +146,41 @@ pub(crate) fn try_apiban(ctx: &XdpContext) -> Result<u32, ()> {
     })
 }
 
+/// A packet whose bytes the program reads directly: the XDP frame, or the linear part of a
+/// socket buffer (where a TC program finds the headers).
+pub(crate) trait Packet {
+    fn start(&self) -> usize;
+    fn end(&self) -> usize;
+}
+
+impl Packet for XdpContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
+impl Packet for TcContext {
+    #[inline(always)]
+    fn start(&self) -> usize {
+        self.data()
+    }
+    #[inline(always)]
+    fn end(&self) -> usize {
+        self.data_end()
+    }
+}
+
 /// Every packet access goes through here: the verifier only accepts loads it can prove are
 /// inside `[data, data_end)`.
 #[inline(always)]
-fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Result<*const T, ()> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Result<*const T, ()> {
+    let start = ctx.start();
+    let end = ctx.end();
     if start + offset + mem::size_of::<T>() > end {
         return Err(());
     }
@@ -165,7 +194,7 @@ fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
 }
 
 #[inline(always)]
-pub(crate) fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, ()> {
+pub(crate) fn load<T: Copy>(ctx: &impl Packet, offset: usize) -> Result<T, ()> {
     // SAFETY: bounds-checked by ptr_at; headers are not guaranteed aligned after VLAN tags.
     Ok(unsafe { ptr_at::<T>(ctx, offset)?.read_unaligned() })
 }
@@ -539,12 +568,11 @@ pub(crate) fn take_budget(budget: *mut SampleBudget, cap: u32, now: u64) -> bool
     if cap == 0 {
         return false;
     }
-    let second = now / 1_000_000_000;
     // SAFETY: a pointer into an array map's slot, valid for the program's life; `used` is
-    // added to atomically, `second` is a plain store where the last writer wins.
+    // added to atomically, `until` is a plain store where the last writer wins.
     unsafe {
-        if (&raw const (*budget).second).read_volatile() != second {
-            (*budget).second = second;
+        if now >= (&raw const (*budget).until).read_volatile() {
+            (*budget).until = now + 1_000_000_000;
             (*budget).used = 0;
         }
         if (&raw const (*budget).used).read_volatile() >= u64::from(cap) {

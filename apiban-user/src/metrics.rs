@@ -483,6 +483,11 @@ fn detect(w: &mut Writer, d: &crate::status::DetectReport) -> Result<(), std::fm
         ],
     )?;
     w.counter(
+        "apiban_detect_untracked_total",
+        "Requests from sources the program's per-source table had no room for: sampled within the cap, not counted against a rate, their answers not followed.",
+        d.untracked,
+    )?;
+    w.counter(
         "apiban_detect_unreadable_total",
         "Samples that were no SIP request the parser could read; never a reason to ban.",
         d.unreadable,

@@ -70,6 +70,24 @@ impl Harness {
         prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
     }
 
+    /// The XDP verdict on `repeat` runs of one frame (BPF_PROG_TEST_RUN's own repeat): many
+    /// requests from one source at little cost.
+    fn run_repeated(&mut self, frame: &[u8], repeat: u32) {
+        use aya::programs::TestRun as _;
+        let prog: &mut aya::programs::Xdp = self
+            .loaded
+            .ebpf_mut()
+            .program_mut(apiban_common::program_names::APIBAN)
+            .expect("the XDP program")
+            .try_into()
+            .expect("an XDP program");
+        let mut opts = aya::programs::TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.repeat = repeat;
+        let ret = prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value;
+        assert_eq!(ret, XDP_PASS);
+    }
+
     fn passed_over(&self) -> PassedOver {
         self.tap.counts.read().expect("read DETECT_COUNTS")
     }
@@ -94,6 +112,7 @@ fn on() -> DetectConfig {
         rate_thresholds: [5; detect::METHODS],
         responses_per_sec: 1_000,
         window_ns: 60_000_000_000,
+        hash_seed: 0x5eed,
     }
 }
 
@@ -269,7 +288,8 @@ fn keep_alives_and_tls_are_counted_and_never_sampled() {
         h.passed_over(),
         PassedOver {
             keepalives: 40,
-            tls: 7
+            tls: 7,
+            untracked: 0,
         }
     );
 }
@@ -438,4 +458,77 @@ fn the_egress_programs_cap_holds_and_detection_off_silences_it() {
         b"SIP/2.0 404 Not Found\r\n\r\n",
     ));
     assert_eq!(h.records(), Vec::new());
+}
+
+/// `n` IPv4 sources in 10.0.0.0/8 that share `of`'s bucket in the program's source table
+/// under `on()`'s seed.
+fn bucket_mates(of: &str, n: usize) -> Vec<String> {
+    let slot = |addr: std::net::Ipv4Addr| {
+        let mapped = addr.to_ipv6_mapped().octets();
+        detect::bucket_slot(detect::source_hash(
+            &detect::address_words(&mapped),
+            on().hash_seed,
+        ))
+    };
+    let home = slot(of.parse().expect("an IPv4 literal"));
+    (0u32..1 << 24)
+        .map(|i| std::net::Ipv4Addr::from(0x0a00_0000 | i))
+        .filter(|a| slot(*a) == home)
+        .take(n)
+        .map(|a| a.to_string())
+        .collect()
+}
+
+#[test]
+fn a_flood_of_one_packet_sources_in_its_bucket_leaves_a_busy_sources_counts_alone() {
+    let mut h = Harness::new(on());
+    let busy = "198.51.100.70";
+    let mates = bucket_mates(busy, 40);
+    for _ in 0..3 {
+        h.run(&sip_udp(busy, REGISTER));
+    }
+    // Forty new sources, one request each, all into the busy source's bucket: each takes
+    // the other way from the one before it.
+    for mate in &mates {
+        h.run(&sip_udp(mate, REGISTER));
+    }
+    let _ = h.records();
+    for _ in 0..2 {
+        h.run(&sip_udp(busy, REGISTER));
+    }
+    let reports: Vec<Sample> = h
+        .records()
+        .into_iter()
+        .filter(|r| r.kind == detect::KIND_RATE)
+        .collect();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    assert_eq!(reports[0].addr, ip(busy));
+    assert_eq!(reports[0].requests[usize::from(detect::METHOD_REGISTER)], 5);
+    assert_eq!(h.passed_over().untracked, 0);
+}
+
+#[test]
+fn a_newcomer_to_a_bucket_of_two_busy_sources_is_sampled_not_rated() {
+    let mut h = Harness::new(DetectConfig {
+        sample_every: 0,
+        rate_thresholds: [1_000_000; detect::METHODS],
+        ..on()
+    });
+    let mates = bucket_mates("198.51.100.71", 3);
+    // Two sources with 100,000 requests each this window: a newcomer takes one of their
+    // slots with a chance of 1 in 100,000.
+    for busy in &mates[..2] {
+        h.run_repeated(&sip_udp(busy, REGISTER), 100_000);
+    }
+    let _ = h.records();
+    h.run(&sip_udp(&mates[2], REGISTER));
+    let records = h.records();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0].addr, ip(&mates[2]));
+    assert_eq!(records[0].kind, detect::KIND_SAMPLE);
+    assert_eq!(records[0].seen, 0, "no counts: it has no slot");
+    assert_eq!(h.passed_over().untracked, 1);
+    // The busy ones keep theirs: the next request of each is counted on.
+    h.run_repeated(&sip_udp(&mates[0], REGISTER), 1);
+    assert_eq!(h.passed_over().untracked, 1);
 }

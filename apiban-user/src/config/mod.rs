@@ -651,6 +651,26 @@ fn resolve_detect(args: &RunArgs, file: &FileConfig) -> Result<DetectSettings, C
     if settings.ports.contains(&0) || settings.tls_ports.contains(&0) {
         return Err(invalid("detect-ports", "0 is not a port"));
     }
+    let max = apiban_common::detect::MAX_THRESHOLD;
+    for (i, flag) in [
+        "detect-rate-register",
+        "detect-rate-invite",
+        "detect-rate",
+        "detect-rate-other",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if settings.rate.per_method[i] > max {
+            return Err(invalid(
+                flag,
+                format!(
+                    "the program counts at most {max} requests of a method per window; \
+                     set {max} or fewer, or a shorter window"
+                ),
+            ));
+        }
+    }
     if let Some(both) = settings
         .ports
         .iter()

@@ -517,6 +517,15 @@ fn detection_rates_are_per_method_and_tls_ports_are_apart() {
     );
     let e = parse_file("detect-rate-register = 0\n").unwrap_err();
     assert!(e.contains("write \"off\""), "{e}");
+    // The program counts in 16 bits: a threshold it could never reach is refused.
+    let e = resolve(
+        &args(&["--iface", "eth0", "--detect-rate", "70000/10s"]),
+        None,
+        FileConfig::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("detect-rate"), "{e}");
+    assert!(e.to_string().contains("at most 65535 requests"), "{e}");
     // A key this version removed does not stop the agent: it is reported.
     let c = resolve(
         &args(&["--iface", "eth0"]),

@@ -21,6 +21,7 @@ pub struct DetectCounts(PerCpuArray<MapData, u64>);
 pub struct PassedOver {
     pub keepalives: u64,
     pub tls: u64,
+    pub untracked: u64,
 }
 
 impl DetectCounts {
@@ -37,6 +38,7 @@ impl DetectCounts {
         Ok(PassedOver {
             keepalives: sum(detect::COUNT_KEEPALIVES)?,
             tls: sum(detect::COUNT_TLS)?,
+            untracked: sum(detect::COUNT_UNTRACKED)?,
         })
     }
 }

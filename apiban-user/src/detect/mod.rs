@@ -186,9 +186,11 @@ impl Default for DetectSettings {
     }
 }
 
-/// Packets of a new source that are all sampled, then one in `SAMPLE_EVERY`.
+/// Packets of a new source that are all sampled, then one in `SAMPLE_EVERY` (a power of
+/// two: the program masks rather than divides).
 const FIRST_SAMPLES: u32 = 8;
 const SAMPLE_EVERY: u32 = 8;
+const _: () = assert!(SAMPLE_EVERY.is_power_of_two());
 /// Samples per second at most: what the agent can parse without noticing, and a bound on
 /// what a flood of new sources costs it.
 const SAMPLES_PER_SEC: u32 = 2_000;
@@ -198,6 +200,15 @@ const REPORTS_PER_SEC: u32 = 500;
 const RESPONSES_PER_SEC: u32 = 2_000;
 /// Detections kept for `status`.
 const RECENT: usize = 20;
+
+/// The key of the program's source table (`detect::bucket_slot`): random for each agent,
+/// from the OS's randomness (std's `RandomState`), and the same for its whole life, so that
+/// a settings change keeps the table's counts.
+fn table_seed() -> u64 {
+    use std::hash::BuildHasher as _;
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| std::collections::hash_map::RandomState::new().hash_one(0u64))
+}
 
 impl DetectSettings {
     /// What the program is told.
@@ -214,6 +225,7 @@ impl DetectSettings {
             rate_thresholds: self.rate.per_method,
             responses_per_sec: RESPONSES_PER_SEC,
             window_ns: self.rate.window.as_nanos() as u64,
+            hash_seed: table_seed(),
         }
     }
 
@@ -264,6 +276,8 @@ pub struct DetectStats {
     /// What the program passed over: keep-alives, packets to TLS ports.
     pub keepalives: AtomicU64,
     pub tls: AtomicU64,
+    /// Requests from sources the program's table had no room for (sampled, not rated).
+    pub untracked: AtomicU64,
     recent: Mutex<VecDeque<Detection>>,
     last_unreadable: Mutex<Option<rules::Unreadable>>,
 }
@@ -366,6 +380,7 @@ pub async fn run(
                     Ok(passed) => {
                         stats.keepalives.store(passed.keepalives, Relaxed);
                         stats.tls.store(passed.tls, Relaxed);
+                        stats.untracked.store(passed.untracked, Relaxed);
                     }
                     Err(e) => tracing::debug!(error = %crate::error_chain(&e), "cannot read detection's counts"),
                 }

@@ -101,6 +101,7 @@ fn detect_report(view: &crate::detect::DetectView) -> DetectReport {
         tracked: stats.tracked.load(Relaxed),
         keepalives: stats.keepalives.load(Relaxed),
         tls_packets: stats.tls.load(Relaxed),
+        untracked: stats.untracked.load(Relaxed),
         unreadable: stats.unreadable.load(Relaxed),
         last_unreadable: stats.last_unreadable().map(|u| UnreadableReport {
             addr: u.addr,
@@ -148,6 +149,10 @@ pub struct DetectReport {
     /// Keep-alives (CRLF, STUN) and packets to TLS ports the program passed over.
     pub keepalives: u64,
     pub tls_packets: u64,
+    /// Requests from sources the program's table had no room for: sampled within the cap,
+    /// not counted against a rate.
+    #[serde(default)]
+    pub untracked: u64,
     /// Samples that were no SIP request the parser could read: never a ban reason.
     pub unreadable: u64,
     pub last_unreadable: Option<UnreadableReport>,

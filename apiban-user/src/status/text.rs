@@ -253,6 +253,13 @@ sources      {:<8} {:>9} {:>14} {:>14}",
                 "  passed over  {} keep-alives, {} TLS packets, {} unreadable samples (never a ban reason)",
                 d.keepalives, d.tls_packets, d.unreadable
             );
+            if d.untracked > 0 {
+                let _ = writeln!(
+                    o,
+                    "  untracked    {} requests from sources the program's table had no room for (sampled, not rated)",
+                    d.untracked
+                );
+            }
             if let Some(u) = &d.last_unreadable {
                 let _ = writeln!(
                     o,

@@ -143,7 +143,10 @@ pub(super) fn detection(
     println!("the egress classifier (detection on), ns per packet; over is against the floor");
     println!("{:<34} {:>8} {:>8}", "program", "ns/pkt", "over");
     println!("{:<34} {floor:>8.1} {:>8}", "bare TC_ACT_OK (floor)", "-");
-    println!("{:<34} {non_sip:>8.1} {over:>8.1}", "  egress, HTTPS packet");
+    println!(
+        "{:<34} {non_sip:>8.1} {over:>8.1}",
+        "  egress, HTTPS packet"
+    );
     println!(
         "{:<34} {response:>8.1} {:>8.1}",
         "  egress, SIP 200 to a followed source",
