@@ -28,7 +28,7 @@ use network_types::{
 use crate::{
     coarse_now_ns,
     detect::{DETECT_CONFIG, SIP_PORTS, SIP_SAMPLES, SIP_SOURCES, take_budget, words_bytes},
-    load,
+    load, ptr_at,
 };
 
 #[classifier]
@@ -76,46 +76,54 @@ fn try_egress(ctx: &TcContext) -> Result<(), ()> {
 fn sip_response(ctx: &TcContext) -> Result<Option<Response>, ()> {
     let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
     let l3 = EthHdr::LEN;
-    let (to, family, proto, l4, ip_end) = match ethertype {
+    // The port first: it is all that nearly every packet leaving the host costs.
+    let (proto, l4) = match ethertype {
         ETH_P_IPV4 => {
-            let ip: Ipv4Hdr = load(ctx, l3)?;
-            if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
-                return Ok(None);
-            }
-            let [a, b, c, d] = ip.dst_addr;
-            (
-                detect::address_words(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]),
-                4,
-                ip.proto,
-                l3 + usize::from(ip.vihl & 0x0f) * 4,
-                l3 + usize::from(u16::from_be_bytes(ip.tot_len)),
-            )
+            let ip: *const Ipv4Hdr = ptr_at(ctx, l3)?;
+            // SAFETY: the whole fixed header was bounds-checked by ptr_at.
+            let (vihl, proto) = unsafe { ((*ip).vihl, (*ip).proto) };
+            (proto, l3 + usize::from(vihl & 0x0f) * 4)
         }
         ETH_P_IPV6 => {
-            let ip: Ipv6Hdr = load(ctx, l3)?;
-            (
-                detect::address_words(&ip.dst_addr),
-                6,
-                ip.next_hdr,
-                l3 + Ipv6Hdr::LEN,
-                l3 + Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.payload_len)),
-            )
+            let ip: *const Ipv6Hdr = ptr_at(ctx, l3)?;
+            // SAFETY: as above.
+            (unsafe { (*ip).next_hdr }, l3 + Ipv6Hdr::LEN)
         }
         _ => return Ok(None),
     };
-    let payload = match proto {
-        IPPROTO_UDP => l4 + 8,
-        IPPROTO_TCP => {
-            let [data_offset] = load::<[u8; 1]>(ctx, l4 + 12)?;
-            l4 + usize::from(data_offset >> 4) * 4
-        }
-        _ => return Ok(None),
-    };
+    if proto != IPPROTO_UDP && proto != IPPROTO_TCP {
+        return Ok(None);
+    }
     let port = u16::from_be(load::<u16>(ctx, l4)?);
     match SIP_PORTS.get(u32::from(port)) {
         Some(kind) if *kind == detect::PORT_SIP => {}
         _ => return Ok(None),
     }
+    let payload = if proto == IPPROTO_UDP {
+        l4 + 8
+    } else {
+        let [data_offset] = load::<[u8; 1]>(ctx, l4 + 12)?;
+        l4 + usize::from(data_offset >> 4) * 4
+    };
+    let (to, family, ip_end) = if ethertype == ETH_P_IPV4 {
+        let ip: Ipv4Hdr = load(ctx, l3)?;
+        if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
+            return Ok(None);
+        }
+        let [a, b, c, d] = ip.dst_addr;
+        (
+            detect::address_words(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]),
+            4,
+            l3 + usize::from(u16::from_be_bytes(ip.tot_len)),
+        )
+    } else {
+        let ip: Ipv6Hdr = load(ctx, l3)?;
+        (
+            detect::address_words(&ip.dst_addr),
+            6,
+            l3 + Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.payload_len)),
+        )
+    };
     let end = ip_end.min(ctx.len() as usize);
     // `SIP/2.0 NNN`: the status code's first digit at 8.
     if end < payload + 12 {

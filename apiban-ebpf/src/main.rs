@@ -178,7 +178,7 @@ impl Packet for TcContext {
 /// Every packet access goes through here: the verifier only accepts loads it can prove are
 /// inside `[data, data_end)`.
 #[inline(always)]
-fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Result<*const T, ()> {
+pub(crate) fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Result<*const T, ()> {
     let start = ctx.start();
     let end = ctx.end();
     if start + offset + mem::size_of::<T>() > end {

@@ -336,6 +336,24 @@ fn print_targets(r: &serde_json::Value) {
         "x",
     );
     line(
+        "clean SIP from 65,536 rotating sources: detection on <= 1.5x off",
+        f("dataplane.detect_on_x_off_65536"),
+        |x| x <= 1.5,
+        "x",
+    );
+    line(
+        "clean SIP from 1,024 sources: detection on <= 1.3x off",
+        f("dataplane.detect_on_x_off_1024"),
+        |x| x <= 1.3,
+        "x",
+    );
+    line(
+        "a non-SIP packet through the egress classifier <= 5 ns over no program",
+        f("dataplane.egress_non_sip_ns_over"),
+        |x| x <= 5.0,
+        " ns",
+    );
+    line(
         "100k entries loaded in under 100 ms",
         f("load.apiban_ms_100k"),
         |x| x < 100.0,
