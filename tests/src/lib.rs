@@ -10,6 +10,7 @@ pub mod fake_apiban;
 pub mod fleet;
 pub mod frame;
 pub mod framegen;
+pub mod kamailio;
 pub mod reference;
 pub mod scene;
 pub mod sync_harness;

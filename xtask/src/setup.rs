@@ -196,17 +196,31 @@ pub fn ensure_test_tools(root: &Path) -> anyhow::Result<()> {
         apt_install("sip-tester", "the detection tests flood and call with SIPp")?;
     }
     ensure_sipvicious(root)?;
-    // The ban API's test runs a real Kamailio whose pike module calls it over http_client.
+    // The ban API's test runs a real Kamailio whose pike module calls it over http_client;
+    // the detection tests put it in front of attackers and phones as a registrar, on UDP,
+    // TCP and TLS.
+    let modules = Path::new("/usr/lib/x86_64-linux-gnu/kamailio/modules");
     if Path::new("/usr/sbin/kamailio").exists()
-        && Path::new("/usr/lib/x86_64-linux-gnu/kamailio/modules/http_client.so").exists()
+        && modules.join("http_client.so").exists()
+        && modules.join("tls.so").exists()
     {
         progress("kamailio", "present");
     } else {
-        for package in ["kamailio", "kamailio-utils-modules"] {
-            apt_install(
-                package,
-                "the ban API test bans through a real Kamailio (pike + http_client)",
-            )?;
+        for (package, why) in [
+            (
+                "kamailio",
+                "the ban API and detection tests run a real Kamailio",
+            ),
+            (
+                "kamailio-utils-modules",
+                "the ban API test bans through Kamailio's pike + http_client",
+            ),
+            (
+                "kamailio-tls-modules",
+                "the detection tests' registrar also listens on TLS",
+            ),
+        ] {
+            apt_install(package, why)?;
         }
     }
     ensure_tool(
