@@ -16,6 +16,7 @@ pub mod human;
 pub mod ledger;
 pub mod metrics;
 pub mod notify;
+pub mod proven_view;
 pub mod rate_budget;
 pub mod sanitise;
 pub mod snapshot;

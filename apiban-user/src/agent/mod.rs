@@ -477,9 +477,19 @@ fn serve<E: Enforcer + Send + 'static>(
             }
             None => (None, None),
         };
+        let proven_view = crate::proven_view::ProvenView::default();
+        engine.set_proven_view(proven_view.clone());
         let mut running =
             sync::spawn_node(engine, apiban, config.lists.clone(), http, timing, link)
                 .context("cannot start the ledger's owner thread")?;
+        // Detection's proven peers go to the fleet and come from it.
+        let (proof_link, proof_ends) = match (&config.cluster, &detect_tap) {
+            (Some(_), Some(_)) => {
+                let (link, ends) = crate::cluster::proofs::link();
+                (Some(link), Some(ends))
+            }
+            _ => (None, None),
+        };
         let cluster = match (&config.cluster, ends) {
             (Some(settings), Some(ends)) => {
                 tracing::info!(
@@ -494,6 +504,7 @@ fn serve<E: Enforcer + Send + 'static>(
                     running.updates.clone(),
                     running.subscribe(),
                     config.attach.ifaces.clone(),
+                    proof_ends,
                 ))
             }
             _ => None,
@@ -510,6 +521,8 @@ fn serve<E: Enforcer + Send + 'static>(
                     running.updates.clone(),
                     stats.clone(),
                     Some(config.process.state_dir.clone()),
+                    proof_link,
+                    proven_view,
                 ));
                 (
                     Some(tx),

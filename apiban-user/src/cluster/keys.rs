@@ -6,6 +6,8 @@
 //!   `P apiban/requests`                      the fleet's recent request times (the budget)
 //!   `P leader/...`                           the election of the node that polls
 //!   `P nodes/<name>`                         each node's heartbeat, on a lease of its own
+//!   `P proven/<address>`                     a peer detection saw proven (JSON; see
+//!                                            `cluster::proofs`), on its writer's lease
 //!
 //! The ban's expiry is in its value, not in an etcd lease: every node expires bans itself.
 //! Nodes watch `P ledger/` only, so heartbeats and the poller's bookkeeping reach no watch.
@@ -63,6 +65,25 @@ impl Keys {
     /// The send times of the fleet's recent APIBAN requests (JSON Unix milliseconds).
     pub fn apiban_requests(&self) -> String {
         format!("{}apiban/requests", self.prefix)
+    }
+
+    /// Detection's proven peers, which every node reads (outside `ledger/`: a proof is no
+    /// ban, and its watch is its own).
+    pub fn proven(&self) -> String {
+        format!("{}proven/", self.prefix)
+    }
+
+    pub fn proof(&self, addr: &std::net::IpAddr) -> String {
+        format!("{}{addr}", self.proven())
+    }
+
+    /// The address a proof's key names, if the key is one and names it canonically.
+    pub fn parse_proof(&self, key: &[u8]) -> Option<std::net::IpAddr> {
+        let text = std::str::from_utf8(key)
+            .ok()?
+            .strip_prefix(&self.proven())?;
+        let addr: std::net::IpAddr = text.parse().ok()?;
+        (addr.to_string() == text).then_some(addr)
     }
 
     pub fn record(&self, source: &SourceId, net: &IpNet) -> String {

@@ -12,13 +12,15 @@
 //! - [`watch`]: the watch that feeds the owner, and the full read when it must start over;
 //! - [`election`]: the campaign, and what the node does while it leads;
 //! - [`writer`]: what the owner sends to etcd;
-//! - [`janitor`]: the leader's deletion of records that expired but are still in etcd.
+//! - [`janitor`]: the leader's deletion of records that expired but are still in etcd;
+//! - [`proofs`]: detection's proven peers, shared by every node.
 
 pub mod election;
 pub mod heartbeat;
 pub mod janitor;
 pub mod keys;
 pub mod pages;
+pub mod proofs;
 pub mod watch;
 pub mod writer;
 
@@ -287,13 +289,15 @@ pub async fn connect(settings: &ClusterSettings) -> Result<Client, CallError> {
     Ok(Client::connect(&settings.endpoints, Some(options)).await?)
 }
 
-/// Starts the watch, the election and the writer.
+/// Starts the watch, the election and the writer, and with detection on, the sharing of
+/// its proven peers.
 pub fn start(
     settings: ClusterSettings,
     ends: LinkEnds,
     updates: mpsc::Sender<Update>,
     snapshots: tokio_watch::Receiver<Arc<Snapshot>>,
     interfaces: Vec<String>,
+    proofs: Option<proofs::ProofEnds>,
 ) -> Cluster {
     let settings = Arc::new(settings);
     let leader = ends.leader.subscribe();
@@ -311,7 +315,15 @@ pub fn start(
         ends.leader,
         stopping,
     ));
-    let tasks = vec![
+    let mut tasks = Vec::new();
+    if let Some(ends) = proofs {
+        tasks.push(tokio::spawn(proofs::run(
+            settings.clone(),
+            ends,
+            stats.clone(),
+        )));
+    }
+    tasks.extend([
         tokio::spawn(heartbeat::run(
             settings.clone(),
             view.clone(),
@@ -337,7 +349,7 @@ pub fn start(
             updates,
             stats,
         )),
-    ];
+    ]);
     Cluster {
         tasks,
         stop,

@@ -333,6 +333,8 @@ pub async fn run(
     updates: mpsc::Sender<Update>,
     stats: Arc<DetectStats>,
     state_dir: Option<std::path::PathBuf>,
+    fleet: Option<crate::cluster::proofs::ProofLink>,
+    view: crate::proven_view::ProvenView,
 ) {
     let DetectTap {
         mut switches,
@@ -361,6 +363,17 @@ pub async fn run(
     let mut save_tick = tokio::time::interval(Duration::from_secs(1));
     save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks = 0u64;
+    // In a fleet: this node's proofs go to etcd (each renewed there once a quarter of the
+    // TTL old), and other nodes' come from it.
+    let (publish, mut shared) = match fleet {
+        Some(link) => (Some(link.publish), Some(link.shared)),
+        None => (None, None),
+    };
+    let mut published: HashMap<IpAddr, u64> = HashMap::new();
+    // The ledger's owner reads the proven peers through `view`, refreshed within a second
+    // of a change.
+    view.replace(proven.until(current.proven_ttl.as_secs()));
+    let mut view_stale = false;
     // Sources already matched, until their TTL: one scanner is one log line and one ban a
     // TTL, in either mode, however many samples it keeps sending.
     let mut reported: HashMap<IpAddr, u64> = HashMap::new();
@@ -384,6 +397,10 @@ pub async fn run(
                     }
                     Err(e) => tracing::debug!(error = %crate::error_chain(&e), "cannot read detection's counts"),
                 }
+                if view_stale {
+                    view.replace(proven.until(current.proven_ttl.as_secs()));
+                    view_stale = false;
+                }
                 ticks += 1;
                 if !ticks.is_multiple_of(5) {
                     continue;
@@ -392,10 +409,29 @@ pub async fn run(
                 if let Err(e) = offences.save_if_changed() {
                     tracing::warn!(error = %e, "cannot save detection's offence counts; re-offences after a restart start over");
                 }
+                let before = proven.len();
                 proven.forget_older_than(unix_now(), current.proven_ttl.as_secs());
+                view_stale |= proven.len() != before;
                 stats.proven.store(proven.len() as u64, Relaxed);
                 if let Err(e) = proven.save_if_changed() {
                     tracing::warn!(error = %e, "cannot save detection's proven peers; they prove themselves again after a restart");
+                }
+                continue;
+            }
+            proof = next_shared(&mut shared) => {
+                let Some(proof) = proof else {
+                    shared = None;
+                    continue;
+                };
+                let now = unix_now();
+                if now.saturating_sub(proof.at) >= current.proven_ttl.as_secs() {
+                    continue;
+                }
+                let how = format!("{} (at {})", proof.how, proof.node);
+                view_stale = true;
+                if proven.prove_if_newer(proven::Proof { addr: proof.addr, at: proof.at.min(now), how: how.clone() }) {
+                    tracing::info!(addr = %proof.addr, how = %how, "proven peer shared by another node: detection will not ban it");
+                    stats.proven.store(proven.len() as u64, Relaxed);
                 }
                 continue;
             }
@@ -437,9 +473,20 @@ pub async fn run(
                     let finding = detector.observe(&current, &sample, now_ms);
                     for proof in detector.take_proofs() {
                         let first = proven.prove(proven::Proof { addr: proof.addr, at: now, how: proof.how.clone() });
+                        view_stale = true;
                         if first {
                             tracing::info!(addr = %proof.addr, how = %proof.how, "proven peer: detection will not ban it");
                             stats.proven.store(proven.len() as u64, Relaxed);
+                        }
+                        let ttl = current.proven_ttl.as_secs();
+                        if let Some(tx) = &publish
+                            && published.get(&proof.addr).is_none_or(|at| now.saturating_sub(*at) >= ttl / 4)
+                        {
+                            let _ = tx.send(crate::cluster::proofs::Publish { addr: proof.addr, at: now, how: proof.how.clone(), ttl_secs: ttl });
+                            if published.len() >= 100_000 {
+                                published.retain(|_, at| now.saturating_sub(*at) < ttl / 4);
+                            }
+                            published.insert(proof.addr, now);
                         }
                     }
                     if detector.unreadable != stats.unreadable.load(Relaxed) {
@@ -462,6 +509,16 @@ pub async fn run(
                 }
             }
         }
+    }
+}
+
+/// The next proof another node shared; never, outside a fleet.
+async fn next_shared(
+    shared: &mut Option<tokio::sync::mpsc::Receiver<crate::cluster::proofs::SharedProof>>,
+) -> Option<crate::cluster::proofs::SharedProof> {
+    match shared {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -69,11 +69,32 @@ impl ProvenPeers {
         new
     }
 
+    /// Records another node's proof unless this node holds a newer one for the address;
+    /// true when the peer was not proven before.
+    pub fn prove_if_newer(&mut self, proof: Proof) -> bool {
+        match self.by_addr.get(&proof.addr) {
+            Some(held) if held.at >= proof.at => false,
+            held => {
+                let new = held.is_none();
+                self.prove(proof);
+                new
+            }
+        }
+    }
+
     /// The proof that covers `addr` now, if any is younger than `ttl` seconds.
     pub fn get(&self, addr: IpAddr, now: u64, ttl: u64) -> Option<&Proof> {
         self.by_addr
             .get(&addr)
             .filter(|p| now.saturating_sub(p.at) < ttl)
+    }
+
+    /// Every peer with the time its proof runs out, under `ttl` seconds.
+    pub fn until(&self, ttl: u64) -> HashMap<IpAddr, u64> {
+        self.by_addr
+            .iter()
+            .map(|(addr, p)| (*addr, p.at.saturating_add(ttl)))
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -134,6 +155,18 @@ mod tests {
         assert_eq!(p.get(addr, 161, 60), None, "past its TTL");
         p.forget_older_than(161, 60);
         assert!(p.is_empty());
+        // Another node's proof counts only when it is newer than the one held.
+        let older = Proof {
+            addr,
+            at: 50,
+            how: "200 to an authenticated REGISTER for 202 (at edge-2)".into(),
+        };
+        assert!(p.prove_if_newer(older.clone()), "new to this node");
+        assert!(!p.prove_if_newer(Proof {
+            at: 40,
+            ..older.clone()
+        }));
+        assert_eq!(p.get(addr, 60, 60).map(|p| p.at), Some(50));
         fs::write(&path, b"not json").unwrap();
         assert!(ProvenPeers::load(Some(path)).is_empty());
         let _ = fs::remove_dir_all(&dir);

@@ -73,23 +73,38 @@ impl<E: Enforcer> Engine<E> {
         Arc::make_mut(&mut self.ledger).forget_touched();
     }
 
+    /// The peers this node's detection holds proven, to weigh other nodes' detection bans.
+    pub fn set_proven_view(&mut self, view: crate::proven_view::ProvenView) {
+        self.proven = view;
+    }
+
     /// What this node leaves out of what etcd holds: a record a feed holds that covers one
     /// of this host's addresses, as it leaves out such entries from the feeds it polls
-    /// itself; and another node's detection ban of one of this node's proven peers
-    /// (`--detect-exempt`), which its own detection would not have banned.
-    fn refused_from_fleet(&self, net: &IpNet, source: &SourceId) -> bool {
+    /// itself; and another node's detection ban of one of this node's proven peers (the
+    /// operator's, `--detect-exempt`, or proven by the server's answers), which its own
+    /// detection would not have made.
+    fn refused_from_fleet(&self, net: &IpNet, source: &SourceId, now: u64) -> bool {
         let own = source.is_remote()
             && self
                 .sanitiser
                 .own_addresses()
                 .iter()
                 .any(|a| net.contains(a));
-        let proven = *source == SourceId::Detect
-            && self.detect_exempt.iter().any(|e| e.contains(&net.addr()));
-        if proven {
-            tracing::info!(%net, "another node's detection ban of a proven peer (--detect-exempt) is not enforced here");
+        if own {
+            return true;
         }
-        own || proven
+        if *source != SourceId::Detect {
+            return false;
+        }
+        if self.detect_exempt.iter().any(|e| e.contains(&net.addr())) {
+            tracing::info!(%net, "another node's detection ban of a proven peer (--detect-exempt) is not enforced here");
+            return true;
+        }
+        if self.proven.covers(net.addr(), now) {
+            tracing::info!(%net, "another node's detection ban of a peer proven here (the server's answers) is not enforced here");
+            return true;
+        }
+        false
     }
 
     /// Changes a watch delivered, up to `revision`: applied, enforced and saved with the
@@ -108,7 +123,7 @@ impl<E: Enforcer> Engine<E> {
                     source,
                     record,
                 } => {
-                    let record = record.filter(|_| !self.refused_from_fleet(&net, &source));
+                    let record = record.filter(|_| !self.refused_from_fleet(&net, &source, now));
                     Arc::make_mut(&mut self.ledger).apply_remote(net, source, record);
                 }
                 RemoteChange::Allow { net, present } => {
@@ -139,7 +154,7 @@ impl<E: Enforcer> Engine<E> {
     ) -> Applied {
         let records = records
             .into_iter()
-            .filter(|(net, source, _)| !self.refused_from_fleet(net, source))
+            .filter(|(net, source, _)| !self.refused_from_fleet(net, source, now))
             .collect();
         Arc::make_mut(&mut self.ledger).replace_remote(records);
         self.manual_allow = Arc::new(allow.into_iter().map(|n| n.trunc()).collect());

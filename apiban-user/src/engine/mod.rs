@@ -184,6 +184,8 @@ pub struct Engine<E: Enforcer> {
     derived: Arc<Vec<crate::ledger::Escalation>>,
     /// See [`EngineSettings::detect_exempt`].
     detect_exempt: Vec<IpNet>,
+    /// The peers this node's detection holds proven (see [`crate::proven_view`]).
+    proven: crate::proven_view::ProvenView,
     applied_allow: BTreeSet<IpNet>,
     store: Option<StateStore>,
     apiban: ApibanCursor,
@@ -238,6 +240,7 @@ impl<E: Enforcer> Engine<E> {
             ),
             derived: Arc::default(),
             detect_exempt: settings.detect_exempt.clone(),
+            proven: Default::default(),
             applied_allow,
             store,
             apiban: state.apiban,

@@ -461,6 +461,13 @@ fn another_nodes_detection_ban_of_a_proven_peer_is_not_enforced_here() {
     };
     let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, proven, 10).unwrap();
     e.join_cluster("/apiban/", 60);
+    // Proven by this node's server's answers until 100; its detection holds the set.
+    let view = crate::proven_view::ProvenView::default();
+    view.replace(std::collections::HashMap::from([(
+        "192.0.2.77".parse().unwrap(),
+        100,
+    )]));
+    e.set_proven_view(view);
     let record = Record {
         first_seen: 10,
         last_seen: 10,
@@ -477,6 +484,7 @@ fn another_nodes_detection_ban_of_a_proven_peer_is_not_enforced_here() {
         vec![
             change("203.0.113.7/32", SourceId::Detect),
             change("198.51.100.7/32", SourceId::Detect),
+            change("192.0.2.77/32", SourceId::Detect),
             // Only detection's word is weighed: an operator's ban of a peer stands.
             change("203.0.113.8/32", SourceId::Manual),
         ],
@@ -485,6 +493,7 @@ fn another_nodes_detection_ban_of_a_proven_peer_is_not_enforced_here() {
     );
     let deny = &e.enforcer().deny;
     assert!(!deny.contains(&net("203.0.113.7/32")), "a proven peer");
+    assert!(!deny.contains(&net("192.0.2.77/32")), "proven by the server here");
     assert!(deny.contains(&net("198.51.100.7/32")));
     assert!(deny.contains(&net("203.0.113.8/32")));
 }
