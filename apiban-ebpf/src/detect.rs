@@ -20,7 +20,7 @@ use aya_ebpf::{
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
-use crate::{coarse_now_ns, l3_start, load};
+use crate::{coarse_now_ns, l3_start, load, ptr_at};
 
 // Shared with the egress program (`crate::egress`), which reads the same settings, ports and
 // sources and sends into the same ring buffer.
@@ -191,48 +191,60 @@ fn slot_for(src: &[u64; 2], config: &DetectConfig, now: u64) -> Option<*mut SipS
 #[inline(always)]
 fn sip_request(ctx: &XdpContext) -> Result<Option<Request>, ()> {
     let (ethertype, offset) = l3_start(ctx)?;
-    // Where the IP packet ends, by its own length: a short frame's Ethernet padding
-    // follows it.
-    let (src, family, proto, l4, ip_end) = match ethertype {
+    // The port first, reading only the fields it needs: every passed packet pays this, SIP
+    // or not.
+    let (proto, l4) = match ethertype {
         ETH_P_IPV4 => {
-            let ip: Ipv4Hdr = load(ctx, offset)?;
-            if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
+            let ip: *const Ipv4Hdr = ptr_at(ctx, offset)?;
+            // SAFETY: the whole fixed header was bounds-checked by ptr_at.
+            let (vihl, proto, frags) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).frags) };
+            if u16::from_be_bytes(frags) & 0x1fff != 0 {
                 return Ok(None);
             }
-            let [a, b, c, d] = ip.src_addr;
-            (
-                detect::address_words(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]),
-                4,
-                ip.proto,
-                offset + usize::from(ip.vihl & 0x0f) * 4,
-                offset + usize::from(u16::from_be_bytes(ip.tot_len)),
-            )
+            (proto, offset + usize::from(vihl & 0x0f) * 4)
         }
         ETH_P_IPV6 => {
-            let ip: Ipv6Hdr = load(ctx, offset)?;
-            (
-                detect::address_words(&ip.src_addr),
-                6,
-                ip.next_hdr,
-                offset + Ipv6Hdr::LEN,
-                offset + Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(ip.payload_len)),
-            )
+            let ip: *const Ipv6Hdr = ptr_at(ctx, offset)?;
+            // SAFETY: as above.
+            (unsafe { (*ip).next_hdr }, offset + Ipv6Hdr::LEN)
         }
         _ => return Ok(None),
     };
-    let payload = match proto {
-        IPPROTO_UDP => l4 + 8,
-        IPPROTO_TCP => {
-            let [data_offset] = load::<[u8; 1]>(ctx, l4 + 12)?;
-            l4 + usize::from(data_offset >> 4) * 4
-        }
-        _ => return Ok(None),
-    };
+    if proto != IPPROTO_UDP && proto != IPPROTO_TCP {
+        return Ok(None);
+    }
     let [_, _, hi, lo] = load::<[u8; 4]>(ctx, l4)?;
     let dst_port = u16::from_be_bytes([hi, lo]);
     let port = match SIP_PORTS.get(u32::from(dst_port)) {
         Some(kind) if *kind != 0 => *kind,
         _ => return Ok(None),
+    };
+    let payload = if proto == IPPROTO_UDP {
+        l4 + 8
+    } else {
+        let [data_offset] = load::<[u8; 1]>(ctx, l4 + 12)?;
+        l4 + usize::from(data_offset >> 4) * 4
+    };
+    // Where the IP packet ends, by its own length: a short frame's Ethernet padding
+    // follows it.
+    let (src, family, ip_end) = if ethertype == ETH_P_IPV4 {
+        let ip: *const Ipv4Hdr = ptr_at(ctx, offset)?;
+        // SAFETY: as above.
+        let ([a, b, c, d], tot_len) = unsafe { ((*ip).src_addr, (*ip).tot_len) };
+        (
+            detect::address_words(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]),
+            4,
+            offset + usize::from(u16::from_be_bytes(tot_len)),
+        )
+    } else {
+        let ip: *const Ipv6Hdr = ptr_at(ctx, offset)?;
+        // SAFETY: as above.
+        let (src, payload_len) = unsafe { ((*ip).src_addr, (*ip).payload_len) };
+        (
+            detect::address_words(&src),
+            6,
+            offset + Ipv6Hdr::LEN + usize::from(u16::from_be_bytes(payload_len)),
+        )
     };
     let end = ip_end.min(ctx.data_end() - ctx.data());
     // An empty TCP segment (an ACK) carries no request; an empty datagram is no keep-alive
