@@ -493,7 +493,10 @@ fn another_nodes_detection_ban_of_a_proven_peer_is_not_enforced_here() {
     );
     let deny = &e.enforcer().deny;
     assert!(!deny.contains(&net("203.0.113.7/32")), "a proven peer");
-    assert!(!deny.contains(&net("192.0.2.77/32")), "proven by the server here");
+    assert!(
+        !deny.contains(&net("192.0.2.77/32")),
+        "proven by the server here"
+    );
     assert!(deny.contains(&net("198.51.100.7/32")));
     assert!(deny.contains(&net("203.0.113.8/32")));
 }

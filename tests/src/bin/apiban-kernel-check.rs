@@ -4,15 +4,28 @@
 //!
 //! It probes what the program needs of the kernel, loads the program (the verifier's word),
 //! runs the differential check (generated frames through BPF_PROG_TEST_RUN, every verdict
-//! compared with the model) and a capture through the ring buffer, then prints one line
+//! compared with the model), a capture through the ring buffer, and SIP scanner detection's
+//! two halves (a request sampled by the XDP program, the server's answer reported by the
+//! egress classifier, which the verifier sees here too), then prints one line
 //! `apiban-kernel-check: PASS ...` or `apiban-kernel-check: FAIL ...`. As PID 1 it mounts
 //! what it needs first and powers the machine off at the end.
 
 use std::{path::Path, time::Instant};
 
-use apiban::dataplane::{capture::CaptureTap, kernel};
-use apiban_common::{CaptureConfig, DataplaneConfig, Verdict, capture};
-use tests::{differential, frame::Frame, reference::Policy, run_frame};
+use apiban::{
+    dataplane::{capture::CaptureTap, detect::DetectTap, kernel},
+    detect::sample::Sample,
+};
+use apiban_common::{
+    CaptureConfig, DataplaneConfig, DetectConfig, Verdict, capture, detect, program_names,
+};
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions};
+use tests::{
+    differential,
+    frame::{Frame, PROTO_UDP, udp},
+    reference::Policy,
+    run_frame,
+};
 
 const FRAMES: usize = 20_000;
 const SEED: u64 = 0x00a9_1ba2;
@@ -106,9 +119,11 @@ fn check() -> Result<String, String> {
     let differential_took = start.elapsed();
     let captured = std::panic::catch_unwind(capture_one)
         .map_err(|_| "the capture check panicked (see above)".to_owned())??;
+    std::panic::catch_unwind(detect_one)
+        .map_err(|_| "the detection check panicked (see above)".to_owned())??;
     Ok(format!(
         "{FRAMES} frames agreed with the model in {:.1}s (verdicts {:?}); a dropped frame \
-         captured whole ({captured} bytes)",
+         captured whole ({captured} bytes); a REGISTER sampled and its 401 reported on egress",
         differential_took.as_secs_f64(),
         agreement.seen
     ))
@@ -160,4 +175,84 @@ fn capture_one() -> Result<usize, String> {
         ));
     }
     Ok(len)
+}
+
+/// Detection: a REGISTER from a new source is sampled by the XDP program, and the server's
+/// 401 to it is reported by the egress classifier.
+fn detect_one() -> Result<(), String> {
+    let mut under = differential::Under::new(&Policy::default());
+    let mut tap = DetectTap::take(under.loaded.ebpf_mut()).map_err(|e| e.to_string())?;
+    let config = DetectConfig {
+        enabled: 1,
+        first_samples: 2,
+        sample_every: 8,
+        samples_per_sec: 100,
+        reports_per_sec: 100,
+        rate_thresholds: [100; detect::METHODS],
+        responses_per_sec: 100,
+        window_ns: 10_000_000_000,
+        hash_seed: 0x5eed,
+    };
+    tap.switches
+        .set(config, &[5060], &[5061])
+        .map_err(|e| e.to_string())?;
+    let (client, server) = ("198.51.100.44", "192.0.2.1");
+    let ip = |s: &str| s.parse().expect("literal");
+    let register = Frame::ip(
+        ip(client),
+        ip(server),
+        PROTO_UDP,
+        udp(
+            40000,
+            5060,
+            b"REGISTER sip:192.0.2.1 SIP/2.0\r\nCall-ID: k\r\n\r\n",
+        ),
+    )
+    .build();
+    let action = run_frame(&mut under.loaded, &register);
+    if action != differential::XDP_PASS {
+        return Err(format!(
+            "a clean REGISTER got action {action}, not XDP_PASS"
+        ));
+    }
+    let answer = Frame::ip(
+        ip(server),
+        ip(client),
+        PROTO_UDP,
+        udp(
+            5060,
+            40000,
+            b"SIP/2.0 401 Unauthorized\r\nCall-ID: k\r\n\r\n",
+        ),
+    )
+    .build();
+    let egress: &mut SchedClassifier = under
+        .loaded
+        .ebpf_mut()
+        .program_mut(program_names::EGRESS)
+        .ok_or("no egress classifier in the object")?
+        .try_into()
+        .map_err(|e| format!("the egress program: {e}"))?;
+    egress
+        .load()
+        .map_err(|e| format!("the verifier refuses the egress classifier: {e}"))?;
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(&answer);
+    egress
+        .test_run(opts)
+        .map_err(|e| format!("BPF_PROG_TEST_RUN of the egress classifier: {e}"))?;
+    let mut kinds = Vec::new();
+    while let Some(item) = tap.samples.next() {
+        let sample = Sample::decode(&item).ok_or("a short detection record")?;
+        if sample.addr != ip(client) {
+            return Err(format!("a record for {}, not {client}", sample.addr));
+        }
+        kinds.push(sample.kind);
+    }
+    if kinds != [detect::KIND_SAMPLE, detect::KIND_RESPONSE] {
+        return Err(format!(
+            "detection's records were of kinds {kinds:?}, not a sample then a response"
+        ));
+    }
+    Ok(())
 }
