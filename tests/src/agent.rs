@@ -347,6 +347,14 @@ pub fn http_request(
     }
 }
 
+/// Whether the dataplane drops `addr` now, through the control socket: cheap enough to poll.
+/// (The ledger's record of a ban, which `check`'s records come from, is published once the
+/// owner has also saved the state, a moment later: see `Scene::check_recorded`.)
+pub fn banned(socket: &Path, addr: impl std::fmt::Display) -> bool {
+    control_request(socket, &format!(r#"{{"op":"check","addr":"{addr}"}}"#))
+        .contains(r#""verdict":"banned""#)
+}
+
 /// One request on a control socket, as `apiban` sends it (a JSON line, then end of input);
 /// the raw answer.
 pub fn control_request(socket: &Path, request: &str) -> String {

@@ -105,13 +105,17 @@ pub const PHONE: &str = r#"<?xml version="1.0" encoding="ISO-8859-1" ?>
 </scenario>
 "#;
 
-/// SIPp's injection file for `phones` users, 200 upwards, one per call: the user and its
-/// credentials.
+/// The office's users (from 200 up) and their one password, which the registrars know.
+pub const FIRST_USER: usize = 200;
+pub const PASSWORD: &str = "office-secret";
+
+/// SIPp's injection file for `phones` users, [`FIRST_USER`] upwards, one per call: the user
+/// and its credentials.
 pub fn phone_users(phones: usize) -> String {
     let mut text = String::from("SEQUENTIAL\n");
-    for n in 200..200 + phones {
+    for n in FIRST_USER..FIRST_USER + phones {
         text.push_str(&format!(
-            "{n};[authentication username={n} password=office-secret]\n"
+            "{n};[authentication username={n} password={PASSWORD}]\n"
         ));
     }
     text

@@ -1,6 +1,6 @@
 //! Kamailio from Debian as the registrar in front of the detection tests' attackers and
-//! customers: digest authentication (`pv_www_authenticate`) against one password for the
-//! users 200-299, others answered 404, bindings in memory (no database), on UDP and TCP on
+//! customers: digest authentication (`pv_www_authenticate`) against the office's password
+//! (`crowd::PASSWORD`) for the users 200-299 (`crowd::phone_users`), others answered 404, bindings in memory (no database), on UDP and TCP on
 //! one port and TLS on another. A SIP client over TLS that talks to it (SIPp here is built
 //! without TLS) is here too.
 
@@ -16,12 +16,8 @@ use tokio_rustls::rustls::{
     self, ClientConfig, ClientConnection, RootCertStore, StreamOwned, pki_types::ServerName,
 };
 
-use crate::{Netns, attackers::Tool, in_netns};
+use crate::{Netns, attackers::Tool, crowd::PASSWORD, in_netns};
 
-/// The users that exist, and their password.
-pub const FIRST_USER: u32 = 200;
-pub const LAST_USER: u32 = 299;
-pub const PASSWORD: &str = "office-secret";
 /// The name in the TLS certificate.
 const TLS_NAME: &str = "sip.test";
 

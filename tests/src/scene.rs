@@ -270,6 +270,21 @@ impl Scene {
         self.agent().status_json()
     }
 
+    /// `check` once the ledger's record of a ban is published.
+    pub fn check_recorded(&self, addr: &str) -> serde_json::Value {
+        let mut check = self.check(addr);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while check["records"].as_array().is_none_or(Vec::is_empty) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no record of the ban: {check}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+            check = self.check(addr);
+        }
+        check
+    }
+
     /// Waits until the agent has completed a full pull (or poll cycle) at least once.
     pub fn wait_synced(&self, timeout: Duration) {
         crate::wait_until("a completed APIBAN sync", timeout, || {

@@ -8,7 +8,7 @@ use std::{
 };
 
 use tests::{
-    agent::{control_request, http_get},
+    agent::{banned, http_get},
     attackers::{SipResponder, Tool, sipp, sipp_scenario, sipvicious, sipvicious_with_user_agent},
     require_root,
     scene::Scene,
@@ -16,25 +16,6 @@ use tests::{
 };
 
 const SERVER: &str = "10.77.0.1";
-
-/// Banned in the dataplane. (The ledger's snapshot, which `check`'s records come from,
-/// is published once the owner has also saved the state, a moment later.)
-fn banned(socket: &Path, addr: IpAddr) -> bool {
-    control_request(socket, &format!(r#"{{"op":"check","addr":"{addr}"}}"#))
-        .contains(r#""verdict":"banned""#)
-}
-
-/// `check` once the ledger's record of the ban is published.
-fn check_recorded(scene: &Scene, addr: &str) -> serde_json::Value {
-    let mut check = scene.check(addr);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while check["records"].as_array().is_none_or(Vec::is_empty) {
-        assert!(Instant::now() < deadline, "no record of the ban: {check}");
-        std::thread::sleep(Duration::from_millis(10));
-        check = scene.check(addr);
-    }
-    check
-}
 
 /// The SIP server the scanners talk to: a port of its own, so that the scene's receiver
 /// keeps 5060; the agent is told it is a SIP port, and so are the two after it, which svmap
@@ -132,7 +113,7 @@ fn sipvicious_is_banned_within_a_second_of_its_first_packets() {
         let (took, mut run) = time_to_ban(&scene, &pbx, tool, addr, args);
         println!("{tool} from {addr}: banned {took:?} after its first request reached the server");
         assert!(took <= Duration::from_secs(1), "{tool}: {took:?}");
-        let check = check_recorded(&scene, addr);
+        let check = scene.check_recorded(addr);
         let record = &check["records"][0];
         assert_eq!(record["source"], "detect", "{check}");
         assert_eq!(record["evidence"]["rule"], "scanner-user-agent", "{check}");
@@ -279,7 +260,7 @@ fn a_register_flood_with_a_normal_user_agent_is_banned_by_the_rate_rule() {
         "REGISTER flood at 300/s banned {:?} after SIPp started",
         started.elapsed()
     );
-    let check = check_recorded(&scene, "45.82.0.1");
+    let check = scene.check_recorded("45.82.0.1");
     let evidence = &check["records"][0]["evidence"];
     assert_eq!(evidence["rule"], "request-rate", "{check}");
     assert!(
@@ -417,7 +398,7 @@ fn a_scanner_back_after_its_ban_expired_is_banned_for_twice_as_long() {
     let mut ttls = Vec::new();
     for round in 0..3 {
         let (_, mut run) = time_to_ban(&scene, &pbx, "svmap", addr, &[SERVER]);
-        let check = check_recorded(&scene, addr);
+        let check = scene.check_recorded(addr);
         let record = &check["records"][0];
         let ttl =
             record["expires"].as_u64().unwrap_or(0) - record["first_seen"].as_u64().unwrap_or(0);
@@ -483,7 +464,7 @@ fn an_extension_walk_with_a_normal_user_agent_is_banned_as_enumeration() {
         "extension walk at 5/s banned {:?} after SIPp started",
         started.elapsed()
     );
-    let check = check_recorded(&scene, "45.84.0.1");
+    let check = scene.check_recorded("45.84.0.1");
     let evidence = &check["records"][0]["evidence"];
     assert_eq!(evidence["rule"], "extension-enumeration", "{check}");
     // It took about the threshold's 20 extensions, not the 200 of the walk.
@@ -526,7 +507,7 @@ fn sipvicious_with_a_phones_user_agent_is_banned_by_what_it_does() {
     println!("svwar as a phone: banned {took:?} after its first request");
     // Whichever of its two marks is counted first: target users without credentials, or
     // the PBX's 404s to it (over UDP, a forger's request gets one too).
-    let check = check_recorded(&scene, "45.81.0.6");
+    let check = scene.check_recorded("45.81.0.6");
     let evidence = &check["records"][0]["evidence"];
     assert!(
         evidence["rule"] == "extension-enumeration" || evidence["rule"] == "unknown-users",
@@ -548,7 +529,7 @@ fn sipvicious_with_a_phones_user_agent_is_banned_by_what_it_does() {
         &["-u", "100", "-r", "1000-1200", SERVER],
     );
     println!("svcrack as a phone: banned {took:?} after its first request");
-    let check = check_recorded(&scene, "45.81.0.7");
+    let check = scene.check_recorded("45.81.0.7");
     let evidence = &check["records"][0]["evidence"];
     assert_eq!(evidence["rule"], "auth-failure", "{check}");
     assert_eq!(evidence["unforgeable"], true, "{check}");

@@ -13,10 +13,10 @@ use std::{
 };
 
 use tests::{
-    agent::control_request,
+    agent::banned,
     attackers::{Tool, sipp, sipp_scenario, sipvicious, sipvicious_with_user_agent},
-    crowd::{PHONE, keep_alives},
-    kamailio::{FIRST_USER, PASSWORD, Registrar, tls_phone},
+    crowd::{PHONE, keep_alives, phone_users},
+    kamailio::{Registrar, tls_phone},
     require_root,
     scene::Scene,
     send_udp,
@@ -36,23 +36,6 @@ const DETECT: [&str; 6] = [
     "5071",
 ];
 const PHONE_UA: &str = "Yealink SIP-T46S 66.86.0.15";
-
-fn banned(socket: &Path, addr: IpAddr) -> bool {
-    control_request(socket, &format!(r#"{{"op":"check","addr":"{addr}"}}"#))
-        .contains(r#""verdict":"banned""#)
-}
-
-/// `check` once the ledger's record of the ban is published.
-fn check_recorded(scene: &Scene, addr: &str) -> serde_json::Value {
-    let mut check = scene.check(addr);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while check["records"].as_array().is_none_or(Vec::is_empty) {
-        assert!(Instant::now() < deadline, "no record of the ban: {check}");
-        std::thread::sleep(Duration::from_millis(10));
-        check = scene.check(addr);
-    }
-    check
-}
 
 fn ttl_of(check: &serde_json::Value) -> u64 {
     let record = &check["records"][0];
@@ -94,7 +77,7 @@ fn ban_of(
 
 /// The rule that banned `addr`, and its TTL.
 fn rule_of(scene: &Scene, addr: &str) -> (String, u64) {
-    let check = check_recorded(scene, addr);
+    let check = scene.check_recorded(addr);
     let record = &check["records"][0];
     assert_eq!(record["source"], "detect", "{check}");
     (
@@ -262,13 +245,7 @@ fn over_tcp_a_password_guesser_and_a_flood_are_banned_and_the_office_is_not() {
     };
     let phone = write("phone.xml", PHONE);
     // 60 phones, each on a connection of its own, register at once through challenges.
-    let users: String = std::iter::once("SEQUENTIAL\n".to_owned())
-        .chain((0..60).map(|n| {
-            let user = FIRST_USER + n;
-            format!("{user};[authentication username={user} password={PASSWORD}]\n")
-        }))
-        .collect();
-    let users = write("users.csv", &users);
+    let users = write("users.csv", &phone_users(60));
     let target = format!("{SERVER}:{PORT}");
     let mut phones = Tool::start(
         &scene.topo.attacker,
@@ -396,15 +373,7 @@ fn the_office_its_keep_alives_a_tls_phone_and_forgeries_from_its_address_ban_no_
         path.display().to_string()
     };
     let phone = write("phone.xml", PHONE);
-    let users = |first: u32| -> String {
-        std::iter::once("SEQUENTIAL\n".to_owned())
-            .chain((0..60).map(|n| {
-                let user = first + n;
-                format!("{user};[authentication username={user} password={PASSWORD}]\n")
-            }))
-            .collect()
-    };
-    let users = write("users.csv", &users(FIRST_USER));
+    let users = write("users.csv", &phone_users(60));
     let target = format!("{SERVER}:{PORT}");
     let register = |rate: &str, log: &str| {
         Tool::start(

@@ -9,9 +9,9 @@ use std::{
 
 use tests::{
     attackers::{Tool, sipp},
-    crowd::PHONE,
+    crowd::{PHONE, phone_users},
     fleet::Fleet,
-    kamailio::{FIRST_USER, PASSWORD, Registrar},
+    kamailio::Registrar,
     require_root, send_udp,
 };
 
@@ -67,14 +67,8 @@ fn a_peer_proven_at_one_node_is_spared_by_the_others_detection() {
     let dir = &node0.dir.path;
     let phone = dir.join("phone.xml");
     std::fs::write(&phone, PHONE).expect("write the scenario");
-    let users: String = std::iter::once("SEQUENTIAL\n".to_owned())
-        .chain((0..10).map(|n| {
-            let user = FIRST_USER + n;
-            format!("{user};[authentication username={user} password={PASSWORD}]\n")
-        }))
-        .collect();
     let users_file = dir.join("users.csv");
-    std::fs::write(&users_file, users).expect("write the users");
+    std::fs::write(&users_file, phone_users(10)).expect("write the users");
     let mut phones = Tool::start(
         &node0.topo.attacker,
         &sipp(),
