@@ -314,6 +314,11 @@ impl Ledger {
             .unwrap_or_default()
     }
 
+    /// What was noted since the last take, without taking it.
+    pub fn touched(&self) -> impl Iterator<Item = &(IpNet, SourceId)> {
+        self.journal.iter().flat_map(|j| j.touched.iter())
+    }
+
     /// Forgets what was noted: changes that came from etcd, or that are this node's alone.
     pub fn forget_touched(&mut self) {
         if let Some(j) = &mut self.journal {

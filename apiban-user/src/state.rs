@@ -80,17 +80,26 @@ pub struct ListCursor {
 pub struct ClusterCursor {
     pub prefix: String,
     pub revision: i64,
-    /// Operators' changes on this node that etcd has not confirmed yet: sent again after a
-    /// restart, each only if etcd's key has not changed since `base_revision`.
+    /// Operators' changes on this node that etcd has not settled yet: sent again after a
+    /// restart (see `cluster::writer`). Saved in the same write as the change itself.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<PendingChange>,
+    /// The node's fleet clock (Unix ms): the latest stamp it gave a change or saw on one.
+    /// An operator's change is stamped after it, so it is ordered after every change the
+    /// node had seen, whatever the clocks say.
+    #[serde(default)]
+    pub clock_ms: u64,
 }
 
-/// One key an operator changed on this node, and the revision the node had applied then.
+/// One key an operator changed on this node, the revision the node had applied when it
+/// first changed it, and the stamp of its latest change.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PendingChange {
     pub key: PendingKey,
     pub base_revision: i64,
+    /// 0 in a state file from before stamps: any stamped change in etcd wins over it.
+    #[serde(default)]
+    pub stamp_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -452,7 +461,9 @@ mod tests {
                         source: SourceId::Manual,
                     },
                     base_revision: 4700,
+                    stamp_ms: 1_780_000_000_000,
                 }],
+                clock_ms: 1_780_000_000_000,
             }),
             entries: vec![],
         };

@@ -500,6 +500,18 @@ impl Fleet {
         self.nodes[i].scene.start(&args);
     }
 
+    /// Drops, or lets through again, everything the hub sends node `i` (etcd's answers and
+    /// watch events, APIBAN's): the node's requests still reach etcd, and their answers are
+    /// lost. What a link that dies mid-request does to a write. (A blackhole route in the
+    /// hub: this kernel has no tc drop action, and iptables is not needed elsewhere.)
+    pub fn set_answers_to(&self, i: usize, up: bool) {
+        let op = if up { "del" } else { "add" };
+        self.hub.exec(
+            "ip",
+            &["route", op, "blackhole", &format!("10.88.{i}.2/32")],
+        );
+    }
+
     /// The node whose log says it leads now, if one does.
     pub fn leader(&self) -> Option<usize> {
         self.nodes.iter().position(|n| {

@@ -535,7 +535,7 @@ fn changes_made_while_cut_off_survive_a_restart_and_the_newer_change_wins() {
     );
     assert_eq!(comment_of(a, "45.67.0.1"), "from C, cut off");
     let log = f.nodes[c].scene.agent().log_text();
-    assert!(log.contains("etcd's newer change wins"), "{log}");
+    assert!(log.contains("its later change wins"), "{log}");
     assert!(log.contains("has not confirmed yet"), "{log}");
 }
 

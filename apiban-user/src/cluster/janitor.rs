@@ -1,4 +1,5 @@
-//! The leader's pass over etcd for records that have expired but are still there.
+//! The leader's pass over etcd for records that have expired but are still there, and for
+//! operators' tombstones older than `keys::TOMBSTONE_DAYS`.
 //!
 //! Every node expires bans on its own clock, and the leader deletes in etcd what its own
 //! sweeps expire. A key can still outlive its expiry: a node that dropped it in its start-up
@@ -78,20 +79,54 @@ pub async fn run(
     }
 }
 
-/// Deletes the expired records; how many. Stops at once when this node stops leading.
+/// Deletes the expired records and old tombstones; how many. Stops at once when this node
+/// stops leading.
 async fn delete_expired(
     client: &mut Client,
     keys: &Keys,
     fence: &LeaderKey,
     leader: &tokio_watch::Receiver<Option<LeaderKey>>,
 ) -> Result<u64, CallError> {
-    let mut pages = Pages::under(&keys.records(), PAGE, "a page of records");
+    let mut deleted = 0;
+    for (prefix, decode) in [
+        (
+            keys.records(),
+            keys::decode_record as fn(&[u8]) -> Option<keys::Stored>,
+        ),
+        (keys.allowlist(), keys::decode_allowed),
+    ] {
+        deleted += delete_under(client, &prefix, decode, fence, leader).await?;
+    }
+    Ok(deleted)
+}
+
+/// Whether a value under `ledger/` has served its time: an expired record, or a tombstone
+/// older than [`keys::TOMBSTONE_DAYS`].
+fn done_with(stored: &keys::Stored, now: u64) -> bool {
+    if stored.removed {
+        let kept_ms = keys::TOMBSTONE_DAYS * 86_400_000;
+        return stored
+            .stamp
+            .as_ref()
+            .is_none_or(|s| s.at.saturating_add(kept_ms) < now.saturating_mul(1000));
+    }
+    stored.record.as_ref().is_some_and(|r| !r.is_live(now))
+}
+
+async fn delete_under(
+    client: &mut Client,
+    prefix: &str,
+    decode: fn(&[u8]) -> Option<keys::Stored>,
+    fence: &LeaderKey,
+    leader: &tokio_watch::Receiver<Option<LeaderKey>>,
+) -> Result<u64, CallError> {
+    let mut pages = Pages::under(prefix, PAGE, "a page of records");
     let mut deleted = 0;
     while let Some(page) = pages.next(client).await? {
         let now = unix_now();
         let expired: Vec<&KeyValue> = page
             .iter()
-            .filter(|kv| keys::decode_record(kv.value()).is_some_and(|r| !r.is_live(now)))
+            .filter(|kv| decode(kv.value()).is_some_and(|s| done_with(&s, now)))
             .collect();
         for chunk in expired.chunks(PER_TXN) {
             if leader.borrow().as_ref().map(LeaderKey::rev) != Some(fence.rev()) {

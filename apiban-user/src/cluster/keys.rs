@@ -10,11 +10,18 @@
 //!                                            `cluster::proofs`), on its writer's lease
 //!
 //! The ban's expiry is in its value, not in an etcd lease: every node expires bans itself.
+//! An operator's change carries a [`Stamp`], and an operator's removal is a tombstone
+//! value (`{"removed":true,...}`) that the leader's janitor deletes after
+//! [`TOMBSTONE_DAYS`].
 //! Nodes watch `P ledger/` only, so heartbeats and the poller's bookkeeping reach no watch.
 
 use ipnet::IpNet;
 
 use crate::ledger::{Record, SourceId};
+
+/// How long an operator's removal stays in etcd as a tombstone: a node cut off for longer
+/// than this sends its older changes to keys that look never changed.
+pub const TOMBSTONE_DAYS: u64 = 30;
 
 /// The key layout of one fleet.
 #[derive(Clone, Debug)]
@@ -114,12 +121,110 @@ impl Keys {
     }
 }
 
-pub fn encode_record(record: &Record) -> Vec<u8> {
-    serde_json::to_vec(record).unwrap_or_default()
+/// When and where an operator's change was made: the order in which changes of one key
+/// win (see `cluster::writer`). `at` is the node's fleet clock in Unix milliseconds (never
+/// behind anything the node had seen of the fleet, see `Engine::next_stamp`), `by` the node.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Stamp {
+    pub at: u64,
+    pub by: String,
 }
 
-pub fn decode_record(value: &[u8]) -> Option<Record> {
-    serde_json::from_slice(value).ok()
+/// What one record or allowlist key holds, as read from etcd.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    /// The record; None for a tombstone (an operator's removal) or an allowlist entry.
+    pub record: Option<Record>,
+    /// An operator's removal: kept as a value, not a deleted key, so that a node whose
+    /// older change arrives late sees it (etcd cannot compare against a deleted key).
+    pub removed: bool,
+    /// An operator's change carries one; what the leader's feeds write does not.
+    pub stamp: Option<Stamp>,
+}
+
+/// The marks an operator's change adds to a value; a record's own fields sit beside them.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Marks {
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    removed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stamp_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    by: Option<String>,
+}
+
+impl Marks {
+    fn of(stamp: Option<&Stamp>, removed: bool) -> Self {
+        Self {
+            removed,
+            stamp_ms: stamp.map(|s| s.at),
+            by: stamp.map(|s| s.by.clone()),
+        }
+    }
+}
+
+/// A record's value, with an operator's stamp when it is one's change.
+pub fn encode_record(record: &Record, stamp: Option<&Stamp>) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Value<'a> {
+        #[serde(flatten)]
+        record: &'a Record,
+        #[serde(flatten)]
+        marks: Marks,
+    }
+    serde_json::to_vec(&Value {
+        record,
+        marks: Marks::of(stamp, false),
+    })
+    .unwrap_or_default()
+}
+
+/// An allowlist entry's value (`{}` when no operator's stamp goes with it).
+pub fn encode_allowed(stamp: Option<&Stamp>) -> Vec<u8> {
+    serde_json::to_vec(&Marks::of(stamp, false)).unwrap_or_default()
+}
+
+/// An operator's removal of a record or allowlist entry.
+pub fn encode_removed(stamp: &Stamp) -> Vec<u8> {
+    serde_json::to_vec(&Marks::of(Some(stamp), true)).unwrap_or_default()
+}
+
+/// A record key's value; None when it is neither a record nor a tombstone this version
+/// can read.
+pub fn decode_record(value: &[u8]) -> Option<Stored> {
+    let marks: Marks = serde_json::from_slice(value).ok()?;
+    let record = if marks.removed {
+        None
+    } else {
+        Some(serde_json::from_slice::<Record>(value).ok()?)
+    };
+    Some(Stored {
+        record,
+        removed: marks.removed,
+        stamp: stamp_of(marks),
+    })
+}
+
+/// An allowlist key's value: `{}` from before stamps, or an operator's marks.
+pub fn decode_allowed(value: &[u8]) -> Option<Stored> {
+    let marks: Marks = serde_json::from_slice(value).ok()?;
+    Some(Stored {
+        record: None,
+        removed: marks.removed,
+        stamp: stamp_of(marks),
+    })
+}
+
+/// The operator's stamp a record's or allowlist entry's value carries, if any.
+pub fn decode_stamp(value: &[u8]) -> Option<Stamp> {
+    stamp_of(serde_json::from_slice(value).ok()?)
+}
+
+fn stamp_of(marks: Marks) -> Option<Stamp> {
+    Some(Stamp {
+        at: marks.stamp_ms?,
+        by: marks.by.unwrap_or_default(),
+    })
 }
 
 #[cfg(test)]

@@ -60,10 +60,13 @@ pub struct Outgoing {
     /// Written only while this node leads, in a transaction fenced on its leader key: what
     /// the leader's feeds learned, and its sweeps.
     pub fenced: bool,
-    /// An operator's change: each key is written only if etcd's copy has not changed since
-    /// this revision (the node's, when the change was made). Otherwise etcd's newer copy
-    /// wins, and reaches this node by watch.
+    /// An operator's change: the revision this node had applied when it was made. A key
+    /// etcd has not changed since is written at once; otherwise see `stamp`.
     pub base_revision: Option<i64>,
+    /// An operator's change: when and where it was made. Against a key changed since
+    /// `base_revision`, the later stamp wins (see [`writer`]); the value carries it, and
+    /// a removal is written as a tombstone that carries it.
+    pub stamp_ms: Option<u64>,
 }
 
 impl Outgoing {
@@ -79,6 +82,9 @@ pub enum ClusterUpdate {
     Changes {
         changes: Vec<RemoteChange>,
         revision: i64,
+        /// The latest operator's stamp among them (Unix ms; 0: none): the node's fleet
+        /// clock moves past it.
+        clock: u64,
         reply: oneshot::Sender<()>,
     },
     /// Everything under the prefix at `revision`.
@@ -86,6 +92,8 @@ pub enum ClusterUpdate {
         records: Vec<(IpNet, SourceId, Record)>,
         allow: Vec<IpNet>,
         revision: i64,
+        /// The latest operator's stamp in etcd, tombstones included.
+        clock: u64,
         reply: oneshot::Sender<()>,
     },
     /// etcd has settled an operator's changes on these keys.
@@ -370,6 +378,8 @@ pub enum CallError {
     Etcd(#[from] etcd_client::Error),
     #[error("etcd did not answer ({0}) within {secs} s", secs = CALL_TIMEOUT.as_secs())]
     Timeout(&'static str),
+    #[error("{0} changed under every one of this node's tries to write it; trying again")]
+    Contended(String),
     #[error("cannot read {path} (for etcd's TLS or password)")]
     Credentials {
         path: std::path::PathBuf,

@@ -177,6 +177,7 @@ async fn follow(
         }
         let mut changes = Vec::new();
         let mut revision = 0;
+        let mut clock = 0;
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
             revision = revision.max(kv.mod_revision());
@@ -189,8 +190,9 @@ async fn follow(
                     Ok(EventType::Delete) => false,
                     Err(_) => continue,
                 };
-            if let Some(change) = change_of(keys, kv.key(), put.then(|| kv.value())) {
+            if let Some((change, stamp)) = change_of(keys, kv.key(), put.then(|| kv.value())) {
                 changes.push(change);
+                clock = clock.max(stamp.map_or(0, |s| s.at));
             }
         }
         if changes.is_empty() {
@@ -209,6 +211,7 @@ async fn follow(
         if send(updates, |reply| ClusterUpdate::Changes {
             changes,
             revision,
+            clock,
             reply,
         })
         .await
@@ -219,24 +222,40 @@ async fn follow(
     }
 }
 
-/// The ledger change one key's event stands for; None for keys that are not ledger state
-/// (the election, the cursor) and for values this version cannot read.
-fn change_of(keys: &Keys, key: &[u8], value: Option<&[u8]>) -> Option<RemoteChange> {
+/// The ledger change one key's event stands for, and the operator's stamp it carries; None
+/// for keys that are not ledger state (the election, the cursor) and for values this
+/// version cannot read. A tombstone is a removal.
+fn change_of(
+    keys: &Keys,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Option<(RemoteChange, Option<keys::Stamp>)> {
     if let Some((source, net)) = keys.parse_record(key) {
-        let record = match value {
-            Some(v) => Some(keys::decode_record(v)?),
-            None => None,
+        let (record, stamp) = match value {
+            Some(v) => {
+                let stored = keys::decode_record(v)?;
+                (stored.record, stored.stamp)
+            }
+            None => (None, None),
         };
-        return Some(RemoteChange::Record {
-            net,
-            source,
-            record,
-        });
+        return Some((
+            RemoteChange::Record {
+                net,
+                source,
+                record,
+            },
+            stamp,
+        ));
     }
-    keys.parse_allow(key).map(|net| RemoteChange::Allow {
-        net,
-        present: value.is_some(),
-    })
+    let net = keys.parse_allow(key)?;
+    let (present, stamp) = match value {
+        Some(v) => {
+            let stored = keys::decode_allowed(v)?;
+            (!stored.removed, stored.stamp)
+        }
+        None => (false, None),
+    };
+    Some((RemoteChange::Allow { net, present }, stamp))
 }
 
 async fn send(
@@ -286,18 +305,29 @@ async fn read_everything(
     .await?;
     let revision = head.header().map_or(0, |h| h.revision());
     let mut records: Vec<(IpNet, SourceId, Record)> = Vec::new();
+    let mut clock = 0;
+    let mut seen = |stamp: &Option<keys::Stamp>| {
+        clock = stamp.as_ref().map_or(clock, |s| clock.max(s.at));
+    };
     for (key, value) in read_range(client, &keys.records(), revision).await? {
-        if let (Some((source, net)), Some(record)) =
+        if let (Some((source, net)), Some(stored)) =
             (keys.parse_record(&key), keys::decode_record(&value))
         {
-            records.push((net, source, record));
+            seen(&stored.stamp);
+            if let Some(record) = stored.record {
+                records.push((net, source, record));
+            }
         }
     }
-    let allow: Vec<IpNet> = read_range(client, &keys.allowlist(), revision)
-        .await?
-        .iter()
-        .filter_map(|(key, _)| keys.parse_allow(key))
-        .collect();
+    let mut allow: Vec<IpNet> = Vec::new();
+    for (key, value) in read_range(client, &keys.allowlist(), revision).await? {
+        if let (Some(net), Some(stored)) = (keys.parse_allow(&key), keys::decode_allowed(&value)) {
+            seen(&stored.stamp);
+            if !stored.removed {
+                allow.push(net);
+            }
+        }
+    }
     tracing::info!(
         revision,
         records = records.len(),
@@ -308,6 +338,7 @@ async fn read_everything(
         records,
         allow,
         revision,
+        clock,
         reply,
     })
     .await
@@ -330,29 +361,88 @@ mod tests {
             comment: None,
             evidence: None,
         };
+        let change = |record| RemoteChange::Record {
+            net,
+            source: SourceId::Apiban,
+            record,
+        };
         let key = keys.record(&SourceId::Apiban, &net);
-        let value = keys::encode_record(&record);
+        let value = keys::encode_record(&record, None);
         assert_eq!(
             change_of(&keys, key.as_bytes(), Some(&value)),
-            Some(RemoteChange::Record {
-                net,
-                source: SourceId::Apiban,
-                record: Some(record)
-            })
+            Some((change(Some(record.clone())), None))
         );
         assert_eq!(
             change_of(&keys, key.as_bytes(), None),
-            Some(RemoteChange::Record {
-                net,
-                source: SourceId::Apiban,
-                record: None
-            })
+            Some((change(None), None))
         );
         assert_eq!(change_of(&keys, key.as_bytes(), Some(b"not json")), None);
         assert_eq!(change_of(&keys, b"/f/leader/1234", Some(b"node-a")), None);
         assert_eq!(
             change_of(&keys, keys.allow(&net).as_bytes(), Some(b"{}")),
-            Some(RemoteChange::Allow { net, present: true })
+            Some((RemoteChange::Allow { net, present: true }, None))
+        );
+    }
+
+    #[test]
+    fn an_operators_stamp_and_tombstone_are_read_back() {
+        let keys = Keys::new("/f/");
+        let net: IpNet = "198.51.100.0/24".parse().unwrap();
+        let stamp = keys::Stamp {
+            at: 1_780_000_000_123,
+            by: "node-b".into(),
+        };
+        let record = Record {
+            first_seen: 1,
+            last_seen: 2,
+            expires: None,
+            comment: Some("by hand".into()),
+            evidence: None,
+        };
+        let key = keys.record(&SourceId::Manual, &net);
+        let banned = keys::encode_record(&record, Some(&stamp));
+        assert_eq!(
+            change_of(&keys, key.as_bytes(), Some(&banned)),
+            Some((
+                RemoteChange::Record {
+                    net,
+                    source: SourceId::Manual,
+                    record: Some(record),
+                },
+                Some(stamp.clone())
+            ))
+        );
+        // An operator's unban is a value, not a deleted key, and reads as a removal.
+        let removed = keys::encode_removed(&stamp);
+        assert_eq!(
+            change_of(&keys, key.as_bytes(), Some(&removed)),
+            Some((
+                RemoteChange::Record {
+                    net,
+                    source: SourceId::Manual,
+                    record: None,
+                },
+                Some(stamp.clone())
+            ))
+        );
+        let allow = keys.allow(&net);
+        assert_eq!(
+            change_of(&keys, allow.as_bytes(), Some(&removed)),
+            Some((
+                RemoteChange::Allow {
+                    net,
+                    present: false
+                },
+                Some(stamp.clone())
+            ))
+        );
+        assert_eq!(
+            change_of(
+                &keys,
+                allow.as_bytes(),
+                Some(&keys::encode_allowed(Some(&stamp)))
+            ),
+            Some((RemoteChange::Allow { net, present: true }, Some(stamp)))
         );
     }
 }

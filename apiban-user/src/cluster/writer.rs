@@ -3,18 +3,17 @@
 //! Transactions hold at most [`MAX_OPS`] operations (etcd refuses more than 128 by default)
 //! and stay far under its 1.5 MiB request limit. The leader's writes compare its leader key's
 //! creation revision: once etcd has elected another node they fail, and this node drops
-//! them. An operator's change is retried until etcd takes it.
+//! them. An operator's change is retried until etcd settles it: taken, or kept out by a
+//! later change of the same key (see [`write_operator_change`]).
 
 use std::sync::Arc;
-
-use std::collections::HashMap;
 
 use etcd_client::{Client, Compare, CompareOp, LeaderKey, Txn, TxnOp};
 use tokio::sync::{mpsc, watch as tokio_watch};
 
 use super::{
     BudgetWrite, CallError, Outgoing, Retry, connect,
-    keys::{self, Keys},
+    keys::{self, Keys, Stamp},
     within,
 };
 use crate::{config::ClusterSettings, state::PendingKey, sync::Update};
@@ -37,7 +36,6 @@ pub async fn run(
     stats: Arc<super::ClusterStats>,
 ) {
     let keys = Keys::new(&settings.prefix);
-    let mut written = OwnWrites::default();
     let mut client: Option<Client> = None;
     let mut retry = Retry::new();
     let mut reported = false;
@@ -81,7 +79,7 @@ pub async fn run(
                 },
             };
             let result = match out.base_revision {
-                Some(base) => write_if_unchanged(c, &keys, &out, base, &mut written).await,
+                Some(_) => write_operator_change(c, &keys, &out, &settings.node).await,
                 None => write(c, &keys, &out, fence.as_ref()).await,
             };
             match result {
@@ -159,25 +157,6 @@ async fn write_budget(
     }
 }
 
-/// The revisions at which this node wrote operators' keys itself: the next change of such
-/// a key compares against its own write, not against the older revision it had applied.
-#[derive(Default)]
-struct OwnWrites(HashMap<String, i64>);
-
-impl OwnWrites {
-    fn base(&self, key: &str, base: i64) -> i64 {
-        self.0.get(key).map_or(base, |own| base.max(*own))
-    }
-
-    fn note(&mut self, key: String, revision: i64) {
-        // Operators' changes are few; the map only has to bridge the watch's short lag.
-        if self.0.len() >= 10_000 {
-            self.0.clear();
-        }
-        self.0.insert(key, revision);
-    }
-}
-
 fn pending_keys(out: &Outgoing) -> Vec<PendingKey> {
     out.records
         .iter()
@@ -193,64 +172,106 @@ fn pending_keys(out: &Outgoing) -> Vec<PendingKey> {
         .collect()
 }
 
-/// An operator's change, key by key: each written only if etcd's copy has not changed since
-/// `base` (or since this node's own last write of it). A key another node changed meanwhile
-/// keeps that node's change.
-async fn write_if_unchanged(
+/// Tries per key before an operator's change waits for the writer's next round: each
+/// failed try means another node changed the key in between.
+const TRIES_PER_KEY: usize = 5;
+
+/// An operator's change, key by key. A key etcd has not changed since the node applied
+/// `base_revision` takes the change at once. Otherwise the later [`Stamp`] wins: the
+/// change is written over a value with an earlier stamp (this node's own earlier change,
+/// even one whose answer was lost; a feed's record, which has none), and etcd's value is
+/// kept when its stamp is later (another node's newer change, or this very change, already
+/// written). A removal is a tombstone with its stamp, so it is seen like any other change.
+async fn write_operator_change(
     client: &mut Client,
     keys: &Keys,
     out: &Outgoing,
-    base: i64,
-    written: &mut OwnWrites,
+    node: &str,
 ) -> Result<Written, CallError> {
-    let plain = Outgoing {
-        records: out.records.clone(),
-        allow: out.allow.clone(),
-        ..Default::default()
+    let stamp = Stamp {
+        at: out.stamp_ms.unwrap_or(0),
+        by: node.to_owned(),
     };
-    let names: Vec<String> = out
-        .records
-        .iter()
-        .map(|(net, source, _)| keys.record(source, net))
-        .chain(out.allow.iter().map(|(net, _)| keys.allow(net)))
-        .collect();
-    for (key, op) in names.into_iter().zip(operations(keys, &plain)) {
-        let txn = Txn::new()
-            .when(vec![Compare::mod_revision(
-                key.clone(),
-                CompareOp::Less,
-                written.base(&key, base) + 1,
-            )])
-            .and_then(vec![op]);
-        let answer = within("a write", client.txn(txn)).await?;
-        if answer.succeeded() {
-            let revision = answer.header().map_or(0, |h| h.revision());
-            written.note(key, revision);
-        } else {
-            tracing::warn!(
-                %key,
-                base,
-                "another node changed this key in etcd after this node's change was made;                  etcd's newer change wins"
-            );
-        }
+    let base = out.base_revision.unwrap_or(0);
+    for (key, value) in operator_values(keys, out, &stamp) {
+        write_key(client, &key, value, base, &stamp).await?;
     }
     Ok(Written::Done)
 }
 
-/// The operations `out` stands for, the cursor last.
+async fn write_key(
+    client: &mut Client,
+    key: &str,
+    value: Vec<u8>,
+    base: i64,
+    stamp: &Stamp,
+) -> Result<(), CallError> {
+    let mut unchanged = Compare::mod_revision(key, CompareOp::Less, base + 1);
+    for _ in 0..TRIES_PER_KEY {
+        let txn =
+            Txn::new()
+                .when(vec![unchanged])
+                .and_then(vec![TxnOp::put(key, value.clone(), None)]);
+        if within("a write", client.txn(txn)).await?.succeeded() {
+            return Ok(());
+        }
+        let answer = within("a read", client.get(key, None)).await?;
+        let Some(kv) = answer.kvs().first() else {
+            // Deleted since: an expiry, or the janitor's pass over old tombstones. Nothing
+            // newer to keep.
+            unchanged = Compare::version(key, CompareOp::Equal, 0);
+            continue;
+        };
+        let theirs = keys::decode_stamp(kv.value());
+        if theirs.as_ref() >= Some(stamp) {
+            if theirs.as_ref() != Some(stamp) {
+                tracing::warn!(
+                    %key,
+                    by = theirs.as_ref().map_or("", |s| s.by.as_str()),
+                    "another node changed this key after this node's change was made; its later change wins"
+                );
+            }
+            return Ok(());
+        }
+        unchanged = Compare::mod_revision(key, CompareOp::Equal, kv.mod_revision());
+    }
+    Err(CallError::Contended(key.to_owned()))
+}
+
+/// The keys and values of an operator's change, each carrying `stamp`.
+fn operator_values(keys: &Keys, out: &Outgoing, stamp: &Stamp) -> Vec<(String, Vec<u8>)> {
+    let records = out.records.iter().map(|(net, source, record)| {
+        let value = match record {
+            Some(r) => keys::encode_record(r, Some(stamp)),
+            None => keys::encode_removed(stamp),
+        };
+        (keys.record(source, net), value)
+    });
+    let allow = out.allow.iter().map(|(net, present)| {
+        let value = if *present {
+            keys::encode_allowed(Some(stamp))
+        } else {
+            keys::encode_removed(stamp)
+        };
+        (keys.allow(net), value)
+    });
+    records.chain(allow).collect()
+}
+
+/// The operations of what the leader's feeds found, the cursor last.
 fn operations(keys: &Keys, out: &Outgoing) -> Vec<TxnOp> {
     let mut ops = Vec::with_capacity(out.records.len() + out.allow.len() + 1);
     for (net, source, record) in &out.records {
         let key = keys.record(source, net);
         ops.push(match record {
-            Some(r) => TxnOp::put(key, keys::encode_record(r), None),
+            Some(r) => TxnOp::put(key, keys::encode_record(r, None), None),
             None => TxnOp::delete(key, None),
         });
     }
     for (net, present) in &out.allow {
         let key = keys.allow(net);
         ops.push(if *present {
-            TxnOp::put(key, "{}", None)
+            TxnOp::put(key, keys::encode_allowed(None), None)
         } else {
             TxnOp::delete(key, None)
         });

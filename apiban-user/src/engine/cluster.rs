@@ -29,6 +29,37 @@ pub enum RemoteChange {
 /// A record this node changed, as it is now (None: removed), for etcd.
 pub type Touched = (IpNet, SourceId, Option<Record>);
 
+/// An operator's change being applied: its allowlist entry, and its stamp once a commit
+/// has noted it.
+#[derive(Debug)]
+pub struct FleetChangeDraft {
+    allow: Option<(IpNet, bool)>,
+    stamp_ms: Option<u64>,
+}
+
+/// An operator's change, applied and noted pending, for etcd.
+#[derive(Debug)]
+pub struct FleetChange {
+    pub records: Vec<Touched>,
+    pub allow: Vec<(IpNet, bool)>,
+    /// The revision the node had applied when the change was made.
+    pub base_revision: i64,
+    pub stamp_ms: u64,
+}
+
+/// The stamp of a change made at `now_ms` on a node whose fleet clock is `clock`: never
+/// behind anything the node stamped or saw, even when its clock is, or steps back.
+fn next_stamp(clock: &mut u64, now_ms: u64) -> u64 {
+    *clock = now_ms.max(*clock + 1);
+    *clock
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// What a pending key holds on this node now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PendingValue {
@@ -46,6 +77,7 @@ impl<E: Enforcer> Engine<E> {
                 prefix: prefix.to_owned(),
                 revision: 0,
                 pending: Vec::new(),
+                clock_ms: 0,
             });
         }
     }
@@ -180,33 +212,83 @@ impl<E: Enforcer> Engine<E> {
         }
     }
 
-    /// Keeps an operator's change until etcd confirms it, saved with the state: a node
-    /// restarted while cut off from etcd still sends it. A key changed twice keeps the
-    /// revision of its first change.
-    pub fn note_pending(&mut self, records: &[Touched], allow: &[(IpNet, bool)], now: u64) {
-        let revision = self.cluster_revision();
+    /// Marks what is applied next, until [`Engine::end_fleet_change`], as an operator's
+    /// change for the fleet: every record it touches (and `allow`, a manual allowlist
+    /// entry added or removed) is noted pending for etcd in the same save that applies it.
+    pub fn expect_fleet_change(&mut self, allow: Option<(IpNet, bool)>) {
+        if self.cluster.is_some() {
+            self.fleet_change = Some(FleetChangeDraft {
+                allow,
+                stamp_ms: None,
+            });
+        }
+    }
+
+    /// The operator's change that was applied since [`Engine::expect_fleet_change`], for
+    /// etcd; None when nothing was (a refused change).
+    pub fn end_fleet_change(&mut self) -> Option<FleetChange> {
+        let draft = self.fleet_change.take()?;
+        let Some(stamp_ms) = draft.stamp_ms else {
+            self.forget_touched();
+            return None;
+        };
+        Some(FleetChange {
+            records: self.take_touched(),
+            allow: draft.allow.into_iter().collect(),
+            base_revision: self.cluster_revision(),
+            stamp_ms,
+        })
+    }
+
+    /// Called by every commit: notes the keys an operator's change touched as pending,
+    /// with its stamp. A key changed again keeps the revision of its first change, and
+    /// takes the stamp of its latest.
+    pub(super) fn note_fleet_change(&mut self) {
+        let Some(draft) = &mut self.fleet_change else {
+            return;
+        };
         let Some(cluster) = &mut self.cluster else {
             return;
         };
-        let keys = records
-            .iter()
-            .map(|(net, source, _)| PendingKey::Record {
+        let stamp_ms = *draft
+            .stamp_ms
+            .get_or_insert_with(|| next_stamp(&mut cluster.clock_ms, unix_now_ms()));
+        let revision = cluster.revision;
+        let ledger = self.ledger.as_ref();
+        let keys: Vec<PendingKey> = ledger
+            .touched()
+            .map(|(net, source)| PendingKey::Record {
                 net: *net,
                 source: source.clone(),
             })
-            .chain(allow.iter().map(|(net, _)| PendingKey::Allow { net: *net }));
+            .chain(
+                draft
+                    .allow
+                    .iter()
+                    .map(|(net, _)| PendingKey::Allow { net: *net }),
+            )
+            .collect();
         for key in keys {
-            if !cluster.pending.iter().any(|p| p.key == key) {
-                cluster.pending.push(PendingChange {
+            match cluster.pending.iter_mut().find(|p| p.key == key) {
+                Some(p) => p.stamp_ms = stamp_ms,
+                None => cluster.pending.push(PendingChange {
                     key,
                     base_revision: revision,
-                });
+                    stamp_ms,
+                }),
             }
         }
-        self.save(now);
     }
 
-    /// etcd has settled these keys (taken the change, or kept a newer one).
+    /// A stamp on another node's change, from etcd: this node's next change is stamped
+    /// after it.
+    pub fn saw_fleet_clock(&mut self, stamp_ms: u64) {
+        if let Some(c) = &mut self.cluster {
+            c.clock_ms = c.clock_ms.max(stamp_ms);
+        }
+    }
+
+    /// etcd has settled these keys (taken the change, or kept a later one).
     pub fn settle_pending(&mut self, keys: &[PendingKey]) {
         if let Some(cluster) = &mut self.cluster {
             cluster.pending.retain(|p| !keys.contains(&p.key));

@@ -22,7 +22,7 @@ mod manual;
 mod sources;
 
 pub use self::{
-    cluster::{PendingValue, RemoteChange, Touched},
+    cluster::{FleetChange, PendingValue, RemoteChange, Touched},
     enforcer::{Enforcer, MemoryEnforcer},
 };
 use crate::{
@@ -197,6 +197,9 @@ pub struct Engine<E: Enforcer> {
     unsaved: bool,
     /// In a fleet: the etcd revision the ledger reflects (see `cluster.rs`).
     cluster: Option<ClusterCursor>,
+    /// In a fleet, while an operator's change is being applied: what it is (see
+    /// `Engine::expect_fleet_change`).
+    fleet_change: Option<cluster::FleetChangeDraft>,
 }
 
 impl<E: Enforcer> Engine<E> {
@@ -250,6 +253,7 @@ impl<E: Enforcer> Engine<E> {
             map_full_logged: false,
             unsaved: false,
             cluster: state.cluster,
+            fleet_change: None,
         };
         engine.set_config_allow(settings.allow);
         match crate::sanitise::host_addresses() {
@@ -687,6 +691,8 @@ impl<E: Enforcer> Engine<E> {
     }
 
     fn commit(&mut self, now: u64) -> Applied {
+        // In the same save as the change: no kill can keep one without the other.
+        self.note_fleet_change();
         let applied = self.apply(now);
         self.save(now);
         applied

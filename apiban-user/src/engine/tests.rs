@@ -500,3 +500,55 @@ fn another_nodes_detection_ban_of_a_proven_peer_is_not_enforced_here() {
     assert!(deny.contains(&net("198.51.100.7/32")));
     assert!(deny.contains(&net("203.0.113.8/32")));
 }
+
+/// An operator's change in a fleet is on disk together with its note for etcd, from one
+/// save: a kill after that save cannot leave a ban that no node but this one ever hears of.
+#[test]
+fn an_operators_change_and_its_pending_note_are_saved_together() {
+    use crate::state::{PendingKey, STATE_FILE, State};
+    let (dir, store) = temp_store("pending-together");
+    let (mut e, _) =
+        Engine::start(MemoryEnforcer::default(), Some(store), settings(100), 10).unwrap();
+    e.join_cluster("/apiban/", 60);
+    e.saw_fleet_clock(u64::MAX / 4);
+    e.expect_fleet_change(None);
+    e.ban(net("198.51.100.7/32"), None, None, false, 11)
+        .unwrap();
+    // What is on disk now, before the owner has sent anything anywhere.
+    let saved = State::parse(&std::fs::read(dir.join(STATE_FILE)).unwrap()).unwrap();
+    let key = PendingKey::Record {
+        net: net("198.51.100.7/32"),
+        source: SourceId::Manual,
+    };
+    assert!(
+        saved
+            .entries
+            .iter()
+            .any(|s| s.net == net("198.51.100.7/32")),
+        "the ban is saved"
+    );
+    let cluster = saved.cluster.as_ref().expect("a fleet node's cursor");
+    let pending = cluster.pending.iter().find(|p| p.key == key);
+    // Stamped after everything the node had seen of the fleet, whatever its clock says.
+    let first = pending.expect("noted pending in the same save").stamp_ms;
+    assert_eq!(first, u64::MAX / 4 + 1);
+    assert_eq!(cluster.clock_ms, first, "the fleet clock is saved with it");
+    let change = e.end_fleet_change().expect("an applied change");
+    assert_eq!((change.stamp_ms, change.records.len()), (first, 1));
+
+    // The same key changed again: still one note, with the later stamp.
+    e.expect_fleet_change(None);
+    e.unban(net("198.51.100.7/32"), 12);
+    let second = e.end_fleet_change().expect("an applied change").stamp_ms;
+    assert!(second > first);
+    let pending = e.pending_changes();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].0.stamp_ms, second);
+
+    // A refused change notes nothing and sends nothing.
+    e.expect_fleet_change(Some((net("192.0.2.0/24"), false)));
+    assert!(e.allow_remove(net("192.0.2.0/24"), 13).is_err());
+    assert!(e.end_fleet_change().is_none());
+    assert_eq!(e.pending_changes().len(), 1);
+    let _ = std::fs::remove_dir_all(dir);
+}

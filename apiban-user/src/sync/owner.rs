@@ -150,9 +150,12 @@ impl<E: Enforcer> Owner<E> {
     /// the maps, saved and published.
     pub fn handle(&mut self, update: Update) {
         let origin = Origin::of(&update);
+        if let Origin::Operator(allow) = &origin {
+            self.engine.expect_fleet_change(*allow);
+        }
         let ack = self.apply(update);
-        let applied = !matches!(&ack, Ack::Change(_, Err(_)));
-        self.tell_the_fleet(origin, applied);
+        let change = self.engine.end_fleet_change();
+        self.tell_the_fleet(origin, change);
         self.publish();
         ack.send();
     }
@@ -162,13 +165,14 @@ impl<E: Enforcer> Owner<E> {
     fn send_pending(&self) {
         use crate::{engine::PendingValue, state::PendingKey};
         let Some(link) = &self.cluster else { return };
-        let mut by_base: std::collections::BTreeMap<i64, Outgoing> = Default::default();
+        let mut by_change: std::collections::BTreeMap<(u64, i64), Outgoing> = Default::default();
         let pending = self.engine.pending_changes();
         for (change, value) in &pending {
-            let out = by_base
-                .entry(change.base_revision)
+            let out = by_change
+                .entry((change.stamp_ms, change.base_revision))
                 .or_insert_with(|| Outgoing {
                     base_revision: Some(change.base_revision),
+                    stamp_ms: Some(change.stamp_ms),
                     ..Default::default()
                 });
             match (&change.key, value) {
@@ -187,13 +191,13 @@ impl<E: Enforcer> Owner<E> {
                 "sending etcd the operators' changes it has not confirmed yet"
             );
         }
-        for out in by_base.into_values() {
+        for out in by_change.into_values() {
             let _ = link.outbox.send(out);
         }
     }
 
     /// In a fleet, sends what this node changed to etcd (see [`Origin`]).
-    fn tell_the_fleet(&mut self, origin: Origin, applied: bool) {
+    fn tell_the_fleet(&mut self, origin: Origin, change: Option<crate::engine::FleetChange>) {
         let Some(link) = &self.cluster else { return };
         let out = match origin {
             Origin::Local => {
@@ -213,17 +217,19 @@ impl<E: Enforcer> Owner<E> {
                     ..Default::default()
                 }
             }
-            Origin::Operator(allow) => {
-                let records = self.engine.take_touched();
-                let allow: Vec<_> = allow.filter(|_| applied).into_iter().collect();
-                if records.is_empty() && allow.is_empty() {
+            Origin::Operator(_) => {
+                // Noted pending by the commit that applied it (see `expect_fleet_change`).
+                let Some(change) = change else {
+                    return;
+                };
+                if change.records.is_empty() && change.allow.is_empty() {
                     return;
                 }
-                self.engine.note_pending(&records, &allow, unix_now());
                 Outgoing {
-                    records,
-                    allow,
-                    base_revision: Some(self.engine.cluster_revision()),
+                    records: change.records,
+                    allow: change.allow,
+                    base_revision: Some(change.base_revision),
+                    stamp_ms: Some(change.stamp_ms),
                     ..Default::default()
                 }
             }
@@ -348,9 +354,11 @@ impl<E: Enforcer> Owner<E> {
             ClusterUpdate::Changes {
                 changes,
                 revision,
+                clock,
                 reply,
             } => {
                 let n = changes.len();
+                self.engine.saw_fleet_clock(clock);
                 let applied = self.engine.apply_cluster_changes(changes, revision, now);
                 tracing::debug!(
                     changes = n,
@@ -365,8 +373,10 @@ impl<E: Enforcer> Owner<E> {
                 records,
                 allow,
                 revision,
+                clock,
                 reply,
             } => {
+                self.engine.saw_fleet_clock(clock);
                 let applied = self
                     .engine
                     .replace_from_cluster(records, allow, revision, now);

@@ -1,0 +1,161 @@
+//! The fleet's contract under faults (README, "A fleet"): an operator's change accepted on
+//! any node ends in the same state everywhere, its own or a later one, even when the node
+//! never heard etcd's answer to its write, or was killed before it did.
+
+use std::time::Duration;
+
+use tests::{fleet::Fleet, require_root, wait_until};
+
+/// etcd's value of `source`'s record of `addr`: None when there is no key.
+fn record_value(f: &Fleet, source: &str, addr: &str) -> Option<serde_json::Value> {
+    let key = format!("{}ledger/records/{source}/{addr}/32", f.prefix);
+    f.etcd_client(async move |c| {
+        let answer = c.get(key, None).await.expect("read a record");
+        answer
+            .kvs()
+            .first()
+            .map(|kv| serde_json::from_slice(kv.value()).expect("a JSON value"))
+    })
+}
+
+/// Whether etcd holds a live ban (not a tombstone) of `addr` by an operator.
+fn banned_in_etcd(f: &Fleet, addr: &str) -> bool {
+    record_value(f, "manual", addr).is_some_and(|v| v["removed"] != true)
+}
+
+/// Has node `i` write an unrelated ban and waits until etcd holds it: the node's writer
+/// then holds a connection to etcd, and its next write goes out on it at once.
+fn warm_writer(f: &Fleet, i: usize, addr: &str) {
+    f.nodes[i].scene.agent().cli_ok(&["ban", addr]);
+    wait_until(
+        "a first write to reach etcd",
+        Duration::from_secs(10),
+        || banned_in_etcd(f, addr),
+    );
+}
+
+fn wait_everywhere(f: &Fleet, addr: &str, verdict: &str) {
+    for node in &f.nodes {
+        node.scene.wait_verdict(
+            addr.parse().expect("literal"),
+            verdict,
+            Duration::from_secs(30),
+        );
+    }
+}
+
+/// Holds for `time`: no node bans `addr`, and etcd holds no live ban of it.
+fn stays_unbanned(f: &Fleet, addr: &str, time: Duration) {
+    let until = std::time::Instant::now() + time;
+    while std::time::Instant::now() < until {
+        for node in &f.nodes {
+            assert_eq!(
+                node.scene.check(addr)["verdict"],
+                "not banned",
+                "{} bans {addr} again:\n{}",
+                node.name,
+                f.logs()
+            );
+        }
+        assert!(!banned_in_etcd(f, addr), "etcd bans {addr} again");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A node's ban reaches etcd but etcd's answer does not reach the node; the operator then
+/// unbans on the same node. The unban must win: the late "other" change in etcd is the
+/// node's own ban.
+#[test]
+fn an_unban_after_a_ban_whose_answer_was_lost_is_not_lost() {
+    require_root();
+    let mut f = Fleet::new(3);
+    for i in 0..3 {
+        f.start(i, &[]);
+    }
+    let leader = f.wait_leader(Duration::from_secs(20));
+    let c = (leader + 1) % 3;
+    let addr = "45.70.0.1";
+    warm_writer(&f, c, "45.70.1.1");
+    f.set_answers_to(c, false);
+    f.nodes[c].scene.agent().cli_ok(&["ban", addr]);
+    wait_until(
+        "C's ban to reach etcd, one way",
+        Duration::from_secs(10),
+        || banned_in_etcd(&f, addr),
+    );
+    f.nodes[c].scene.agent().cli_ok(&["unban", addr]);
+    assert_eq!(f.nodes[c].scene.check(addr)["verdict"], "not banned");
+    // Until the ban's answer is given up for lost: a link back within the call's timeout
+    // would bring it late, and the node would know the write was its own.
+    wait_until(
+        "C to give up waiting for etcd's answer",
+        Duration::from_secs(20),
+        || {
+            f.nodes[c]
+                .scene
+                .agent()
+                .log_text()
+                .contains("cannot write to etcd")
+        },
+    );
+    f.set_answers_to(c, true);
+    wait_until("C's unban to reach etcd", Duration::from_secs(30), || {
+        !banned_in_etcd(&f, addr)
+    });
+    wait_everywhere(&f, addr, "not banned");
+    stays_unbanned(&f, addr, Duration::from_secs(3));
+    let tombstone = record_value(&f, "manual", addr).expect("the unban is a tombstone");
+    assert_eq!(tombstone["by"], f.nodes[c].name.as_str(), "{tombstone}");
+}
+
+/// Node B's ban reaches etcd, B is killed before it hears so, node C unbans it, B comes
+/// back and sends its unconfirmed ban again: C's later unban wins; the ban does not come
+/// back.
+#[test]
+fn a_restarted_node_does_not_resurrect_a_ban_another_node_removed() {
+    require_root();
+    let mut f = Fleet::new(3);
+    for i in 0..3 {
+        f.start(i, &[]);
+    }
+    let leader = f.wait_leader(Duration::from_secs(20));
+    let (b, c) = ((leader + 1) % 3, (leader + 2) % 3);
+    let addr = "45.70.0.2";
+    warm_writer(&f, b, "45.70.1.2");
+    f.set_answers_to(b, false);
+    f.nodes[b].scene.agent().cli_ok(&["ban", addr]);
+    wait_until(
+        "B's ban to reach etcd, one way",
+        Duration::from_secs(10),
+        || banned_in_etcd(&f, addr),
+    );
+    f.nodes[b].scene.kill9();
+    f.nodes[c].scene.wait_verdict(
+        addr.parse().expect("literal"),
+        "banned",
+        Duration::from_secs(10),
+    );
+    f.nodes[c].scene.agent().cli_ok(&["unban", addr]);
+    wait_until("C's unban to reach etcd", Duration::from_secs(10), || {
+        !banned_in_etcd(&f, addr)
+    });
+    f.set_answers_to(b, true);
+    f.start(b, &[]);
+    wait_until(
+        "B to send its unconfirmed change",
+        Duration::from_secs(30),
+        || {
+            f.nodes[b]
+                .scene
+                .agent()
+                .log_text()
+                .contains("has not confirmed yet")
+        },
+    );
+    stays_unbanned(&f, addr, Duration::from_secs(3));
+    let log = f.nodes[b].scene.agent().log_text();
+    assert!(log.contains("its later change wins"), "{log}");
+    wait_until("B to hold nothing pending", Duration::from_secs(5), || {
+        f.nodes[b].scene.status()["agent"]["cluster"]["pending_changes"] == 0
+    });
+}
