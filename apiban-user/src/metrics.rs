@@ -542,6 +542,16 @@ fn cluster(w: &mut Writer, c: &crate::status::ClusterReport) -> Result<(), std::
         c.expired_deleted,
     )?;
     w.gauge(
+        "apiban_cluster_etcd_members",
+        "etcd endpoints this node is configured with.",
+        c.etcd_members,
+    )?;
+    w.gauge(
+        "apiban_cluster_etcd_members_answering",
+        "etcd members that answered a linearizable read in the last round (every 2 s).",
+        c.etcd_members_answering,
+    )?;
+    w.gauge(
         "apiban_cluster_pending_changes",
         "Operators' changes on this node that etcd has not confirmed yet.",
         c.pending_changes,

@@ -80,6 +80,13 @@ impl RateBudget {
         self.sent.push_back(now);
     }
 
+    /// Takes back the request recorded at `at`, which was not sent after all.
+    pub fn give_back(&mut self, at: Instant) {
+        if let Some(i) = self.sent.iter().rposition(|&t| t == at) {
+            self.sent.remove(i);
+        }
+    }
+
     /// The server said we are over its limit although our own count disagrees (another client
     /// with the same key, or a restart we could not account for): treat the window as full
     /// from now, so the next request waits for a whole window.
@@ -240,6 +247,26 @@ mod tests {
     }
 
     /// Drives the budget as the poller does (wait, then send) and checks every window.
+    #[test]
+    fn a_request_not_sent_gives_its_slot_back() {
+        let limit = RateLimit {
+            requests: 2,
+            window: Duration::from_secs(60),
+        };
+        let mut budget = RateBudget::new(limit);
+        let t0 = Instant::now();
+        budget.record(t0);
+        let t1 = t0 + Duration::from_secs(1);
+        budget.record(t1);
+        assert_eq!(budget.remaining(t1), 0);
+        budget.give_back(t1);
+        assert_eq!(budget.remaining(t1), 1);
+        assert_eq!(budget.next_allowed(t1), t1);
+        // Only the one given back: the other still counts.
+        budget.give_back(t1);
+        assert_eq!(budget.remaining(t1), 1);
+    }
+
     #[test]
     fn never_more_than_n_in_any_window() {
         let start = Instant::now();

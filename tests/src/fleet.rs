@@ -28,9 +28,17 @@ pub struct EtcdMember {
     pub client_port: u16,
     child: Option<Child>,
     pub log: PathBuf,
+    /// `ip netns exec <hub> etcd ...`: what starts it again on its data directory.
+    command: Vec<String>,
 }
 
 impl EtcdMember {
+    /// Starts the member again on its data directory: it rejoins the cluster.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = Some(spawn_member(&self.command, &self.log));
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -52,6 +60,24 @@ impl Drop for EtcdMember {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Runs `ip` with `command`, appending to `log`.
+fn spawn_member(command: &[String], log: &std::path::Path) -> Child {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("etcd log");
+    Command::new("ip")
+        .args(command)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot start etcd (Debian etcd-server; `cargo xtask setup`): {e}")
+        })
 }
 
 /// One node: its scene, and its link to the hub.
@@ -237,7 +263,6 @@ impl Fleet {
             let peer = format!("http://127.0.0.1:{}", PEER_PORT + i as u16);
             let data = self.dir.path.join(&name);
             let log = self.dir.path.join(format!("{name}.log"));
-            let log_file = std::fs::File::create(&log).expect("etcd log");
             let scheme = self.scheme();
             let mut tls: Vec<String> = Vec::new();
             if let Some(s) = &self.security {
@@ -252,38 +277,45 @@ impl Fleet {
                     "--client-cert-auth".into(),
                 ];
             }
-            let child = Command::new("ip")
-                .args(["netns", "exec", &self.hub.name, "etcd"])
-                .args(&tls)
-                .args(["--name", &name])
-                .args(["--data-dir", &data.display().to_string()])
-                .args([
+            let mut command: Vec<String> = ["netns", "exec", &self.hub.name, "etcd"]
+                .map(String::from)
+                .into();
+            command.extend(tls);
+            command.extend(
+                [
+                    "--name",
+                    &name,
+                    "--data-dir",
+                    &data.display().to_string(),
                     "--listen-client-urls",
                     &format!("{scheme}://0.0.0.0:{client_port}"),
-                ])
-                .args([
                     "--advertise-client-urls",
                     &format!("{scheme}://127.0.0.1:{client_port}"),
-                ])
-                .args(["--listen-peer-urls", &peer])
-                .args(["--initial-advertise-peer-urls", &peer])
-                .args(["--initial-cluster", &cluster])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", &token])
-                // Elections within about a second, as on a LAN.
-                .args(["--heartbeat-interval", "100", "--election-timeout", "1000"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log_file)
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("cannot start etcd (Debian etcd-server; `cargo xtask setup`): {e}")
-                });
+                    "--listen-peer-urls",
+                    &peer,
+                    "--initial-advertise-peer-urls",
+                    &peer,
+                    "--initial-cluster",
+                    &cluster,
+                    "--initial-cluster-state",
+                    "new",
+                    "--initial-cluster-token",
+                    &token,
+                    // Elections within about a second, as on a LAN.
+                    "--heartbeat-interval",
+                    "100",
+                    "--election-timeout",
+                    "1000",
+                ]
+                .map(String::from),
+            );
+            let child = spawn_member(&command, &log);
             self.etcd.push(EtcdMember {
                 name,
                 client_port,
                 child: Some(child),
                 log,
+                command,
             });
         }
     }
@@ -512,16 +544,10 @@ impl Fleet {
         );
     }
 
-    /// The node whose log says it leads now, if one does.
+    /// The node whose status says it leads now, if one does.
     pub fn leader(&self) -> Option<usize> {
         self.nodes.iter().position(|n| {
-            n.scene_running()
-                && n.scene
-                    .agent()
-                    .log_text()
-                    .rsplit("this node")
-                    .next()
-                    .is_some_and(|last| last.starts_with(" leads the fleet"))
+            n.scene_running() && n.scene.status()["agent"]["cluster"]["leader"] == true
         })
     }
 

@@ -95,7 +95,7 @@ fn an_unban_after_a_ban_whose_answer_was_lost_is_not_lost() {
                 .scene
                 .agent()
                 .log_text()
-                .contains("cannot write to etcd")
+                .contains("this node's changes wait for it")
         },
     );
     f.set_answers_to(c, true);
@@ -158,4 +158,78 @@ fn a_restarted_node_does_not_resurrect_a_ban_another_node_removed() {
     wait_until("B to hold nothing pending", Duration::from_secs(5), || {
         f.nodes[b].scene.status()["agent"]["cluster"]["pending_changes"] == 0
     });
+}
+
+/// One etcd member down, quorum intact, whichever member it is: the fleet keeps its
+/// leader (its lease is renewed through another member), APIBAN is still polled, and a ban
+/// made meanwhile reaches every node.
+#[test]
+fn one_etcd_member_down_costs_the_fleet_no_leader() {
+    require_root();
+    let mut f = Fleet::new(3);
+    for i in 0..3 {
+        f.start(i, &["--poll-interval", "1s", "--rate-limit", "5/10s"]);
+    }
+    let leader = f.wait_leader(Duration::from_secs(20));
+    let other = (leader + 1) % 3;
+    for member in 0..tests::fleet::MEMBERS {
+        f.etcd[member].kill();
+        let polled = f.api.requests().len();
+        let addr = format!("45.71.0.{}", member + 1);
+        f.nodes[other].scene.agent().cli_ok(&["ban", &addr]);
+        wait_everywhere(&f, &addr, "banned");
+        // Longer than the leader's lease: a lease kept only through the dead member would
+        // have run out by now.
+        std::thread::sleep(Duration::from_secs(7));
+        let log = f.nodes[leader].scene.agent().log_text();
+        assert!(
+            !log.contains("no longer leads"),
+            "the leader lost its lease with member {member} down:\n{log}"
+        );
+        assert_eq!(f.leader(), Some(leader), "{}", f.logs());
+        assert!(
+            f.api.requests().len() > polled,
+            "APIBAN was not polled with member {member} down:\n{}\n{}",
+            f.api.log_table(),
+            f.logs()
+        );
+        f.etcd[member].restart();
+        let port = format!(":{}", f.etcd[member].client_port);
+        for node in &f.nodes {
+            wait_until(
+                "every node to say the member answers again",
+                Duration::from_secs(15),
+                || {
+                    node.scene
+                        .agent()
+                        .log_text()
+                        .lines()
+                        .any(|l| l.contains("member answers again") && l.contains(&port))
+                },
+            );
+            let log = node.scene.agent().log_text();
+            let said = |what: &str| {
+                log.lines()
+                    .filter(|l| l.contains(what) && l.contains(&port))
+                    .count()
+            };
+            assert_eq!(
+                (said("member does not answer"), said("member answers again")),
+                (1, 1),
+                "{} says once that member {member} is down and once that it is back:\n{log}",
+                node.name
+            );
+        }
+    }
+    // Nothing else: one member down is no outage, and no node said it was.
+    for node in &f.nodes {
+        let log = node.scene.agent().log_text();
+        for alarm in [
+            "keeps enforcing what it has",
+            "changes wait for it",
+            "no longer leads",
+        ] {
+            assert!(!log.contains(alarm), "{}: {alarm}\n{log}", node.name);
+        }
+    }
 }

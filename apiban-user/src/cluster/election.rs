@@ -1,14 +1,24 @@
 //! The election of the one node that polls APIBAN and the lists. A node campaigns on a
-//! lease it keeps alive; it leads from the campaign's answer until a keep-alive fails, and
-//! says so at once, before etcd lets the lease run out. Its writes are fenced on the leader
-//! key (see `writer`), so one it makes after etcd elected another fails.
+//! lease it keeps alive; it leads from the campaign's answer until it can no longer be sure
+//! the lease lives, and says so a margin before etcd could let the lease run out. Its writes
+//! are fenced on the leader key (see `writer`), so one it makes after etcd elected another
+//! fails.
+//!
+//! A lease is the cluster's, not one member's: when a keep-alive fails (a member died, or
+//! its link), the leader renews the same lease through another member, so one member down
+//! with quorum intact costs the fleet no leader.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use etcd_client::{Client, LeaderKey};
 use tokio::sync::{mpsc, watch as tokio_watch};
 
-use super::{CallError, ClusterUpdate, LEADER_LEASE_SECS, Retry, connect, keys::Keys, within};
+use super::{
+    CallError, ClusterUpdate, LEADER_LEASE_SECS, Retry, connect, keys::Keys, within, within_for,
+};
 use crate::{config::ClusterSettings, state::ApibanCursor, sync::Update};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,15 +70,12 @@ async fn campaign_and_lead(
     leader: &tokio_watch::Sender<Option<LeaderKey>>,
     stop: &mut tokio_watch::Receiver<bool>,
 ) -> Lost {
+    let asked = Instant::now();
     let lease = match within("a lease", client.lease_grant(LEADER_LEASE_SECS, None)).await {
         Ok(l) => l.id(),
         Err(e) => return e.into(),
     };
-    let (mut keeper, mut acks) = match within("keep-alive", client.lease_keep_alive(lease)).await {
-        Ok(k) => k,
-        Err(e) => return e.into(),
-    };
-    let keep_alive = keep_lease(&mut keeper, &mut acks);
+    let keep_alive = keep_lease(settings, client.clone(), lease, asked);
     tokio::pin!(keep_alive);
     let mut campaigner = client.clone();
     let key = tokio::select! {
@@ -130,22 +137,80 @@ async fn campaign_and_lead(
     lost
 }
 
-/// Keeps the lease alive until a keep-alive fails or goes unanswered; why it stopped.
+/// How long one keep-alive may take before the leader tries another member.
+const KEEP_ALIVE_DEADLINE: Duration = Duration::from_secs(1);
+/// How long before the lease could run out in etcd the leader stops leading when it cannot
+/// renew it: it must have stopped before etcd can let another node lead.
+const LEASE_MARGIN: Duration = Duration::from_secs(1);
+
+/// Keeps the lease alive, through whichever member answers, until it may have run out;
+/// why it stopped. `asked` is when the lease was asked for: etcd's clock for it started
+/// after that.
 async fn keep_lease(
-    keeper: &mut etcd_client::LeaseKeeper,
-    acks: &mut etcd_client::LeaseKeepAliveStream,
+    settings: &ClusterSettings,
+    mut client: Client,
+    lease: i64,
+    asked: Instant,
 ) -> Lost {
     let every = Duration::from_millis(LEADER_LEASE_SECS as u64 * 1000 / 3);
-    let mut tick = tokio::time::interval(every);
+    let mut lives_until = asked + Duration::from_secs(LEADER_LEASE_SECS as u64);
+    let mut stream = None;
+    let mut failing = false;
     loop {
-        tick.tick().await;
-        if let Err(e) = within("keep-alive", keeper.keep_alive()).await {
-            return e.into();
+        let sent = Instant::now();
+        if sent + LEASE_MARGIN >= lives_until {
+            return Lost::LeaseExpired;
         }
-        match tokio::time::timeout(every * 2, acks.message()).await {
-            Ok(Ok(Some(ack))) if ack.ttl() > 0 => {}
-            Ok(Err(e)) => return CallError::from(e).into(),
-            _ => return Lost::LeaseExpired,
+        match renew(&mut client, &mut stream, lease).await {
+            Ok(ttl) if ttl > 0 => {
+                lives_until = sent + Duration::from_secs(ttl as u64);
+                if std::mem::take(&mut failing) {
+                    tracing::info!("the leader's lease is renewed through another etcd member");
+                }
+                tokio::time::sleep(every).await;
+            }
+            Ok(_) => return Lost::LeaseExpired,
+            Err(e) => {
+                stream = None;
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(
+                        error = %crate::error_chain(&e),
+                        "a keep-alive of the leader's lease failed; renewing it through the other etcd members"
+                    );
+                }
+                // A new client: its balancer sends to the members that answer.
+                if let Ok(c) = connect(settings).await {
+                    client = c;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
+    }
+}
+
+/// One keep-alive of `lease`, on `stream` (opened if there is none); the lease's TTL left.
+async fn renew(
+    client: &mut Client,
+    stream: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    lease: i64,
+) -> Result<i64, CallError> {
+    let (keeper, acks) = match stream {
+        Some(s) => s,
+        None => stream.insert(
+            within_for(
+                "a keep-alive stream",
+                KEEP_ALIVE_DEADLINE,
+                client.lease_keep_alive(lease),
+            )
+            .await?,
+        ),
+    };
+    within_for("a keep-alive", KEEP_ALIVE_DEADLINE, keeper.keep_alive()).await?;
+    match within_for("a keep-alive's answer", KEEP_ALIVE_DEADLINE, acks.message()).await? {
+        Some(ack) => Ok(ack.ttl()),
+        None => Err(CallError::Late(
+            "a keep-alive's answer",
+            KEEP_ALIVE_DEADLINE,
+        )),
     }
 }

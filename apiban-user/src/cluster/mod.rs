@@ -13,12 +13,14 @@
 //! - [`election`]: the campaign, and what the node does while it leads;
 //! - [`writer`]: what the owner sends to etcd;
 //! - [`janitor`]: the leader's deletion of records that expired but are still in etcd;
+//! - [`members`]: which etcd members answer, said once per change;
 //! - [`proofs`]: detection's proven peers, shared by every node.
 
 pub mod election;
 pub mod heartbeat;
 pub mod janitor;
 pub mod keys;
+pub mod members;
 pub mod pages;
 pub mod proofs;
 pub mod watch;
@@ -27,7 +29,7 @@ pub mod writer;
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -168,6 +170,9 @@ pub struct ClusterStats {
     pub full_reads: AtomicU64,
     /// Expired records this node deleted from etcd in its passes as leader.
     pub expired_deleted: AtomicU64,
+    /// etcd's endpoints, and how many answered the member monitor's last round.
+    pub members: AtomicU64,
+    pub members_answering: AtomicU64,
 }
 
 impl ClusterStats {
@@ -266,9 +271,57 @@ fn connect_options() -> ConnectOptions {
         .with_require_leader(true)
 }
 
-/// A client for the fleet's endpoints. Connecting is lazy per member: this fails only on
-/// endpoints that cannot be used at all.
+/// How long a member may take to answer the read that shows it serves: one that takes
+/// longer is passed over for the next.
+const MEMBER_PROBE: Duration = Duration::from_secs(1);
+
+/// Which member the next connection tries first: each connection starts one further, so
+/// that a task whose member failed moves on, and the tasks spread over the members.
+static NEXT_MEMBER: AtomicUsize = AtomicUsize::new(0);
+
+/// A client on one member that serves now: it answered a linearizable read (so it is in
+/// the quorum) within [`MEMBER_PROBE`]. Members are tried in turn from a rotating start; a
+/// call that fails on this client's member makes its task connect again, to the next.
+/// (A client balanced over every endpoint kept sending a share of calls to a dead member.)
 pub async fn connect(settings: &ClusterSettings) -> Result<Client, CallError> {
+    let options = connect_options_for(settings)?;
+    let endpoints = &settings.endpoints;
+    let start = NEXT_MEMBER.fetch_add(1, Ordering::Relaxed);
+    let mut last = None;
+    for k in 0..endpoints.len() {
+        let endpoint = &endpoints[(start + k) % endpoints.len()];
+        let connected = within_for(
+            "a connection",
+            MEMBER_PROBE * 3,
+            Client::connect([endpoint], Some(options.clone())),
+        )
+        .await;
+        let mut client = match connected {
+            Ok(c) => c,
+            Err(e) => {
+                last = Some(e);
+                continue;
+            }
+        };
+        let probe = etcd_client::GetOptions::new()
+            .with_keys_only()
+            .with_limit(1);
+        match within_for(
+            "a member's first read",
+            MEMBER_PROBE,
+            client.get(settings.prefix.as_str(), Some(probe)),
+        )
+        .await
+        {
+            Ok(_) => return Ok(client),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or(CallError::NoEndpoints))
+}
+
+/// The options every connection to the fleet's etcd takes.
+fn connect_options_for(settings: &ClusterSettings) -> Result<ConnectOptions, CallError> {
     let mut options = connect_options();
     if let Some(tls) = &settings.tls {
         // Read at every connect, so that rotated files are used without a restart.
@@ -294,7 +347,7 @@ pub async fn connect(settings: &ClusterSettings) -> Result<Client, CallError> {
         let password = password.lines().next().unwrap_or_default().to_owned();
         options = options.with_user(user.clone(), password);
     }
-    Ok(Client::connect(&settings.endpoints, Some(options)).await?)
+    Ok(options)
 }
 
 /// Starts the watch, the election and the writer, and with detection on, the sharing of
@@ -332,6 +385,11 @@ pub fn start(
         )));
     }
     tasks.extend([
+        tokio::spawn(members::run(
+            settings.clone(),
+            stats.clone(),
+            stop.subscribe(),
+        )),
         tokio::spawn(heartbeat::run(
             settings.clone(),
             view.clone(),
@@ -349,10 +407,14 @@ pub fn start(
             leader.clone(),
             stats.clone(),
         )),
+        tokio::spawn(writer::run_budget(
+            settings.clone(),
+            ends.budget,
+            leader.clone(),
+        )),
         tokio::spawn(writer::run(
             settings,
             ends.outbox,
-            ends.budget,
             leader.clone(),
             updates,
             stats,
@@ -378,6 +440,10 @@ pub enum CallError {
     Etcd(#[from] etcd_client::Error),
     #[error("etcd did not answer ({0}) within {secs} s", secs = CALL_TIMEOUT.as_secs())]
     Timeout(&'static str),
+    #[error("etcd did not answer ({0}) within {1:?}")]
+    Late(&'static str, Duration),
+    #[error("no etcd endpoints configured")]
+    NoEndpoints,
     #[error("{0} changed under every one of this node's tries to write it; trying again")]
     Contended(String),
     #[error("cannot read {path} (for etcd's TLS or password)")]
@@ -396,6 +462,19 @@ pub async fn within<T>(
     match tokio::time::timeout(CALL_TIMEOUT, call).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(CallError::Timeout(what)),
+    }
+}
+
+/// One call to etcd, within `deadline`: for calls whose answer matters sooner than
+/// [`CALL_TIMEOUT`] (the leader's keep-alives).
+pub async fn within_for<T>(
+    what: &'static str,
+    deadline: Duration,
+    call: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, CallError> {
+    match tokio::time::timeout(deadline, call).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(CallError::Late(what, deadline)),
     }
 }
 

@@ -162,7 +162,9 @@ pub async fn run(settings: Arc<ClusterSettings>, ends: ProofEnds, stats: Arc<Clu
             Ok(()) => return,
             Err(e) => {
                 stats.error();
-                tracing::warn!(error = %crate::error_chain(&e), "the fleet's proven peers: etcd failed; trying again");
+                // A member that went away: the next connection takes another (the member
+                // monitor says so once); etcd wholly away is the watch's to say.
+                tracing::debug!(error = %crate::error_chain(&e), "the fleet's proven peers: etcd failed; trying again");
                 lease = None;
             }
         }

@@ -112,9 +112,10 @@ pub async fn run(
                 read_all = true;
             }
             e => {
+                // Most often one member went away: the next connection takes another at
+                // once, and only if none answers does the node say etcd is away.
                 stats.error();
-                tracing::warn!(error = %crate::error_chain(&e), "lost the watch on etcd; this node keeps enforcing what it has and catches up when etcd is back");
-                reported_down = true;
+                tracing::debug!(error = %crate::error_chain(&e), "lost the watch on one etcd member; following from another");
                 retry.wait().await;
             }
         }

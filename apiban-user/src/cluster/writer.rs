@@ -30,7 +30,6 @@ enum Written {
 pub async fn run(
     settings: Arc<ClusterSettings>,
     mut outbox: mpsc::UnboundedReceiver<Outgoing>,
-    mut budget: mpsc::UnboundedReceiver<BudgetWrite>,
     leader: tokio_watch::Receiver<Option<LeaderKey>>,
     updates: mpsc::Sender<Update>,
     stats: Arc<super::ClusterStats>,
@@ -39,17 +38,10 @@ pub async fn run(
     let mut client: Option<Client> = None;
     let mut retry = Retry::new();
     let mut reported = false;
+    let mut failures = 0u32;
     loop {
-        let out = tokio::select! {
-            out = outbox.recv() => match out {
-                Some(out) => out,
-                None => return,
-            },
-            Some(request) = budget.recv() => {
-                let written = write_budget(&settings, &mut client, &keys, &request.sent_ms, &leader).await;
-                let _ = request.done.send(written);
-                continue;
-            }
+        let Some(out) = outbox.recv().await else {
+            return;
         };
         loop {
             let fence = match (out.fenced, leader.borrow().clone()) {
@@ -94,6 +86,7 @@ pub async fn run(
                         tracing::info!("etcd takes this node's changes again");
                         reported = false;
                     }
+                    failures = 0;
                     retry.reset();
                     break;
                 }
@@ -106,15 +99,42 @@ pub async fn run(
                 }
                 Err(e) => {
                     stats.error();
-                    if !reported {
+                    // One failure is most often one member gone: the next try goes to
+                    // another. Two in a row, and etcd is away.
+                    failures += 1;
+                    if failures >= 2 && !reported {
                         tracing::warn!(error = %crate::error_chain(&e), "cannot write to etcd; this node's changes wait for it");
                         reported = true;
+                    } else {
+                        tracing::debug!(error = %crate::error_chain(&e), "a write to etcd failed; trying another member");
                     }
                     client = None;
                     retry.wait().await;
                 }
             }
         }
+    }
+}
+
+/// Puts the poller's request times in etcd, on a connection of its own: a budget write
+/// never waits behind the ledger's writes, which may be retrying for long.
+pub async fn run_budget(
+    settings: Arc<ClusterSettings>,
+    mut budget: mpsc::UnboundedReceiver<BudgetWrite>,
+    leader: tokio_watch::Receiver<Option<LeaderKey>>,
+) {
+    let keys = Keys::new(&settings.prefix);
+    let mut client: Option<Client> = None;
+    while let Some(request) = budget.recv().await {
+        // Twice at most: a failure on one member moves the next try to another.
+        let mut written = false;
+        for _ in 0..2 {
+            written = write_budget(&settings, &mut client, &keys, &request.sent_ms, &leader).await;
+            if written {
+                break;
+            }
+        }
+        let _ = request.done.send(written);
     }
 }
 

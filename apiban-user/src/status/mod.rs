@@ -79,6 +79,8 @@ fn cluster_report(view: &crate::cluster::ClusterView, snapshot: &Snapshot) -> Cl
         etcd_errors: view.stats.etcd_errors.load(Relaxed),
         full_reads: view.stats.full_reads.load(Relaxed),
         expired_deleted: view.stats.expired_deleted.load(Relaxed),
+        etcd_members: view.stats.members.load(Relaxed),
+        etcd_members_answering: view.stats.members_answering.load(Relaxed),
         pending_changes: snapshot.engine.cluster_pending,
     }
 }
@@ -193,6 +195,11 @@ pub struct ClusterReport {
     /// Expired records this node deleted from etcd while it led.
     #[serde(default)]
     pub expired_deleted: u64,
+    /// etcd's endpoints, and how many answered a read in the last round (every 2 s).
+    #[serde(default)]
+    pub etcd_members: u64,
+    #[serde(default)]
+    pub etcd_members_answering: u64,
     /// Operators' changes on this node that etcd has not confirmed yet.
     pub pending_changes: usize,
 }

@@ -212,6 +212,13 @@ sources      {:<8} {:>9} {:>14} {:>14}",
                 c.etcd_errors,
                 c.full_reads
             );
+            if c.etcd_members > 0 && c.etcd_members_answering < c.etcd_members {
+                let _ = writeln!(
+                    o,
+                    "  members      {} of {} etcd members answer",
+                    c.etcd_members_answering, c.etcd_members
+                );
+            }
             if c.pending_changes > 0 {
                 let _ = writeln!(
                     o,

@@ -282,8 +282,11 @@ impl ApibanPoller {
             if let Some(fleet) = &self.fleet_budget
                 && !fleet.record(self.budget.to_wall_clock(sent_at)).await
             {
-                // Not in etcd, so not sent: the next leader could not count it. The local
-                // budget keeps it spent, which errs on the safe side.
+                // Not confirmed by etcd, so not sent: its slot is given back here (etcd may
+                // still hold it, if only its answer was lost; then the next leader counts
+                // one request too many, which errs on the safe side).
+                self.budget.give_back(sent_at);
+                self.journal_budget(Instant::now());
                 tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }

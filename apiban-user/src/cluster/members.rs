@@ -1,0 +1,100 @@
+//! Which etcd members answer: each endpoint is asked, every few seconds, for a read that
+//! only a member in the quorum serves. What changes is said once in the log (a member down,
+//! the same member back), and the count is in `status` and /metrics. The other cluster
+//! tasks move to another member on their own (see `cluster::connect`) and say nothing of
+//! one member's failure.
+
+use std::{
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use etcd_client::{Client, GetOptions};
+use tokio::sync::watch as tokio_watch;
+
+use super::{CallError, ClusterStats, connect_options_for, within_for};
+use crate::config::ClusterSettings;
+
+/// How often each member is asked.
+const EVERY: Duration = Duration::from_secs(2);
+/// How long a member may take to answer before it counts as down for this round.
+const DEADLINE: Duration = Duration::from_secs(1);
+
+/// One member as the monitor last saw it.
+struct Member {
+    endpoint: String,
+    client: Option<Client>,
+    /// None before the first answer or failure.
+    answering: Option<bool>,
+}
+
+pub async fn run(
+    settings: Arc<ClusterSettings>,
+    stats: Arc<ClusterStats>,
+    mut stop: tokio_watch::Receiver<bool>,
+) {
+    let mut members: Vec<Member> = settings
+        .endpoints
+        .iter()
+        .map(|endpoint| Member {
+            endpoint: endpoint.clone(),
+            client: None,
+            answering: None,
+        })
+        .collect();
+    stats.members.store(members.len() as u64, Ordering::Relaxed);
+    let mut tick = tokio::time::interval(EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let mut answering = 0;
+        for m in &mut members {
+            let result = ask(&settings, m).await;
+            let now = result.is_ok();
+            answering += u64::from(now);
+            match (m.answering, &result) {
+                (Some(true) | None, Err(e)) => tracing::warn!(
+                    member = %m.endpoint,
+                    error = %crate::error_chain(e),
+                    "an etcd member does not answer; this node uses the others"
+                ),
+                (Some(false), Ok(())) => {
+                    tracing::info!(member = %m.endpoint, "the etcd member answers again")
+                }
+                _ => {}
+            }
+            if !now {
+                m.client = None;
+            }
+            m.answering = Some(now);
+        }
+        stats.members_answering.store(answering, Ordering::Relaxed);
+    }
+}
+
+/// A linearizable read of one key, from this member only.
+async fn ask(settings: &ClusterSettings, m: &mut Member) -> Result<(), CallError> {
+    let client = match &mut m.client {
+        Some(c) => c,
+        None => {
+            let options = connect_options_for(settings)?;
+            let connected = within_for(
+                "a connection",
+                DEADLINE,
+                Client::connect([&m.endpoint], Some(options)),
+            )
+            .await?;
+            m.client.insert(connected)
+        }
+    };
+    let probe = GetOptions::new().with_keys_only().with_limit(1);
+    within_for(
+        "a read",
+        DEADLINE,
+        client.get(settings.prefix.as_str(), Some(probe)),
+    )
+    .await
+    .map(|_| ())
+}
