@@ -89,6 +89,10 @@ pub struct ClusterCursor {
     /// node had seen, whatever the clocks say.
     #[serde(default)]
     pub clock_ms: u64,
+    /// The etcd cluster's ID the ledger came from: another ID (etcd replaced, or restored
+    /// from a backup into a new cluster) means a full read, whatever the revisions say.
+    #[serde(default)]
+    pub cluster_id: u64,
 }
 
 /// One key an operator changed on this node, the revision the node had applied when it
@@ -464,6 +468,7 @@ mod tests {
                     stamp_ms: 1_780_000_000_000,
                 }],
                 clock_ms: 1_780_000_000_000,
+                cluster_id: 0x5eed,
             }),
             entries: vec![],
         };

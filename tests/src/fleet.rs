@@ -532,6 +532,19 @@ impl Fleet {
         self.nodes[i].scene.start(&args);
     }
 
+    /// Replaces etcd by a new, empty cluster on the same endpoints (another cluster ID,
+    /// revisions from 1): what an operator's rebuild, or a restore into a new cluster, does.
+    pub fn replace_etcd(&mut self) {
+        for member in &mut self.etcd {
+            member.kill();
+            let data = self.dir.path.join(&member.name);
+            std::fs::remove_dir_all(&data).expect("remove a member's data");
+        }
+        self.etcd.clear();
+        self.start_etcd();
+        self.wait_etcd_healthy(Duration::from_secs(30));
+    }
+
     /// Drops, or lets through again, everything the hub sends node `i` (etcd's answers and
     /// watch events, APIBAN's): the node's requests still reach etcd, and their answers are
     /// lost. What a link that dies mid-request does to a write. (A blackhole route in the

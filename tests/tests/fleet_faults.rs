@@ -233,3 +233,48 @@ fn one_etcd_member_down_costs_the_fleet_no_leader() {
         }
     }
 }
+
+/// etcd replaced by a new cluster (another ID, revisions from 1): a node does not wait for
+/// the new etcd's revisions to pass the one it saved; it reads the whole ledger again and
+/// follows the new etcd from there.
+#[test]
+fn a_node_notices_a_replaced_etcd_and_reads_it_whole() {
+    require_root();
+    let mut f = Fleet::new(2);
+    for i in 0..2 {
+        f.start(i, &[]);
+    }
+    f.wait_leader(Duration::from_secs(20));
+    // Revisions well past where the new etcd will be.
+    for k in 1..=12 {
+        f.nodes[1]
+            .scene
+            .agent()
+            .cli_ok(&["ban", &format!("45.72.0.{k}")]);
+    }
+    f.nodes[0].scene.wait_verdict(
+        "45.72.0.12".parse().expect("literal"),
+        "banned",
+        Duration::from_secs(10),
+    );
+    f.replace_etcd();
+    f.wait_leader(Duration::from_secs(30));
+    f.nodes[1].scene.agent().cli_ok(&["ban", "45.72.1.1"]);
+    f.nodes[0].scene.wait_verdict(
+        "45.72.1.1".parse().expect("literal"),
+        "banned",
+        Duration::from_secs(30),
+    );
+    let log = f.nodes[0].scene.agent().log_text();
+    assert!(
+        log.contains("etcd is not the one this node followed"),
+        "{log}"
+    );
+    // The ledger is what the new etcd holds: the same on both nodes.
+    let list = |i: usize| f.nodes[i].scene.agent().cli_ok(&["list"]);
+    wait_until(
+        "both nodes to hold the same ledger",
+        Duration::from_secs(10),
+        || list(0) == list(1),
+    );
+}

@@ -94,6 +94,8 @@ pub enum ClusterUpdate {
         records: Vec<(IpNet, SourceId, Record)>,
         allow: Vec<IpNet>,
         revision: i64,
+        /// The etcd cluster's ID.
+        cluster_id: u64,
         /// The latest operator's stamp in etcd, tombstones included.
         clock: u64,
         reply: oneshot::Sender<()>,

@@ -68,13 +68,39 @@ pub async fn run(
                 continue;
             }
         };
-        let saved = snapshots.borrow().engine.cluster_revision;
+        let (saved, saved_id) = {
+            let snapshot = snapshots.borrow();
+            (snapshot.engine.cluster_revision, snapshot.engine.cluster_id)
+        };
+        if saved != 0 && !read_all {
+            match head(&mut client, &keys).await {
+                Ok((id, revision)) if (saved_id != 0 && id != saved_id) || revision < saved => {
+                    tracing::warn!(
+                        saved_revision = saved,
+                        etcd_revision = revision,
+                        saved_cluster = format!("{saved_id:x}"),
+                        etcd_cluster = format!("{id:x}"),
+                        "etcd is not the one this node followed (restored from a backup, or replaced); reading the whole ledger"
+                    );
+                    read_all = true;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    stats.error();
+                    tracing::debug!(error = %crate::error_chain(&e), "cannot read etcd's revision; trying again");
+                    retry.wait().await;
+                    continue;
+                }
+            }
+        }
         let from = if saved == 0 || read_all {
             match read_everything(&mut client, &keys, &updates).await {
                 Ok(revision) => {
                     read_all = false;
                     stats.full_reads.fetch_add(1, Ordering::Relaxed);
-                    stats.saw_revision(revision);
+                    // Another etcd's revisions may be behind the ones seen before.
+                    stats.head_revision.store(revision, Ordering::Relaxed);
+                    stats.caught_up.store(revision, Ordering::Relaxed);
                     revision
                 }
                 Err(WatchEnd::Stopping) => return,
@@ -285,13 +311,9 @@ async fn read_range(
     Ok(out)
 }
 
-/// Reads the whole ledger at one revision and hands it to the owner; the revision.
-async fn read_everything(
-    client: &mut Client,
-    keys: &Keys,
-    updates: &mpsc::Sender<Update>,
-) -> Result<i64, WatchEnd> {
-    let head = within(
+/// etcd's cluster ID and current revision.
+async fn head(client: &mut Client, keys: &Keys) -> Result<(u64, i64), CallError> {
+    let answer = within(
         "the ledger's revision",
         client.get(
             keys.prefix(),
@@ -304,7 +326,18 @@ async fn read_everything(
         ),
     )
     .await?;
-    let revision = head.header().map_or(0, |h| h.revision());
+    Ok(answer
+        .header()
+        .map_or((0, 0), |h| (h.cluster_id(), h.revision())))
+}
+
+/// Reads the whole ledger at one revision and hands it to the owner; the revision.
+async fn read_everything(
+    client: &mut Client,
+    keys: &Keys,
+    updates: &mpsc::Sender<Update>,
+) -> Result<i64, WatchEnd> {
+    let (cluster_id, revision) = head(client, keys).await?;
     let mut records: Vec<(IpNet, SourceId, Record)> = Vec::new();
     let mut clock = 0;
     let mut seen = |stamp: &Option<keys::Stamp>| {
@@ -339,6 +372,7 @@ async fn read_everything(
         records,
         allow,
         revision,
+        cluster_id,
         clock,
         reply,
     })

@@ -78,6 +78,7 @@ impl<E: Enforcer> Engine<E> {
                 revision: 0,
                 pending: Vec::new(),
                 clock_ms: 0,
+                cluster_id: 0,
             });
         }
     }
@@ -175,15 +176,21 @@ impl<E: Enforcer> Engine<E> {
         self.commit(now)
     }
 
-    /// Everything etcd holds at `revision`, in place of the ledger (a first start, or a
-    /// saved revision etcd has compacted away).
+    /// Everything etcd cluster `cluster_id` holds at `revision`, in place of the ledger (a
+    /// first start, a saved revision etcd has compacted away, or an etcd restored or
+    /// replaced).
     pub fn replace_from_cluster(
         &mut self,
         records: Vec<(IpNet, SourceId, Record)>,
         allow: Vec<IpNet>,
-        revision: i64,
+        (cluster_id, revision): (u64, i64),
         now: u64,
     ) -> Applied {
+        if let Some(c) = &mut self.cluster {
+            c.cluster_id = cluster_id;
+            // From another etcd, revisions start again: the new one is the one to follow.
+            c.revision = revision;
+        }
         let records = records
             .into_iter()
             .filter(|(net, source, _)| !self.refused_from_fleet(net, source, now))

@@ -154,6 +154,8 @@ pub struct EngineShared {
     pub cluster_revision: i64,
     /// In a fleet: operators' changes etcd has not confirmed yet.
     pub cluster_pending: usize,
+    /// In a fleet: the etcd cluster ID the ledger came from (0: not known yet).
+    pub cluster_id: u64,
 }
 
 #[derive(Debug)]
@@ -739,6 +741,7 @@ impl<E: Enforcer> Engine<E> {
                 .collect(),
             state_dir: self.state_dir().map(std::path::Path::to_path_buf),
             cluster_revision: self.cluster_revision(),
+            cluster_id: self.cluster.as_ref().map_or(0, |c| c.cluster_id),
             cluster_pending: self.cluster.as_ref().map_or(0, |c| c.pending.len()),
         }
     }

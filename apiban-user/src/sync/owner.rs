@@ -373,13 +373,14 @@ impl<E: Enforcer> Owner<E> {
                 records,
                 allow,
                 revision,
+                cluster_id,
                 clock,
                 reply,
             } => {
                 self.engine.saw_fleet_clock(clock);
-                let applied = self
-                    .engine
-                    .replace_from_cluster(records, allow, revision, now);
+                let applied =
+                    self.engine
+                        .replace_from_cluster(records, allow, (cluster_id, revision), now);
                 tracing::info!(
                     revision,
                     prefixes = self.engine.ledger().len(),
