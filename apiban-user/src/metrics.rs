@@ -541,6 +541,18 @@ fn cluster(w: &mut Writer, c: &crate::status::ClusterReport) -> Result<(), std::
         "Expired records this node deleted from etcd while it led.",
         c.expired_deleted,
     )?;
+    if let Some(ms) = c.clock_offset_ms {
+        w.gauge(
+            "apiban_cluster_clock_offset_seconds",
+            "This node's clock against the median of the other nodes' heartbeats (positive: ahead).",
+            ms as f64 / 1000.0,
+        )?;
+    }
+    w.gauge(
+        "apiban_cluster_clock_off",
+        "1 while this node's clock is past --cluster-max-clock-offset: it does not lead.",
+        u32::from(c.clock_off),
+    )?;
     w.gauge(
         "apiban_cluster_etcd_members",
         "etcd endpoints this node is configured with.",

@@ -557,6 +557,28 @@ impl Fleet {
         );
     }
 
+    /// Starts node `i`'s agent with its clock `offset` from the others' (libfaketime's
+    /// syntax: `+8d`, `-3h`), the monotonic clock left alone.
+    pub fn start_with_clock(&mut self, i: usize, extra: &[&str], offset: &str) {
+        let mut args = self.node_args(i);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let lib = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+        assert!(
+            std::path::Path::new(lib).exists(),
+            "{lib} is missing (Debian faketime; `cargo xtask setup`)"
+        );
+        self.nodes[i].scene.start_with_env(
+            &args,
+            &[
+                ("APIBAN_KEY", crate::scene::KEY),
+                ("LD_PRELOAD", lib),
+                ("FAKETIME", offset),
+                ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ],
+        );
+    }
+
     /// The node whose status says it leads now, if one does.
     pub fn leader(&self) -> Option<usize> {
         self.nodes.iter().position(|n| {

@@ -278,3 +278,83 @@ fn a_node_notices_a_replaced_etcd_and_reads_it_whole() {
         || list(0) == list(1),
     );
 }
+
+/// Node `i`'s fleet status: its clock's offset and judgement among it.
+fn clock(f: &Fleet, i: usize) -> serde_json::Value {
+    f.nodes[i].scene.status()["agent"]["cluster"].clone()
+}
+
+/// Whether etcd holds the feed's record of `addr`.
+fn listed_in_etcd(f: &Fleet, addr: &str) -> bool {
+    record_value(f, "apiban", addr).is_some()
+}
+
+/// A node whose clock is days fast would find every APIBAN ban (7 days) expired, and as
+/// leader delete them from etcd for the whole fleet. It measures its clock against the
+/// others', says it is off, and neither leads nor deletes; one hours slow likewise.
+#[test]
+fn a_node_days_fast_or_hours_slow_neither_leads_nor_deletes() {
+    require_root();
+    let mut f = Fleet::new(3);
+    let listed = ["45.73.0.1", "45.73.0.2"];
+    f.api.publish(&listed);
+    for i in [1, 2] {
+        f.start(i, &["--poll-interval", "1s"]);
+    }
+    let leader = f.wait_leader(Duration::from_secs(20));
+    for a in listed {
+        wait_until("APIBAN's list in etcd", Duration::from_secs(20), || {
+            listed_in_etcd(&f, a)
+        });
+    }
+    f.start_with_clock(0, &["--poll-interval", "1s"], "+8d");
+    wait_until(
+        "node A to find its clock off",
+        Duration::from_secs(20),
+        || clock(&f, 0)["clock_off"] == true,
+    );
+    let offset_s = clock(&f, 0)["clock_offset_ms"].as_i64().unwrap_or(0) / 1000;
+    assert!(
+        (8 * 86_400 - 60..8 * 86_400 + 60).contains(&offset_s),
+        "A measures itself {offset_s}s ahead"
+    );
+    for i in [1, 2] {
+        assert_eq!(clock(&f, i)["clock_off"], false, "{}", clock(&f, i));
+    }
+    // The leader goes; the node left with A has no majority for its clock either: nobody
+    // leads, nothing is deleted, everything stays enforced where clocks are right.
+    let good = if leader == 1 { 2 } else { 1 };
+    f.nodes[leader].scene.stop();
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(f.leader(), None, "{}", f.logs());
+    for a in listed {
+        assert!(listed_in_etcd(&f, a), "{a} was deleted from etcd");
+        assert_eq!(f.nodes[good].scene.check(a)["verdict"], "banned");
+    }
+    let log = f.nodes[0].scene.agent().log_text();
+    assert_eq!(
+        log.matches("clock is off from the fleet's").count(),
+        1,
+        "A says it once:\n{log}"
+    );
+    assert!(!log.contains("this node leads the fleet"), "{log}");
+    // The leader back: one of the two right clocks leads again (A still off), and A,
+    // restarted hours slow, is off too.
+    f.start(leader, &["--poll-interval", "1s"]);
+    assert_ne!(f.wait_leader(Duration::from_secs(20)), 0);
+    assert_eq!(f.nodes[0].scene.stop(), Some(0));
+    f.start_with_clock(0, &["--poll-interval", "1s"], "-3h");
+    wait_until(
+        "A, slow, to find its clock off",
+        Duration::from_secs(20),
+        || clock(&f, 0)["clock_off"] == true,
+    );
+    let offset_s = clock(&f, 0)["clock_offset_ms"].as_i64().unwrap_or(0) / 1000;
+    assert!(
+        (-3 * 3600 - 60..-3 * 3600 + 60).contains(&offset_s),
+        "A measures itself {offset_s}s behind"
+    );
+    for a in listed {
+        assert!(listed_in_etcd(&f, a), "{a} was deleted from etcd");
+    }
+}

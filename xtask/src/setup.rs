@@ -248,6 +248,12 @@ pub fn ensure_test_tools(root: &Path) -> anyhow::Result<()> {
         "the fleet tests run a three-member etcd cluster",
     )?;
     ensure_tool(
+        "faketime",
+        &["--version"],
+        "faketime",
+        "the fleet's clock test runs nodes days fast and hours slow",
+    )?;
+    ensure_tool(
         "systemd-analyze",
         &["--version"],
         "systemd",

@@ -31,6 +31,8 @@ enum Lost {
     NoLeaderKey,
     #[error("the agent is stopping")]
     Stopping,
+    #[error("this node's clock is off from the fleet's")]
+    ClockOff,
 }
 
 pub async fn run(
@@ -38,13 +40,24 @@ pub async fn run(
     updates: mpsc::Sender<Update>,
     leader: tokio_watch::Sender<Option<LeaderKey>>,
     mut stop: tokio_watch::Receiver<bool>,
+    mut clock_off: tokio_watch::Receiver<super::clock::Judgement>,
 ) {
     let keys = Keys::new(&settings.prefix);
     let mut retry = Retry::new();
     loop {
+        // A node whose clock is off, or not yet compared with the others', does not
+        // campaign: it would delete from etcd what expired on its clock (see `clock`).
+        tokio::select! {
+            r = clock_off.wait_for(|off| *off == Some(false)) => if r.is_err() { return },
+            _ = stop.wait_for(|stopping| *stopping) => return,
+        }
         let lost = match connect(&settings).await {
             Ok(client) => {
-                campaign_and_lead(client, &settings, &keys, &updates, &leader, &mut stop).await
+                let ends = Ends {
+                    stop: &mut stop,
+                    clock_off: &mut clock_off,
+                };
+                campaign_and_lead(client, &settings, &keys, &updates, &leader, ends).await
             }
             Err(e) => Lost::Etcd(e),
         };
@@ -62,14 +75,21 @@ pub async fn run(
     }
 }
 
+/// What ends a campaign or a lead besides etcd: the agent stopping, the clock going off.
+struct Ends<'a> {
+    stop: &'a mut tokio_watch::Receiver<bool>,
+    clock_off: &'a mut tokio_watch::Receiver<super::clock::Judgement>,
+}
+
 async fn campaign_and_lead(
     mut client: Client,
     settings: &ClusterSettings,
     keys: &Keys,
     updates: &mpsc::Sender<Update>,
     leader: &tokio_watch::Sender<Option<LeaderKey>>,
-    stop: &mut tokio_watch::Receiver<bool>,
+    ends: Ends<'_>,
 ) -> Lost {
+    let Ends { stop, clock_off } = ends;
     let asked = Instant::now();
     let lease = match within("a lease", client.lease_grant(LEADER_LEASE_SECS, None)).await {
         Ok(l) => l.id(),
@@ -87,6 +107,7 @@ async fn campaign_and_lead(
             }
         }
         lost = &mut keep_alive => return lost,
+        _ = clock_off.wait_for(|off| *off == Some(true)) => return Lost::ClockOff,
     };
     // The fleet's position, so that no ID is fetched twice or skipped (a fleet's first
     // leader starts from its own), and the requests the fleet sent lately, so that the
@@ -127,10 +148,20 @@ async fn campaign_and_lead(
     let lost = tokio::select! {
         lost = keep_alive => lost,
         _ = stop.wait_for(|stopping| *stopping) => Lost::Stopping,
+        _ = clock_off.wait_for(|off| *off == Some(true)) => Lost::ClockOff,
     };
-    if matches!(lost, Lost::Stopping) {
-        leader.send_replace(None);
-        tracing::info!("stopping: resigning, so that another node polls at once");
+    match lost {
+        Lost::Stopping => {
+            leader.send_replace(None);
+            tracing::info!("stopping: resigning, so that another node polls at once");
+        }
+        Lost::ClockOff => {
+            leader.send_replace(None);
+            tracing::warn!(
+                "this node's clock is off from the fleet's: resigning, so that another node leads"
+            );
+        }
+        _ => {}
     }
     // Let another node take over at once rather than after the lease runs out.
     let _ = tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(lease)).await;

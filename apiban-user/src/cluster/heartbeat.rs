@@ -28,6 +28,13 @@ pub struct NodeBeat {
     pub pending_changes: usize,
     /// Unix seconds of this beat.
     pub at: u64,
+    /// The same in milliseconds: what the other nodes compare their clocks with.
+    #[serde(default)]
+    pub at_ms: u64,
+    /// This node's clock against the fleet's (ms; positive: ahead), when it has others'
+    /// beats to compare with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// Every node's latest beat, and etcd's revision when they were read.
@@ -51,6 +58,8 @@ fn beat(view: &ClusterView, snapshot: &Snapshot, interfaces: &[String]) -> NodeB
         enforced_v6: v6,
         pending_changes: snapshot.engine.cluster_pending,
         at: crate::sync::unix_now(),
+        at_ms: super::clock::unix_now_ms(),
+        clock_offset_ms: view.stats.clock_offset_ms(),
     }
 }
 

@@ -36,6 +36,7 @@ pub async fn run(
     settings: Arc<ClusterSettings>,
     mut leader: tokio_watch::Receiver<Option<LeaderKey>>,
     stats: Arc<ClusterStats>,
+    clock_off: tokio_watch::Receiver<super::clock::Judgement>,
 ) {
     let keys = Keys::new(&settings.prefix);
     loop {
@@ -46,23 +47,29 @@ pub async fn run(
         let still_leading = |leader: &tokio_watch::Receiver<Option<LeaderKey>>| {
             leader.borrow().as_ref().map(LeaderKey::rev) == Some(fence.rev())
         };
-        match connect(&settings).await {
-            Ok(mut client) => match delete_expired(&mut client, &keys, &fence, &leader).await {
-                Ok(0) => tracing::debug!("no expired keys in etcd"),
-                Ok(deleted) => {
-                    stats
-                        .expired_deleted
-                        .fetch_add(deleted, std::sync::atomic::Ordering::Relaxed);
-                    tracing::info!(deleted, "deleted expired records from etcd");
-                }
+        if *clock_off.borrow() != Some(false) {
+            // Expiry is judged on this node's clock, which is off from the fleet's: what
+            // looks expired here may be live everywhere else. (It does not lead long, either.)
+            tracing::debug!("this node's clock is off: no pass over etcd's expired records");
+        } else {
+            match connect(&settings).await {
+                Ok(mut client) => match delete_expired(&mut client, &keys, &fence, &leader).await {
+                    Ok(0) => tracing::debug!("no expired keys in etcd"),
+                    Ok(deleted) => {
+                        stats
+                            .expired_deleted
+                            .fetch_add(deleted, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(deleted, "deleted expired records from etcd");
+                    }
+                    Err(e) => {
+                        stats.error();
+                        tracing::warn!(error = %crate::error_chain(&e), "could not look for expired records in etcd; trying again within the hour");
+                    }
+                },
                 Err(e) => {
                     stats.error();
                     tracing::warn!(error = %crate::error_chain(&e), "could not look for expired records in etcd; trying again within the hour");
                 }
-            },
-            Err(e) => {
-                stats.error();
-                tracing::warn!(error = %crate::error_chain(&e), "could not look for expired records in etcd; trying again within the hour");
             }
         }
         // Until the next pass, or until this node stops leading under this key.

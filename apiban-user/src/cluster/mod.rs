@@ -9,6 +9,7 @@
 //! itself, and etcd going away costs no protection.
 //!
 //! - [`keys`]: the key layout;
+//! - [`clock`]: this node's clock against the fleet's, and what a node far off may not do;
 //! - [`watch`]: the watch that feeds the owner, and the full read when it must start over;
 //! - [`election`]: the campaign, and what the node does while it leads;
 //! - [`writer`]: what the owner sends to etcd;
@@ -16,6 +17,7 @@
 //! - [`members`]: which etcd members answer, said once per change;
 //! - [`proofs`]: detection's proven peers, shared by every node.
 
+pub mod clock;
 pub mod election;
 pub mod heartbeat;
 pub mod janitor;
@@ -69,6 +71,10 @@ pub struct Outgoing {
     /// `base_revision`, the later stamp wins (see [`writer`]); the value carries it, and
     /// a removal is written as a tombstone that carries it.
     pub stamp_ms: Option<u64>,
+    /// The leader's sweep: these records expired on its clock, in the ledger as it was at
+    /// this revision. Each key is deleted only if etcd has not changed it since (another
+    /// node's re-sighting or an operator's new ban is kept).
+    pub expired_at_revision: Option<i64>,
 }
 
 impl Outgoing {
@@ -155,7 +161,7 @@ impl ClusterLink {
 }
 
 /// What the cluster tasks have seen of etcd, for `status` and /metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ClusterStats {
     /// The watch is following the prefix now.
     pub watching: AtomicBool,
@@ -175,6 +181,28 @@ pub struct ClusterStats {
     /// etcd's endpoints, and how many answered the member monitor's last round.
     pub members: AtomicU64,
     pub members_answering: AtomicU64,
+    /// This node's clock against the fleet's, ms (positive: ahead); `i64::MIN`: not known.
+    clock_offset_ms: AtomicI64,
+    /// The offset is past `--cluster-max-clock-offset`: the node does not lead.
+    pub clock_off: AtomicBool,
+}
+
+impl Default for ClusterStats {
+    fn default() -> Self {
+        Self {
+            watching: AtomicBool::new(false),
+            head_revision: AtomicI64::new(0),
+            caught_up: AtomicI64::new(0),
+            watch_restarts: AtomicU64::new(0),
+            etcd_errors: AtomicU64::new(0),
+            full_reads: AtomicU64::new(0),
+            expired_deleted: AtomicU64::new(0),
+            members: AtomicU64::new(0),
+            members_answering: AtomicU64::new(0),
+            clock_offset_ms: AtomicI64::new(i64::MIN),
+            clock_off: AtomicBool::new(false),
+        }
+    }
 }
 
 impl ClusterStats {
@@ -186,6 +214,15 @@ impl ClusterStats {
 
     pub(crate) fn saw_revision(&self, revision: i64) {
         self.head_revision.fetch_max(revision, Ordering::Relaxed);
+    }
+
+    pub fn clock_offset_ms(&self) -> Option<i64> {
+        Some(self.clock_offset_ms.load(Ordering::Relaxed)).filter(|o| *o != i64::MIN)
+    }
+
+    pub(crate) fn set_clock_offset(&self, offset: Option<i64>) {
+        self.clock_offset_ms
+            .store(offset.unwrap_or(i64::MIN), Ordering::Relaxed);
     }
 
     pub(crate) fn error(&self) {
@@ -372,11 +409,13 @@ pub fn start(
         leader: leader.clone(),
     };
     let (stop, stopping) = tokio_watch::channel(false);
+    let (clock_off, clock_judged) = tokio_watch::channel(None);
     let election = tokio::spawn(election::run(
         settings.clone(),
         updates.clone(),
         ends.leader,
         stopping,
+        clock_judged.clone(),
     ));
     let mut tasks = Vec::new();
     if let Some(ends) = proofs {
@@ -387,6 +426,7 @@ pub fn start(
         )));
     }
     tasks.extend([
+        tokio::spawn(clock::run(settings.clone(), stats.clone(), clock_off)),
         tokio::spawn(members::run(
             settings.clone(),
             stats.clone(),
@@ -408,6 +448,7 @@ pub fn start(
             settings.clone(),
             leader.clone(),
             stats.clone(),
+            clock_judged,
         )),
         tokio::spawn(writer::run_budget(
             settings.clone(),

@@ -70,9 +70,12 @@ pub async fn run(
                     }
                 },
             };
-            let result = match out.base_revision {
-                Some(_) => write_operator_change(c, &keys, &out, &settings.node).await,
-                None => write(c, &keys, &out, fence.as_ref()).await,
+            let result = match (out.base_revision, out.expired_at_revision, &fence) {
+                (Some(_), _, _) => write_operator_change(c, &keys, &out, &settings.node).await,
+                (None, Some(base), Some(fence)) => {
+                    delete_expired(c, &keys, &out, fence, base).await
+                }
+                _ => write(c, &keys, &out, fence.as_ref()).await,
             };
             match result {
                 Ok(Written::Done) => {
@@ -304,6 +307,54 @@ fn operations(keys: &Keys, out: &Outgoing) -> Vec<TxnOp> {
         ));
     }
     ops
+}
+
+/// The leader's sweep: each key deleted only if etcd has not changed it since `base`, in
+/// transactions fenced on the leader key (a nested transaction per key, so that one key
+/// kept does not keep the others).
+async fn delete_expired(
+    client: &mut Client,
+    keys: &Keys,
+    out: &Outgoing,
+    fence: &LeaderKey,
+    base: i64,
+) -> Result<Written, CallError> {
+    let names: Vec<String> = out
+        .records
+        .iter()
+        .filter(|(_, _, record)| record.is_none())
+        .map(|(net, source, _)| keys.record(source, net))
+        .collect();
+    for chunk in names.chunks(MAX_OPS) {
+        let deletes = chunk
+            .iter()
+            .map(|key| {
+                TxnOp::txn(
+                    Txn::new()
+                        .when(vec![Compare::mod_revision(
+                            key.as_str(),
+                            CompareOp::Less,
+                            base + 1,
+                        )])
+                        .and_then(vec![TxnOp::delete(key.as_str(), None)]),
+                )
+            })
+            .collect::<Vec<_>>();
+        let txn = Txn::new()
+            .when(vec![Compare::create_revision(
+                fence.key().to_vec(),
+                CompareOp::Equal,
+                fence.rev(),
+            )])
+            .and_then(deletes);
+        if !within("deleting expired records", client.txn(txn))
+            .await?
+            .succeeded()
+        {
+            return Ok(Written::Deposed);
+        }
+    }
+    Ok(Written::Done)
 }
 
 async fn write(

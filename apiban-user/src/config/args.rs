@@ -267,6 +267,10 @@ pub struct RunArgs {
     /// [default: /apiban/v1/].
     #[arg(long, env = "APIBAN_CLUSTER_PREFIX")]
     pub cluster_prefix: Option<String>,
+    /// How far this node's clock may be from the fleet's before it stops leading and
+    /// deleting from etcd [default: 30s].
+    #[arg(long, env = "APIBAN_CLUSTER_MAX_CLOCK_OFFSET")]
+    pub cluster_max_clock_offset: Option<HumanDuration>,
     /// This node's name in the fleet [default: the host name].
     #[arg(long, env = "APIBAN_NODE_NAME")]
     pub node_name: Option<String>,

@@ -63,6 +63,7 @@ pub struct FileConfig {
     pub log_format: Option<ByName<super::LogFormat>>,
     pub cluster: Option<Vec<String>>,
     pub cluster_prefix: Option<String>,
+    pub cluster_max_clock_offset: Option<Parsed<HumanDuration>>,
     pub node_name: Option<String>,
     pub cluster_ca: Option<PathBuf>,
     pub cluster_cert: Option<PathBuf>,

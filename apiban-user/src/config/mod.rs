@@ -106,6 +106,10 @@ pub struct ClusterSettings {
     /// The user and the file its password is in (read at every connect, never logged).
     #[serde(rename = "cluster-user")]
     pub user: Option<(String, PathBuf)>,
+    /// Past this offset from the fleet's clock, the node does not lead and deletes nothing
+    /// from etcd (see `cluster::clock`).
+    #[serde(rename = "cluster-max-clock-offset")]
+    pub max_clock_offset: Duration,
 }
 
 /// TLS to etcd: the CA that signed its certificates, and this node's client certificate.
@@ -791,12 +795,24 @@ fn resolve_cluster(
             ));
         }
     };
+    let max_clock_offset = duration(
+        args.cluster_max_clock_offset,
+        file.cluster_max_clock_offset,
+        Duration::from_secs(30),
+    );
+    if max_clock_offset < Duration::from_secs(1) {
+        return Err(invalid(
+            "cluster-max-clock-offset",
+            "must be at least 1s: a fleet's clocks are compared to the second",
+        ));
+    }
     Ok(Some(ClusterSettings {
         endpoints,
         prefix,
         node,
         tls,
         user,
+        max_clock_offset,
     }))
 }
 

@@ -80,6 +80,8 @@ fn cluster_report(view: &crate::cluster::ClusterView, snapshot: &Snapshot) -> Cl
         full_reads: view.stats.full_reads.load(Relaxed),
         expired_deleted: view.stats.expired_deleted.load(Relaxed),
         etcd_members: view.stats.members.load(Relaxed),
+        clock_offset_ms: view.stats.clock_offset_ms(),
+        clock_off: view.stats.clock_off.load(Relaxed),
         etcd_members_answering: view.stats.members_answering.load(Relaxed),
         pending_changes: snapshot.engine.cluster_pending,
     }
@@ -200,6 +202,13 @@ pub struct ClusterReport {
     pub etcd_members: u64,
     #[serde(default)]
     pub etcd_members_answering: u64,
+    /// This node's clock against the fleet's (ms, positive: ahead); None until another
+    /// node's heartbeat was compared.
+    #[serde(default)]
+    pub clock_offset_ms: Option<i64>,
+    /// Over `--cluster-max-clock-offset`: the node does not lead.
+    #[serde(default)]
+    pub clock_off: bool,
     /// Operators' changes on this node that etcd has not confirmed yet.
     pub pending_changes: usize,
 }

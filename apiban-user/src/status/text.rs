@@ -219,6 +219,24 @@ sources      {:<8} {:>9} {:>14} {:>14}",
                     c.etcd_members_answering, c.etcd_members
                 );
             }
+            let _ = match (c.clock_offset_ms, c.clock_off) {
+                (Some(ms), true) => writeln!(
+                    o,
+                    "  clock        OFF by {:+.3}s from the fleet's: this node does not lead and deletes nothing from etcd (check NTP)",
+                    ms as f64 / 1000.0
+                ),
+                (Some(ms), false) => {
+                    writeln!(
+                        o,
+                        "  clock        {:+.3}s from the fleet's",
+                        ms as f64 / 1000.0
+                    )
+                }
+                (None, _) => writeln!(
+                    o,
+                    "  clock        not compared (no other node's heartbeat yet)"
+                ),
+            };
             if c.pending_changes > 0 {
                 let _ = writeln!(
                     o,
@@ -482,13 +500,13 @@ pub fn fleet_text(fleet: &crate::cluster::heartbeat::FleetReport, now: u64) -> S
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:<16} {:<8} {:<7} {:>10} {:>6} {:>9} {:>9} {:>8}  interfaces",
-        "node", "version", "role", "revision", "lag", "ipv4", "ipv6", "beat"
+        "{:<16} {:<8} {:<7} {:>10} {:>6} {:>9} {:>9} {:>8} {:>9}  interfaces",
+        "node", "version", "role", "revision", "lag", "ipv4", "ipv6", "beat", "clock"
     );
     for n in &fleet.nodes {
         let _ = writeln!(
             o,
-            "{:<16} {:<8} {:<7} {:>10} {:>6} {:>9} {:>9} {:>8}  {}",
+            "{:<16} {:<8} {:<7} {:>10} {:>6} {:>9} {:>9} {:>8} {:>9}  {}",
             n.node,
             n.version,
             if n.leader { "polls" } else { "-" },
@@ -497,6 +515,8 @@ pub fn fleet_text(fleet: &crate::cluster::heartbeat::FleetReport, now: u64) -> S
             n.enforced_v4,
             n.enforced_v6,
             relative(n.at.min(now), now),
+            n.clock_offset_ms
+                .map_or("-".to_owned(), |ms| format!("{:+.3}s", ms as f64 / 1000.0)),
             n.interfaces.join(",")
         );
     }

@@ -531,6 +531,7 @@ impl<E: Enforcer> Owner<E> {
                     let _ = link.outbox.send(Outgoing {
                         records,
                         fenced: true,
+                        expired_at_revision: Some(self.engine.cluster_revision()),
                         ..Default::default()
                     });
                 }
