@@ -554,6 +554,11 @@ fn cluster(w: &mut Writer, c: &crate::status::ClusterReport) -> Result<(), std::
         u32::from(c.clock_off),
     )?;
     w.gauge(
+        "apiban_cluster_etcd_nospace",
+        "1 while etcd's NOSPACE alarm is raised: it refuses every write.",
+        u32::from(c.etcd_nospace),
+    )?;
+    w.gauge(
         "apiban_cluster_etcd_members",
         "etcd endpoints this node is configured with.",
         c.etcd_members,

@@ -532,6 +532,55 @@ impl Fleet {
         self.nodes[i].scene.start(&args);
     }
 
+    /// Restarts every member with a backend quota of `bytes` (`--quota-backend-bytes`), so
+    /// that a test can fill it.
+    pub fn set_etcd_quota(&mut self, bytes: u64) {
+        for member in &mut self.etcd {
+            member
+                .command
+                .extend(["--quota-backend-bytes".to_owned(), bytes.to_string()]);
+            member.restart();
+        }
+        self.wait_etcd_healthy(Duration::from_secs(30));
+    }
+
+    /// What the README tells an operator to do about a NOSPACE alarm: compact to the current
+    /// revision, defragment every member, disarm the alarms. (Without etcdctl, which Debian
+    /// ships apart from the server: the same calls through the client.)
+    pub fn clear_nospace(&self) {
+        use etcd_client::{AlarmAction, AlarmOptions, AlarmType, Client, CompactionOptions};
+        let endpoints = self.hub_endpoints();
+        in_netns(&self.hub, move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            runtime.block_on(async move {
+                let mut all = Client::connect(&endpoints, None).await.expect("connect");
+                let head = all.get("/", None).await.expect("a revision");
+                let revision = head.header().expect("a header").revision();
+                all.compact(revision, Some(CompactionOptions::new().with_physical()))
+                    .await
+                    .expect("compact");
+                for endpoint in &endpoints {
+                    let mut one = Client::connect([endpoint], None).await.expect("connect");
+                    one.defragment().await.expect("defragment");
+                }
+                let alarms = all
+                    .alarm(AlarmAction::Get, AlarmType::None, None)
+                    .await
+                    .expect("list alarms");
+                for alarm in alarms.alarms() {
+                    let mut options = AlarmOptions::new();
+                    options.with_member(alarm.member_id());
+                    all.alarm(AlarmAction::Deactivate, alarm.alarm(), Some(options))
+                        .await
+                        .expect("disarm");
+                }
+            })
+        });
+    }
+
     /// Replaces etcd by a new, empty cluster on the same endpoints (another cluster ID,
     /// revisions from 1): what an operator's rebuild, or a restore into a new cluster, does.
     pub fn replace_etcd(&mut self) {

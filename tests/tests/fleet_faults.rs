@@ -358,3 +358,75 @@ fn a_node_days_fast_or_hours_slow_neither_leads_nor_deletes() {
         assert!(listed_in_etcd(&f, a), "{a} was deleted from etcd");
     }
 }
+
+/// etcd's quota full: it refuses every write and raises NOSPACE. Every node says so once,
+/// with the fix; enforcement goes on; an operator's change made meanwhile waits, and
+/// reaches every node once the operator has done what the README says.
+#[test]
+fn an_etcd_out_of_space_is_named_and_its_fix_lets_changes_through() {
+    require_root();
+    let mut f = Fleet::new(2);
+    f.set_etcd_quota(2 * 1024 * 1024);
+    for i in 0..2 {
+        f.start(i, &[]);
+    }
+    f.wait_leader(Duration::from_secs(20));
+    f.nodes[0].scene.agent().cli_ok(&["ban", "45.74.0.1"]);
+    // Fill the quota from outside the fleet's prefix, as any other user of that etcd might.
+    let full = f.etcd_client(async |c| {
+        let filler = vec![b'x'; 256 * 1024];
+        for k in 0..64 {
+            if let Err(e) = c.put(format!("/filler/{k}"), filler.clone(), None).await {
+                return e.to_string();
+            }
+        }
+        String::new()
+    });
+    assert!(
+        full.contains("space"),
+        "etcd took 16 MiB on a 2 MiB quota: {full}"
+    );
+    let cluster = |i: usize| f.nodes[i].scene.status()["agent"]["cluster"].clone();
+    for i in 0..2 {
+        wait_until(
+            "every node to name the alarm",
+            Duration::from_secs(15),
+            || cluster(i)["etcd_nospace"] == true,
+        );
+    }
+    let text = f.nodes[1].scene.agent().cli_ok(&["status"]);
+    assert!(text.contains("NOSPACE"), "{text}");
+    // Still enforcing; a change made now waits for etcd.
+    assert_eq!(f.nodes[1].scene.check("45.74.0.1")["verdict"], "banned");
+    f.nodes[1].scene.agent().cli_ok(&["ban", "45.74.0.2"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(cluster(1)["pending_changes"], 1, "{}", cluster(1));
+    assert_eq!(f.nodes[0].scene.check("45.74.0.2")["verdict"], "not banned");
+    // The README's fix.
+    f.etcd_client(async |c| {
+        c.delete(
+            "/filler/",
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .expect("delete the filler");
+    });
+    f.clear_nospace();
+    f.nodes[0].scene.wait_verdict(
+        "45.74.0.2".parse().expect("literal"),
+        "banned",
+        Duration::from_secs(30),
+    );
+    for i in 0..2 {
+        wait_until("the alarm to clear", Duration::from_secs(15), || {
+            cluster(i)["etcd_nospace"] == false
+        });
+        let log = f.nodes[i].scene.agent().log_text();
+        assert_eq!(
+            log.matches("NOSPACE alarm):").count(),
+            1,
+            "said once:\n{log}"
+        );
+        assert!(log.contains("NOSPACE alarm is cleared"), "{log}");
+    }
+}

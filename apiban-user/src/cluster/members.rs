@@ -2,14 +2,15 @@
 //! only a member in the quorum serves. What changes is said once in the log (a member down,
 //! the same member back), and the count is in `status` and /metrics. The other cluster
 //! tasks move to another member on their own (see `cluster::connect`) and say nothing of
-//! one member's failure.
+//! one member's failure. The same round asks for etcd's alarms: with `NOSPACE` raised
+//! (its quota full) etcd refuses every write, which the operator must be told how to end.
 
 use std::{
     sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
-use etcd_client::{Client, GetOptions};
+use etcd_client::{AlarmAction, AlarmType, Client, GetOptions};
 use tokio::sync::watch as tokio_watch;
 
 use super::{CallError, ClusterStats, connect_options_for, within_for};
@@ -71,6 +72,36 @@ pub async fn run(
             m.answering = Some(now);
         }
         stats.members_answering.store(answering, Ordering::Relaxed);
+        // Alarms are the cluster's: one member that answers can say.
+        let Some(client) = members.iter_mut().find_map(|m| m.client.as_mut()) else {
+            continue;
+        };
+        let nospace = match within_for(
+            "the alarms",
+            DEADLINE,
+            client.alarm(AlarmAction::Get, AlarmType::None, None),
+        )
+        .await
+        {
+            Ok(answer) => answer
+                .alarms()
+                .iter()
+                .any(|a| a.alarm() == AlarmType::Nospace),
+            Err(e) => {
+                // A user without the right to read alarms, most often: nothing to say.
+                tracing::debug!(error = %crate::error_chain(&e), "cannot read etcd's alarms");
+                continue;
+            }
+        };
+        if stats.nospace.swap(nospace, Ordering::Relaxed) != nospace {
+            if nospace {
+                tracing::error!(
+                    "etcd's space quota is full (NOSPACE alarm): it refuses every write, so operators' changes wait and the leader does not poll APIBAN; enforcement goes on. Fix it on etcd: compact, `etcdctl defrag`, then `etcdctl alarm disarm`"
+                );
+            } else {
+                tracing::info!("etcd's NOSPACE alarm is cleared: it takes writes again");
+            }
+        }
     }
 }
 

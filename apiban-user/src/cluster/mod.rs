@@ -185,6 +185,8 @@ pub struct ClusterStats {
     clock_offset_ms: AtomicI64,
     /// The offset is past `--cluster-max-clock-offset`: the node does not lead.
     pub clock_off: AtomicBool,
+    /// etcd has its NOSPACE alarm raised: it refuses every write.
+    pub nospace: AtomicBool,
 }
 
 impl Default for ClusterStats {
@@ -201,6 +203,7 @@ impl Default for ClusterStats {
             members_answering: AtomicU64::new(0),
             clock_offset_ms: AtomicI64::new(i64::MIN),
             clock_off: AtomicBool::new(false),
+            nospace: AtomicBool::new(false),
         }
     }
 }

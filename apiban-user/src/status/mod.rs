@@ -82,6 +82,7 @@ fn cluster_report(view: &crate::cluster::ClusterView, snapshot: &Snapshot) -> Cl
         etcd_members: view.stats.members.load(Relaxed),
         clock_offset_ms: view.stats.clock_offset_ms(),
         clock_off: view.stats.clock_off.load(Relaxed),
+        etcd_nospace: view.stats.nospace.load(Relaxed),
         etcd_members_answering: view.stats.members_answering.load(Relaxed),
         pending_changes: snapshot.engine.cluster_pending,
     }
@@ -209,6 +210,9 @@ pub struct ClusterReport {
     /// Over `--cluster-max-clock-offset`: the node does not lead.
     #[serde(default)]
     pub clock_off: bool,
+    /// etcd's NOSPACE alarm is raised: it refuses every write.
+    #[serde(default)]
+    pub etcd_nospace: bool,
     /// Operators' changes on this node that etcd has not confirmed yet.
     pub pending_changes: usize,
 }

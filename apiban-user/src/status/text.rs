@@ -212,6 +212,12 @@ sources      {:<8} {:>9} {:>14} {:>14}",
                 c.etcd_errors,
                 c.full_reads
             );
+            if c.etcd_nospace {
+                let _ = writeln!(
+                    o,
+                    "  ALARM        etcd's space quota is full (NOSPACE): it refuses every write; compact, `etcdctl defrag`, then `etcdctl alarm disarm`"
+                );
+            }
             if c.etcd_members > 0 && c.etcd_members_answering < c.etcd_members {
                 let _ = writeln!(
                     o,
