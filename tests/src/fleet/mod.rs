@@ -8,7 +8,6 @@
 use std::{
     net::Ipv4Addr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -17,68 +16,17 @@ use crate::{
     sync_harness::TempDir, unique_name,
 };
 
+mod member;
+mod security;
+
+pub use member::EtcdMember;
+use member::spawn_member;
+pub use security::Security;
+
 pub const MEMBERS: usize = 3;
 /// Client port of etcd member `i` is `CLIENT_PORT + i`, peer port `PEER_PORT + i`.
 const CLIENT_PORT: u16 = 23790;
 const PEER_PORT: u16 = 23800;
-
-/// One etcd member, in the hub namespace.
-pub struct EtcdMember {
-    pub name: String,
-    pub client_port: u16,
-    child: Option<Child>,
-    pub log: PathBuf,
-    /// `ip netns exec <hub> etcd ...`: what starts it again on its data directory.
-    command: Vec<String>,
-}
-
-impl EtcdMember {
-    /// Starts the member again on its data directory: it rejoins the cluster.
-    pub fn restart(&mut self) {
-        self.kill();
-        self.child = Some(spawn_member(&self.command, &self.log));
-    }
-
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    /// The member's process (`ip netns exec` execs etcd in place).
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-}
-
-impl Drop for EtcdMember {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Runs `ip` with `command`, appending to `log`.
-fn spawn_member(command: &[String], log: &std::path::Path) -> Child {
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .expect("etcd log");
-    Command::new("ip")
-        .args(command)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot start etcd (Debian etcd-server; `cargo xtask setup`): {e}")
-        })
-}
 
 /// One node: its scene, and its link to the hub.
 pub struct Node {
@@ -122,80 +70,6 @@ pub struct Fleet {
     pub security: Option<Security>,
     /// etcd's auth is on: the test's own client logs in too.
     auth_on: std::cell::Cell<bool>,
-}
-
-/// Files for a fleet whose etcd wants TLS, a client certificate and a user with a password.
-pub struct Security {
-    pub ca: PathBuf,
-    pub server_cert: PathBuf,
-    pub server_key: PathBuf,
-    pub client_cert: PathBuf,
-    pub client_key: PathBuf,
-    pub password_file: PathBuf,
-    pub password: String,
-}
-
-impl Security {
-    fn new(dir: &std::path::Path, nodes: usize) -> Self {
-        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-        let ca_key = KeyPair::generate().expect("CA key");
-        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "apiban fleet test CA");
-        let ca_cert = ca_params.self_signed(&ca_key).expect("CA certificate");
-        let issuer = Issuer::new(ca_params, ca_key);
-        let server_key = KeyPair::generate().expect("server key");
-        let mut server = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
-        server
-            .subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse().expect("literal")));
-        for i in 0..nodes {
-            server
-                .subject_alt_names
-                .push(SanType::IpAddress(Ipv4Addr::new(10, 88, i as u8, 1).into()));
-        }
-        let server_cert = server.signed_by(&server_key, &issuer).expect("server cert");
-        let client_key = KeyPair::generate().expect("client key");
-        let mut client = CertificateParams::new(Vec::<String>::new()).expect("params");
-        client
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "apiban");
-        let client_cert = client.signed_by(&client_key, &issuer).expect("client cert");
-        let write = |name: &str, text: String| {
-            let path = dir.join(name);
-            std::fs::write(&path, text).expect("write a TLS file");
-            path
-        };
-        let password = unique_name("pw");
-        Self {
-            ca: write("ca.pem", ca_cert.pem()),
-            server_cert: write("server.pem", server_cert.pem()),
-            server_key: write("server-key.pem", server_key.serialize_pem()),
-            client_cert: write("client.pem", client_cert.pem()),
-            client_key: write("client-key.pem", client_key.serialize_pem()),
-            password_file: write("etcd-password", format!("{password}\n")),
-            password,
-        }
-    }
-
-    /// `apiban run` flags for TLS and the password.
-    fn args(&self) -> Vec<String> {
-        let path = |p: &PathBuf| p.display().to_string();
-        vec![
-            "--cluster-ca".into(),
-            path(&self.ca),
-            "--cluster-cert".into(),
-            path(&self.client_cert),
-            "--cluster-key".into(),
-            path(&self.client_key),
-            "--cluster-user".into(),
-            "root".into(),
-            "--cluster-password-file".into(),
-            path(&self.password_file),
-        ]
-    }
 }
 
 impl Fleet {
