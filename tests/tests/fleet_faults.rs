@@ -360,17 +360,17 @@ fn a_node_days_fast_or_hours_slow_neither_leads_nor_deletes() {
 }
 
 /// etcd's quota full: it refuses every write and raises NOSPACE. Every node says so once,
-/// with the fix; enforcement goes on; an operator's change made meanwhile waits, and
-/// reaches every node once the operator has done what the README says.
+/// with the fix; enforcement and APIBAN polling go on; an operator's change made meanwhile
+/// waits, and reaches every node once the operator has done what the README says.
 #[test]
 fn an_etcd_out_of_space_is_named_and_its_fix_lets_changes_through() {
     require_root();
     let mut f = Fleet::new(2);
     f.set_etcd_quota(2 * 1024 * 1024);
     for i in 0..2 {
-        f.start(i, &[]);
+        f.start(i, &["--poll-interval", "1s", "--rate-limit", "5/10s"]);
     }
-    f.wait_leader(Duration::from_secs(20));
+    let leader = f.wait_leader(Duration::from_secs(20));
     f.nodes[0].scene.agent().cli_ok(&["ban", "45.74.0.1"]);
     // Fill the quota from outside the fleet's prefix, as any other user of that etcd might.
     let full = f.etcd_client(async |c| {
@@ -402,6 +402,18 @@ fn an_etcd_out_of_space_is_named_and_its_fix_lets_changes_through() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(cluster(1)["pending_changes"], 1, "{}", cluster(1));
     assert_eq!(f.nodes[0].scene.check("45.74.0.2")["verdict"], "not banned");
+    // APIBAN is still polled, within the budget, on the leader's own count.
+    let polled = f.api.requests().len();
+    wait_until("a poll while etcd is full", Duration::from_secs(15), || {
+        f.api.requests().len() > polled
+    });
+    assert!(
+        f.api.max_in_window(Duration::from_secs(10)) <= 5,
+        "{}",
+        f.api.log_table()
+    );
+    let log = f.nodes[leader].scene.agent().log_text();
+    assert!(log.contains("on this node's own budget"), "{log}");
     // The README's fix.
     f.etcd_client(async |c| {
         c.delete(

@@ -122,7 +122,20 @@ pub enum ClusterUpdate {
 #[derive(Debug)]
 pub struct BudgetWrite {
     pub sent_ms: Vec<u64>,
-    pub done: oneshot::Sender<bool>,
+    pub done: oneshot::Sender<BudgetAnswer>,
+}
+
+/// What became of a request's time sent to etcd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetAnswer {
+    /// etcd holds it: the request may go out.
+    Recorded,
+    /// etcd refuses every write (its NOSPACE alarm): the request goes out on this node's
+    /// own budget, which its journal holds, rather than APIBAN going unpolled until an
+    /// operator frees etcd. A leader elected after the alarm may count a window short.
+    NoSpace,
+    /// Not confirmed (etcd away, or this node no longer leads): the request must not go.
+    NotRecorded,
 }
 
 /// The poller's side of the fleet's budget.
@@ -132,17 +145,16 @@ pub struct FleetBudget {
 }
 
 impl FleetBudget {
-    /// Puts the send times in etcd, fenced on this node's leadership; false if etcd does
-    /// not have them within a few seconds (the request must then not go out).
-    pub async fn record(&self, sent_ms: Vec<u64>) -> bool {
+    /// Puts the send times in etcd, fenced on this node's leadership, within a few seconds.
+    pub async fn record(&self, sent_ms: Vec<u64>) -> BudgetAnswer {
         let (done, confirmed) = oneshot::channel();
         if self.tx.send(BudgetWrite { sent_ms, done }).is_err() {
-            return false;
+            return BudgetAnswer::NotRecorded;
         }
-        matches!(
-            tokio::time::timeout(Duration::from_secs(5), confirmed).await,
-            Ok(Ok(true))
-        )
+        match tokio::time::timeout(Duration::from_secs(5), confirmed).await {
+            Ok(Ok(answer)) => answer,
+            _ => BudgetAnswer::NotRecorded,
+        }
     }
 }
 

@@ -12,7 +12,7 @@ use etcd_client::{Client, Compare, CompareOp, LeaderKey, Txn, TxnOp};
 use tokio::sync::{mpsc, watch as tokio_watch};
 
 use super::{
-    BudgetWrite, CallError, Outgoing, Retry, connect,
+    BudgetAnswer, BudgetWrite, CallError, Outgoing, Retry, connect,
     keys::{self, Keys, Stamp},
     within,
 };
@@ -130,14 +130,14 @@ pub async fn run_budget(
     let mut client: Option<Client> = None;
     while let Some(request) = budget.recv().await {
         // Twice at most: a failure on one member moves the next try to another.
-        let mut written = false;
+        let mut answer = BudgetAnswer::NotRecorded;
         for _ in 0..2 {
-            written = write_budget(&settings, &mut client, &keys, &request.sent_ms, &leader).await;
-            if written {
+            answer = write_budget(&settings, &mut client, &keys, &request.sent_ms, &leader).await;
+            if answer != BudgetAnswer::NotRecorded {
                 break;
             }
         }
-        let _ = request.done.send(written);
+        let _ = request.done.send(answer);
     }
 }
 
@@ -149,15 +149,15 @@ async fn write_budget(
     keys: &Keys,
     sent_ms: &[u64],
     leader: &tokio_watch::Receiver<Option<LeaderKey>>,
-) -> bool {
+) -> BudgetAnswer {
     let Some(fence) = leader.borrow().clone() else {
-        return false;
+        return BudgetAnswer::NotRecorded;
     };
     let c = match client {
         Some(c) => c,
         None => match connect(settings).await {
             Ok(c) => client.insert(c),
-            Err(_) => return false,
+            Err(_) => return BudgetAnswer::NotRecorded,
         },
     };
     let txn = Txn::new()
@@ -172,10 +172,16 @@ async fn write_budget(
             None,
         )]);
     match within("the budget", c.txn(txn)).await {
-        Ok(answer) => answer.succeeded(),
+        Ok(answer) if answer.succeeded() => BudgetAnswer::Recorded,
+        Ok(_) => BudgetAnswer::NotRecorded,
+        // etcd's words for its NOSPACE alarm; this node still leads as far as it knows
+        // (checked above), and etcd can elect no other while it refuses writes.
+        Err(CallError::Etcd(e)) if e.to_string().contains("database space exceeded") => {
+            BudgetAnswer::NoSpace
+        }
         Err(_) => {
             *client = None;
-            false
+            BudgetAnswer::NotRecorded
         }
     }
 }

@@ -123,6 +123,8 @@ pub struct ApibanPoller {
     updates: mpsc::Sender<Update>,
     /// In a fleet: etcd holds the budget too, so that the next leader counts this one's.
     fleet_budget: Option<crate::cluster::FleetBudget>,
+    /// The last request went out with etcd refusing to hold its time (NOSPACE).
+    unrecorded_sends: bool,
 }
 
 #[derive(Debug)]
@@ -177,6 +179,7 @@ impl ApibanPoller {
             retry_now: Default::default(),
             updates,
             fleet_budget: None,
+            unrecorded_sends: false,
         }
     }
 
@@ -279,9 +282,17 @@ impl ApibanPoller {
             let sent_at = Instant::now();
             self.budget.record(sent_at);
             self.journal_budget(sent_at);
-            if let Some(fleet) = &self.fleet_budget
-                && !fleet.record(self.budget.to_wall_clock(sent_at)).await
-            {
+            let answer = match &self.fleet_budget {
+                Some(fleet) => fleet.record(self.budget.to_wall_clock(sent_at)).await,
+                None => crate::cluster::BudgetAnswer::Recorded,
+            };
+            if answer == crate::cluster::BudgetAnswer::NoSpace && !self.unrecorded_sends {
+                tracing::warn!(
+                    "etcd refuses writes (NOSPACE): polling APIBAN on this node's own budget until it takes them again"
+                );
+            }
+            self.unrecorded_sends = answer == crate::cluster::BudgetAnswer::NoSpace;
+            if answer == crate::cluster::BudgetAnswer::NotRecorded {
                 // Not confirmed by etcd, so not sent: its slot is given back here (etcd may
                 // still hold it, if only its answer was lost; then the next leader counts
                 // one request too many, which errs on the safe side).
