@@ -44,6 +44,12 @@ impl Default for PollSettings {
     }
 }
 
+/// The wait before a request etcd did not record in the fleet's budget is tried again.
+const BUDGET_RETRY: Duration = Duration::from_secs(1);
+
+/// Longest a request may wait for etcd to record its slot before it is sent on it.
+const BUDGET_STALE: Duration = Duration::from_secs(2);
+
 /// How often a rejected key is logged again while it stays rejected.
 const KEY_REJECTED_LOG_EVERY: Duration = Duration::from_secs(3600);
 
@@ -125,6 +131,8 @@ pub struct ApibanPoller {
     fleet_budget: Option<crate::cluster::FleetBudget>,
     /// The last request went out with etcd refusing to hold its time (NOSPACE).
     unrecorded_sends: bool,
+    /// etcd did not record the last request's slot (it was not sent): said once.
+    unrecorded_logged: bool,
 }
 
 #[derive(Debug)]
@@ -180,6 +188,7 @@ impl ApibanPoller {
             updates,
             fleet_budget: None,
             unrecorded_sends: false,
+            unrecorded_logged: false,
         }
     }
 
@@ -295,10 +304,31 @@ impl ApibanPoller {
             if answer == crate::cluster::BudgetAnswer::NotRecorded {
                 // Not confirmed by etcd, so not sent: its slot is given back here (etcd may
                 // still hold it, if only its answer was lost; then the next leader counts
-                // one request too many, which errs on the safe side).
+                // one request too many, which errs on the safe side). etcd, not APIBAN,
+                // failed: a member that died or a Raft election takes a second or two, so
+                // the next try comes after a second, not after APIBAN's backoff, which
+                // would leave the fleet unpolled for tens of seconds.
                 self.budget.give_back(sent_at);
                 self.journal_budget(Instant::now());
-                tokio::time::sleep(backoff.next_delay()).await;
+                if !self.unrecorded_logged {
+                    tracing::warn!(
+                        "etcd did not record a request in the fleet's budget; it is not sent, and tried again every second"
+                    );
+                    self.unrecorded_logged = true;
+                }
+                tokio::time::sleep(BUDGET_RETRY).await;
+                continue;
+            }
+            if self.unrecorded_logged {
+                tracing::info!("etcd records the fleet's budget again; polling APIBAN");
+                self.unrecorded_logged = false;
+            }
+            if sent_at.elapsed() > BUDGET_STALE {
+                // etcd took so long (a Raft election, a member dying under the call) that
+                // the time it holds is no longer this request's: a later leader would count
+                // the slot free while APIBAN still counts the request. The slot stays spent
+                // (the safe side); the request goes out on a fresh one.
+                tracing::debug!(took = ?sent_at.elapsed(), "the budget write took too long; taking a fresh slot");
                 continue;
             }
             let result = self.client.fetch(&id).await;
