@@ -559,6 +559,16 @@ fn cluster(w: &mut Writer, c: &crate::status::ClusterReport) -> Result<(), std::
         u32::from(c.etcd_nospace),
     )?;
     w.gauge(
+        "apiban_cluster_outbox_queued",
+        "Changes waiting for the writer to etcd (at most 256).",
+        c.outbox_queued,
+    )?;
+    w.counter(
+        "apiban_cluster_outbox_shed_total",
+        "Changes the full queue to etcd could not take: sent again later from the ledger.",
+        c.outbox_shed,
+    )?;
+    w.gauge(
         "apiban_cluster_etcd_members",
         "etcd endpoints this node is configured with.",
         c.etcd_members,

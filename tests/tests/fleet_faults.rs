@@ -442,3 +442,54 @@ fn an_etcd_out_of_space_is_named_and_its_fix_lets_changes_through() {
         assert!(log.contains("NOSPACE alarm is cleared"), "{log}");
     }
 }
+
+/// A node cut off from etcd while its operators make more changes than its queue to etcd
+/// holds: the queue stays bounded, what it could not take is sent from the ledger once etcd
+/// is back, and every change reaches etcd and the other node.
+#[test]
+fn a_node_cut_off_queues_a_bounded_number_of_changes_and_loses_none() {
+    require_root();
+    const BANS: u32 = 400;
+    let mut f = Fleet::new(2);
+    for i in 0..2 {
+        f.start(i, &[]);
+    }
+    f.wait_leader(Duration::from_secs(20));
+    warm_writer(&f, 1, "45.75.1.1");
+    f.nodes[1].set_hub_link(false);
+    let socket = f.nodes[1].scene.control_socket();
+    for k in 0..BANS {
+        let addr = std::net::Ipv4Addr::from(0x2d4b_0200u32 + k);
+        let answer = tests::agent::control_request(
+            &socket,
+            &format!(r#"{{"op":"ban","net":"{addr}/32","ttl_secs":null,"comment":null}}"#),
+        );
+        assert!(answer.starts_with(r#"{"ok""#), "{answer}");
+    }
+    let cluster = &f.nodes[1].scene.status()["agent"]["cluster"];
+    let queued = cluster["outbox_queued"].as_u64().expect("outbox_queued");
+    let shed = cluster["outbox_shed"].as_u64().expect("outbox_shed");
+    assert!(queued <= 256, "{queued} changes queued for etcd: {cluster}");
+    // The writer holds one more, the one it keeps trying.
+    assert!(
+        queued + shed + 1 >= u64::from(BANS) && shed > 0,
+        "queued {queued} + shed {shed}"
+    );
+    assert_eq!(cluster["pending_changes"], BANS, "{cluster}");
+    f.nodes[1].set_hub_link(true);
+    let last = std::net::Ipv4Addr::from(0x2d4b_0200u32 + BANS - 1).to_string();
+    wait_until(
+        "every change to reach etcd",
+        Duration::from_secs(60),
+        || f.nodes[1].scene.status()["agent"]["cluster"]["pending_changes"] == 0,
+    );
+    let prefix = format!("{}ledger/records/manual/45.75.", f.prefix);
+    let in_etcd = f.etcd_client(async move |c| {
+        let options = etcd_client::GetOptions::new()
+            .with_prefix()
+            .with_count_only();
+        c.get(prefix, Some(options)).await.expect("count").count()
+    });
+    assert_eq!(in_etcd, i64::from(BANS) + 1, "the node's bans in etcd");
+    wait_everywhere(&f, &last, "banned");
+}

@@ -158,10 +158,17 @@ impl FleetBudget {
     }
 }
 
+/// How many changes may wait for the writer. A change the owner cannot queue is not lost:
+/// an operator's is pending in the ledger and sent again from there, a feed's is held by
+/// key (see `sync::owner`); so an etcd that takes nothing for hours costs memory bounded
+/// by the ledger, not by how many changes were made meanwhile.
+pub const OUTBOX_CHANGES: usize = 256;
+
 /// What the owner holds of the cluster: where its changes go, and whether this node leads.
 #[derive(Clone, Debug)]
 pub struct ClusterLink {
-    pub outbox: mpsc::UnboundedSender<Outgoing>,
+    pub outbox: mpsc::Sender<Outgoing>,
+    pub stats: Arc<ClusterStats>,
     pub leader: tokio_watch::Receiver<Option<LeaderKey>>,
     pub budget: FleetBudget,
 }
@@ -199,6 +206,10 @@ pub struct ClusterStats {
     pub clock_off: AtomicBool,
     /// etcd has its NOSPACE alarm raised: it refuses every write.
     pub nospace: AtomicBool,
+    /// Changes waiting for the writer (at most [`OUTBOX_CHANGES`]).
+    pub outbox_queued: AtomicU64,
+    /// Changes the owner could not queue, to be sent again from the ledger.
+    pub outbox_shed: AtomicU64,
 }
 
 impl Default for ClusterStats {
@@ -216,6 +227,8 @@ impl Default for ClusterStats {
             clock_offset_ms: AtomicI64::new(i64::MIN),
             clock_off: AtomicBool::new(false),
             nospace: AtomicBool::new(false),
+            outbox_queued: AtomicU64::new(0),
+            outbox_shed: AtomicU64::new(0),
         }
     }
 }
@@ -262,24 +275,28 @@ impl ClusterView {
 
 /// The other ends of a [`ClusterLink`], for [`start`].
 pub struct LinkEnds {
-    outbox: mpsc::UnboundedReceiver<Outgoing>,
+    outbox: mpsc::Receiver<Outgoing>,
+    stats: Arc<ClusterStats>,
     leader: tokio_watch::Sender<Option<LeaderKey>>,
     budget: mpsc::UnboundedReceiver<BudgetWrite>,
 }
 
 /// The channels between the owner and the cluster tasks, made before either runs.
 pub fn link() -> (ClusterLink, LinkEnds) {
-    let (outbox_tx, outbox) = mpsc::unbounded_channel();
+    let (outbox_tx, outbox) = mpsc::channel(OUTBOX_CHANGES);
     let (leader, leader_rx) = tokio_watch::channel(None);
     let (budget_tx, budget) = mpsc::unbounded_channel();
+    let stats = Arc::new(ClusterStats::default());
     (
         ClusterLink {
             outbox: outbox_tx,
+            stats: stats.clone(),
             leader: leader_rx,
             budget: FleetBudget { tx: budget_tx },
         },
         LinkEnds {
             outbox,
+            stats,
             leader,
             budget,
         },
@@ -416,7 +433,7 @@ pub fn start(
 ) -> Cluster {
     let settings = Arc::new(settings);
     let leader = ends.leader.subscribe();
-    let stats = Arc::new(ClusterStats::default());
+    let stats = ends.stats;
     let view = ClusterView {
         node: settings.node.clone(),
         settings: settings.clone(),

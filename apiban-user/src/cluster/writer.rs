@@ -29,7 +29,7 @@ enum Written {
 
 pub async fn run(
     settings: Arc<ClusterSettings>,
-    mut outbox: mpsc::UnboundedReceiver<Outgoing>,
+    mut outbox: mpsc::Receiver<Outgoing>,
     leader: tokio_watch::Receiver<Option<LeaderKey>>,
     updates: mpsc::Sender<Update>,
     stats: Arc<super::ClusterStats>,
@@ -43,6 +43,9 @@ pub async fn run(
         let Some(out) = outbox.recv().await else {
             return;
         };
+        stats
+            .outbox_queued
+            .store(outbox.len() as u64, std::sync::atomic::Ordering::Relaxed);
         loop {
             let fence = match (out.fenced, leader.borrow().clone()) {
                 (false, _) => None,

@@ -100,6 +100,23 @@ impl<E: Enforcer> Engine<E> {
             .collect()
     }
 
+    /// The ledger's records of `keys` now (None: it holds none): what a change the owner
+    /// could not queue for etcd is sent as later.
+    pub fn records_now<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a (IpNet, SourceId)>,
+    ) -> Vec<Touched> {
+        keys.into_iter()
+            .map(|(net, source)| {
+                (
+                    *net,
+                    source.clone(),
+                    self.ledger.record(net, source).cloned(),
+                )
+            })
+            .collect()
+    }
+
     /// Forgets what this node changed: changes that are its own only (its addresses, a
     /// sweep that the leader makes fleet-wide).
     pub fn forget_touched(&mut self) {

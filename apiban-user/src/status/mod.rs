@@ -85,6 +85,8 @@ fn cluster_report(view: &crate::cluster::ClusterView, snapshot: &Snapshot) -> Cl
         etcd_nospace: view.stats.nospace.load(Relaxed),
         etcd_members_answering: view.stats.members_answering.load(Relaxed),
         pending_changes: snapshot.engine.cluster_pending,
+        outbox_queued: view.stats.outbox_queued.load(Relaxed),
+        outbox_shed: view.stats.outbox_shed.load(Relaxed),
     }
 }
 
@@ -215,6 +217,12 @@ pub struct ClusterReport {
     pub etcd_nospace: bool,
     /// Operators' changes on this node that etcd has not confirmed yet.
     pub pending_changes: usize,
+    /// Changes waiting for the writer to etcd (bounded), and those it could not take,
+    /// sent again from the ledger.
+    #[serde(default)]
+    pub outbox_queued: u64,
+    #[serde(default)]
+    pub outbox_shed: u64,
 }
 
 /// Facts about the agent that are not the ledger's: what it attached to and how it runs.

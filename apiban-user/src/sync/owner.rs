@@ -33,6 +33,46 @@ pub struct Owner<E: Enforcer> {
     cluster: Option<ClusterLink>,
     /// The APIBAN position last sent to etcd.
     cursor_sent: Option<ApibanCursor>,
+    /// What could not be queued for etcd, to send once the writer catches up.
+    shed: Shed,
+}
+
+/// What the owner could not queue for the writer (the outbox holds at most
+/// [`crate::cluster::OUTBOX_CHANGES`]), as keys of the ledger: sent later with the ledger's
+/// values then, each key once however often it changed meanwhile.
+#[derive(Default)]
+struct Shed {
+    /// An operator's change: all of them are pending in the ledger, and sent from there.
+    pending: bool,
+    /// The leader's feed writes, and whether one carried the APIBAN position.
+    feed: std::collections::BTreeSet<(ipnet::IpNet, crate::ledger::SourceId)>,
+    cursor: bool,
+    /// The leader's sweeps, and the oldest ledger revision one was made at (its deletions
+    /// compare each key's revision with it, so the oldest deletes the least).
+    expired: std::collections::BTreeSet<(ipnet::IpNet, crate::ledger::SourceId)>,
+    expired_at: Option<i64>,
+}
+
+impl Shed {
+    fn is_empty(&self) -> bool {
+        !self.pending && self.feed.is_empty() && !self.cursor && self.expired.is_empty()
+    }
+
+    fn hold(&mut self, out: Outgoing) {
+        let keys = out
+            .records
+            .into_iter()
+            .map(|(net, source, _)| (net, source));
+        if out.base_revision.is_some() {
+            self.pending = true;
+        } else if let Some(revision) = out.expired_at_revision {
+            self.expired.extend(keys);
+            self.expired_at = Some(self.expired_at.map_or(revision, |r| r.min(revision)));
+        } else {
+            self.feed.extend(keys);
+            self.cursor |= out.cursor.is_some();
+        }
+    }
 }
 
 /// Who made a change, which decides whether the fleet hears of it.
@@ -108,15 +148,16 @@ impl<E: Enforcer> Owner<E> {
             sync: sync.clone(),
         };
         let (published, snapshots) = watch::channel(Arc::new(first));
-        let owner = Self {
+        let mut owner = Self {
             engine,
             sync,
             published,
             seq: 0,
             cluster,
             cursor_sent: None,
+            shed: Shed::default(),
         };
-        owner.send_pending();
+        owner.send_pending(true);
         (owner, snapshots)
     }
 
@@ -149,6 +190,7 @@ impl<E: Enforcer> Owner<E> {
     /// Applies one update from a source. Acknowledgements are sent after the change is in
     /// the maps, saved and published.
     pub fn handle(&mut self, update: Update) {
+        self.send_shed();
         let origin = Origin::of(&update);
         if let Origin::Operator(allow) = &origin {
             self.engine.expect_fleet_change(*allow);
@@ -160,11 +202,77 @@ impl<E: Enforcer> Owner<E> {
         ack.send();
     }
 
-    /// Operators' changes that etcd had not confirmed when the last agent stopped: sent
-    /// again, each still only if etcd's copy has not changed since it was made.
-    fn send_pending(&self) {
-        use crate::{engine::PendingValue, state::PendingKey};
+    /// Queues `out` for the writer; with the queue full, keeps what sends it later.
+    fn queue(&mut self, out: Outgoing) {
+        use tokio::sync::mpsc::error::TrySendError;
         let Some(link) = &self.cluster else { return };
+        match link.outbox.try_send(out) {
+            Ok(()) => {}
+            Err(TrySendError::Full(out)) => {
+                link.stats
+                    .outbox_shed
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.shed.hold(out);
+            }
+            // The writer has stopped: so is the agent.
+            Err(TrySendError::Closed(_)) => {}
+        }
+        let queued = link.outbox.max_capacity() - link.outbox.capacity();
+        link.stats
+            .outbox_queued
+            .store(queued as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What could not be queued, once the writer has emptied half the queue: the pending
+    /// operators' changes, the ledger's records of the feed keys and sweeps held.
+    fn send_shed(&mut self) {
+        let Some(link) = &self.cluster else { return };
+        if self.shed.is_empty() || link.outbox.capacity() < link.outbox.max_capacity() / 2 {
+            return;
+        }
+        let leading = link.leading();
+        let shed = std::mem::take(&mut self.shed);
+        if shed.pending {
+            self.send_pending(false);
+        }
+        // Only a leader writes what its feeds found; a later leader writes its own.
+        if !leading {
+            return;
+        }
+        let feed = Outgoing {
+            records: self.engine.records_now(&shed.feed),
+            cursor: shed.cursor.then(|| self.engine.apiban_cursor().clone()),
+            fenced: true,
+            ..Default::default()
+        };
+        if !feed.is_empty() {
+            self.queue(feed);
+        }
+        let expired = self
+            .engine
+            .records_now(&shed.expired)
+            .into_iter()
+            // Back in the ledger since (seen again): its write supersedes the deletion.
+            .filter(|(_, _, record)| record.is_none())
+            .collect::<Vec<_>>();
+        if let (false, Some(revision)) = (expired.is_empty(), shed.expired_at) {
+            self.queue(Outgoing {
+                records: expired,
+                fenced: true,
+                expired_at_revision: Some(revision),
+                ..Default::default()
+            });
+        }
+    }
+
+    /// Operators' changes that etcd has not confirmed: at start, those the last agent left;
+    /// later, those the queue could not take. Each is still written only if etcd's copy has
+    /// not changed since it was made.
+    fn send_pending(&mut self, at_start: bool) {
+        use crate::{engine::PendingValue, state::PendingKey};
+        if self.cluster.is_none() {
+            return;
+        }
         let mut by_change: std::collections::BTreeMap<(u64, i64), Outgoing> = Default::default();
         let pending = self.engine.pending_changes();
         for (change, value) in &pending {
@@ -185,20 +293,22 @@ impl<E: Enforcer> Owner<E> {
                 _ => {}
             }
         }
-        if !pending.is_empty() {
+        if at_start && !pending.is_empty() {
             tracing::info!(
                 changes = pending.len(),
                 "sending etcd the operators' changes it has not confirmed yet"
             );
         }
         for out in by_change.into_values() {
-            let _ = link.outbox.send(out);
+            self.queue(out);
         }
     }
 
     /// In a fleet, sends what this node changed to etcd (see [`Origin`]).
     fn tell_the_fleet(&mut self, origin: Origin, change: Option<crate::engine::FleetChange>) {
-        let Some(link) = &self.cluster else { return };
+        if self.cluster.is_none() {
+            return;
+        }
         let out = match origin {
             Origin::Local => {
                 self.engine.forget_touched();
@@ -235,7 +345,7 @@ impl<E: Enforcer> Owner<E> {
             }
         };
         if !out.is_empty() {
-            let _ = link.outbox.send(out);
+            self.queue(out);
         }
     }
 
@@ -522,16 +632,18 @@ impl<E: Enforcer> Owner<E> {
 
     /// Expires what is due; one log line when anything expired.
     pub fn sweep(&mut self) {
+        self.send_shed();
         let (expired, applied) = self.engine.sweep(unix_now());
         // Every node expires bans itself; the leader also deletes them from etcd.
         match &self.cluster {
             Some(link) if link.leading() => {
                 let records = self.engine.take_touched();
                 if !records.is_empty() {
-                    let _ = link.outbox.send(Outgoing {
+                    let revision = self.engine.cluster_revision();
+                    self.queue(Outgoing {
                         records,
                         fenced: true,
-                        expired_at_revision: Some(self.engine.cluster_revision()),
+                        expired_at_revision: Some(revision),
                         ..Default::default()
                     });
                 }
