@@ -53,6 +53,9 @@ pub enum NoNewBans {
 #[derive(Clone, Debug)]
 pub struct RequestLog {
     pub at: Instant,
+    /// The same moment on the wall clock, in ms since the Unix epoch: what a fleet records
+    /// in etcd as the request's slot in the budget.
+    pub unix_ms: u64,
     pub method: String,
     /// The path with the key replaced by `<key>`.
     pub path: String,
@@ -518,6 +521,9 @@ fn decide(s: &mut Inner, req: &Request) -> Reply {
     };
     let mut log = RequestLog {
         at: now,
+        unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
         method: req.method.clone(),
         path: redacted,
         id: None,

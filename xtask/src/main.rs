@@ -53,7 +53,8 @@ enum Cmd {
     /// Long fuzzing runs: every cargo-fuzz target (APIBAN responses, blocklists, the state
     /// file, the config file, control requests, SIP samples) for `--time`
     /// seconds each, then the differential test of the XDP program against its model on
-    /// `--frames` frames (root). Crashes land in fuzz/artifacts/.
+    /// `--frames` frames, and the fleet's chaos test with `--chaos-seeds` random seeds
+    /// (root). Crashes land in fuzz/artifacts/; a chaos failure prints its seed.
     ///
     /// Example: cargo xtask fuzz --time 600            cargo xtask fuzz --target state_file
     Fuzz {
@@ -66,6 +67,9 @@ enum Cmd {
         /// Frames for the differential test.
         #[arg(long, default_value_t = 5_000_000)]
         frames: u64,
+        /// Seeds for the fleet's chaos test (about two minutes each).
+        #[arg(long, default_value_t = 5)]
+        chaos_seeds: u32,
     },
     /// Install the release binary, the systemd unit and the config (root).
     ///
@@ -191,6 +195,7 @@ fn main() -> anyhow::Result<()> {
             time,
             target,
             frames,
+            chaos_seeds,
         } => {
             setup::run()?;
             setup::ensure_fuzz_tools()?;
@@ -216,6 +221,21 @@ fn main() -> anyhow::Result<()> {
                 ])
                 .env("APIBAN_DIFF_FRAMES", frames.to_string());
                 status(cmd).context("the differential test found a disagreement")?;
+                let mut cmd = cargo(&root);
+                cmd.args([
+                    "test",
+                    "-p",
+                    "tests",
+                    "--test",
+                    "fleet_chaos",
+                    "--",
+                    "--nocapture",
+                ])
+                .env("APIBAN_CHAOS_SEEDS", chaos_seeds.to_string());
+                status(cmd).context(
+                    "the fleet's chaos test failed; APIBAN_CHAOS_SEED=<its seed> cargo test -p \
+                     tests --test fleet_chaos replays it",
+                )?;
             }
             Ok(())
         }
