@@ -12,6 +12,10 @@
 //!   `ledger/` as a node does; the propagation bans again, timed to the two nodes and until
 //!   every watcher has the event, with the etcd members' RSS.
 //!
+//! - time without a leader: the member that leads etcd's Raft group killed (quorum intact;
+//!   target: none, at most 1 s), and the polling node SIGKILLed (the lease, 5 s, plus a
+//!   second at most), each node's `status` sampled every 20 ms.
+//!
 //! `--quick` measures at 100k only; without it, at 100k and 1M.
 
 use std::{
@@ -175,6 +179,55 @@ fn propagation(f: &Fleet, first: u32, watchers: Option<&Watchers>) -> Vec<Durati
     delays
 }
 
+/// Whether the node behind `socket` says it leads.
+fn leads(socket: &Path) -> bool {
+    let answer: serde_json::Value =
+        serde_json::from_str(&control(socket, r#"{"op":"status"}"#)).unwrap_or_default();
+    answer["ok"]["agent"]["cluster"]["leader"] == true
+}
+
+/// Samples every node for `time`, or until one of `nodes` leads if `until_led`: the
+/// longest stretch in which none of them led.
+fn leaderless(sockets: &[&Path], time: Duration, until_led: bool) -> Duration {
+    let start = Instant::now();
+    let (mut longest, mut since) = (Duration::ZERO, None::<Instant>);
+    while start.elapsed() < time {
+        let led = sockets.iter().any(|s| leads(s));
+        let now = Instant::now();
+        match (led, since) {
+            (true, Some(s)) => {
+                longest = longest.max(now - s);
+                since = None;
+                if until_led {
+                    return longest;
+                }
+            }
+            (false, None) => since = Some(now),
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    since.map_or(longest, |s| longest.max(s.elapsed()))
+}
+
+/// The fleet's time without a leader: (after the Raft leader member is killed, after the
+/// polling node is SIGKILLed).
+fn leaderless_times(f: &mut Fleet) -> (Duration, Duration) {
+    let sockets: Vec<_> = f.nodes.iter().map(|n| n.scene.control_socket()).collect();
+    let all: Vec<&Path> = sockets.iter().map(|s| s.as_path()).collect();
+    let member = f.etcd_leader();
+    f.etcd[member].kill();
+    // Longer than the lease: a lease kept only through the dead member runs out within it.
+    let raft = leaderless(&all, Duration::from_secs(8), false);
+    f.etcd[member].restart();
+    std::thread::sleep(Duration::from_secs(3));
+    let poller = f.wait_leader(Duration::from_secs(20));
+    f.nodes[poller].scene.kill9();
+    let others: Vec<&Path> = (0..3).filter(|&i| i != poller).map(|i| all[i]).collect();
+    let killed = leaderless(&others, Duration::from_secs(30), true);
+    (raft, killed)
+}
+
 /// Per banned address: when its ban was made, and when each watcher saw it.
 type Arrivals = Arc<Mutex<HashMap<String, (Instant, Vec<Instant>)>>>;
 
@@ -306,6 +359,7 @@ fn main() {
     let mut with_watchers = propagation(&f, BANS as u32, Some(&watchers));
     let etcd_rss_watched = etcd_rss_mib(&f);
     let mut to_watchers = watchers.stop();
+    let (raft_killed, poller_killed) = leaderless_times(&mut f);
     drop(f);
     delays.sort();
     with_watchers.sort();
@@ -325,6 +379,11 @@ fn main() {
         ms(percentile(&to_watchers, 0.5)),
         ms(percentile(&to_watchers, 0.99)),
         etcd_rss_watched
+    );
+    println!(
+        "  time without a leader: Raft leader member killed {:.1} ms (target <= 1000 ms); polling node SIGKILLed {:.2} s (lease 5 s; target <= 6 s)",
+        ms(raft_killed),
+        poller_killed.as_secs_f64()
     );
     let mut sizes = vec![100_000u32];
     if !quick {
@@ -349,6 +408,8 @@ fn main() {
             "propagation_p99_ms_200_watchers": ms(percentile(&with_watchers, 0.99)),
             "watchers_200_p99_ms": ms(percentile(&to_watchers, 0.99)),
             "etcd_rss_mib_200_watchers": (etcd_rss_watched * 10.0).round() / 10.0,
+            "leaderless_ms_raft_leader_killed": ms(raft_killed),
+            "leaderless_s_poller_killed": (poller_killed.as_secs_f64() * 100.0).round() / 100.0,
         });
         let round = |x: f64| (x * 10.0).round() / 10.0;
         for (n, s) in &results {

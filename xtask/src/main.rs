@@ -410,6 +410,18 @@ fn print_targets(r: &serde_json::Value) {
         " s",
     );
     line(
+        "no fleet leader for at most 1 s after the Raft leader member is killed",
+        f("fleet.leaderless_ms_raft_leader_killed"),
+        |x| x <= 1000.0,
+        " ms",
+    );
+    line(
+        "no fleet leader for at most 6 s (the lease + 1 s) after the poller is SIGKILLed",
+        f("fleet.leaderless_s_poller_killed"),
+        |x| x <= 6.0,
+        " s",
+    );
+    line(
         "the agent under 50 MB resident with 100k entries",
         f("agent.rss_mib_100k"),
         |x| x < 50.0 * 1e6 / (1024.0 * 1024.0),
