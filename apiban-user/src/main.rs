@@ -328,14 +328,10 @@ fn parse_ttl(text: &str) -> Result<HumanDuration, String> {
 }
 
 fn parse_comment(text: &str) -> Result<String, String> {
-    let chars = text.chars().count();
-    if chars > apiban::engine::MAX_COMMENT_CHARS {
-        return Err(format!(
-            "{chars} characters; a comment has at most {}",
-            apiban::engine::MAX_COMMENT_CHARS
-        ));
+    match apiban::engine::comment_problem(text) {
+        Some(problem) => Err(problem),
+        None => Ok(text.to_owned()),
     }
-    Ok(text.to_owned())
 }
 
 fn socket(client: &Client) -> anyhow::Result<PathBuf> {

@@ -558,6 +558,17 @@ fn cluster(w: &mut Writer, c: &crate::status::ClusterReport) -> Result<(), std::
         "1 while etcd's NOSPACE alarm is raised: it refuses every write.",
         u32::from(c.etcd_nospace),
     )?;
+    w.counters(
+        "apiban_cluster_records_refused_total",
+        "Records and allowlist entries in etcd this node refused to enforce, by reason.",
+        crate::cluster::REFUSAL_REASONS
+            .iter()
+            .map(|reason| {
+                let n = c.records_refused.get(*reason).copied().unwrap_or(0);
+                (labels([("reason", reason)]), n)
+            })
+            .collect(),
+    )?;
     w.gauge(
         "apiban_cluster_outbox_queued",
         "Changes waiting for the writer to etcd (at most 256).",

@@ -25,15 +25,18 @@ pub enum Rejection {
     OwnAddress,
     /// Covered by the allowlist.
     Allowlisted,
+    /// Covers an etcd endpoint of this node's fleet: a ban of it would cut the fleet off.
+    FleetInfrastructure,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 5] = [
+    pub const ALL: [Rejection; 6] = [
         Rejection::Invalid,
         Rejection::SpecialPurpose,
         Rejection::TooBroad,
         Rejection::OwnAddress,
         Rejection::Allowlisted,
+        Rejection::FleetInfrastructure,
     ];
 
     pub fn name(self) -> &'static str {
@@ -43,6 +46,7 @@ impl Rejection {
             Rejection::TooBroad => "too_broad",
             Rejection::OwnAddress => "own_address",
             Rejection::Allowlisted => "allowlisted",
+            Rejection::FleetInfrastructure => "fleet_infrastructure",
         }
     }
 }
@@ -170,6 +174,8 @@ pub struct Sanitiser {
     pub min_prefix_v4: u8,
     pub min_prefix_v6: u8,
     own_addresses: BTreeSet<IpAddr>,
+    /// The fleet's etcd endpoints: no source may ban them.
+    fleet_addresses: BTreeSet<IpAddr>,
     special: Vec<IpNet>,
 }
 
@@ -189,6 +195,7 @@ impl Sanitiser {
             min_prefix_v4,
             min_prefix_v6,
             own_addresses: own.into_iter().collect(),
+            fleet_addresses: BTreeSet::new(),
             special: special_purpose(),
         }
     }
@@ -199,6 +206,36 @@ impl Sanitiser {
 
     pub fn own_addresses(&self) -> Vec<IpAddr> {
         self.own_addresses.iter().copied().collect()
+    }
+
+    pub fn set_fleet_addresses(&mut self, fleet: impl IntoIterator<Item = IpAddr>) {
+        self.fleet_addresses = fleet.into_iter().collect();
+    }
+
+    /// The fleet address `net` covers, if any.
+    pub fn covered_fleet_address(&self, net: &IpNet) -> Option<IpAddr> {
+        self.fleet_addresses
+            .iter()
+            .copied()
+            .find(|a| net.contains(a))
+    }
+
+    /// Checks an allowlist entry that came from outside this node (etcd): one broader than
+    /// the shortest ban a feed may make would switch protection off for a swathe of the
+    /// Internet, unless it lies in a special-purpose range, which no feed may ban anyway (an
+    /// operator's 10.0.0.0/8).
+    pub fn check_allow(&self, net: IpNet) -> Result<(), Rejection> {
+        if self.special.iter().any(|s| s.contains(&net)) {
+            return Ok(());
+        }
+        let min = match net {
+            IpNet::V4(_) => self.min_prefix_v4,
+            IpNet::V6(_) => self.min_prefix_v6,
+        };
+        if net.prefix_len() < min {
+            return Err(Rejection::TooBroad);
+        }
+        Ok(())
     }
 
     /// Checks one feed entry: the prefix to ban, or why not.
@@ -221,6 +258,9 @@ impl Sanitiser {
         }
         if self.own_addresses.iter().any(|a| net.contains(a)) {
             return Err(Rejection::OwnAddress);
+        }
+        if self.covered_fleet_address(&net).is_some() {
+            return Err(Rejection::FleetInfrastructure);
         }
         if allow.covers(&net) {
             return Err(Rejection::Allowlisted);

@@ -472,6 +472,18 @@ fn serve<E: Enforcer + Send + 'static>(
                 // quarter of the TTL: a ban then lives at least 3/4 of the TTL after it was
                 // last seen, and etcd's history stays small.
                 engine.join_cluster(&c.prefix, config.engine.ttl.as_secs() / 4);
+                let etcd = crate::cluster::endpoint_addresses(&c.endpoints);
+                tracing::info!(
+                    addresses = ?etcd,
+                    "the fleet's etcd endpoints: no feed, record in etcd or unforced ban may cover them"
+                );
+                let dropped = engine.set_fleet_addresses(etcd, crate::sync::unix_now());
+                if !dropped.is_empty() {
+                    tracing::warn!(
+                        ?dropped,
+                        "bans that covered the fleet's etcd endpoints were dropped"
+                    );
+                }
                 let (link, ends) = crate::cluster::link();
                 (Some(link), Some(ends))
             }

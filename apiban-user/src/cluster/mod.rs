@@ -15,9 +15,12 @@
 //! - [`writer`]: what the owner sends to etcd;
 //! - [`janitor`]: the leader's deletion of records that expired but are still in etcd;
 //! - [`members`]: which etcd members answer, said once per change;
-//! - [`proofs`]: detection's proven peers, shared by every node.
+//! - [`proofs`]: detection's proven peers, shared by every node;
+//! - [`endpoints`]: the etcd endpoints' addresses, which no ban may cover.
 
 pub mod clock;
+mod endpoints;
+pub use endpoints::endpoint_addresses;
 pub mod election;
 pub mod heartbeat;
 pub mod janitor;
@@ -158,6 +161,21 @@ impl FleetBudget {
     }
 }
 
+/// Why a node refuses an entry etcd holds: a feed's checks (`sanitise::Rejection`), a
+/// comment too long or not printable, another node's detection ban of a peer this node
+/// holds exempt or proven, a value it cannot read.
+pub const REFUSAL_REASONS: [&str; 9] = [
+    "special_purpose",
+    "too_broad",
+    "own_address",
+    "allowlisted",
+    "fleet_infrastructure",
+    "comment",
+    "detect_exempt",
+    "proven_peer",
+    "undecodable",
+];
+
 /// How many changes may wait for the writer. A change the owner cannot queue is not lost:
 /// an operator's is pending in the ledger and sent again from there, a feed's is held by
 /// key (see `sync::owner`); so an etcd that takes nothing for hours costs memory bounded
@@ -210,6 +228,8 @@ pub struct ClusterStats {
     pub outbox_queued: AtomicU64,
     /// Changes the owner could not queue, to be sent again from the ledger.
     pub outbox_shed: AtomicU64,
+    /// Values under the ledger's keys that this node could not read (held as nothing).
+    pub undecodable: AtomicU64,
 }
 
 impl Default for ClusterStats {
@@ -229,6 +249,7 @@ impl Default for ClusterStats {
             nospace: AtomicBool::new(false),
             outbox_queued: AtomicU64::new(0),
             outbox_shed: AtomicU64::new(0),
+            undecodable: AtomicU64::new(0),
         }
     }
 }

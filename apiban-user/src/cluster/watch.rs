@@ -94,7 +94,7 @@ pub async fn run(
             }
         }
         let from = if saved == 0 || read_all {
-            match read_everything(&mut client, &keys, &updates).await {
+            match read_everything(&mut client, &keys, &updates, &stats).await {
                 Ok(revision) => {
                     read_all = false;
                     stats.full_reads.fetch_add(1, Ordering::Relaxed);
@@ -217,7 +217,8 @@ async fn follow(
                     Ok(EventType::Delete) => false,
                     Err(_) => continue,
                 };
-            if let Some((change, stamp)) = change_of(keys, kv.key(), put.then(|| kv.value())) {
+            let change = change_of(keys, kv.key(), put.then(|| kv.value()), stats);
+            if let Some((change, stamp)) = change {
                 changes.push(change);
                 clock = clock.max(stamp.map_or(0, |s| s.at));
             }
@@ -250,21 +251,24 @@ async fn follow(
 }
 
 /// The ledger change one key's event stands for, and the operator's stamp it carries; None
-/// for keys that are not ledger state (the election, the cursor) and for values this
-/// version cannot read. A tombstone is a removal.
+/// for keys that are not ledger state (the election, the cursor). A tombstone is a
+/// removal, and so is a value this node cannot read: what cannot be parsed is never a
+/// reason to ban, nor to keep a ban etcd no longer holds in a form this node knows.
 fn change_of(
     keys: &Keys,
     key: &[u8],
     value: Option<&[u8]>,
+    stats: &ClusterStats,
 ) -> Option<(RemoteChange, Option<keys::Stamp>)> {
     if let Some((source, net)) = keys.parse_record(key) {
-        let (record, stamp) = match value {
-            Some(v) => {
-                let stored = keys::decode_record(v)?;
-                (stored.record, stored.stamp)
+        let stored = value.and_then(|v| {
+            let stored = keys::decode_record(v);
+            if stored.is_none() {
+                undecodable(key, stats);
             }
-            None => (None, None),
-        };
+            stored
+        });
+        let (record, stamp) = stored.map_or((None, None), |s| (s.record, s.stamp));
         return Some((
             RemoteChange::Record {
                 net,
@@ -275,14 +279,30 @@ fn change_of(
         ));
     }
     let net = keys.parse_allow(key)?;
-    let (present, stamp) = match value {
-        Some(v) => {
-            let stored = keys::decode_allowed(v)?;
-            (!stored.removed, stored.stamp)
+    let stored = value.and_then(|v| {
+        let stored = keys::decode_allowed(v);
+        if stored.is_none() {
+            undecodable(key, stats);
         }
-        None => (false, None),
-    };
+        stored
+    });
+    let (present, stamp) = stored.map_or((false, None), |s| (!s.removed, s.stamp));
     Some((RemoteChange::Allow { net, present }, stamp))
+}
+
+/// How many undecodable keys a node logs by name; the rest are counted only.
+const UNDECODABLE_LOGGED: u64 = 100;
+
+/// Counts a value in etcd this node cannot read, and names its key (the first ones).
+fn undecodable(key: &[u8], stats: &ClusterStats) {
+    let seen = stats.undecodable.fetch_add(1, Ordering::Relaxed);
+    if seen < UNDECODABLE_LOGGED {
+        tracing::warn!(
+            key = %String::from_utf8_lossy(key).escape_debug(),
+            "a value in etcd this node cannot read: it holds nothing for this key (counted in \
+             apiban_cluster_records_refused_total{{reason=\"undecodable\"}})"
+        );
+    }
 }
 
 async fn send(
@@ -336,6 +356,7 @@ async fn read_everything(
     client: &mut Client,
     keys: &Keys,
     updates: &mpsc::Sender<Update>,
+    stats: &ClusterStats,
 ) -> Result<i64, WatchEnd> {
     let (cluster_id, revision) = head(client, keys).await?;
     let mut records: Vec<(IpNet, SourceId, Record)> = Vec::new();
@@ -344,20 +365,28 @@ async fn read_everything(
         clock = stamp.as_ref().map_or(clock, |s| clock.max(s.at));
     };
     for (key, value) in read_range(client, &keys.records(), revision).await? {
-        if let (Some((source, net)), Some(stored)) =
-            (keys.parse_record(&key), keys::decode_record(&value))
+        if let Some((
+            RemoteChange::Record {
+                net,
+                source,
+                record,
+            },
+            stamp,
+        )) = change_of(keys, &key, Some(&value), stats)
         {
-            seen(&stored.stamp);
-            if let Some(record) = stored.record {
+            seen(&stamp);
+            if let Some(record) = record {
                 records.push((net, source, record));
             }
         }
     }
     let mut allow: Vec<IpNet> = Vec::new();
     for (key, value) in read_range(client, &keys.allowlist(), revision).await? {
-        if let (Some(net), Some(stored)) = (keys.parse_allow(&key), keys::decode_allowed(&value)) {
-            seen(&stored.stamp);
-            if !stored.removed {
+        if let Some((RemoteChange::Allow { net, present }, stamp)) =
+            change_of(keys, &key, Some(&value), stats)
+        {
+            seen(&stamp);
+            if present {
                 allow.push(net);
             }
         }
@@ -388,6 +417,7 @@ mod tests {
     #[test]
     fn only_ledger_keys_become_changes() {
         let keys = Keys::new("/f/");
+        let stats = ClusterStats::default();
         let net: IpNet = "192.0.2.9/32".parse().unwrap();
         let record = Record {
             first_seen: 1,
@@ -404,23 +434,32 @@ mod tests {
         let key = keys.record(&SourceId::Apiban, &net);
         let value = keys::encode_record(&record, None);
         assert_eq!(
-            change_of(&keys, key.as_bytes(), Some(&value)),
+            change_of(&keys, key.as_bytes(), Some(&value), &stats),
             Some((change(Some(record.clone())), None))
         );
         assert_eq!(
-            change_of(&keys, key.as_bytes(), None),
+            change_of(&keys, key.as_bytes(), None, &stats),
             Some((change(None), None))
         );
-        assert_eq!(change_of(&keys, key.as_bytes(), Some(b"not json")), None);
-        assert_eq!(change_of(&keys, b"/f/leader/1234", Some(b"node-a")), None);
+        // Unreadable: no ban from it, and none kept under its key.
         assert_eq!(
-            change_of(&keys, keys.allow(&net).as_bytes(), Some(b"{}")),
+            change_of(&keys, key.as_bytes(), Some(b"not json"), &stats),
+            Some((change(None), None))
+        );
+        assert_eq!(stats.undecodable.load(Ordering::Relaxed), 1);
+        assert_eq!(
+            change_of(&keys, b"/f/leader/1234", Some(b"node-a"), &stats),
+            None
+        );
+        assert_eq!(
+            change_of(&keys, keys.allow(&net).as_bytes(), Some(b"{}"), &stats),
             Some((RemoteChange::Allow { net, present: true }, None))
         );
     }
 
     #[test]
     fn an_operators_stamp_and_tombstone_are_read_back() {
+        let stats = ClusterStats::default();
         let keys = Keys::new("/f/");
         let net: IpNet = "198.51.100.0/24".parse().unwrap();
         let stamp = keys::Stamp {
@@ -437,7 +476,7 @@ mod tests {
         let key = keys.record(&SourceId::Manual, &net);
         let banned = keys::encode_record(&record, Some(&stamp));
         assert_eq!(
-            change_of(&keys, key.as_bytes(), Some(&banned)),
+            change_of(&keys, key.as_bytes(), Some(&banned), &stats),
             Some((
                 RemoteChange::Record {
                     net,
@@ -450,7 +489,7 @@ mod tests {
         // An operator's unban is a value, not a deleted key, and reads as a removal.
         let removed = keys::encode_removed(&stamp);
         assert_eq!(
-            change_of(&keys, key.as_bytes(), Some(&removed)),
+            change_of(&keys, key.as_bytes(), Some(&removed), &stats),
             Some((
                 RemoteChange::Record {
                     net,
@@ -462,7 +501,7 @@ mod tests {
         );
         let allow = keys.allow(&net);
         assert_eq!(
-            change_of(&keys, allow.as_bytes(), Some(&removed)),
+            change_of(&keys, allow.as_bytes(), Some(&removed), &stats),
             Some((
                 RemoteChange::Allow {
                     net,
@@ -475,7 +514,8 @@ mod tests {
             change_of(
                 &keys,
                 allow.as_bytes(),
-                Some(&keys::encode_allowed(Some(&stamp)))
+                Some(&keys::encode_allowed(Some(&stamp))),
+                &stats
             ),
             Some((RemoteChange::Allow { net, present: true }, Some(stamp)))
         );

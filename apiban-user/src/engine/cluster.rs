@@ -2,7 +2,7 @@
 //! are applied as they are, never written back; changes this node made are noted (see
 //! `Ledger::keep_journal`) for the owner to send to etcd.
 
-use std::sync::Arc;
+use std::{collections::BTreeSet, sync::Arc};
 
 use ipnet::IpNet;
 
@@ -10,6 +10,7 @@ use super::{Applied, Enforcer, Engine};
 use crate::{
     ledger::{Record, SourceId},
     rate_budget::{self, BudgetJournal},
+    sanitise::Rejection,
     state::{ApibanCursor, ClusterCursor, PendingChange, PendingKey},
 };
 
@@ -28,6 +29,9 @@ pub enum RemoteChange {
 
 /// A record this node changed, as it is now (None: removed), for etcd.
 pub type Touched = (IpNet, SourceId, Option<Record>);
+
+/// How many refused etcd keys a node logs by name; the rest are counted only.
+pub const REFUSALS_LOGGED: usize = 1000;
 
 /// An operator's change being applied: its allowlist entry, and its stamp once a commit
 /// has noted it.
@@ -128,33 +132,105 @@ impl<E: Enforcer> Engine<E> {
         self.proven = view;
     }
 
-    /// What this node leaves out of what etcd holds: a record a feed holds that covers one
-    /// of this host's addresses, as it leaves out such entries from the feeds it polls
-    /// itself; and another node's detection ban of one of this node's proven peers (the
-    /// operator's, `--detect-exempt`, or proven by the server's answers), which its own
-    /// detection would not have made.
-    fn refused_from_fleet(&self, net: &IpNet, source: &SourceId, now: u64) -> bool {
-        let own = source.is_remote()
-            && self
-                .sanitiser
-                .own_addresses()
-                .iter()
-                .any(|a| net.contains(a));
-        if own {
-            return true;
+    /// The fleet's etcd endpoints: no source may ban them (a ban would cut every node off
+    /// from the fleet). What a feed or etcd banned of them goes; an operator's forced ban
+    /// stays. Returns the prefixes that were dropped.
+    pub fn set_fleet_addresses(&mut self, fleet: Vec<std::net::IpAddr>, now: u64) -> Vec<IpNet> {
+        self.sanitiser.set_fleet_addresses(fleet.iter().copied());
+        let dropped = Arc::make_mut(&mut self.ledger).remove_where(|net, source| {
+            *source != SourceId::Manual && fleet.iter().any(|a| net.contains(a))
+        });
+        if !dropped.is_empty() {
+            self.commit(now);
+        }
+        dropped
+    }
+
+    /// Why this node refuses what etcd holds for `net` from `source`, if it does. Whoever
+    /// can write to etcd is an outside party to this node: its records pass the checks a
+    /// feed's entry passes here (special-purpose ranges, the minimum prefix lengths, this
+    /// host's and the fleet's addresses, the allowlist, which an operator's ban is exempt
+    /// from since the allowlist wins in the dataplane anyway), and a comment must be short
+    /// and printable. Another node's detection ban of a peer proven here is refused too:
+    /// this node's own detection would not have made it.
+    fn refused_from_fleet(
+        &self,
+        net: &IpNet,
+        source: &SourceId,
+        record: &Record,
+        now: u64,
+    ) -> Option<&'static str> {
+        match self.sanitiser.check_net(*net, &self.allow) {
+            Ok(()) => {}
+            Err(Rejection::Allowlisted) if *source == SourceId::Manual => {}
+            Err(why) => return Some(why.name()),
+        }
+        if record
+            .comment
+            .as_deref()
+            .and_then(super::comment_problem)
+            .is_some()
+        {
+            return Some("comment");
         }
         if *source != SourceId::Detect {
-            return false;
+            return None;
         }
         if self.detect_exempt.iter().any(|e| e.contains(&net.addr())) {
-            tracing::info!(%net, "another node's detection ban of a proven peer (--detect-exempt) is not enforced here");
-            return true;
+            return Some("detect_exempt");
         }
         if self.proven.covers(net.addr(), now) {
-            tracing::info!(%net, "another node's detection ban of a peer proven here (the server's answers) is not enforced here");
-            return true;
+            return Some("proven_peer");
         }
-        false
+        None
+    }
+
+    /// Counts a refusal, and logs it once per key.
+    fn note_refused(&mut self, key: String, reason: &'static str) {
+        *self.counters.fleet_refused.entry(reason).or_default() += 1;
+        if self.fleet_refused_logged.len() < REFUSALS_LOGGED
+            && self.fleet_refused_logged.insert(key.clone())
+        {
+            tracing::warn!(
+                key,
+                reason,
+                "this node refuses an entry in etcd and does not enforce it (counted in \
+                 apiban_cluster_records_refused_total)"
+            );
+        }
+    }
+
+    /// A record from etcd as this node takes it: None when it refuses it (then it holds no
+    /// record for the key, whatever it held before).
+    fn accept_from_fleet(
+        &mut self,
+        net: IpNet,
+        source: &SourceId,
+        record: Option<Record>,
+        now: u64,
+    ) -> Option<Record> {
+        let record = record?;
+        match self.refused_from_fleet(&net, source, &record, now) {
+            None => Some(record),
+            Some(reason) => {
+                self.note_refused(format!("records/{source}/{net}"), reason);
+                None
+            }
+        }
+    }
+
+    /// An allowlist entry from etcd as this node takes it: whether it is present.
+    fn accept_allow_from_fleet(&mut self, net: IpNet, present: bool) -> bool {
+        if !present {
+            return false;
+        }
+        match self.sanitiser.check_allow(net) {
+            Ok(()) => true,
+            Err(why) => {
+                self.note_refused(format!("allow/{net}"), why.name());
+                false
+            }
+        }
     }
 
     /// Changes a watch delivered, up to `revision`: applied, enforced and saved with the
@@ -173,10 +249,11 @@ impl<E: Enforcer> Engine<E> {
                     source,
                     record,
                 } => {
-                    let record = record.filter(|_| !self.refused_from_fleet(&net, &source, now));
+                    let record = self.accept_from_fleet(net, &source, record, now);
                     Arc::make_mut(&mut self.ledger).apply_remote(net, source, record);
                 }
                 RemoteChange::Allow { net, present } => {
+                    let present = self.accept_allow_from_fleet(net, present);
                     let manual = Arc::make_mut(&mut self.manual_allow);
                     allow_changed |= if present {
                         manual.insert(net.trunc())
@@ -210,10 +287,18 @@ impl<E: Enforcer> Engine<E> {
         }
         let records = records
             .into_iter()
-            .filter(|(net, source, _)| !self.refused_from_fleet(net, source, now))
+            .filter_map(|(net, source, record)| {
+                let record = self.accept_from_fleet(net, &source, Some(record), now)?;
+                Some((net, source, record))
+            })
             .collect();
         Arc::make_mut(&mut self.ledger).replace_remote(records);
-        self.manual_allow = Arc::new(allow.into_iter().map(|n| n.trunc()).collect());
+        let allow: BTreeSet<IpNet> = allow
+            .into_iter()
+            .filter(|n| self.accept_allow_from_fleet(*n, true))
+            .map(|n| n.trunc())
+            .collect();
+        self.manual_allow = Arc::new(allow);
         self.set_config_allow(self.config_allow.iter().copied().collect());
         self.set_cluster_revision(revision);
         self.commit(now)

@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use ipnet::IpNet;
 
-use super::{Applied, Enforcer, Engine, EngineError, MAX_COMMENT_CHARS};
+use super::{Applied, Enforcer, Engine, EngineError};
 use crate::ledger::SourceId;
 
 impl<E: Enforcer> Engine<E> {
@@ -30,13 +30,8 @@ impl<E: Enforcer> Engine<E> {
                 "a TTL under 1s expires at once; omit --ttl for a ban until unbanned".into(),
             );
         }
-        if let Some(c) = &comment
-            && c.chars().count() > MAX_COMMENT_CHARS
-        {
-            return refuse(format!(
-                "the comment has {} characters, more than the {MAX_COMMENT_CHARS} allowed",
-                c.chars().count()
-            ));
+        if let Some(problem) = comment.as_deref().and_then(super::comment_problem) {
+            return refuse(problem);
         }
         if !force {
             let loopback: [IpNet; 2] = [
@@ -61,6 +56,12 @@ impl<E: Enforcer> Engine<E> {
             {
                 return refuse(format!(
                     "it covers {own}, an address of this host{force_hint}"
+                ));
+            }
+            if let Some(etcd) = self.sanitiser.covered_fleet_address(&net) {
+                return refuse(format!(
+                    "it covers {etcd}, an etcd endpoint of this fleet: every node would be cut \
+                     off from the fleet{force_hint}"
                 ));
             }
             if self.allow.covers(&net) {
@@ -118,14 +119,8 @@ impl<E: Enforcer> Engine<E> {
         if let Err(why) = self.sanitiser.check_net(net, &self.allow) {
             return Err(EngineError::Refused(net, why.to_string()));
         }
-        if comment
-            .as_ref()
-            .is_some_and(|c| c.chars().count() > MAX_COMMENT_CHARS)
-        {
-            return Err(EngineError::Refused(
-                net,
-                format!("a comment is at most {MAX_COMMENT_CHARS} characters"),
-            ));
+        if let Some(problem) = comment.as_deref().and_then(super::comment_problem) {
+            return Err(EngineError::Refused(net, problem));
         }
         Arc::make_mut(&mut self.ledger).observe(
             net,

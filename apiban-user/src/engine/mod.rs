@@ -49,6 +49,25 @@ pub enum EngineError {
 /// reads `apiban check`, not a document (the state file holds every comment).
 pub const MAX_COMMENT_CHARS: usize = 200;
 
+/// What is wrong with a comment, if anything: too long, or holding control characters,
+/// which `list` and `check` would hand to an operator's terminal (escape sequences can
+/// rewrite the screen or the window title). Every source of a comment is checked with it:
+/// the CLI, the ban API, etcd.
+pub fn comment_problem(comment: &str) -> Option<String> {
+    let chars = comment.chars().count();
+    if chars > MAX_COMMENT_CHARS {
+        return Some(format!(
+            "the comment has {chars} characters, more than the {MAX_COMMENT_CHARS} allowed"
+        ));
+    }
+    comment.chars().find(|c| c.is_control()).map(|c| {
+        format!(
+            "the comment holds a control character ({})",
+            c.escape_unicode()
+        )
+    })
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct EngineSettings {
     /// How long a feed entry stays banned after it was last seen.
@@ -124,6 +143,8 @@ pub struct EngineCounters {
     pub saves: u64,
     pub save_failures: u64,
     pub last_save_duration: Duration,
+    /// In a fleet: records and allowlist entries from etcd this node refused, by reason.
+    pub fleet_refused: BTreeMap<&'static str, u64>,
 }
 
 /// The engine's part of a [`crate::snapshot::Snapshot`].
@@ -202,6 +223,8 @@ pub struct Engine<E: Enforcer> {
     /// In a fleet, while an operator's change is being applied: what it is (see
     /// `Engine::expect_fleet_change`).
     fleet_change: Option<cluster::FleetChangeDraft>,
+    /// The etcd keys whose refusal was logged (at most [`cluster::REFUSALS_LOGGED`]).
+    fleet_refused_logged: std::collections::HashSet<String>,
 }
 
 impl<E: Enforcer> Engine<E> {
@@ -256,6 +279,7 @@ impl<E: Enforcer> Engine<E> {
             unsaved: false,
             cluster: state.cluster,
             fleet_change: None,
+            fleet_refused_logged: Default::default(),
         };
         engine.set_config_allow(settings.allow);
         match crate::sanitise::host_addresses() {

@@ -456,7 +456,7 @@ fn another_nodes_detection_ban_of_a_proven_peer_is_not_enforced_here() {
         ledger::{Record, SourceId},
     };
     let proven = EngineSettings {
-        detect_exempt: vec![net("203.0.113.0/24")],
+        detect_exempt: vec![net("45.113.0.0/24")],
         ..settings(100)
     };
     let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, proven, 10).unwrap();
@@ -464,7 +464,7 @@ fn another_nodes_detection_ban_of_a_proven_peer_is_not_enforced_here() {
     // Proven by this node's server's answers until 100; its detection holds the set.
     let view = crate::proven_view::ProvenView::default();
     view.replace(std::collections::HashMap::from([(
-        "192.0.2.77".parse().unwrap(),
+        "45.2.0.77".parse().unwrap(),
         100,
     )]));
     e.set_proven_view(view);
@@ -482,23 +482,23 @@ fn another_nodes_detection_ban_of_a_proven_peer_is_not_enforced_here() {
     };
     e.apply_cluster_changes(
         vec![
-            change("203.0.113.7/32", SourceId::Detect),
-            change("198.51.100.7/32", SourceId::Detect),
-            change("192.0.2.77/32", SourceId::Detect),
+            change("45.113.0.7/32", SourceId::Detect),
+            change("45.51.100.7/32", SourceId::Detect),
+            change("45.2.0.77/32", SourceId::Detect),
             // Only detection's word is weighed: an operator's ban of a peer stands.
-            change("203.0.113.8/32", SourceId::Manual),
+            change("45.113.0.8/32", SourceId::Manual),
         ],
         5,
         11,
     );
     let deny = &e.enforcer().deny;
-    assert!(!deny.contains(&net("203.0.113.7/32")), "a proven peer");
+    assert!(!deny.contains(&net("45.113.0.7/32")), "a proven peer");
     assert!(
-        !deny.contains(&net("192.0.2.77/32")),
+        !deny.contains(&net("45.2.0.77/32")),
         "proven by the server here"
     );
-    assert!(deny.contains(&net("198.51.100.7/32")));
-    assert!(deny.contains(&net("203.0.113.8/32")));
+    assert!(deny.contains(&net("45.51.100.7/32")));
+    assert!(deny.contains(&net("45.113.0.8/32")));
 }
 
 /// An operator's change in a fleet is on disk together with its note for etcd, from one
@@ -551,4 +551,128 @@ fn an_operators_change_and_its_pending_note_are_saved_together() {
     assert!(e.end_fleet_change().is_none());
     assert_eq!(e.pending_changes().len(), 1);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// What etcd holds passes this node's checks like a feed's entry, an operator's ban
+/// included: whoever writes etcd is an outside party to the node. Refused entries are
+/// counted by reason, and one refused over a ban the node held removes that ban.
+#[test]
+fn records_and_allow_entries_from_etcd_pass_this_nodes_checks() {
+    use crate::{
+        engine::cluster::RemoteChange,
+        ledger::{Record, SourceId},
+    };
+    let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, settings(100), 10).unwrap();
+    e.join_cluster("/apiban/", 60);
+    e.set_own_addresses(vec!["45.1.1.1".parse().unwrap()], 10);
+    e.set_fleet_addresses(vec!["45.2.2.2".parse().unwrap()], 10);
+    let record = |comment: Option<&str>| Record {
+        first_seen: 10,
+        last_seen: 10,
+        expires: None,
+        comment: comment.map(str::to_owned),
+        evidence: None,
+    };
+    let ban = |addr: &str, comment: Option<&str>| RemoteChange::Record {
+        net: net(addr),
+        source: SourceId::Manual,
+        record: Some(record(comment)),
+    };
+    let allow = |addr: &str| RemoteChange::Allow {
+        net: net(addr),
+        present: true,
+    };
+    e.apply_cluster_changes(
+        vec![
+            ban("45.9.9.9/32", Some("a fine comment")),
+            ban("0.0.0.0/0", None),
+            ban("10.0.0.0/8", None),
+            ban("127.0.0.0/8", None),
+            ban("45.0.0.0/8", None),
+            ban("45.1.1.0/24", None),
+            ban("45.2.2.2/32", None),
+            ban("45.3.3.3/32", Some("\u{1b}[2Jgone")),
+            allow("0.0.0.0/0"),
+            allow("45.0.0.0/8"),
+            allow("10.0.0.0/8"),
+        ],
+        5,
+        11,
+    );
+    let deny = &e.enforcer().deny;
+    assert_eq!(
+        deny.iter().collect::<Vec<_>>(),
+        vec![&net("45.9.9.9/32")],
+        "only the ordinary ban is enforced"
+    );
+    assert_eq!(
+        e.manual_allow.iter().collect::<Vec<_>>(),
+        vec![&net("10.0.0.0/8")],
+        "only the allow entry inside a special-purpose range is taken"
+    );
+    let refused = &e.shared().counters.fleet_refused;
+    assert_eq!(refused.get("special_purpose"), Some(&3), "{refused:?}");
+    assert_eq!(refused.get("too_broad"), Some(&3), "{refused:?}");
+    assert_eq!(refused.get("own_address"), Some(&1), "{refused:?}");
+    assert_eq!(refused.get("fleet_infrastructure"), Some(&1), "{refused:?}");
+    assert_eq!(refused.get("comment"), Some(&1), "{refused:?}");
+
+    // A value refused over a ban the node held: the node no longer holds it.
+    e.apply_cluster_changes(vec![ban("45.9.9.9/32", Some("\u{7}"))], 6, 12);
+    assert!(e.enforcer().deny.is_empty());
+    // A whole read refuses the same.
+    e.replace_from_cluster(
+        vec![
+            (net("0.0.0.0/0"), SourceId::Manual, record(None)),
+            (net("45.8.8.8/32"), SourceId::Manual, record(None)),
+        ],
+        vec![net("0.0.0.0/0")],
+        (1, 7),
+        13,
+    );
+    assert_eq!(
+        e.enforcer().deny.iter().collect::<Vec<_>>(),
+        vec![&net("45.8.8.8/32")]
+    );
+    assert!(e.manual_allow.is_empty());
+}
+
+/// The fleet's etcd endpoints are refused as bans from every source but a forced manual
+/// ban, like this host's own addresses: a ban of etcd cuts every node off.
+#[test]
+fn the_fleets_etcd_endpoints_cannot_be_banned_without_force() {
+    let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, settings(100), 10).unwrap();
+    e.set_fleet_addresses(vec!["45.2.2.2".parse().unwrap()], 10);
+    let refused = e
+        .ban(net("45.2.2.0/24"), None, None, false, 11)
+        .unwrap_err();
+    assert!(refused.to_string().contains("etcd endpoint"), "{refused}");
+    e.ban(net("45.2.2.0/24"), None, None, true, 11).unwrap();
+    assert!(e.enforcer().deny.contains(&net("45.2.2.0/24")));
+}
+
+/// A comment reaches an operator's terminal in `list` and `check`: control characters
+/// (escape sequences, BEL) are refused from every source that makes one.
+#[test]
+fn a_comment_with_control_characters_is_refused() {
+    let (mut e, _) = Engine::start(MemoryEnforcer::default(), None, settings(100), 10).unwrap();
+    let esc = Some("\u{1b}]0;pwned\u{7}".to_owned());
+    let manual = e.ban(net("45.3.3.3/32"), None, esc.clone(), false, 11);
+    assert!(
+        manual
+            .unwrap_err()
+            .to_string()
+            .contains("control character"),
+        "the CLI's ban"
+    );
+    let api = e.api_ban(net("45.3.3.4/32"), Duration::from_secs(60), esc, 11);
+    assert!(api.unwrap_err().to_string().contains("control character"));
+    e.ban(
+        net("45.3.3.5/32"),
+        None,
+        Some("ordinary: ÄÖ ✓".into()),
+        false,
+        11,
+    )
+    .unwrap();
 }

@@ -87,6 +87,20 @@ fn cluster_report(view: &crate::cluster::ClusterView, snapshot: &Snapshot) -> Cl
         pending_changes: snapshot.engine.cluster_pending,
         outbox_queued: view.stats.outbox_queued.load(Relaxed),
         outbox_shed: view.stats.outbox_shed.load(Relaxed),
+        records_refused: {
+            let mut refused: std::collections::BTreeMap<String, u64> = snapshot
+                .engine
+                .counters
+                .fleet_refused
+                .iter()
+                .map(|(reason, n)| ((*reason).to_owned(), *n))
+                .collect();
+            let undecodable = view.stats.undecodable.load(Relaxed);
+            if undecodable > 0 {
+                refused.insert("undecodable".into(), undecodable);
+            }
+            refused
+        },
     }
 }
 
@@ -223,6 +237,10 @@ pub struct ClusterReport {
     pub outbox_queued: u64,
     #[serde(default)]
     pub outbox_shed: u64,
+    /// Records and allowlist entries in etcd this node refused (see
+    /// [`crate::cluster::REFUSAL_REASONS`]), by reason.
+    #[serde(default)]
+    pub records_refused: std::collections::BTreeMap<String, u64>,
 }
 
 /// Facts about the agent that are not the ledger's: what it attached to and how it runs.

@@ -250,6 +250,18 @@ sources      {:<8} {:>9} {:>14} {:>14}",
                     c.pending_changes
                 );
             }
+            if !c.records_refused.is_empty() {
+                let reasons: Vec<String> = c
+                    .records_refused
+                    .iter()
+                    .map(|(reason, n)| format!("{n} {reason}"))
+                    .collect();
+                let _ = writeln!(
+                    o,
+                    "  refused      entries in etcd not enforced here: {} (the log names the keys)",
+                    reasons.join(", ")
+                );
+            }
         }
         if let Some(d) = &a.detect {
             let _ = writeln!(o, "\nSIP scanner detection");
