@@ -35,6 +35,12 @@ use crate::{
 
 pub const TAG_PACKET: u8 = 1;
 pub const TAG_SUMMARY: u8 = 2;
+/// How long a capture waits for a client that stopped reading before it ends.
+pub const CLIENT_STALLED: Duration = Duration::from_secs(10);
+
+/// How a capture whose client stopped reading ended.
+const STALLED: &str = "client stopped reading";
+
 /// The packet rate a capture is capped at unless it asks otherwise.
 pub const DEFAULT_PER_SEC: u32 = 1000;
 
@@ -566,8 +572,16 @@ where
         "capture ended"
     );
     let body = serde_json::to_vec(&summary).unwrap_or_default();
-    let _ = out.write_all(&frame(TAG_SUMMARY, &body)).await;
-    let _ = out.flush().await;
+    // The summary too must not wait on a client that stopped reading: the session (and
+    // with it the next capture) would be held for as long as the client sleeps.
+    if summary.ended == STALLED {
+        return Ok(summary);
+    }
+    let _ = tokio::time::timeout(CLIENT_STALLED, async {
+        out.write_all(&frame(TAG_SUMMARY, &body)).await?;
+        out.flush().await
+    })
+    .await;
     Ok(summary)
 }
 
@@ -632,10 +646,21 @@ where
                     summary.captured += 1;
                 }
                 if !batch.is_empty() {
-                    // A client that stops reading blocks the session, not the agent: the
-                    // ring buffer fills and the program counts what it loses.
-                    if out.write_all(&batch).await.is_err() || out.flush().await.is_err() {
-                        return "client gone".into();
+                    // A client that stops reading (Ctrl-Z) blocks the session, not the
+                    // agent: the ring buffer fills and the program counts what it loses;
+                    // and after CLIENT_STALLED the session ends, so that the next capture
+                    // is not refused as busy for as long as the client sleeps.
+                    let sent = async {
+                        out.write_all(&batch).await?;
+                        out.flush().await
+                    };
+                    match tokio::time::timeout(CLIENT_STALLED, sent).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return "client gone".into(),
+                        Err(_) => {
+                            tracing::info!(after = ?CLIENT_STALLED, "capture: the client stopped reading; ending the capture");
+                            return STALLED.into();
+                        }
                     }
                 }
                 if plan.count.is_some_and(|c| summary.captured >= c) {

@@ -41,8 +41,18 @@ impl Sink {
                     .try_clone_to_owned()
                     .context("cannot use stdout")?,
             ),
-            Some(p) => std::fs::File::create(p)
-                .with_context(|| format!("cannot create {}", p.display()))?,
+            // The packets are SIP with its digests and numbers: readable by the one who
+            // asked for them, whatever the umask.
+            Some(p) => {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(p)
+                    .with_context(|| format!("cannot create {}", p.display()))?
+            }
         };
         let header = PcapHeader {
             version_major: 2,

@@ -292,3 +292,51 @@ fn the_rate_cap_holds_and_the_switch_goes_off_however_the_capture_ends() {
         "the program left attached goes on capturing"
     );
 }
+
+/// A client that stops reading (Ctrl-Z) no longer holds the capture: after 10 s the agent
+/// ends it and switches the copy off, and the next capture starts. The pcap file holds SIP
+/// payloads and digests: it is created readable by its owner alone, whatever the umask.
+#[test]
+fn a_stopped_client_is_cut_off_and_its_pcap_is_private() {
+    use std::os::unix::fs::PermissionsExt as _;
+    require_root();
+    let mut s = Scene::new();
+    let banned = s.source("45.97.0.2");
+    s.start(&["--detect", "off"]);
+    s.agent().cli_ok(&["ban", "45.97.0.2"]);
+    s.wait_verdict(banned, "banned", Duration::from_secs(10));
+    let dst = SocketAddr::new(s.topo.server_v4.into(), 5060);
+    let pcap = s.dir.path.join("private.pcap");
+    let pcap_arg = pcap.display().to_string();
+    let stopped = capture_sh(
+        &s,
+        &format!("umask 022; apiban capture -w {pcap_arg} --rate 100000"),
+        "capture-stopped-client.log",
+    );
+    let mode = std::fs::metadata(&pcap)
+        .expect("the pcap")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the pcap's mode: {mode:o}");
+    stopped.signal(libc::SIGSTOP);
+    // Far more than the socket holds: the agent's writes block.
+    send_udp(&s.topo.attacker, banned, dst, 20_000);
+    let started = std::time::Instant::now();
+    wait_until(
+        "the agent to end the stalled capture",
+        Duration::from_secs(30),
+        || !capturing(&s),
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "ended before the client could be called stalled"
+    );
+    wait_until("the agent to say why", Duration::from_secs(5), || {
+        s.agent().log_text().contains("the client stopped reading")
+    });
+    // The session lets go of the capture right after it switched the copy off.
+    std::thread::sleep(Duration::from_millis(500));
+    let next = capture(&s, &["-w", "/dev/null"], "capture-next.log");
+    assert!(capturing(&s), "{}", next.output());
+    stopped.signal(libc::SIGCONT);
+}
