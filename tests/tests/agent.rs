@@ -460,3 +460,44 @@ fn systemd_notify_watchdog_and_json_logs() {
         );
     }
 }
+
+/// An interface without Ethernet headers (tun, WireGuard) is refused at start, naming what
+/// it is: the program would read IP bytes as an Ethernet header and let everything pass
+/// while `status` said it enforced.
+#[test]
+fn a_tun_interface_is_refused_naming_what_it_is() {
+    require_root();
+    let topo = Topology::new();
+    topo.server
+        .exec("ip", &["tuntap", "add", "dev", "aptun0", "mode", "tun"]);
+    topo.server.exec("ip", &["link", "set", "aptun0", "up"]);
+    let bpffs = BpffsDir::new();
+    let dir = TempDir::new("apiban-tun-");
+    let path = |p: &str| dir.path.join(p).display().to_string();
+    let key = path("key");
+    std::fs::write(&key, KEY).expect("a key file");
+    let out = tests::agent::apiban_in(
+        &topo.server,
+        &[
+            "run",
+            "--iface",
+            "aptun0",
+            "--bpffs-dir",
+            &bpffs.path.display().to_string(),
+            "--state-dir",
+            &path("state"),
+            "--control-socket",
+            &path("control.sock"),
+            "--metrics-addr",
+            "off",
+            "--api-key-file",
+            &key,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("aptun0") && err.contains("not Ethernet") && err.contains("tun"),
+        "{err}"
+    );
+}

@@ -20,7 +20,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     RouteNetlinkMessage,
-    link::{LinkAttribute, LinkFlags, LinkMessage, LinkXdp, XdpAttached},
+    link::{LinkAttribute, LinkFlags, LinkLayerType, LinkMessage, LinkXdp, XdpAttached},
 };
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -65,6 +65,9 @@ pub struct Link {
     pub name: String,
     /// Administratively up (IFF_UP).
     pub up: bool,
+    /// Its frames start with an Ethernet header (ARPHRD_ETHER, or loopback, which gets
+    /// one too), which is what the XDP program parses; None: what it is instead.
+    pub not_ethernet: Option<String>,
     /// The XDP program attached in native or generic mode, if any. Offloaded (hardware)
     /// programs are not ours and are reported as none.
     pub xdp: Option<XdpProgram>,
@@ -142,6 +145,15 @@ fn describe(message: &LinkMessage) -> Link {
         name,
         up: message.header.flags.contains(LinkFlags::Up),
         xdp,
+        not_ethernet: match message.header.link_layer_type {
+            LinkLayerType::Ether | LinkLayerType::Loopback => None,
+            // tun, WireGuard, and other layer-3 devices.
+            LinkLayerType::None => {
+                Some("a layer-3 device without link headers (tun, WireGuard)".into())
+            }
+            LinkLayerType::Ppp => Some("a PPP link".into()),
+            other => Some(format!("link type {other}")),
+        },
     }
 }
 

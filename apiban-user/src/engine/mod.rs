@@ -57,7 +57,7 @@ pub fn comment_problem(comment: &str) -> Option<String> {
     let chars = comment.chars().count();
     if chars > MAX_COMMENT_CHARS {
         return Some(format!(
-            "the comment has {chars} characters, more than the {MAX_COMMENT_CHARS} allowed"
+            "the comment has {chars} characters; a comment has at most {MAX_COMMENT_CHARS}"
         ));
     }
     comment.chars().find(|c| c.is_control()).map(|c| {

@@ -164,7 +164,7 @@ fn manual_bans_that_cut_the_host_off_or_do_nothing_are_refused() {
         e.ban(net("1.2.3.4"), None, Some(long), false, 0)
             .unwrap_err()
             .to_string()
-            .contains("more than the 200 allowed")
+            .contains("at most 200")
     );
     e.ban(
         net("1.2.3.4"),

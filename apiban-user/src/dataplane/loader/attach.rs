@@ -144,6 +144,21 @@ pub fn ifindex(iface: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
+/// An interface whose frames carry no Ethernet header is refused: the program would read
+/// its IP bytes as one and pass everything, while `status` said it enforced.
+pub fn refuse_if_not_ethernet(iface: &str, index: u32) -> Result<(), LoaderError> {
+    match netlink::link(index)? {
+        Some(link) => match link.not_ethernet {
+            Some(what) => Err(LoaderError::NotEthernet {
+                iface: iface.to_owned(),
+                what,
+            }),
+            None => Ok(()),
+        },
+        None => Err(LoaderError::NoSuchInterface(iface.to_owned())),
+    }
+}
+
 fn read_dir_names(dir: &Path) -> Result<Vec<(String, PathBuf)>, LoaderError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
@@ -206,6 +221,7 @@ impl Enforcement {
     /// moment it comes up. Fill the maps first: from this call on, the program decides.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<AttachedMode, LoaderError> {
         let index = ifindex(iface).ok_or_else(|| LoaderError::NoSuchInterface(iface.into()))?;
+        refuse_if_not_ethernet(iface, index)?;
         if !self.iface_locks.iter().any(|(i, _)| *i == index) {
             let lock = IfaceLock::acquire(index)
                 .map_err(io_err(Path::new("@apiban/xdp")))?

@@ -186,6 +186,12 @@ pub enum LoaderError {
     },
     #[error("interface {0} does not exist")]
     NoSuchInterface(String),
+    #[error(
+        "{iface} is {what}, not Ethernet: the XDP program reads an Ethernet header first and \
+         would let every packet through; attach to the Ethernet interface the traffic arrives \
+         on (the one under the tunnel)"
+    )]
+    NotEthernet { iface: String, what: String },
     #[error("the pinned link {path} is unusable")]
     PinnedLink {
         path: PathBuf,
