@@ -500,7 +500,7 @@ fn print_list(rows: &[ListRow]) {
             r.expires
                 .map(|t| status::relative(t, now))
                 .unwrap_or_else(|| "never".into()),
-            r.comment.as_deref().unwrap_or(""),
+            status::shown(r.comment.as_deref().unwrap_or("")),
             if r.enforced { "" } else { " (not enforced)" }
         );
     }

@@ -7,7 +7,7 @@ pub mod text;
 
 pub use self::{
     build::{check, list, report, source_hits, top_entries},
-    text::{fleet_text, relative, utc},
+    text::{fleet_text, relative, shown, utc},
 };
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};

@@ -28,6 +28,21 @@ pub fn utc(unix: u64) -> String {
 }
 
 /// "3m ago", "in 2h", rounded to what a person reads.
+/// Text an outside party wrote (a comment, a line from a packet), as it may reach a
+/// terminal: control characters shown as `\u{1b}`, never sent. The checks at every entry
+/// refuse them already; this holds for what older agents saved.
+pub fn shown(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 pub fn relative(at: u64, now: u64) -> String {
     let coarse = |secs: u64| {
         let d = match secs {
@@ -468,17 +483,17 @@ impl CheckReport {
                 },
                 r.comment
                     .as_ref()
-                    .map(|c| format!(" ({c})"))
+                    .map(|c| format!(" ({})", shown(c)))
                     .unwrap_or_default()
             );
             if let Some(e) = &r.evidence {
                 let _ = writeln!(
                     o,
                     "  evidence   {} {}: {}; \"{}\" (offence {})",
-                    e.rule,
+                    shown(&e.rule),
                     relative(e.at.min(now), now),
-                    e.counts,
-                    e.line,
+                    shown(&e.counts),
+                    shown(&e.line),
                     e.offence
                 );
             }
@@ -557,5 +572,13 @@ mod tests {
         assert_eq!(relative(100, 190), "1m30s ago");
         assert_eq!(relative(0, 3 * 3600 + 59), "3h ago");
         assert_eq!(relative(1000 + 2 * 86_400 + 5, 1000), "in 2d");
+    }
+}
+
+#[cfg(test)]
+mod shown_tests {
+    #[test]
+    fn control_characters_are_shown_not_sent() {
+        assert_eq!(super::shown("a\u{1b}]0;x\u{7}b ✓"), "a\\u{1b}]0;x\\u{7}b ✓");
     }
 }
