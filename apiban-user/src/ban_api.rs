@@ -187,8 +187,18 @@ fn json_ban(body: &[u8], settings: &BanApiSettings) -> Route {
 
 /// Compares without an early exit, so the time taken does not tell how much of a guess was
 /// right.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// Whether `presented` is `token`, in a time that depends on the presented value's length
+/// only: neither how much of it matched nor how long the token is shows in the answer's
+/// timing.
+fn constant_time_eq(presented: &[u8], token: &[u8]) -> bool {
+    if token.is_empty() {
+        return presented.is_empty();
+    }
+    let mut diff = presented.len() ^ token.len();
+    for (i, p) in presented.iter().enumerate() {
+        diff |= usize::from(p ^ token[i % token.len()]);
+    }
+    diff == 0
 }
 
 /// Carries a route out: the owner's answer, in the shape the caller expects.
@@ -420,6 +430,15 @@ mod tests {
                 legacy: false
             }
         );
+    }
+
+    #[test]
+    fn the_token_comparison_needs_every_byte_and_the_length() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        for wrong in [&b"s3cre"[..], b"s3cret!", b"s3creT", b"", b"s3crets3cret"] {
+            assert!(!constant_time_eq(wrong, b"s3cret"), "{wrong:?}");
+        }
+        assert!(!constant_time_eq(b"x", b""));
     }
 
     #[test]

@@ -519,8 +519,14 @@ pub fn resolve(
             ),
         ));
     }
-    if process.ban_api_ttl.is_zero() {
-        return Err(invalid("ban-api-ttl", "must be at least 1s"));
+    if process.ban_api_ttl.is_zero() || process.ban_api_ttl > crate::ban_api::TTL_MAX {
+        return Err(invalid(
+            "ban-api-ttl",
+            format!(
+                "must be from 1s to {}: a proxy's ban rests on what a remote party sent it",
+                crate::human::format_duration(crate::ban_api::TTL_MAX)
+            ),
+        ));
     }
     let (lists, observed_lists) = resolve_lists(args, &file)?;
     let detect = resolve_detect(args, &file)?;

@@ -470,6 +470,14 @@ fn the_ban_api_needs_a_token_beyond_loopback() {
     )
     .unwrap();
     assert_eq!(c.process.ban_api, None, "the flag's off wins over the file");
+    // A proxy's ban is capped like a JSON ban's TTL.
+    let e = resolve(
+        &args(&["--iface", "eth0", "--ban-api-ttl", "31d"]),
+        None,
+        FileConfig::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("ban-api-ttl"), "{e}");
 }
 
 #[test]
