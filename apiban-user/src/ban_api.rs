@@ -31,6 +31,10 @@ use crate::sync::{Change, ChangeError, Update};
 
 /// Requests served at once; past this the oldest connection goes (see `conn_slots`).
 const MAX_CONNECTIONS: usize = 256;
+/// Requests a second one client address may make, and its burst: far above what a SIP
+/// proxy bans under attack, far below what floods the owner with saves.
+const CLIENT_PER_SEC: u32 = 100;
+const CLIENT_BURST: u32 = 200;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// A JSON ban is a few dozen bytes.
@@ -263,7 +267,22 @@ async fn handle(
     settings: Arc<BanApiSettings>,
     updates: mpsc::Sender<Update>,
     peer: SocketAddr,
+    rate: Arc<crate::client_rate::ClientRate>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
+    if !rate.allow(peer.ip(), std::time::Instant::now()) {
+        tracing::debug!(%peer, "ban API: over the per-client rate");
+        let mut response = json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            &serde_json::json!({"error": format!(
+                "too many requests from {}: at most {CLIENT_PER_SEC} a second (bursts of {CLIENT_BURST})",
+                peer.ip()
+            )}),
+        );
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        return Ok(response);
+    }
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let authorization = request
@@ -312,6 +331,10 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<
 pub async fn serve(listener: TcpListener, settings: BanApiSettings, updates: mpsc::Sender<Update>) {
     let settings = Arc::new(settings);
     let slots = crate::conn_slots::ConnSlots::new(MAX_CONNECTIONS);
+    let rate = Arc::new(crate::client_rate::ClientRate::new(
+        CLIENT_PER_SEC,
+        CLIENT_BURST,
+    ));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -321,10 +344,10 @@ pub async fn serve(listener: TcpListener, settings: BanApiSettings, updates: mps
                 continue;
             }
         };
-        let (settings, updates) = (settings.clone(), updates.clone());
-        slots.spawn(async move {
+        let (settings, updates, rate) = (settings.clone(), updates.clone(), rate.clone());
+        slots.spawn_for(Some(peer.ip()), async move {
             let service = hyper::service::service_fn(move |req| {
-                handle(req, settings.clone(), updates.clone(), peer)
+                handle(req, settings.clone(), updates.clone(), peer, rate.clone())
             });
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod ban_api;
 pub mod capture;
+pub mod client_rate;
 pub mod cluster;
 pub mod config;
 pub mod conn_slots;
