@@ -136,6 +136,9 @@ fn the_units_capabilities_are_enough_to_enforce() {
         state.path.join("state").display().to_string(),
         "--metrics-addr".to_owned(),
         "off".to_owned(),
+        // The socket handed to a group: chown, under the unit's capabilities.
+        "--control-group".to_owned(),
+        "nogroup".to_owned(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let agent = AgentProcess::start_wrapped(
@@ -145,6 +148,12 @@ fn the_units_capabilities_are_enough_to_enforce() {
         &args,
         &[],
     );
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(&sock).expect("the control socket");
+        assert_eq!(meta.gid(), 65534, "the socket belongs to nogroup");
+        assert_eq!(meta.mode() & 0o070, 0o060, "the group may use it: {:o}", meta.mode());
+    }
     agent.cli_ok(&["ban", "45.9.3.3"]);
     let clean = "10.77.0.2".parse().unwrap();
     assert_eq!(probe(&topo, &mut rx, &[banned], clean, 10), vec![0]);
