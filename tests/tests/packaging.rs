@@ -152,7 +152,12 @@ fn the_units_capabilities_are_enough_to_enforce() {
         use std::os::unix::fs::MetadataExt as _;
         let meta = std::fs::metadata(&sock).expect("the control socket");
         assert_eq!(meta.gid(), 65534, "the socket belongs to nogroup");
-        assert_eq!(meta.mode() & 0o070, 0o060, "the group may use it: {:o}", meta.mode());
+        assert_eq!(
+            meta.mode() & 0o070,
+            0o060,
+            "the group may use it: {:o}",
+            meta.mode()
+        );
     }
     agent.cli_ok(&["ban", "45.9.3.3"]);
     let clean = "10.77.0.2".parse().unwrap();

@@ -21,12 +21,19 @@ const EVERY: Duration = Duration::from_secs(2);
 /// How long a member may take to answer before it counts as down for this round.
 const DEADLINE: Duration = Duration::from_secs(1);
 
+/// Rounds in a row a member must fail before it is said to be down: a Raft election (the
+/// leader member killed) makes every member refuse linearizable reads for a second or so,
+/// and that is no member being down.
+const DOWN_AFTER: u32 = 2;
+
 /// One member as the monitor last saw it.
 struct Member {
     endpoint: String,
     client: Option<Client>,
-    /// None before the first answer or failure.
+    /// What the log last said of it; None before it said anything.
     answering: Option<bool>,
+    /// Rounds in a row it failed.
+    failures: u32,
 }
 
 pub async fn run(
@@ -41,6 +48,7 @@ pub async fn run(
             endpoint: endpoint.clone(),
             client: None,
             answering: None,
+            failures: 0,
         })
         .collect();
     stats.members.store(members.len() as u64, Ordering::Relaxed);
@@ -55,21 +63,26 @@ pub async fn run(
             let result = ask(&settings, m).await;
             let now = result.is_ok();
             answering += u64::from(now);
+            m.failures = if now { 0 } else { m.failures + 1 };
             match (m.answering, &result) {
-                (Some(true) | None, Err(e)) => tracing::warn!(
-                    member = %m.endpoint,
-                    error = %crate::error_chain(e),
-                    "an etcd member does not answer; this node uses the others"
-                ),
-                (Some(false), Ok(())) => {
-                    tracing::info!(member = %m.endpoint, "the etcd member answers again")
+                (Some(true) | None, Err(e)) if m.failures >= DOWN_AFTER => {
+                    tracing::warn!(
+                        member = %m.endpoint,
+                        error = %crate::error_chain(e),
+                        "an etcd member does not answer; this node uses the others"
+                    );
+                    m.answering = Some(false);
                 }
+                (Some(false), Ok(())) => {
+                    tracing::info!(member = %m.endpoint, "the etcd member answers again");
+                    m.answering = Some(true);
+                }
+                (None, Ok(())) => m.answering = Some(true),
                 _ => {}
             }
             if !now {
                 m.client = None;
             }
-            m.answering = Some(now);
         }
         stats.members_answering.store(answering, Ordering::Relaxed);
         // Alarms are the cluster's: one member that answers can say.
