@@ -16,6 +16,8 @@ use tests::{
 const N: usize = 20;
 const KAMAILIO_PORT: u16 = 5064;
 const BAN_API: &str = "127.0.0.1:18082";
+/// The token the package makes at install is 64 hex digits; this one stands for it.
+const TOKEN: &str = "5f0c3a9e1b7d24680aceb13579bdf02468ace13579bdf02468ace13579bdf024";
 
 fn kamailio() -> PathBuf {
     let bin = PathBuf::from("/usr/sbin/kamailio");
@@ -32,6 +34,7 @@ fn kamailio() -> PathBuf {
 fn kamailio_cfg(listen: SocketAddr) -> String {
     format!(
         r#"#!KAMAILIO
+#!define APIBAN_TOKEN "{TOKEN}"
 debug=2
 log_stderror=yes
 children=2
@@ -57,7 +60,8 @@ request_route {{
     if (!pike_check_req()) {{
         xlog("L_ALERT", "ALERT: pike blocking $rm from $fu (IP:$si:$sp)\n");
         $sht(ipban=>$si) = 1;
-        http_client_query("http://{BAN_API}/addip/$si", "$var(apinfo)");
+        $var(auth) = "Authorization: Bearer " + APIBAN_TOKEN;
+        http_client_query("http://{BAN_API}/addip/$si", "", "$var(auth)", "$var(apinfo)");
         xlog("L_ALERT", "ban API said: $var(apinfo)\n");
         exit;
     }}
@@ -66,7 +70,8 @@ request_route {{
 }}
 
 event_route[htable:expired:ipban] {{
-    http_client_query("http://{BAN_API}/removeip/$shtrecord(key)", "$var(apinfo)");
+    $var(auth) = "Authorization: Bearer " + APIBAN_TOKEN;
+    http_client_query("http://{BAN_API}/removeip/$shtrecord(key)", "", "$var(auth)", "$var(apinfo)");
 }}
 "#
     )
@@ -95,9 +100,14 @@ fn kamailio_pike_bans_a_flooding_source_through_the_api_and_xdp_drops_it() {
     let flooder = s.source("45.95.0.1");
     let caller = s.source("45.95.0.2");
     // The probes' User-Agent is a scanner's: detection stays out of this test.
+    let token_file = s.dir.path.join("ban-api-token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).expect("write the token");
+    let token_arg = token_file.display().to_string();
     s.start(&[
         "--ban-api",
         BAN_API,
+        "--ban-api-token-file",
+        &token_arg,
         "--detect",
         "off",
         "--allow",
@@ -164,7 +174,22 @@ fn kamailio_pike_bans_a_flooding_source_through_the_api_and_xdp_drops_it() {
 
     // What a proxy's other calls get, the way iptables-api answers them.
     let api: SocketAddr = BAN_API.parse().expect("literal");
-    let get = |s: &Scene, path: &str| http_get(Some(&s.topo.server), api, path);
+    let bearer = format!("Bearer {TOKEN}");
+    let get = |s: &Scene, path: &str| {
+        let r = tests::agent::http_request(
+            Some(&s.topo.server),
+            api,
+            "GET",
+            path,
+            &[("Authorization", &bearer)],
+        );
+        (r.code, r.body)
+    };
+    // Without the token, nothing: a local user or a forged request from a local web
+    // application bans nothing.
+    let (code, body) = http_get(Some(&s.topo.server), api, "/addip/45.95.0.8");
+    assert_eq!(code, 401, "{body}");
+    assert_eq!(s.check("45.95.0.8")["verdict"], "not banned");
     let (code, body) = get(&s, "/blockip/45.95.9.9");
     assert_eq!(code, 400, "the allowlist wins: {body}");
     assert!(

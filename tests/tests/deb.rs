@@ -12,7 +12,11 @@ use std::{
 };
 
 use tests::{
-    BpffsDir, Topology, agent::use_apiban_bin, require_root, scene::Scene, sync_harness::TempDir,
+    BpffsDir, Topology,
+    agent::{http_get, http_request, use_apiban_bin},
+    require_root,
+    scene::Scene,
+    sync_harness::TempDir,
 };
 
 const PINS: &str = "/sys/fs/bpf/apiban";
@@ -59,6 +63,9 @@ impl Drop for Package {
 }
 
 /// What the package installs, besides the conffile's directory.
+/// The ban API's token, which the package makes at install (not a packaged file).
+const TOKEN: &str = "/etc/apiban/ban-api-token";
+
 const FILES: [&str; 6] = [
     "/usr/bin/apiban",
     "/lib/systemd/system/apiban.service",
@@ -152,6 +159,17 @@ fn the_package_installs_runs_and_purges_to_nothing() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+    // The ban API's token, made at install for the proxy's group.
+    let token_meta = std::fs::metadata(TOKEN).expect("the package makes the ban API's token");
+    assert_eq!(token_meta.permissions().mode() & 0o777, 0o640);
+    let group = ok("getent", &["group", "apiban"]);
+    use std::os::unix::fs::MetadataExt as _;
+    assert!(
+        group.split(':').nth(2) == Some(&token_meta.gid().to_string()),
+        "the token belongs to the group apiban: {group}"
+    );
+    let token = std::fs::read_to_string(TOKEN).expect("the token");
+    assert_eq!(token.trim().len(), 64, "32 random bytes in hex");
     let completions = std::fs::read_to_string("/usr/share/bash-completion/completions/apiban")
         .expect("bash completions");
     assert!(completions.contains("capture"));
@@ -164,7 +182,27 @@ fn the_package_installs_runs_and_purges_to_nothing() {
         TempDir::new("apiban-deb-"),
     );
     let banned: IpAddr = s.source("45.99.0.1");
-    s.start(&["--detect", "off"]);
+    s.start(&[
+        "--detect",
+        "off",
+        "--ban-api",
+        "127.0.0.1:18083",
+        "--ban-api-token-file",
+        TOKEN,
+    ]);
+    // The installed package's API: nothing without its token, a ban with it.
+    let api: std::net::SocketAddr = "127.0.0.1:18083".parse().expect("literal");
+    let (code, body) = http_get(Some(&s.topo.server), api, "/addip/45.99.0.7");
+    assert_eq!(code, 401, "{body}");
+    let bearer = format!("Bearer {}", token.trim());
+    let with = http_request(
+        Some(&s.topo.server),
+        api,
+        "GET",
+        "/addip/45.99.0.7",
+        &[("Authorization", &bearer)],
+    );
+    assert_eq!(with.code, 200, "{}", with.body);
     s.agent().cli_ok(&["ban", "45.99.0.1"]);
     s.wait_verdict(banned, "banned", Duration::from_secs(10));
     assert_eq!(s.probe(&[banned], N), vec![0]);
@@ -199,6 +237,10 @@ fn the_package_installs_runs_and_purges_to_nothing() {
     {
         assert!(!Path::new(gone).exists(), "{gone} is left after the purge");
     }
+    assert!(
+        !run("getent", &["group", "apiban"]).status.success(),
+        "the purge left the group apiban"
+    );
     assert!(!xdp_attached(&s), "the purge left the program attached");
     assert_eq!(s.probe(&[banned], N), vec![N]);
 }

@@ -541,6 +541,9 @@ fn install(root: &Path, destdir: Option<&Path>) -> anyhow::Result<()> {
     } else {
         copy(root.join("packaging/config.toml"), config, 0o600)?;
     }
+    if destdir.is_none() {
+        ban_api_token(Path::new("/etc/apiban/ban-api-token"))?;
+    }
     if destdir.is_none() && Path::new("/run/systemd/system").exists() {
         status({
             let mut c = Command::new("systemctl");
@@ -553,6 +556,48 @@ fn install(root: &Path, destdir: Option<&Path>) -> anyhow::Result<()> {
          /etc/apiban/key (chmod 600; free at https://apiban.org/getkey.html), then \
          `systemctl enable --now apiban`"
     );
+    Ok(())
+}
+
+/// The ban API's token, as the package's postinst makes it: once, 32 random bytes in hex,
+/// mode 0640, group `apiban` (made if missing), which a SIP proxy's user may join. The unit
+/// hands it over with LoadCredential=, which fails without the file.
+fn ban_api_token(path: &Path) -> anyhow::Result<()> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > 0) {
+        return Ok(());
+    }
+    let has_group = Command::new("getent")
+        .args(["group", "apiban"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_group {
+        status({
+            let mut c = Command::new("groupadd");
+            c.args(["--system", "apiban"]);
+            c
+        })?;
+    }
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom")?;
+    let mut token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    token.push('\n');
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o640)
+        .open(path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, token.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    status({
+        let mut c = Command::new("chgrp");
+        c.arg("apiban").arg(path);
+        c
+    })?;
+    eprintln!("[install] made the ban API's token {}", path.display());
     Ok(())
 }
 

@@ -395,7 +395,15 @@ async fn start_ban_api(
             }
             Some(text.trim().to_owned())
         }
-        None => None,
+        None => {
+            tracing::warn!(
+                %addr,
+                "the ban API takes requests without a token: any local user, or a server-side \
+                 request forgery in any local web application, can ban, unban and flush; give \
+                 it ban-api-token-file (the package makes /etc/apiban/ban-api-token)"
+            );
+            None
+        }
     };
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
         format!("cannot serve the ban API on {addr}; pick another --ban-api or `off`")
