@@ -51,6 +51,8 @@ pub struct BanApiSettings {
     pub ttl: Duration,
     /// The longest TTL a JSON ban may ask for.
     pub ttl_max: Duration,
+    /// The source its bans get (`api`, or `api:<node>` in a fleet), for its answers.
+    pub source: String,
 }
 
 /// What a request asks for, decided before anything is sent to the owner.
@@ -209,6 +211,7 @@ fn constant_time_eq(presented: &[u8], token: &[u8]) -> bool {
 async fn carry_out(
     route: Route,
     updates: &mpsc::Sender<Update>,
+    source: &str,
 ) -> (StatusCode, serde_json::Value) {
     use serde_json::json;
     let change = match &route {
@@ -232,7 +235,7 @@ async fn carry_out(
         ),
         (Route::Ban { net, ttl, .. }, Ok(said)) => (
             StatusCode::OK,
-            json!({"banned": net.trunc().to_string(), "ttl_seconds": ttl.as_secs(), "source": "api", "said": said}),
+            json!({"banned": net.trunc().to_string(), "ttl_seconds": ttl.as_secs(), "source": source, "said": said}),
         ),
         // iptables-api answers a removal of what is not there as a success.
         (Route::Unban { legacy: true, .. }, Ok(_) | Err(ChangeError::Refused(_))) => {
@@ -300,7 +303,7 @@ async fn handle(
         }
     };
     let route = route(&method, &path, authorization.as_deref(), &body, &settings);
-    let (status, answer) = carry_out(route, &updates).await;
+    let (status, answer) = carry_out(route, &updates, &settings.source).await;
     if status.is_success() {
         tracing::info!(%peer, %method, %path, "ban API: {}", answer);
     } else {
@@ -367,6 +370,7 @@ mod tests {
             token: token.map(str::to_owned),
             ttl: Duration::from_secs(3600),
             ttl_max: Duration::from_secs(86_400),
+            source: "api".into(),
         }
     }
 

@@ -26,14 +26,25 @@ pub enum SourceId {
     Manual,
     /// This host's own SIP scanner detection (see `detect`).
     Detect,
-    /// A SIP proxy through the ban API (see `ban_api`).
+    /// A SIP proxy through the ban API (see `ban_api`): a single node's, or a fleet's
+    /// with `--ban-api-share`.
     Api,
+    /// A SIP proxy through one fleet node's ban API: every node enforces its bans, and only
+    /// that node's proxy lifts or flushes them.
+    ApiNode(String),
 }
 
 impl SourceId {
     /// Remote feeds are sanitised and reconciled; manual bans are the operator's word.
     pub fn is_remote(&self) -> bool {
         !matches!(self, SourceId::Manual)
+    }
+
+    /// Whether `observing` (the sources in observe mode) covers this one: `api` covers
+    /// every node's ban API too.
+    pub fn observed_in(&self, observing: &BTreeSet<SourceId>) -> bool {
+        observing.contains(self)
+            || (matches!(self, SourceId::ApiNode(_)) && observing.contains(&SourceId::Api))
     }
 }
 
@@ -45,6 +56,7 @@ impl fmt::Display for SourceId {
             SourceId::Manual => f.write_str("manual"),
             SourceId::Detect => f.write_str("detect"),
             SourceId::Api => f.write_str("api"),
+            SourceId::ApiNode(node) => write!(f, "api:{node}"),
         }
     }
 }
@@ -57,6 +69,7 @@ impl FromStr for SourceId {
             "manual" => Ok(SourceId::Manual),
             "detect" => Ok(SourceId::Detect),
             "api" => Ok(SourceId::Api),
+            _ if s.starts_with("api:") && s.len() > 4 => Ok(SourceId::ApiNode(s[4..].to_owned())),
             _ => match s.strip_prefix("list:") {
                 Some(name) if !name.is_empty() => Ok(SourceId::List(name.to_owned())),
                 _ => Err(format!(
@@ -461,13 +474,13 @@ impl Ledger {
             desired.nets.insert(*net);
             if std::iter::once(first)
                 .chain(live)
-                .all(|(source, _)| observing.contains(source))
+                .all(|(source, _)| source.observed_in(observing))
             {
                 desired.observed.insert(*net);
             }
         }
         for d in derived {
-            let observes = observing.contains(&d.source);
+            let observes = d.source.observed_in(observing);
             if desired.nets.insert(d.net) {
                 if observes {
                     desired.observed.insert(d.net);

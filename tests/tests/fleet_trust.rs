@@ -125,3 +125,52 @@ fn what_one_party_writes_to_etcd_bans_nothing_a_feed_could_not() {
     let metrics = f.nodes[0].scene.agent().cli_ok(&["status"]);
     assert!(metrics.contains("refused"), "{metrics}");
 }
+
+/// Each node's proxies own their bans through the ban API (source `api:<node>`): every node
+/// enforces them, and one node's `/flushchain` (a Kamailio that flushes at start) lifts its
+/// own node's bans only, not the fleet's.
+#[test]
+fn one_nodes_flushchain_leaves_the_other_nodes_api_bans() {
+    require_root();
+    const API: &str = "127.0.0.1:18090";
+    let mut f = Fleet::new(2);
+    for i in 0..2 {
+        f.start(i, &["--ban-api", API]);
+    }
+    f.wait_leader(Duration::from_secs(20));
+    let api: std::net::SocketAddr = API.parse().expect("literal");
+    let get = |f: &Fleet, i: usize, path: &str| {
+        tests::agent::http_get(Some(&f.nodes[i].scene.topo.server), api, path)
+    };
+    let (a_ban, b_ban) = ("45.78.0.1", "45.78.0.2");
+    assert_eq!(get(&f, 0, &format!("/addip/{a_ban}")).0, 200);
+    assert_eq!(get(&f, 1, &format!("/addip/{b_ban}")).0, 200);
+    for node in &f.nodes {
+        for addr in [a_ban, b_ban] {
+            node.scene.wait_verdict(
+                addr.parse().expect("literal"),
+                "banned",
+                Duration::from_secs(10),
+            );
+        }
+    }
+    let said = f.nodes[1].scene.check(b_ban);
+    assert_eq!(said["records"][0]["source"], "api:node-b", "{said}");
+    assert_eq!(get(&f, 0, "/flushchain").0, 200);
+    for node in &f.nodes {
+        node.scene.wait_verdict(
+            a_ban.parse().expect("literal"),
+            "not banned",
+            Duration::from_secs(10),
+        );
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    for node in &f.nodes {
+        assert_eq!(
+            node.scene.check(b_ban)["verdict"],
+            "banned",
+            "{}: node-a's flush lifted node-b's proxy's ban",
+            node.name
+        );
+    }
+}

@@ -413,6 +413,10 @@ async fn start_ban_api(
         token,
         ttl: config.process.ban_api_ttl,
         ttl_max: crate::ban_api::TTL_MAX,
+        source: match &config.cluster {
+            Some(c) if !config.process.ban_api_share => format!("api:{}", c.node),
+            _ => "api".into(),
+        },
     };
     tracing::info!(%local, "ban API at http://{local}/ (addip, blockip, removeip, v1/bans)");
     Ok(Some(tokio::spawn(crate::ban_api::serve(
@@ -480,6 +484,9 @@ fn serve<E: Enforcer + Send + 'static>(
                 // quarter of the TTL: a ban then lives at least 3/4 of the TTL after it was
                 // last seen, and etcd's history stays small.
                 engine.join_cluster(&c.prefix, config.engine.ttl.as_secs() / 4);
+                if !config.process.ban_api_share {
+                    engine.set_api_source(Some(c.node.clone()));
+                }
                 let etcd = crate::cluster::endpoint_addresses(&c.endpoints);
                 tracing::info!(
                     addresses = ?etcd,

@@ -256,6 +256,11 @@ pub struct RunArgs {
     /// How long a ban through /addip or /blockip lasts (a JSON ban may say) [default: 1h].
     #[arg(long, env = "APIBAN_BAN_API_TTL")]
     pub ban_api_ttl: Option<HumanDuration>,
+    /// In a fleet: one ban API source for every node, so that any node's /removeip and
+    /// /flushchain lift every node's proxies' bans. Without it each node's proxy owns its
+    /// bans (source api:<node>), which every node still enforces.
+    #[arg(long, env = "APIBAN_BAN_API_SHARE", num_args = 0..=1, default_missing_value = "true")]
+    pub ban_api_share: Option<bool>,
     /// Fetch and report what would be blocked; load and attach nothing.
     #[arg(long, env = "APIBAN_DRY_RUN", num_args = 0..=1, default_missing_value = "true")]
     pub dry_run: Option<bool>,

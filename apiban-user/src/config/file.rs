@@ -59,6 +59,7 @@ pub struct FileConfig {
     pub ban_api: Option<Parsed<MetricsAddr>>,
     pub ban_api_token_file: Option<PathBuf>,
     pub ban_api_ttl: Option<Parsed<HumanDuration>>,
+    pub ban_api_share: Option<bool>,
     pub dry_run: Option<bool>,
     pub log_format: Option<ByName<super::LogFormat>>,
     pub cluster: Option<Vec<String>>,

@@ -147,6 +147,8 @@ pub struct ProcessSettings {
     pub ban_api: Option<std::net::SocketAddr>,
     pub ban_api_token_file: Option<PathBuf>,
     pub ban_api_ttl: Duration,
+    /// In a fleet: every node's ban API shares one source (see `--ban-api-share`).
+    pub ban_api_share: bool,
     pub dry_run: bool,
     pub log_format: LogFormat,
 }
@@ -501,6 +503,7 @@ pub fn resolve(
             file.ban_api_ttl,
             Duration::from_secs(3600),
         ),
+        ban_api_share: args.ban_api_share.or(file.ban_api_share).unwrap_or(false),
         dry_run,
         log_format: first(
             args.log_format,

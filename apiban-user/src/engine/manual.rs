@@ -124,7 +124,7 @@ impl<E: Enforcer> Engine<E> {
         }
         Arc::make_mut(&mut self.ledger).observe(
             net,
-            &SourceId::Api,
+            &self.api_source,
             now,
             Some(ttl.as_secs().max(1)),
             comment,
@@ -133,16 +133,28 @@ impl<E: Enforcer> Engine<E> {
     }
 
     /// Removes the ban API's record of `net`, not other sources': a proxy lifts what it
-    /// banned. Returns whether there was one.
+    /// banned (in a fleet, what this node's proxies banned). Returns whether there was one.
     pub fn api_unban(&mut self, net: IpNet, now: u64) -> (bool, Applied) {
-        let removed = Arc::make_mut(&mut self.ledger).remove(&net.trunc(), &SourceId::Api);
+        let removed = Arc::make_mut(&mut self.ledger).remove(&net.trunc(), &self.api_source);
         (removed, self.commit(now))
     }
 
-    /// Removes every record the ban API made.
+    /// Removes every record this node's ban API made (a Kamailio that flushes at start
+    /// lifts its own node's bans, not the fleet's).
     pub fn api_flush(&mut self, now: u64) -> (usize, Applied) {
-        let removed = Arc::make_mut(&mut self.ledger).remove_source(&SourceId::Api);
+        let removed = Arc::make_mut(&mut self.ledger).remove_source(&self.api_source);
         (removed, self.commit(now))
+    }
+
+    /// Makes this node's ban API ban as `api:<node>` (a fleet node whose proxies own
+    /// their bans), or as `api` (None).
+    pub fn set_api_source(&mut self, node: Option<String>) {
+        self.api_source = node.map_or(SourceId::Api, SourceId::ApiNode);
+    }
+
+    /// The source this node's ban API bans as.
+    pub fn api_source(&self) -> &SourceId {
+        &self.api_source
     }
 
     pub fn allow_add(&mut self, net: IpNet, now: u64) -> Applied {

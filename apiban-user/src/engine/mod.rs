@@ -225,6 +225,8 @@ pub struct Engine<E: Enforcer> {
     fleet_change: Option<cluster::FleetChangeDraft>,
     /// The etcd keys whose refusal was logged (at most [`cluster::REFUSALS_LOGGED`]).
     fleet_refused_logged: std::collections::HashSet<String>,
+    /// The source this node's ban API bans as: `api`, or `api:<node>` in a fleet.
+    api_source: SourceId,
 }
 
 impl<E: Enforcer> Engine<E> {
@@ -280,6 +282,7 @@ impl<E: Enforcer> Engine<E> {
             cluster: state.cluster,
             fleet_change: None,
             fleet_refused_logged: Default::default(),
+            api_source: SourceId::Api,
         };
         engine.set_config_allow(settings.allow);
         match crate::sanitise::host_addresses() {
