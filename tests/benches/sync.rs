@@ -7,7 +7,9 @@
 //! Then the real thing: the release `apiban` binary in a network namespace, pulling 100k
 //! addresses from the local APIBAN server with its default settings (60 s polls, metrics on),
 //! its resident memory read from /proc, and its CPU time while idle measured from the
-//! scheduler's per-thread nanosecond counters over a window that includes polls.
+//! scheduler's per-thread nanosecond counters over a window that includes polls. Last, a
+//! flood of 1,000 `/addip` calls to its ban API from 10 clients at once, until all are
+//! enforced: each change is saved before it is answered, with 100k entries in the state.
 
 use std::time::{Duration, Instant};
 
@@ -159,6 +161,11 @@ fn main() {
         footprint.cpu_s_per_hour(),
         footprint.cpu_s_per_hour() / 36.0
     );
+    println!(
+        "  ban API flood: {} /addip calls from {FLOOD_CLIENTS} clients at once until all enforced {:>8.2} s",
+        FLOOD_CLIENTS * FLOOD_CALLS,
+        footprint.api_flood.as_secs_f64()
+    );
     let st = &footprint.status;
     println!(
         "  status during {} saves of the 100k state: {} answers, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms   target < 50 ms",
@@ -194,6 +201,7 @@ fn main() {
             "pull_s_100k": (footprint.pull.as_secs_f64() * 10.0).round() / 10.0,
             "status_during_save_p50_ms_100k": (ms(footprint.status.p50) * 10.0).round() / 10.0,
             "status_during_save_max_ms_100k": (ms(footprint.status.max) * 10.0).round() / 10.0,
+            "ban_api_flood_s_1000": (footprint.api_flood.as_secs_f64() * 100.0).round() / 100.0,
         }});
         std::fs::write(path, out.to_string()).expect("write the JSON results");
     }
@@ -206,6 +214,8 @@ fn json_out() -> Option<String> {
 }
 
 struct Footprint {
+    /// 1,000 ban API calls until all are enforced.
+    api_flood: Duration,
     pull: Duration,
     rss_kib: u64,
     hwm_kib: u64,
@@ -237,7 +247,7 @@ fn agent_footprint(window_s: u64) -> Footprint {
     // budget of 11 per 2 minutes.
     scene.api.set_batch_size(20_000);
     let t = Instant::now();
-    scene.start(&["--metrics-addr", "127.0.0.1:9477"]);
+    scene.start(&["--metrics-addr", "127.0.0.1:9477", "--ban-api", BAN_API]);
     let deadline = Instant::now() + Duration::from_secs(120);
     while scene.status()["enforced"]["ipv4"].as_u64() != Some(u64::from(N)) {
         assert!(
@@ -265,7 +275,9 @@ fn agent_footprint(window_s: u64) -> Footprint {
             .expect("a memory field of /proc/PID/status")
     };
     let status_under_saves = status_under_saves(&scene.control_socket());
+    let api_flood = api_flood(&scene);
     Footprint {
+        api_flood,
         status: status_under_saves,
         pull,
         rss_kib: field("VmRSS:"),
@@ -275,6 +287,62 @@ fn agent_footprint(window_s: u64) -> Footprint {
         window,
         polls,
     }
+}
+
+const BAN_API: &str = "127.0.0.1:18085";
+const FLOOD_CLIENTS: u32 = 10;
+const FLOOD_CALLS: u32 = 100;
+
+/// `FLOOD_CLIENTS` clients, each from its own loopback address (each within the API's
+/// per-client burst), make `FLOOD_CALLS` `/addip` calls each at once; how long until the
+/// agent enforces every one.
+fn api_flood(scene: &Scene) -> Duration {
+    let before = scene.status()["enforced"]["ipv4"].as_u64().unwrap_or(0);
+    let total = u64::from(FLOOD_CLIENTS * FLOOD_CALLS);
+    let t = Instant::now();
+    let clients: Vec<_> = (0..FLOOD_CLIENTS)
+        .map(|c| {
+            tests::spawn_in_netns(&scene.topo.server, move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime");
+                runtime.block_on(async move {
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    let source: std::net::SocketAddr =
+                        format!("127.0.0.{}:0", 10 + c).parse().expect("literal");
+                    for k in 0..FLOOD_CALLS {
+                        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+                        socket.bind(source).expect("bind a loopback source");
+                        let mut stream = socket
+                            .connect(BAN_API.parse().expect("literal"))
+                            .await
+                            .expect("connect to the ban API");
+                        let addr = std::net::Ipv4Addr::from(0x2e50_0000u32 + c * 1000 + k);
+                        let request = format!(
+                            "GET /addip/{addr} HTTP/1.1\r\nHost: {BAN_API}\r\nConnection: close\r\n\r\n"
+                        );
+                        stream.write_all(request.as_bytes()).await.expect("send");
+                        let mut answer = String::new();
+                        stream.read_to_string(&mut answer).await.expect("read");
+                        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+                    }
+                })
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("a flood client");
+    }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while scene.status()["enforced"]["ipv4"].as_u64().unwrap_or(0) < before + total {
+        assert!(
+            Instant::now() < deadline,
+            "the flood's bans not enforced in 300 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    t.elapsed()
 }
 
 /// CPU time of every thread of `pid`, from /proc/PID/task/*/schedstat (nanoseconds, unlike

@@ -111,6 +111,9 @@ pub struct Applied {
     pub switched: usize,
     /// Prefixes that should be enforced but did not fit in the maps.
     pub not_enforced: usize,
+    /// Applied with the other changes of a batch (see [`Engine::begin_batch`]): the counts
+    /// are the batch's, given with its last change.
+    pub batched: bool,
 }
 
 /// The outcome of one batch from a feed.
@@ -227,6 +230,9 @@ pub struct Engine<E: Enforcer> {
     fleet_refused_logged: std::collections::HashSet<String>,
     /// The source this node's ban API bans as: `api`, or `api:<node>` in a fleet.
     api_source: SourceId,
+    /// Inside a batch: commits only note that the dataplane and the state file are behind;
+    /// the batch's end applies and saves once (see [`Engine::begin_batch`]).
+    batch: Option<bool>,
 }
 
 impl<E: Enforcer> Engine<E> {
@@ -283,6 +289,7 @@ impl<E: Enforcer> Engine<E> {
             fleet_change: None,
             fleet_refused_logged: Default::default(),
             api_source: SourceId::Api,
+            batch: None,
         };
         engine.set_config_allow(settings.allow);
         match crate::sanitise::host_addresses() {
@@ -722,9 +729,36 @@ impl<E: Enforcer> Engine<E> {
     fn commit(&mut self, now: u64) -> Applied {
         // In the same save as the change: no kill can keep one without the other.
         self.note_fleet_change();
+        if let Some(dirty) = &mut self.batch {
+            *dirty = true;
+            return Applied {
+                batched: true,
+                ..Applied::default()
+            };
+        }
         let applied = self.apply(now);
         self.save(now);
         applied
+    }
+
+    /// Starts a batch of changes that are applied to the dataplane and saved once, at
+    /// [`Engine::end_batch`]: a flood of ban API calls costs one diff of the ledger and one
+    /// save of the state per batch, not per call. Whoever batches answers no change before
+    /// the batch's end, so nothing is acknowledged before it is enforced and saved.
+    pub fn begin_batch(&mut self) {
+        self.batch = Some(false);
+    }
+
+    /// Ends the batch: applies and saves what it changed, if anything.
+    pub fn end_batch(&mut self, now: u64) -> Applied {
+        match self.batch.take() {
+            Some(true) => {
+                let applied = self.apply(now);
+                self.save(now);
+                applied
+            }
+            _ => Applied::default(),
+        }
     }
 
     /// Removes expired entries from ledger and dataplane.

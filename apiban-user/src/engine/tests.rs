@@ -676,3 +676,43 @@ fn a_comment_with_control_characters_is_refused() {
     )
     .unwrap();
 }
+
+/// A batch of ban API calls is applied to the dataplane and saved once, at its end: a
+/// flood of calls costs one diff and one save per batch, not per call.
+#[test]
+fn a_batch_of_api_bans_is_applied_and_saved_once() {
+    let (dir, store) = temp_store("api-batch");
+    let (mut e, _) =
+        Engine::start(MemoryEnforcer::default(), Some(store), settings(100), 10).unwrap();
+    let saves = e.shared().counters.saves;
+    e.begin_batch();
+    for k in 1..=3 {
+        let applied = e
+            .api_ban(
+                net(&format!("45.4.4.{k}/32")),
+                Duration::from_secs(60),
+                None,
+                11,
+            )
+            .unwrap();
+        assert!(applied.batched);
+    }
+    assert!(
+        e.enforcer().deny.is_empty(),
+        "nothing applied before the batch ends"
+    );
+    let applied = e.end_batch(11);
+    assert_eq!(applied.added, 3);
+    assert_eq!(e.enforcer().deny.len(), 3);
+    assert_eq!(
+        e.shared().counters.saves,
+        saves + 1,
+        "one save for the batch"
+    );
+    // Outside a batch, each change applies and saves at once again.
+    e.api_ban(net("45.4.4.9/32"), Duration::from_secs(60), None, 12)
+        .unwrap();
+    assert_eq!(e.enforcer().deny.len(), 4);
+    assert_eq!(e.shared().counters.saves, saves + 2);
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -265,6 +265,45 @@ impl<E: Enforcer> Owner<E> {
         }
     }
 
+    /// Ban API calls in one batch: each applied to the ledger in order, then the dataplane
+    /// and the state file brought up to date once, then the fleet told and every caller
+    /// answered (see [`crate::engine::Engine::begin_batch`]).
+    fn handle_batch(&mut self, batch: Vec<Update>) {
+        if batch.len() == 1 {
+            if let Some(u) = batch.into_iter().next() {
+                self.handle(u);
+            }
+            return;
+        }
+        self.send_shed();
+        self.engine.begin_batch();
+        let mut done = Vec::with_capacity(batch.len());
+        for update in batch {
+            let origin = Origin::of(&update);
+            if let Origin::Operator(allow) = &origin {
+                self.engine.expect_fleet_change(*allow);
+            }
+            let ack = self.apply(update);
+            let change = self.engine.end_fleet_change();
+            done.push((origin, change, ack));
+        }
+        let applied = self.engine.end_batch(unix_now());
+        tracing::info!(
+            changes = done.len(),
+            "ban API calls applied in one batch; {}",
+            effect(applied)
+        );
+        let mut acks = Vec::with_capacity(done.len());
+        for (origin, change, ack) in done {
+            self.tell_the_fleet(origin, change);
+            acks.push(ack);
+        }
+        self.publish();
+        for ack in acks {
+            ack.send();
+        }
+    }
+
     /// Operators' changes that etcd has not confirmed: at start, those the last agent left;
     /// later, those the queue could not take. Each is still written only if etcd's copy has
     /// not changed since it was made.
@@ -687,6 +726,25 @@ impl<E: Enforcer> Owner<E> {
             tokio::select! {
                 _ = &mut stop => return self,
                 update = updates.recv() => match update {
+                    Some(u) if is_api_change(&u) => {
+                        // Ban API calls that queued up meanwhile go with it, in one batch.
+                        let mut batch = vec![u];
+                        let mut next = None;
+                        while batch.len() < API_BATCH {
+                            match updates.try_recv() {
+                                Ok(u) if is_api_change(&u) => batch.push(u),
+                                Ok(u) => {
+                                    next = Some(u);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.handle_batch(batch);
+                        if let Some(u) = next {
+                            self.handle(u);
+                        }
+                    }
                     Some(u) => self.handle(u),
                     None => return self,
                 },
@@ -855,7 +913,24 @@ fn log_sync(source: &str, r: &IngestReport, full_pull: bool) {
 }
 
 /// What a change did to the dataplane, for the operator's answer.
+/// The most ban API calls applied in one batch.
+const API_BATCH: usize = 512;
+
+/// A ban API call: what may be batched.
+fn is_api_change(update: &Update) -> bool {
+    matches!(
+        update,
+        Update::Control {
+            change: Change::ApiBan { .. } | Change::ApiUnban { .. } | Change::ApiFlush,
+            ..
+        }
+    )
+}
+
 fn effect(a: crate::engine::Applied) -> String {
+    if a.batched {
+        return "applied and saved with the other changes queued with it".into();
+    }
     format!(
         "{} added to and {} removed from the dataplane{}",
         a.added,
