@@ -332,6 +332,13 @@ fn write_report(w: &mut Writer, r: &StatusReport) -> Result<(), std::fmt::Error>
         "When the last APIBAN poll or full pull completed (Unix time; 0 = never).",
         s.last_success.unwrap_or(0),
     )?;
+    if let Some(ms) = s.apiban_clock_offset_ms {
+        w.gauge(
+            "apiban_api_clock_offset_seconds",
+            "This host's clock against the Date of APIBAN's last answer (positive: ahead; to the second).",
+            ms as f64 / 1000.0,
+        )?;
+    }
     w.gauge(
         "apiban_api_key_rejected_since_timestamp_seconds",
         "Since when APIBAN has rejected the key with 403 (Unix time; 0 = the key is accepted).",

@@ -23,6 +23,8 @@ pub struct SyncStatus {
     pub rate_limit_waits: u64,
     /// Since when APIBAN has rejected the key (403), while it does.
     pub key_rejected_since: Option<u64>,
+    /// This host's clock against APIBAN's `Date` (ms; positive: ahead), once an answer had one.
+    pub apiban_clock_offset_ms: Option<i64>,
     pub lists: BTreeMap<String, ListStatus>,
 }
 

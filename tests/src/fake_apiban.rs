@@ -287,6 +287,12 @@ impl FakeApiban {
         self.with(|s| s.queued_faults.len())
     }
 
+    /// Makes every fake server's `Date` run `secs` behind the real clock (negative: ahead),
+    /// as APIBAN's would look from a host whose clock is off.
+    pub fn set_clock_skew(&self, secs: i64) {
+        CLOCK_SKEW_SECS.store(secs, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn set_rate_limit(&self, limit: Option<(usize, Duration)>) {
         self.with(|s| s.limit = limit)
     }
@@ -404,6 +410,22 @@ async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Option<Request> {
     })
 }
 
+/// How far the fake server's `Date` is behind the real time, seconds (see
+/// [`FakeApiban::set_clock_skew`]). One for the process: only the test of the clock sets it.
+static CLOCK_SKEW_SECS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// The `Date` header APIBAN sends, from this (skewed) clock.
+fn http_date() -> String {
+    let skew = CLOCK_SKEW_SECS.load(std::sync::atomic::Ordering::Relaxed);
+    let now = std::time::SystemTime::now();
+    let at = if skew >= 0 {
+        now - Duration::from_secs(skew as u64)
+    } else {
+        now + Duration::from_secs(skew.unsigned_abs())
+    };
+    httpdate::fmt_http_date(at)
+}
+
 async fn respond<S: AsyncWrite + Unpin>(
     stream: &mut S,
     status: u16,
@@ -412,8 +434,9 @@ async fn respond<S: AsyncWrite + Unpin>(
 ) {
     let head = format!(
         "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
+         Date: {}\r\nConnection: close\r\n\r\n",
+        body.len(),
+        http_date()
     );
     let _ = stream.write_all(head.as_bytes()).await;
     let _ = stream.write_all(body).await;

@@ -167,3 +167,35 @@ fn both_exposition_formats_pass_promtool_after_real_drops() {
     // What the README shows (run with --nocapture).
     println!("{}", text.body);
 }
+
+/// APIBAN's answers carry a `Date`: the agent shows its clock against it in `status` and
+/// /metrics, and says once in its log when it is far off (here APIBAN's `Date` is an hour
+/// behind this host's clock).
+#[test]
+fn the_agent_shows_its_clock_against_apibans_and_warns_when_far_off() {
+    require_root();
+    let mut s = Scene::new();
+    s.api.set_clock_skew(3600);
+    s.start(&["--metrics-addr", METRICS, "--detect", "off"]);
+    s.wait_synced(Duration::from_secs(20));
+    let offset = s.status()["sync"]["apiban_clock_offset_ms"].as_i64();
+    assert!(
+        offset.is_some_and(|ms| (3_598_000..=3_602_000).contains(&ms)),
+        "status: {offset:?}"
+    );
+    let addr: SocketAddr = METRICS.parse().expect("literal");
+    let body = http_request(Some(&s.topo.server), addr, "GET", "/metrics", &[]).body;
+    assert!(
+        body.lines()
+            .any(|l| l.starts_with("apiban_api_clock_offset_seconds 3") && l.len() > 35),
+        "{body}"
+    );
+    let log = s.agent().log_text();
+    assert_eq!(
+        log.matches("far from APIBAN's").count(),
+        1,
+        "said once:\n{log}"
+    );
+    assert!(s.agent().cli_ok(&["status"]).contains("against APIBAN's"));
+    s.api.set_clock_skew(0);
+}

@@ -146,3 +146,20 @@ async fn check_endpoint_in_both_versions() {
         );
     }
 }
+
+/// APIBAN's answers carry a `Date`: the client measures this host's clock against it, which
+/// `status` and /metrics show (`apiban_api_clock_offset_seconds`).
+#[tokio::test]
+async fn the_client_measures_this_hosts_clock_against_apibans_date() {
+    let server = FakeApiban::start(KEY);
+    let c = client(&server, ApiVersion::V2);
+    assert_eq!(c.server_clock_offset_ms(), None, "no answer yet");
+    server.set_clock_skew(3600);
+    let _ = c.fetch("100").await;
+    server.set_clock_skew(0);
+    let offset = c.server_clock_offset_ms().expect("the answer had a Date");
+    assert!(
+        (3_598_000..=3_602_000).contains(&offset),
+        "this host is an hour ahead of APIBAN's Date: {offset} ms"
+    );
+}

@@ -260,6 +260,9 @@ impl StringOrNumber {
 pub struct ApibanClient {
     http: reqwest::Client,
     config: ClientConfig,
+    /// This host's clock against the `Date` of APIBAN's last answer, ms (positive: ahead);
+    /// `i64::MIN` before an answer carried one.
+    server_offset_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl fmt::Debug for ApibanClient {
@@ -295,11 +298,24 @@ impl ApibanClient {
         let http = builder
             .build()
             .map_err(|e| ClientError::Transport(e.without_url().to_string()))?;
-        Ok(Self { http, config })
+        Ok(Self {
+            http,
+            config,
+            server_offset_ms: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(i64::MIN)),
+        })
     }
 
     pub fn config(&self) -> &ClientConfig {
         &self.config
+    }
+
+    /// This host's clock against APIBAN's, from the `Date` of its last answer (to the
+    /// second: what a `Date` says); None before an answer carried one.
+    pub fn server_clock_offset_ms(&self) -> Option<i64> {
+        let ms = self
+            .server_offset_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        (ms != i64::MIN).then_some(ms)
     }
 
     fn url(&self, tail: &str) -> String {
@@ -352,6 +368,15 @@ impl ApibanClient {
             .await
             .map_err(|e| transport_error(e, &self.config.key))?;
         let status = response.status().as_u16();
+        if let Some(offset) = response
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|d| d.to_str().ok())
+            .and_then(clock_offset_ms)
+        {
+            self.server_offset_ms
+                .store(offset, std::sync::atomic::Ordering::Relaxed);
+        }
         let max = self.config.max_body;
         if response
             .content_length()
@@ -372,6 +397,16 @@ impl ApibanClient {
         }
         Ok((status, body))
     }
+}
+
+/// This host's clock minus an HTTP `Date`, ms; None when it is not one.
+pub fn clock_offset_ms(date: &str) -> Option<i64> {
+    let theirs = httpdate::parse_http_date(date).ok()?;
+    let ms = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    };
+    Some(ms(std::time::SystemTime::now()) - ms(theirs))
 }
 
 /// What an answer to `/get` (`/banned` in v1) means: a batch, the end of the list, or why
@@ -465,6 +500,14 @@ fn transport_error(e: reqwest::Error, key: &ApiKey) -> ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_date_header_gives_this_hosts_clock_offset() {
+        let behind = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        let ms = clock_offset_ms(&httpdate::fmt_http_date(behind)).unwrap();
+        assert!((59_000..=61_000).contains(&ms), "{ms}");
+        assert_eq!(clock_offset_ms("yesterday, about noon"), None);
+    }
 
     #[test]
     fn the_key_never_prints() {

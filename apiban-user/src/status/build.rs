@@ -103,6 +103,7 @@ pub fn report(
         budget_left: s.budget_left,
         rate_limit_waits: s.rate_limit_waits,
         key_rejected_since: s.key_rejected_since,
+        apiban_clock_offset_ms: s.apiban_clock_offset_ms,
         next_id: cursor.next_id.clone(),
         full_pull_in_progress: cursor.full_pull.is_some(),
         lists: s

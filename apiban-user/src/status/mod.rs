@@ -323,6 +323,9 @@ pub struct SyncReport {
     /// Since when APIBAN has rejected the key (403), while it does.
     #[serde(default)]
     pub key_rejected_since: Option<u64>,
+    /// This host's clock against the `Date` of APIBAN's last answer (ms; positive: ahead).
+    #[serde(default)]
+    pub apiban_clock_offset_ms: Option<i64>,
     pub next_id: Option<String>,
     pub full_pull_in_progress: bool,
     pub lists: Vec<ListReport>,

@@ -388,6 +388,13 @@ sources      {:<8} {:>9} {:>14} {:>14}",
                     total.join(", ")
                 }
             );
+            if let Some(ms) = s.apiban_clock_offset_ms {
+                let _ = writeln!(
+                    o,
+                    "  clock        {:+}s against APIBAN's (the Date of its last answer)",
+                    ms / 1000
+                );
+            }
             if s.full_pull_in_progress {
                 let _ = writeln!(o, "  a full pull is in progress");
             }

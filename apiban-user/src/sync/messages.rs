@@ -127,4 +127,6 @@ pub struct RequestReport {
     pub waited_for_budget: bool,
     /// Since when APIBAN has rejected the key (403), if it does now.
     pub key_rejected_since: Option<u64>,
+    /// This host's clock against the `Date` of APIBAN's last answer (ms; positive: ahead).
+    pub server_clock_offset_ms: Option<i64>,
 }

@@ -432,6 +432,9 @@ impl<E: Enforcer> Owner<E> {
                 self.sync.budget_left = r.budget_left;
                 self.sync.next_request = r.next_request;
                 self.sync.key_rejected_since = r.key_rejected_since;
+                if r.server_clock_offset_ms.is_some() {
+                    self.sync.apiban_clock_offset_ms = r.server_clock_offset_ms;
+                }
                 if r.waited_for_budget {
                     self.sync.rate_limit_waits += 1;
                 }

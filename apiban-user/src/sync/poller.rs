@@ -47,6 +47,9 @@ impl Default for PollSettings {
 /// The wait before a request etcd did not record in the fleet's budget is tried again.
 const BUDGET_RETRY: Duration = Duration::from_secs(1);
 
+/// How far this host's clock may be from APIBAN's `Date` before the log says so.
+const CLOCK_WARN: Duration = Duration::from_secs(30);
+
 /// Longest a request may wait for etcd to record its slot before it is sent on it.
 const BUDGET_STALE: Duration = Duration::from_secs(2);
 
@@ -133,6 +136,8 @@ pub struct ApibanPoller {
     unrecorded_sends: bool,
     /// etcd did not record the last request's slot (it was not sent): said once.
     unrecorded_logged: bool,
+    /// This host's clock is far from APIBAN's `Date`: said once.
+    clock_warned: bool,
 }
 
 #[derive(Debug)]
@@ -189,6 +194,7 @@ impl ApibanPoller {
             fleet_budget: None,
             unrecorded_sends: false,
             unrecorded_logged: false,
+            clock_warned: false,
         }
     }
 
@@ -430,6 +436,7 @@ impl ApibanPoller {
             .budget
             .next_allowed(now)
             .max(now + retry_in.unwrap_or_default());
+        self.judge_clock();
         let report = RequestReport {
             outcome,
             at: unix_now(),
@@ -437,11 +444,34 @@ impl ApibanPoller {
             next_request: Some(unix_now() + next.saturating_duration_since(now).as_secs()),
             waited_for_budget: waited,
             key_rejected_since: self.key.since,
+            server_clock_offset_ms: self.client.server_clock_offset_ms(),
         };
         self.updates
             .send(Update::ApibanRequest(report))
             .await
             .map_err(|_| Stopped)
+    }
+
+    /// Says once when this host's clock is far from APIBAN's `Date`, and once when it is
+    /// back: expiry times are absolute, and a clock off by long expires bans early or late
+    /// (in a fleet, the nodes' clocks are also compared with each other's).
+    fn judge_clock(&mut self) {
+        let Some(ms) = self.client.server_clock_offset_ms() else {
+            return;
+        };
+        let off = ms.unsigned_abs() > CLOCK_WARN.as_millis() as u64;
+        if off && !self.clock_warned {
+            tracing::warn!(
+                offset_s = ms / 1000,
+                "this host's clock is far from APIBAN's (the Date of its answers): bans expire early or late; set the clock (NTP)"
+            );
+        } else if !off && self.clock_warned {
+            tracing::info!(
+                offset_s = ms / 1000,
+                "this host's clock agrees with APIBAN's again"
+            );
+        }
+        self.clock_warned = off;
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Update) -> Result<T, Stopped> {
