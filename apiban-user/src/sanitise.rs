@@ -25,7 +25,8 @@ pub enum Rejection {
     OwnAddress,
     /// Covered by the allowlist.
     Allowlisted,
-    /// Covers an etcd endpoint of this node's fleet: a ban of it would cut the fleet off.
+    /// Covers an etcd endpoint of this node's fleet (a ban of it would cut the fleet off),
+    /// or a fleet node's own address.
     FleetInfrastructure,
 }
 
@@ -174,7 +175,7 @@ pub struct Sanitiser {
     pub min_prefix_v4: u8,
     pub min_prefix_v6: u8,
     own_addresses: BTreeSet<IpAddr>,
-    /// The fleet's etcd endpoints: no source may ban them.
+    /// The fleet's etcd endpoints and nodes: no source may ban them.
     fleet_addresses: BTreeSet<IpAddr>,
     special: Vec<IpNet>,
 }

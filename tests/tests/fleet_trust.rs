@@ -174,3 +174,47 @@ fn one_nodes_flushchain_leaves_the_other_nodes_api_bans() {
         );
     }
 }
+
+/// Each node's heartbeat carries its own addresses, and no other node bans them: neither
+/// an operator's unforced ban nor a record put into etcd.
+#[test]
+fn a_fleet_nodes_own_address_is_banned_by_no_other_node() {
+    require_root();
+    let mut f = Fleet::new(2);
+    // Node b's public address, as another node (or an attacker's forged packets) would
+    // see it.
+    let member = "45.79.0.1";
+    f.nodes[1]
+        .scene
+        .topo
+        .server
+        .exec("ip", &["addr", "add", &format!("{member}/32"), "dev", "lo"]);
+    for i in 0..2 {
+        f.start(i, &[]);
+    }
+    f.wait_leader(Duration::from_secs(20));
+    let a = f.nodes[0].scene.agent();
+    wait_until(
+        "node b's heartbeat to reach node a",
+        Duration::from_secs(15),
+        || {
+            let out = a.cli(&["ban", member]);
+            !out.status.success()
+                && String::from_utf8_lossy(&out.stderr).contains("a node of this fleet")
+        },
+    );
+    put(
+        &f,
+        vec![(
+            format!("{}ledger/records/apiban/{member}/32", f.prefix),
+            record(None),
+        )],
+    );
+    wait_until("the record to be refused", Duration::from_secs(10), || {
+        refused(&f, 0, "fleet_infrastructure") >= 1
+    });
+    assert_eq!(f.nodes[0].scene.check(member)["verdict"], "not banned");
+    // The operator who means it still can.
+    a.cli_ok(&["ban", member, "--force"]);
+    assert_eq!(f.nodes[0].scene.check(member)["verdict"], "banned");
+}

@@ -59,11 +59,16 @@ pub async fn run(
     settings: Arc<ClusterSettings>,
     stats: Arc<ClusterStats>,
     off: tokio_watch::Sender<Judgement>,
+    updates: tokio::sync::mpsc::Sender<crate::sync::Update>,
 ) {
     let keys = Keys::new(&settings.prefix);
     let mut retry = Retry::new();
     // Each other node's latest offset (our clock minus theirs), and when it came.
     let mut seen: HashMap<String, (i64, Instant)> = HashMap::new();
+    // The same beats say each node's own addresses, which no node may ban; what the owner
+    // was last told.
+    let mut addresses: HashMap<String, Vec<std::net::IpAddr>> = HashMap::new();
+    let mut told: Option<Vec<std::net::IpAddr>> = None;
     let bound = settings.max_clock_offset.as_millis() as i64;
     loop {
         let Ok(mut client) = connect(&settings).await else {
@@ -102,6 +107,7 @@ pub async fn run(
                         .and_then(|k| k.strip_prefix(&keys.nodes()))
                     {
                         seen.remove(node);
+                        addresses.remove(node);
                     }
                     continue;
                 }
@@ -111,11 +117,22 @@ pub async fn run(
                 let Ok(beat) = serde_json::from_slice::<NodeBeat>(kv.value()) else {
                     continue;
                 };
+                addresses.insert(beat.node.clone(), beat.addresses.clone());
                 if beat.node == settings.node || beat.at_ms == 0 {
                     continue;
                 }
                 tracing::debug!(node = %beat.node, offset_ms = now_ms - beat.at_ms as i64, "a heartbeat to compare with");
                 seen.insert(beat.node, (now_ms - beat.at_ms as i64, Instant::now()));
+            }
+            let members = super::endpoints::member_addresses(&addresses);
+            if told.as_ref() != Some(&members) {
+                let update = crate::sync::Update::Cluster(super::ClusterUpdate::Members {
+                    addresses: members.clone(),
+                });
+                if updates.send(update).await.is_err() {
+                    return;
+                }
+                told = Some(members);
             }
             seen.retain(|_, (_, at)| at.elapsed() < FRESH);
             let mut offsets: Vec<i64> = seen.values().map(|(o, _)| *o).collect();

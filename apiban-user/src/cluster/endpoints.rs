@@ -1,5 +1,9 @@
-//! The addresses of the fleet's etcd endpoints: a ban that covers one cuts every node off
-//! from the fleet, so no source may make one (see `sanitise::Rejection::FleetInfrastructure`).
+//! The addresses no ban may cover (see `sanitise::Rejection::FleetInfrastructure`): the
+//! fleet's etcd endpoints (a ban of one cuts every node off from the fleet), and its nodes'
+//! own addresses, which each node puts in its heartbeat.
+//!
+//! A heartbeat is written by whoever can write to etcd, so what it claims is bounded: at
+//! most [`MEMBER_ADDRESSES`] host addresses a node, [`MEMBERS`] nodes.
 
 /// The addresses of etcd `endpoints` (URLs, or host:port), resolved now: what no ban may
 /// cover. A name that does not resolve is left out, and said so.
@@ -29,6 +33,56 @@ pub fn endpoint_addresses(endpoints: &[String]) -> Vec<std::net::IpAddr> {
     out.into_iter().collect()
 }
 
+/// The most addresses one node's heartbeat may protect, and the most nodes counted.
+pub const MEMBER_ADDRESSES: usize = 16;
+pub const MEMBERS: usize = 64;
+
+/// This host's addresses as its heartbeat gives them: those another node could reach it
+/// by, not loopback, link-local, multicast or unspecified ones.
+pub fn own_beat_addresses() -> Vec<std::net::IpAddr> {
+    let mut out: Vec<std::net::IpAddr> = crate::sanitise::host_addresses()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(reachable)
+        .collect();
+    out.sort();
+    out.dedup();
+    out.truncate(MEMBER_ADDRESSES);
+    out
+}
+
+fn reachable(a: &std::net::IpAddr) -> bool {
+    match a {
+        std::net::IpAddr::V4(v4) => {
+            !(v4.is_loopback() || v4.is_link_local() || v4.is_multicast() || v4.is_unspecified())
+        }
+        std::net::IpAddr::V6(v6) => {
+            !(v6.is_loopback()
+                || v6.is_multicast()
+                || v6.is_unspecified()
+                || (v6.segments()[0] & 0xffc0) == 0xfe80)
+        }
+    }
+}
+
+/// What the nodes' heartbeats claim, bounded: each node's first [`MEMBER_ADDRESSES`]
+/// reachable host addresses, of at most [`MEMBERS`] nodes (by name), sorted.
+pub fn member_addresses<'a>(
+    beats: impl IntoIterator<Item = (&'a String, &'a Vec<std::net::IpAddr>)>,
+) -> Vec<std::net::IpAddr> {
+    let mut beats: Vec<_> = beats.into_iter().collect();
+    beats.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out: Vec<std::net::IpAddr> = beats
+        .into_iter()
+        .take(MEMBERS)
+        .flat_map(|(_, addrs)| addrs.iter().filter(|a| reachable(a)).take(MEMBER_ADDRESSES))
+        .copied()
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +104,35 @@ mod tests {
             let want: std::net::IpAddr = want.parse().unwrap();
             assert!(got.contains(&want), "{want} missing from {got:?}");
         }
+    }
+
+    #[test]
+    fn heartbeats_protect_a_bounded_number_of_reachable_addresses() {
+        let many: Vec<std::net::IpAddr> = (0..40u32)
+            .map(|i| std::net::Ipv4Addr::from(0x2d01_0000 + i).into())
+            .chain(["127.0.0.1".parse().unwrap(), "fe80::1".parse().unwrap()])
+            .collect();
+        let beats: Vec<(String, Vec<std::net::IpAddr>)> = (0..100)
+            .map(|n| (format!("node-{n:03}"), many.clone()))
+            .collect();
+        let got = member_addresses(beats.iter().map(|(n, a)| (n, a)));
+        assert_eq!(
+            got.len(),
+            MEMBER_ADDRESSES,
+            "the same 16 of every node, deduplicated"
+        );
+        assert!(got.iter().all(reachable));
+        let distinct: Vec<(String, Vec<std::net::IpAddr>)> = (0..100u32)
+            .map(|n| {
+                (
+                    format!("node-{n:03}"),
+                    vec![std::net::Ipv4Addr::from(0x2d02_0000 + n).into()],
+                )
+            })
+            .collect();
+        assert_eq!(
+            member_addresses(distinct.iter().map(|(n, a)| (n, a))).len(),
+            MEMBERS
+        );
     }
 }

@@ -35,6 +35,9 @@ pub struct NodeBeat {
     /// beats to compare with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clock_offset_ms: Option<i64>,
+    /// This node's own reachable addresses: no node bans them (see `cluster::endpoints`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 /// Every node's latest beat, and etcd's revision when they were read.
@@ -60,6 +63,7 @@ fn beat(view: &ClusterView, snapshot: &Snapshot, interfaces: &[String]) -> NodeB
         at: crate::sync::unix_now(),
         at_ms: super::clock::unix_now_ms(),
         clock_offset_ms: view.stats.clock_offset_ms(),
+        addresses: super::endpoints::own_beat_addresses(),
     }
 }
 

@@ -111,6 +111,8 @@ pub enum ClusterUpdate {
     },
     /// etcd has settled an operator's changes on these keys.
     Settled { keys: Vec<crate::state::PendingKey> },
+    /// The fleet's nodes' own addresses, from their heartbeats: no source may ban them.
+    Members { addresses: Vec<std::net::IpAddr> },
     /// This node now leads: it polls from the fleet's position, counting the requests the
     /// fleet sent within the budget's window.
     AdoptCursor {
@@ -479,7 +481,12 @@ pub fn start(
         )));
     }
     tasks.extend([
-        tokio::spawn(clock::run(settings.clone(), stats.clone(), clock_off)),
+        tokio::spawn(clock::run(
+            settings.clone(),
+            stats.clone(),
+            clock_off,
+            updates.clone(),
+        )),
         tokio::spawn(members::run(
             settings.clone(),
             stats.clone(),

@@ -136,6 +136,28 @@ impl<E: Enforcer> Engine<E> {
     /// from the fleet). What a feed or etcd banned of them goes; an operator's forced ban
     /// stays. Returns the prefixes that were dropped.
     pub fn set_fleet_addresses(&mut self, fleet: Vec<std::net::IpAddr>, now: u64) -> Vec<IpNet> {
+        self.fleet_addresses.0 = fleet;
+        self.protect_fleet(now)
+    }
+
+    /// The fleet's nodes' own addresses, as their heartbeats say: protected like the etcd
+    /// endpoints (see [`Engine::set_fleet_addresses`]).
+    pub fn set_member_addresses(&mut self, members: Vec<std::net::IpAddr>, now: u64) -> Vec<IpNet> {
+        if self.fleet_addresses.1 == members {
+            return Vec::new();
+        }
+        self.fleet_addresses.1 = members;
+        self.protect_fleet(now)
+    }
+
+    fn protect_fleet(&mut self, now: u64) -> Vec<IpNet> {
+        let fleet: Vec<std::net::IpAddr> = self
+            .fleet_addresses
+            .0
+            .iter()
+            .chain(&self.fleet_addresses.1)
+            .copied()
+            .collect();
         self.sanitiser.set_fleet_addresses(fleet.iter().copied());
         let dropped = Arc::make_mut(&mut self.ledger).remove_where(|net, source| {
             *source != SourceId::Manual && fleet.iter().any(|a| net.contains(a))
@@ -212,6 +234,15 @@ impl<E: Enforcer> Engine<E> {
         let record = record?;
         match self.refused_from_fleet(&net, source, &record, now) {
             None => Some(record),
+            // This node's own operator's forced ban, as etcd echoes it back: held here
+            // already, so no outside party made it (what it says must still be printable).
+            Some(reason)
+                if *source == SourceId::Manual
+                    && reason != "comment"
+                    && self.ledger.record(&net, source).is_some() =>
+            {
+                Some(record)
+            }
             Some(reason) => {
                 self.note_refused(format!("records/{source}/{net}"), reason);
                 None

@@ -60,8 +60,7 @@ impl<E: Enforcer> Engine<E> {
             }
             if let Some(etcd) = self.sanitiser.covered_fleet_address(&net) {
                 return refuse(format!(
-                    "it covers {etcd}, an etcd endpoint of this fleet: every node would be cut \
-                     off from the fleet{force_hint}"
+                    "it covers {etcd}, an etcd endpoint or a node of this fleet{force_hint}"
                 ));
             }
             if self.allow.covers(&net) {

@@ -230,6 +230,8 @@ pub struct Engine<E: Enforcer> {
     fleet_refused_logged: std::collections::HashSet<String>,
     /// The source this node's ban API bans as: `api`, or `api:<node>` in a fleet.
     api_source: SourceId,
+    /// The fleet's etcd endpoints' addresses, and its nodes' own (from their heartbeats).
+    fleet_addresses: (Vec<std::net::IpAddr>, Vec<std::net::IpAddr>),
     /// Inside a batch: commits only note that the dataplane and the state file are behind;
     /// the batch's end applies and saves once (see [`Engine::begin_batch`]).
     batch: Option<bool>,
@@ -290,6 +292,7 @@ impl<E: Enforcer> Engine<E> {
             fleet_refused_logged: Default::default(),
             api_source: SourceId::Api,
             batch: None,
+            fleet_addresses: Default::default(),
         };
         engine.set_config_allow(settings.allow);
         match crate::sanitise::host_addresses() {

@@ -649,6 +649,18 @@ fn the_fleets_etcd_endpoints_cannot_be_banned_without_force() {
     assert!(refused.to_string().contains("etcd endpoint"), "{refused}");
     e.ban(net("45.2.2.0/24"), None, None, true, 11).unwrap();
     assert!(e.enforcer().deny.contains(&net("45.2.2.0/24")));
+    // In a fleet, etcd's echo of that forced ban does not undo it on its own node.
+    e.join_cluster("/apiban/", 60);
+    let echo = crate::engine::cluster::RemoteChange::Record {
+        net: net("45.2.2.0/24"),
+        source: SourceId::Manual,
+        record: e
+            .ledger
+            .record(&net("45.2.2.0/24"), &SourceId::Manual)
+            .cloned(),
+    };
+    e.apply_cluster_changes(vec![echo], 3, 12);
+    assert!(e.enforcer().deny.contains(&net("45.2.2.0/24")));
 }
 
 /// A comment reaches an operator's terminal in `list` and `check`: control characters

@@ -546,6 +546,16 @@ impl<E: Enforcer> Owner<E> {
                 self.engine.settle_pending(&keys);
                 Ack::None
             }
+            ClusterUpdate::Members { addresses } => {
+                let dropped = self.engine.set_member_addresses(addresses, now);
+                if !dropped.is_empty() {
+                    tracing::warn!(
+                        ?dropped,
+                        "bans that covered a fleet node's own address were dropped"
+                    );
+                }
+                Ack::None
+            }
             ClusterUpdate::AdoptCursor {
                 cursor,
                 requests_ms,
