@@ -18,6 +18,19 @@ fn record_value(f: &Fleet, source: &str, addr: &str) -> Option<serde_json::Value
     })
 }
 
+/// The etcd revision that last changed `source`'s record of `addr`.
+fn record_revision(f: &Fleet, source: &str, addr: &str) -> i64 {
+    let key = format!("{}ledger/records/{source}/{addr}/32", f.prefix);
+    f.etcd_client(async move |c| {
+        let answer = c.get(key, None).await.expect("read a record");
+        answer
+            .kvs()
+            .first()
+            .expect("the key is there")
+            .mod_revision()
+    })
+}
+
 /// Whether etcd holds a live ban (not a tombstone) of `addr` by an operator.
 fn banned_in_etcd(f: &Fleet, addr: &str) -> bool {
     record_value(f, "manual", addr).is_some_and(|v| v["removed"] != true)
@@ -150,6 +163,18 @@ fn a_restarted_node_does_not_resurrect_a_ban_another_node_removed() {
                 .agent()
                 .log_text()
                 .contains("has not confirmed yet")
+        },
+    );
+    // Until B has read etcd up to C's unban, it enforces what it saved before its kill:
+    // no gap on a restart, at the cost of a ban a moment too long.
+    let unbanned_at = record_revision(&f, "manual", addr);
+    wait_until(
+        "B to read etcd up to C's unban",
+        Duration::from_secs(10),
+        || {
+            f.nodes[b].scene.status()["agent"]["cluster"]["applied_revision"]
+                .as_i64()
+                .is_some_and(|r| r >= unbanned_at)
         },
     );
     stays_unbanned(&f, addr, Duration::from_secs(3));
