@@ -89,6 +89,20 @@ pub mod map_names {
     ];
 }
 
+/// What the kernel lets the XDP program do beyond the drop path. The loader sets the
+/// program's [`kernel_features::GLOBAL`] from its probes before the verifier sees it; the
+/// verifier reads a frozen read-only global as a constant and never looks at the code of a
+/// feature that is off, so one object loads on every kernel from 5.10 and a helper the
+/// kernel lacks is never called.
+pub mod kernel_features {
+    /// The name of the program's `u32` global.
+    pub const GLOBAL: &str = "KERNEL_FEATURES";
+    /// `bpf_xdp_load_bytes` (Linux 5.18): detection's samples and captures copy packets.
+    pub const PAYLOAD_COPY: u32 = 1;
+    /// Everything: the object's own value, for loaders that probe nothing (tests, benches).
+    pub const ALL: u32 = PAYLOAD_COPY;
+}
+
 /// Names of the programs in the eBPF object.
 pub mod program_names {
     /// The production XDP program.
@@ -316,9 +330,10 @@ pub struct HostTables {
 }
 
 /// A per-CPU clock for last-hit times, and the pace of this CPU's hits. `bpf_jiffies64` is
-/// inlined by the verifier where `bpf_ktime_get_coarse_ns` is a call, and the coarse clock
-/// only moves on a tick, so the program reads it once per tick per CPU and reuses it for
-/// every hit until jiffies move on.
+/// inlined by the verifier where `bpf_ktime_get_ns` is a call, and a hit time needs no more
+/// than a tick's precision, so the program reads the clock once per tick per CPU and reuses
+/// it for every hit until jiffies move on. (`bpf_ktime_get_coarse_ns` would do the same, but
+/// it came in Linux 5.11, and the drop path runs from 5.10.)
 ///
 /// Hit bookkeeping writes the entry's count and time, a line of its own that a cache-cold
 /// drop would otherwise have to fetch and dirty on every packet. So a CPU records every hit
@@ -329,7 +344,8 @@ pub struct HostTables {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct HitClock {
     pub jiffies: u64,
-    pub coarse_ns: u64,
+    /// CLOCK_MONOTONIC at this CPU's first hit in this tick.
+    pub tick_ns: u64,
     /// Hits on this CPU in this tick.
     pub hits: u32,
     /// Hits left until the next sampled one.
@@ -417,8 +433,7 @@ pub struct Counter {
 
 /// The value of a deny entry: how often the banned prefix was hit and when last.
 ///
-/// `last_hit_ns` is CLOCK_MONOTONIC (coarse) in nanoseconds, as `bpf_ktime_get_coarse_ns`
-/// returns it; zero means never hit. `prefix_len` repeats the key's prefix length: an LPM
+/// `last_hit_ns` is CLOCK_MONOTONIC in nanoseconds to a tick's precision (see `HitClock`); zero means never hit. `prefix_len` repeats the key's prefix length: an LPM
 /// lookup does not say which prefix matched, the value does, so userspace answers "which entry
 /// covers this address" and "is this exact prefix present" with one lookup each.
 #[repr(C)]

@@ -7,7 +7,9 @@ use core::{
     intrinsics::{AtomicOrdering, atomic_xadd},
 };
 
-use apiban_common::{CaptureBudget, CaptureConfig, CaptureRecord, Verdict, capture};
+use apiban_common::{
+    CaptureBudget, CaptureConfig, CaptureRecord, Verdict, capture, kernel_features,
+};
 use aya_ebpf::{
     helpers::{bpf_ktime_get_ns, generated::bpf_xdp_load_bytes},
     macros::map,
@@ -24,6 +26,9 @@ static CAPTURE_BUDGET: Array<CaptureBudget> = Array::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn offer(ctx: &XdpContext, verdict: Verdict) {
+    if !crate::kernel_has(kernel_features::PAYLOAD_COPY) {
+        return;
+    }
     let Some(config) = CAPTURE_CONFIG.get(0) else {
         return;
     };
@@ -33,7 +38,7 @@ pub fn offer(ctx: &XdpContext, verdict: Verdict) {
     let Some(budget) = CAPTURE_BUDGET.get_ptr_mut(0) else {
         return;
     };
-    // SAFETY: a helper without arguments. The precise clock, not the coarse one the hit
+    // SAFETY: a helper without arguments. The precise clock, not the per-tick one the hit
     // times use: a capture's packets must keep their order and spacing.
     let now = unsafe { bpf_ktime_get_ns() };
     // SAFETY: `budget` points into an array slot, valid for the program's life.

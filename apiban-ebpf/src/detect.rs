@@ -10,6 +10,7 @@ use apiban_common::{
     DetectConfig, ETH_P_IPV4, ETH_P_IPV6, IPPROTO_TCP, IPPROTO_UDP, SCOPE_PORT_SLOTS, SampleBudget,
     SipSample, SipSource,
     detect::{self, Payload},
+    kernel_features,
 };
 use aya_ebpf::{
     helpers::bpf_get_prandom_u32,
@@ -20,7 +21,7 @@ use aya_ebpf::{
 };
 use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
-use crate::{coarse_now_ns, l3_start, load, ptr_at};
+use crate::{l3_start, load, ptr_at, tick_now_ns};
 
 // Shared with the egress program (`crate::egress`), which reads the same settings, ports and
 // sources and sends into the same ring buffer.
@@ -55,6 +56,10 @@ struct Request {
 /// Looks at a passed packet; any error only means it is not a SIP request we can read.
 #[inline(always)]
 pub fn watch(ctx: &XdpContext) -> Result<(), ()> {
+    // Without a sample's copy there is nothing to detect from (the agent says so at start).
+    if !crate::kernel_has(kernel_features::PAYLOAD_COPY) {
+        return Ok(());
+    }
     let Some(config) = DETECT_CONFIG.get(0) else {
         return Ok(());
     };
@@ -76,7 +81,7 @@ pub fn watch(ctx: &XdpContext) -> Result<(), ()> {
             return Ok(());
         }
     };
-    let now = coarse_now_ns();
+    let now = tick_now_ns();
     let Some(source) = slot_for(&request.src, config, now) else {
         // No room: sampled within the cap all the same, so that a full table hides no
         // scanner's signature, but neither counted nor followed.

@@ -26,9 +26,8 @@ use network_types::{
 };
 
 use crate::{
-    coarse_now_ns,
     detect::{DETECT_CONFIG, SIP_PORTS, SIP_SAMPLES, SIP_SOURCES, take_budget, words_bytes},
-    load, ptr_at,
+    load, ptr_at, tick_now_ns,
 };
 
 #[classifier]
@@ -64,7 +63,7 @@ fn try_egress(ctx: &TcContext) -> Result<(), ()> {
     let Some(source) = followed(&response.to, config.hash_seed) else {
         return Ok(());
     };
-    let now = coarse_now_ns();
+    let now = tick_now_ns();
     if take_budget(detect::BUDGET_RESPONSES, config.responses_per_sec, now) {
         send(ctx, &response, source);
     }

@@ -25,11 +25,11 @@ use apiban_common::{
     HostHits, HostTables, IFACE_COUNTER_SLOTS, IFACE_SLOT_INDEXES, IPPROTO_AH, IPPROTO_DSTOPTS,
     IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, OBSERVED,
     SAMPLED_HIT_EVERY, SCOPE_PORT_SLOTS, SampleBudget, VERDICT_COUNT, Verdict, block_filter,
-    host_table,
+    host_table, kernel_features,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, xdp_action},
-    helpers::{bpf_jiffies64, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
     macros::{map, xdp},
     maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::{TcContext, XdpContext},
@@ -118,6 +118,20 @@ mod bench;
 mod capture;
 mod detect;
 mod egress;
+
+/// What this kernel lets the program do beyond the drop path (`apiban_common::kernel_features`):
+/// the loader overrides it before the verifier reads it as a constant.
+#[unsafe(no_mangle)]
+static KERNEL_FEATURES: u32 = kernel_features::ALL;
+
+/// Whether the loader found `feature` on this kernel. A volatile read, so that LLVM keeps the
+/// load the verifier resolves (and prunes the feature's code on) instead of folding in the
+/// object's own value.
+#[inline(always)]
+pub(crate) fn kernel_has(feature: u32) -> bool {
+    // SAFETY: a plain read of a global the program never writes.
+    unsafe { core::ptr::read_volatile(&raw const KERNEL_FEATURES) & feature != 0 }
+}
 
 #[xdp]
 pub fn apiban(ctx: XdpContext) -> u32 {
@@ -485,7 +499,7 @@ pub(crate) fn hit_sample() -> Option<(u64, u64)> {
     unsafe {
         if (*clock).jiffies != jiffies {
             (*clock).jiffies = jiffies;
-            (*clock).coarse_ns = bpf_ktime_get_coarse_ns();
+            (*clock).tick_ns = bpf_ktime_get_ns();
             (*clock).hits = 0;
         }
         (*clock).hits += 1;
@@ -499,7 +513,7 @@ pub(crate) fn hit_sample() -> Option<(u64, u64)> {
             (*clock).countdown = SAMPLED_HIT_EVERY;
             u64::from(SAMPLED_HIT_EVERY)
         };
-        Some((add, (*clock).coarse_ns))
+        Some((add, (*clock).tick_ns))
     }
 }
 
@@ -519,22 +533,23 @@ pub(crate) fn write_hit(entry: *mut HostHits, add: u64, now: u64) {
     }
 }
 
-/// `bpf_ktime_get_coarse_ns`, called at most once per tick on each CPU (see `HitClock`).
+/// CLOCK_MONOTONIC to a tick's precision, read at most once per tick on each CPU (see
+/// `HitClock`).
 #[inline(always)]
-pub(crate) fn coarse_now_ns() -> u64 {
+pub(crate) fn tick_now_ns() -> u64 {
     // SAFETY: helpers without arguments.
     let jiffies = unsafe { bpf_jiffies64() };
     let Some(clock) = HIT_CLOCK.get_ptr_mut(0) else {
         // SAFETY: a helper without arguments.
-        return unsafe { bpf_ktime_get_coarse_ns() };
+        return unsafe { bpf_ktime_get_ns() };
     };
     // SAFETY: a per-CPU slot, only touched by the CPU running this program.
     unsafe {
         if (*clock).jiffies != jiffies {
             (*clock).jiffies = jiffies;
-            (*clock).coarse_ns = bpf_ktime_get_coarse_ns();
+            (*clock).tick_ns = bpf_ktime_get_ns();
         }
-        (*clock).coarse_ns
+        (*clock).tick_ns
     }
 }
 

@@ -288,8 +288,8 @@ pub struct ControlContext {
     pub readers: status::Readers,
     pub updates: mpsc::Sender<Update>,
     pub reload: mpsc::Sender<ReloadReply>,
-    /// None in a dry run: no program to capture from.
-    pub capture: Option<Arc<crate::capture::CaptureService>>,
+    /// Why there is none: a dry run has no program, an old kernel cannot copy packets.
+    pub capture: Result<Arc<crate::capture::CaptureService>, String>,
 }
 
 /// Binds the socket: creates the directory if needed, replaces a stale socket left by a
@@ -453,9 +453,9 @@ async fn capture(
     write: &mut (impl tokio::io::AsyncWrite + Unpin),
 ) {
     use crate::capture::{SessionContext, SessionError};
-    let Some(service) = &ctx.capture else {
-        let why = "this agent runs --dry-run: no XDP program to capture from";
-        return send(write, &Response::Refused(why.into())).await;
+    let service = match &ctx.capture {
+        Ok(service) => service,
+        Err(why) => return send(write, &Response::Refused(why.clone())).await,
     };
     let session = SessionContext {
         service,

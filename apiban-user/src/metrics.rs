@@ -218,6 +218,15 @@ fn write_report(w: &mut Writer, r: &StatusReport) -> Result<(), std::fmt::Error>
             1,
         )],
     )?;
+    w.gauges(
+        "apiban_feature_enabled",
+        "1 when this kernel runs the feature (enforcement, detection, detection-answers, capture), 0 when it lacks what the feature needs (status says what).",
+        r.agent
+            .features
+            .iter()
+            .map(|f| (labels([("feature", f.feature.name())]), u32::from(f.enabled)))
+            .collect(),
+    )?;
     w.gauge(
         "apiban_start_time_seconds",
         "When the agent started (Unix time).",
@@ -704,6 +713,14 @@ mod tests {
         );
         r.enforced.insert("ipv4".into(), 1);
         r.capacity.insert("ipv4".into(), 4);
+        r.agent.features = crate::dataplane::kernel::KernelFeatures::with_missing(
+            "5.10.0-33-amd64".into(),
+            crate::dataplane::kernel::REQUIREMENTS
+                .into_iter()
+                .filter(|r| r.since == "5.18")
+                .collect(),
+        )
+        .report();
         r.engine.skipped.insert("own_address".into(), 2);
         r.sync.lists.push(crate::status::ListReport {
             name: "odd \"list\"\\\n".into(),
@@ -744,6 +761,9 @@ mod tests {
             "apiban_deny_map_used_ratio{family=\"ipv4\"} 0.25",
             "apiban_build_info{version=\"0.1.0\",dry_run=\"false\"} 1",
             "apiban_allowlist_prefixes 0",
+            "apiban_feature_enabled{feature=\"enforcement\"} 1",
+            "apiban_feature_enabled{feature=\"detection\"} 0",
+            "apiban_feature_enabled{feature=\"capture\"} 0",
             "# TYPE apiban_rate_limit_waits_total counter",
             "apiban_rate_limit_waits_total 0",
             "apiban_list_last_success_timestamp_seconds{list=\"odd \\\"list\\\"\\\\\\n\"} 0",

@@ -239,9 +239,16 @@ pub fn run(frames: usize, seed: u64) -> Result<Agreement, String> {
                 XDP_PASS
             };
             if got != Some(want) || action != want_action {
+                // What the maps hold for the source, read from userspace: tells a program
+                // that misreads its maps from maps that were never written.
+                let maps = reading
+                    .source
+                    .map(|src| format!("{:?}", under.loaded.dataplane.verdict_for(src)));
                 return Err(format!(
                     "{name}, frame {n} (seed {seed}): the program says {got:?} (action \
-                     {action}), the model {want:?}\n{}",
+                     {action}), the model {want:?}; the maps, read from userspace, say \
+                     {maps:?} for source {:?}\n{}",
+                    reading.source,
                     reference::hex(&frame)
                 ));
             }

@@ -218,50 +218,53 @@ impl PacketSocket {
 
     fn open_with(ns: &Netns, ifname: &str, proto: u16) -> Self {
         let ifname = ifname.to_owned();
-        in_netns(ns, move || {
-            use std::os::fd::FromRawFd as _;
-            // SAFETY: plain socket(2); the fd is owned right away.
-            let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
-            assert!(
-                raw >= 0,
-                "AF_PACKET socket: {}",
-                std::io::Error::last_os_error()
-            );
-            // SAFETY: raw is a fresh, valid fd.
-            let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
-            let ifindex = apiban::dataplane::loader::ifindex(&ifname)
-                .unwrap_or_else(|| panic!("no interface {ifname}"));
-            // SAFETY: sockaddr_ll is plain data; zero is a valid start.
-            let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_protocol = proto;
-            addr.sll_ifindex = ifindex as i32;
-            use std::os::fd::AsRawFd as _;
-            // SAFETY: addr is a valid sockaddr_ll of the size given.
-            let rc = unsafe {
-                libc::bind(
-                    fd.as_raw_fd(),
-                    (&raw const addr).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            };
-            assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
-            let timeout = libc::timeval {
-                tv_sec: 0,
-                tv_usec: 20_000,
-            };
-            // SAFETY: timeout is a valid timeval of the size given.
-            unsafe {
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&raw const timeout).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32,
-                )
-            };
-            Self { fd }
-        })
+        in_netns(ns, move || Self::open_here(&ifname, proto))
+    }
+
+    /// On `ifname` of this process's own namespace (a guest's, in the compat check).
+    pub fn open_here(ifname: &str, proto: u16) -> Self {
+        use std::os::fd::FromRawFd as _;
+        // SAFETY: plain socket(2); the fd is owned right away.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(
+            raw >= 0,
+            "AF_PACKET socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: raw is a fresh, valid fd.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+        let ifindex = apiban::dataplane::loader::ifindex(ifname)
+            .unwrap_or_else(|| panic!("no interface {ifname}"));
+        // SAFETY: sockaddr_ll is plain data; zero is a valid start.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = ifindex as i32;
+        use std::os::fd::AsRawFd as _;
+        // SAFETY: addr is a valid sockaddr_ll of the size given.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(rc, 0, "bind AF_PACKET: {}", std::io::Error::last_os_error());
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 20_000,
+        };
+        // SAFETY: timeout is a valid timeval of the size given.
+        unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const timeout).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        Self { fd }
     }
 
     pub fn send(&self, frame: &[u8]) {

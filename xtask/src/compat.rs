@@ -1,29 +1,85 @@
-//! `cargo xtask compat`: the production XDP program on the kernel carriers run. Boots
-//! Debian 12's own kernel (the newest `linux-image-6.1.0-*-amd64-unsigned` in its archive)
-//! under qemu, with an initramfs whose /init is `apiban-kernel-check`: it probes the kernel,
-//! loads the program through the verifier, runs generated frames through BPF_PROG_TEST_RUN
-//! against the model, and captures a dropped frame; its verdict line is read off the serial
-//! console. KVM when the machine offers it, software emulation otherwise.
+//! `cargo xtask compat`: the production programs and the agent on the kernels carriers run.
+//! Boots Debian's own kernels (11's 5.10, 12's 6.1, 13's newest: the newest
+//! `linux-image-*-amd64-unsigned` of each suite) under qemu, each with an initramfs whose
+//! /init is `apiban-kernel-check`: it probes the kernel, loads the program through the
+//! verifier with what the kernel has, runs generated frames through BPF_PROG_TEST_RUN against
+//! the model, captures and samples where the kernel can (and checks that nothing is copied
+//! where it cannot), then starts the real agent on a veth pair: its feature lines, a refusal
+//! of a feature the kernel lacks, a ban enforced on a real frame. Its verdict line is read
+//! off the serial console. KVM when the machine offers it, software emulation otherwise.
+//!
+//! The kernels come from Debian's archive through an apt configuration of this check's own
+//! (target/compat/apt): the machine's sources and preferences are not touched.
 
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
 
 use crate::{cargo, setup, status};
 
-/// How long the guest may take from power-on to its verdict, under software emulation.
+/// How long a guest may take from power-on to its verdict, under software emulation.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 
-pub fn run(root: &Path) -> anyhow::Result<()> {
+/// A Debian release's kernel: where it is, and what its image package is called.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernel {
+    /// What `--kernel` calls it.
+    pub name: &'static str,
+    pub label: &'static str,
+    suite: &'static str,
+    /// An `apt-cache search --names-only` pattern for the generic amd64 image.
+    package: &'static str,
+}
+
+pub const KERNELS: [Kernel; 3] = [
+    Kernel {
+        name: "debian11",
+        label: "Debian 11 (bullseye)",
+        suite: "bullseye",
+        package: r"^linux-image-5\.10\.0-[0-9]+-amd64-unsigned$",
+    },
+    Kernel {
+        name: "debian12",
+        label: "Debian 12 (bookworm)",
+        suite: "bookworm",
+        package: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
+    },
+    Kernel {
+        name: "debian13",
+        label: "Debian 13 (trixie)",
+        suite: "trixie",
+        package: r"^linux-image-[0-9.]+\+deb13-amd64-unsigned$",
+    },
+];
+
+/// The kernels `--kernel` names (all of them for "all").
+pub fn select(names: &[String]) -> anyhow::Result<Vec<Kernel>> {
+    if names.is_empty() || names.iter().any(|n| n == "all") {
+        return Ok(KERNELS.to_vec());
+    }
+    names
+        .iter()
+        .map(|n| {
+            KERNELS
+                .iter()
+                .find(|k| k.name == n)
+                .copied()
+                .with_context(|| {
+                    let known: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+                    format!("no kernel {n}; --kernel takes {} or all", known.join(", "))
+                })
+        })
+        .collect()
+}
+
+pub fn run(root: &Path, kernels: &[Kernel]) -> anyhow::Result<()> {
     setup::ensure_compat_tools()?;
     let work = root.join("target/compat");
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
-    let (package, vmlinuz) = debian_kernel(&work)?;
-    eprintln!("[compat] kernel: {package} ({})", vmlinuz.display());
     let mut build = cargo(root);
     build.args([
         "build",
@@ -32,13 +88,70 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
         "tests",
         "--bin",
         "apiban-kernel-check",
+        "-p",
+        "apiban-user",
+        "--bin",
+        "apiban",
     ]);
-    status(build).context("building apiban-kernel-check failed")?;
-    let check = root.join("target/release/apiban-kernel-check");
-    let initrd = initramfs(&work, &check)?;
-    let console = work.join("console.log");
+    status(build).context("building apiban-kernel-check and apiban failed")?;
+    let binaries = [
+        ("init", root.join("target/release/apiban-kernel-check")),
+        ("apiban", root.join("target/release/apiban")),
+        ("ip", ip_binary()?),
+    ];
+    let apt = Apt::new(&work, kernels)?;
+    let mut failed = Vec::new();
+    for kernel in kernels {
+        let outcome = apt
+            .kernel(kernel)
+            .and_then(|found| check(&work, kernel, &found, &binaries));
+        match outcome {
+            Ok(line) => eprintln!("[compat] {}: {line}", kernel.label),
+            Err(e) => {
+                eprintln!("[compat] {}: FAILED: {e:#}", kernel.label);
+                failed.push(kernel.label);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("the kernel check did not pass on {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// iproute2's `ip`, for the guest's veth pair.
+fn ip_binary() -> anyhow::Result<PathBuf> {
+    ["/usr/sbin/ip", "/sbin/ip", "/usr/bin/ip", "/bin/ip"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .context("the compat check copies iproute2's ip into its guests (apt-get install iproute2)")
+}
+
+/// A kernel unpacked: its image package, vmlinuz and the veth module (a .ko).
+struct Unpacked {
+    package: String,
+    vmlinuz: PathBuf,
+    veth: PathBuf,
+}
+
+fn check(
+    work: &Path,
+    kernel: &Kernel,
+    found: &Unpacked,
+    binaries: &[(&str, PathBuf)],
+) -> anyhow::Result<String> {
+    eprintln!(
+        "[compat] {}: {} ({})",
+        kernel.label,
+        found.package,
+        found.vmlinuz.display()
+    );
+    let dir = work.join(kernel.name);
+    let initrd = initramfs(&dir, binaries, &found.veth)?;
+    let console = dir.join("console.log");
     let started = Instant::now();
-    boot(&vmlinuz, &initrd, &console)?;
+    boot(&found.vmlinuz, &initrd, &console)?;
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     // The firmware's screen control codes share the check's first line on the console.
     for line in log
@@ -49,102 +162,221 @@ pub fn run(root: &Path) -> anyhow::Result<()> {
     }
     let took = started.elapsed().as_secs();
     if log.contains("apiban-kernel-check: PASS") {
-        eprintln!("[compat] {package}: passed ({took}s from power-on to power-off)");
-        return Ok(());
+        return Ok(format!(
+            "{}: passed ({took}s from power-on to power-off)",
+            found.package
+        ));
     }
     let tail: Vec<&str> = log.lines().rev().take(40).collect();
     bail!(
-        "the kernel check did not pass on {package} (console: {}); its last lines:\n{}",
+        "the kernel check did not pass on {} (console: {}); its last lines:\n{}",
+        found.package,
         console.display(),
         tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     )
 }
 
-/// The newest Debian 12 kernel image package, downloaded (once) and unpacked: its name and
-/// the vmlinuz path.
-fn debian_kernel(work: &Path) -> anyhow::Result<(String, PathBuf)> {
-    let search = Command::new("apt-cache")
-        .args([
-            "search",
-            "--names-only",
-            r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
-        ])
-        .output()
-        .context("apt-cache is needed to find Debian's kernel (a Debian machine)")?;
-    let mut packages: Vec<(u32, String)> = String::from_utf8_lossy(&search.stdout)
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter_map(|name| {
-            let abi = name
-                .strip_prefix("linux-image-6.1.0-")?
-                .strip_suffix("-amd64-unsigned")?;
-            Some((abi.parse().ok()?, name.to_owned()))
-        })
-        .collect();
-    packages.sort();
-    let Some((abi, package)) = packages.pop() else {
-        bail!(
-            "no linux-image-6.1.0-*-amd64-unsigned in the apt archive; this needs Debian 12's \
-             package lists (`apt-get update`)"
-        );
-    };
-    let vmlinuz = work.join(format!("vmlinuz-6.1.0-{abi}-amd64"));
-    if vmlinuz.exists() {
-        return Ok((package, vmlinuz));
-    }
-    let downloads = work.join("debs");
-    std::fs::create_dir_all(&downloads)?;
-    status({
-        let mut c = Command::new("apt-get");
-        c.current_dir(&downloads).args(["download", "-q", &package]);
-        c
-    })
-    .with_context(|| format!("cannot download {package}"))?;
-    let deb = std::fs::read_dir(&downloads)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
-        })
-        .with_context(|| format!("apt-get download left no {package}_*.deb"))?;
-    let unpacked = work.join("unpacked");
-    status({
-        let mut c = Command::new("dpkg-deb");
-        c.arg("-x").arg(&deb).arg(&unpacked);
-        c
-    })?;
-    let inside = unpacked.join(format!("boot/vmlinuz-6.1.0-{abi}-amd64"));
-    std::fs::copy(&inside, &vmlinuz)
-        .with_context(|| format!("{} is not in {package}", inside.display()))?;
-    let _ = std::fs::remove_dir_all(&unpacked);
-    let _ = std::fs::remove_file(&deb);
-    Ok((package, vmlinuz))
+/// apt with this check's own sources, lists and cache: Debian's archive for the suites of
+/// the kernels asked for, nothing of the machine's configuration used or changed.
+struct Apt {
+    dir: PathBuf,
 }
 
-/// A gzip'd newc cpio with the check as /init and the shared libraries it links.
-fn initramfs(work: &Path, check: &Path) -> anyhow::Result<PathBuf> {
-    let tree = work.join("initramfs");
-    let _ = std::fs::remove_dir_all(&tree);
-    for dir in ["proc", "sys", "dev", "tmp"] {
-        std::fs::create_dir_all(tree.join(dir))?;
-    }
-    std::fs::copy(check, tree.join("init")).context("cannot copy the check into the initramfs")?;
-    let ldd = Command::new("ldd")
-        .arg(check)
-        .output()
-        .context("ldd is needed to find the check's libraries")?;
-    for lib in String::from_utf8_lossy(&ldd.stdout)
-        .split_whitespace()
-        .filter(|w| w.starts_with('/'))
-    {
-        let target = tree.join(lib.trim_start_matches('/'));
-        if let Some(dir) = target.parent() {
-            std::fs::create_dir_all(dir)?;
+impl Apt {
+    fn new(work: &Path, kernels: &[Kernel]) -> anyhow::Result<Self> {
+        let dir = work.join("apt");
+        for sub in ["lists/partial", "cache/archives/partial", "debs"] {
+            std::fs::create_dir_all(dir.join(sub))?;
         }
-        // Follows the symlinks: the guest gets the files themselves under the linked names.
-        std::fs::copy(lib, &target).with_context(|| format!("cannot copy {lib}"))?;
+        let keyring = "/usr/share/keyrings/debian-archive-keyring.gpg";
+        let mut sources = String::new();
+        for k in kernels {
+            sources.push_str(&format!(
+                "deb [signed-by={keyring}] http://deb.debian.org/debian {} main\n\
+                 deb [signed-by={keyring}] http://deb.debian.org/debian-security {}-security main\n",
+                k.suite, k.suite
+            ));
+        }
+        let list = dir.join("sources.list");
+        let changed = std::fs::read_to_string(&list).ok().as_deref() != Some(sources.as_str());
+        std::fs::write(&list, &sources)?;
+        let apt = Self { dir };
+        // Security updates bring new kernel packages; a day-old index still finds one.
+        let stamp = apt.dir.join("updated");
+        let fresh = std::fs::metadata(&stamp)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .is_some_and(|age| age < Duration::from_secs(86_400));
+        if changed || !fresh {
+            status(apt.command("apt-get", &["update", "-q"]))
+                .context("apt-get update of Debian's archive for the kernels failed")?;
+            std::fs::write(&stamp, b"")?;
+        }
+        Ok(apt)
     }
-    let initrd = work.join("initrd.gz");
+
+    fn command(&self, program: &str, args: &[&str]) -> Command {
+        let d = |p: &str| self.dir.join(p).display().to_string();
+        let mut c = Command::new(program);
+        c.current_dir(self.dir.join("debs"))
+            .arg("-o")
+            .arg(format!("Dir::Etc::SourceList={}", d("sources.list")))
+            .args(["-o", "Dir::Etc::SourceParts=/dev/null"])
+            .args(["-o", "Dir::Etc::Preferences=/dev/null"])
+            .args(["-o", "Dir::Etc::PreferencesParts=/dev/null"])
+            .arg("-o")
+            .arg(format!("Dir::State::Lists={}", d("lists")))
+            .arg("-o")
+            .arg(format!("Dir::Cache={}", d("cache")))
+            .args(args);
+        c
+    }
+
+    /// The newest image package of `kernel`'s suite, downloaded and unpacked once.
+    fn kernel(&self, kernel: &Kernel) -> anyhow::Result<Unpacked> {
+        let search = self
+            .command("apt-cache", &["search", "--names-only", kernel.package])
+            .output()
+            .context("apt-cache is needed to find Debian's kernels (a Debian machine)")?;
+        let mut packages: Vec<String> = String::from_utf8_lossy(&search.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect();
+        packages.sort_by_key(|p| version_key(p));
+        let Some(package) = packages.pop() else {
+            bail!(
+                "no package matching {} in {}'s archive (apt-get update in {} failed?)",
+                kernel.package,
+                kernel.suite,
+                self.dir.display()
+            );
+        };
+        let release = package
+            .strip_prefix("linux-image-")
+            .and_then(|p| p.strip_suffix("-unsigned"))
+            .with_context(|| format!("{package} is not named as a kernel image"))?
+            .to_owned();
+        let kept = self.dir.parent().unwrap_or(&self.dir).join("kernels");
+        std::fs::create_dir_all(&kept)?;
+        let vmlinuz = kept.join(format!("vmlinuz-{release}"));
+        let veth = kept.join(format!("veth-{release}.ko"));
+        if vmlinuz.exists() && veth.exists() {
+            return Ok(Unpacked {
+                package,
+                vmlinuz,
+                veth,
+            });
+        }
+        let debs = self.dir.join("debs");
+        status(self.command("apt-get", &["download", "-q", &package]))
+            .with_context(|| format!("cannot download {package}"))?;
+        let deb = std::fs::read_dir(&debs)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{package}_")))
+            })
+            .with_context(|| format!("apt-get download left no {package}_*.deb"))?;
+        let unpacked = self.dir.join("unpacked");
+        let _ = std::fs::remove_dir_all(&unpacked);
+        std::fs::create_dir_all(&unpacked)?;
+        // Only what the guest needs: the image and the veth module (xz'd from Debian 13).
+        let script = format!(
+            "dpkg-deb --fsys-tarfile '{}' | tar -x -C '{}' --wildcards '*/vmlinuz-*' \
+             '*/drivers/net/veth.ko*'",
+            deb.display(),
+            unpacked.display()
+        );
+        status({
+            let mut c = Command::new("sh");
+            c.args(["-c", &script]);
+            c
+        })
+        .with_context(|| format!("cannot unpack {}", deb.display()))?;
+        let image = find_file(&unpacked, &format!("vmlinuz-{release}"))
+            .with_context(|| format!("no vmlinuz-{release} in {package}"))?;
+        std::fs::copy(&image, &vmlinuz)?;
+        let module = find_file(&unpacked, "veth.ko")
+            .or_else(|| find_file(&unpacked, "veth.ko.xz"))
+            .with_context(|| format!("no veth module in {package}"))?;
+        if module.extension().is_some_and(|e| e == "xz") {
+            let out = Command::new("xz")
+                .args(["-dc"])
+                .arg(&module)
+                .output()
+                .context("xz decompresses Debian 13's modules")?;
+            if !out.status.success() {
+                bail!("xz could not decompress {}", module.display());
+            }
+            std::fs::write(&veth, out.stdout)?;
+        } else {
+            std::fs::copy(&module, &veth)?;
+        }
+        let _ = std::fs::remove_dir_all(&unpacked);
+        let _ = std::fs::remove_file(&deb);
+        Ok(Unpacked {
+            package,
+            vmlinuz,
+            veth,
+        })
+    }
+}
+
+/// Numbers in a package name, in order: 5.10.0-46 sorts after 5.10.0-9.
+fn version_key(name: &str) -> Vec<u64> {
+    name.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = find_file(&path, name) {
+                return Some(found);
+            }
+        } else if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+    }
+    None
+}
+
+/// A gzip'd newc cpio: the check as /init, the agent, ip, the veth module, and the shared
+/// libraries they link.
+fn initramfs(dir: &Path, binaries: &[(&str, PathBuf)], veth: &Path) -> anyhow::Result<PathBuf> {
+    let tree = dir.join("initramfs");
+    let _ = std::fs::remove_dir_all(&tree);
+    for sub in ["proc", "sys", "dev", "tmp", "run"] {
+        std::fs::create_dir_all(tree.join(sub))?;
+    }
+    for (name, binary) in binaries {
+        std::fs::copy(binary, tree.join(name))
+            .with_context(|| format!("cannot copy {} into the initramfs", binary.display()))?;
+        let ldd = Command::new("ldd")
+            .arg(binary)
+            .output()
+            .context("ldd is needed to find the binaries' libraries")?;
+        for lib in String::from_utf8_lossy(&ldd.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+        {
+            let target = tree.join(lib.trim_start_matches('/'));
+            if target.exists() {
+                continue;
+            }
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            // Follows the symlinks: the guest gets the files themselves under the linked names.
+            std::fs::copy(lib, &target).with_context(|| format!("cannot copy {lib}"))?;
+        }
+    }
+    std::fs::copy(veth, tree.join("veth.ko"))?;
+    let initrd = dir.join("initrd.gz");
     let script = format!(
         "cd {} && find . | cpio --quiet -o -H newc | gzip -1 > {}",
         tree.display(),
@@ -238,5 +470,27 @@ fn boot_with(vmlinuz: &Path, initrd: &Path, console: &Path, accel: &str) -> anyh
             );
         }
         std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_abi_sorts_last() {
+        let mut names = [
+            "linux-image-5.10.0-46-amd64-unsigned",
+            "linux-image-5.10.0-9-amd64-unsigned",
+            "linux-image-5.10.0-38-amd64-unsigned",
+        ];
+        names.sort_by_key(|n| version_key(n));
+        assert_eq!(names[2], "linux-image-5.10.0-46-amd64-unsigned");
+        let mut trixie = [
+            "linux-image-6.12.117+deb13-amd64-unsigned",
+            "linux-image-6.12.57+deb13-amd64-unsigned",
+        ];
+        trixie.sort_by_key(|n| version_key(n));
+        assert_eq!(trixie[1], "linux-image-6.12.117+deb13-amd64-unsigned");
     }
 }

@@ -80,10 +80,17 @@ enum Cmd {
         #[arg(long)]
         destdir: Option<PathBuf>,
     },
-    /// The production XDP program on Debian 12's kernel (6.1), booted under qemu: kernel
-    /// features probed, the verifier, generated frames through BPF_PROG_TEST_RUN against the
-    /// model, a capture (root).
-    Compat,
+    /// The production programs and the agent on Debian 11's, 12's and 13's kernels (5.10,
+    /// 6.1, the newest), each booted under qemu: kernel features probed, the verifier,
+    /// generated frames through BPF_PROG_TEST_RUN against the model, a capture and a
+    /// detection sample where the kernel has them, the agent started on a veth pair (root).
+    ///
+    /// Example: cargo xtask compat --kernel debian11
+    Compat {
+        /// debian11, debian12, debian13 or all (repeatable).
+        #[arg(long = "kernel", default_value = "all")]
+        kernels: Vec<String>,
+    },
     /// Build target/debian/apiban_<version>_amd64.deb (cargo-deb): the binary, the systemd
     /// unit, /etc/apiban/config.toml as a conffile, man pages, shell completions, the README.
     ///
@@ -239,10 +246,11 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Compat => {
+        Cmd::Compat { kernels } => {
+            let kernels = compat::select(&kernels)?;
             setup::run()?;
             require_root("the kernel check loads XDP programs in a guest it boots")?;
-            compat::run(&root)
+            compat::run(&root, &kernels)
         }
         Cmd::Package => {
             setup::run()?;
@@ -663,8 +671,10 @@ fn test(root: &Path) -> anyhow::Result<()> {
     let mut cmd = cargo(root);
     cmd.args(args).env("APIBAN_DEB", &deb);
     status(cmd).context("kernel tests failed")?;
-    // The program on Debian 12's kernel (6.1), under qemu: about a minute and a half.
-    compat::run(root).context("the kernel compatibility check (cargo xtask compat) failed")?;
+    // The programs and the agent on Debian 11's, 12's and 13's kernels, under qemu: about
+    // a minute and a half each.
+    compat::run(root, &compat::KERNELS)
+        .context("the kernel compatibility check (cargo xtask compat) failed")?;
     // A few seconds of each fuzz target over its corpus: what `cargo xtask fuzz` runs for
     // minutes, enough to catch a parser that a change broke.
     for target in fuzz_targets(root)? {

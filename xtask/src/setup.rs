@@ -352,13 +352,25 @@ pub fn ensure_compat_tools() -> anyhow::Result<()> {
         "qemu-system-x86_64",
         &["--version"],
         "qemu-system-x86",
-        "the compat check boots Debian 12's kernel under qemu",
+        "the compat check boots Debian's kernels under qemu",
     )?;
     ensure_tool(
         "cpio",
         &["--version"],
         "cpio",
         "the compat check packs its initramfs with cpio",
+    )?;
+    ensure_tool(
+        "xz",
+        &["--version"],
+        "xz-utils",
+        "the compat check unpacks Debian 13's compressed kernel modules",
+    )?;
+    ensure_tool(
+        "ip",
+        &["-V"],
+        "iproute2",
+        "the compat check's guests make a veth pair with ip",
     )
 }
 

@@ -9,6 +9,7 @@ use std::{
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
 
+mod features;
 mod reload;
 
 pub use self::reload::ReloadError;
@@ -16,7 +17,7 @@ use self::reload::reload;
 use crate::{
     config::{self, AgentConfig, ApibanSettings, KeySource, RunArgs},
     control::{self, ControlContext},
-    dataplane::{Scope, loader, netlink},
+    dataplane::{Scope, kernel::Feature, loader, netlink},
     engine::{Enforcer, Engine, MemoryEnforcer},
     metrics,
     notify::Notifier,
@@ -104,6 +105,7 @@ fn info(
         config_file: c.file.as_ref().map(|p| p.display().to_string()),
         cluster: None,
         detect: None,
+        features: features::probed().map(|k| k.report()).unwrap_or_default(),
     }
 }
 
@@ -124,7 +126,7 @@ fn control_access(config: &AgentConfig) -> anyhow::Result<control::Access> {
 }
 
 /// Runs the agent until SIGTERM/SIGINT. `args` are kept to re-resolve on SIGHUP.
-pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
+pub fn run(args: RunArgs, mut config: AgentConfig) -> anyhow::Result<()> {
     unblock_signals();
     crate::conn_slots::raise_open_files_limit();
     control_access(&config)?;
@@ -154,6 +156,9 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
         };
     }
 
+    let kernel = features::probe();
+    features::announce(kernel);
+    features::fit(&mut config.detect, kernel).context("the kernel cannot run what is asked")?;
     wait_for_interfaces(&config.attach.ifaces, config.attach.iface_wait)?;
     let options = loader::LoadOptions {
         bpffs_dir: config.attach.bpffs_dir.clone(),
@@ -229,19 +234,23 @@ pub fn run(args: RunArgs, config: AgentConfig) -> anyhow::Result<()> {
             "XDP program attached (checked with the kernel)"
         );
         // The answers' side of detection: an interface without it still enforces.
-        let egress = match enforcement.attach_egress(iface) {
-            Ok(()) => {
-                tracing::info!(
-                    iface,
-                    "egress classifier attached (tcx, checked with the kernel): detection sees the server's answers"
-                );
-                loader::EgressHook::Tcx
-            }
-            Err(e) => {
-                let why = crate::error_chain(&e);
-                tracing::warn!(iface, error = %why, "egress classifier not attached (it needs tcx, Linux 6.6): detection sees requests only");
-                loader::EgressHook::Off(why)
-            }
+        let egress = match kernel.why_off(Feature::DetectionAnswers) {
+            // Said at start, with the other features.
+            Some(why) => loader::EgressHook::Off(why),
+            None => match enforcement.attach_egress(iface) {
+                Ok(()) => {
+                    tracing::info!(
+                        iface,
+                        "egress classifier attached (tcx, checked with the kernel): detection sees the server's answers"
+                    );
+                    loader::EgressHook::Tcx
+                }
+                Err(e) => {
+                    let why = crate::error_chain(&e);
+                    tracing::warn!(iface, error = %why, "egress classifier not attached (it needs tcx, Linux 6.6): detection sees requests only");
+                    loader::EgressHook::Off(why)
+                }
+            },
         };
         interfaces.push(InterfaceInfo {
             name: iface.clone(),
@@ -588,12 +597,13 @@ fn serve<E: Enforcer + Send + 'static>(
                 readers: readers.clone(),
                 updates: running.updates.clone(),
                 reload: reload_tx,
-                capture: match capture_tap {
-                    Some(tap) => Some(Arc::new(
+                capture: match (capture_tap, features::probed().and_then(features::capture_off)) {
+                    (_, Some(why)) => Err(why),
+                    (Some(tap), None) => Ok(Arc::new(
                         crate::capture::CaptureService::new(tap, &config.attach.ifaces)
                             .context("cannot wait on the capture ring buffer")?,
                     )),
-                    None => None,
+                    (None, None) => Err("this agent runs --dry-run: no XDP program to capture from".into()),
                 },
             };
             servers.push(tokio::spawn(control::serve(listener, ctx, access)));

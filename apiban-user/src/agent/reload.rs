@@ -50,7 +50,10 @@ async fn apply_reload<E: Enforcer + Send + 'static>(
     key_in_use: &mut Option<ApiKey>,
     detect: Option<&tokio::sync::watch::Sender<crate::detect::DetectSettings>>,
 ) -> Result<(), ReloadError> {
-    let new = config::load(args).map_err(ReloadError::Config)?;
+    let mut new = config::load(args).map_err(ReloadError::Config)?;
+    if let Some(kernel) = super::features::probed() {
+        super::features::fit(&mut new.detect, kernel).map_err(ReloadError::Config)?;
+    }
     let apiban = apiban_client(&new.apiban).map_err(|e| ReloadError::Apiban(e.into()))?;
     for key in config.restart_only_changes(&new) {
         tracing::warn!(

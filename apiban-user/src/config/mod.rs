@@ -564,6 +564,7 @@ fn resolve_detect(args: &RunArgs, file: &FileConfig) -> Result<DetectSettings, C
             .collect();
     let settings = DetectSettings {
         mode: first(args.detect, file.detect.map(|m| m.0), defaults.mode),
+        mode_set: args.detect.is_some() || file.detect.is_some(),
         ports: Some(first_list(&args.detect_ports, file.detect_ports.clone()))
             .filter(|p| !p.is_empty())
             .unwrap_or(defaults.ports),

@@ -1,10 +1,65 @@
 //! `BPF_MAP_UPDATE_BATCH` / `BPF_MAP_DELETE_BATCH` through the raw syscall: aya 0.16 has no
-//! batch API, and one syscall per entry dominates the cost of loading 100k bans.
+//! batch API, and one syscall per entry dominates the cost of loading 100k bans. Kernels
+//! before 6.x have no batch operations on LPM tries (ENOTSUPP, Debian 11's 5.10): there the
+//! rest goes one element per syscall, slower but the same outcome.
 
 use std::{io, mem, os::fd::AsRawFd as _, os::fd::BorrowedFd};
 
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+/// The kernel's ENOTSUPP (not in libc): this map type has no batch operations here.
+const ENOTSUPP: i32 = 524;
+
+/// The `map_elem` member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn unsupported(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(ENOTSUPP)
+}
+
+/// One element per syscall, from `done` on: where the kernel has no batch for the map.
+fn one_by_one<K, V>(
+    map: BorrowedFd<'_>,
+    keys: &[K],
+    values: Option<&[V]>,
+    from: usize,
+) -> BatchOutcome {
+    for i in from..keys.len() {
+        let mut attr = ElemAttr {
+            map_fd: map.as_raw_fd() as u32,
+            key: (&raw const keys[i]) as u64,
+            value: values.map_or(0, |v| (&raw const v[i]) as u64),
+            ..Default::default()
+        };
+        let cmd = if values.is_some() {
+            BPF_MAP_UPDATE_ELEM
+        } else {
+            BPF_MAP_DELETE_ELEM
+        };
+        // SAFETY: a `map_elem` attr pointing at one key (and value) of the sizes `checked`
+        // made sure are the map's, alive for the call.
+        if let Err(error) = unsafe { super::objects::bpf(cmd, &mut attr) } {
+            return BatchOutcome {
+                done: i,
+                error: Some(error),
+            };
+        }
+    }
+    BatchOutcome {
+        done: keys.len(),
+        error: None,
+    }
+}
 
 /// The `batch` member of `union bpf_attr` (linux/bpf.h).
 #[repr(C)]
@@ -86,6 +141,12 @@ pub fn update<K: aya::Pod, V: aya::Pod>(
             ..Default::default()
         };
         let result = call(BPF_MAP_UPDATE_BATCH, &mut attr);
+        // Refused before any element: `count` is still what was asked.
+        if let Err(error) = &result
+            && unsupported(error)
+        {
+            return one_by_one(map, keys, Some(values), done);
+        }
         // On error the kernel reports in `count` how many elements it applied.
         done += attr.count as usize;
         if let Err(error) = result {
@@ -116,6 +177,11 @@ pub fn delete<K: aya::Pod>(map: BorrowedFd<'_>, keys: &[K]) -> BatchOutcome {
             ..Default::default()
         };
         let result = call(BPF_MAP_DELETE_BATCH, &mut attr);
+        if let Err(error) = &result
+            && unsupported(error)
+        {
+            return one_by_one::<K, K>(map, keys, None, done);
+        }
         done += attr.count as usize;
         if let Err(error) = result {
             return BatchOutcome {

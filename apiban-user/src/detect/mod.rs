@@ -118,6 +118,9 @@ impl Default for RateThresholds {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DetectSettings {
     pub mode: DetectMode,
+    /// The operator chose the mode (flag, environment or config file): a kernel that cannot
+    /// detect makes that an error, where the default is turned off (`agent::features`).
+    pub mode_set: bool,
     /// Ports of SIP in the clear, read.
     pub ports: Vec<u16>,
     /// Ports of SIP over TLS: counted, never read.
@@ -152,6 +155,7 @@ impl Default for DetectSettings {
     fn default() -> Self {
         Self {
             mode: DetectMode::Observe,
+            mode_set: false,
             ports: vec![5060],
             tls_ports: vec![5061],
             ttl: Duration::from_secs(86_400),

@@ -262,6 +262,9 @@ pub struct AgentInfo {
     /// SIP scanner detection (absent in a dry run).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detect: Option<DetectReport>,
+    /// What this kernel lets the agent do (empty in a dry run: nothing is loaded).
+    #[serde(default)]
+    pub features: Vec<crate::dataplane::kernel::FeatureState>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

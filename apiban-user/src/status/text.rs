@@ -109,6 +109,19 @@ impl StatusReport {
             },
             a.scope
         );
+        if !a.features.is_empty() {
+            let states: Vec<String> = a
+                .features
+                .iter()
+                .map(|f| format!("{} {}", f.feature, if f.enabled { "on" } else { "off" }))
+                .collect();
+            let _ = writeln!(o, "kernel       {}", states.join(", "));
+            for f in &a.features {
+                if let Some(why) = &f.why_off {
+                    let _ = writeln!(o, "             {}: {why}", f.feature);
+                }
+            }
+        }
         let v4 = self.enforced.get("ipv4").copied().unwrap_or(0);
         let v6 = self.enforced.get("ipv6").copied().unwrap_or(0);
         let cap = |f: &str| {

@@ -40,7 +40,8 @@ use std::{
 
 use apiban_common::{
     DEFAULT_ALLOW_V4_ENTRIES, DEFAULT_ALLOW_V6_ENTRIES, DEFAULT_DENY_V4_ENTRIES,
-    DEFAULT_DENY_V6_ENTRIES, DataplaneConfig, host_table, map_names, program_names,
+    DEFAULT_DENY_V6_ENTRIES, DataplaneConfig, host_table, kernel_features, map_names,
+    program_names,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -48,7 +49,11 @@ use aya::{
 };
 
 use self::find::{adopt_by_interface, adopt_legacy_hosts};
-use super::{Dataplane, DataplaneError, bpffs, netlink::NetlinkError};
+use super::{
+    Dataplane, DataplaneError, bpffs,
+    kernel::{Feature, KernelFeatures},
+    netlink::NetlinkError,
+};
 
 /// The eBPF object, compiled by build.rs.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/apiban"));
@@ -315,6 +320,8 @@ pub struct Loaded {
     enforcement: Enforcement,
     pub dataplane: Dataplane,
     pub adoption: Adoption,
+    /// What this kernel lets the program do, probed before the load.
+    pub features: KernelFeatures,
 }
 
 /// Loads the program, reusing the maps pinned under `options.bpffs_dir`, or those of the
@@ -346,7 +353,16 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
         .iter()
         .map(|name| (*name, dir.join(name)))
         .collect();
+    let features = KernelFeatures::probe();
+    if !features.has(Feature::Enforcement) {
+        return Err(LoaderError::KernelTooOld(super::kernel::describe_missing(
+            &features,
+        )));
+    }
+    let program_features = features.program_mask();
     let mut loader = EbpfLoader::new();
+    // Before the verifier: what is off here is never looked at (see `kernel_features`).
+    loader.override_global(kernel_features::GLOBAL, &program_features, true);
     let caps = options.capacities;
     let v4_buckets = host_table::buckets(caps.deny_v4, host_table::V4_SLOTS);
     let v6_buckets = host_table::buckets(caps.deny_v6, host_table::V6_SLOTS);
@@ -375,7 +391,7 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
                 source: Box::new(source),
             }
         }
-        other => too_old().unwrap_or(LoaderError::Load(Box::new(other))),
+        other => LoaderError::Load(Box::new(other)),
     })?;
     if options.debug_events
         && let Err(e) = aya_log::EbpfLogger::init(&mut ebpf)
@@ -387,8 +403,7 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
         source,
     };
     let prog = program_mut(&mut ebpf, program_names::APIBAN)?;
-    prog.load()
-        .map_err(|source| too_old().unwrap_or(program_err(source)))?;
+    prog.load().map_err(program_err)?;
     let prog_id = prog.info().map_err(program_err)?.id();
     let mut dataplane = Dataplane::from_ebpf(&mut ebpf)?;
     adopt_legacy_hosts(dir, &mut dataplane)?;
@@ -406,17 +421,7 @@ pub fn load(options: &LoadOptions) -> Result<Loaded, LoaderError> {
         },
         dataplane,
         adoption,
-    })
-}
-
-/// After a failed load: the features this kernel lacks, if the probes find any.
-fn too_old() -> Option<LoaderError> {
-    let missing = super::kernel::missing();
-    (!missing.is_empty()).then(|| {
-        LoaderError::KernelTooOld(super::kernel::describe_missing(
-            &super::kernel::release(),
-            &missing,
-        ))
+        features,
     })
 }
 

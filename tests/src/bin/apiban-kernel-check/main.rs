@@ -1,19 +1,27 @@
 //! Does the production XDP program load and decide right on this kernel? `cargo xtask compat`
-//! boots an older kernel (Debian 12's 6.1) under qemu with this binary as /init; it also runs
-//! on any host as root.
+//! boots Debian 11's, 12's and 13's kernels under qemu with this binary as /init; it also
+//! runs on any host as root.
 //!
-//! It probes what the program needs of the kernel, loads the program (the verifier's word),
-//! runs the differential check (generated frames through BPF_PROG_TEST_RUN, every verdict
-//! compared with the model), a capture through the ring buffer, and SIP scanner detection's
-//! two halves (a request sampled by the XDP program, the server's answer reported by the
-//! egress classifier, which the verifier sees here too), then prints one line
-//! `apiban-kernel-check: PASS ...` or `apiban-kernel-check: FAIL ...`. As PID 1 it mounts
-//! what it needs first and powers the machine off at the end.
+//! It probes what the program needs of the kernel, loads the program with what the kernel
+//! has (the verifier's word), runs the differential check (generated frames through
+//! BPF_PROG_TEST_RUN, every verdict compared with the model), then, where the kernel has
+//! them, a capture through the ring buffer and SIP scanner detection's two halves (a request
+//! sampled by the XDP program, the server's answer reported by the egress classifier), and
+//! where it has not, checks that nothing is copied. With the agent in its initramfs it then
+//! starts it (`agent.rs`). It prints one line `apiban-kernel-check: PASS ...` or
+//! `apiban-kernel-check: FAIL ...`. As PID 1 it mounts what it needs first and powers the
+//! machine off at the end.
+
+mod agent;
 
 use std::{path::Path, time::Instant};
 
 use apiban::{
-    dataplane::{capture::CaptureTap, detect::DetectTap, kernel},
+    dataplane::{
+        capture::CaptureTap,
+        detect::DetectTap,
+        kernel::{self, Feature, KernelFeatures},
+    },
     detect::sample::Sample,
 };
 use apiban_common::{
@@ -59,6 +67,7 @@ fn mount_basics() {
         ("proc", "/proc", "proc"),
         ("sysfs", "/sys", "sysfs"),
         ("bpf", "/sys/fs/bpf", "bpf"),
+        ("devtmpfs", "/dev", "devtmpfs"),
     ] {
         let _ = std::fs::create_dir_all(target);
         let c = |s: &str| std::ffi::CString::new(s).expect("no NUL");
@@ -98,14 +107,17 @@ fn check() -> Result<String, String> {
             Some(false) => "MISSING",
             None => "unknown (the probe failed)",
         };
-        println!(
-            "apiban-kernel-check: {} (Linux {}): {state}",
-            r.what, r.since
-        );
+        println!("apiban-kernel-check: {r}: {state}");
     }
-    let missing = kernel::missing();
-    if !missing.is_empty() {
-        return Err(kernel::describe_missing(&kernel::release(), &missing));
+    let features = KernelFeatures::probe();
+    for f in features.report() {
+        match &f.why_off {
+            None => println!("apiban-kernel-check: feature {}: on", f.feature),
+            Some(why) => println!("apiban-kernel-check: feature {}: off: {why}", f.feature),
+        }
+    }
+    if !features.has(Feature::Enforcement) {
+        return Err(kernel::describe_missing(&features));
     }
     let start = Instant::now();
     let agreement = std::panic::catch_unwind(|| differential::run(FRAMES, SEED))
@@ -117,20 +129,37 @@ fn check() -> Result<String, String> {
         return Err(format!("no {} frame was generated", v.name()));
     }
     let differential_took = start.elapsed();
-    let captured = std::panic::catch_unwind(capture_one)
+    let on = features.has(Feature::Capture);
+    let captured = std::panic::catch_unwind(|| capture_one(on))
         .map_err(|_| "the capture check panicked (see above)".to_owned())??;
-    std::panic::catch_unwind(detect_one)
+    let captured = match captured {
+        Some(len) => format!("a dropped frame captured whole ({len} bytes)"),
+        None => "capture off and nothing captured".to_owned(),
+    };
+    let on = features.has(Feature::Detection);
+    std::panic::catch_unwind(|| detect_one(on))
         .map_err(|_| "the detection check panicked (see above)".to_owned())??;
+    let detected = if on {
+        "a REGISTER sampled and its 401 reported on egress"
+    } else {
+        "detection off and nothing sampled"
+    };
+    let agent = if Path::new(agent::AGENT).exists() {
+        format!("; {}", agent::check(&features)?)
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "{FRAMES} frames agreed with the model in {:.1}s (verdicts {:?}); a dropped frame \
-         captured whole ({captured} bytes); a REGISTER sampled and its 401 reported on egress",
+        "{FRAMES} frames agreed with the model in {:.1}s (verdicts {:?}); {captured}; \
+         {detected}{agent}",
         differential_took.as_secs_f64(),
         agreement.seen
     ))
 }
 
-/// The capture path: a banned source's frame, dropped, arrives in the ring buffer whole.
-fn capture_one() -> Result<usize, String> {
+/// The capture path: a banned source's frame, dropped, arrives in the ring buffer whole; on
+/// a kernel without capture (`on` false), the program, asked to, copies nothing.
+fn capture_one(on: bool) -> Result<Option<usize>, String> {
     let policy = Policy {
         deny: differential::nets(&["203.0.113.7/32"]),
         ..Default::default()
@@ -162,6 +191,12 @@ fn capture_one() -> Result<usize, String> {
             "the banned frame got action {action}, not XDP_DROP"
         ));
     }
+    if !on {
+        return match tap.ring.next() {
+            Some(_) => Err("capture is off on this kernel, yet a record arrived".into()),
+            None => Ok(None),
+        };
+    }
     let record = tap
         .ring
         .next()
@@ -174,12 +209,13 @@ fn capture_one() -> Result<usize, String> {
             sent.len()
         ));
     }
-    Ok(len)
+    Ok(Some(len))
 }
 
 /// Detection: a REGISTER from a new source is sampled by the XDP program, and the server's
-/// 401 to it is reported by the egress classifier.
-fn detect_one() -> Result<(), String> {
+/// 401 to it is reported by the egress classifier; on a kernel without detection (`on`
+/// false), switched on all the same, the program samples nothing and passes the REGISTER.
+fn detect_one(on: bool) -> Result<(), String> {
     let mut under = differential::Under::new(&Policy::default());
     let mut tap = DetectTap::take(under.loaded.ebpf_mut()).map_err(|e| e.to_string())?;
     let config = DetectConfig {
@@ -214,6 +250,12 @@ fn detect_one() -> Result<(), String> {
         return Err(format!(
             "a clean REGISTER got action {action}, not XDP_PASS"
         ));
+    }
+    if !on {
+        return match tap.samples.next() {
+            Some(_) => Err("detection is off on this kernel, yet a sample arrived".into()),
+            None => Ok(()),
+        };
     }
     let answer = Frame::ip(
         ip(server),
