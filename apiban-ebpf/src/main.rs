@@ -277,7 +277,9 @@ fn classify_v4(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
         return Ok(Verdict::Passed);
     }
     let key = Key::new(32, src);
-    let deny = v4_host(u32::from_ne_bytes(src)).or_else(|| DENY_V4.get(&key).map(prefix_hits));
+    let deny = v4_host(u32::from_ne_bytes(src))
+        .map(DenyHit::table)
+        .or_else(|| DENY_V4.get(&key).map(DenyHit::trie));
     Ok(match deny {
         None => Verdict::Passed,
         // The allowlist is only consulted for banned sources: same verdict as looking it up
@@ -291,7 +293,7 @@ fn classify_v4(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
             Verdict::Allowed
         }
         Some(entry) => {
-            let verdict = enforced(entry, flags);
+            let verdict = enforced(entry.hits, flags);
             record_hit(entry, flags);
             debug_event(ctx, flags, verdict, u32::from_be_bytes(src));
             verdict
@@ -323,7 +325,9 @@ fn classify_v6(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
         u32::from_ne_bytes([src[8], src[9], src[10], src[11]]),
         u32::from_ne_bytes([src[12], src[13], src[14], src[15]]),
     ];
-    let deny = v6_host(&words).or_else(|| DENY_V6.get(&key).map(prefix_hits));
+    let deny = v6_host(&words)
+        .map(DenyHit::table)
+        .or_else(|| DENY_V6.get(&key).map(DenyHit::trie));
     Ok(match deny {
         None => Verdict::Passed,
         Some(_)
@@ -334,7 +338,7 @@ fn classify_v6(ctx: &XdpContext, offset: usize, flags: u32) -> Result<Verdict, (
             Verdict::Allowed
         }
         Some(entry) => {
-            let verdict = enforced(entry, flags);
+            let verdict = enforced(entry.hits, flags);
             record_hit(entry, flags);
             verdict
         }
@@ -409,11 +413,31 @@ fn v6_host(addr: &[u32; 4]) -> Option<*mut HostHits> {
     None
 }
 
-/// A trie entry's hit bookkeeping: `DenyEntry` starts with the fields of `HostHits`, in the
-/// same order, so both kinds of entry are counted by one `record_hit`.
-#[inline(always)]
-fn prefix_hits(entry: &DenyEntry) -> *mut HostHits {
-    (entry as *const DenyEntry).cast_mut().cast::<HostHits>()
+/// A deny entry's hit bookkeeping, and whether it lives in an LPM trie. `DenyEntry` starts
+/// with the fields of `HostHits`, in the same order, so both kinds are read alike; they are
+/// written differently (see `record_hit`).
+#[derive(Clone, Copy)]
+struct DenyHit {
+    hits: *mut HostHits,
+    in_trie: bool,
+}
+
+impl DenyHit {
+    #[inline(always)]
+    fn table(hits: *mut HostHits) -> Self {
+        Self {
+            hits,
+            in_trie: false,
+        }
+    }
+
+    #[inline(always)]
+    fn trie(entry: &DenyEntry) -> Self {
+        Self {
+            hits: (entry as *const DenyEntry).cast_mut().cast::<HostHits>(),
+            in_trie: true,
+        }
+    }
 }
 
 /// False only when no entry of the filter's list covers the source's block. A word the lookup
@@ -478,13 +502,38 @@ fn in_port_scope(ctx: &XdpContext, proto: u8, l4_offset: usize) -> Result<bool, 
     Ok(SCOPE_PORTS.get(u32::from(port)).is_some_and(|on| *on != 0))
 }
 
+/// Counts a hit. A trie entry's value follows its key inside the kernel's trie node, so an
+/// IPv4 entry's count sits 4 bytes off an 8-byte boundary: an atomic add there is an
+/// alignment fault on arm64 (a kernel oops, found by `cargo xtask compat --arch arm64`). A
+/// trie entry's count is read and written plainly: CPUs hitting one banned prefix at once
+/// may lose each other's increments, the price of a count that cannot crash the host.
 #[inline(always)]
-fn record_hit(entry: *mut HostHits, flags: u32) {
+fn record_hit(entry: DenyHit, flags: u32) {
     if flags & DataplaneConfig::NO_HIT_TRACKING != 0 {
         return;
     }
     if let Some((add, now)) = hit_sample() {
-        write_hit(entry, add, now);
+        if entry.in_trie {
+            write_trie_hit(entry.hits, add, now);
+        } else {
+            write_hit(entry.hits, add, now);
+        }
+    }
+}
+
+/// `write_hit` without the atomic add (see `record_hit`).
+#[inline(always)]
+fn write_trie_hit(entry: *mut HostHits, add: u64, now: u64) {
+    // SAFETY: the pointer comes from a successful map lookup and stays valid for this run
+    // (RCU). Plain loads and stores: arm64 allows them unaligned, unlike its atomics. The
+    // observe mark in bit 63 is kept: the add never reaches it.
+    unsafe {
+        let hits = &raw mut (*entry).hits;
+        hits.write_volatile(hits.read_volatile().wrapping_add(add));
+        let last = &raw mut (*entry).last_hit_ns;
+        if last.read_volatile() != now {
+            last.write_volatile(now);
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::{cargo, setup, status};
+use crate::{cargo, package::Arch, setup, status};
 
 /// How long a guest may take from power-on to its verdict, under software emulation.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
@@ -30,56 +30,102 @@ pub struct Kernel {
     /// What `--kernel` calls it.
     pub name: &'static str,
     pub label: &'static str,
+    pub arch: Arch,
     suite: &'static str,
     /// An `apt-cache search --names-only` pattern for the generic amd64 image.
     package: &'static str,
 }
 
-pub const KERNELS: [Kernel; 3] = [
+pub const KERNELS: [Kernel; 4] = [
     Kernel {
         name: "debian11",
         label: "Debian 11 (bullseye)",
+        arch: Arch::Amd64,
         suite: "bullseye",
         package: r"^linux-image-5\.10\.0-[0-9]+-amd64-unsigned$",
     },
     Kernel {
         name: "debian12",
         label: "Debian 12 (bookworm)",
+        arch: Arch::Amd64,
         suite: "bookworm",
         package: r"^linux-image-6\.1\.0-[0-9]+-amd64-unsigned$",
     },
     Kernel {
         name: "debian13",
         label: "Debian 13 (trixie)",
+        arch: Arch::Amd64,
         suite: "trixie",
         package: r"^linux-image-[0-9.]+\+deb13-amd64-unsigned$",
     },
+    Kernel {
+        name: "debian12",
+        label: "Debian 12 (bookworm), arm64",
+        arch: Arch::Arm64,
+        suite: "bookworm",
+        package: r"^linux-image-6\.1\.0-[0-9]+-arm64-unsigned$",
+    },
 ];
 
-/// The kernels `--kernel` names (all of them for "all").
-pub fn select(names: &[String]) -> anyhow::Result<Vec<Kernel>> {
+/// The kernels `--kernel` names for `arch` (all of that architecture's for "all"; arm64 has
+/// Debian 12's only).
+pub fn select(names: &[String], arch: Arch) -> anyhow::Result<Vec<Kernel>> {
+    let of_arch: Vec<Kernel> = KERNELS.into_iter().filter(|k| k.arch == arch).collect();
     if names.is_empty() || names.iter().any(|n| n == "all") {
-        return Ok(KERNELS.to_vec());
+        return Ok(of_arch);
     }
     names
         .iter()
         .map(|n| {
-            KERNELS
+            of_arch
                 .iter()
                 .find(|k| k.name == n)
                 .copied()
                 .with_context(|| {
-                    let known: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
-                    format!("no kernel {n}; --kernel takes {} or all", known.join(", "))
+                    let known: Vec<&str> = of_arch.iter().map(|k| k.name).collect();
+                    format!(
+                        "no {arch:?} kernel {n}; --kernel takes {} or all",
+                        known.join(", ")
+                    )
                 })
         })
         .collect()
 }
 
 pub fn run(root: &Path, kernels: &[Kernel]) -> anyhow::Result<()> {
-    setup::ensure_compat_tools()?;
+    setup::ensure_compat_tools(kernels.iter().any(|k| k.arch == Arch::Arm64))?;
     let work = root.join("target/compat");
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let mut failed = Vec::new();
+    for arch in [Arch::Amd64, Arch::Arm64] {
+        let of_arch: Vec<&Kernel> = kernels.iter().filter(|k| k.arch == arch).collect();
+        if of_arch.is_empty() {
+            continue;
+        }
+        let binaries = guest_binaries(root, arch)?;
+        let apt = Apt::new(&work, arch, &of_arch)?;
+        for kernel in of_arch {
+            let outcome = apt
+                .kernel(kernel)
+                .and_then(|found| check(&work, kernel, &found, &binaries));
+            match outcome {
+                Ok(line) => eprintln!("[compat] {}: {line}", kernel.label),
+                Err(e) => {
+                    eprintln!("[compat] {}: FAILED: {e:#}", kernel.label);
+                    failed.push(kernel.label);
+                }
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("the kernel check did not pass on {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+/// What goes into a guest of `arch`: the check as /init; on amd64 also the agent and `ip`
+/// for its start-up on a veth pair (the arm64 guest runs the program checks only).
+fn guest_binaries(root: &Path, arch: Arch) -> anyhow::Result<Vec<(&'static str, PathBuf)>> {
     let mut build = cargo(root);
     build.args([
         "build",
@@ -88,35 +134,19 @@ pub fn run(root: &Path, kernels: &[Kernel]) -> anyhow::Result<()> {
         "tests",
         "--bin",
         "apiban-kernel-check",
-        "-p",
-        "apiban-user",
-        "--bin",
-        "apiban",
     ]);
-    status(build).context("building apiban-kernel-check and apiban failed")?;
-    let binaries = [
-        ("init", root.join("target/release/apiban-kernel-check")),
-        ("apiban", root.join("target/release/apiban")),
-        ("ip", ip_binary()?),
-    ];
-    let apt = Apt::new(&work, kernels)?;
-    let mut failed = Vec::new();
-    for kernel in kernels {
-        let outcome = apt
-            .kernel(kernel)
-            .and_then(|found| check(&work, kernel, &found, &binaries));
-        match outcome {
-            Ok(line) => eprintln!("[compat] {}: {line}", kernel.label),
-            Err(e) => {
-                eprintln!("[compat] {}: FAILED: {e:#}", kernel.label);
-                failed.push(kernel.label);
-            }
-        }
+    if arch == Arch::Amd64 {
+        build.args(["-p", "apiban-user", "--bin", "apiban"]);
     }
-    if !failed.is_empty() {
-        bail!("the kernel check did not pass on {}", failed.join(", "));
+    crate::package::cross(&mut build, arch)?;
+    status(build).context("building apiban-kernel-check failed")?;
+    let release = arch.release_dir(root);
+    let mut binaries = vec![("init", release.join("apiban-kernel-check"))];
+    if arch == Arch::Amd64 {
+        binaries.push(("apiban", release.join("apiban")));
+        binaries.push(("ip", ip_binary()?));
     }
-    Ok(())
+    Ok(binaries)
 }
 
 /// iproute2's `ip`, for the guest's veth pair.
@@ -128,11 +158,11 @@ fn ip_binary() -> anyhow::Result<PathBuf> {
         .context("the compat check copies iproute2's ip into its guests (apt-get install iproute2)")
 }
 
-/// A kernel unpacked: its image package, vmlinuz and the veth module (a .ko).
+/// A kernel unpacked: its image package, vmlinuz and (amd64) the veth module, a .ko.
 struct Unpacked {
     package: String,
     vmlinuz: PathBuf,
-    veth: PathBuf,
+    veth: Option<PathBuf>,
 }
 
 fn check(
@@ -147,11 +177,11 @@ fn check(
         found.package,
         found.vmlinuz.display()
     );
-    let dir = work.join(kernel.name);
-    let initrd = initramfs(&dir, binaries, &found.veth)?;
+    let dir = work.join(format!("{}-{:?}", kernel.name, kernel.arch).to_lowercase());
+    let initrd = initramfs(&dir, kernel.arch, binaries, found.veth.as_deref())?;
     let console = dir.join("console.log");
     let started = Instant::now();
-    boot(&found.vmlinuz, &initrd, &console)?;
+    boot(kernel.arch, &found.vmlinuz, &initrd, &console)?;
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     // The firmware's screen control codes share the check's first line on the console.
     for line in log
@@ -180,11 +210,12 @@ fn check(
 /// the kernels asked for, nothing of the machine's configuration used or changed.
 struct Apt {
     dir: PathBuf,
+    arch: Arch,
 }
 
 impl Apt {
-    fn new(work: &Path, kernels: &[Kernel]) -> anyhow::Result<Self> {
-        let dir = work.join("apt");
+    fn new(work: &Path, arch: Arch, kernels: &[&Kernel]) -> anyhow::Result<Self> {
+        let dir = work.join(format!("apt-{}", arch.debian()));
         for sub in ["lists/partial", "cache/archives/partial", "debs"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
@@ -200,7 +231,7 @@ impl Apt {
         let list = dir.join("sources.list");
         let changed = std::fs::read_to_string(&list).ok().as_deref() != Some(sources.as_str());
         std::fs::write(&list, &sources)?;
-        let apt = Self { dir };
+        let apt = Self { dir, arch };
         // Security updates bring new kernel packages; a day-old index still finds one.
         let stamp = apt.dir.join("updated");
         let fresh = std::fs::metadata(&stamp)
@@ -229,6 +260,10 @@ impl Apt {
             .arg(format!("Dir::State::Lists={}", d("lists")))
             .arg("-o")
             .arg(format!("Dir::Cache={}", d("cache")))
+            .arg("-o")
+            .arg(format!("APT::Architecture={}", self.arch.debian()))
+            .arg("-o")
+            .arg(format!("APT::Architectures={}", self.arch.debian()))
             .args(args);
         c
     }
@@ -260,8 +295,8 @@ impl Apt {
         let kept = self.dir.parent().unwrap_or(&self.dir).join("kernels");
         std::fs::create_dir_all(&kept)?;
         let vmlinuz = kept.join(format!("vmlinuz-{release}"));
-        let veth = kept.join(format!("veth-{release}.ko"));
-        if vmlinuz.exists() && veth.exists() {
+        let veth = (self.arch == Arch::Amd64).then(|| kept.join(format!("veth-{release}.ko")));
+        if vmlinuz.exists() && veth.as_ref().is_none_or(|v| v.exists()) {
             return Ok(Unpacked {
                 package,
                 vmlinuz,
@@ -297,21 +332,23 @@ impl Apt {
         let image = find_file(&unpacked, &format!("vmlinuz-{release}"))
             .with_context(|| format!("no vmlinuz-{release} in {package}"))?;
         std::fs::copy(&image, &vmlinuz)?;
-        let module = find_file(&unpacked, "veth.ko")
-            .or_else(|| find_file(&unpacked, "veth.ko.xz"))
-            .with_context(|| format!("no veth module in {package}"))?;
-        if module.extension().is_some_and(|e| e == "xz") {
-            let out = Command::new("xz")
-                .args(["-dc"])
-                .arg(&module)
-                .output()
-                .context("xz decompresses Debian 13's modules")?;
-            if !out.status.success() {
-                bail!("xz could not decompress {}", module.display());
+        if let Some(veth) = &veth {
+            let module = find_file(&unpacked, "veth.ko")
+                .or_else(|| find_file(&unpacked, "veth.ko.xz"))
+                .with_context(|| format!("no veth module in {package}"))?;
+            if module.extension().is_some_and(|e| e == "xz") {
+                let out = Command::new("xz")
+                    .args(["-dc"])
+                    .arg(&module)
+                    .output()
+                    .context("xz decompresses Debian 13's modules")?;
+                if !out.status.success() {
+                    bail!("xz could not decompress {}", module.display());
+                }
+                std::fs::write(veth, out.stdout)?;
+            } else {
+                std::fs::copy(&module, veth)?;
             }
-            std::fs::write(&veth, out.stdout)?;
-        } else {
-            std::fs::copy(&module, &veth)?;
         }
         let _ = std::fs::remove_dir_all(&unpacked);
         let _ = std::fs::remove_file(&deb);
@@ -347,7 +384,12 @@ fn find_file(dir: &Path, name: &str) -> Option<PathBuf> {
 
 /// A gzip'd newc cpio: the check as /init, the agent, ip, the veth module, and the shared
 /// libraries they link.
-fn initramfs(dir: &Path, binaries: &[(&str, PathBuf)], veth: &Path) -> anyhow::Result<PathBuf> {
+fn initramfs(
+    dir: &Path,
+    arch: Arch,
+    binaries: &[(&str, PathBuf)],
+    veth: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
     let tree = dir.join("initramfs");
     let _ = std::fs::remove_dir_all(&tree);
     for sub in ["proc", "sys", "dev", "tmp", "run"] {
@@ -356,15 +398,8 @@ fn initramfs(dir: &Path, binaries: &[(&str, PathBuf)], veth: &Path) -> anyhow::R
     for (name, binary) in binaries {
         std::fs::copy(binary, tree.join(name))
             .with_context(|| format!("cannot copy {} into the initramfs", binary.display()))?;
-        let ldd = Command::new("ldd")
-            .arg(binary)
-            .output()
-            .context("ldd is needed to find the binaries' libraries")?;
-        for lib in String::from_utf8_lossy(&ldd.stdout)
-            .split_whitespace()
-            .filter(|w| w.starts_with('/'))
-        {
-            let target = tree.join(lib.trim_start_matches('/'));
+        for (lib, at) in libraries(arch, binary)? {
+            let target = tree.join(at.trim_start_matches('/'));
             if target.exists() {
                 continue;
             }
@@ -372,10 +407,13 @@ fn initramfs(dir: &Path, binaries: &[(&str, PathBuf)], veth: &Path) -> anyhow::R
                 std::fs::create_dir_all(parent)?;
             }
             // Follows the symlinks: the guest gets the files themselves under the linked names.
-            std::fs::copy(lib, &target).with_context(|| format!("cannot copy {lib}"))?;
+            std::fs::copy(&lib, &target)
+                .with_context(|| format!("cannot copy {}", lib.display()))?;
         }
     }
-    std::fs::copy(veth, tree.join("veth.ko"))?;
+    if let Some(veth) = veth {
+        std::fs::copy(veth, tree.join("veth.ko"))?;
+    }
     let initrd = dir.join("initrd.gz");
     let script = format!(
         "cd {} && find . | cpio --quiet -o -H newc | gzip -1 > {}",
@@ -391,16 +429,69 @@ fn initramfs(dir: &Path, binaries: &[(&str, PathBuf)], veth: &Path) -> anyhow::R
     Ok(initrd)
 }
 
+/// The shared libraries `binary` links, each with where the guest looks for it. This
+/// machine's own: ldd. arm64: the ELF's NEEDED entries and interpreter, from Debian's
+/// cross libc (libc6-arm64-cross), all under /lib, which the guest's loader searches.
+fn libraries(arch: Arch, binary: &Path) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    if arch == Arch::Amd64 {
+        let ldd = Command::new("ldd")
+            .arg(binary)
+            .output()
+            .context("ldd is needed to find the binaries' libraries")?;
+        return Ok(String::from_utf8_lossy(&ldd.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+            .map(|lib| (PathBuf::from(lib), lib.to_owned()))
+            .collect());
+    }
+    let elf = Command::new("aarch64-linux-gnu-readelf")
+        .args(["-d", "-l"])
+        .arg(binary)
+        .output()
+        .context("aarch64-linux-gnu-readelf (binutils-aarch64-linux-gnu) reads the arm64 build")?;
+    let text = String::from_utf8_lossy(&elf.stdout);
+    let cross = Path::new("/usr/aarch64-linux-gnu/lib");
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        if let Some(name) = line
+            .split("Shared library: [")
+            .nth(1)
+            .and_then(|r| r.split(']').next())
+        {
+            libs.push((cross.join(name), format!("/lib/{name}")));
+        }
+        if let Some(interp) = line
+            .split("[Requesting program interpreter: ")
+            .nth(1)
+            .and_then(|r| r.split(']').next())
+        {
+            let name = Path::new(interp)
+                .file_name()
+                .context("an interpreter path")?;
+            libs.push((cross.join(name), interp.to_owned()));
+        }
+    }
+    anyhow::ensure!(
+        !libs.is_empty(),
+        "no libraries found in {}",
+        binary.display()
+    );
+    Ok(libs)
+}
+
 /// Boots under KVM when the machine offers a working one, else (or when the KVM attempt
 /// dies before the guest says anything, as under some nested hypervisors) software emulation.
-fn boot(vmlinuz: &Path, initrd: &Path, console: &Path) -> anyhow::Result<()> {
+fn boot(arch: Arch, vmlinuz: &Path, initrd: &Path, console: &Path) -> anyhow::Result<()> {
+    if arch == Arch::Arm64 {
+        return boot_with(arch, vmlinuz, initrd, console, "tcg");
+    }
     let kvm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/kvm")
         .is_ok();
     if kvm {
-        match boot_with(vmlinuz, initrd, console, "kvm") {
+        match boot_with(arch, vmlinuz, initrd, console, "kvm") {
             Ok(()) => return Ok(()),
             Err(e)
                 if !std::fs::read_to_string(console)
@@ -412,22 +503,39 @@ fn boot(vmlinuz: &Path, initrd: &Path, console: &Path) -> anyhow::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    boot_with(vmlinuz, initrd, console, "tcg")
+    boot_with(arch, vmlinuz, initrd, console, "tcg")
 }
 
-fn boot_with(vmlinuz: &Path, initrd: &Path, console: &Path, accel: &str) -> anyhow::Result<()> {
+fn boot_with(
+    arch: Arch,
+    vmlinuz: &Path,
+    initrd: &Path,
+    console: &Path,
+    accel: &str,
+) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(console);
-    let mut qemu = Command::new("qemu-system-x86_64");
+    let (program, machine, cpu, tty) = match arch {
+        Arch::Amd64 => (
+            "qemu-system-x86_64",
+            "pc",
+            if accel == "kvm" { "host" } else { "max" },
+            "ttyS0",
+        ),
+        // cortex-a72: "max" emulates pointer authentication, slowly, under software emulation.
+        Arch::Arm64 => ("qemu-system-aarch64", "virt", "cortex-a72", "ttyAMA0"),
+    };
+    let mut qemu = Command::new(program);
     qemu.args(["-m", "2048", "-smp", "2", "-nographic", "-no-reboot"])
+        .args(["-machine", machine])
         .args(["-accel", accel])
-        .args(["-cpu", if accel == "kvm" { "host" } else { "max" }])
+        .args(["-cpu", cpu])
         .arg("-kernel")
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initrd)
         .args([
             "-append",
-            "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=4",
+            &format!("console={tty} rdinit=/init panic=-1 quiet loglevel=4"),
         ])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
@@ -446,7 +554,7 @@ fn boot_with(vmlinuz: &Path, initrd: &Path, console: &Path, accel: &str) -> anyh
     );
     let mut child = qemu
         .spawn()
-        .context("cannot start qemu-system-x86_64 (`cargo xtask setup` installs it)")?;
+        .with_context(|| format!("cannot start {program} (`cargo xtask setup` installs it)"))?;
     let deadline = Instant::now() + BOOT_TIMEOUT;
     loop {
         if let Some(st) = child.try_wait()? {

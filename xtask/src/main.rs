@@ -4,6 +4,7 @@
 //! and can install that toolchain before anything else is built.
 
 mod compat;
+mod package;
 mod setup;
 
 use std::{
@@ -87,15 +88,28 @@ enum Cmd {
     ///
     /// Example: cargo xtask compat --kernel debian11
     Compat {
-        /// debian11, debian12, debian13 or all (repeatable).
+        /// debian11, debian12, debian13 or all (repeatable); arm64 has debian12.
         #[arg(long = "kernel", default_value = "all")]
         kernels: Vec<String>,
+        /// amd64 boots under qemu-system-x86_64 and also starts the agent; arm64 boots
+        /// Debian 12's arm64 kernel under qemu-system-aarch64 with the arm64 build.
+        #[arg(long, value_enum, default_value = "amd64")]
+        arch: package::Arch,
     },
-    /// Build target/debian/apiban_<version>_amd64.deb (cargo-deb): the binary, the systemd
+    /// Build target/debian/apiban_<version>_<arch>.deb (cargo-deb), or with --rpm
+    /// target/rpm/apiban-<version>-1.<arch>.rpm (cargo-generate-rpm): the binary, the systemd
     /// unit, /etc/apiban/config.toml as a conffile, man pages, shell completions, the README.
+    /// arm64 is cross-built (Debian's gcc-aarch64-linux-gnu).
     ///
     /// Example: cargo xtask package && dpkg -i target/debian/apiban_*_amd64.deb
-    Package,
+    ///          cargo xtask package --arch arm64 --rpm
+    Package {
+        #[arg(long, value_enum, default_value = "amd64")]
+        arch: package::Arch,
+        /// The RPM instead of the .deb.
+        #[arg(long)]
+        rpm: bool,
+    },
     /// Benchmarks, all of them by default: `dataplane` (ns per packet under
     /// BPF_PROG_TEST_RUN, map load times), `sync` (ingesting 100k addresses, memory),
     /// `compare` (apiban against iptables, ipset and nftables: loading, and a flood on a veth
@@ -246,17 +260,21 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::Compat { kernels } => {
-            let kernels = compat::select(&kernels)?;
+        Cmd::Compat { kernels, arch } => {
+            let kernels = compat::select(&kernels, arch)?;
             setup::run()?;
             require_root("the kernel check loads XDP programs in a guest it boots")?;
             compat::run(&root, &kernels)
         }
-        Cmd::Package => {
+        Cmd::Package { arch, rpm } => {
             setup::run()?;
-            setup::ensure_package_tools()?;
-            let deb = package(&root)?;
-            eprintln!("[package] {}", deb.display());
+            let format = if rpm {
+                package::Format::Rpm
+            } else {
+                package::Format::Deb
+            };
+            let built = package::package(&root, arch, format)?;
+            eprintln!("[package] {}", built.display());
             Ok(())
         }
         Cmd::Install { destdir } => {
@@ -451,65 +469,6 @@ fn key_configured(agent_args: &[String]) -> bool {
 }
 
 /// Builds the release binary, the package's generated assets, then the .deb; its path.
-fn package(root: &Path) -> anyhow::Result<PathBuf> {
-    build_release(root)?;
-    let assets = root.join("target/release/debian-assets");
-    let _ = std::fs::remove_dir_all(&assets);
-    let man = assets.join("man");
-    std::fs::create_dir_all(&man).with_context(|| format!("cannot create {}", man.display()))?;
-    // The unit as installed by the package: Debian's binaries live in /usr/bin.
-    let unit = std::fs::read_to_string(root.join("packaging/apiban.service"))
-        .context("cannot read packaging/apiban.service")?
-        .replace("/usr/local/bin/apiban", "/usr/bin/apiban")
-        .replace(
-            "# Install: `cargo xtask install` (binary, this unit, /etc/apiban/config.toml), then",
-            "# Installed by the apiban package (binary, this unit, /etc/apiban/config.toml); then",
-        );
-    std::fs::write(assets.join("apiban.service"), unit).context("cannot write the unit")?;
-    let apiban = root.join("target/release/apiban");
-    status({
-        let mut c = Command::new(&apiban);
-        c.arg("manpages").arg(&man);
-        c
-    })
-    .context("generating the man pages failed")?;
-    // Debian ships man pages compressed; -n keeps the build reproducible.
-    for page in std::fs::read_dir(&man)? {
-        status({
-            let mut c = Command::new("gzip");
-            c.args(["-9", "-n", "-f"]).arg(page?.path());
-            c
-        })
-        .context("gzip is needed to compress the man pages")?;
-    }
-    for (shell, file) in [
-        ("bash", "apiban.bash"),
-        ("zsh", "_apiban"),
-        ("fish", "apiban.fish"),
-    ] {
-        let out = Command::new(&apiban)
-            .args(["completions", shell])
-            .output()
-            .with_context(|| format!("could not run {}", apiban.display()))?;
-        anyhow::ensure!(out.status.success(), "apiban completions {shell} failed");
-        std::fs::write(assets.join(file), out.stdout)?;
-    }
-    let mut cmd = cargo(root);
-    cmd.args(["deb", "-p", "apiban-user", "--no-build", "-o"])
-        .arg(root.join("target/debian"));
-    let out = cmd
-        .output()
-        .context("could not run cargo deb (`cargo xtask setup` installs cargo-deb)")?;
-    eprint!("{}", String::from_utf8_lossy(&out.stderr));
-    anyhow::ensure!(out.status.success(), "cargo deb failed");
-    let deb = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    anyhow::ensure!(
-        !deb.is_empty(),
-        "cargo deb did not say where the package is"
-    );
-    Ok(PathBuf::from(deb))
-}
-
 /// Installs binary, unit and config; an existing config is never overwritten.
 fn install(root: &Path, destdir: Option<&Path>) -> anyhow::Result<()> {
     if destdir.is_none() {
@@ -660,7 +619,8 @@ fn test(root: &Path) -> anyhow::Result<()> {
         );
     }
     // The package test installs what `cargo xtask package` builds.
-    let deb = package(root).context("building the Debian package failed")?;
+    let deb = package::package(root, package::Arch::Amd64, package::Format::Deb)
+        .context("building the Debian package failed")?;
     // Tests that touch kernel state (namespaces, XDP attachments, pins) run one at a time.
     let args = ["test", "-p", "tests", "--", "--test-threads=1"];
     eprintln!(

@@ -346,8 +346,66 @@ pub fn ensure_package_tools() -> anyhow::Result<()> {
     run_step(&format!("{what}, building from crates.io"), &mut cmd)
 }
 
-/// What `cargo xtask compat` boots Debian's kernel with.
-pub fn ensure_compat_tools() -> anyhow::Result<()> {
+/// rpmbuild, which builds the RPM from the spec; rpmlint, which the packaging test runs.
+pub fn ensure_rpm_tools() -> anyhow::Result<()> {
+    ensure_tool(
+        "rpmbuild",
+        &["--version"],
+        "rpm",
+        "`cargo xtask package --rpm` builds the RPM with rpmbuild",
+    )?;
+    ensure_tool(
+        "rpmlint",
+        &["--version"],
+        "rpmlint",
+        "the packaging test lints the RPM",
+    )
+}
+
+/// The Rust target, Debian's cross compiler (ring builds C) and the target's libc, for a
+/// cross build to `triple` (aarch64 only).
+pub fn ensure_cross_tools(triple: &str) -> anyhow::Result<()> {
+    let toolchain = host_toolchain()?;
+    let installed = output(
+        "rustup",
+        &["target", "list", "--installed", "--toolchain", &toolchain],
+    )
+    .unwrap_or_default();
+    let what = format!("Rust target {triple} for {toolchain}");
+    if installed.lines().any(|l| l.trim() == triple) {
+        progress(&what, "present");
+    } else {
+        let mut cmd = Command::new("rustup");
+        cmd.args(["target", "add", "--toolchain", &toolchain, triple]);
+        run_step(&what, &mut cmd)?;
+    }
+    ensure_tool(
+        "aarch64-linux-gnu-gcc",
+        &["--version"],
+        "gcc-aarch64-linux-gnu",
+        "the arm64 build links with it and ring's C parts compile with it",
+    )?;
+    if Path::new("/usr/aarch64-linux-gnu/lib/libc.so.6").exists() {
+        progress("libc6-dev-arm64-cross", "present");
+        Ok(())
+    } else {
+        apt_install(
+            "libc6-dev-arm64-cross",
+            "the arm64 build links against its C library",
+        )
+    }
+}
+
+/// What `cargo xtask compat` boots Debian's kernels with (and, for `arm64`, its arm64 one).
+pub fn ensure_compat_tools(arm64: bool) -> anyhow::Result<()> {
+    if arm64 {
+        ensure_tool(
+            "qemu-system-aarch64",
+            &["--version"],
+            "qemu-system-arm",
+            "the compat check boots Debian's arm64 kernel under qemu",
+        )?;
+    }
     ensure_tool(
         "qemu-system-x86_64",
         &["--version"],
