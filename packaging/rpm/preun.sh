@@ -8,6 +8,8 @@ if [ "$1" -eq 0 ]; then
     if [ -d /run/systemd/system ]; then
         systemctl disable --now apiban.service >/dev/null 2>&1 || :
     fi
+    # Made by %post, not a packaged file: gone before rpm removes /etc/apiban if empty.
+    rm -f /etc/apiban/ban-api-token
     if [ -x /usr/bin/apiban ]; then
         /usr/bin/apiban detach || \
             echo "apiban: 'apiban detach' failed; the XDP program may still be attached" \

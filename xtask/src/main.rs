@@ -85,8 +85,10 @@ enum Cmd {
     /// 6.1, the newest), each booted under qemu: kernel features probed, the verifier,
     /// generated frames through BPF_PROG_TEST_RUN against the model, a capture and a
     /// detection sample where the kernel has them, the agent started on a veth pair (root).
+    /// With --arch arm64: the arm64 build on Debian 12's arm64 kernel (the program checks).
     ///
     /// Example: cargo xtask compat --kernel debian11
+    ///          cargo xtask compat --arch arm64
     Compat {
         /// debian11, debian12, debian13 or all (repeatable); arm64 has debian12.
         #[arg(long = "kernel", default_value = "all")]
@@ -618,21 +620,45 @@ fn test(root: &Path) -> anyhow::Result<()> {
              they will fail saying so"
         );
     }
-    // The package test installs what `cargo xtask package` builds.
-    let deb = package::package(root, package::Arch::Amd64, package::Format::Deb)
-        .context("building the Debian package failed")?;
+    // The package tests install what `cargo xtask package` builds, and compare the four.
+    let mut packages = Vec::new();
+    for (var, arch, format) in [
+        ("APIBAN_DEB", package::Arch::Amd64, package::Format::Deb),
+        ("APIBAN_RPM", package::Arch::Amd64, package::Format::Rpm),
+        (
+            "APIBAN_DEB_ARM64",
+            package::Arch::Arm64,
+            package::Format::Deb,
+        ),
+        (
+            "APIBAN_RPM_ARM64",
+            package::Arch::Arm64,
+            package::Format::Rpm,
+        ),
+    ] {
+        let built = package::package(root, arch, format)
+            .with_context(|| format!("building the {arch:?} {format:?} package failed"))?;
+        packages.push((var, built));
+    }
     // Tests that touch kernel state (namespaces, XDP attachments, pins) run one at a time.
     let args = ["test", "-p", "tests", "--", "--test-threads=1"];
+    let vars: Vec<String> = packages
+        .iter()
+        .map(|(var, path)| format!("{var}={}", path.display()))
+        .collect();
     eprintln!(
-        "[test] kernel tests: APIBAN_DEB={} cargo {}",
-        deb.display(),
+        "[test] kernel tests: {} cargo {}",
+        vars.join(" "),
         args.join(" ")
     );
     let mut cmd = cargo(root);
-    cmd.args(args).env("APIBAN_DEB", &deb);
+    cmd.args(args);
+    for (var, path) in &packages {
+        cmd.env(var, path);
+    }
     status(cmd).context("kernel tests failed")?;
-    // The programs and the agent on Debian 11's, 12's and 13's kernels, under qemu: about
-    // a minute and a half each.
+    // The programs and the agent on Debian 11's, 12's and 13's kernels, and the arm64 build
+    // on Debian 12's arm64 kernel, under qemu: about 20 s of guest time each.
     compat::run(root, &compat::KERNELS)
         .context("the kernel compatibility check (cargo xtask compat) failed")?;
     // A few seconds of each fuzz target over its corpus: what `cargo xtask fuzz` runs for

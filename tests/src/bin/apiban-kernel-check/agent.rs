@@ -164,7 +164,10 @@ fn enforced_without_agent() -> Result<(), String> {
         .build()
     };
     let all = (libc::ETH_P_ALL as u16).to_be();
-    let (peer, here) = (PacketSocket::open_here(PEER, all), PacketSocket::open_here(IFACE, all));
+    let (peer, here) = (
+        PacketSocket::open_here(PEER, all),
+        PacketSocket::open_here(IFACE, all),
+    );
     let mut seen = std::collections::HashMap::new();
     for _ in 0..5 {
         peer.send(&frame(BANNED));
