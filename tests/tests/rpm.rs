@@ -63,7 +63,12 @@ fn path(p: &Path) -> String {
 fn rpm_files(rpm: &Path) -> BTreeSet<String> {
     ok(
         "rpm",
-        &["-qp", "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]", &path(rpm)],
+        &[
+            "-qp",
+            "--qf",
+            "[%{FILEMODES:perms} %{FILENAMES}\n]",
+            &path(rpm),
+        ],
     )
     .lines()
     .filter(|l| !l.starts_with('d'))
