@@ -5,7 +5,8 @@
 //! meanwhile. Afterwards every node's ledger equals etcd's and the others', each address
 //! ends as the commands that were accepted imply, bans are dropped and unbans delivered on
 //! every node, APIBAN saw no request beyond the budget and no slot recorded in etcd went
-//! unsent, and no stretch without a leader outlasted the lease plus a second.
+//! unsent, and no stretch without a leader outlasted the lease plus a second (more when the
+//! Raft leader dies during the dead poller's lease: see `max_leaderless`).
 //!
 //! Each run prints its seed; `APIBAN_CHAOS_SEED=<seed>` replays one, and
 //! `APIBAN_CHAOS_SEEDS=<n>` runs n (what `cargo xtask fuzz` does).
@@ -133,6 +134,30 @@ fn watch_leaders(handles: Vec<Handle>, stop: Arc<AtomicBool>) -> Vec<(Instant, b
         std::thread::sleep(Duration::from_millis(100));
     }
     samples
+}
+
+/// etcd's own election after its Raft leader dies, on a loaded two-core machine (the
+/// members' election timeout is 1 s, randomised up to twice that, then a vote).
+const ETCD_ELECTION: Duration = Duration::from_secs(4);
+
+/// The longest the fleet may go without a leader, given when the polling node and the Raft
+/// leader member were killed. Alone, each costs at most the lease plus a second. Together,
+/// when the member dies while the dead node's lease still runs (or the node dies during
+/// etcd's election), more: a new Raft leader gives every lease its whole TTL again, plus an
+/// election timeout, as it cannot know how much was left (etcd-io/etcd#9395; its lease
+/// checkpoints are off by default and only cover leases over 5 minutes). The orphaned lease
+/// then outlives its node twice, and no node can lead until it expires.
+fn max_leaderless(poller_kill: Duration, member_kill: Duration) -> Duration {
+    let lease = MAX_LEADERLESS - Duration::from_secs(1);
+    let compound = member_kill + ETCD_ELECTION > poller_kill && member_kill < poller_kill + lease;
+    if compound {
+        member_kill.saturating_sub(poller_kill)
+            + ETCD_ELECTION
+            + MAX_LEADERLESS
+            + Duration::from_secs(2)
+    } else {
+        MAX_LEADERLESS
+    }
 }
 
 /// The longest stretch the samples show without a leader, after the first leader.
@@ -336,6 +361,7 @@ fn run(seed: u64) {
     let (mut member_down, mut member_back) = (None, false);
     let (mut cut, mut healed) = (false, false);
     let (mut poller, mut poller_back) = (None, false);
+    let (mut member_killed_at, mut poller_killed_at) = (None, None);
     let mut published: Vec<String> = Vec::new();
     // When the poller's budget write could reach etcd and its answer be lost or come too
     // late (see `check_budget`): a member's death and etcd's election, the cut, the second
@@ -349,6 +375,7 @@ fn run(seed: u64) {
             member_window = unknowable.len();
             unknowable.push((unix_ms() - 500, u64::MAX));
             f.etcd[m].kill();
+            member_killed_at = Some(start.elapsed());
             member_down = Some(m);
         }
         if let (Some(m), false) = (member_down, member_back)
@@ -373,6 +400,7 @@ fn run(seed: u64) {
         }
         if poller.is_none() && due(plan.poller_kill) {
             let p = f.leader().expect("a node leads");
+            poller_killed_at = Some(start.elapsed());
             eprintln!("{:?}: the poller, node {p}, SIGKILLed", start.elapsed());
             kill_maker_then_unban(&mut f, &handles, &log, p);
             unknowable.push((unix_ms() - 1000, unix_ms()));
@@ -406,9 +434,13 @@ fn run(seed: u64) {
     check_ends(&mut f, &handles, &log, seed);
     check_budget(&f, &slots, &unknowable, seed);
     let longest = longest_leaderless(&leaders);
+    let allowed = max_leaderless(
+        poller_killed_at.expect("the poller was killed"),
+        member_killed_at.expect("a member was killed"),
+    );
     assert!(
-        longest <= MAX_LEADERLESS,
-        "seed {seed}: the fleet went {longest:?} without a leader (at most {MAX_LEADERLESS:?})\n{}",
+        longest <= allowed,
+        "seed {seed}: the fleet went {longest:?} without a leader (at most {allowed:?})\n{}",
         f.logs()
     );
     eprintln!(
