@@ -42,6 +42,31 @@ pub fn run_frame(loaded: &mut apiban::dataplane::loader::Loaded, frame: &[u8]) -
     prog.test_run(opts).expect("BPF_PROG_TEST_RUN").return_value
 }
 
+/// Runs a program to its end and returns what it did (the package tests' commands).
+pub fn run_program(program: &str, args: &[&str]) -> std::process::Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
+}
+
+/// Runs a program that must succeed; its stdout and stderr, together.
+pub fn run_ok(program: &str, args: &[&str]) -> String {
+    let out = run_program(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// Fails the test, with a message saying why, unless running as root. Privileged tests are
 /// never skipped: a skipped test would pass without proving anything.
 pub fn require_root() {

@@ -261,6 +261,14 @@ impl Scene {
         }
     }
 
+    /// Whether an XDP program is attached to the server interface, as `ip -d link` says.
+    pub fn xdp_attached(&self) -> bool {
+        self.topo
+            .server
+            .exec("ip", &["-d", "link", "show", "dev", &self.topo.server_if])
+            .contains("prog/xdp")
+    }
+
     pub fn check(&self, addr: &str) -> serde_json::Value {
         serde_json::from_str(&self.agent().cli_ok(&["check", addr, "--json"]))
             .expect("check answers JSON")

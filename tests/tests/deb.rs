@@ -7,43 +7,20 @@
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Command,
     time::Duration,
 };
 
 use tests::{
     BpffsDir, Topology,
     agent::{http_get, http_request, use_apiban_bin},
-    require_root,
+    require_root, run_ok as ok, run_program as run,
     scene::Scene,
     sync_harness::TempDir,
 };
 
 const PINS: &str = "/sys/fs/bpf/apiban";
 const N: usize = 20;
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
-fn ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn installed() -> bool {
     run("dpkg-query", &["-W", "-f=${Status}", "apiban"])
@@ -74,14 +51,6 @@ const FILES: [&str; 6] = [
     "/usr/share/bash-completion/completions/apiban",
     "/usr/share/doc/apiban/README.md",
 ];
-
-/// Whether an XDP program is attached to the scene's server interface.
-fn xdp_attached(s: &Scene) -> bool {
-    s.topo
-        .server
-        .exec("ip", &["-d", "link", "show", "dev", &s.topo.server_if])
-        .contains("prog/xdp")
-}
 
 #[test]
 fn the_package_installs_runs_and_purges_to_nothing() {
@@ -222,7 +191,7 @@ fn the_package_installs_runs_and_purges_to_nothing() {
         "removal took the conffile"
     );
     assert!(Path::new(PINS).exists(), "removal took the pins");
-    assert!(xdp_attached(&s), "removal detached the program");
+    assert!(s.xdp_attached(), "removal detached the program");
     assert_eq!(s.probe(&[banned], N), vec![0]);
 
     // Purge, where the agent ran (its network namespace, the host's mounts): `apiban
@@ -241,6 +210,6 @@ fn the_package_installs_runs_and_purges_to_nothing() {
         !run("getent", &["group", "apiban"]).status.success(),
         "the purge left the group apiban"
     );
-    assert!(!xdp_attached(&s), "the purge left the program attached");
+    assert!(!s.xdp_attached(), "the purge left the program attached");
     assert_eq!(s.probe(&[banned], N), vec![N]);
 }

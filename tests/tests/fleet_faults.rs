@@ -6,29 +6,27 @@ use std::time::Duration;
 
 use tests::{fleet::Fleet, require_root, wait_until};
 
-/// etcd's value of `source`'s record of `addr`: None when there is no key.
-fn record_value(f: &Fleet, source: &str, addr: &str) -> Option<serde_json::Value> {
+/// etcd's value of `source`'s record of `addr` and the revision that last changed it; None
+/// when there is no key.
+fn record(f: &Fleet, source: &str, addr: &str) -> Option<(serde_json::Value, i64)> {
     let key = format!("{}ledger/records/{source}/{addr}/32", f.prefix);
     f.etcd_client(async move |c| {
         let answer = c.get(key, None).await.expect("read a record");
-        answer
-            .kvs()
-            .first()
-            .map(|kv| serde_json::from_slice(kv.value()).expect("a JSON value"))
+        answer.kvs().first().map(|kv| {
+            let value = serde_json::from_slice(kv.value()).expect("a JSON value");
+            (value, kv.mod_revision())
+        })
     })
+}
+
+/// etcd's value of `source`'s record of `addr`: None when there is no key.
+fn record_value(f: &Fleet, source: &str, addr: &str) -> Option<serde_json::Value> {
+    record(f, source, addr).map(|(value, _)| value)
 }
 
 /// The etcd revision that last changed `source`'s record of `addr`.
 fn record_revision(f: &Fleet, source: &str, addr: &str) -> i64 {
-    let key = format!("{}ledger/records/{source}/{addr}/32", f.prefix);
-    f.etcd_client(async move |c| {
-        let answer = c.get(key, None).await.expect("read a record");
-        answer
-            .kvs()
-            .first()
-            .expect("the key is there")
-            .mod_revision()
-    })
+    record(f, source, addr).expect("the key is there").1
 }
 
 /// Whether etcd holds a live ban (not a tombstone) of `addr` by an operator.

@@ -9,40 +9,17 @@ use std::{
     collections::BTreeSet,
     net::IpAddr,
     path::{Path, PathBuf},
-    process::{Command, Output},
     time::Duration,
 };
 
 use tests::{
-    BpffsDir, Topology, agent::use_apiban_bin, require_root, scene::Scene, sync_harness::TempDir,
+    BpffsDir, Topology, agent::use_apiban_bin, require_root, run_ok as ok, run_program as run,
+    scene::Scene, sync_harness::TempDir,
 };
 
 const PINS: &str = "/sys/fs/bpf/apiban";
 const TOKEN: &str = "/etc/apiban/ban-api-token";
 const N: usize = 20;
-
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
-fn ok(program: &str, args: &[&str]) -> String {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {}: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn artifact(var: &str) -> PathBuf {
     let path = PathBuf::from(std::env::var(var).unwrap_or_else(|_| {
@@ -178,13 +155,6 @@ impl Drop for Package {
     }
 }
 
-fn xdp_attached(s: &Scene) -> bool {
-    s.topo
-        .server
-        .exec("ip", &["-d", "link", "show", "dev", &s.topo.server_if])
-        .contains("prog/xdp")
-}
-
 #[test]
 fn the_rpm_installs_runs_upgrades_and_erases_to_nothing() {
     require_root();
@@ -260,7 +230,7 @@ fn the_rpm_installs_runs_upgrades_and_erases_to_nothing() {
     ok("rpm", &["-U", "--replacepkgs", "--nodeps", &path(&rpm)]);
     assert!(installed());
     assert!(Path::new(PINS).exists(), "the upgrade took the pins");
-    assert!(xdp_attached(&s), "the upgrade detached the program");
+    assert!(s.xdp_attached(), "the upgrade detached the program");
     assert_eq!(s.probe(&[banned], N), vec![0]);
     assert_eq!(std::fs::read_to_string(TOKEN).expect("the token"), token);
 
@@ -284,6 +254,6 @@ fn the_rpm_installs_runs_upgrades_and_erases_to_nothing() {
         !run("getent", &["group", "apiban"]).status.success(),
         "the erase left the group apiban"
     );
-    assert!(!xdp_attached(&s), "the erase left the program attached");
+    assert!(!s.xdp_attached(), "the erase left the program attached");
     assert_eq!(s.probe(&[banned], N), vec![N]);
 }
