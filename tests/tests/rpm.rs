@@ -2,7 +2,8 @@
 //! --nodeps): `rpm -i` starts nothing, the installed agent drops a banned source, `rpm -U`
 //! keeps the program attached and dropping, `rpm -e` detaches and leaves nothing of the
 //! package. And what every package holds: the RPMs the .deb's files (at the RPM's paths),
-//! rpmlint without errors, the arm64 builds aarch64 binaries. `cargo xtask test` builds them
+//! rpmlint without errors, the arm64 builds aarch64 binaries, none needs a glibc newer than
+//! Debian 11's. `cargo xtask test` builds them
 //! and names them in APIBAN_RPM, APIBAN_RPM_ARM64, APIBAN_DEB and APIBAN_DEB_ARM64.
 
 use std::{
@@ -105,30 +106,8 @@ fn every_package_holds_the_same_files_and_the_arm64_ones_carry_arm64_binaries() 
         "arm64"
     );
     let dir = TempDir::new("apiban-arm64-");
-    for (package, unpack) in [
-        (
-            &deb_arm,
-            format!(
-                "dpkg-deb --fsys-tarfile '{}' | tar -x -C '{}'",
-                path(&deb_arm),
-                path(&dir.path)
-            ),
-        ),
-        (
-            &rpm_arm,
-            format!(
-                "mkdir -p '{0}/rpm' && cd '{0}/rpm' && rpm2cpio '{1}' | cpio -id --quiet",
-                path(&dir.path),
-                path(&rpm_arm)
-            ),
-        ),
-    ] {
-        ok("sh", &["-c", &unpack]);
-        let binary = if package == &deb_arm {
-            dir.path.join("usr/bin/apiban")
-        } else {
-            dir.path.join("rpm/usr/bin/apiban")
-        };
+    for package in [&deb_arm, &rpm_arm] {
+        let binary = unpacked_binary(package, &dir.path);
         let kind = ok("file", &["-b", &path(&binary)]);
         assert!(
             kind.contains("ARM aarch64")
@@ -138,6 +117,97 @@ fn every_package_holds_the_same_files_and_the_arm64_ones_carry_arm64_binaries() 
             package.display()
         );
     }
+}
+
+/// /usr/bin/apiban of a .deb or an RPM, unpacked under `dir`.
+fn unpacked_binary(package: &Path, dir: &Path) -> PathBuf {
+    let name = package.file_name().unwrap().to_string_lossy().into_owned();
+    let into = dir.join(&name);
+    std::fs::create_dir_all(&into).unwrap();
+    let unpack = if name.ends_with(".deb") {
+        format!(
+            "dpkg-deb --fsys-tarfile '{}' | tar -x -C '{}'",
+            path(package),
+            path(&into)
+        )
+    } else {
+        format!(
+            "cd '{}' && rpm2cpio '{}' | cpio -id --quiet",
+            path(&into),
+            path(package)
+        )
+    };
+    ok("sh", &["-c", &unpack]);
+    into.join("usr/bin/apiban")
+}
+
+/// Debian 11's glibc, the oldest the packages are for (Ubuntu 20.04 has it too).
+const GLIBC_FLOOR: (u32, u32) = (2, 31);
+
+/// The glibc symbol versions an ELF needs, from readelf (any architecture's).
+fn glibc_versions(binary: &Path) -> BTreeSet<(u32, u32)> {
+    glibc_versions_in(&ok("readelf", &["-V", "-W", &path(binary)]))
+        .into_iter()
+        .collect()
+}
+
+/// Every package runs on Debian 11's C library: its binary needs no symbol newer than glibc
+/// 2.31 (a plain build on Debian 12 needs 2.34 and does not start there), and what each
+/// package declares matches. The compat check runs this build on Debian 11's glibc itself.
+#[test]
+fn every_package_needs_no_newer_glibc_than_debian_11s() {
+    let dir = TempDir::new("apiban-glibc-");
+    let floor = format!("{}.{}", GLIBC_FLOOR.0, GLIBC_FLOOR.1);
+    for var in [
+        "APIBAN_DEB",
+        "APIBAN_DEB_ARM64",
+        "APIBAN_RPM",
+        "APIBAN_RPM_ARM64",
+    ] {
+        let package = artifact(var);
+        let needed = glibc_versions(&unpacked_binary(&package, &dir.path));
+        let newest = needed.iter().max().copied();
+        assert!(
+            newest.is_some_and(|v| v <= GLIBC_FLOOR),
+            "{} needs glibc {newest:?} (all: {needed:?}); Debian 11 has {floor}",
+            package.display()
+        );
+        if var.starts_with("APIBAN_DEB") {
+            assert_eq!(
+                ok("dpkg-deb", &["-f", &path(&package), "Depends"]).trim(),
+                format!("libc6 (>= {floor})"),
+                "{}",
+                package.display()
+            );
+        } else {
+            // rpm derives its requirements from the symbol versions: none past the floor.
+            let requires = ok("rpm", &["-qpR", &path(&package)]);
+            let too_new: Vec<&str> = requires
+                .lines()
+                .filter(|l| glibc_versions_in(l).into_iter().any(|v| v > GLIBC_FLOOR))
+                .collect();
+            assert!(
+                requires.contains("libc.so.6(GLIBC_") && too_new.is_empty(),
+                "{} requires {too_new:?}:\n{requires}",
+                package.display()
+            );
+        }
+    }
+}
+
+/// GLIBC_x.y versions named in `text`.
+fn glibc_versions_in(text: &str) -> Vec<(u32, u32)> {
+    text.split("GLIBC_")
+        .skip(1)
+        .filter_map(|rest| {
+            let v: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            let mut parts = v.split('.').map(|p| p.parse::<u32>().ok());
+            Some((parts.next()??, parts.next()??))
+        })
+        .collect()
 }
 
 fn installed() -> bool {

@@ -99,9 +99,10 @@ enum Cmd {
         arch: package::Arch,
     },
     /// Build target/debian/apiban_<version>_<arch>.deb (cargo-deb), or with --rpm
-    /// target/rpm/apiban-<version>-1.<arch>.rpm (cargo-generate-rpm): the binary, the systemd
-    /// unit, /etc/apiban/config.toml as a conffile, man pages, shell completions, the README.
-    /// arm64 is cross-built (Debian's gcc-aarch64-linux-gnu).
+    /// target/rpm/RPMS/<arch>/apiban-<version>-1.<arch>.rpm (rpmbuild): the binary, the
+    /// systemd unit, /etc/apiban/config.toml as a conffile, man pages, shell completions, the
+    /// README. Built with cargo-zigbuild against glibc 2.31 (Debian 11 and later); arm64 is
+    /// cross-linked by zig.
     ///
     /// Example: cargo xtask package && dpkg -i target/debian/apiban_*_amd64.deb
     ///          cargo xtask package --arch arm64 --rpm

@@ -2,8 +2,10 @@
 //! and arm64. Both carry the same files: the binary, the systemd unit, the config as a
 //! conffile, man pages, shell completions, the README; their scripts behave alike (installing
 //! starts nothing, an upgrade restarts a running agent onto the new binary while the program
-//! stays attached, the final removal detaches). arm64 is cross-built with Debian's
-//! gcc-aarch64-linux-gnu; the eBPF object inside is the same bytecode on both.
+//! stays attached, the final removal detaches). Both arches are built with cargo-zigbuild
+//! against glibc GLIBC_FLOOR's symbols, so that one package runs from Debian 11 to 13 (a plain
+//! build on Debian 12 would need glibc 2.34); zig also cross-links arm64, without a cross gcc.
+//! The eBPF object inside is the same bytecode on both.
 
 use std::{
     path::{Path, PathBuf},
@@ -21,11 +23,11 @@ pub enum Arch {
 }
 
 impl Arch {
-    /// The Rust target to cross-build for; None for this machine's own.
-    pub fn triple(self) -> Option<&'static str> {
+    /// The Rust target.
+    pub fn triple(self) -> &'static str {
         match self {
-            Arch::Amd64 => None,
-            Arch::Arm64 => Some("aarch64-unknown-linux-gnu"),
+            Arch::Amd64 => "x86_64-unknown-linux-gnu",
+            Arch::Arm64 => "aarch64-unknown-linux-gnu",
         }
     }
 
@@ -37,12 +39,9 @@ impl Arch {
         }
     }
 
-    /// Where cargo puts the release build: target/release, or target/<triple>/release.
+    /// Where `zigbuild` puts the release build (not target/release, this machine's own).
     pub fn release_dir(self, root: &Path) -> PathBuf {
-        match self.triple() {
-            None => root.join("target/release"),
-            Some(t) => root.join("target").join(t).join("release"),
-        }
+        root.join("target").join(self.triple()).join("release")
     }
 }
 
@@ -52,28 +51,37 @@ pub enum Format {
     Rpm,
 }
 
-/// Builds the release binary for `arch` (cross-compiled for arm64).
+/// The oldest glibc whose symbols the packaged binary may use: Debian 11's, which Ubuntu 20.04
+/// also has. RHEL 9 has 2.34, Ubuntu 22.04 2.35.
+pub const GLIBC_FLOOR: &str = "2.31";
+
+/// Builds the release binary for `arch`.
 pub fn build(root: &Path, arch: Arch) -> anyhow::Result<()> {
-    let mut cmd = cargo(root);
-    cmd.args(["build", "--release", "-p", "apiban-user", "--bin", "apiban"]);
-    cross(&mut cmd, arch)?;
+    let mut cmd = zigbuild(root, arch)?;
+    cmd.args(["-p", "apiban-user", "--bin", "apiban"]);
     status(cmd).with_context(|| format!("building the {arch:?} release binary failed"))
 }
 
-/// Makes a cargo build `cmd` cross-compile for `arch` (nothing for this machine's own):
-/// the target, and Debian's cross gcc as linker and C compiler (ring builds C).
-pub fn cross(cmd: &mut Command, arch: Arch) -> anyhow::Result<()> {
-    if let Some(triple) = arch.triple() {
-        setup::ensure_cross_tools(triple)?;
-        cmd.args(["--target", triple])
-            .env(
-                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
-                "aarch64-linux-gnu-gcc",
-            )
-            .env("CC_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-gcc")
-            .env("AR_aarch64_unknown_linux_gnu", "aarch64-linux-gnu-ar");
-    }
-    Ok(())
+/// A `cargo zigbuild --release` for `arch` against glibc GLIBC_FLOOR, into
+/// `arch.release_dir`; the caller adds the packages. Symbols are stripped at link time, as
+/// both packagers would (their `strip` cannot read an arm64 binary on this machine).
+pub fn zigbuild(root: &Path, arch: Arch) -> anyhow::Result<Command> {
+    let tools = setup::ensure_zigbuild(root)?;
+    setup::ensure_rust_target(arch.triple())?;
+    let mut cmd = Command::new(tools.join("bin/cargo-zigbuild"));
+    cmd.current_dir(root)
+        .args(["zigbuild", "--release", "--target"])
+        .arg(format!("{}.{GLIBC_FLOOR}", arch.triple()))
+        // zig from the same virtualenv (`python -m ziglang`).
+        .env("CARGO_ZIGBUILD_PYTHON_PATH", tools.join("bin/python"))
+        .env(
+            format!(
+                "CARGO_TARGET_{}_RUSTFLAGS",
+                arch.triple().to_uppercase().replace('-', "_")
+            ),
+            "-C strip=symbols",
+        );
+    Ok(cmd)
 }
 
 /// Builds the package; its path.
@@ -82,25 +90,21 @@ pub fn package(root: &Path, arch: Arch, format: Format) -> anyhow::Result<PathBu
         Format::Deb => setup::ensure_package_tools()?,
         Format::Rpm => setup::ensure_rpm_tools()?,
     }
-    // The man pages and completions come from running the binary: this machine's build.
+    // The man pages and completions come from running the binary: the amd64 build.
     build(root, Arch::Amd64)?;
     if arch != Arch::Amd64 {
         build(root, arch)?;
     }
     assets(root, arch)?;
-    let strip = match arch {
-        Arch::Amd64 => "strip",
-        Arch::Arm64 => "aarch64-linux-gnu-strip",
-    };
     match format {
-        Format::Deb => deb(root, arch, strip),
-        Format::Rpm => rpm(root, arch, strip),
+        Format::Deb => deb(root, arch),
+        Format::Rpm => rpm(root, arch),
     }
 }
 
 /// The unit, man pages and completions, where both packagers read them:
-/// `<release dir>/debian-assets` (cargo-deb reads assets under target/release from
-/// target/<triple>/release when cross-building).
+/// `<release dir>/debian-assets` (cargo-deb, given --target, reads the assets its manifest
+/// lists under target/release from target/<triple>/release).
 fn assets(root: &Path, arch: Arch) -> anyhow::Result<()> {
     let assets = arch.release_dir(root).join("debian-assets");
     let _ = std::fs::remove_dir_all(&assets);
@@ -115,7 +119,7 @@ fn assets(root: &Path, arch: Arch) -> anyhow::Result<()> {
             "# Installed by the apiban package (binary, this unit, /etc/apiban/config.toml); then",
         );
     std::fs::write(assets.join("apiban.service"), unit).context("cannot write the unit")?;
-    let apiban = root.join("target/release/apiban");
+    let apiban = Arch::Amd64.release_dir(root).join("apiban");
     status({
         let mut c = Command::new(&apiban);
         c.arg("manpages").arg(&man);
@@ -146,19 +150,12 @@ fn assets(root: &Path, arch: Arch) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn deb(root: &Path, arch: Arch, strip: &str) -> anyhow::Result<PathBuf> {
+fn deb(root: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
     let mut cmd = cargo(root);
-    cmd.args(["deb", "-p", "apiban-user", "--no-build", "-o"])
-        .arg(root.join("target/debian"));
-    if let Some(triple) = arch.triple() {
-        cmd.args(["--target", triple])
-            .env("CARGO_DEB_STRIP", strip)
-            // cargo-deb strips with the target's strip when it finds one by this name.
-            .env(
-                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_STRIP",
-                "aarch64-linux-gnu-strip",
-            );
-    }
+    // --no-strip: the build stripped it.
+    cmd.args(["deb", "-p", "apiban-user", "--no-build", "--no-strip", "-o"])
+        .arg(root.join("target/debian"))
+        .args(["--target", arch.triple()]);
     let out = cmd
         .output()
         .context("could not run cargo deb (`cargo xtask setup` installs cargo-deb)")?;
@@ -172,19 +169,13 @@ fn deb(root: &Path, arch: Arch, strip: &str) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(deb))
 }
 
-fn rpm(root: &Path, arch: Arch, strip: &str) -> anyhow::Result<PathBuf> {
+fn rpm(root: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
     let release = arch.release_dir(root);
-    // What the spec installs, in one directory: the .deb's assets, the binary stripped (as
-    // cargo-deb strips it), the config and the README.
+    // What the spec installs, in one directory: the .deb's assets, the binary (stripped by
+    // the build), the config and the README.
     let assets = release.join("debian-assets");
-    let binary = assets.join("apiban");
-    std::fs::copy(release.join("apiban"), &binary).context("cannot copy the binary")?;
-    status({
-        let mut c = Command::new(strip);
-        c.arg(&binary);
-        c
-    })
-    .with_context(|| format!("{strip} failed"))?;
+    std::fs::copy(release.join("apiban"), assets.join("apiban"))
+        .context("cannot copy the binary")?;
     std::fs::copy(
         root.join("packaging/config.toml"),
         assets.join("config.toml"),
@@ -226,4 +217,21 @@ fn apiban_version(root: &Path) -> anyhow::Result<String> {
         .and_then(|rest| rest.split('"').next())
         .map(str::to_owned)
         .context("no version in apiban-user/Cargo.toml")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The .deb's dependency on libc6 names the glibc the build links against.
+    #[test]
+    fn the_deb_depends_on_the_glibc_it_is_built_for() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let manifest = std::fs::read_to_string(root.join("apiban-user/Cargo.toml")).unwrap();
+        let depends = manifest
+            .lines()
+            .find_map(|l| l.strip_prefix("depends = "))
+            .expect("a depends line");
+        assert_eq!(depends, format!("\"libc6 (>= {GLIBC_FLOOR})\""));
+    }
 }

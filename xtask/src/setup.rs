@@ -362,9 +362,8 @@ pub fn ensure_rpm_tools() -> anyhow::Result<()> {
     )
 }
 
-/// The Rust target, Debian's cross compiler (ring builds C) and the target's libc, for a
-/// cross build to `triple` (aarch64 only).
-pub fn ensure_cross_tools(triple: &str) -> anyhow::Result<()> {
+/// The Rust standard library for `triple`, which the package builds link.
+pub fn ensure_rust_target(triple: &str) -> anyhow::Result<()> {
     let toolchain = host_toolchain()?;
     let installed = output(
         "rustup",
@@ -374,26 +373,53 @@ pub fn ensure_cross_tools(triple: &str) -> anyhow::Result<()> {
     let what = format!("Rust target {triple} for {toolchain}");
     if installed.lines().any(|l| l.trim() == triple) {
         progress(&what, "present");
-    } else {
-        let mut cmd = Command::new("rustup");
-        cmd.args(["target", "add", "--toolchain", &toolchain, triple]);
-        run_step(&what, &mut cmd)?;
+        return Ok(());
     }
-    ensure_tool(
-        "aarch64-linux-gnu-gcc",
+    let mut cmd = Command::new("rustup");
+    cmd.args(["target", "add", "--toolchain", &toolchain, triple]);
+    run_step(&what, &mut cmd)
+}
+
+const ZIGLANG_VERSION: &str = "0.17.1";
+const CARGO_ZIGBUILD_VERSION: &str = "0.24.1";
+
+/// zig and cargo-zigbuild (PyPI, pinned, both prebuilt) in a virtualenv of their own under
+/// target/: the package builds link with zig against an older glibc's symbols. Its path.
+pub fn ensure_zigbuild(root: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let venv = root.join("target/build-tools/zigbuild");
+    let what = format!(
+        "zig {ZIGLANG_VERSION} and cargo-zigbuild {CARGO_ZIGBUILD_VERSION} (PyPI, in {})",
+        venv.display()
+    );
+    let python = venv.join("bin/python");
+    let zig = output(&python.display().to_string(), &["-m", "ziglang", "version"]);
+    let zigbuild = output(
+        &venv.join("bin/cargo-zigbuild").display().to_string(),
         &["--version"],
-        "gcc-aarch64-linux-gnu",
-        "the arm64 build links with it and ring's C parts compile with it",
-    )?;
-    if Path::new("/usr/aarch64-linux-gnu/lib/libc.so.6").exists() {
-        progress("libc6-dev-arm64-cross", "present");
-        Ok(())
-    } else {
-        apt_install(
-            "libc6-dev-arm64-cross",
-            "the arm64 build links against its C library",
-        )
+    );
+    if zig.is_some_and(|v| v.trim() == ZIGLANG_VERSION)
+        && zigbuild.is_some_and(|v| v.contains(CARGO_ZIGBUILD_VERSION))
+    {
+        progress(&what, "present");
+        return Ok(venv);
     }
+    if output("python3", &["-c", "import venv, ensurepip"]).is_none() {
+        apt_install("python3-venv", "zig is installed into a virtualenv")?;
+    }
+    run_step(
+        "a virtualenv for zig",
+        Command::new("python3").arg("-m").arg("venv").arg(&venv),
+    )?;
+    run_step(
+        &what,
+        Command::new(venv.join("bin/pip")).args([
+            "install",
+            "-q",
+            &format!("ziglang=={ZIGLANG_VERSION}"),
+            &format!("cargo-zigbuild=={CARGO_ZIGBUILD_VERSION}"),
+        ]),
+    )?;
+    Ok(venv)
 }
 
 /// What `cargo xtask compat` boots Debian's kernels with (and, for `arm64`, its arm64 one).
@@ -425,10 +451,10 @@ pub fn ensure_compat_tools(arm64: bool) -> anyhow::Result<()> {
         "the compat check unpacks Debian 13's compressed kernel modules",
     )?;
     ensure_tool(
-        "ip",
-        &["-V"],
-        "iproute2",
-        "the compat check's guests make a veth pair with ip",
+        "readelf",
+        &["--version"],
+        "binutils",
+        "the compat check finds the libraries its guests' binaries load with readelf",
     )
 }
 

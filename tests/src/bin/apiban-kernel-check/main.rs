@@ -61,6 +61,15 @@ fn main() {
     std::process::exit(i32::from(outcome.is_err()));
 }
 
+/// The glibc this process (and the agent it starts, from the same /lib) runs with: the
+/// guest's userland, which the compat check compares with the one it packed.
+fn glibc_version() -> String {
+    // SAFETY: gnu_get_libc_version returns a static NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// /proc, /sys, bpffs: what the loader and the probes read.
 fn mount_basics() {
     for (source, target, fstype) in [
@@ -93,13 +102,14 @@ fn mount_basics() {
 
 fn check() -> Result<String, String> {
     println!(
-        "apiban-kernel-check: kernel {}, BTF {}",
+        "apiban-kernel-check: kernel {}, BTF {}, C library glibc {}",
         kernel::release(),
         if Path::new("/sys/kernel/btf/vmlinux").exists() {
             "present"
         } else {
             "absent"
-        }
+        },
+        glibc_version()
     );
     for r in kernel::REQUIREMENTS {
         let state = match r.present() {
