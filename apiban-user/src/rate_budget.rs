@@ -97,6 +97,17 @@ impl RateBudget {
         }
     }
 
+    /// Another party may have spent the whole budget at `at` without our count knowing (a
+    /// leader that polled while etcd could not record its requests): count it so, with the
+    /// sends we know of, keeping the most recent.
+    pub fn assume_spent_at(&mut self, at: Instant) {
+        let mut all: Vec<Instant> = self.sent.iter().copied().collect();
+        all.extend(std::iter::repeat_n(at, self.limit.requests as usize));
+        all.sort();
+        let keep = all.len().saturating_sub(self.limit.requests as usize);
+        self.sent = all.into_iter().skip(keep).collect();
+    }
+
     /// Send times as Unix milliseconds, for the state file: a restarted agent must not spend
     /// a budget its previous life already used.
     pub fn to_wall_clock(&self, now: Instant) -> Vec<u64> {
@@ -325,6 +336,28 @@ mod tests {
             budget.next_allowed(t0 + Duration::from_secs(6)),
             t0 + Duration::from_secs(130)
         );
+    }
+
+    #[test]
+    fn a_budget_spent_elsewhere_waits_a_window_from_then_and_keeps_later_sends() {
+        let t0 = Instant::now();
+        let mut budget = RateBudget::new(limit(3, 60));
+        budget.record(t0);
+        budget.assume_spent_at(t0 + Duration::from_secs(10));
+        // The whole budget at 10 s: nothing before 10 s + the window and guard (65 s).
+        assert_eq!(
+            budget.next_allowed(t0 + Duration::from_secs(20)),
+            t0 + Duration::from_secs(75)
+        );
+        // A send known after it stays counted.
+        let mut later = RateBudget::new(limit(3, 60));
+        later.record(t0 + Duration::from_secs(30));
+        later.assume_spent_at(t0 + Duration::from_secs(10));
+        assert_eq!(
+            later.next_allowed(t0 + Duration::from_secs(31)),
+            t0 + Duration::from_secs(75)
+        );
+        assert_eq!(later.remaining(t0 + Duration::from_secs(76)), 2);
     }
 
     #[test]

@@ -382,20 +382,9 @@ fn a_node_days_fast_or_hours_slow_neither_leads_nor_deletes() {
     }
 }
 
-/// etcd's quota full: it refuses every write and raises NOSPACE. Every node says so once,
-/// with the fix; enforcement and APIBAN polling go on; an operator's change made meanwhile
-/// waits, and reaches every node once the operator has done what the README says.
-#[test]
-fn an_etcd_out_of_space_is_named_and_its_fix_lets_changes_through() {
-    require_root();
-    let mut f = Fleet::new(2);
-    f.set_etcd_quota(2 * 1024 * 1024);
-    for i in 0..2 {
-        f.start(i, &["--poll-interval", "1s", "--rate-limit", "5/10s"]);
-    }
-    let leader = f.wait_leader(Duration::from_secs(20));
-    f.nodes[0].scene.agent().cli_ok(&["ban", "45.74.0.1"]);
-    // Fill the quota from outside the fleet's prefix, as any other user of that etcd might.
+/// Fills etcd's quota from outside the fleet's prefix, as any other user of that etcd might,
+/// and waits until every node names the NOSPACE alarm.
+fn fill_etcd(f: &Fleet) {
     let full = f.etcd_client(async |c| {
         let filler = vec![b'x'; 256 * 1024];
         for k in 0..64 {
@@ -409,14 +398,46 @@ fn an_etcd_out_of_space_is_named_and_its_fix_lets_changes_through() {
         full.contains("space"),
         "etcd took 16 MiB on a 2 MiB quota: {full}"
     );
-    let cluster = |i: usize| f.nodes[i].scene.status()["agent"]["cluster"].clone();
-    for i in 0..2 {
+    for i in 0..f.nodes.len() {
+        if !f.nodes[i].scene.agent_running() {
+            continue;
+        }
         wait_until(
             "every node to name the alarm",
             Duration::from_secs(15),
-            || cluster(i)["etcd_nospace"] == true,
+            || f.nodes[i].scene.status()["agent"]["cluster"]["etcd_nospace"] == true,
         );
     }
+}
+
+/// The README's fix: delete what filled it, then disarm the alarm.
+fn fix_etcd(f: &Fleet) {
+    f.etcd_client(async |c| {
+        c.delete(
+            "/filler/",
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await
+        .expect("delete the filler");
+    });
+    f.clear_nospace();
+}
+
+/// etcd's quota full: it refuses every write and raises NOSPACE. Every node says so once,
+/// with the fix; enforcement and APIBAN polling go on; an operator's change made meanwhile
+/// waits, and reaches every node once the operator has done what the README says.
+#[test]
+fn an_etcd_out_of_space_is_named_and_its_fix_lets_changes_through() {
+    require_root();
+    let mut f = Fleet::new(2);
+    f.set_etcd_quota(2 * 1024 * 1024);
+    for i in 0..2 {
+        f.start(i, &["--poll-interval", "1s", "--rate-limit", "5/10s"]);
+    }
+    let leader = f.wait_leader(Duration::from_secs(20));
+    f.nodes[0].scene.agent().cli_ok(&["ban", "45.74.0.1"]);
+    fill_etcd(&f);
+    let cluster = |i: usize| f.nodes[i].scene.status()["agent"]["cluster"].clone();
     let text = f.nodes[1].scene.agent().cli_ok(&["status"]);
     assert!(text.contains("NOSPACE"), "{text}");
     // Still enforcing; a change made now waits for etcd.
@@ -437,16 +458,7 @@ fn an_etcd_out_of_space_is_named_and_its_fix_lets_changes_through() {
     );
     let log = f.nodes[leader].scene.agent().log_text();
     assert!(log.contains("on this node's own budget"), "{log}");
-    // The README's fix.
-    f.etcd_client(async |c| {
-        c.delete(
-            "/filler/",
-            Some(etcd_client::DeleteOptions::new().with_prefix()),
-        )
-        .await
-        .expect("delete the filler");
-    });
-    f.clear_nospace();
+    fix_etcd(&f);
     f.nodes[0].scene.wait_verdict(
         "45.74.0.2".parse().expect("literal"),
         "banned",
@@ -515,4 +527,53 @@ fn a_node_cut_off_queues_a_bounded_number_of_changes_and_loses_none() {
     });
     assert_eq!(in_etcd, i64::from(BANS) + 1, "the node's bans in etcd");
     wait_everywhere(&f, &last, "banned");
+}
+
+/// A leader that polls APIBAN on its own count while etcd is full, then dies: etcd's record
+/// of the fleet's requests lacks what it sent meanwhile, and its successor, elected once the
+/// alarm is cleared, must not spend that budget again.
+#[test]
+fn a_leader_dying_while_etcd_is_full_leaves_its_successor_a_full_count() {
+    require_root();
+    const WINDOW: Duration = Duration::from_secs(30);
+    let mut f = Fleet::new(2);
+    f.set_etcd_quota(2 * 1024 * 1024);
+    for i in 0..2 {
+        f.start(i, &["--poll-interval", "1s", "--rate-limit", "4/30s"]);
+    }
+    let leader = f.wait_leader(Duration::from_secs(20));
+    fill_etcd(&f);
+    wait_until(
+        "the leader to poll on its own count",
+        Duration::from_secs(45),
+        || {
+            f.nodes[leader]
+                .scene
+                .agent()
+                .log_text()
+                .contains("on this node's own budget")
+        },
+    );
+    // Its window fills within seconds at one poll a second.
+    std::thread::sleep(Duration::from_secs(5));
+    f.nodes[leader].scene.kill9();
+    let polled = f.api.requests().len();
+    fix_etcd(&f);
+    let successor = 1 - leader;
+    wait_until("the other node to lead", Duration::from_secs(30), || {
+        f.leader() == Some(successor)
+    });
+    wait_until("the new leader to poll", Duration::from_secs(60), || {
+        f.api.requests().len() > polled
+    });
+    assert!(
+        f.api.max_in_window(WINDOW) <= 4,
+        "the fleet sent more than 4 requests in 30 s:\n{}",
+        f.api.log_table()
+    );
+    let log = f.nodes[successor].scene.agent().log_text();
+    assert!(
+        log.contains("counting the whole budget as spent then"),
+        "{log}"
+    );
 }

@@ -17,7 +17,7 @@ use super::{CallError, ClusterStats, connect_options_for, within_for};
 use crate::config::ClusterSettings;
 
 /// How often each member is asked.
-const EVERY: Duration = Duration::from_secs(2);
+pub(super) const EVERY: Duration = Duration::from_secs(2);
 /// How long a member may take to answer before it counts as down for this round.
 const DEADLINE: Duration = Duration::from_secs(1);
 
@@ -106,6 +106,11 @@ pub async fn run(
                 continue;
             }
         };
+        if nospace {
+            stats
+                .nospace_seen_ms
+                .store(super::clock::unix_now_ms(), Ordering::Relaxed);
+        }
         if stats.nospace.swap(nospace, Ordering::Relaxed) != nospace {
             if nospace {
                 tracing::error!(

@@ -147,9 +147,20 @@ pub enum BudgetAnswer {
 #[derive(Clone, Debug)]
 pub struct FleetBudget {
     tx: mpsc::UnboundedSender<BudgetWrite>,
+    stats: Arc<ClusterStats>,
 }
 
 impl FleetBudget {
+    /// Until when (Unix ms) a leader may have sent requests that etcd's record of the
+    /// fleet's budget lacks: the last time this node saw the NOSPACE alarm, plus one round of
+    /// the member monitor (the alarm may have been cleared just after). None: never seen.
+    pub fn unrecorded_until_ms(&self) -> Option<u64> {
+        match self.stats.nospace_seen_ms.load(Ordering::Relaxed) {
+            0 => None,
+            seen => Some(seen + members::EVERY.as_millis() as u64),
+        }
+    }
+
     /// Puts the send times in etcd, fenced on this node's leadership, within a few seconds.
     pub async fn record(&self, sent_ms: Vec<u64>) -> BudgetAnswer {
         let (done, confirmed) = oneshot::channel();
@@ -226,6 +237,10 @@ pub struct ClusterStats {
     pub clock_off: AtomicBool,
     /// etcd has its NOSPACE alarm raised: it refuses every write.
     pub nospace: AtomicBool,
+    /// When this node last saw the NOSPACE alarm raised, Unix ms (0: never). A leader polls
+    /// APIBAN on its own budget meanwhile, so etcd's record of the fleet's requests may lack
+    /// some made until then.
+    pub nospace_seen_ms: AtomicU64,
     /// Changes waiting for the writer (at most [`OUTBOX_CHANGES`]).
     pub outbox_queued: AtomicU64,
     /// Changes the owner could not queue, to be sent again from the ledger.
@@ -249,6 +264,7 @@ impl Default for ClusterStats {
             clock_offset_ms: AtomicI64::new(i64::MIN),
             clock_off: AtomicBool::new(false),
             nospace: AtomicBool::new(false),
+            nospace_seen_ms: AtomicU64::new(0),
             outbox_queued: AtomicU64::new(0),
             outbox_shed: AtomicU64::new(0),
             undecodable: AtomicU64::new(0),
@@ -315,7 +331,10 @@ pub fn link() -> (ClusterLink, LinkEnds) {
             outbox: outbox_tx,
             stats: stats.clone(),
             leader: leader_rx,
-            budget: FleetBudget { tx: budget_tx },
+            budget: FleetBudget {
+                tx: budget_tx,
+                stats: stats.clone(),
+            },
         },
         LinkEnds {
             outbox,

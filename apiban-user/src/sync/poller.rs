@@ -200,6 +200,24 @@ impl ApibanPoller {
 
     /// A fleet leader's poller: no request goes out before etcd holds it in the budget.
     pub fn with_fleet_budget(mut self, budget: Option<crate::cluster::FleetBudget>) -> Self {
+        // A leader that polled while etcd refused writes (NOSPACE) and then died left requests
+        // etcd's record lacks; its successor counts the whole budget as spent then.
+        if let Some(until_ms) = budget
+            .as_ref()
+            .and_then(crate::cluster::FleetBudget::unrecorded_until_ms)
+        {
+            let ago = Duration::from_millis(
+                crate::cluster::clock::unix_now_ms().saturating_sub(until_ms),
+            );
+            if ago < self.budget.span() {
+                let now = Instant::now();
+                self.budget
+                    .assume_spent_at(now.checked_sub(ago).unwrap_or(now));
+                tracing::warn!(
+                    "etcd refused writes within the last rate-limit window, so the fleet's record of APIBAN requests may lack some: counting the whole budget as spent then"
+                );
+            }
+        }
         self.fleet_budget = budget;
         self
     }
