@@ -32,6 +32,8 @@ pub enum SourceId {
     /// A SIP proxy through one fleet node's ban API: every node enforces its bans, and only
     /// that node's proxy lifts or flushes them.
     ApiNode(String),
+    /// CrowdSec's decisions, from its LAPI's stream (see `source::crowdsec`).
+    Crowdsec,
 }
 
 impl SourceId {
@@ -57,6 +59,7 @@ impl fmt::Display for SourceId {
             SourceId::Detect => f.write_str("detect"),
             SourceId::Api => f.write_str("api"),
             SourceId::ApiNode(node) => write!(f, "api:{node}"),
+            SourceId::Crowdsec => f.write_str("crowdsec"),
         }
     }
 }
@@ -69,11 +72,12 @@ impl FromStr for SourceId {
             "manual" => Ok(SourceId::Manual),
             "detect" => Ok(SourceId::Detect),
             "api" => Ok(SourceId::Api),
+            "crowdsec" => Ok(SourceId::Crowdsec),
             _ if s.starts_with("api:") && s.len() > 4 => Ok(SourceId::ApiNode(s[4..].to_owned())),
             _ => match s.strip_prefix("list:") {
                 Some(name) if !name.is_empty() => Ok(SourceId::List(name.to_owned())),
                 _ => Err(format!(
-                    "unknown source `{s}`; expected apiban, manual, detect, api or list:<name>"
+                    "unknown source `{s}`; expected apiban, manual, detect, api, crowdsec or list:<name>"
                 )),
             },
         }

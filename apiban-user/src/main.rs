@@ -82,7 +82,7 @@ enum Command {
     ///
     /// Example: apiban list --source manual          apiban list --json
     List {
-        /// Only this source: apiban, manual or list:NAME.
+        /// Only this source: apiban, manual, detect, api, crowdsec or list:NAME.
         #[arg(long)]
         source: Option<String>,
         #[arg(long)]
@@ -147,8 +147,8 @@ enum Command {
         /// (matched a source in observe mode); repeat or separate with commas.
         #[arg(long, value_enum, value_delimiter = ',', default_value = "dropped")]
         verdict: Vec<apiban::capture::CaptureVerdict>,
-        /// Only packets whose entry this source lists: apiban, manual, detect, api or
-        /// list:NAME.
+        /// Only packets whose entry this source lists: apiban, manual, detect, api, crowdsec
+        /// or list:NAME.
         #[arg(long)]
         source: Option<String>,
         /// Stop after this many packets.

@@ -377,6 +377,21 @@ fn write_report(w: &mut Writer, r: &StatusReport) -> Result<(), std::fmt::Error>
             .collect(),
     )?;
 
+    if let Some(c) = &s.crowdsec {
+        w.gauge(
+            "apiban_crowdsec_last_success_timestamp_seconds",
+            "When CrowdSec's decision stream was last read (Unix time; 0 = never).",
+            c.last_success.unwrap_or(0),
+        )?;
+        w.counters(
+            "apiban_crowdsec_decisions_left_total",
+            "CrowdSec decisions not taken as bans: of another type or scope, or unreadable.",
+            vec![
+                (labels([("reason", "not_a_ban")]), c.other_decisions),
+                (labels([("reason", "unreadable")]), c.unreadable_decisions),
+            ],
+        )?;
+    }
     let e = &r.engine;
     for (name, help, value) in [
         (
@@ -727,6 +742,12 @@ mod tests {
             last_success: None,
             last_error: None,
         });
+        r.sync.crowdsec = Some(crate::status::CrowdsecReport {
+            last_success: Some(1_700_000_000),
+            last_error: None,
+            other_decisions: 1,
+            unreadable_decisions: 0,
+        });
         r
     }
 
@@ -767,6 +788,8 @@ mod tests {
             "# TYPE apiban_rate_limit_waits_total counter",
             "apiban_rate_limit_waits_total 0",
             "apiban_list_last_success_timestamp_seconds{list=\"odd \\\"list\\\"\\\\\\n\"} 0",
+            "apiban_crowdsec_last_success_timestamp_seconds 1700000000",
+            "apiban_crowdsec_decisions_left_total{reason=\"not_a_ban\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
         }

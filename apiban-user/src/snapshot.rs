@@ -26,6 +26,19 @@ pub struct SyncStatus {
     /// This host's clock against APIBAN's `Date` (ms; positive: ahead), once an answer had one.
     pub apiban_clock_offset_ms: Option<i64>,
     pub lists: BTreeMap<String, ListStatus>,
+    pub crowdsec: CrowdsecStatus,
+}
+
+/// CrowdSec's stream as this node last read it (nothing when it is not configured).
+#[derive(Clone, Debug, Default)]
+pub struct CrowdsecStatus {
+    pub last_success: Option<u64>,
+    /// While reads fail: the last failure.
+    pub last_error: Option<String>,
+    /// Decisions left because they are not bans of an address or range (captcha...).
+    pub other_decisions: u64,
+    /// Decisions whose value or duration could not be read.
+    pub unreadable_decisions: u64,
 }
 
 #[derive(Clone, Debug, Default)]

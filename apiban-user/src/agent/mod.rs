@@ -515,9 +515,16 @@ fn serve<E: Enforcer + Send + 'static>(
         };
         let proven_view = crate::proven_view::ProvenView::default();
         engine.set_proven_view(proven_view.clone());
+        let crowdsec = config
+            .crowdsec
+            .as_ref()
+            .map(crate::config::CrowdsecSettings::spec)
+            .transpose()
+            .context("cannot use CrowdSec's settings")?;
         let mut running =
             sync::spawn_node(engine, apiban, config.lists.clone(), http, timing, link)
                 .context("cannot start the ledger's owner thread")?;
+        running.set_crowdsec(crowdsec);
         // Detection's proven peers go to the fleet and come from it.
         let (proof_link, proof_ends) = match (&config.cluster, &detect_tap) {
             (Some(_), Some(_)) => {

@@ -51,6 +51,13 @@ async fn apply_reload<E: Enforcer + Send + 'static>(
     detect: Option<&tokio::sync::watch::Sender<crate::detect::DetectSettings>>,
 ) -> Result<(), ReloadError> {
     let mut new = config::load(args).map_err(ReloadError::Config)?;
+    // A key file that cannot be read refuses the reload, as a bad config does.
+    let crowdsec = new
+        .crowdsec
+        .as_ref()
+        .map(config::CrowdsecSettings::spec)
+        .transpose()
+        .map_err(ReloadError::Config)?;
     if let Some(kernel) = super::features::probed() {
         super::features::fit(&mut new.detect, kernel).map_err(ReloadError::Config)?;
     }
@@ -79,6 +86,7 @@ async fn apply_reload<E: Enforcer + Send + 'static>(
         // The operator may have fixed what made APIBAN reject the key outside our view.
         running.retry_apiban_now();
     }
+    running.set_crowdsec(crowdsec);
     let polling = running.polling();
     for name in running.set_lists(new.lists.clone()) {
         // In a fleet, the lists are the leader's: its drop deletes the records in etcd for

@@ -212,6 +212,26 @@ pub struct RunArgs {
     /// Feed entries broader than this IPv6 prefix length are refused [default: 32].
     #[arg(long, env = "APIBAN_MIN_PREFIX_V6")]
     pub min_prefix_v6: Option<u8>,
+    /// CrowdSec's Local API (e.g. http://127.0.0.1:8080): its ban decisions become bans of
+    /// source `crowdsec`, each for as long as its decision runs [default: off].
+    #[arg(long, env = "APIBAN_CROWDSEC")]
+    pub crowdsec: Option<String>,
+    /// File holding the bouncer key for --crowdsec (from `cscli bouncers add apiban`).
+    #[arg(long, env = "APIBAN_CROWDSEC_KEY_FILE")]
+    pub crowdsec_key_file: Option<PathBuf>,
+    /// How often CrowdSec's decision stream is read [default: 10s].
+    #[arg(long, env = "APIBAN_CROWDSEC_INTERVAL")]
+    pub crowdsec_interval: Option<HumanDuration>,
+    /// Only CrowdSec decisions of these origins, e.g. crowdsec,cscli [default: all].
+    #[arg(long, env = "APIBAN_CROWDSEC_ORIGINS", value_delimiter = ',')]
+    pub crowdsec_origins: Vec<String>,
+    /// Only CrowdSec decisions whose scenario contains one of these, e.g. sip,asterisk
+    /// [default: all].
+    #[arg(long, env = "APIBAN_CROWDSEC_SCENARIOS", value_delimiter = ',')]
+    pub crowdsec_scenarios: Vec<String>,
+    /// CrowdSec's bans: enforce or observe [default: enforce].
+    #[arg(long, env = "APIBAN_CROWDSEC_MODE", value_enum)]
+    pub crowdsec_mode: Option<crate::config::SourceMode>,
     /// Plain-text blocklist as NAME=PATH or NAME=URL, optionally followed by ,mode=observe
     /// to match and count its entries without dropping (repeatable).
     #[arg(long = "list", env = "APIBAN_LIST", value_delimiter = ',', value_parser = parse_named_list)]

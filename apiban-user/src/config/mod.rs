@@ -85,10 +85,110 @@ pub struct AgentConfig {
     pub engine: EngineSettings,
     pub scope: Scope,
     pub lists: Vec<ListSpec>,
+    /// CrowdSec's LAPI as a feed; None: not configured.
+    pub crowdsec: Option<CrowdsecSettings>,
     /// The fleet this node belongs to; None: a single node.
     pub cluster: Option<ClusterSettings>,
     /// SIP scanner detection; all of it changes on a reload.
     pub detect: DetectSettings,
+}
+
+/// `--crowdsec`: where CrowdSec's decisions are read, and which. The key is read from its
+/// file at start and on every reload, and never logged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CrowdsecSettings {
+    pub url: String,
+    pub key_file: PathBuf,
+    pub interval: Duration,
+    pub origins: Vec<String>,
+    pub scenarios: Vec<String>,
+}
+
+impl CrowdsecSettings {
+    /// What the CrowdSec task runs with: these settings and the key the file holds now.
+    pub fn spec(&self) -> Result<crate::source::crowdsec::CrowdsecSpec, ConfigError> {
+        let text = std::fs::read_to_string(&self.key_file).map_err(|e| {
+            invalid(
+                "crowdsec-key-file",
+                format!("cannot read {}: {e}", self.key_file.display()),
+            )
+        })?;
+        let key = text.lines().next().unwrap_or("").trim().to_owned();
+        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                "crowdsec-key-file",
+                format!(
+                    "{} holds no bouncer key on its first line (`cscli bouncers add apiban`)",
+                    self.key_file.display()
+                ),
+            ));
+        }
+        Ok(crate::source::crowdsec::CrowdsecSpec {
+            url: self.url.clone(),
+            key,
+            interval: self.interval,
+            origins: self.origins.clone(),
+            scenarios: self.scenarios.clone(),
+        })
+    }
+}
+
+fn resolve_crowdsec(
+    args: &RunArgs,
+    file: &FileConfig,
+) -> Result<Option<CrowdsecSettings>, ConfigError> {
+    let Some(url) = args.crowdsec.clone().or_else(|| file.crowdsec.clone()) else {
+        if args.crowdsec_key_file.is_some() || file.crowdsec_key_file.is_some() {
+            return Err(invalid(
+                "crowdsec-key-file",
+                "is set, but crowdsec (the LAPI's URL) is not",
+            ));
+        }
+        return Ok(None);
+    };
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(invalid(
+            "crowdsec",
+            format!("`{url}` is not an http:// or https:// URL of CrowdSec's Local API"),
+        ));
+    }
+    let key_file = args
+        .crowdsec_key_file
+        .clone()
+        .or_else(|| file.crowdsec_key_file.clone())
+        .ok_or_else(|| {
+            invalid(
+                "crowdsec-key-file",
+                "is required with crowdsec: a file holding the key `cscli bouncers add apiban` prints",
+            )
+        })?;
+    let interval = first(
+        args.crowdsec_interval.map(|d| d.0),
+        file.crowdsec_interval.map(|d| d.0.0),
+        Duration::from_secs(10),
+    );
+    if interval < Duration::from_secs(1) {
+        return Err(invalid("crowdsec-interval", "must be at least 1s"));
+    }
+    let words = |list: Vec<String>| -> Vec<String> {
+        list.into_iter()
+            .map(|w| w.trim().to_owned())
+            .filter(|w| !w.is_empty())
+            .collect()
+    };
+    Ok(Some(CrowdsecSettings {
+        url,
+        key_file,
+        interval,
+        origins: words(first_list(
+            &args.crowdsec_origins,
+            file.crowdsec_origins.clone(),
+        )),
+        scenarios: words(first_list(
+            &args.crowdsec_scenarios,
+            file.crowdsec_scenarios.clone(),
+        )),
+    }))
 }
 
 /// `--cluster`: the etcd this node's fleet shares its ledger through.
@@ -441,6 +541,9 @@ fn observing_sources(
     if mode(args.manual_mode, file.manual_mode) == SourceMode::Observe {
         observe.insert(SourceId::Manual);
     }
+    if mode(args.crowdsec_mode, file.crowdsec_mode) == SourceMode::Observe {
+        observe.insert(SourceId::Crowdsec);
+    }
     observe
 }
 
@@ -544,6 +647,7 @@ pub fn resolve(
         engine,
         scope: resolve_scope(args, &file)?,
         lists,
+        crowdsec: resolve_crowdsec(args, &file)?,
         cluster: resolve_cluster(args, &file)?,
         detect,
     })

@@ -543,3 +543,57 @@ fn detection_rates_are_per_method_and_tls_ports_are_apart() {
     .unwrap();
     assert!(c.detect.notices[0].starts_with("detect-malformed in the config file is ignored"));
 }
+
+#[test]
+fn crowdsec_needs_a_url_and_a_key_file_and_reads_the_key_each_time() {
+    let none = resolve(&args(&["--iface", "eth0"]), None, FileConfig::default()).unwrap();
+    assert_eq!(none.crowdsec, None);
+    let e = resolve(
+        &args(&["--iface", "eth0", "--crowdsec", "http://127.0.0.1:8080"]),
+        None,
+        FileConfig::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("crowdsec-key-file"), "{e}");
+    let e = resolve(
+        &args(&["--iface", "eth0"]),
+        None,
+        file("crowdsec-key-file = \"/etc/apiban/crowdsec.key\"\n"),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("crowdsec"), "{e}");
+    let e = resolve(
+        &args(&["--iface", "eth0", "--crowdsec", "127.0.0.1:8080"]),
+        None,
+        file("crowdsec-key-file = \"/k\"\n"),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("http://"), "{e}");
+
+    let dir = std::env::temp_dir().join(format!("apiban-cs-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = dir.join("key");
+    let c = resolve(
+        &args(&["--iface", "eth0", "--crowdsec-origins", "crowdsec,cscli"]),
+        None,
+        file(&format!(
+            "crowdsec = \"http://127.0.0.1:8080/\"\ncrowdsec-key-file = \"{}\"\n\
+             crowdsec-interval = \"30s\"\ncrowdsec-scenarios = [\"sip\", \"asterisk\"]\n\
+             crowdsec-mode = \"observe\"\n",
+            key.display()
+        )),
+    )
+    .unwrap();
+    let settings = c.crowdsec.clone().unwrap();
+    assert_eq!(settings.interval, Duration::from_secs(30));
+    assert_eq!(settings.origins, ["crowdsec", "cscli"]);
+    assert_eq!(settings.scenarios, ["sip", "asterisk"]);
+    assert!(c.engine.observe.contains(&SourceId::Crowdsec));
+    // The key is read when it is used: missing, empty, then there.
+    assert!(settings.spec().is_err());
+    std::fs::write(&key, "\n").unwrap();
+    assert!(settings.spec().is_err());
+    std::fs::write(&key, "0123abcd\nignored\n").unwrap();
+    assert_eq!(settings.spec().unwrap().key, "0123abcd");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,4 +1,5 @@
-//! What the feeds bring: APIBAN batches and full pulls, blocklist snapshots.
+//! What the feeds bring: APIBAN batches and full pulls, blocklist snapshots, CrowdSec's
+//! decision stream.
 
 use std::{collections::BTreeSet, sync::Arc};
 
@@ -109,6 +110,66 @@ impl<E: Enforcer> Engine<E> {
 }
 
 impl<E: Enforcer> Engine<E> {
+    /// One answer of CrowdSec's decision stream. Each ban passes the sanitiser like any
+    /// feed's entry and lasts as long as its decision (at least a second); a decision never
+    /// shortens a record (LAPI may send two for one address, the shorter last). A deleted
+    /// decision removes its record. `startup` is LAPI's whole list: records it no longer
+    /// holds go, as a blocklist's do.
+    pub fn crowdsec_stream(
+        &mut self,
+        startup: bool,
+        stream: &crate::source::crowdsec::Stream,
+        now: u64,
+    ) -> IngestReport {
+        let source = SourceId::Crowdsec;
+        let mut report = IngestReport {
+            received: stream.new.len(),
+            ..Default::default()
+        };
+        for ban in &stream.deleted {
+            if Arc::make_mut(&mut self.ledger).remove(&ban.net.trunc(), &source) {
+                report.reconciled += 1;
+            }
+        }
+        for ban in &stream.new {
+            let net = match self.sanitiser.check_net(ban.net, &self.allow) {
+                Ok(()) => ban.net.trunc(),
+                Err(why) => {
+                    *report.skipped.entry(why).or_default() += 1;
+                    *self.counters.skipped.entry(why).or_default() += 1;
+                    continue;
+                }
+            };
+            report.accepted += 1;
+            let mut ttl = ban.remaining.as_secs().max(1);
+            if let Some(until) = self
+                .ledger
+                .record(&net, &source)
+                .filter(|r| r.is_live(now))
+                .and_then(|r| r.expires)
+            {
+                ttl = ttl.max(until.saturating_sub(now));
+            }
+            if Arc::make_mut(&mut self.ledger).observe(
+                net,
+                &source,
+                now,
+                Some(ttl),
+                Some(ban.comment()),
+            ) {
+                report.new += 1;
+            }
+        }
+        if startup {
+            report.reconciled += Arc::make_mut(&mut self.ledger).reconcile(&source, now);
+        }
+        self.counters.reconciled += report.reconciled as u64;
+        report.applied = self.commit(now);
+        report
+    }
+}
+
+impl<E: Enforcer> Engine<E> {
     /// A source this host's detection recognised as a scanner: banned for `ttl` with its
     /// evidence, through the same sanitiser as the feeds (the allowlist wins; this host's
     /// addresses and special-purpose ranges are refused).
@@ -133,5 +194,115 @@ impl<E: Enforcer> Engine<E> {
         );
         ledger.note_evidence(&net, &SourceId::Detect, evidence);
         Ok(self.commit(now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::{
+        engine::{Engine, EngineSettings, MemoryEnforcer},
+        ledger::SourceId,
+        sanitise::Rejection,
+        source::crowdsec::{BanDecision, Stream},
+    };
+
+    fn ban(net: &str, secs: u64) -> BanDecision {
+        BanDecision {
+            net: net.parse().unwrap(),
+            remaining: Duration::from_secs(secs),
+            origin: "cscli".into(),
+            scenario: "test".into(),
+        }
+    }
+
+    fn stream(new: Vec<BanDecision>, deleted: Vec<BanDecision>) -> Stream {
+        Stream {
+            new,
+            deleted,
+            ..Default::default()
+        }
+    }
+
+    fn engine() -> Engine<MemoryEnforcer> {
+        Engine::start(
+            MemoryEnforcer::default(),
+            None,
+            EngineSettings::default(),
+            100,
+        )
+        .unwrap()
+        .0
+    }
+
+    /// Bans for as long as each decision runs, a range whole, through the sanitiser; a
+    /// deleted decision lifts its ban; a later full read drops what LAPI no longer holds.
+    #[test]
+    fn decisions_ban_for_their_time_and_leave_when_lapi_drops_them() {
+        let mut e = engine();
+        let r = e.crowdsec_stream(
+            true,
+            &stream(
+                vec![
+                    ban("45.91.1.2/32", 120),
+                    ban("45.92.0.0/24", 300),
+                    ban("2a0e:97c0:1::/48", 300),
+                    ban("10.1.2.3/32", 300),
+                ],
+                vec![],
+            ),
+            100,
+        );
+        assert_eq!((r.accepted, r.applied.added), (3, 3));
+        assert_eq!(r.skipped[&Rejection::SpecialPurpose], 1);
+        let record = e
+            .ledger()
+            .record(&"45.91.1.2/32".parse().unwrap(), &SourceId::Crowdsec)
+            .unwrap()
+            .clone();
+        assert_eq!(record.expires, Some(220));
+        assert_eq!(record.comment.as_deref(), Some("test (origin cscli)"));
+        // Deleted (LAPI repeats a deletion for a while): lifted once, then nothing to do.
+        for _ in 0..2 {
+            e.crowdsec_stream(false, &stream(vec![], vec![ban("45.91.1.2/32", 0)]), 110);
+        }
+        assert!(!e.enforcer().deny.contains(&"45.91.1.2/32".parse().unwrap()));
+        assert_eq!(e.enforcer().deny.len(), 2);
+        // A full read that no longer lists the /48 drops it and keeps the /24.
+        let r = e.crowdsec_stream(true, &stream(vec![ban("45.92.0.0/24", 200)], vec![]), 120);
+        assert_eq!(r.reconciled, 1);
+        assert_eq!(
+            e.enforcer()
+                .deny
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>(),
+            ["45.92.0.0/24"]
+        );
+        // Its decision's end is honoured by the sweep.
+        let (expired, _) = e.sweep(1000);
+        assert_eq!(expired, 1);
+        assert!(e.enforcer().deny.is_empty());
+    }
+
+    /// LAPI may send two decisions for one address, the shorter after the longer: the ban
+    /// lasts as long as the longer.
+    #[test]
+    fn a_shorter_decision_never_shortens_a_ban() {
+        let mut e = engine();
+        e.crowdsec_stream(
+            false,
+            &stream(
+                vec![ban("45.91.1.2/32", 1800), ban("45.91.1.2/32", 120)],
+                vec![],
+            ),
+            100,
+        );
+        let record = e
+            .ledger()
+            .record(&"45.91.1.2/32".parse().unwrap(), &SourceId::Crowdsec)
+            .unwrap();
+        assert_eq!(record.expires, Some(1900));
     }
 }

@@ -115,6 +115,14 @@ pub fn report(
                 last_error: l.last_error.clone(),
             })
             .collect(),
+        crowdsec: (s.crowdsec.last_success.is_some() || s.crowdsec.last_error.is_some()).then(
+            || super::CrowdsecReport {
+                last_success: s.crowdsec.last_success,
+                last_error: s.crowdsec.last_error.clone(),
+                other_decisions: s.crowdsec.other_decisions,
+                unreadable_decisions: s.crowdsec.unreadable_decisions,
+            },
+        ),
     };
     if let Some(dp) = dataplane {
         report

@@ -332,6 +332,19 @@ pub struct SyncReport {
     pub next_id: Option<String>,
     pub full_pull_in_progress: bool,
     pub lists: Vec<ListReport>,
+    /// CrowdSec's decision stream, once this node has read it or tried to.
+    #[serde(default)]
+    pub crowdsec: Option<CrowdsecReport>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CrowdsecReport {
+    pub last_success: Option<u64>,
+    pub last_error: Option<String>,
+    /// Decisions left: not a ban of an address or range (captcha...).
+    pub other_decisions: u64,
+    /// Decisions that could not be read; they ban nothing.
+    pub unreadable_decisions: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -424,6 +424,25 @@ sources      {:<8} {:>9} {:>14} {:>14}",
                     .unwrap_or_default()
             );
         }
+        if let Some(c) = &s.crowdsec {
+            let _ = writeln!(
+                o,
+                "crowdsec      last read {}{}{}",
+                when(c.last_success, self.now),
+                if c.other_decisions + c.unreadable_decisions > 0 {
+                    format!(
+                        "; left {} not bans, {} unreadable",
+                        c.other_decisions, c.unreadable_decisions
+                    )
+                } else {
+                    String::new()
+                },
+                c.last_error
+                    .as_ref()
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
+            );
+        }
         let skipped: Vec<String> = self
             .engine
             .skipped

@@ -34,6 +34,15 @@ pub enum Update {
         name: String,
         error: String,
     },
+    /// One answer of CrowdSec's decision stream; `startup`: every active decision.
+    CrowdsecStream {
+        startup: bool,
+        stream: crate::source::crowdsec::Stream,
+        reply: oneshot::Sender<IngestReport>,
+    },
+    CrowdsecFailed {
+        error: String,
+    },
     /// This host's addresses changed (see `host_addresses`).
     OwnAddresses(Vec<std::net::IpAddr>),
     /// From the control socket or a reload; the reply says what happened, or why not.

@@ -9,10 +9,12 @@
 //! - [`owner`]: the owner's thread, which applies them and publishes snapshots;
 //! - [`poller`]: the APIBAN poller and its rate budget;
 //! - [`blocklists`]: one task per configured blocklist;
+//! - [`crowdsec`]: CrowdSec's decision stream;
 //! - [`backoff`]: retry delays.
 
 pub mod backoff;
 pub mod blocklists;
+pub mod crowdsec;
 pub mod messages;
 pub mod owner;
 pub mod poller;
@@ -31,12 +33,12 @@ pub use self::{
     owner::{Owner, OwnerFault, OwnerHealth, OwnerTiming},
     poller::{ApibanPoller, PollSettings},
 };
-use self::{blocklists::run_blocklist, owner::OwnerThread};
+use self::{blocklists::run_blocklist, crowdsec::run_crowdsec, owner::OwnerThread};
 use crate::{
     engine::{Enforcer, Engine},
     rate_budget::BudgetJournal,
     snapshot::Snapshot,
-    source::{apiban::ApibanClient, blocklist::ListSpec},
+    source::{apiban::ApibanClient, blocklist::ListSpec, crowdsec::CrowdsecSpec},
 };
 
 pub fn unix_now() -> u64 {
@@ -61,6 +63,9 @@ pub struct Running<E: Enforcer> {
     apiban: Option<(ApibanClient, PollSettings)>,
     list_specs: Vec<ListSpec>,
     fleet_budget: Option<crate::cluster::FleetBudget>,
+    /// CrowdSec's stream as configured, and its task while it runs.
+    crowdsec_spec: Option<CrowdsecSpec>,
+    crowdsec: Option<(CrowdsecSpec, tokio::task::JoinHandle<()>)>,
 }
 
 impl<E: Enforcer> Running<E> {
@@ -85,6 +90,9 @@ impl<E: Enforcer> Running<E> {
             p.abort();
         }
         for (_, task) in self.lists.values() {
+            task.abort();
+        }
+        if let Some((_, task)) = &self.crowdsec {
             task.abort();
         }
     }
@@ -164,6 +172,33 @@ impl<E: Enforcer> Running<E> {
         self.standby = standby;
         self.restart_poller(self.apiban.clone());
         self.run_lists();
+        self.run_crowdsec();
+    }
+
+    /// Starts, stops or restarts CrowdSec's task to match `spec` (a new key, URL or filter
+    /// restarts it, with a full read).
+    pub fn set_crowdsec(&mut self, spec: Option<CrowdsecSpec>) {
+        self.crowdsec_spec = spec;
+        self.run_crowdsec();
+    }
+
+    fn run_crowdsec(&mut self) {
+        let wanted = self.crowdsec_spec.clone().filter(|_| !self.standby);
+        if let Some((running, task)) = &self.crowdsec {
+            if Some(running) == wanted.as_ref() {
+                return;
+            }
+            task.abort();
+            self.crowdsec = None;
+        }
+        if let Some(spec) = wanted {
+            let task = tokio::spawn(run_crowdsec(
+                spec.clone(),
+                self.http.clone(),
+                self.updates.clone(),
+            ));
+            self.crowdsec = Some((spec, task));
+        }
     }
 
     /// Starts, stops or restarts the list tasks to match the configured lists (none while
@@ -243,6 +278,8 @@ pub fn spawn_node<E: Enforcer + Send + 'static>(
         apiban: None,
         list_specs: Vec::new(),
         fleet_budget,
+        crowdsec_spec: None,
+        crowdsec: None,
     };
     running.restart_poller(apiban);
     running.set_lists(lists);

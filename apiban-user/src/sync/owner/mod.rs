@@ -58,7 +58,8 @@ impl Origin {
             Update::BeginFullPull { .. }
             | Update::ApibanBatch { .. }
             | Update::ApibanDone { .. }
-            | Update::ListSnapshot { .. } => Origin::Feed,
+            | Update::ListSnapshot { .. }
+            | Update::CrowdsecStream { .. } => Origin::Feed,
             // A detection's ban protects every node of a fleet, like an operator's.
             Update::Detected { .. } => Origin::Operator(None),
             Update::Control { change, .. } => match change {
@@ -271,6 +272,40 @@ impl<E: Enforcer> Owner<E> {
             Update::ListFailed { name, error } => {
                 tracing::warn!(list = %name, %error, "blocklist refresh failed; keeping its bans");
                 self.sync.lists.entry(name).or_default().last_error = Some(error);
+                Ack::None
+            }
+            Update::CrowdsecStream {
+                startup,
+                stream,
+                reply,
+            } => {
+                let report = self.engine.crowdsec_stream(startup, &stream, now);
+                // Every few seconds: said only when it changed something, or was a full read.
+                if startup || report.received > 0 || report.reconciled > 0 {
+                    log_sync("crowdsec", &report, startup);
+                }
+                let status = &mut self.sync.crowdsec;
+                if status.last_error.take().is_some() {
+                    tracing::info!("CrowdSec's LAPI answers again");
+                }
+                status.last_success = Some(now);
+                status.other_decisions += stream.other as u64;
+                status.unreadable_decisions += stream.unreadable as u64;
+                if stream.unreadable > 0 {
+                    tracing::warn!(
+                        unreadable = stream.unreadable,
+                        "CrowdSec sent decisions this agent cannot read; they ban nothing"
+                    );
+                }
+                Ack::Ingest(reply, report)
+            }
+            Update::CrowdsecFailed { error } => {
+                if self.sync.crowdsec.last_error.is_none() {
+                    tracing::warn!(%error, "cannot read CrowdSec's decisions; its bans stay, retrying");
+                } else {
+                    tracing::debug!(%error, "CrowdSec's LAPI still fails");
+                }
+                self.sync.crowdsec.last_error = Some(error);
                 Ack::None
             }
             Update::OwnAddresses(own) => {
