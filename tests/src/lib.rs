@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod attackers;
 pub mod crowd;
+pub mod crowdsec;
 pub mod differential;
 pub mod fake_apiban;
 pub mod fleet;
@@ -354,7 +355,14 @@ pub fn spawn_in_netns<T: Send + 'static>(
     ns: &Netns,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
-    let path = ns.path();
+    spawn_in_netns_at(ns.path(), f)
+}
+
+/// [`spawn_in_netns`] by the namespace's path, for a helper that keeps only its name.
+pub fn spawn_in_netns_at<T: Send + 'static>(
+    path: PathBuf,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     std::thread::spawn(move || {
         let file =
             std::fs::File::open(&path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));

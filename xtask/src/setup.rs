@@ -253,6 +253,7 @@ pub fn ensure_test_tools(root: &Path) -> anyhow::Result<()> {
         "faketime",
         "the fleet's clock test runs nodes days fast and hours slow",
     )?;
+    ensure_crowdsec()?;
     ensure_tool(
         "systemd-analyze",
         &["--version"],
@@ -481,6 +482,29 @@ fn ensure_tool(program: &str, args: &[&str], package: &str, why: &str) -> anyhow
         return Ok(());
     }
     apt_install(package, why)
+}
+
+/// Debian's CrowdSec, whose Local API the CrowdSec tests run privately. Its postinst
+/// registers with CrowdSec's Central API, which cannot be reached here; a non-empty
+/// online_api_credentials.yaml makes it skip that (README.Debian), and nothing is started.
+fn ensure_crowdsec() -> anyhow::Result<()> {
+    if output("cscli", &["version"]).is_some() && Path::new("/usr/bin/crowdsec").exists() {
+        progress("crowdsec", "present");
+        return Ok(());
+    }
+    let credentials = Path::new("/etc/crowdsec/online_api_credentials.yaml");
+    if crate::is_root() && !credentials.exists() {
+        std::fs::create_dir_all("/etc/crowdsec").context("cannot create /etc/crowdsec")?;
+        std::fs::write(
+            credentials,
+            "# no CAPI: written by `cargo xtask setup`, so that installing makes no online call\n",
+        )
+        .context("cannot write /etc/crowdsec/online_api_credentials.yaml")?;
+    }
+    apt_install(
+        "crowdsec",
+        "the CrowdSec tests read decisions from its Local API",
+    )
 }
 
 fn apt_install(package: &str, why: &str) -> anyhow::Result<()> {

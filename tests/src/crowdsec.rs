@@ -1,0 +1,180 @@
+//! A private CrowdSec Local API for a test: Debian's `crowdsec` run as LAPI only (`-no-cs`,
+//! no Central API, its database and config in a temporary directory), inside the test's
+//! network namespace on 127.0.0.1:8080, with a bouncer key for the agent and a machine for
+//! `cscli decisions`. See ../shared/crowdsec.md. Stopped and removed on drop.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{Netns, sync_harness::TempDir};
+
+/// The bouncer key the agent is given (`cscli bouncers add -k`).
+pub const BOUNCER_KEY: &str = "0123456789abcdef0123456789abcdef";
+const LISTEN: &str = "127.0.0.1:8080";
+
+pub struct Lapi {
+    ns: String,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl Lapi {
+    /// Configures a LAPI in `ns` with a bouncer and a machine, and starts it.
+    pub fn start(ns: &Netns) -> Self {
+        assert!(
+            std::path::Path::new("/usr/bin/crowdsec").exists(),
+            "Debian's crowdsec is not installed: `cargo xtask setup` installs it (offline, \
+             without its Central API registration)"
+        );
+        let dir = TempDir::new("apiban-crowdsec-");
+        let d = dir.path.display().to_string();
+        std::fs::create_dir_all(dir.path.join("data")).expect("LAPI data dir");
+        std::fs::write(
+            dir.path.join("config.yaml"),
+            format!(
+                "common: {{daemonize: true, log_media: stdout, log_level: info}}\n\
+                 config_paths: {{config_dir: {d}/, data_dir: {d}/data/}}\n\
+                 db_config: {{type: sqlite, db_path: {d}/data/crowdsec.db, use_wal: true}}\n\
+                 api:\n  client: {{credentials_path: {d}/local_api_credentials.yaml}}\n  \
+                 server:\n    listen_uri: {LISTEN}\n    profiles_path: {d}/profiles.yaml\n    \
+                 console_path: {d}/console.yaml\n    trusted_ips: [127.0.0.1, \"::1\"]\n\
+                 prometheus: {{enabled: false}}\n"
+            ),
+        )
+        .expect("LAPI config");
+        std::fs::write(
+            dir.path.join("profiles.yaml"),
+            "name: default_ip_remediation\nfilters:\n - Alert.Remediation == true && \
+             Alert.GetScope() == \"Ip\"\ndecisions:\n - type: ban\n   duration: 4h\n\
+             on_success: break\n",
+        )
+        .expect("LAPI profiles");
+        std::fs::write(dir.path.join("bouncer.key"), format!("{BOUNCER_KEY}\n"))
+            .expect("bouncer key file");
+        let mut lapi = Self {
+            ns: ns.name.clone(),
+            dir,
+            child: None,
+        };
+        // Bouncers and machines are written to the database directly: LAPI need not run.
+        lapi.cscli(&["bouncers", "add", "apiban", "-k", BOUNCER_KEY, "-o", "raw"]);
+        let credentials = lapi.dir.path.join("local_api_credentials.yaml");
+        lapi.cscli(&[
+            "machines",
+            "add",
+            "test-machine",
+            "-p",
+            "test-machine-pw",
+            "-f",
+            &credentials.display().to_string(),
+        ]);
+        lapi.run();
+        lapi
+    }
+
+    /// The URL the agent is given.
+    pub fn url(&self) -> String {
+        format!("http://{LISTEN}")
+    }
+
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.path.join("bouncer.key")
+    }
+
+    /// `cscli` against this LAPI; its output. Panics if it fails.
+    pub fn cscli(&self, args: &[&str]) -> String {
+        let config = self.dir.path.join("config.yaml").display().to_string();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "cscli", "-c", &config, "--error"])
+            .args(args)
+            .output()
+            .expect("run cscli");
+        assert!(
+            out.status.success(),
+            "cscli {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Starts LAPI (again) and waits until /health answers.
+    pub fn run(&mut self) {
+        assert!(self.child.is_none(), "LAPI is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path.join("lapi.log"))
+            .expect("LAPI log");
+        let config = self.dir.path.join("config.yaml").display().to_string();
+        // `ip netns exec` execs crowdsec: the child is LAPI itself.
+        let child = Command::new("ip")
+            .args([
+                "netns", "exec", &self.ns, "crowdsec", "-c", &config, "-no-cs",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start crowdsec");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.healthy() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "LAPI did not answer within 20 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether `GET /health` answers 200, from inside the namespace.
+    fn healthy(&self) -> bool {
+        let path = std::path::Path::new("/run/netns").join(&self.ns);
+        crate::spawn_in_netns_at(path, || {
+            use std::io::{Read as _, Write as _};
+            let Ok(mut s) = std::net::TcpStream::connect(LISTEN) else {
+                return false;
+            };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let request = format!("GET /health HTTP/1.0\r\nHost: {LISTEN}\r\n\r\n");
+            let mut answer = String::new();
+            let exchanged =
+                s.write_all(request.as_bytes()).is_ok() && s.read_to_string(&mut answer).is_ok();
+            exchanged && (answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"))
+        })
+        .join()
+        .unwrap_or(false)
+    }
+
+    /// Stops LAPI (SIGTERM, as systemd would); its database stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: kill takes a pid and a signal number.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path.join("lapi.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Lapi {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
