@@ -391,6 +391,15 @@ fn write_report(w: &mut Writer, r: &StatusReport) -> Result<(), std::fmt::Error>
                 (labels([("reason", "unreadable")]), c.unreadable_decisions),
             ],
         )?;
+        w.counters(
+            "apiban_crowdsec_alerts_total",
+            "This node's bans offered to CrowdSec as alerts, by what became of them.",
+            vec![
+                (labels([("outcome", "posted")]), c.alerts_posted),
+                (labels([("outcome", "already_banned")]), c.alerts_skipped),
+                (labels([("outcome", "dropped")]), c.alerts_dropped),
+            ],
+        )?;
     }
     let e = &r.engine;
     for (name, help, value) in [
@@ -747,6 +756,7 @@ mod tests {
             last_error: None,
             other_decisions: 1,
             unreadable_decisions: 0,
+            ..Default::default()
         });
         r
     }

@@ -39,6 +39,14 @@ pub struct CrowdsecStatus {
     pub other_decisions: u64,
     /// Decisions whose value or duration could not be read.
     pub unreadable_decisions: u64,
+    /// This node's bans posted to CrowdSec as alerts.
+    pub alerts_posted: u64,
+    /// Not posted: CrowdSec bans the address already.
+    pub alerts_skipped: u64,
+    /// Lost: the queue to LAPI was full.
+    pub alerts_dropped: u64,
+    /// While posts fail: the last failure.
+    pub alerts_error: Option<String>,
 }
 
 #[derive(Clone, Debug, Default)]

@@ -13,6 +13,9 @@ use crate::{Netns, sync_harness::TempDir};
 
 /// The bouncer key the agent is given (`cscli bouncers add -k`).
 pub const BOUNCER_KEY: &str = "0123456789abcdef0123456789abcdef";
+/// The machine the agent posts its alerts as (`cscli machines add`), also cscli's own.
+pub const MACHINE: &str = "apiban-test";
+const MACHINE_PASSWORD: &str = "apiban-test-password";
 const LISTEN: &str = "127.0.0.1:8080";
 
 pub struct Lapi {
@@ -54,6 +57,11 @@ impl Lapi {
         .expect("LAPI profiles");
         std::fs::write(dir.path.join("bouncer.key"), format!("{BOUNCER_KEY}\n"))
             .expect("bouncer key file");
+        std::fs::write(
+            dir.path.join("machine.password"),
+            format!("{MACHINE_PASSWORD}\n"),
+        )
+        .expect("machine password file");
         let mut lapi = Self {
             ns: ns.name.clone(),
             dir,
@@ -65,9 +73,9 @@ impl Lapi {
         lapi.cscli(&[
             "machines",
             "add",
-            "test-machine",
+            MACHINE,
             "-p",
-            "test-machine-pw",
+            MACHINE_PASSWORD,
             "-f",
             &credentials.display().to_string(),
         ]);
@@ -82,6 +90,11 @@ impl Lapi {
 
     pub fn key_file(&self) -> PathBuf {
         self.dir.path.join("bouncer.key")
+    }
+
+    /// The file holding [`MACHINE`]'s password.
+    pub fn password_file(&self) -> PathBuf {
+        self.dir.path.join("machine.password")
     }
 
     /// `cscli` against this LAPI; its output. Panics if it fails.

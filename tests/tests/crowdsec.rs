@@ -4,7 +4,13 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use tests::{crowdsec::Lapi, require_root, scene::Scene};
+use tests::{
+    attackers::{SipResponder, Tool, sipvicious},
+    crowdsec::{Lapi, MACHINE},
+    require_root,
+    scene::Scene,
+    wait_until,
+};
 
 const N: usize = 5;
 
@@ -113,19 +119,21 @@ fn a_crowdsec_decision_ends_with_its_duration() {
     require_root();
     let mut s = Scene::new();
     let lapi = Lapi::start(&s.topo.server);
-    // Long enough to outlast the agent's start on a busy machine.
-    lapi.cscli(&["decisions", "add", "--ip", "45.91.3.3", "--duration", "20s"]);
     start_with_crowdsec(&mut s, &lapi);
+    // Added once the agent runs: its start on a busy machine must not outlast the decision.
+    let added = std::time::Instant::now();
+    lapi.cscli(&["decisions", "add", "--ip", "45.91.3.3", "--duration", "15s"]);
     banned(&s, "45.91.3.3");
-    let started = std::time::Instant::now();
     s.wait_verdict(
         "45.91.3.3".parse().unwrap(),
         "not banned",
         Duration::from_secs(40),
     );
     assert!(
-        started.elapsed() > Duration::from_secs(2),
-        "lifted before its decision ended"
+        added.elapsed() >= Duration::from_secs(14),
+        "lifted before its decision ended; LAPI holds:\n{}\nthe agent's log:\n{}",
+        lapi.cscli(&["decisions", "list", "-a", "-o", "raw"]),
+        s.agent().log_text()
     );
 }
 
@@ -149,7 +157,7 @@ fn a_restart_with_crowdsec_down_keeps_its_bans_and_catches_up() {
     for ip in ["45.91.4.1", "45.91.4.2"] {
         assert_eq!(s.check(ip)["verdict"], "banned", "{ip} after the restart");
     }
-    tests::wait_until(
+    wait_until(
         "the agent to say that LAPI fails",
         Duration::from_secs(15),
         || s.status()["sync"]["crowdsec"]["last_error"].is_string(),
@@ -166,4 +174,79 @@ fn a_restart_with_crowdsec_down_keeps_its_bans_and_catches_up() {
     not_banned(&s, "45.91.4.2");
     assert_eq!(s.check("45.91.4.1")["verdict"], "banned");
     assert!(s.status()["sync"]["crowdsec"]["last_error"].is_null());
+}
+
+/// A SIPVicious scan that detection bans reaches CrowdSec as an alert with its ban decision,
+/// scenario apiban/<rule>, so that CrowdSec's other bouncers ban the scanner too.
+#[test]
+fn a_scanner_detection_bans_is_posted_to_crowdsec() {
+    require_root();
+    const SERVER: &str = "10.77.0.1";
+    let mut s = Scene::new();
+    let lapi = Lapi::start(&s.topo.server);
+    let key = lapi.key_file().display().to_string();
+    let password = lapi.password_file().display().to_string();
+    s.start(&[
+        "--crowdsec",
+        &lapi.url(),
+        "--crowdsec-key-file",
+        &key,
+        "--crowdsec-interval",
+        "1s",
+        "--crowdsec-machine",
+        MACHINE,
+        "--crowdsec-password-file",
+        &password,
+        "--detect",
+        "enforce",
+        "--detect-ports",
+        "5060,5062,5063,5064",
+    ]);
+    let _pbx = SipResponder::start(
+        &s.topo.server,
+        format!("{SERVER}:5062").parse().expect("literal"),
+    );
+    let scanner = "45.81.0.1";
+    s.source_by_route(scanner, SERVER);
+    let log = s.dir.path.join("svmap.log");
+    let _scan = Tool::start(
+        &s.topo.attacker,
+        &sipvicious("svmap"),
+        &["-b", scanner, "-p", "5062-5064", SERVER],
+        log,
+    );
+    s.wait_verdict(scanner.parse().unwrap(), "banned", Duration::from_secs(20));
+    wait_until(
+        "the detection to reach CrowdSec's decisions",
+        Duration::from_secs(20),
+        || {
+            lapi.cscli(&["decisions", "list", "-a", "-o", "raw"])
+                .lines()
+                .any(|l| {
+                    l.contains(&format!("Ip:{scanner}")) && l.contains("apiban/scanner-user-agent")
+                })
+        },
+    );
+    let alerts = lapi.cscli(&["alerts", "list", "-a", "-o", "raw"]);
+    assert!(
+        alerts.contains("apiban/scanner-user-agent") && alerts.contains(scanner),
+        "{alerts}"
+    );
+    let status = s.status();
+    assert_eq!(status["sync"]["crowdsec"]["alerts_posted"], 1, "{status}");
+    // CrowdSec's stream brings its decision back: the ban is now both sources'.
+    wait_until(
+        "CrowdSec's decision in the agent's ledger",
+        Duration::from_secs(15),
+        || {
+            let check = s.check(scanner);
+            let sources: Vec<String> = check["records"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["source"].as_str().map(str::to_owned))
+                .collect();
+            sources.contains(&"detect".to_owned()) && sources.contains(&"crowdsec".to_owned())
+        },
+    );
 }

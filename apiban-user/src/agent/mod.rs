@@ -521,10 +521,17 @@ fn serve<E: Enforcer + Send + 'static>(
             .map(crate::config::CrowdsecSettings::spec)
             .transpose()
             .context("cannot use CrowdSec's settings")?;
+        let crowdsec_alerts = config
+            .crowdsec
+            .as_ref()
+            .map(crate::config::CrowdsecSettings::alerts)
+            .transpose()
+            .context("cannot use CrowdSec's machine for alerts")?
+            .flatten();
         let mut running =
             sync::spawn_node(engine, apiban, config.lists.clone(), http, timing, link)
                 .context("cannot start the ledger's owner thread")?;
-        running.set_crowdsec(crowdsec);
+        running.set_crowdsec(crowdsec, crowdsec_alerts).await;
         // Detection's proven peers go to the fleet and come from it.
         let (proof_link, proof_ends) = match (&config.cluster, &detect_tap) {
             (Some(_), Some(_)) => {

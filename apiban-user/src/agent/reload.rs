@@ -58,6 +58,13 @@ async fn apply_reload<E: Enforcer + Send + 'static>(
         .map(config::CrowdsecSettings::spec)
         .transpose()
         .map_err(ReloadError::Config)?;
+    let crowdsec_alerts = new
+        .crowdsec
+        .as_ref()
+        .map(config::CrowdsecSettings::alerts)
+        .transpose()
+        .map_err(ReloadError::Config)?
+        .flatten();
     if let Some(kernel) = super::features::probed() {
         super::features::fit(&mut new.detect, kernel).map_err(ReloadError::Config)?;
     }
@@ -86,7 +93,7 @@ async fn apply_reload<E: Enforcer + Send + 'static>(
         // The operator may have fixed what made APIBAN reject the key outside our view.
         running.retry_apiban_now();
     }
-    running.set_crowdsec(crowdsec);
+    running.set_crowdsec(crowdsec, crowdsec_alerts).await;
     let polling = running.polling();
     for name in running.set_lists(new.lists.clone()) {
         // In a fleet, the lists are the leader's: its drop deletes the records in etcd for

@@ -229,6 +229,16 @@ pub struct RunArgs {
     /// [default: all].
     #[arg(long, env = "APIBAN_CROWDSEC_SCENARIOS", value_delimiter = ',')]
     pub crowdsec_scenarios: Vec<String>,
+    /// Post this host's detection bans to CrowdSec as alerts, as this machine (from
+    /// `cscli machines add apiban`), so that its other bouncers ban the scanner too.
+    #[arg(long, env = "APIBAN_CROWDSEC_MACHINE")]
+    pub crowdsec_machine: Option<String>,
+    /// File whose first line is the --crowdsec-machine's password.
+    #[arg(long, env = "APIBAN_CROWDSEC_PASSWORD_FILE")]
+    pub crowdsec_password_file: Option<PathBuf>,
+    /// Post the ban API's bans to CrowdSec too (with --crowdsec-machine).
+    #[arg(long, env = "APIBAN_CROWDSEC_POST_API_BANS", num_args = 0..=1, default_missing_value = "true")]
+    pub crowdsec_post_api_bans: Option<bool>,
     /// CrowdSec's bans: enforce or observe [default: enforce].
     #[arg(long, env = "APIBAN_CROWDSEC_MODE", value_enum)]
     pub crowdsec_mode: Option<crate::config::SourceMode>,

@@ -102,9 +102,39 @@ pub struct CrowdsecSettings {
     pub interval: Duration,
     pub origins: Vec<String>,
     pub scenarios: Vec<String>,
+    /// The machine this host's bans are posted as, and its password's file; None: none
+    /// are posted.
+    pub machine: Option<(String, PathBuf)>,
+    pub post_api_bans: bool,
 }
 
 impl CrowdsecSettings {
+    /// Where this host's bans go as alerts, with the password the file holds now.
+    pub fn alerts(&self) -> Result<Option<crate::source::crowdsec::AlertSpec>, ConfigError> {
+        let Some((machine, file)) = &self.machine else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            invalid(
+                "crowdsec-password-file",
+                format!("cannot read {}: {e}", file.display()),
+            )
+        })?;
+        let password = text.lines().next().unwrap_or("").trim_end().to_owned();
+        if password.is_empty() {
+            return Err(invalid(
+                "crowdsec-password-file",
+                format!("{} holds no password on its first line", file.display()),
+            ));
+        }
+        Ok(Some(crate::source::crowdsec::AlertSpec {
+            url: self.url.clone(),
+            machine: machine.clone(),
+            password,
+            post_api_bans: self.post_api_bans,
+        }))
+    }
+
     /// What the CrowdSec task runs with: these settings and the key the file holds now.
     pub fn spec(&self) -> Result<crate::source::crowdsec::CrowdsecSpec, ConfigError> {
         let text = std::fs::read_to_string(&self.key_file).map_err(|e| {
@@ -176,7 +206,43 @@ fn resolve_crowdsec(
             .filter(|w| !w.is_empty())
             .collect()
     };
+    let machine = match (
+        args.crowdsec_machine
+            .clone()
+            .or_else(|| file.crowdsec_machine.clone()),
+        args.crowdsec_password_file
+            .clone()
+            .or_else(|| file.crowdsec_password_file.clone()),
+    ) {
+        (Some(name), Some(password)) => Some((name, password)),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(invalid(
+                "crowdsec-password-file",
+                "is required with crowdsec-machine (`cscli machines add apiban -p ...`)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                "crowdsec-machine",
+                "is required with crowdsec-password-file",
+            ));
+        }
+    };
+    let post_api_bans = first(
+        args.crowdsec_post_api_bans,
+        file.crowdsec_post_api_bans,
+        false,
+    );
+    if post_api_bans && machine.is_none() {
+        return Err(invalid(
+            "crowdsec-post-api-bans",
+            "needs crowdsec-machine and crowdsec-password-file to post with",
+        ));
+    }
     Ok(Some(CrowdsecSettings {
+        machine,
+        post_api_bans,
         url,
         key_file,
         interval,

@@ -29,6 +29,17 @@ pub struct CrowdsecSpec {
     pub scenarios: Vec<String>,
 }
 
+/// Where this host's bans are posted as alerts, and as which machine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AlertSpec {
+    pub url: String,
+    pub machine: String,
+    /// Never logged.
+    pub password: String,
+    /// The ban API's bans too, not only detection's.
+    pub post_api_bans: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CrowdsecError {
     #[error("cannot reach CrowdSec's LAPI at {url}: {reason}")]
@@ -246,6 +257,122 @@ pub async fn pull(
     }
 }
 
+/// A ban of this host's to tell CrowdSec of, as an alert with its decision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alert {
+    pub net: IpNet,
+    pub ttl: Duration,
+    /// `apiban/<rule>` (detection) or `apiban/ban-api`.
+    pub scenario: String,
+    /// The evidence, printable.
+    pub message: String,
+    /// When it was banned (Unix seconds).
+    pub at: u64,
+}
+
+impl Alert {
+    /// The alert as LAPI takes it (`POST /v1/alerts`, an array of these): every key it
+    /// requires, the source and one ban decision of scope `Ip` or `Range`, origin `apiban`.
+    pub fn to_json(&self) -> serde_json::Value {
+        let (scope, value) = match self.net {
+            IpNet::V4(n) if n.prefix_len() == 32 => ("Ip", n.addr().to_string()),
+            IpNet::V6(n) if n.prefix_len() == 128 => ("Ip", n.addr().to_string()),
+            net => ("Range", net.trunc().to_string()),
+        };
+        let at =
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(self.at))
+                .to_string();
+        serde_json::json!({
+            "scenario": self.scenario,
+            "scenario_hash": "",
+            "scenario_version": "",
+            "message": self.message,
+            "events_count": 1,
+            "start_at": at,
+            "stop_at": at,
+            "capacity": 0,
+            "leakspeed": "0",
+            "simulated": false,
+            "events": [],
+            "source": {"scope": scope, "value": value},
+            "decisions": [{
+                "type": "ban",
+                "duration": format!("{}s", self.ttl.as_secs().max(1)),
+                "scope": scope,
+                "value": value,
+                "origin": "apiban",
+                "scenario": self.scenario,
+            }],
+        })
+    }
+}
+
+/// A machine's login (`cscli machines add`): its token, valid about an hour.
+pub async fn login(
+    url: &str,
+    machine: &str,
+    password: &str,
+    http: &reqwest::Client,
+) -> Result<String, CrowdsecError> {
+    #[derive(Deserialize)]
+    struct Token {
+        token: String,
+    }
+    let body = serde_json::json!({"machine_id": machine, "password": password});
+    let answer = send(
+        url,
+        http.post(format!("{}/v1/watchers/login", url.trim_end_matches('/')))
+            .json(&body),
+    )
+    .await?;
+    serde_json::from_slice::<Token>(&answer)
+        .map(|t| t.token)
+        .map_err(|e| CrowdsecError::Unreadable(e.to_string()))
+}
+
+/// Posts alerts with a machine's token; `KeyRefused` when the token has expired.
+pub async fn post_alerts(
+    url: &str,
+    token: &str,
+    alerts: &[Alert],
+    http: &reqwest::Client,
+) -> Result<(), CrowdsecError> {
+    let body: Vec<serde_json::Value> = alerts.iter().map(Alert::to_json).collect();
+    send(
+        url,
+        http.post(format!("{}/v1/alerts", url.trim_end_matches('/')))
+            .bearer_auth(token)
+            .json(&body),
+    )
+    .await
+    .map(drop)
+}
+
+async fn send(url: &str, request: reqwest::RequestBuilder) -> Result<Vec<u8>, CrowdsecError> {
+    let unreachable = |e: reqwest::Error| CrowdsecError::Unreachable {
+        url: url.to_owned(),
+        reason: crate::error_chain(&e),
+    };
+    let answer = request
+        .header("User-Agent", concat!("apiban/", env!("CARGO_PKG_VERSION")))
+        .send()
+        .await
+        .map_err(unreachable)?;
+    let status = answer.status().as_u16();
+    let body = answer.bytes().await.map_err(unreachable)?;
+    match status {
+        200..=299 => Ok(body.to_vec()),
+        401 | 403 => Err(CrowdsecError::KeyRefused { status }),
+        _ => Err(CrowdsecError::Status {
+            status,
+            body: String::from_utf8_lossy(&body[..body.len().min(200)])
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect(),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,5 +462,51 @@ mod tests {
         let c = b.comment();
         assert!(c.chars().all(|c| !c.is_control()), "{c:?}");
         assert_eq!(c.chars().count(), 200);
+    }
+
+    /// The shape ../shared/crowdsec.md found LAPI to accept (201).
+    #[test]
+    fn alerts_carry_what_lapi_requires() {
+        let alert = Alert {
+            net: "45.93.0.7/32".parse().unwrap(),
+            ttl: Duration::from_secs(600),
+            scenario: "apiban/scanner-user-agent".into(),
+            message: "OPTIONS 3 in 60s".into(),
+            at: 1_765_065_132,
+        };
+        let j = alert.to_json();
+        for key in [
+            "scenario",
+            "scenario_hash",
+            "scenario_version",
+            "message",
+            "events_count",
+            "start_at",
+            "stop_at",
+            "capacity",
+            "leakspeed",
+            "simulated",
+            "events",
+            "source",
+        ] {
+            assert!(j.get(key).is_some(), "{key} missing: {j}");
+        }
+        assert_eq!(
+            j["source"],
+            serde_json::json!({"scope": "Ip", "value": "45.93.0.7"})
+        );
+        assert_eq!(j["start_at"], "2025-12-06T23:52:12Z");
+        assert_eq!(j["decisions"][0]["duration"], "600s");
+        assert_eq!(j["decisions"][0]["origin"], "apiban");
+        let range = Alert {
+            net: "2a0e:97c0::/48".parse().unwrap(),
+            ..alert
+        };
+        assert_eq!(
+            range.to_json()["decisions"][0]["scope"],
+            "Range",
+            "{}",
+            range.to_json()
+        );
     }
 }

@@ -115,14 +115,23 @@ pub fn report(
                 last_error: l.last_error.clone(),
             })
             .collect(),
-        crowdsec: (s.crowdsec.last_success.is_some() || s.crowdsec.last_error.is_some()).then(
-            || super::CrowdsecReport {
-                last_success: s.crowdsec.last_success,
-                last_error: s.crowdsec.last_error.clone(),
-                other_decisions: s.crowdsec.other_decisions,
-                unreadable_decisions: s.crowdsec.unreadable_decisions,
-            },
-        ),
+        crowdsec: {
+            let c = &s.crowdsec;
+            let seen = c.last_success.is_some()
+                || c.last_error.is_some()
+                || c.alerts_error.is_some()
+                || c.alerts_posted + c.alerts_skipped + c.alerts_dropped > 0;
+            seen.then(|| super::CrowdsecReport {
+                last_success: c.last_success,
+                last_error: c.last_error.clone(),
+                other_decisions: c.other_decisions,
+                unreadable_decisions: c.unreadable_decisions,
+                alerts_posted: c.alerts_posted,
+                alerts_skipped: c.alerts_skipped,
+                alerts_dropped: c.alerts_dropped,
+                alerts_error: c.alerts_error.clone(),
+            })
+        },
     };
     if let Some(dp) = dataplane {
         report

@@ -43,6 +43,15 @@ pub enum Update {
     CrowdsecFailed {
         error: String,
     },
+    /// Where this node's bans go as CrowdSec alerts (None: nowhere).
+    CrowdsecAlertsTo(Option<super::crowdsec::AlertOutbox>),
+    /// What the alerts task did with one batch.
+    CrowdsecAlertsPosted {
+        posted: usize,
+        /// Dropped from its queue while LAPI could not take them.
+        dropped: usize,
+        error: Option<String>,
+    },
     /// This host's addresses changed (see `host_addresses`).
     OwnAddresses(Vec<std::net::IpAddr>),
     /// From the control socket or a reload; the reply says what happened, or why not.

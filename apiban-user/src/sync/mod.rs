@@ -38,7 +38,11 @@ use crate::{
     engine::{Enforcer, Engine},
     rate_budget::BudgetJournal,
     snapshot::Snapshot,
-    source::{apiban::ApibanClient, blocklist::ListSpec, crowdsec::CrowdsecSpec},
+    source::{
+        apiban::ApibanClient,
+        blocklist::ListSpec,
+        crowdsec::{AlertSpec, CrowdsecSpec},
+    },
 };
 
 pub fn unix_now() -> u64 {
@@ -66,6 +70,8 @@ pub struct Running<E: Enforcer> {
     /// CrowdSec's stream as configured, and its task while it runs.
     crowdsec_spec: Option<CrowdsecSpec>,
     crowdsec: Option<(CrowdsecSpec, tokio::task::JoinHandle<()>)>,
+    /// The CrowdSec alerts task, on every node (each posts its own detections).
+    crowdsec_alerts: Option<(AlertSpec, tokio::task::JoinHandle<()>)>,
 }
 
 impl<E: Enforcer> Running<E> {
@@ -93,6 +99,9 @@ impl<E: Enforcer> Running<E> {
             task.abort();
         }
         if let Some((_, task)) = &self.crowdsec {
+            task.abort();
+        }
+        if let Some((_, task)) = &self.crowdsec_alerts {
             task.abort();
         }
     }
@@ -175,11 +184,31 @@ impl<E: Enforcer> Running<E> {
         self.run_crowdsec();
     }
 
-    /// Starts, stops or restarts CrowdSec's task to match `spec` (a new key, URL or filter
-    /// restarts it, with a full read).
-    pub fn set_crowdsec(&mut self, spec: Option<CrowdsecSpec>) {
+    /// Starts, stops or restarts CrowdSec's tasks to match: the stream's (a new key, URL or
+    /// filter restarts it, with a full read) and the alerts' (a new machine or password).
+    pub async fn set_crowdsec(&mut self, spec: Option<CrowdsecSpec>, alerts: Option<AlertSpec>) {
         self.crowdsec_spec = spec;
         self.run_crowdsec();
+        if self.crowdsec_alerts.as_ref().map(|(s, _)| s) == alerts.as_ref() {
+            return;
+        }
+        if let Some((_, task)) = self.crowdsec_alerts.take() {
+            task.abort();
+        }
+        let outbox = alerts.map(|spec| {
+            let (tx, rx) = mpsc::channel(crowdsec::ALERTS_PENDING);
+            let task = tokio::spawn(crowdsec::run_alerts(
+                spec.clone(),
+                self.http.clone(),
+                rx,
+                self.updates.clone(),
+            ));
+            let post_api_bans = spec.post_api_bans;
+            self.crowdsec_alerts = Some((spec, task));
+            crowdsec::AlertOutbox { tx, post_api_bans }
+        });
+        // The owner gone: there is nothing to post from either.
+        let _ = self.updates.send(Update::CrowdsecAlertsTo(outbox)).await;
     }
 
     fn run_crowdsec(&mut self) {
@@ -280,6 +309,7 @@ pub fn spawn_node<E: Enforcer + Send + 'static>(
         fleet_budget,
         crowdsec_spec: None,
         crowdsec: None,
+        crowdsec_alerts: None,
     };
     running.restart_poller(apiban);
     running.set_lists(lists);

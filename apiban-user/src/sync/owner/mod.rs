@@ -39,6 +39,8 @@ pub struct Owner<E: Enforcer> {
     cursor_sent: Option<ApibanCursor>,
     /// What could not be queued for etcd, to send once the writer catches up.
     shed: Shed,
+    /// Where this node's bans go as CrowdSec alerts.
+    alerts: Option<crate::sync::crowdsec::AlertOutbox>,
 }
 
 /// Who made a change, which decides whether the fleet hears of it.
@@ -123,6 +125,7 @@ impl<E: Enforcer> Owner<E> {
             cluster,
             cursor_sent: None,
             shed: Shed::default(),
+            alerts: None,
         };
         owner.send_pending(true);
         (owner, snapshots)
@@ -308,6 +311,33 @@ impl<E: Enforcer> Owner<E> {
                 self.sync.crowdsec.last_error = Some(error);
                 Ack::None
             }
+            Update::CrowdsecAlertsTo(outbox) => {
+                self.alerts = outbox;
+                Ack::None
+            }
+            Update::CrowdsecAlertsPosted {
+                posted,
+                dropped,
+                error,
+            } => {
+                let status = &mut self.sync.crowdsec;
+                status.alerts_posted += posted as u64;
+                status.alerts_dropped += dropped as u64;
+                match error {
+                    Some(e) => {
+                        if status.alerts_error.is_none() {
+                            tracing::warn!(error = %e, "cannot post this node's bans to CrowdSec; retrying");
+                        }
+                        status.alerts_error = Some(e);
+                    }
+                    None => {
+                        if status.alerts_error.take().is_some() {
+                            tracing::info!("CrowdSec takes this node's alerts again");
+                        }
+                    }
+                }
+                Ack::None
+            }
             Update::OwnAddresses(own) => {
                 tracing::info!(
                     addresses = own.len(),
@@ -330,11 +360,21 @@ impl<E: Enforcer> Owner<E> {
                 evidence,
                 reply,
             } => {
+                let alert = crate::source::crowdsec::Alert {
+                    net: ipnet::IpNet::from(addr),
+                    ttl,
+                    scenario: format!("apiban/{}", evidence.rule),
+                    message: format!("{}: {}", evidence.counts, evidence.line),
+                    at: now,
+                };
                 let answer = self
                     .engine
                     .detected(addr, ttl, evidence, now)
                     .map(|applied| format!("banned {addr} (detect); {}", effect(applied)))
                     .map_err(ChangeError::from);
+                if answer.is_ok() {
+                    self.alert_crowdsec(alert, now);
+                }
                 Ack::Change(reply, answer)
             }
             Update::Capture { on, reply } => {
@@ -495,7 +535,17 @@ impl<E: Enforcer> Owner<E> {
                 format!("settings applied; {}", effect(applied))
             }
             Change::ApiBan { net, ttl, comment } => {
+                let alert = crate::source::crowdsec::Alert {
+                    net: net.trunc(),
+                    ttl,
+                    scenario: "apiban/ban-api".to_owned(),
+                    message: comment.clone().unwrap_or_default(),
+                    at: now,
+                };
                 let applied = self.engine.api_ban(net, ttl, comment, now)?;
+                if self.alerts.as_ref().is_some_and(|a| a.post_api_bans) {
+                    self.alert_crowdsec(alert, now);
+                }
                 format!(
                     "banned {} for {} (api); {}",
                     net.trunc(),
@@ -762,6 +812,29 @@ pub enum OwnerFault {
     Stopped,
     #[error("the ledger's owner has shown no progress for {}", crate::human::format_duration(*.0))]
     Silent(Duration),
+}
+
+impl<E: Enforcer> Owner<E> {
+    /// Hands a ban of this node's to the CrowdSec alerts task, unless CrowdSec bans the
+    /// address already (its decision came in through the stream); never waits.
+    fn alert_crowdsec(&mut self, alert: crate::source::crowdsec::Alert, now: u64) {
+        let Some(outbox) = &self.alerts else { return };
+        let known = self
+            .engine
+            .ledger()
+            .longest_match(alert.net.addr())
+            .is_some_and(|(net, records)| {
+                net.contains(&alert.net)
+                    && records
+                        .iter()
+                        .any(|(s, r)| *s == crate::ledger::SourceId::Crowdsec && r.is_live(now))
+            });
+        if known {
+            self.sync.crowdsec.alerts_skipped += 1;
+        } else if outbox.tx.try_send(alert).is_err() {
+            self.sync.crowdsec.alerts_dropped += 1;
+        }
+    }
 }
 
 fn log_sync(source: &str, r: &IngestReport, full_pull: bool) {
