@@ -5,6 +5,9 @@
 //! Loading N banned addresses: apiban's map updates (one by one and batched) against
 //! `iptables -A` per address into a chain jumped to from INPUT (what the official APIBAN Go
 //! client does), `iptables-restore`, `ipset restore` and one `nft -f` with every element.
+//! And the running agent taking 60,000 CrowdSec decisions from one stream answer (the size
+//! that fills ipset's default hash and floods the firewall bouncer's nftables mode): from the
+//! answer to every one enforced, and the agent's memory then.
 //!
 //! Dropping a flood on a veth pair. The attacker namespace generates UDP frames as xdp-trafficgen
 //! does: our `bench_trafficgen` XDP program runs under BPF_PROG_TEST_RUN in live-frames mode,
@@ -64,6 +67,20 @@ fn main() {
         return;
     }
     let mut json = serde_json::Map::new();
+    // `--crowdsec-only`: the CrowdSec load alone.
+    if args.iter().any(|a| a == "--crowdsec-only") {
+        let n = if quick { 6_000 } else { 60_000 };
+        let (took, rss_kib) = load_crowdsec(n);
+        report(
+            &mut json,
+            "apiban agent, CrowdSec stream to enforced",
+            "apiban_crowdsec",
+            n,
+            took,
+        );
+        println!("  the agent's resident memory then: {} MiB", rss_kib / 1024);
+        return;
+    }
 
     println!("loading banned IPv4 addresses into an empty filter (ms, best of 3 for bulk)");
     println!(
@@ -125,6 +142,20 @@ fn main() {
             batched,
         );
     }
+    let decisions = if quick { 6_000 } else { 60_000 };
+    let (took, rss_kib) = load_crowdsec(decisions);
+    report(
+        &mut json,
+        "apiban agent, CrowdSec stream to enforced",
+        "apiban_crowdsec",
+        decisions,
+        took,
+    );
+    println!("  the agent's resident memory then: {} MiB", rss_kib / 1024);
+    json.insert(
+        format!("apiban_crowdsec_rss_mib_{}k", decisions / 1_000),
+        serde_json::json!(rss_kib / 1024),
+    );
     let addrs = addresses(per_call_size);
     let t = load_iptables_per_call(&ns, &addrs);
     report(
@@ -173,6 +204,65 @@ fn report(
 
 fn best_of(runs: usize, mut f: impl FnMut() -> Duration) -> Duration {
     (0..runs).map(|_| f()).min().expect("at least one run")
+}
+
+/// The release agent on a veth, reading `n` ban decisions from one CrowdSec stream answer:
+/// the time from that answer being served to all of them enforced (as `status` counts), and
+/// the agent's resident memory then, KiB.
+fn load_crowdsec(n: usize) -> (Duration, u64) {
+    tests::agent::use_apiban_bin(tests::agent::build_apiban(true));
+    let mut s = tests::scene::Scene::new();
+    let decisions: Vec<serde_json::Value> = addresses(n)
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            serde_json::json!({"duration": "3h59m59.5s", "id": i + 1, "origin": "crowdsec",
+                "scenario": "crowdsecurity/asterisk_bf", "scope": "Ip", "type": "ban",
+                "value": a.to_string()})
+        })
+        .collect();
+    s.api
+        .set_crowdsec_startup(serde_json::json!({"deleted": null, "new": decisions}).to_string());
+    let key = s.dir.path.join("crowdsec.key");
+    std::fs::write(&key, "bench-bouncer-key\n").expect("write the bouncer key");
+    let url = format!("http://{}", s.api.addr());
+    s.start(&[
+        "--crowdsec",
+        &url,
+        "--crowdsec-key-file",
+        &key.display().to_string(),
+        "--metrics-addr",
+        "off",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let enforced = loop {
+        let status = s.status();
+        if status["enforced"]["ipv4"].as_u64() == Some(n as u64) {
+            break Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{n} CrowdSec decisions not enforced in 300 s: {}",
+            status["enforced"]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let served = s
+        .api
+        .requests()
+        .into_iter()
+        .find(|r| r.path.contains("startup=true"))
+        .expect("the agent read the stream")
+        .at;
+    let rss = std::fs::read_to_string(format!("/proc/{}/status", s.agent().pid()))
+        .ok()
+        .and_then(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0);
+    (enforced.saturating_duration_since(served), rss)
 }
 
 fn load_apiban(addrs: &[Ipv4Addr]) -> (Duration, Duration) {

@@ -77,6 +77,8 @@ struct Inner {
     no_new_bans: NoNewBans,
     log: Vec<RequestLog>,
     lists: BTreeMap<String, String>,
+    /// CrowdSec's decision stream, as LAPI answers `startup=true`; later reads get nothing.
+    crowdsec_startup: Option<String>,
 }
 
 pub struct FakeApiban {
@@ -184,6 +186,7 @@ impl FakeApiban {
             no_new_bans: NoNewBans::Array,
             log: Vec::new(),
             lists: BTreeMap::new(),
+            crowdsec_startup: None,
         }));
         let shared = inner.clone();
         let is_tls = tls.is_some();
@@ -299,6 +302,12 @@ impl FakeApiban {
 
     pub fn set_no_new_bans(&self, form: NoNewBans) {
         self.with(|s| s.no_new_bans = form)
+    }
+
+    /// Answers `GET /v1/decisions/stream?startup=true` with `body` (CrowdSec's LAPI, for
+    /// loads larger than a test's `cscli` can make); later reads say nothing changed.
+    pub fn set_crowdsec_startup(&self, body: String) {
+        self.with(|s| s.crowdsec_startup = Some(body))
     }
 
     pub fn set_list(&self, name: &str, text: &str) {
@@ -567,6 +576,13 @@ fn decide(s: &mut Inner, req: &Request) -> Reply {
 }
 
 fn route(s: &mut Inner, req: &Request, log: &mut RequestLog, now: Instant) -> Reply {
+    if req.path.starts_with("/v1/decisions/stream") {
+        return match &s.crowdsec_startup {
+            Some(body) if req.path.contains("startup=true") => Reply::Json(200, body.clone()),
+            Some(_) => Reply::Json(200, r#"{"deleted":null,"new":null}"#.into()),
+            None => Reply::Text(404, "not found".into()),
+        };
+    }
     if let Some(name) = req.path.strip_prefix("/lists/") {
         return match s.lists.get(name) {
             Some(text) => Reply::Text(200, text.clone()),
