@@ -15,15 +15,23 @@ use tests::{
 const N: usize = 5;
 
 fn start_with_crowdsec(s: &mut Scene, lapi: &Lapi) {
+    start_with_crowdsec_and(s, lapi, &[]);
+}
+
+/// The agent reading `lapi` every second, with `extra` flags.
+fn start_with_crowdsec_and(s: &mut Scene, lapi: &Lapi, extra: &[&str]) {
     let key = lapi.key_file().display().to_string();
-    s.start(&[
+    let url = lapi.url();
+    let mut args = vec![
         "--crowdsec",
-        &lapi.url(),
+        &url,
         "--crowdsec-key-file",
         &key,
         "--crowdsec-interval",
         "1s",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    s.start(&args);
 }
 
 fn banned(s: &Scene, addr: &str) {
@@ -184,24 +192,21 @@ fn a_scanner_detection_bans_is_posted_to_crowdsec() {
     const SERVER: &str = "10.77.0.1";
     let mut s = Scene::new();
     let lapi = Lapi::start(&s.topo.server);
-    let key = lapi.key_file().display().to_string();
     let password = lapi.password_file().display().to_string();
-    s.start(&[
-        "--crowdsec",
-        &lapi.url(),
-        "--crowdsec-key-file",
-        &key,
-        "--crowdsec-interval",
-        "1s",
-        "--crowdsec-machine",
-        MACHINE,
-        "--crowdsec-password-file",
-        &password,
-        "--detect",
-        "enforce",
-        "--detect-ports",
-        "5060,5062,5063,5064",
-    ]);
+    start_with_crowdsec_and(
+        &mut s,
+        &lapi,
+        &[
+            "--crowdsec-machine",
+            MACHINE,
+            "--crowdsec-password-file",
+            &password,
+            "--detect",
+            "enforce",
+            "--detect-ports",
+            "5060,5062,5063,5064",
+        ],
+    );
     let _pbx = SipResponder::start(
         &s.topo.server,
         format!("{SERVER}:5062").parse().expect("literal"),

@@ -222,39 +222,12 @@ pub async fn pull(
     if !spec.scenarios.is_empty() {
         query.push(("scenarios_containing", spec.scenarios.join(",")));
     }
-    let unreachable = |e: reqwest::Error| CrowdsecError::Unreachable {
-        url: spec.url.clone(),
-        reason: crate::error_chain(&e),
-    };
-    let mut answer = http
-        .get(&url)
-        .query(&query)
-        .header("X-Api-Key", &spec.key)
-        .header("User-Agent", concat!("apiban/", env!("CARGO_PKG_VERSION")))
-        .send()
-        .await
-        .map_err(unreachable)?;
-    let status = answer.status().as_u16();
-    let mut body = Vec::new();
-    while let Some(chunk) = answer.chunk().await.map_err(unreachable)? {
-        if body.len() + chunk.len() > MAX_STREAM_BYTES {
-            return Err(CrowdsecError::Unreadable(format!(
-                "an answer over {MAX_STREAM_BYTES} bytes"
-            )));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    match status {
-        200 => parse_stream(&body),
-        401 | 403 => Err(CrowdsecError::KeyRefused { status }),
-        _ => Err(CrowdsecError::Status {
-            status,
-            body: String::from_utf8_lossy(&body[..body.len().min(200)])
-                .chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .collect(),
-        }),
-    }
+    let body = send(
+        &spec.url,
+        http.get(&url).query(&query).header("X-Api-Key", &spec.key),
+    )
+    .await?;
+    parse_stream(&body)
 }
 
 /// A ban of this host's to tell CrowdSec of, as an alert with its decision.
@@ -348,20 +321,30 @@ pub async fn post_alerts(
     .map(drop)
 }
 
+/// Sends `request` to LAPI at `url`: the answer's body when it is a 2xx, read up to
+/// [`MAX_STREAM_BYTES`]; a refusal of the credentials or another status as errors.
 async fn send(url: &str, request: reqwest::RequestBuilder) -> Result<Vec<u8>, CrowdsecError> {
     let unreachable = |e: reqwest::Error| CrowdsecError::Unreachable {
         url: url.to_owned(),
         reason: crate::error_chain(&e),
     };
-    let answer = request
+    let mut answer = request
         .header("User-Agent", concat!("apiban/", env!("CARGO_PKG_VERSION")))
         .send()
         .await
         .map_err(unreachable)?;
     let status = answer.status().as_u16();
-    let body = answer.bytes().await.map_err(unreachable)?;
+    let mut body = Vec::new();
+    while let Some(chunk) = answer.chunk().await.map_err(unreachable)? {
+        if body.len() + chunk.len() > MAX_STREAM_BYTES {
+            return Err(CrowdsecError::Unreadable(format!(
+                "an answer over {MAX_STREAM_BYTES} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
     match status {
-        200..=299 => Ok(body.to_vec()),
+        200..=299 => Ok(body),
         401 | 403 => Err(CrowdsecError::KeyRefused { status }),
         _ => Err(CrowdsecError::Status {
             status,
