@@ -397,6 +397,7 @@ fn write_report(w: &mut Writer, r: &StatusReport) -> Result<(), std::fmt::Error>
             vec![
                 (labels([("outcome", "posted")]), c.alerts_posted),
                 (labels([("outcome", "already_banned")]), c.alerts_skipped),
+                (labels([("outcome", "forgeable")]), c.alerts_forgeable),
                 (labels([("outcome", "dropped")]), c.alerts_dropped),
             ],
         )?;

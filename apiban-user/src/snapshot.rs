@@ -43,6 +43,9 @@ pub struct CrowdsecStatus {
     pub alerts_posted: u64,
     /// Not posted: CrowdSec bans the address already.
     pub alerts_skipped: u64,
+    /// Not posted: detection's ban rests on evidence a forged address can bring, and
+    /// `--crowdsec-post-forgeable` is off.
+    pub alerts_forgeable: u64,
     /// Lost: the queue to LAPI was full.
     pub alerts_dropped: u64,
     /// While posts fail: the last failure.

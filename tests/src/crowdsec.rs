@@ -2,6 +2,10 @@
 //! no Central API, its database and config in a temporary directory), inside the test's
 //! network namespace on 127.0.0.1:8080, with a bouncer key for the agent and a machine for
 //! `cscli decisions`. See ../shared/crowdsec.md. Stopped and removed on drop.
+//!
+//! [`Lapi::start_tls`] serves it over https, as operators with bouncers on other hosts do:
+//! its certificate from a CA of the test's, bouncers known by a client certificate whose OU
+//! is [`BOUNCER_OU`] (LAPI's `bouncers_allowed_ou`).
 
 use std::{
     path::PathBuf,
@@ -17,16 +21,69 @@ pub const BOUNCER_KEY: &str = "0123456789abcdef0123456789abcdef";
 pub const MACHINE: &str = "apiban-test";
 const MACHINE_PASSWORD: &str = "apiban-test-password";
 const LISTEN: &str = "127.0.0.1:8080";
+/// The OU LAPI takes a bouncer's client certificate from.
+pub const BOUNCER_OU: &str = "apiban-bouncers";
 
 pub struct Lapi {
     ns: String,
     dir: TempDir,
     child: Option<Child>,
+    tls: bool,
+}
+
+/// A certificate and its key, PEM, issued by `ca` (or self-signed for the CA itself).
+fn issue(
+    ca: Option<&rcgen::Issuer<'_, rcgen::KeyPair>>,
+    ou: Option<&str>,
+    ip_san: bool,
+    client: bool,
+) -> (rcgen::CertificateParams, rcgen::KeyPair, String) {
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let mut params = if ip_san {
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params")
+    } else {
+        rcgen::CertificateParams::new(Vec::<String>::new()).expect("params")
+    };
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "apiban-test");
+    if let Some(ou) = ou {
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationalUnitName, ou);
+    }
+    if client {
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    }
+    let cert = match ca {
+        Some(ca) => params.signed_by(&key, ca).expect("a certificate"),
+        None => {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.self_signed(&key).expect("a CA")
+        }
+    };
+    (params, key, cert.pem())
 }
 
 impl Lapi {
     /// Configures a LAPI in `ns` with a bouncer and a machine, and starts it.
     pub fn start(ns: &Netns) -> Self {
+        Self::start_with(ns, false)
+    }
+
+    /// The same over https: `ca.pem` signed LAPI's certificate and two bouncer
+    /// certificates, `bouncer.pem` (OU [`BOUNCER_OU`]) and `stranger.pem` (another OU);
+    /// their keys are `bouncer-key.pem` and `stranger-key.pem`. See [`Lapi::file`].
+    pub fn start_tls(ns: &Netns) -> Self {
+        Self::start_with(ns, true)
+    }
+
+    /// A file of this LAPI's (certificates, keys).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path.join(name)
+    }
+
+    fn start_with(ns: &Netns, tls: bool) -> Self {
         assert!(
             std::path::Path::new("/usr/bin/crowdsec").exists(),
             "Debian's crowdsec is not installed: `cargo xtask setup` installs it (offline, \
@@ -35,19 +92,41 @@ impl Lapi {
         let dir = TempDir::new("apiban-crowdsec-");
         let d = dir.path.display().to_string();
         std::fs::create_dir_all(dir.path.join("data")).expect("LAPI data dir");
-        std::fs::write(
-            dir.path.join("config.yaml"),
+        let write = |name: &str, text: &str| {
+            std::fs::write(dir.path.join(name), text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        };
+        let tls_config = if tls {
+            let (ca_params, ca_key, ca_pem) = issue(None, None, false, false);
+            let ca = rcgen::Issuer::new(ca_params, ca_key);
+            write("ca.pem", &ca_pem);
+            let (_, key, pem) = issue(Some(&ca), None, true, false);
+            write("server.pem", &pem);
+            write("server-key.pem", &key.serialize_pem());
+            for (name, ou) in [("bouncer", BOUNCER_OU), ("stranger", "someone-else")] {
+                let (_, key, pem) = issue(Some(&ca), Some(ou), false, true);
+                write(&format!("{name}.pem"), &pem);
+                write(&format!("{name}-key.pem"), &key.serialize_pem());
+            }
             format!(
+                "    tls:\n      cert_file: {d}/server.pem\n      key_file: {d}/server-key.pem\n      \
+                 ca_cert_path: {d}/ca.pem\n      client_verification: VerifyClientCertIfGiven\n      \
+                 bouncers_allowed_ou: [{BOUNCER_OU}]\n      agents_allowed_ou: [apiban-agents]\n"
+            )
+        } else {
+            String::new()
+        };
+        write(
+            "config.yaml",
+            &format!(
                 "common: {{daemonize: true, log_media: stdout, log_level: info}}\n\
                  config_paths: {{config_dir: {d}/, data_dir: {d}/data/}}\n\
                  db_config: {{type: sqlite, db_path: {d}/data/crowdsec.db, use_wal: true}}\n\
                  api:\n  client: {{credentials_path: {d}/local_api_credentials.yaml}}\n  \
                  server:\n    listen_uri: {LISTEN}\n    profiles_path: {d}/profiles.yaml\n    \
                  console_path: {d}/console.yaml\n    trusted_ips: [127.0.0.1, \"::1\"]\n\
-                 prometheus: {{enabled: false}}\n"
+                 {tls_config}prometheus: {{enabled: false}}\n"
             ),
-        )
-        .expect("LAPI config");
+        );
         std::fs::write(
             dir.path.join("profiles.yaml"),
             "name: default_ip_remediation\nfilters:\n - Alert.Remediation == true && \
@@ -66,6 +145,7 @@ impl Lapi {
             ns: ns.name.clone(),
             dir,
             child: None,
+            tls,
         };
         // Bouncers and machines are written to the database directly: LAPI need not run.
         lapi.cscli(&["bouncers", "add", "apiban", "-k", BOUNCER_KEY, "-o", "raw"]);
@@ -79,13 +159,39 @@ impl Lapi {
             "-f",
             &credentials.display().to_string(),
         ]);
+        if tls {
+            // cscli reaches LAPI at the URL the credentials name.
+            let text = std::fs::read_to_string(&credentials).expect("cscli's credentials");
+            std::fs::write(&credentials, text.replace("http://", "https://"))
+                .expect("cscli's credentials");
+        }
         lapi.run();
         lapi
     }
 
     /// The URL the agent is given.
     pub fn url(&self) -> String {
-        format!("http://{LISTEN}")
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{LISTEN}")
+    }
+
+    /// The agent's flags to read this LAPI as a bouncer: its key, or over https its
+    /// client certificate (OU [`BOUNCER_OU`]) and the CA.
+    pub fn agent_args(&self) -> Vec<String> {
+        let mut args = vec!["--crowdsec".to_owned(), self.url()];
+        let path = |name: &str| self.file(name).display().to_string();
+        if self.tls {
+            for (flag, name) in [
+                ("--crowdsec-cert", "bouncer.pem"),
+                ("--crowdsec-cert-key", "bouncer-key.pem"),
+                ("--crowdsec-ca", "ca.pem"),
+            ] {
+                args.extend([flag.to_owned(), path(name)]);
+            }
+        } else {
+            args.extend(["--crowdsec-key-file".to_owned(), path("bouncer.key")]);
+        }
+        args
     }
 
     pub fn key_file(&self) -> PathBuf {
@@ -103,6 +209,8 @@ impl Lapi {
         let out = Command::new("ip")
             .args(["netns", "exec", &self.ns, "cscli", "-c", &config, "--error"])
             .args(args)
+            // Go's TLS trusts what this file holds: over https, the test's CA.
+            .env("SSL_CERT_FILE", self.dir.path.join("ca.pem"))
             .output()
             .expect("run cscli");
         assert!(
@@ -148,10 +256,15 @@ impl Lapi {
         }
     }
 
-    /// Whether `GET /health` answers 200, from inside the namespace.
+    /// Whether `GET /health` answers 200, from inside the namespace; over https, whether
+    /// LAPI listens (it opens its socket once it serves).
     fn healthy(&self) -> bool {
         let path = std::path::Path::new("/run/netns").join(&self.ns);
-        crate::spawn_in_netns_at(path, || {
+        let tls = self.tls;
+        crate::spawn_in_netns_at(path, move || {
+            if tls {
+                return std::net::TcpStream::connect(LISTEN).is_ok();
+            }
             use std::io::{Read as _, Write as _};
             let Ok(mut s) = std::net::TcpStream::connect(LISTEN) else {
                 return false;

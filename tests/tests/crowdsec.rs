@@ -5,14 +5,17 @@
 use std::{net::IpAddr, time::Duration};
 
 use tests::{
-    attackers::{SipResponder, Tool, sipvicious},
+    agent::http_get,
+    attackers::{SipResponder, Tool, sipvicious, sipvicious_with_user_agent},
     crowdsec::{Lapi, MACHINE},
+    kamailio::Registrar,
     require_root,
     scene::Scene,
     wait_until,
 };
 
 const N: usize = 5;
+const PHONE_UA: &str = "Yealink SIP-T46S 66.86.0.15";
 
 fn start_with_crowdsec(s: &mut Scene, lapi: &Lapi) {
     start_with_crowdsec_and(s, lapi, &[]);
@@ -20,17 +23,10 @@ fn start_with_crowdsec(s: &mut Scene, lapi: &Lapi) {
 
 /// The agent reading `lapi` every second, with `extra` flags.
 fn start_with_crowdsec_and(s: &mut Scene, lapi: &Lapi, extra: &[&str]) {
-    let key = lapi.key_file().display().to_string();
-    let url = lapi.url();
-    let mut args = vec![
-        "--crowdsec",
-        &url,
-        "--crowdsec-key-file",
-        &key,
-        "--crowdsec-interval",
-        "1s",
-    ];
-    args.extend_from_slice(extra);
+    let mut args = lapi.agent_args();
+    args.extend(["--crowdsec-interval".to_owned(), "1s".to_owned()]);
+    args.extend(extra.iter().map(|a| (*a).to_owned()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     s.start(&args);
 }
 
@@ -188,14 +184,18 @@ fn a_restart_with_crowdsec_down_keeps_its_bans_and_catches_up() {
     assert!(s.status()["sync"]["crowdsec"]["last_error"].is_null());
 }
 
-/// A SIPVicious scan that detection bans reaches CrowdSec as an alert with its ban decision,
-/// scenario apiban/<rule>, so that CrowdSec's other bouncers ban the scanner too.
+/// Over https, known by a client certificate (mTLS, no key), the agent reads CrowdSec's
+/// decisions; with `--crowdsec-post-forgeable`, a SIPVicious scan that detection bans on
+/// its User-Agent reaches CrowdSec as an alert with its ban decision, scenario
+/// apiban/<rule>, so that CrowdSec's other bouncers ban the scanner too. A certificate of an
+/// OU LAPI does not take is refused, and `status` says what to check.
 #[test]
-fn a_scanner_detection_bans_is_posted_to_crowdsec() {
+fn over_https_a_client_certificate_reads_decisions_and_a_scan_is_posted_when_asked() {
     require_root();
     const SERVER: &str = "10.77.0.1";
     let mut s = Scene::new();
-    let lapi = Lapi::start(&s.topo.server);
+    let lapi = Lapi::start_tls(&s.topo.server);
+    lapi.cscli(&["decisions", "add", "--ip", "45.91.6.1", "--duration", "1h"]);
     let password = lapi.password_file().display().to_string();
     start_with_crowdsec_and(
         &mut s,
@@ -205,11 +205,20 @@ fn a_scanner_detection_bans_is_posted_to_crowdsec() {
             MACHINE,
             "--crowdsec-password-file",
             &password,
+            "--crowdsec-post-forgeable",
             "--detect",
             "enforce",
             "--detect-ports",
             "5060,5062,5063,5064",
         ],
+    );
+    banned(&s, "45.91.6.1");
+    let bouncers = lapi.cscli(&["bouncers", "list", "-o", "raw"]);
+    assert!(
+        bouncers
+            .lines()
+            .any(|l| l.starts_with("apiban-test@") && l.ends_with(",tls")),
+        "LAPI knows the agent by its certificate:\n{bouncers}"
     );
     let _pbx = SipResponder::start(
         &s.topo.server,
@@ -225,22 +234,7 @@ fn a_scanner_detection_bans_is_posted_to_crowdsec() {
         log,
     );
     s.wait_verdict(scanner.parse().unwrap(), "banned", Duration::from_secs(20));
-    wait_until(
-        "the detection to reach CrowdSec's decisions",
-        Duration::from_secs(20),
-        || {
-            lapi.cscli(&["decisions", "list", "-a", "-o", "raw"])
-                .lines()
-                .any(|l| {
-                    l.contains(&format!("Ip:{scanner}")) && l.contains("apiban/scanner-user-agent")
-                })
-        },
-    );
-    let alerts = lapi.cscli(&["alerts", "list", "-a", "-o", "raw"]);
-    assert!(
-        alerts.contains("apiban/scanner-user-agent") && alerts.contains(scanner),
-        "{alerts}"
-    );
+    posted(&lapi, scanner, "apiban/scanner-user-agent");
     let status = s.status();
     assert_eq!(status["sync"]["crowdsec"]["alerts_posted"], 1, "{status}");
     // CrowdSec's stream brings its decision back: the ban is now both sources'.
@@ -248,14 +242,154 @@ fn a_scanner_detection_bans_is_posted_to_crowdsec() {
         "CrowdSec's decision in the agent's ledger",
         Duration::from_secs(15),
         || {
-            let check = s.check(scanner);
-            let sources: Vec<String> = check["records"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|r| r["source"].as_str().map(str::to_owned))
-                .collect();
+            let sources = sources_of(&s, scanner);
             sources.contains(&"detect".to_owned()) && sources.contains(&"crowdsec".to_owned())
         },
     );
+
+    // Another OU: LAPI refuses it, the agent keeps what it has and says what to check.
+    s.stop();
+    let args: Vec<String> = lapi
+        .agent_args()
+        .into_iter()
+        .map(|a| a.replace("bouncer", "stranger"))
+        .collect();
+    let mut args: Vec<&str> = args.iter().map(String::as_str).collect();
+    args.extend(["--crowdsec-interval", "1s"]);
+    s.start(&args);
+    wait_until(
+        "the agent to say LAPI refused its certificate",
+        Duration::from_secs(15),
+        || {
+            s.status()["sync"]["crowdsec"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("bouncers_allowed_ou"))
+        },
+    );
+    assert_eq!(s.check("45.91.6.1")["verdict"], "banned");
+}
+
+/// By default only detection's bans on evidence no forged source address can bring go to
+/// CrowdSec: in front of Kamailio (digest authentication), a password guesser with a
+/// phone's User-Agent (auth-failure: refused answers to challenges only its address saw) is
+/// posted; a SIPVicious scan banned on its User-Agent, which anyone can send under any
+/// address, is banned here and not posted, and `status` counts it.
+#[test]
+fn only_unforgeable_detections_are_posted_by_default() {
+    require_root();
+    const SERVER: &str = "10.77.0.1";
+    const PORT: u16 = 5072;
+    const METRICS: &str = "127.0.0.1:9811";
+    let mut s = Scene::new();
+    let lapi = Lapi::start(&s.topo.server);
+    let password = lapi.password_file().display().to_string();
+    start_with_crowdsec_and(
+        &mut s,
+        &lapi,
+        &[
+            "--crowdsec-machine",
+            MACHINE,
+            "--crowdsec-password-file",
+            &password,
+            "--detect",
+            "enforce",
+            "--detect-ports",
+            "5072,5073,5074",
+            "--detect-tls-ports",
+            "5071",
+            "--metrics-addr",
+            METRICS,
+        ],
+    );
+    let probe = s.source("45.86.0.100");
+    let _registrar = Registrar::start(
+        &s.topo.server,
+        &s.dir.path,
+        SERVER.parse().expect("literal"),
+        PORT,
+        5071,
+        &s.topo.attacker,
+        probe,
+    );
+    let port = PORT.to_string();
+    let scanner = "45.86.0.1";
+    s.source_by_route(scanner, SERVER);
+    let _scan = Tool::start(
+        &s.topo.attacker,
+        &sipvicious("svmap"),
+        &["-b", scanner, "-p", "5072-5074", SERVER],
+        s.dir.path.join("svmap.log"),
+    );
+    s.wait_verdict(scanner.parse().unwrap(), "banned", Duration::from_secs(20));
+    let guesser = "45.86.0.5";
+    s.source_by_route(guesser, SERVER);
+    let _guess = Tool::start(
+        &s.topo.attacker,
+        &sipvicious_with_user_agent(&s.dir.path, "svcrack", PHONE_UA),
+        &[
+            "-b",
+            guesser,
+            "-p",
+            &port,
+            "-u",
+            "200",
+            "-r",
+            "1000-1400",
+            SERVER,
+        ],
+        s.dir.path.join("svcrack.log"),
+    );
+    s.wait_verdict(guesser.parse().unwrap(), "banned", Duration::from_secs(20));
+    assert_eq!(
+        s.check_recorded(guesser)["records"][0]["evidence"]["rule"],
+        "auth-failure"
+    );
+    posted(&lapi, guesser, "apiban/auth-failure");
+    let alerts = lapi.cscli(&["alerts", "list", "-a", "-o", "raw"]);
+    assert!(!alerts.contains(scanner), "the scan was posted:\n{alerts}");
+    let status = s.status();
+    let c = &status["sync"]["crowdsec"];
+    assert_eq!(
+        (&c["alerts_posted"], &c["alerts_forgeable"]),
+        (&1.into(), &1.into()),
+        "{status}"
+    );
+    let (_, metrics) = http_get(
+        Some(&s.topo.server),
+        METRICS.parse().expect("literal"),
+        "/metrics",
+    );
+    assert!(
+        metrics.contains("apiban_crowdsec_alerts_total{outcome=\"forgeable\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// Waits until LAPI holds a decision on `addr` of `scenario`, and its alert.
+fn posted(lapi: &Lapi, addr: &str, scenario: &str) {
+    wait_until(
+        "the detection to reach CrowdSec's decisions",
+        Duration::from_secs(20),
+        || {
+            lapi.cscli(&["decisions", "list", "-a", "-o", "raw"])
+                .lines()
+                .any(|l| l.contains(&format!("Ip:{addr}")) && l.contains(scenario))
+        },
+    );
+    let alerts = lapi.cscli(&["alerts", "list", "-a", "-o", "raw"]);
+    assert!(
+        alerts.contains(scenario) && alerts.contains(addr),
+        "{alerts}"
+    );
+}
+
+/// The sources of `addr`'s records in the ledger.
+fn sources_of(s: &Scene, addr: &str) -> Vec<String> {
+    let check = s.check(addr);
+    check["records"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["source"].as_str().map(str::to_owned))
+        .collect()
 }

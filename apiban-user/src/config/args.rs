@@ -219,6 +219,16 @@ pub struct RunArgs {
     /// File holding the bouncer key for --crowdsec (from `cscli bouncers add apiban`).
     #[arg(long, env = "APIBAN_CROWDSEC_KEY_FILE")]
     pub crowdsec_key_file: Option<PathBuf>,
+    /// PEM client certificate the bouncer presents to an https LAPI instead of a key (its
+    /// OU one of LAPI's bouncers_allowed_ou); with --crowdsec-cert-key.
+    #[arg(long, env = "APIBAN_CROWDSEC_CERT")]
+    pub crowdsec_cert: Option<PathBuf>,
+    /// PEM private key of --crowdsec-cert.
+    #[arg(long, env = "APIBAN_CROWDSEC_CERT_KEY")]
+    pub crowdsec_cert_key: Option<PathBuf>,
+    /// PEM CA that signed an https LAPI's certificate [default: the system's roots].
+    #[arg(long, env = "APIBAN_CROWDSEC_CA")]
+    pub crowdsec_ca: Option<PathBuf>,
     /// How often CrowdSec's decision stream is read [default: 10s].
     #[arg(long, env = "APIBAN_CROWDSEC_INTERVAL")]
     pub crowdsec_interval: Option<HumanDuration>,
@@ -239,6 +249,10 @@ pub struct RunArgs {
     /// Post the ban API's bans to CrowdSec too (with --crowdsec-machine).
     #[arg(long, env = "APIBAN_CROWDSEC_POST_API_BANS", num_args = 0..=1, default_missing_value = "true")]
     pub crowdsec_post_api_bans: Option<bool>,
+    /// Post detection's bans on evidence a forged source address can bring (the request
+    /// rules) too; by default only bans on the server's answers go to CrowdSec.
+    #[arg(long, env = "APIBAN_CROWDSEC_POST_FORGEABLE", num_args = 0..=1, default_missing_value = "true")]
+    pub crowdsec_post_forgeable: Option<bool>,
     /// CrowdSec's bans: enforce or observe [default: enforce].
     #[arg(long, env = "APIBAN_CROWDSEC_MODE", value_enum)]
     pub crowdsec_mode: Option<crate::config::SourceMode>,

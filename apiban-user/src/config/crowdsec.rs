@@ -5,12 +5,23 @@ use std::{path::PathBuf, time::Duration};
 
 use super::{ConfigError, FileConfig, RunArgs, first, first_list, invalid};
 
-/// `--crowdsec`: where CrowdSec's decisions are read, and which. The key is read from its
-/// file at start and on every reload, and never logged.
+/// How the bouncer is known to LAPI.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BouncerCredentials {
+    /// A file whose first line is the key `cscli bouncers add` printed.
+    KeyFile(PathBuf),
+    /// A client certificate and its key, PEM files (mTLS, https only).
+    Certificate { cert: PathBuf, key: PathBuf },
+}
+
+/// `--crowdsec`: where CrowdSec's decisions are read, and which. The credentials are read
+/// from their files at start and on every reload, and never logged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CrowdsecSettings {
     pub url: String,
-    pub key_file: PathBuf,
+    pub credentials: BouncerCredentials,
+    /// The CA an https LAPI's certificate is checked against; None: the system's roots.
+    pub ca: Option<PathBuf>,
     pub interval: Duration,
     pub origins: Vec<String>,
     pub scenarios: Vec<String>,
@@ -18,9 +29,40 @@ pub struct CrowdsecSettings {
     /// are posted.
     pub machine: Option<(String, PathBuf)>,
     pub post_api_bans: bool,
+    pub post_forgeable: bool,
+}
+
+fn read(flag: &'static str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| invalid(flag, format!("cannot read {}: {e}", path.display())))
 }
 
 impl CrowdsecSettings {
+    /// The CA the file holds now, checked.
+    fn tls_ca(&self) -> Result<crate::source::crowdsec::LapiTls, ConfigError> {
+        let tls = crate::source::crowdsec::LapiTls {
+            ca: self
+                .ca
+                .as_deref()
+                .map(|p| read("crowdsec-ca", p))
+                .transpose()?,
+            identity: None,
+        };
+        crate::source::crowdsec::client(&tls).map_err(|e| {
+            invalid(
+                "crowdsec-ca",
+                format!(
+                    "{}: {}",
+                    self.ca
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new(""))
+                        .display(),
+                    crate::error_chain(&e)
+                ),
+            )
+        })?;
+        Ok(tls)
+    }
+
     /// Where this host's bans go as alerts, with the password the file holds now.
     pub fn alerts(&self) -> Result<Option<crate::source::crowdsec::AlertSpec>, ConfigError> {
         let Some((machine, file)) = &self.machine else {
@@ -44,30 +86,53 @@ impl CrowdsecSettings {
             machine: machine.clone(),
             password,
             post_api_bans: self.post_api_bans,
+            post_forgeable: self.post_forgeable,
+            tls: self.tls_ca()?,
         }))
     }
 
-    /// What the CrowdSec task runs with: these settings and the key the file holds now.
+    /// What the CrowdSec task runs with: these settings and the credentials their files
+    /// hold now, checked.
     pub fn spec(&self) -> Result<crate::source::crowdsec::CrowdsecSpec, ConfigError> {
-        let text = std::fs::read_to_string(&self.key_file).map_err(|e| {
-            invalid(
-                "crowdsec-key-file",
-                format!("cannot read {}: {e}", self.key_file.display()),
-            )
-        })?;
-        let key = text.lines().next().unwrap_or("").trim().to_owned();
-        if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(invalid(
-                "crowdsec-key-file",
-                format!(
-                    "{} holds no bouncer key on its first line (`cscli bouncers add apiban`)",
-                    self.key_file.display()
-                ),
-            ));
-        }
+        let mut tls = self.tls_ca()?;
+        let key = match &self.credentials {
+            BouncerCredentials::KeyFile(file) => {
+                let text = String::from_utf8_lossy(&read("crowdsec-key-file", file)?).into_owned();
+                let key = text.lines().next().unwrap_or("").trim().to_owned();
+                if key.is_empty() || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(invalid(
+                        "crowdsec-key-file",
+                        format!(
+                            "{} holds no bouncer key on its first line (`cscli bouncers add apiban`)",
+                            file.display()
+                        ),
+                    ));
+                }
+                Some(key)
+            }
+            BouncerCredentials::Certificate { cert, key } => {
+                let mut identity = read("crowdsec-cert", cert)?;
+                identity.push(b'\n');
+                identity.extend(read("crowdsec-cert-key", key)?);
+                tls.identity = Some(identity);
+                crate::source::crowdsec::client(&tls).map_err(|e| {
+                    invalid(
+                        "crowdsec-cert",
+                        format!(
+                            "{} with {}: {}",
+                            cert.display(),
+                            key.display(),
+                            crate::error_chain(&e)
+                        ),
+                    )
+                })?;
+                None
+            }
+        };
         Ok(crate::source::crowdsec::CrowdsecSpec {
             url: self.url.clone(),
             key,
+            tls,
             interval: self.interval,
             origins: self.origins.clone(),
             scenarios: self.scenarios.clone(),
@@ -79,31 +144,80 @@ pub(super) fn resolve_crowdsec(
     args: &RunArgs,
     file: &FileConfig,
 ) -> Result<Option<CrowdsecSettings>, ConfigError> {
+    let key_file = args
+        .crowdsec_key_file
+        .clone()
+        .or_else(|| file.crowdsec_key_file.clone());
+    let cert = args
+        .crowdsec_cert
+        .clone()
+        .or_else(|| file.crowdsec_cert.clone());
+    let cert_key = args
+        .crowdsec_cert_key
+        .clone()
+        .or_else(|| file.crowdsec_cert_key.clone());
+    let ca = args
+        .crowdsec_ca
+        .clone()
+        .or_else(|| file.crowdsec_ca.clone());
     let Some(url) = args.crowdsec.clone().or_else(|| file.crowdsec.clone()) else {
-        if args.crowdsec_key_file.is_some() || file.crowdsec_key_file.is_some() {
-            return Err(invalid(
-                "crowdsec-key-file",
-                "is set, but crowdsec (the LAPI's URL) is not",
-            ));
+        for (flag, set) in [
+            ("crowdsec-key-file", key_file.is_some()),
+            ("crowdsec-cert", cert.is_some()),
+            ("crowdsec-ca", ca.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    flag,
+                    "is set, but crowdsec (the LAPI's URL) is not",
+                ));
+            }
         }
         return Ok(None);
     };
-    if !(url.starts_with("http://") || url.starts_with("https://")) {
+    let https = url.starts_with("https://");
+    if !(https || url.starts_with("http://")) {
         return Err(invalid(
             "crowdsec",
             format!("`{url}` is not an http:// or https:// URL of CrowdSec's Local API"),
         ));
     }
-    let key_file = args
-        .crowdsec_key_file
-        .clone()
-        .or_else(|| file.crowdsec_key_file.clone())
-        .ok_or_else(|| {
-            invalid(
+    let credentials = match (key_file, cert, cert_key) {
+        (Some(_), Some(_), _) => {
+            return Err(invalid(
+                "crowdsec-cert",
+                "and crowdsec-key-file are both set: the bouncer is known by one of them",
+            ));
+        }
+        (Some(file), None, _) => BouncerCredentials::KeyFile(file),
+        (None, Some(cert), Some(key)) => BouncerCredentials::Certificate { cert, key },
+        (None, Some(_), None) => {
+            return Err(invalid(
+                "crowdsec-cert-key",
+                "is required with crowdsec-cert",
+            ));
+        }
+        (None, None, _) => {
+            return Err(invalid(
                 "crowdsec-key-file",
-                "is required with crowdsec: a file holding the key `cscli bouncers add apiban` prints",
-            )
-        })?;
+                "is required with crowdsec: a file holding the key `cscli bouncers add apiban` prints (or crowdsec-cert and crowdsec-cert-key, over https)",
+            ));
+        }
+    };
+    if !https {
+        if matches!(credentials, BouncerCredentials::Certificate { .. }) {
+            return Err(invalid(
+                "crowdsec-cert",
+                format!("a client certificate needs an https:// LAPI, not `{url}`"),
+            ));
+        }
+        if ca.is_some() {
+            return Err(invalid(
+                "crowdsec-ca",
+                format!("a CA is for an https:// LAPI, not `{url}`"),
+            ));
+        }
+    }
     let interval = first(
         args.crowdsec_interval.map(|d| d.0),
         file.crowdsec_interval.map(|d| d.0.0),
@@ -146,6 +260,17 @@ pub(super) fn resolve_crowdsec(
         file.crowdsec_post_api_bans,
         false,
     );
+    let post_forgeable = first(
+        args.crowdsec_post_forgeable,
+        file.crowdsec_post_forgeable,
+        false,
+    );
+    if post_forgeable && machine.is_none() {
+        return Err(invalid(
+            "crowdsec-post-forgeable",
+            "needs crowdsec-machine and crowdsec-password-file to post with",
+        ));
+    }
     if post_api_bans && machine.is_none() {
         return Err(invalid(
             "crowdsec-post-api-bans",
@@ -155,8 +280,10 @@ pub(super) fn resolve_crowdsec(
     Ok(Some(CrowdsecSettings {
         machine,
         post_api_bans,
+        post_forgeable,
         url,
-        key_file,
+        credentials,
+        ca,
         interval,
         origins: words(first_list(
             &args.crowdsec_origins,

@@ -12,8 +12,8 @@ mod file;
 #[cfg(test)]
 mod tests;
 
-pub use crowdsec::CrowdsecSettings;
 use crowdsec::resolve_crowdsec;
+pub use crowdsec::{BouncerCredentials, CrowdsecSettings};
 
 use std::{
     collections::BTreeSet,

@@ -594,6 +594,89 @@ fn crowdsec_needs_a_url_and_a_key_file_and_reads_the_key_each_time() {
     std::fs::write(&key, "\n").unwrap();
     assert!(settings.spec().is_err());
     std::fs::write(&key, "0123abcd\nignored\n").unwrap();
-    assert_eq!(settings.spec().unwrap().key, "0123abcd");
+    assert_eq!(settings.spec().unwrap().key.as_deref(), Some("0123abcd"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_crowdsec_client_certificate_replaces_the_key_over_https_only() {
+    let dir = std::env::temp_dir().join(format!("apiban-cs-cert-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key, ca) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("ca.pem"),
+    );
+    let with = |url: &str, extra: &str| {
+        resolve(
+            &args(&["--iface", "eth0"]),
+            None,
+            file(&format!("crowdsec = \"{url}\"\n{extra}")),
+        )
+    };
+    let cert_keys = format!(
+        "crowdsec-cert = \"{}\"\ncrowdsec-cert-key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    for (url, extra, flag) in [
+        ("http://127.0.0.1:8080", cert_keys.as_str(), "https://"),
+        (
+            "https://lapi:8080",
+            "crowdsec-cert = \"/c\"\n",
+            "crowdsec-cert-key",
+        ),
+        (
+            "https://lapi:8080",
+            &format!("{cert_keys}crowdsec-key-file = \"/k\"\n"),
+            "both",
+        ),
+        (
+            "http://127.0.0.1:8080",
+            "crowdsec-key-file = \"/k\"\ncrowdsec-ca = \"/ca\"\n",
+            "crowdsec-ca",
+        ),
+    ] {
+        let e = with(url, extra).unwrap_err();
+        assert!(e.to_string().contains(flag), "{url} {extra}: {e}");
+    }
+    let e = resolve(
+        &args(&["--iface", "eth0", "--crowdsec-cert", "/c"]),
+        None,
+        FileConfig::default(),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("crowdsec (the LAPI's URL) is not"),
+        "{e}"
+    );
+
+    let settings = with(
+        "https://lapi:8080",
+        &format!("{cert_keys}crowdsec-ca = \"{}\"\n", ca.display()),
+    )
+    .unwrap()
+    .crowdsec
+    .unwrap();
+    // Read and checked when used: missing, not PEM, then a real certificate and key.
+    let e = settings.spec().unwrap_err();
+    assert!(e.to_string().contains("crowdsec-ca"), "{e}");
+    let key_pair = rcgen::KeyPair::generate().unwrap();
+    let issued = rcgen::CertificateParams::new(vec!["apiban".to_owned()])
+        .unwrap()
+        .self_signed(&key_pair)
+        .unwrap();
+    std::fs::write(&ca, issued.pem()).unwrap();
+    std::fs::write(&cert, "not a certificate").unwrap();
+    std::fs::write(&key, "not a key").unwrap();
+    let e = settings.spec().unwrap_err();
+    assert!(e.to_string().contains("crowdsec-cert"), "{e}");
+    std::fs::write(&cert, issued.pem()).unwrap();
+    std::fs::write(&key, key_pair.serialize_pem()).unwrap();
+    let spec = settings.spec().unwrap();
+    assert_eq!(spec.key, None);
+    assert!(spec.tls.identity.is_some() && spec.tls.ca.is_some());
+    // The private key is never printed.
+    assert!(!format!("{spec:?}").contains("PRIVATE KEY"), "{spec:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

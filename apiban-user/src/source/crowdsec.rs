@@ -20,8 +20,10 @@ use serde::Deserialize;
 pub struct CrowdsecSpec {
     /// LAPI's base URL, e.g. http://127.0.0.1:8080.
     pub url: String,
-    /// The bouncer key (`cscli bouncers add`); never logged.
-    pub key: String,
+    /// The bouncer key (`cscli bouncers add`), sent as `X-Api-Key`; None: the bouncer is
+    /// known by the client certificate in `tls`. Never logged.
+    pub key: Option<String>,
+    pub tls: LapiTls,
     pub interval: Duration,
     /// Only decisions of these origins (LAPI's `origins=`); empty: all.
     pub origins: Vec<String>,
@@ -38,16 +40,66 @@ pub struct AlertSpec {
     pub password: String,
     /// The ban API's bans too, not only detection's.
     pub post_api_bans: bool,
+    /// Detection's bans on evidence a forged source address can bring too (the request
+    /// rules): off by default, as CrowdSec takes them to every bouncer it feeds.
+    pub post_forgeable: bool,
+    /// The CA LAPI's certificate is checked against (a machine logs in with its password,
+    /// never the bouncer's certificate).
+    pub tls: LapiTls,
+}
+
+/// How connections to LAPI over https are made, beyond what the system trusts.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct LapiTls {
+    /// PEM of the CA that signed LAPI's certificate; None: the system's roots.
+    pub ca: Option<Vec<u8>>,
+    /// PEM of this bouncer's certificate and its key, presented to LAPI (its
+    /// `bouncers_allowed_ou`), instead of a key.
+    pub identity: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for LapiTls {
+    // The identity holds a private key: never printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LapiTls")
+            .field("ca", &self.ca.as_ref().map(|c| c.len()))
+            .field("identity", &self.identity.as_ref().map(|_| "(set)"))
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("not a PEM certificate and private key reqwest can use")]
+    Identity(#[source] reqwest::Error),
+    #[error("not a PEM certificate authority")]
+    Ca(#[source] reqwest::Error),
+    #[error("cannot build an HTTP client with it")]
+    Client(#[source] reqwest::Error),
+}
+
+/// The HTTP client for LAPI: `tls`'s CA trusted beside the system's roots, its identity
+/// presented when the server asks.
+pub fn client(tls: &LapiTls) -> Result<reqwest::Client, TlsError> {
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60));
+    if let Some(ca) = &tls.ca {
+        for cert in reqwest::Certificate::from_pem_bundle(ca).map_err(TlsError::Ca)? {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if let Some(identity) = &tls.identity {
+        builder =
+            builder.identity(reqwest::Identity::from_pem(identity).map_err(TlsError::Identity)?);
+    }
+    builder.build().map_err(TlsError::Client)
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CrowdsecError {
     #[error("cannot reach CrowdSec's LAPI at {url}: {reason}")]
     Unreachable { url: String, reason: String },
-    #[error(
-        "CrowdSec's LAPI refused the bouncer key (HTTP {status}); check --crowdsec-key-file against `cscli bouncers list`"
-    )]
-    KeyRefused { status: u16 },
+    #[error("CrowdSec's LAPI refused the credentials (HTTP {status}); {check}")]
+    KeyRefused { status: u16, check: &'static str },
     #[error("CrowdSec's LAPI answered HTTP {status}: {body}")]
     Status { status: u16, body: String },
     #[error("CrowdSec's LAPI answered something that is not a decision stream: {0}")]
@@ -222,11 +274,11 @@ pub async fn pull(
     if !spec.scenarios.is_empty() {
         query.push(("scenarios_containing", spec.scenarios.join(",")));
     }
-    let body = send(
-        &spec.url,
-        http.get(&url).query(&query).header("X-Api-Key", &spec.key),
-    )
-    .await?;
+    let mut request = http.get(&url).query(&query);
+    if let Some(key) = &spec.key {
+        request = request.header("X-Api-Key", key);
+    }
+    let body = send(&spec.url, request, CHECK_BOUNCER).await?;
     parse_stream(&body)
 }
 
@@ -296,6 +348,7 @@ pub async fn login(
         url,
         http.post(format!("{}/v1/watchers/login", url.trim_end_matches('/')))
             .json(&body),
+        CHECK_MACHINE,
     )
     .await?;
     serde_json::from_slice::<Token>(&answer)
@@ -316,14 +369,26 @@ pub async fn post_alerts(
         http.post(format!("{}/v1/alerts", url.trim_end_matches('/')))
             .bearer_auth(token)
             .json(&body),
+        CHECK_MACHINE,
     )
     .await
     .map(drop)
 }
 
+/// What the operator checks when LAPI refuses the bouncer.
+const CHECK_BOUNCER: &str = "check --crowdsec-key-file against `cscli bouncers list`, or --crowdsec-cert's OU against LAPI's api.server.tls.bouncers_allowed_ou";
+/// What the operator checks when LAPI refuses the machine.
+const CHECK_MACHINE: &str =
+    "check --crowdsec-machine and --crowdsec-password-file against `cscli machines list`";
+
 /// Sends `request` to LAPI at `url`: the answer's body when it is a 2xx, read up to
-/// [`MAX_STREAM_BYTES`]; a refusal of the credentials or another status as errors.
-async fn send(url: &str, request: reqwest::RequestBuilder) -> Result<Vec<u8>, CrowdsecError> {
+/// [`MAX_STREAM_BYTES`]; a refusal of the credentials (`check` says what to look at) or
+/// another status as errors.
+async fn send(
+    url: &str,
+    request: reqwest::RequestBuilder,
+    check: &'static str,
+) -> Result<Vec<u8>, CrowdsecError> {
     let unreachable = |e: reqwest::Error| CrowdsecError::Unreachable {
         url: url.to_owned(),
         reason: crate::error_chain(&e),
@@ -345,7 +410,7 @@ async fn send(url: &str, request: reqwest::RequestBuilder) -> Result<Vec<u8>, Cr
     }
     match status {
         200..=299 => Ok(body),
-        401 | 403 => Err(CrowdsecError::KeyRefused { status }),
+        401 | 403 => Err(CrowdsecError::KeyRefused { status, check }),
         _ => Err(CrowdsecError::Status {
             status,
             body: String::from_utf8_lossy(&body[..body.len().min(200)])

@@ -120,7 +120,7 @@ pub fn report(
             let seen = c.last_success.is_some()
                 || c.last_error.is_some()
                 || c.alerts_error.is_some()
-                || c.alerts_posted + c.alerts_skipped + c.alerts_dropped > 0;
+                || c.alerts_posted + c.alerts_skipped + c.alerts_forgeable + c.alerts_dropped > 0;
             seen.then(|| super::CrowdsecReport {
                 last_success: c.last_success,
                 last_error: c.last_error.clone(),
@@ -128,6 +128,7 @@ pub fn report(
                 unreadable_decisions: c.unreadable_decisions,
                 alerts_posted: c.alerts_posted,
                 alerts_skipped: c.alerts_skipped,
+                alerts_forgeable: c.alerts_forgeable,
                 alerts_dropped: c.alerts_dropped,
                 alerts_error: c.alerts_error.clone(),
             })

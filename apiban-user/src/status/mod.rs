@@ -345,12 +345,14 @@ pub struct CrowdsecReport {
     pub other_decisions: u64,
     /// Decisions that could not be read; they ban nothing.
     pub unreadable_decisions: u64,
-    /// This node's bans posted to CrowdSec as alerts; not posted as CrowdSec had them;
-    /// lost to a full queue.
+    /// This node's bans posted to CrowdSec as alerts; not posted as CrowdSec had them; not
+    /// posted as their evidence is forgeable; lost to a full queue.
     #[serde(default)]
     pub alerts_posted: u64,
     #[serde(default)]
     pub alerts_skipped: u64,
+    #[serde(default)]
+    pub alerts_forgeable: u64,
     #[serde(default)]
     pub alerts_dropped: u64,
     #[serde(default)]

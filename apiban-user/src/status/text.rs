@@ -442,13 +442,15 @@ sources      {:<8} {:>9} {:>14} {:>14}",
                     .map(|e| format!("; last error: {e}"))
                     .unwrap_or_default()
             );
-            if c.alerts_posted + c.alerts_skipped + c.alerts_dropped > 0 || c.alerts_error.is_some()
+            if c.alerts_posted + c.alerts_skipped + c.alerts_forgeable + c.alerts_dropped > 0
+                || c.alerts_error.is_some()
             {
                 let _ = writeln!(
                     o,
-                    "  alerts     {} posted, {} not (CrowdSec bans them), {} lost to a full queue{}",
+                    "  alerts     {} posted, {} not (CrowdSec bans them), {} not (forgeable evidence), {} lost to a full queue{}",
                     c.alerts_posted,
                     c.alerts_skipped,
+                    c.alerts_forgeable,
                     c.alerts_dropped,
                     c.alerts_error
                         .as_ref()

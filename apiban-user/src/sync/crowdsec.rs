@@ -27,15 +27,37 @@ const ALERTS_PER_POST: usize = 100;
 pub struct AlertOutbox {
     pub tx: mpsc::Sender<Alert>,
     pub post_api_bans: bool,
+    pub post_forgeable: bool,
+}
+
+/// The client for LAPI, or None after telling the owner why there is none (its settings
+/// were checked when read: a CA or certificate that no longer builds is rare).
+async fn client_for(
+    tls: &crowdsec::LapiTls,
+    updates: &mpsc::Sender<Update>,
+) -> Option<reqwest::Client> {
+    match crowdsec::client(tls) {
+        Ok(client) => Some(client),
+        Err(e) => {
+            let error = format!(
+                "cannot connect to LAPI with the configured TLS: {}",
+                crate::error_chain(&e)
+            );
+            let _ = updates.send(Update::CrowdsecFailed { error }).await;
+            None
+        }
+    }
 }
 
 /// Posts what arrives on `rx` until the owner drops its end.
 pub async fn run_alerts(
     spec: AlertSpec,
-    http: reqwest::Client,
     mut rx: mpsc::Receiver<Alert>,
     updates: mpsc::Sender<Update>,
 ) {
+    let Some(http) = client_for(&spec.tls, &updates).await else {
+        return;
+    };
     let mut token: Option<String> = None;
     let mut pending: VecDeque<Alert> = VecDeque::new();
     let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
@@ -99,11 +121,10 @@ async fn post(
     crowdsec::post_alerts(&spec.url, t, batch, http).await
 }
 
-pub async fn run_crowdsec(
-    spec: CrowdsecSpec,
-    http: reqwest::Client,
-    updates: mpsc::Sender<Update>,
-) {
+pub async fn run_crowdsec(spec: CrowdsecSpec, updates: mpsc::Sender<Update>) {
+    let Some(http) = client_for(&spec.tls, &updates).await else {
+        return;
+    };
     let mut backoff = Backoff::new(
         Duration::from_secs(2),
         spec.interval.max(Duration::from_secs(60)),

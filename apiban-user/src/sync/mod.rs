@@ -197,15 +197,14 @@ impl<E: Enforcer> Running<E> {
         }
         let outbox = alerts.map(|spec| {
             let (tx, rx) = mpsc::channel(crowdsec::ALERTS_PENDING);
-            let task = tokio::spawn(crowdsec::run_alerts(
-                spec.clone(),
-                self.http.clone(),
-                rx,
-                self.updates.clone(),
-            ));
-            let post_api_bans = spec.post_api_bans;
+            let task = tokio::spawn(crowdsec::run_alerts(spec.clone(), rx, self.updates.clone()));
+            let outbox = crowdsec::AlertOutbox {
+                tx,
+                post_api_bans: spec.post_api_bans,
+                post_forgeable: spec.post_forgeable,
+            };
             self.crowdsec_alerts = Some((spec, task));
-            crowdsec::AlertOutbox { tx, post_api_bans }
+            outbox
         });
         // The owner gone: there is nothing to post from either.
         let _ = self.updates.send(Update::CrowdsecAlertsTo(outbox)).await;
@@ -221,11 +220,7 @@ impl<E: Enforcer> Running<E> {
             self.crowdsec = None;
         }
         if let Some(spec) = wanted {
-            let task = tokio::spawn(run_crowdsec(
-                spec.clone(),
-                self.http.clone(),
-                self.updates.clone(),
-            ));
+            let task = tokio::spawn(run_crowdsec(spec.clone(), self.updates.clone()));
             self.crowdsec = Some((spec, task));
         }
     }

@@ -367,13 +367,14 @@ impl<E: Enforcer> Owner<E> {
                     message: format!("{}: {}", evidence.counts, evidence.line),
                     at: now,
                 };
+                let forgeable = !evidence.unforgeable;
                 let answer = self
                     .engine
                     .detected(addr, ttl, evidence, now)
                     .map(|applied| format!("banned {addr} (detect); {}", effect(applied)))
                     .map_err(ChangeError::from);
                 if answer.is_ok() {
-                    self.alert_crowdsec(alert, now);
+                    self.alert_crowdsec(alert, forgeable, now);
                 }
                 Ack::Change(reply, answer)
             }
@@ -544,7 +545,7 @@ impl<E: Enforcer> Owner<E> {
                 };
                 let applied = self.engine.api_ban(net, ttl, comment, now)?;
                 if self.alerts.as_ref().is_some_and(|a| a.post_api_bans) {
-                    self.alert_crowdsec(alert, now);
+                    self.alert_crowdsec(alert, false, now);
                 }
                 format!(
                     "banned {} for {} (api); {}",
@@ -817,8 +818,15 @@ pub enum OwnerFault {
 impl<E: Enforcer> Owner<E> {
     /// Hands a ban of this node's to the CrowdSec alerts task, unless CrowdSec bans the
     /// address already (its decision came in through the stream); never waits.
-    fn alert_crowdsec(&mut self, alert: crate::source::crowdsec::Alert, now: u64) {
+    /// Hands a ban to the alerts task, unless CrowdSec bans it already or it rests on
+    /// evidence a forged source address can bring and the operator did not ask for those:
+    /// CrowdSec takes an alert to every bouncer it feeds, and to its community if enrolled.
+    fn alert_crowdsec(&mut self, alert: crate::source::crowdsec::Alert, forgeable: bool, now: u64) {
         let Some(outbox) = &self.alerts else { return };
+        if forgeable && !outbox.post_forgeable {
+            self.sync.crowdsec.alerts_forgeable += 1;
+            return;
+        }
         let known = self
             .engine
             .ledger()
