@@ -62,6 +62,8 @@ pub struct RequestLog {
     pub id: Option<String>,
     pub set: Option<String>,
     pub status: u16,
+    /// The `X-Api-Key` a CrowdSec bouncer sent: which node read the decision stream.
+    pub bouncer: Option<String>,
 }
 
 struct Inner {
@@ -561,6 +563,11 @@ fn decide(s: &mut Inner, req: &Request) -> Reply {
         id: None,
         set: None,
         status: 0,
+        bouncer: req
+            .headers
+            .iter()
+            .find(|(k, _)| k == "x-api-key")
+            .map(|(_, v)| v.clone()),
     };
     let reply = route(s, req, &mut log, now);
     log.status = match &reply {

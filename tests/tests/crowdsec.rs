@@ -1,6 +1,8 @@
 //! CrowdSec's decisions as a feed, against Debian's own CrowdSec: a private Local API in the
 //! server's namespace (tests/src/crowdsec.rs), decisions made with `cscli` as an operator or
-//! CrowdSec's scenarios make them, the agent reading its stream as a bouncer.
+//! CrowdSec's scenarios make them, the agent reading its stream as a bouncer (by key, or by
+//! client certificate over https) and posting its detections as a machine. The fleet's test
+//! uses the fake APIBAN's stream, which records which node's key read it.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -8,6 +10,7 @@ use tests::{
     agent::http_get,
     attackers::{SipResponder, Tool, sipvicious, sipvicious_with_user_agent},
     crowdsec::{Lapi, MACHINE},
+    fleet::Fleet,
     kamailio::Registrar,
     require_root,
     scene::Scene,
@@ -392,4 +395,92 @@ fn sources_of(s: &Scene, addr: &str) -> Vec<String> {
         .flatten()
         .filter_map(|r| r["source"].as_str().map(str::to_owned))
         .collect()
+}
+
+/// In a fleet only the leader reads CrowdSec (as it alone polls APIBAN): each node has its
+/// own bouncer key, LAPI's stream (the fake APIBAN's, which records the key) sees the
+/// leader's only, and every node enforces its decision. A stopped leader hands the stream
+/// to the next, whose first read is the whole list.
+#[test]
+fn in_a_fleet_only_the_leader_reads_crowdsec_and_every_node_enforces() {
+    require_root();
+    let mut f = Fleet::new(3);
+    f.api.set_crowdsec_startup(
+        serde_json::json!({"deleted": null, "new": [{
+            "duration": "1h", "id": 1, "origin": "cscli", "scenario": "fleet test",
+            "scope": "Ip", "type": "ban", "value": "45.72.0.1",
+        }]})
+        .to_string(),
+    );
+    for i in 0..3 {
+        let key = f.nodes[i].scene.dir.path.join("crowdsec.key");
+        std::fs::write(&key, format!("key-of-node-{i}\n")).expect("key file");
+        let url = format!("http://{}:{}", f.nodes[i].hub_ip, f.api.addr().port());
+        let key = key.display().to_string();
+        f.start(
+            i,
+            &[
+                "--crowdsec",
+                &url,
+                "--crowdsec-key-file",
+                &key,
+                "--crowdsec-interval",
+                "1s",
+            ],
+        );
+    }
+    let leader = f.wait_leader(Duration::from_secs(20));
+    for node in &f.nodes {
+        node.scene.wait_verdict(
+            "45.72.0.1".parse().expect("literal"),
+            "banned",
+            Duration::from_secs(30),
+        );
+    }
+    let readers = || -> Vec<(String, bool)> {
+        f.api
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with("/v1/decisions/stream"))
+            .map(|r| {
+                (
+                    r.bouncer.unwrap_or_default(),
+                    r.path.contains("startup=true"),
+                )
+            })
+            .collect()
+    };
+    // A few reads, all the leader's.
+    std::thread::sleep(Duration::from_secs(3));
+    let read = readers();
+    let leaders_key = format!("key-of-node-{leader}");
+    assert!(read.len() >= 3, "{read:?}");
+    assert!(read.iter().all(|(k, _)| *k == leaders_key), "{read:?}");
+    let before = read.len();
+    f.nodes[leader].scene.stop();
+    let next = f.wait_leader(Duration::from_secs(20));
+    let next_key = format!("key-of-node-{next}");
+    wait_until(
+        "the next leader to read the whole list",
+        Duration::from_secs(15),
+        || {
+            readers()[before..]
+                .iter()
+                .any(|(k, startup)| *k == next_key && *startup)
+        },
+    );
+    let after = readers();
+    assert!(
+        after[before..]
+            .iter()
+            .all(|(k, _)| *k == next_key || *k == leaders_key),
+        "{after:?}"
+    );
+    for (i, node) in f.nodes.iter().enumerate().filter(|(i, _)| *i != leader) {
+        assert_eq!(
+            node.scene.check("45.72.0.1")["verdict"],
+            "banned",
+            "node {i}"
+        );
+    }
 }
