@@ -25,7 +25,12 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use ipnet::{IpNet, Ipv4Net};
-use tests::{BpffsDir, frame::Frame, require_root};
+use tests::{
+    BpffsDir,
+    bench_mode::{Mode, write_results},
+    frame::Frame,
+    require_root,
+};
 
 #[path = "dataplane/detect.rs"]
 mod detect;
@@ -39,22 +44,28 @@ struct Config {
 
 fn main() {
     require_root();
-    let quick = std::env::args().any(|a| a == "--quick");
-    let config = if quick {
-        Config {
+    let mode = Mode::from_args();
+    let config = match mode {
+        Mode::Quick => Config {
             repeat: 200_000,
             rounds: 9,
             sizes: vec![0, 1_000, 10_000, 100_000],
             // Loading is cheap to measure, and the 100k target deserves a check in every run.
             load_sizes: vec![10_000, 100_000],
-        }
-    } else {
-        Config {
+        },
+        Mode::Full => Config {
             repeat: 500_000,
             rounds: 25,
             sizes: vec![0, 1_000, 10_000, 100_000, 1_000_000],
             load_sizes: vec![10_000, 100_000],
-        }
+        },
+        // Every part, the peers and the prototypes (which need 100k bans) included.
+        Mode::Smoke => Config {
+            repeat: 1_000,
+            rounds: 3,
+            sizes: vec![0, 100_000],
+            load_sizes: vec![10_000],
+        },
     };
     let dir = BpffsDir::new();
     let mut loaded = loader::load(&LoadOptions {
@@ -217,6 +228,11 @@ fn main() {
         );
     }
 
+    write_results(&serde_json::json!({ "dataplane": json.clone() }));
+    if mode == Mode::Smoke {
+        println!("(a smoke run: every part ran; its figures are not measurements)");
+        return;
+    }
     println!();
     for (sources, worst) in at_100k.iter().filter(|(s, _)| *s == 1_024) {
         verdict(
@@ -258,15 +274,6 @@ fn main() {
             batched < Duration::from_millis(100),
             format!("{:.1} ms batched", batched.as_secs_f64() * 1e3),
         );
-    }
-    let args: Vec<String> = std::env::args().collect();
-    if let Some(path) = args
-        .iter()
-        .position(|a| a == "--json-out")
-        .and_then(|i| args.get(i + 1))
-    {
-        let out = serde_json::json!({ "dataplane": json });
-        std::fs::write(path, out.to_string()).expect("write the JSON results");
     }
 }
 

@@ -16,7 +16,8 @@
 //!   target: none, at most 1 s), and the polling node SIGKILLed (the lease, 5 s, plus a
 //!   second at most), each node's `status` sampled every 20 ms.
 //!
-//! `--quick` measures at 100k only; without it, at 100k and 1M.
+//! `--quick` measures at 100k only; without it, at 100k and 1M. `--smoke` runs every part
+//! small: 20 bans, 20 watchers, 10k records and 1k more, the tests' debug agent.
 
 use std::{
     collections::HashMap,
@@ -27,13 +28,47 @@ use std::{
 
 use tests::{
     agent::{self, control_request as control},
+    bench_mode::{Mode, size_label, write_results},
     fleet::Fleet,
     require_root,
 };
 
-const BANS: usize = 200;
-const CATCH_UP: u32 = 10_000;
-const WATCHERS: usize = 200;
+/// How much of each part runs.
+struct Sizes {
+    /// Manual bans timed, without and with the watchers.
+    bans: usize,
+    /// Extra watchers on etcd.
+    watchers: usize,
+    /// Records written while a node is stopped, for its catch-up.
+    catch_up: u32,
+    /// The initial syncs' sizes.
+    records: Vec<u32>,
+}
+
+impl Sizes {
+    fn of(mode: Mode) -> Self {
+        match mode {
+            Mode::Full => Sizes {
+                bans: 200,
+                watchers: 200,
+                catch_up: 10_000,
+                records: vec![100_000, 1_000_000],
+            },
+            Mode::Quick => Sizes {
+                bans: 200,
+                watchers: 200,
+                catch_up: 10_000,
+                records: vec![100_000],
+            },
+            Mode::Smoke => Sizes {
+                bans: 20,
+                watchers: 20,
+                catch_up: 1_000,
+                records: vec![10_000],
+            },
+        }
+    }
+}
 
 fn banned_at(socket: &Path, addr: &str) -> bool {
     control(socket, &format!(r#"{{"op":"check","addr":"{addr}"}}"#))
@@ -97,8 +132,8 @@ struct Sync {
     etcd_rss_mib: f64,
 }
 
-/// A new node's initial sync at `n` records, then its catch-up after 10k more.
-fn new_node_sync(n: u32) -> Sync {
+/// A new node's initial sync at `n` records, then its catch-up after `catch_up` more.
+fn new_node_sync(n: u32, catch_up: u32) -> Sync {
     let mut f = Fleet::new(1);
     write_records(&f, 0, n);
     let started = Instant::now();
@@ -116,10 +151,10 @@ fn new_node_sync(n: u32) -> Sync {
     let agent_rss_mib = rss_mib(f.nodes[0].scene.agent().pid() as u32);
     let etcd_rss_mib = etcd_rss_mib(&f);
     assert_eq!(f.nodes[0].scene.stop(), Some(0));
-    write_records(&f, n, CATCH_UP);
+    write_records(&f, n, catch_up);
     let started = Instant::now();
     f.start(0, &[]);
-    while enforced_v4(&socket) < u64::from(n + CATCH_UP) {
+    while enforced_v4(&socket) < u64::from(n + catch_up) {
         assert!(Instant::now() < deadline, "the catch-up took over 600 s");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -146,13 +181,13 @@ fn etcd_rss_mib(f: &Fleet) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// [`BANS`] manual bans, each made on one node in turn, from address index `first`: how long
+/// `bans` manual bans, each made on one node in turn, from address index `first`: how long
 /// each took until both other nodes enforce it. With `watchers`, each ban's start is noted
 /// so that its arrival at every watcher can be timed too.
-fn propagation(f: &Fleet, first: u32, watchers: Option<&Watchers>) -> Vec<Duration> {
+fn propagation(f: &Fleet, bans: usize, first: u32, watchers: Option<&Watchers>) -> Vec<Duration> {
     let sockets: Vec<_> = f.nodes.iter().map(|n| n.scene.control_socket()).collect();
-    let mut delays = Vec::with_capacity(BANS);
-    for k in 0..BANS {
+    let mut delays = Vec::with_capacity(bans);
+    for k in 0..bans {
         let from = k % 3;
         let addr = std::net::Ipv4Addr::from(0x2d40_0000u32 + first + k as u32).to_string();
         let request = format!(r#"{{"op":"ban","net":"{addr}/32","ttl_secs":null,"comment":null}}"#);
@@ -346,17 +381,18 @@ impl Watchers {
 
 fn main() {
     require_root();
-    agent::use_apiban_bin(agent::build_apiban(true));
-    let quick = std::env::args().any(|a| a == "--quick");
+    let mode = Mode::from_args();
+    let sizes = Sizes::of(mode);
+    agent::use_apiban_bin(mode.apiban_bin());
 
     let mut f = Fleet::new(3);
     for i in 0..3 {
         f.start(i, &[]);
     }
     f.wait_leader(Duration::from_secs(20));
-    let mut delays = propagation(&f, 0, None);
-    let watchers = Watchers::start(&f, WATCHERS);
-    let mut with_watchers = propagation(&f, BANS as u32, Some(&watchers));
+    let mut delays = propagation(&f, sizes.bans, 0, None);
+    let watchers = Watchers::start(&f, sizes.watchers);
+    let mut with_watchers = propagation(&f, sizes.bans, sizes.bans as u32, Some(&watchers));
     let etcd_rss_watched = etcd_rss_mib(&f);
     let mut to_watchers = watchers.stop();
     let (raft_killed, poller_killed) = leaderless_times(&mut f);
@@ -365,15 +401,23 @@ fn main() {
     with_watchers.sort();
     to_watchers.sort();
     let (p50, p99) = (percentile(&delays, 0.5), percentile(&delays, 0.99));
-    println!("fleet benchmark: 3 release agents, a 3-member etcd cluster, namespaces on one host");
+    let (bans, watching) = (sizes.bans, sizes.watchers);
     println!(
-        "  manual ban on one node until both others enforce it, {BANS} bans: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms   target p99 <= 1000 ms",
+        "fleet benchmark: 3 {} agents, a 3-member etcd cluster, namespaces on one host",
+        if mode == Mode::Smoke {
+            "debug"
+        } else {
+            "release"
+        }
+    );
+    println!(
+        "  manual ban on one node until both others enforce it, {bans} bans: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms   target p99 <= 1000 ms",
         ms(p50),
         ms(p99),
         ms(*delays.last().expect("bans"))
     );
     println!(
-        "  with {WATCHERS} more watchers on etcd: to both nodes p50 {:.1} ms, p99 {:.1} ms; to all {WATCHERS} watchers p50 {:.1} ms, p99 {:.1} ms; largest etcd member {:.1} MiB",
+        "  with {watching} more watchers on etcd: to both nodes p50 {:.1} ms, p99 {:.1} ms; to all {watching} watchers p50 {:.1} ms, p99 {:.1} ms; largest etcd member {:.1} MiB",
         ms(percentile(&with_watchers, 0.5)),
         ms(percentile(&with_watchers, 0.99)),
         ms(percentile(&to_watchers, 0.5)),
@@ -385,50 +429,39 @@ fn main() {
         ms(raft_killed),
         poller_killed.as_secs_f64()
     );
-    let mut sizes = vec![100_000u32];
-    if !quick {
-        sizes.push(1_000_000);
-    }
     let mut results = Vec::new();
-    for n in sizes {
-        let s = new_node_sync(n);
+    for &n in &sizes.records {
+        let s = new_node_sync(n, sizes.catch_up);
         println!(
-            "  {n} records: a new node enforces them after {:.1} s; after 10k more while stopped, it catches up in {:.1} s; agent {:.1} MiB, largest etcd member {:.1} MiB",
+            "  {n} records: a new node enforces them after {:.1} s; after {} more while stopped, it catches up in {:.1} s; agent {:.1} MiB, largest etcd member {:.1} MiB",
             s.initial.as_secs_f64(),
+            sizes.catch_up,
             s.catch_up.as_secs_f64(),
             s.agent_rss_mib,
             s.etcd_rss_mib
         );
         results.push((n, s));
     }
-    if let Some(path) = json_out() {
-        let mut fleet = serde_json::json!({
-            "propagation_p50_ms": ms(p50),
-            "propagation_p99_ms": ms(p99),
-            "propagation_p99_ms_200_watchers": ms(percentile(&with_watchers, 0.99)),
-            "watchers_200_p99_ms": ms(percentile(&to_watchers, 0.99)),
-            "etcd_rss_mib_200_watchers": (etcd_rss_watched * 10.0).round() / 10.0,
-            "leaderless_ms_raft_leader_killed": ms(raft_killed),
-            "leaderless_s_poller_killed": (poller_killed.as_secs_f64() * 100.0).round() / 100.0,
-        });
-        let round = |x: f64| (x * 10.0).round() / 10.0;
-        for (n, s) in &results {
-            let suffix = if *n == 100_000 { "100k" } else { "1m" };
-            fleet[format!("new_node_sync_s_{suffix}")] = round(s.initial.as_secs_f64()).into();
-            if *n == 100_000 {
-                fleet["catch_up_s_10k"] = round(s.catch_up.as_secs_f64()).into();
-            } else {
-                fleet["etcd_rss_mib_1m"] = round(s.etcd_rss_mib).into();
-                fleet["agent_rss_mib_1m"] = round(s.agent_rss_mib).into();
-            }
+    let mut fleet = serde_json::json!({
+        "propagation_p50_ms": ms(p50),
+        "propagation_p99_ms": ms(p99),
+        format!("propagation_p99_ms_{watching}_watchers"): ms(percentile(&with_watchers, 0.99)),
+        format!("watchers_{watching}_p99_ms"): ms(percentile(&to_watchers, 0.99)),
+        format!("etcd_rss_mib_{watching}_watchers"): (etcd_rss_watched * 10.0).round() / 10.0,
+        "leaderless_ms_raft_leader_killed": ms(raft_killed),
+        "leaderless_s_poller_killed": (poller_killed.as_secs_f64() * 100.0).round() / 100.0,
+    });
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    for (i, (n, s)) in results.iter().enumerate() {
+        let size = size_label(u64::from(*n));
+        fleet[format!("new_node_sync_s_{size}")] = round(s.initial.as_secs_f64()).into();
+        if i == 0 {
+            let catch_up = size_label(u64::from(sizes.catch_up));
+            fleet[format!("catch_up_s_{catch_up}")] = round(s.catch_up.as_secs_f64()).into();
+        } else {
+            fleet[format!("etcd_rss_mib_{size}")] = round(s.etcd_rss_mib).into();
+            fleet[format!("agent_rss_mib_{size}")] = round(s.agent_rss_mib).into();
         }
-        let out = serde_json::json!({ "fleet": fleet });
-        std::fs::write(path, out.to_string()).expect("write the JSON results");
     }
-}
-
-fn json_out() -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    let i = args.iter().position(|a| a == "--json-out")?;
-    args.get(i + 1).cloned()
+    write_results(&serde_json::json!({ "fleet": fleet }));
 }

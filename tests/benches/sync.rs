@@ -19,9 +19,13 @@ use apiban::{
     state::StateStore,
     sync::unix_now,
 };
-use tests::{BpffsDir, agent, require_root, scene::Scene, sync_harness::TempDir};
-
-const N: u32 = 100_000;
+use tests::{
+    BpffsDir, agent,
+    bench_mode::{Mode, size_label, write_results},
+    require_root,
+    scene::Scene,
+    sync_harness::TempDir,
+};
 
 fn status_kib(field: &str) -> u64 {
     let text = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
@@ -41,6 +45,10 @@ fn ms(d: Duration) -> f64 {
 
 fn main() {
     require_root();
+    let mode = Mode::from_args();
+    // 100k, the size the targets name; a smoke run, 10k.
+    let n: u32 = if mode == Mode::Smoke { 10_000 } else { 100_000 };
+    let size = size_label(u64::from(n));
     let bpffs = BpffsDir::new();
     let state = TempDir::new("apiban-bench-sync-");
     let rss_start = status_kib("VmRSS:");
@@ -58,7 +66,7 @@ fn main() {
     let rss_engine = status_kib("VmRSS:");
 
     // 100k distinct public addresses spread over 45.0.0.0/8, as APIBAN sends them: text.
-    let addresses: Vec<String> = (0..N)
+    let addresses: Vec<String> = (0..n)
         .map(|i| {
             let a = 0x2d00_0000u32 + i * 97;
             std::net::Ipv4Addr::from(a).to_string()
@@ -70,7 +78,7 @@ fn main() {
     let report = engine.apiban_batch(&addresses, "1".into(), now);
     let ingest = t.elapsed();
     assert_eq!(
-        report.applied.added, N as usize,
+        report.applied.added, n as usize,
         "every address must be enforced"
     );
     let save = engine.counters().last_save_duration;
@@ -102,10 +110,10 @@ fn main() {
         Engine::start(dataplane, Some(store), EngineSettings::default(), now + 120)
             .expect("restart");
     let restart_time = t.elapsed();
-    assert_eq!(restart.restored_entries, N as usize);
+    assert_eq!(restart.restored_entries, n as usize);
     assert_eq!((restart.applied.added, restart.applied.removed), (0, 0));
 
-    println!("sync benchmark: {N} IPv4 addresses, one feed batch, real XDP maps");
+    println!("sync benchmark: {n} IPv4 addresses, one feed batch, real XDP maps");
     println!(
         "  ingest new (parse, sanitise, ledger, diff, apply, save)  {:>8.1} ms   target < 1000 ms",
         ms(ingest)
@@ -138,13 +146,22 @@ fn main() {
     drop(_ebpf);
     drop(bpffs);
 
-    let quick = std::env::args().any(|a| a == "--quick");
-    let footprint = agent_footprint(if quick { 65 } else { 300 });
+    let window = match mode {
+        Mode::Full => 300,
+        Mode::Quick => 65,
+        Mode::Smoke => 2,
+    };
+    let footprint = agent_footprint(mode, n, window);
     println!(
-        "agent: release binary, {N} entries pulled from the local APIBAN server, default settings"
+        "agent: {} binary, {n} entries pulled from the local APIBAN server, default settings",
+        if mode == Mode::Smoke {
+            "debug"
+        } else {
+            "release"
+        }
     );
     println!(
-        "  pull of {N} entries until enforced                        {:>8.1} s",
+        "  pull of {n} entries until enforced                        {:>8.1} s",
         footprint.pull.as_secs_f64()
     );
     println!(
@@ -175,42 +192,52 @@ fn main() {
         ms(st.p99),
         ms(st.max)
     );
-    println!(
-        "target: under 50 MB resident with 100k entries: {} ({:.1} MiB agent, {:.1} MiB peak)",
-        if (footprint.rss_kib * 1024) < 50_000_000 {
-            "met"
-        } else {
-            "MISSED"
-        },
-        mib(footprint.rss_kib),
-        mib(footprint.hwm_kib)
-    );
-
-    if let Some(path) = json_out() {
-        let out = serde_json::json!({ "sync": {
-            "ingest_ms_100k": (ms(ingest) * 10.0).round() / 10.0,
-            "save_ms_100k": (ms(save) * 10.0).round() / 10.0,
-            "restart_ms_100k": (ms(restart_time) * 10.0).round() / 10.0,
-            "engine_rss_mib_100k": (mib(rss_after) * 10.0).round() / 10.0,
-        }, "agent": {
-            "rss_mib_100k": (mib(footprint.rss_kib) * 10.0).round() / 10.0,
-            "peak_rss_mib_100k": (mib(footprint.hwm_kib) * 10.0).round() / 10.0,
-            "anon_rss_mib_100k": (mib(footprint.anon_kib) * 10.0).round() / 10.0,
-            "idle_cpu_s_per_hour": (footprint.cpu_s_per_hour() * 100.0).round() / 100.0,
-            "idle_window_s": footprint.window.as_secs(),
-            "pull_s_100k": (footprint.pull.as_secs_f64() * 10.0).round() / 10.0,
-            "status_during_save_p50_ms_100k": (ms(footprint.status.p50) * 10.0).round() / 10.0,
-            "status_during_save_max_ms_100k": (ms(footprint.status.max) * 10.0).round() / 10.0,
-            "ban_api_flood_s_1000": (footprint.api_flood.as_secs_f64() * 100.0).round() / 100.0,
-        }});
-        std::fs::write(path, out.to_string()).expect("write the JSON results");
+    if mode == Mode::Smoke {
+        println!("(a smoke run: every part ran; its figures are not measurements)");
+    } else {
+        println!(
+            "target: under 50 MB resident with 100k entries: {} ({:.1} MiB agent, {:.1} MiB peak)",
+            if (footprint.rss_kib * 1024) < 50_000_000 {
+                "met"
+            } else {
+                "MISSED"
+            },
+            mib(footprint.rss_kib),
+            mib(footprint.hwm_kib)
+        );
     }
-}
 
-fn json_out() -> Option<String> {
-    let args: Vec<String> = std::env::args().collect();
-    let i = args.iter().position(|a| a == "--json-out")?;
-    args.get(i + 1).cloned()
+    let r1 = |x: f64| (x * 10.0).round() / 10.0;
+    let mut sync = serde_json::Map::new();
+    let mut agent = serde_json::Map::new();
+    for (key, value) in [
+        ("ingest_ms", r1(ms(ingest))),
+        ("save_ms", r1(ms(save))),
+        ("restart_ms", r1(ms(restart_time))),
+        ("engine_rss_mib", r1(mib(rss_after))),
+    ] {
+        sync.insert(format!("{key}_{size}"), value.into());
+    }
+    for (key, value) in [
+        ("rss_mib", r1(mib(footprint.rss_kib))),
+        ("peak_rss_mib", r1(mib(footprint.hwm_kib))),
+        ("anon_rss_mib", r1(mib(footprint.anon_kib))),
+        ("pull_s", r1(footprint.pull.as_secs_f64())),
+        ("status_during_save_p50_ms", r1(ms(footprint.status.p50))),
+        ("status_during_save_max_ms", r1(ms(footprint.status.max))),
+    ] {
+        agent.insert(format!("{key}_{size}"), value.into());
+    }
+    agent.insert(
+        "idle_cpu_s_per_hour".into(),
+        ((footprint.cpu_s_per_hour() * 100.0).round() / 100.0).into(),
+    );
+    agent.insert("idle_window_s".into(), footprint.window.as_secs().into());
+    agent.insert(
+        "ban_api_flood_s_1000".into(),
+        ((footprint.api_flood.as_secs_f64() * 100.0).round() / 100.0).into(),
+    );
+    write_results(&serde_json::json!({ "sync": sync, "agent": agent }));
 }
 
 struct Footprint {
@@ -235,11 +262,11 @@ impl Footprint {
 
 /// Runs the release agent against 100k published addresses, waits for them to be enforced,
 /// then leaves it alone for `window_s` seconds.
-fn agent_footprint(window_s: u64) -> Footprint {
-    // The release agent, as operators run it.
-    agent::use_apiban_bin(agent::build_apiban(true));
+fn agent_footprint(mode: Mode, n: u32, window_s: u64) -> Footprint {
+    // The release agent, as operators run it (a smoke run takes the tests' debug build).
+    agent::use_apiban_bin(mode.apiban_bin());
     let mut scene = Scene::new();
-    let addresses: Vec<String> = (0..N)
+    let addresses: Vec<String> = (0..n)
         .map(|i| std::net::Ipv4Addr::from(0x2d00_0000u32 + i * 97).to_string())
         .collect();
     scene.api.publish(&addresses);
@@ -249,7 +276,7 @@ fn agent_footprint(window_s: u64) -> Footprint {
     let t = Instant::now();
     scene.start(&["--metrics-addr", "127.0.0.1:9477", "--ban-api", BAN_API]);
     let deadline = Instant::now() + Duration::from_secs(120);
-    while scene.status()["enforced"]["ipv4"].as_u64() != Some(u64::from(N)) {
+    while scene.status()["enforced"]["ipv4"].as_u64() != Some(u64::from(n)) {
         assert!(
             Instant::now() < deadline,
             "100k entries not enforced within 120 s; status: {}\nlog:\n{}",

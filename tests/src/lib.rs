@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod attackers;
+pub mod bench_mode;
 pub mod crowd;
 pub mod crowdsec;
 pub mod differential;

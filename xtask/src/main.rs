@@ -3,6 +3,7 @@
 //! xtask depends on nothing that needs the eBPF toolchain, so it compiles on a fresh machine
 //! and can install that toolchain before anything else is built.
 
+mod bench;
 mod compat;
 mod package;
 mod setup;
@@ -121,33 +122,18 @@ enum Cmd {
     /// Example: cargo xtask bench --quick --json | tail -1 | jq .veth
     Bench {
         #[arg(value_enum)]
-        kind: Option<BenchKind>,
+        kind: Option<bench::BenchKind>,
         /// Fewer repeats and smaller sizes: a few minutes, not figures to quote.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "smoke")]
         quick: bool,
+        /// Every part at its smallest, in the debug build, seconds each: what `cargo xtask
+        /// test` runs so that no benchmark stops running unnoticed. No figures to read.
+        #[arg(long)]
+        smoke: bool,
         /// Print every result as one JSON object on the last line of stdout.
         #[arg(long)]
         json: bool,
     },
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum BenchKind {
-    Dataplane,
-    Sync,
-    Compare,
-    Fleet,
-}
-
-impl BenchKind {
-    fn name(self) -> &'static str {
-        match self {
-            BenchKind::Dataplane => "dataplane",
-            BenchKind::Sync => "sync",
-            BenchKind::Compare => "compare",
-            BenchKind::Fleet => "fleet",
-        }
-    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -185,6 +171,7 @@ fn main() -> anyhow::Result<()> {
             setup::ensure_test_tools(&root)?;
             setup::ensure_fuzz_tools()?;
             setup::ensure_package_tools()?;
+            setup::ensure_bench_tools()?;
             test(&root)
         }
         Cmd::Demo { fleet } => {
@@ -285,177 +272,32 @@ fn main() -> anyhow::Result<()> {
             build_release(&root)?;
             install(&root, destdir.as_deref())
         }
-        Cmd::Bench { kind, quick, json } => {
+        Cmd::Bench {
+            kind,
+            quick,
+            smoke,
+            json,
+        } => {
             setup::run()?;
             require_root("benchmarks load XDP programs")?;
             let kinds = match kind {
                 Some(k) => vec![k],
-                None => vec![
-                    BenchKind::Dataplane,
-                    BenchKind::Sync,
-                    BenchKind::Compare,
-                    BenchKind::Fleet,
-                ],
+                None => bench::BenchKind::ALL.to_vec(),
             };
-            if kinds.iter().any(|k| matches!(k, BenchKind::Compare)) {
+            if kinds.contains(&bench::BenchKind::Compare) {
                 setup::ensure_bench_tools()?;
             }
-            if kinds.iter().any(|k| matches!(k, BenchKind::Fleet)) {
+            if kinds.contains(&bench::BenchKind::Fleet) {
                 setup::ensure_test_tools(&root)?;
             }
-            bench(&root, &kinds, quick, json)
+            let mode = match (quick, smoke) {
+                (_, true) => bench::Mode::Smoke,
+                (true, false) => bench::Mode::Quick,
+                (false, false) => bench::Mode::Full,
+            };
+            bench::run(&root, &kinds, mode, json)
         }
     }
-}
-
-/// Runs each benchmark with `--json-out`, then merges their results into one object.
-fn bench(root: &Path, kinds: &[BenchKind], quick: bool, json: bool) -> anyhow::Result<()> {
-    let mut merged = serde_json::Map::new();
-    for kind in kinds {
-        let out = std::env::temp_dir().join(format!("apiban-bench-{}.json", kind.name()));
-        let _ = std::fs::remove_file(&out);
-        let mut cmd = cargo(root);
-        cmd.args(["bench", "-p", "tests", "--bench", kind.name(), "--"]);
-        if quick {
-            cmd.arg("--quick");
-        }
-        cmd.arg("--json-out").arg(&out);
-        status(cmd)?;
-        let text = std::fs::read_to_string(&out)
-            .with_context(|| format!("the {} benchmark wrote no results", kind.name()))?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("the {} benchmark's results are not JSON", kind.name()))?;
-        if let serde_json::Value::Object(map) = value {
-            merged.extend(map);
-        }
-        let _ = std::fs::remove_file(&out);
-    }
-    let merged = serde_json::Value::Object(merged);
-    println!();
-    print_targets(&merged);
-    if json {
-        println!("{merged}");
-    }
-    Ok(())
-}
-
-fn print_targets(r: &serde_json::Value) {
-    let f = |path: &str| {
-        path.split('.')
-            .try_fold(r, |v, k| v.get(k))
-            .and_then(serde_json::Value::as_f64)
-    };
-    let line = |what: &str, value: Option<f64>, met: fn(f64) -> bool, unit: &str| {
-        if let Some(v) = value {
-            let verdict = if met(v) { "met" } else { "MISSED" };
-            println!("target: {what}: {verdict} ({v:.2}{unit})");
-        }
-    };
-    println!("targets");
-    // Ratios measured round by round (see tests/benches/dataplane.rs): the warm working set
-    // against the bare floor, the cold one against the physical limit and the peers.
-    line(
-        "warm (1,024 sources, 100k entries) drop and clean <= 1.6x the floor",
-        f("dataplane.apiban_x_floor_100k_1024_sources"),
-        |x| x <= 1.6,
-        "x",
-    );
-    line(
-        "cold drop (65,536 sources, 100k entries) <= 1.3x the one-load limit",
-        f("dataplane.cold_drop_x_limit_100k"),
-        |x| x <= 1.3,
-        "x",
-    );
-    line(
-        "cold drop at 1M entries <= 1.5x the one-load limit",
-        f("dataplane.cold_drop_x_limit_1m"),
-        |x| x <= 1.5,
-        "x",
-    );
-    line(
-        "a BPF hash >= 2x ours on the cold drop at 100k",
-        f("dataplane.hash_x_ours_cold_100k"),
-        |x| x >= 2.0,
-        "x",
-    );
-    line(
-        "an LPM trie >= 3x ours on the cold drop at 100k",
-        f("dataplane.lpm_x_ours_cold_100k"),
-        |x| x >= 3.0,
-        "x",
-    );
-    line(
-        "clean SIP from 65,536 rotating sources: detection on <= 1.5x off",
-        f("dataplane.detect_on_x_off_65536"),
-        |x| x <= 1.5,
-        "x",
-    );
-    line(
-        "clean SIP from 1,024 sources: detection on <= 1.3x off",
-        f("dataplane.detect_on_x_off_1024"),
-        |x| x <= 1.3,
-        "x",
-    );
-    line(
-        "a non-SIP packet through the egress classifier <= 5 ns over no program",
-        f("dataplane.egress_non_sip_ns_over"),
-        |x| x <= 5.0,
-        " ns",
-    );
-    line(
-        "100k entries loaded in under 100 ms",
-        f("load.apiban_ms_100k"),
-        |x| x < 100.0,
-        " ms",
-    );
-    line(
-        ">= 5x iptables per address at 10k (receive CPU per packet)",
-        f("veth.xdp_vs_iptables"),
-        |x| x >= 5.0,
-        "x",
-    );
-    line(
-        ">= 1.5x the nftables set at 10k (receive CPU per packet)",
-        f("veth.xdp_vs_nft_set"),
-        |x| x >= 1.5,
-        "x",
-    );
-    line(
-        "a manual ban on every node of a 3-node fleet within 1 s (p99)",
-        f("fleet.propagation_p99_ms"),
-        |x| x <= 1000.0,
-        " ms",
-    );
-    line(
-        "a new fleet node syncs 100k bans within 5 s",
-        f("fleet.new_node_sync_s_100k"),
-        |x| x <= 5.0,
-        " s",
-    );
-    line(
-        "a new fleet node syncs 1M bans within 60 s",
-        f("fleet.new_node_sync_s_1m"),
-        |x| x <= 60.0,
-        " s",
-    );
-    line(
-        "no fleet leader for at most 1 s after the Raft leader member is killed",
-        f("fleet.leaderless_ms_raft_leader_killed"),
-        |x| x <= 1000.0,
-        " ms",
-    );
-    line(
-        "no fleet leader for at most 6 s (the lease + 1 s) after the poller is SIGKILLed",
-        f("fleet.leaderless_s_poller_killed"),
-        |x| x <= 6.0,
-        " s",
-    );
-    line(
-        "the agent under 50 MB resident with 100k entries",
-        f("agent.rss_mib_100k"),
-        |x| x < 50.0 * 1e6 / (1024.0 * 1024.0),
-        " MiB",
-    );
 }
 
 /// Whether `apiban run` will find a key: in its flags, the environment, or the config file.
@@ -658,6 +500,9 @@ fn test(root: &Path) -> anyhow::Result<()> {
         cmd.env(var, path);
     }
     status(cmd).context("kernel tests failed")?;
+    // Every benchmark, each part at its smallest: a benchmark that stops running fails here.
+    bench::run(root, &bench::BenchKind::ALL, bench::Mode::Smoke, false)
+        .context("a benchmark's smoke run failed (`cargo xtask bench --smoke` reruns them)")?;
     // The programs and the agent on Debian 11's, 12's and 13's kernels, and the arm64 build
     // on Debian 12's arm64 kernel, under qemu: about 20 s of guest time each.
     compat::run(root, &compat::KERNELS)
