@@ -226,7 +226,7 @@ async fn carry_out(
         Route::Unban { net, .. } => Change::ApiUnban { net: *net },
         Route::Flush => Change::ApiFlush,
     };
-    let answer = crate::control::send_change(updates, change).await;
+    let answer = crate::sync::send_change(updates, change).await;
     match (route, answer) {
         (Route::Ban { legacy: true, .. }, Ok(_)) => (StatusCode::OK, json!({"success": "added"})),
         (Route::Ban { legacy: true, .. }, Err(e)) => (

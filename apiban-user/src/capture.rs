@@ -489,6 +489,9 @@ pub struct SessionContext<'a> {
     pub service: &'a CaptureService,
     pub snapshots: &'a tokio::sync::watch::Receiver<Arc<Snapshot>>,
     pub updates: &'a mpsc::Sender<Update>,
+    /// The control protocol's line for a successful answer carrying this value: the
+    /// session's first line, before the frames (the protocol is the control socket's).
+    pub ok_line: fn(serde_json::Value) -> Vec<u8>,
 }
 
 /// Why a session did not start.
@@ -546,11 +549,7 @@ where
         ifaces: ctx.service.ifaces.clone(),
     };
     let mut summary = Summary::default();
-    let mut head = serde_json::to_vec(&crate::control::Response::Ok(
-        serde_json::to_value(&started).unwrap_or_default(),
-    ))
-    .unwrap_or_default();
-    head.push(b'\n');
+    let head = (ctx.ok_line)(serde_json::to_value(&started).unwrap_or_default());
     summary.ended = match out.write_all(&head).await {
         Err(_) => "client gone".into(),
         Ok(()) => stream(&plan, &ctx, ring, &mut client, out, &mut summary).await,

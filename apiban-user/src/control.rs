@@ -28,9 +28,10 @@ use tokio::{
 };
 
 use crate::{
+    config,
     ledger::SourceId,
     status,
-    sync::{self, Change, ChangeError, Update},
+    sync::{self, Change, ChangeError, Update, send_change},
 };
 
 /// Requests are small; anything longer is not ours.
@@ -191,7 +192,19 @@ fn classify(stream: &UnixStream, access: Access, agent_uid: u32) -> Peer {
 }
 
 /// How the control socket asks the agent's main loop for a reload, and hears how it went.
-pub type ReloadReply = oneshot::Sender<Result<(), crate::agent::ReloadError>>;
+pub type ReloadReply = oneshot::Sender<Result<(), ReloadError>>;
+
+/// Why a reload changed nothing, or only part of what it was asked to: the answer to
+/// `reload` here, and what SIGHUP logs.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("reload refused, still running with the previous configuration")]
+    Config(#[source] config::ConfigError),
+    #[error("reload refused, still running with the previous configuration")]
+    Apiban(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot apply the reloaded settings")]
+    Apply(#[source] crate::sync::ChangeError),
+}
 
 /// `{"ok": <answer>}`, `{"refused": "..."}` (not done as asked: a usage error for the
 /// client) or `{"error": "..."}` (could not be done).
@@ -461,6 +474,7 @@ async fn capture(
         service,
         snapshots: &ctx.readers.snapshots,
         updates: &ctx.updates,
+        ok_line,
     };
     let response = match crate::capture::session(session, spec, reader, write).await {
         Ok(_) => return,
@@ -468,6 +482,13 @@ async fn capture(
         Err(e @ SessionError::Failed(_)) => Response::Error(e.to_string()),
     };
     send(write, &response).await;
+}
+
+/// An `Ok` answer carrying `value`, as one line of the protocol.
+fn ok_line(value: serde_json::Value) -> Vec<u8> {
+    let mut line = serde_json::to_vec(&Response::Ok(value)).unwrap_or_default();
+    line.push(b'\n');
+    line
 }
 
 fn to_value<T: Serialize>(v: &T) -> Response {
@@ -578,18 +599,4 @@ async fn answer(req: Request, ctx: &ControlContext) -> Response {
         Err(ChangeError::Refused(e)) => Response::Refused(e),
         Err(ChangeError::Failed(e)) => Response::Error(e),
     }
-}
-
-/// Sends a change to the owner and waits until it is applied and saved.
-pub async fn send_change(
-    updates: &mpsc::Sender<Update>,
-    change: Change,
-) -> Result<String, ChangeError> {
-    let stopping = || ChangeError::Failed("the agent is stopping".to_owned());
-    let (reply, rx) = oneshot::channel();
-    updates
-        .send(Update::Control { change, reply })
-        .await
-        .map_err(|_| stopping())?;
-    rx.await.map_err(|_| stopping())?
 }

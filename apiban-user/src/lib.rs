@@ -5,6 +5,7 @@ pub mod agent;
 pub mod ban_api;
 pub mod capture;
 pub mod client_rate;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod conn_slots;

@@ -483,7 +483,7 @@ fn ban(net: &str) -> apiban::sync::Change {
 async fn a_dead_owner_is_noticed() {
     let mut running = faulty(None);
     assert_eq!(running.owner_health(Duration::from_secs(5)), Ok(()));
-    let answer = apiban::control::send_change(&running.updates, ban("198.18.0.1/32")).await;
+    let answer = apiban::sync::send_change(&running.updates, ban("198.18.0.1/32")).await;
     assert!(answer.is_err(), "the owner died answering: {answer:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
     loop {
@@ -511,7 +511,7 @@ async fn a_stuck_owner_is_noticed_and_recovers() {
     let updates = running.updates.clone();
     let change =
         tokio::spawn(
-            async move { apiban::control::send_change(&updates, ban("198.18.0.2/32")).await },
+            async move { apiban::sync::send_change(&updates, ban("198.18.0.2/32")).await },
         );
     tokio::time::sleep(Duration::from_millis(1800)).await;
     let why = running

@@ -7,6 +7,8 @@ mod bench;
 mod compat;
 mod package;
 mod setup;
+#[cfg(test)]
+mod structure;
 
 use std::{
     path::{Path, PathBuf},

@@ -551,7 +551,7 @@ fn serve<E: Enforcer + Send + 'static>(
                 Some(crate::cluster::start(
                     settings.clone(),
                     ends,
-                    running.updates.clone(),
+                    running.cluster_updates(),
                     running.subscribe(),
                     config.attach.ifaces.clone(),
                     proof_ends,

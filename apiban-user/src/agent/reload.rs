@@ -6,23 +6,13 @@ use std::sync::{Arc, Mutex};
 use super::{apiban_client, scope_text};
 use crate::{
     config::{self, AgentConfig, RunArgs},
-    control,
     engine::Enforcer,
     source::apiban::ApiKey,
     status::AgentInfo,
     sync::{Change, Running},
 };
 
-/// Why a reload changed nothing, or only part of what it was asked to.
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error("reload refused, still running with the previous configuration")]
-    Config(#[source] config::ConfigError),
-    #[error("reload refused, still running with the previous configuration")]
-    Apiban(#[source] Box<dyn std::error::Error + Send + Sync>),
-    #[error("cannot apply the reloaded settings")]
-    Apply(#[source] crate::sync::ChangeError),
-}
+pub use crate::control::ReloadError;
 
 /// SIGHUP: re-reads the config file with the same flags and environment, and applies what
 /// can change without re-attaching. A config that does not resolve changes nothing.
@@ -79,7 +69,7 @@ async fn apply_reload<E: Enforcer + Send + 'static>(
         engine: new.engine.clone(),
         scope: new.scope.clone(),
     };
-    control::send_change(&running.updates, change)
+    crate::sync::send_change(&running.updates, change)
         .await
         .map_err(ReloadError::Apply)?;
     // A key file rotated in place has the same path: compare what it holds.
@@ -99,7 +89,7 @@ async fn apply_reload<E: Enforcer + Send + 'static>(
         // In a fleet, the lists are the leader's: its drop deletes the records in etcd for
         // every node. A standby node's list config does not speak for the fleet.
         if polling {
-            let _ = control::send_change(&running.updates, Change::DropList { name }).await;
+            let _ = crate::sync::send_change(&running.updates, Change::DropList { name }).await;
         }
     }
     {

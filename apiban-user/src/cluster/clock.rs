@@ -33,11 +33,7 @@ const FIRST_LOOK: Duration = Duration::from_secs(5);
 /// passed with too few others), then whether it is off.
 pub type Judgement = Option<bool>;
 
-pub fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use crate::clock::unix_now_ms;
 
 /// The median of `offsets`; of the two middle ones, the nearer to zero (a node is off only
 /// when most others say so).
@@ -59,7 +55,7 @@ pub async fn run(
     settings: Arc<ClusterSettings>,
     stats: Arc<ClusterStats>,
     off: tokio_watch::Sender<Judgement>,
-    updates: tokio::sync::mpsc::Sender<crate::sync::Update>,
+    updates: tokio::sync::mpsc::Sender<super::ClusterUpdate>,
 ) {
     let keys = Keys::new(&settings.prefix);
     let mut retry = Retry::new();
@@ -126,9 +122,9 @@ pub async fn run(
             }
             let members = super::endpoints::member_addresses(&addresses);
             if told.as_ref() != Some(&members) {
-                let update = crate::sync::Update::Cluster(super::ClusterUpdate::Members {
+                let update = super::ClusterUpdate::Members {
                     addresses: members.clone(),
-                });
+                };
                 if updates.send(update).await.is_err() {
                     return;
                 }

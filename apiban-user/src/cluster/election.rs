@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch as tokio_watch};
 use super::{
     CallError, ClusterUpdate, LEADER_LEASE_SECS, Retry, connect, keys::Keys, within, within_for,
 };
-use crate::{config::ClusterSettings, state::ApibanCursor, sync::Update};
+use crate::{config::ClusterSettings, state::ApibanCursor};
 
 #[derive(Debug, thiserror::Error)]
 enum Lost {
@@ -37,7 +37,7 @@ enum Lost {
 
 pub async fn run(
     settings: Arc<ClusterSettings>,
-    updates: mpsc::Sender<Update>,
+    updates: mpsc::Sender<super::ClusterUpdate>,
     leader: tokio_watch::Sender<Option<LeaderKey>>,
     mut stop: tokio_watch::Receiver<bool>,
     mut clock_off: tokio_watch::Receiver<super::clock::Judgement>,
@@ -85,7 +85,7 @@ async fn campaign_and_lead(
     mut client: Client,
     settings: &ClusterSettings,
     keys: &Keys,
-    updates: &mpsc::Sender<Update>,
+    updates: &mpsc::Sender<super::ClusterUpdate>,
     leader: &tokio_watch::Sender<Option<LeaderKey>>,
     ends: Ends<'_>,
 ) -> Lost {
@@ -132,11 +132,11 @@ async fn campaign_and_lead(
         .and_then(|v| serde_json::from_slice(&v).ok())
         .unwrap_or_default();
     let (reply, done) = tokio::sync::oneshot::channel();
-    let adopt = Update::Cluster(ClusterUpdate::AdoptCursor {
+    let adopt = ClusterUpdate::AdoptCursor {
         cursor,
         requests_ms,
         reply,
-    });
+    };
     if updates.send(adopt).await.is_err() || done.await.is_err() {
         return Lost::Stopping;
     }

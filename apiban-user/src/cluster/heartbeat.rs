@@ -60,7 +60,7 @@ fn beat(view: &ClusterView, snapshot: &Snapshot, interfaces: &[String]) -> NodeB
         enforced_v4: enforced.len() - v6,
         enforced_v6: v6,
         pending_changes: snapshot.engine.cluster_pending,
-        at: crate::sync::unix_now(),
+        at: crate::clock::unix_now(),
         at_ms: super::clock::unix_now_ms(),
         clock_offset_ms: view.stats.clock_offset_ms(),
         addresses: super::endpoints::own_beat_addresses(),

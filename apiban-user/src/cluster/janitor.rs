@@ -23,7 +23,7 @@ use super::{
     within,
     writer::MAX_OPS,
 };
-use crate::{config::ClusterSettings, sync::unix_now};
+use crate::{clock::unix_now, config::ClusterSettings};
 
 /// How often a leader looks again; its own sweeps delete almost everything before then.
 const EVERY: Duration = Duration::from_secs(3600);

@@ -49,7 +49,6 @@ use crate::{
     ledger::{Record, SourceId},
     snapshot::Snapshot,
     state::ApibanCursor,
-    sync::Update,
 };
 
 /// How long a leader's lease lives without a keep-alive: a dead leader's successor is
@@ -468,7 +467,7 @@ fn connect_options_for(settings: &ClusterSettings) -> Result<ConnectOptions, Cal
 pub fn start(
     settings: ClusterSettings,
     ends: LinkEnds,
-    updates: mpsc::Sender<Update>,
+    updates: mpsc::Sender<ClusterUpdate>,
     snapshots: tokio_watch::Receiver<Arc<Snapshot>>,
     interfaces: Vec<String>,
     proofs: Option<proofs::ProofEnds>,

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{CallError, ClusterStats, Retry, connect, keys::Keys, pages::Pages, within};
-use crate::{config::ClusterSettings, sync::unix_now};
+use crate::{clock::unix_now, config::ClusterSettings};
 
 /// Characters of a proof's description and of a node's name at most.
 const MAX_HOW: usize = 200;

@@ -19,7 +19,6 @@ use crate::{
     engine::RemoteChange,
     ledger::{Record, SourceId},
     snapshot::Snapshot,
-    sync::Update,
 };
 
 /// Keys per page of a full read: well under etcd's 1.5 MiB response limit.
@@ -47,7 +46,7 @@ enum WatchEnd {
 
 pub async fn run(
     settings: Arc<ClusterSettings>,
-    updates: mpsc::Sender<Update>,
+    updates: mpsc::Sender<super::ClusterUpdate>,
     snapshots: tokio_watch::Receiver<Arc<Snapshot>>,
     stats: Arc<ClusterStats>,
 ) {
@@ -153,7 +152,7 @@ pub async fn run(
 async fn follow(
     client: &mut Client,
     keys: &Keys,
-    updates: &mpsc::Sender<Update>,
+    updates: &mpsc::Sender<super::ClusterUpdate>,
     from: i64,
     retry: &mut Retry,
     stats: &ClusterStats,
@@ -306,14 +305,11 @@ fn undecodable(key: &[u8], stats: &ClusterStats) {
 }
 
 async fn send(
-    updates: &mpsc::Sender<Update>,
+    updates: &mpsc::Sender<super::ClusterUpdate>,
     make: impl FnOnce(oneshot::Sender<()>) -> ClusterUpdate,
 ) -> Result<(), ()> {
     let (reply, done) = oneshot::channel();
-    updates
-        .send(Update::Cluster(make(reply)))
-        .await
-        .map_err(|_| ())?;
+    updates.send(make(reply)).await.map_err(|_| ())?;
     done.await.map_err(|_| ())
 }
 
@@ -355,7 +351,7 @@ async fn head(client: &mut Client, keys: &Keys) -> Result<(u64, i64), CallError>
 async fn read_everything(
     client: &mut Client,
     keys: &Keys,
-    updates: &mpsc::Sender<Update>,
+    updates: &mpsc::Sender<super::ClusterUpdate>,
     stats: &ClusterStats,
 ) -> Result<i64, WatchEnd> {
     let (cluster_id, revision) = head(client, keys).await?;

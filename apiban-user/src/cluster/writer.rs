@@ -16,7 +16,7 @@ use super::{
     keys::{self, Keys, Stamp},
     within,
 };
-use crate::{config::ClusterSettings, state::PendingKey, sync::Update};
+use crate::{config::ClusterSettings, state::PendingKey};
 
 /// Operations per transaction, one under etcd's default `--max-txn-ops`.
 pub const MAX_OPS: usize = 127;
@@ -31,7 +31,7 @@ pub async fn run(
     settings: Arc<ClusterSettings>,
     mut outbox: mpsc::Receiver<Outgoing>,
     leader: tokio_watch::Receiver<Option<LeaderKey>>,
-    updates: mpsc::Sender<Update>,
+    updates: mpsc::Sender<super::ClusterUpdate>,
     stats: Arc<super::ClusterStats>,
 ) {
     let keys = Keys::new(&settings.prefix);
@@ -83,9 +83,9 @@ pub async fn run(
             match result {
                 Ok(Written::Done) => {
                     if out.base_revision.is_some() {
-                        let settled = Update::Cluster(super::ClusterUpdate::Settled {
+                        let settled = super::ClusterUpdate::Settled {
                             keys: pending_keys(&out),
-                        });
+                        };
                         let _ = updates.send(settled).await;
                     }
                     if reported {

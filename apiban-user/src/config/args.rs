@@ -344,7 +344,7 @@ pub struct RunArgs {
     /// SIP scanner detection in the dataplane: off, observe (log and count what it would
     /// ban) or enforce (ban it, source `detect`) [default: observe].
     #[arg(long, env = "APIBAN_DETECT", value_enum)]
-    pub detect: Option<crate::detect::DetectMode>,
+    pub detect: Option<crate::config::detect::DetectMode>,
     /// Ports of SIP in the clear that detection reads (UDP, and TCP with payload)
     /// [default: 5060].
     #[arg(long, env = "APIBAN_DETECT_PORTS", value_delimiter = ',')]

@@ -84,7 +84,7 @@ pub struct FileConfig {
     pub cluster_key: Option<PathBuf>,
     pub cluster_user: Option<String>,
     pub cluster_password_file: Option<PathBuf>,
-    pub detect: Option<ByName<crate::detect::DetectMode>>,
+    pub detect: Option<ByName<crate::config::detect::DetectMode>>,
     pub detect_ports: Option<Vec<u16>>,
     pub detect_tls_ports: Option<Vec<u16>>,
     pub detect_ttl: Option<Parsed<HumanDuration>>,

@@ -8,6 +8,7 @@
 
 mod args;
 mod crowdsec;
+pub mod detect;
 mod file;
 #[cfg(test)]
 mod tests;
@@ -26,11 +27,11 @@ use serde::Serialize;
 
 pub use self::{
     args::{ListArg, LogFormat, MetricsAddr, NamedList, RunArgs, ScopeKind, parse_cidr},
+    detect::{DetectSettings, RateThresholds},
     file::{FileConfig, FileList, parse_file, read_file},
 };
 use crate::{
     dataplane::{Scope, loader::AttachMode},
-    detect::{DetectSettings, RateThresholds},
     engine::EngineSettings,
     human::RateLimit,
     ledger::SourceId,

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::{dataplane::Scope, engine::EngineSettings, engine::IngestReport};
 
@@ -147,4 +147,18 @@ pub struct RequestReport {
     pub key_rejected_since: Option<u64>,
     /// This host's clock against the `Date` of APIBAN's last answer (ms; positive: ahead).
     pub server_clock_offset_ms: Option<i64>,
+}
+
+/// Sends a change to the owner and waits until it is applied and saved.
+pub async fn send_change(
+    updates: &mpsc::Sender<Update>,
+    change: Change,
+) -> Result<String, ChangeError> {
+    let stopping = || ChangeError::Failed("the agent is stopping".to_owned());
+    let (reply, rx) = oneshot::channel();
+    updates
+        .send(Update::Control { change, reply })
+        .await
+        .map_err(|_| stopping())?;
+    rx.await.map_err(|_| stopping())?
 }

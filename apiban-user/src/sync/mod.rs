@@ -19,17 +19,13 @@ pub mod messages;
 pub mod owner;
 pub mod poller;
 
-use std::{
-    collections::BTreeMap,
-    sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::sync::{mpsc, watch};
 
 pub use self::{
     backoff::Backoff,
-    messages::{Change, ChangeError, RequestReport, Update},
+    messages::{Change, ChangeError, RequestReport, Update, send_change},
     owner::{Owner, OwnerFault, OwnerHealth, OwnerTiming},
     poller::{ApibanPoller, PollSettings},
 };
@@ -45,12 +41,10 @@ use crate::{
     },
 };
 
-pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use crate::clock::unix_now;
+
+/// Messages the owner's inbox holds before senders wait.
+const UPDATES_CAPACITY: usize = 16;
 
 /// The running sync machinery: the owner's thread and every task feeding it.
 pub struct Running<E: Enforcer> {
@@ -210,6 +204,22 @@ impl<E: Enforcer> Running<E> {
         let _ = self.updates.send(Update::CrowdsecAlertsTo(outbox)).await;
     }
 
+    /// An inbox for the fleet's tasks (`crate::cluster`), which speak only of the fleet:
+    /// what arrives is handed to the owner in order, as `Update::Cluster`, with the owner's
+    /// own back-pressure.
+    pub fn cluster_updates(&self) -> mpsc::Sender<crate::cluster::ClusterUpdate> {
+        let (tx, mut rx) = mpsc::channel(UPDATES_CAPACITY);
+        let owner = self.updates.clone();
+        tokio::spawn(async move {
+            while let Some(update) = rx.recv().await {
+                if owner.send(Update::Cluster(update)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tx
+    }
+
     fn run_crowdsec(&mut self) {
         let wanted = self.crowdsec_spec.clone().filter(|_| !self.standby);
         if let Some((running, task)) = &self.crowdsec {
@@ -286,7 +296,7 @@ pub fn spawn_node<E: Enforcer + Send + 'static>(
     timing: OwnerTiming,
     cluster: Option<crate::cluster::ClusterLink>,
 ) -> std::io::Result<Running<E>> {
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = mpsc::channel(UPDATES_CAPACITY);
     let standby = cluster.is_some();
     let fleet_budget = cluster.as_ref().map(|c| c.budget.clone());
     let (owner, snapshots) = OwnerThread::start(engine, rx, timing, cluster)?;

@@ -95,7 +95,7 @@ impl KeyRejection {
                 );
             } else {
                 tracing::error!(
-                    since = %crate::status::utc(since),
+                    since = %crate::clock::utc(since),
                     "API key still rejected (403); next try in {retry_in}"
                 );
             }
