@@ -4,11 +4,16 @@
 
 use std::time::Duration;
 
-use apiban_common::DetectConfig;
+use apiban_common::{
+    DetectConfig,
+    detect::{METHOD_INVITE, METHOD_OPTIONS, METHOD_OTHER, METHOD_REGISTER},
+};
 use clap::ValueEnum;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+#[allow(clippy::wildcard_imports)]
+use super::*;
 use crate::human::RateLimit;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -199,4 +204,160 @@ impl DetectSettings {
         let doublings = offence.saturating_sub(1).min(30);
         first.saturating_mul(1u32 << doublings).min(max.max(first))
     }
+}
+
+pub(super) fn resolve_detect(
+    args: &RunArgs,
+    file: &FileConfig,
+) -> Result<DetectSettings, ConfigError> {
+    let defaults = DetectSettings::default();
+    let threshold = |flag: Option<args::Threshold>,
+                     key: Option<file::Parsed<args::Threshold>>,
+                     default: Option<crate::human::RateLimit>| {
+        flag.or(key.map(|k| k.0)).map_or(default, |t| t.0)
+    };
+    let user_agents: Vec<String> =
+        first_list(&args.detect_user_agents, file.detect_user_agents.clone())
+            .into_iter()
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+    let settings = DetectSettings {
+        mode: first(args.detect, file.detect.map(|m| m.0), defaults.mode),
+        mode_set: args.detect.is_some() || file.detect.is_some(),
+        ports: Some(first_list(&args.detect_ports, file.detect_ports.clone()))
+            .filter(|p| !p.is_empty())
+            .unwrap_or(defaults.ports),
+        ttl: duration(args.detect_ttl, file.detect_ttl, defaults.ttl),
+        ttl_max: duration(args.detect_ttl_max, file.detect_ttl_max, defaults.ttl_max),
+        forgeable_ttl: duration(
+            args.detect_forgeable_ttl,
+            file.detect_forgeable_ttl,
+            defaults.forgeable_ttl,
+        ),
+        forgeable_ttl_max: duration(
+            args.detect_forgeable_ttl_max,
+            file.detect_forgeable_ttl_max,
+            defaults.forgeable_ttl_max,
+        ),
+        auth_failures: threshold(
+            args.detect_auth_failures,
+            file.detect_auth_failures,
+            defaults.auth_failures,
+        ),
+        unknown_users: threshold(
+            args.detect_unknown_users,
+            file.detect_unknown_users,
+            defaults.unknown_users,
+        ),
+        proven_ttl: duration(
+            args.detect_proven_ttl,
+            file.detect_proven_ttl,
+            defaults.proven_ttl,
+        ),
+        user_agents: if user_agents.is_empty() {
+            defaults.user_agents
+        } else {
+            user_agents
+        },
+        tls_ports: Some(first_list(
+            &args.detect_tls_ports,
+            file.detect_tls_ports.clone(),
+        ))
+        .filter(|p| !p.is_empty())
+        .unwrap_or(defaults.tls_ports),
+        rate: {
+            let options = args.detect_rate.or(file.detect_rate.map(|k| k.0)).map_or(
+                Some(RateLimit {
+                    requests: defaults.rate.per_method[METHOD_OPTIONS as usize],
+                    window: defaults.rate.window,
+                }),
+                |t| t.0,
+            );
+            let count = |flag: Option<args::Count>, key: Option<args::Count>, method: u8| {
+                flag.or(key)
+                    .map_or(defaults.rate.per_method[usize::from(method)], |c| c.0)
+            };
+            RateThresholds {
+                window: options.map_or(defaults.rate.window, |o| o.window),
+                per_method: [
+                    count(
+                        args.detect_rate_register,
+                        file.detect_rate_register,
+                        METHOD_REGISTER,
+                    ),
+                    count(
+                        args.detect_rate_invite,
+                        file.detect_rate_invite,
+                        METHOD_INVITE,
+                    ),
+                    options.map_or(0, |o| o.requests),
+                    count(args.detect_rate_other, file.detect_rate_other, METHOD_OTHER),
+                ],
+            }
+        },
+        users: threshold(args.detect_users, file.detect_users, defaults.users),
+        notices: file
+            .detect_malformed
+            .as_ref()
+            .map(|_| {
+                "detect-malformed in the config file is ignored: the malformed-requests rule \
+                 is gone, since what cannot be parsed is never a reason to ban (unreadable \
+                 samples are counted in status and apiban_detect_unreadable_total); remove \
+                 the key"
+                    .to_owned()
+            })
+            .into_iter()
+            .collect(),
+        exempt: first_list(
+            &args.detect_exempt,
+            file.detect_exempt
+                .as_ref()
+                .map(|a| a.iter().map(|c| c.0).collect()),
+        ),
+    };
+    if settings.ttl.as_secs() == 0 {
+        return Err(invalid("detect-ttl", "must be at least 1s"));
+    }
+    if settings.forgeable_ttl.as_secs() == 0 {
+        return Err(invalid("detect-forgeable-ttl", "must be at least 1s"));
+    }
+    if settings.ports.contains(&0) || settings.tls_ports.contains(&0) {
+        return Err(invalid("detect-ports", "0 is not a port"));
+    }
+    let max = apiban_common::detect::MAX_THRESHOLD;
+    for (i, flag) in [
+        "detect-rate-register",
+        "detect-rate-invite",
+        "detect-rate",
+        "detect-rate-other",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if settings.rate.per_method[i] > max {
+            return Err(invalid(
+                flag,
+                format!(
+                    "the program counts at most {max} requests of a method per window; \
+                     set {max} or fewer, or a shorter window"
+                ),
+            ));
+        }
+    }
+    if let Some(both) = settings
+        .ports
+        .iter()
+        .find(|p| settings.tls_ports.contains(p))
+    {
+        return Err(invalid(
+            "detect-ports",
+            format!(
+                "{both} is in detect-ports and detect-tls-ports; a port carries SIP either in the \
+                 clear or over TLS (TLS ports are counted, never read; the default TLS port is \
+                 5061): take it out of one list"
+            ),
+        ));
+    }
+    Ok(settings)
 }

@@ -7,14 +7,17 @@
 //! SIGHUP reload re-runs it with the same flags and the file as it is now.
 
 mod args;
+mod cluster;
 mod crowdsec;
 pub mod detect;
 mod file;
 #[cfg(test)]
 mod tests;
 
+use cluster::resolve_cluster;
 use crowdsec::resolve_crowdsec;
 pub use crowdsec::{BouncerCredentials, CrowdsecSettings};
+use detect::resolve_detect;
 
 use std::{
     collections::BTreeSet,
@@ -22,18 +25,17 @@ use std::{
     time::Duration,
 };
 
-use apiban_common::detect::{METHOD_INVITE, METHOD_OPTIONS, METHOD_OTHER, METHOD_REGISTER};
 use serde::Serialize;
 
 pub use self::{
     args::{ListArg, LogFormat, MetricsAddr, NamedList, RunArgs, ScopeKind, parse_cidr},
+    cluster::{ClusterSettings, ClusterTls, DEFAULT_CLUSTER_PREFIX},
     detect::{DetectSettings, RateThresholds},
     file::{FileConfig, FileList, parse_file, read_file},
 };
 use crate::{
     dataplane::{Scope, loader::AttachMode},
     engine::EngineSettings,
-    human::RateLimit,
     ledger::SourceId,
     source::{
         apiban::{ApiVersion, DEFAULT_BASE_URL, DataSet},
@@ -97,37 +99,6 @@ pub struct AgentConfig {
     /// SIP scanner detection; all of it changes on a reload.
     pub detect: DetectSettings,
 }
-
-/// `--cluster`: the etcd this node's fleet shares its ledger through.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct ClusterSettings {
-    #[serde(rename = "cluster")]
-    pub endpoints: Vec<String>,
-    #[serde(rename = "cluster-prefix")]
-    pub prefix: String,
-    #[serde(rename = "node-name")]
-    pub node: String,
-    #[serde(rename = "cluster-ca")]
-    pub tls: Option<ClusterTls>,
-    /// The user and the file its password is in (read at every connect, never logged).
-    #[serde(rename = "cluster-user")]
-    pub user: Option<(String, PathBuf)>,
-    /// Past this offset from the fleet's clock, the node does not lead and deletes nothing
-    /// from etcd (see `cluster::clock`).
-    #[serde(rename = "cluster-max-clock-offset")]
-    pub max_clock_offset: Duration,
-}
-
-/// TLS to etcd: the CA that signed its certificates, and this node's client certificate.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct ClusterTls {
-    pub ca: PathBuf,
-    /// Certificate and key, PEM.
-    pub identity: Option<(PathBuf, PathBuf)>,
-}
-
-pub const DEFAULT_CLUSTER_PREFIX: &str = "/apiban/v1/";
 
 /// Which interfaces the program is attached to, and how. Serialised with the config keys'
 /// names, so a reload can name what it could not change.
@@ -558,294 +529,6 @@ pub fn resolve(
         cluster: resolve_cluster(args, &file)?,
         detect,
     })
-}
-
-fn resolve_detect(args: &RunArgs, file: &FileConfig) -> Result<DetectSettings, ConfigError> {
-    let defaults = DetectSettings::default();
-    let threshold = |flag: Option<args::Threshold>,
-                     key: Option<file::Parsed<args::Threshold>>,
-                     default: Option<crate::human::RateLimit>| {
-        flag.or(key.map(|k| k.0)).map_or(default, |t| t.0)
-    };
-    let user_agents: Vec<String> =
-        first_list(&args.detect_user_agents, file.detect_user_agents.clone())
-            .into_iter()
-            .map(|s| s.trim().to_ascii_lowercase())
-            .filter(|s| !s.is_empty())
-            .collect();
-    let settings = DetectSettings {
-        mode: first(args.detect, file.detect.map(|m| m.0), defaults.mode),
-        mode_set: args.detect.is_some() || file.detect.is_some(),
-        ports: Some(first_list(&args.detect_ports, file.detect_ports.clone()))
-            .filter(|p| !p.is_empty())
-            .unwrap_or(defaults.ports),
-        ttl: duration(args.detect_ttl, file.detect_ttl, defaults.ttl),
-        ttl_max: duration(args.detect_ttl_max, file.detect_ttl_max, defaults.ttl_max),
-        forgeable_ttl: duration(
-            args.detect_forgeable_ttl,
-            file.detect_forgeable_ttl,
-            defaults.forgeable_ttl,
-        ),
-        forgeable_ttl_max: duration(
-            args.detect_forgeable_ttl_max,
-            file.detect_forgeable_ttl_max,
-            defaults.forgeable_ttl_max,
-        ),
-        auth_failures: threshold(
-            args.detect_auth_failures,
-            file.detect_auth_failures,
-            defaults.auth_failures,
-        ),
-        unknown_users: threshold(
-            args.detect_unknown_users,
-            file.detect_unknown_users,
-            defaults.unknown_users,
-        ),
-        proven_ttl: duration(
-            args.detect_proven_ttl,
-            file.detect_proven_ttl,
-            defaults.proven_ttl,
-        ),
-        user_agents: if user_agents.is_empty() {
-            defaults.user_agents
-        } else {
-            user_agents
-        },
-        tls_ports: Some(first_list(
-            &args.detect_tls_ports,
-            file.detect_tls_ports.clone(),
-        ))
-        .filter(|p| !p.is_empty())
-        .unwrap_or(defaults.tls_ports),
-        rate: {
-            let options = args.detect_rate.or(file.detect_rate.map(|k| k.0)).map_or(
-                Some(RateLimit {
-                    requests: defaults.rate.per_method[METHOD_OPTIONS as usize],
-                    window: defaults.rate.window,
-                }),
-                |t| t.0,
-            );
-            let count = |flag: Option<args::Count>, key: Option<args::Count>, method: u8| {
-                flag.or(key)
-                    .map_or(defaults.rate.per_method[usize::from(method)], |c| c.0)
-            };
-            RateThresholds {
-                window: options.map_or(defaults.rate.window, |o| o.window),
-                per_method: [
-                    count(
-                        args.detect_rate_register,
-                        file.detect_rate_register,
-                        METHOD_REGISTER,
-                    ),
-                    count(
-                        args.detect_rate_invite,
-                        file.detect_rate_invite,
-                        METHOD_INVITE,
-                    ),
-                    options.map_or(0, |o| o.requests),
-                    count(args.detect_rate_other, file.detect_rate_other, METHOD_OTHER),
-                ],
-            }
-        },
-        users: threshold(args.detect_users, file.detect_users, defaults.users),
-        notices: file
-            .detect_malformed
-            .as_ref()
-            .map(|_| {
-                "detect-malformed in the config file is ignored: the malformed-requests rule \
-                 is gone, since what cannot be parsed is never a reason to ban (unreadable \
-                 samples are counted in status and apiban_detect_unreadable_total); remove \
-                 the key"
-                    .to_owned()
-            })
-            .into_iter()
-            .collect(),
-        exempt: first_list(
-            &args.detect_exempt,
-            file.detect_exempt
-                .as_ref()
-                .map(|a| a.iter().map(|c| c.0).collect()),
-        ),
-    };
-    if settings.ttl.as_secs() == 0 {
-        return Err(invalid("detect-ttl", "must be at least 1s"));
-    }
-    if settings.forgeable_ttl.as_secs() == 0 {
-        return Err(invalid("detect-forgeable-ttl", "must be at least 1s"));
-    }
-    if settings.ports.contains(&0) || settings.tls_ports.contains(&0) {
-        return Err(invalid("detect-ports", "0 is not a port"));
-    }
-    let max = apiban_common::detect::MAX_THRESHOLD;
-    for (i, flag) in [
-        "detect-rate-register",
-        "detect-rate-invite",
-        "detect-rate",
-        "detect-rate-other",
-    ]
-    .into_iter()
-    .enumerate()
-    {
-        if settings.rate.per_method[i] > max {
-            return Err(invalid(
-                flag,
-                format!(
-                    "the program counts at most {max} requests of a method per window; \
-                     set {max} or fewer, or a shorter window"
-                ),
-            ));
-        }
-    }
-    if let Some(both) = settings
-        .ports
-        .iter()
-        .find(|p| settings.tls_ports.contains(p))
-    {
-        return Err(invalid(
-            "detect-ports",
-            format!(
-                "{both} is in detect-ports and detect-tls-ports; a port carries SIP either in the \
-                 clear or over TLS (TLS ports are counted, never read; the default TLS port is \
-                 5061): take it out of one list"
-            ),
-        ));
-    }
-    Ok(settings)
-}
-
-fn resolve_cluster(
-    args: &RunArgs,
-    file: &FileConfig,
-) -> Result<Option<ClusterSettings>, ConfigError> {
-    let endpoints: Vec<String> = first_list(&args.cluster, file.cluster.clone())
-        .into_iter()
-        .map(|e| e.trim().to_owned())
-        .filter(|e| !e.is_empty())
-        .collect();
-    if endpoints.is_empty() {
-        return Ok(None);
-    }
-    if let Some(bad) = endpoints
-        .iter()
-        .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
-    {
-        return Err(invalid(
-            "cluster",
-            format!("`{bad}` is not an etcd endpoint URL (e.g. http://10.0.0.5:2379)"),
-        ));
-    }
-    let prefix = first(
-        args.cluster_prefix.clone(),
-        file.cluster_prefix.clone(),
-        DEFAULT_CLUSTER_PREFIX.to_owned(),
-    );
-    if !prefix.starts_with('/') || !prefix.ends_with('/') {
-        return Err(invalid(
-            "cluster-prefix",
-            format!("`{prefix}` must start and end with / (e.g. /apiban/v1/)"),
-        ));
-    }
-    let node = match args.node_name.clone().or_else(|| file.node_name.clone()) {
-        Some(n) => n,
-        None => host_name()
-            .ok_or_else(|| invalid("node-name", "the host has no name to use: give --node-name"))?,
-    };
-    if node.is_empty() || node.contains(['/', ' ']) {
-        return Err(invalid(
-            "node-name",
-            format!("`{node}`: a node name has no spaces or slashes"),
-        ));
-    }
-    let https = endpoints.iter().any(|e| e.starts_with("https://"));
-    if https && endpoints.iter().any(|e| e.starts_with("http://")) {
-        return Err(invalid(
-            "cluster",
-            "give every endpoint as https:// or every one as http://",
-        ));
-    }
-    let ca = args.cluster_ca.clone().or_else(|| file.cluster_ca.clone());
-    let cert = args
-        .cluster_cert
-        .clone()
-        .or_else(|| file.cluster_cert.clone());
-    let key = args
-        .cluster_key
-        .clone()
-        .or_else(|| file.cluster_key.clone());
-    let identity = match (cert, key) {
-        (Some(c), Some(k)) => Some((c, k)),
-        (None, None) => None,
-        _ => {
-            return Err(invalid(
-                "cluster-cert",
-                "give --cluster-cert and --cluster-key together",
-            ));
-        }
-    };
-    let tls = match (https, ca) {
-        (true, Some(ca)) => Some(ClusterTls { ca, identity }),
-        (true, None) => {
-            return Err(invalid(
-                "cluster-ca",
-                "https:// endpoints need --cluster-ca (the CA that signed etcd's certificates)",
-            ));
-        }
-        (false, None) if identity.is_none() => None,
-        (false, _) => {
-            return Err(invalid(
-                "cluster-ca",
-                "TLS settings need https:// endpoints",
-            ));
-        }
-    };
-    let user = args
-        .cluster_user
-        .clone()
-        .or_else(|| file.cluster_user.clone());
-    let password = args
-        .cluster_password_file
-        .clone()
-        .or_else(|| file.cluster_password_file.clone());
-    let user = match (user, password) {
-        (Some(u), Some(p)) => Some((u, p)),
-        (None, None) => None,
-        _ => {
-            return Err(invalid(
-                "cluster-user",
-                "give --cluster-user and --cluster-password-file together",
-            ));
-        }
-    };
-    let max_clock_offset = duration(
-        args.cluster_max_clock_offset,
-        file.cluster_max_clock_offset,
-        Duration::from_secs(30),
-    );
-    if max_clock_offset < Duration::from_secs(1) {
-        return Err(invalid(
-            "cluster-max-clock-offset",
-            "must be at least 1s: a fleet's clocks are compared to the second",
-        ));
-    }
-    Ok(Some(ClusterSettings {
-        endpoints,
-        prefix,
-        node,
-        tls,
-        user,
-        max_clock_offset,
-    }))
-}
-
-fn host_name() -> Option<String> {
-    let mut buf = [0u8; 256];
-    // SAFETY: buf is writable for its length; gethostname NUL-terminates within it on success.
-    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if rc != 0 {
-        return None;
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    Some(String::from_utf8_lossy(&buf[..end]).into_owned()).filter(|n| !n.is_empty())
 }
 
 /// Reads the file the flags point at (or the default one) and resolves.
