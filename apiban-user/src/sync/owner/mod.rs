@@ -7,15 +7,17 @@
 //! reads instead of the engine; acknowledgements go out after the snapshot, so a client that
 //! was told "banned" sees the ban in the next `check`.
 
-use std::{
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Change, ChangeError, Update, unix_now};
+mod change;
 mod outbox;
+mod thread;
+
+pub(super) use thread::OwnerThread;
+pub use thread::{OwnerFault, OwnerHealth, OwnerTiming};
 
 use outbox::Shed;
 
@@ -466,127 +468,6 @@ impl<E: Enforcer> Owner<E> {
         }
     }
 
-    /// Applies an operator's change; the answer is one line for the operator.
-    pub fn change(&mut self, change: Change, now: u64) -> Result<String, ChangeError> {
-        let out = match change {
-            Change::Ban {
-                net,
-                ttl,
-                comment,
-                force,
-            } => {
-                let applied = self.engine.ban(net, ttl, comment, force, now)?;
-                let until = match ttl {
-                    Some(t) => format!("for {}", crate::human::format_duration(t)),
-                    None => "until unbanned".to_owned(),
-                };
-                let mode = if self
-                    .engine
-                    .observing()
-                    .contains(&crate::ledger::SourceId::Manual)
-                {
-                    " (manual bans observe: matched and counted, not dropped)"
-                } else {
-                    ""
-                };
-                format!("banned {} {until}{mode}; {}", net.trunc(), effect(applied))
-            }
-            Change::Unban { net } => {
-                let (sources, applied) = self.engine.unban(net, now);
-                if sources.is_empty() {
-                    return Err(ChangeError::Refused(format!(
-                        "{} is not in the ban list",
-                        net.trunc()
-                    )));
-                }
-                let names: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
-                let mut msg = format!(
-                    "unbanned {} (held by {}); {}",
-                    net.trunc(),
-                    names.join(", "),
-                    effect(applied)
-                );
-                if sources.iter().any(|s| s.is_remote()) {
-                    msg.push_str(
-                        "; a feed that lists it again bans it again: `apiban allow add` keeps it out",
-                    );
-                }
-                msg
-            }
-            Change::AllowAdd { net } => {
-                let applied = self.engine.allow_add(net, now);
-                format!("allowed {}; {}", net.trunc(), effect(applied))
-            }
-            Change::AllowRemove { net } => {
-                let applied = self.engine.allow_remove(net, now)?;
-                format!(
-                    "removed {} from the allowlist; {}",
-                    net.trunc(),
-                    effect(applied)
-                )
-            }
-            Change::Settings { engine, scope } => {
-                self.engine.set_scope(&scope).map_err(|e| {
-                    ChangeError::Failed(format!(
-                        "cannot set the port scope: {}",
-                        crate::error_chain(&e)
-                    ))
-                })?;
-                let applied = self.engine.reconfigure(engine, now);
-                format!("settings applied; {}", effect(applied))
-            }
-            Change::ApiBan { net, ttl, comment } => {
-                let alert = crate::source::crowdsec::Alert {
-                    net: net.trunc(),
-                    ttl,
-                    scenario: "apiban/ban-api".to_owned(),
-                    message: comment.clone().unwrap_or_default(),
-                    at: now,
-                };
-                let applied = self.engine.api_ban(net, ttl, comment, now)?;
-                if self.alerts.as_ref().is_some_and(|a| a.post_api_bans) {
-                    self.alert_crowdsec(alert, false, now);
-                }
-                format!(
-                    "banned {} for {} (api); {}",
-                    net.trunc(),
-                    crate::human::format_duration(ttl),
-                    effect(applied)
-                )
-            }
-            Change::ApiUnban { net } => {
-                let (removed, applied) = self.engine.api_unban(net, now);
-                if !removed {
-                    return Err(ChangeError::Refused(format!(
-                        "{} has no api ban",
-                        net.trunc()
-                    )));
-                }
-                format!("unbanned {} (api); {}", net.trunc(), effect(applied))
-            }
-            Change::ApiFlush => {
-                let (removed, applied) = self.engine.api_flush(now);
-                format!("removed {removed} api bans; {}", effect(applied))
-            }
-            Change::DropList { name } => {
-                let (records, applied) = self.engine.drop_list(&name, now);
-                self.sync.lists.remove(&name);
-                format!(
-                    "dropped list {name} ({records} records); {}",
-                    effect(applied)
-                )
-            }
-        };
-        tracing::info!("{out}");
-        if self.engine.unsaved() {
-            return Ok(format!(
-                "{out}; WARNING: the state file could not be saved (see the agent's log): this \
-                 is enforced now, but lost on a restart unless a later save succeeds"
-            ));
-        }
-        Ok(out)
-    }
-
     /// Expires what is due; one log line when anything expired.
     pub fn sweep(&mut self) {
         self.send_shed();
@@ -675,150 +556,12 @@ impl<E: Enforcer> Owner<E> {
     }
 }
 
-/// Whether the owner is alive and getting through its work: it beats on every update and
-/// on a heartbeat while idle. What the watchdog ping is made of, so that a dead or
-/// stuck owner stops the pings and the service manager restarts the agent.
-#[derive(Clone, Debug)]
-pub struct OwnerHealth {
-    inner: std::sync::Arc<HealthInner>,
-}
-
-#[derive(Debug)]
-struct HealthInner {
-    started: Instant,
-    /// Milliseconds after `started` of the owner's last beat.
-    last_beat_ms: std::sync::atomic::AtomicU64,
-}
-
-impl OwnerHealth {
-    fn new() -> Self {
-        Self {
-            inner: std::sync::Arc::new(HealthInner {
-                started: Instant::now(),
-                last_beat_ms: std::sync::atomic::AtomicU64::new(0),
-            }),
-        }
-    }
-
-    fn beat(&self) {
-        let ms = self.inner.started.elapsed().as_millis() as u64;
-        self.inner
-            .last_beat_ms
-            .store(ms, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// How long since the owner last showed progress.
-    pub fn silence(&self) -> Duration {
-        let last = self
-            .inner
-            .last_beat_ms
-            .load(std::sync::atomic::Ordering::Relaxed);
-        self.inner
-            .started
-            .elapsed()
-            .saturating_sub(Duration::from_millis(last))
-    }
-}
-
 /// How often the owner retries a state save that failed (a full or read-only state
 /// directory): the change is in the maps already, the retry only brings the file up to date.
 const SAVE_RETRY_EVERY: Duration = Duration::from_secs(10);
 
-/// How often the owner sweeps expired bans and, while idle, beats (see [`OwnerHealth`]).
-#[derive(Clone, Copy, Debug)]
-pub struct OwnerTiming {
-    pub sweep_every: Duration,
-    /// Well under the watchdog timeout, so that an idle owner is never taken for a stuck one.
-    pub heartbeat_every: Duration,
-}
-
-impl OwnerTiming {
-    pub fn new(sweep_every: Duration) -> Self {
-        Self {
-            sweep_every,
-            heartbeat_every: Duration::from_secs(1),
-        }
-    }
-}
-
-/// The owner's thread: how to stop it and get the owner back.
-pub(super) struct OwnerThread<E: Enforcer> {
-    thread: Option<std::thread::JoinHandle<Owner<E>>>,
-    stop: Option<oneshot::Sender<()>>,
-    health: OwnerHealth,
-}
-
-impl<E: Enforcer + Send + 'static> OwnerThread<E> {
-    /// Starts the owner on its own thread; the first snapshot is there before this returns.
-    pub(super) fn start(
-        engine: Engine<E>,
-        updates: mpsc::Receiver<Update>,
-        timing: OwnerTiming,
-        cluster: Option<ClusterLink>,
-    ) -> std::io::Result<(Self, watch::Receiver<Arc<Snapshot>>)> {
-        let (owner, snapshots) = Owner::new(engine, cluster);
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()?;
-        let health = OwnerHealth::new();
-        health.beat();
-        let (stop, stopped) = oneshot::channel();
-        let beats = health.clone();
-        let thread = std::thread::Builder::new()
-            .name("apiban-owner".into())
-            .spawn(move || runtime.block_on(owner.run(updates, timing, beats, stopped)))?;
-        Ok((
-            Self {
-                thread: Some(thread),
-                stop: Some(stop),
-                health,
-            },
-            snapshots,
-        ))
-    }
-}
-
-impl<E: Enforcer> OwnerThread<E> {
-    /// Asks the owner to stop after the change it is making.
-    pub(super) fn request_stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-
-    /// Stops the owner and waits for it; None if it died (a panic), or was stopped before.
-    pub(super) fn join(&mut self) -> Option<Owner<E>> {
-        self.request_stop();
-        self.thread.take()?.join().ok()
-    }
-
-    /// Whether the owner is alive and has shown progress within `max_silence`; why not.
-    /// A panic ends its thread; a stuck owner stops beating.
-    pub(super) fn health(&self, max_silence: Duration) -> Result<(), OwnerFault> {
-        if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
-            return Err(OwnerFault::Stopped);
-        }
-        let silence = self.health.silence();
-        if silence > max_silence {
-            return Err(OwnerFault::Silent(Duration::from_secs(silence.as_secs())));
-        }
-        Ok(())
-    }
-}
-
-/// Why the owner does not count as healthy: the watchdog is not pinged, and the agent exits.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum OwnerFault {
-    #[error("the ledger's owner has stopped (it panicked)")]
-    Stopped,
-    #[error("the ledger's owner has shown no progress for {}", crate::human::format_duration(*.0))]
-    Silent(Duration),
-}
-
 impl<E: Enforcer> Owner<E> {
-    /// Hands a ban of this node's to the CrowdSec alerts task, unless CrowdSec bans the
-    /// address already (its decision came in through the stream); never waits.
-    /// Hands a ban to the alerts task, unless CrowdSec bans it already or it rests on
+    /// Hands a ban to the CrowdSec alerts task (never waiting), unless CrowdSec bans it already or it rests on
     /// evidence a forged source address can bring and the operator did not ask for those:
     /// CrowdSec takes an alert to every bouncer it feeds, and to its community if enrolled.
     fn alert_crowdsec(&mut self, alert: crate::source::crowdsec::Alert, forgeable: bool, now: u64) {
