@@ -1,5 +1,10 @@
 //! `apiban run`: wires the dataplane, the engine, the sync tasks, the control socket,
 //! /metrics and systemd together, and handles the signals that stop and reload it.
+//!
+//! Over 600 lines because `serve` starts every task in one function, in the order the
+//! agent comes up (state, maps, owner, fleet, detection, sockets, then READY): read top to
+//! bottom, it is the startup sequence. What it decides along the way is in `setup`, what it
+//! tells the operator in `report`.
 
 use std::{
     sync::{Arc, Mutex},
@@ -11,6 +16,15 @@ use tokio::signal::unix::{SignalKind, signal};
 
 mod features;
 mod reload;
+mod report;
+mod setup;
+
+pub use setup::client_from_config;
+use setup::{apiban_client, control_access, info};
+
+use report::{
+    log_stats, report_dry_run, report_stop, wait_for_interfaces, warn_unconfigured_attachments,
+};
 
 pub use self::reload::ReloadError;
 use self::reload::reload;
@@ -41,88 +55,6 @@ fn scope_text(scope: &Scope) -> String {
             format!("TCP/UDP to ports {}", ports.join(","))
         }
     }
-}
-
-/// The key, if one is configured; a configured key that cannot be read is an error.
-fn read_key(c: &ApibanSettings) -> anyhow::Result<Option<ApiKey>> {
-    match &c.key {
-        None => Ok(None),
-        Some(KeySource::Value(k)) => ApiKey::new(k)
-            .map(Some)
-            .context("the API key (--api-key, APIBAN_KEY or api-key) is not usable"),
-        Some(KeySource::File(p)) => ApiKey::from_file(p)
-            .map(Some)
-            .with_context(|| format!("cannot use the API key file {}", p.display())),
-    }
-}
-
-/// The APIBAN client the configuration describes, if it names a key.
-pub fn client_from_config(c: &ApibanSettings) -> anyhow::Result<Option<ApibanClient>> {
-    let Some(key) = read_key(c)? else {
-        return Ok(None);
-    };
-    let mut config = ClientConfig::new(&c.url, key);
-    config.timeout = c.timeout;
-    config.connect_timeout = config.connect_timeout.min(c.timeout);
-    config.version = c.version;
-    config.set = c.data_set;
-    if let Some(ca) = &c.ca {
-        config.extra_ca_pem = Some(
-            std::fs::read(ca)
-                .with_context(|| format!("cannot read the --api-ca file {}", ca.display()))?,
-        );
-    }
-    let client = ApibanClient::new(config).with_context(|| match &c.ca {
-        Some(ca) => format!(
-            "cannot build the HTTP client with the CAs in {}",
-            ca.display()
-        ),
-        None => "cannot build the HTTP client".to_owned(),
-    })?;
-    Ok(Some(client))
-}
-
-fn apiban_client(c: &ApibanSettings) -> anyhow::Result<Option<(ApibanClient, PollSettings)>> {
-    Ok(client_from_config(c)?.map(|client| (client, c.poll.clone())))
-}
-
-fn info(
-    c: &AgentConfig,
-    interfaces: Vec<InterfaceInfo>,
-    apiban: bool,
-    started_at: u64,
-) -> AgentInfo {
-    AgentInfo {
-        version: env!("CARGO_PKG_VERSION").into(),
-        pid: std::process::id(),
-        started_at,
-        dry_run: c.process.dry_run,
-        interfaces,
-        scope: scope_text(&c.scope),
-        apiban_enabled: apiban,
-        rate_limit: c.apiban.poll.rate_limit.to_string(),
-        poll_interval: crate::human::format_duration(c.apiban.poll.poll_interval),
-        config_file: c.file.as_ref().map(|p| p.display().to_string()),
-        cluster: None,
-        detect: None,
-        features: features::probed().map(|k| k.report()).unwrap_or_default(),
-    }
-}
-
-/// Who besides root may use the control socket; a group that does not exist is a
-/// configuration error, found before anything is attached.
-fn control_access(config: &AgentConfig) -> anyhow::Result<control::Access> {
-    let read_gid =
-        match &config.process.control_group {
-            Some(group) => Some(control::resolve_group(group).map_err(|message| {
-                config::ConfigError::Invalid {
-                    key: "control-group",
-                    message,
-                }
-            })?),
-            None => None,
-        };
-    Ok(control::Access { read_gid })
 }
 
 /// Runs the agent until SIGTERM/SIGINT. `args` are kept to re-resolve on SIGHUP.
@@ -280,98 +212,6 @@ pub fn run(args: RunArgs, mut config: AgentConfig) -> anyhow::Result<()> {
             report_stop(&enforcement, None);
             anyhow::bail!("{why}; exiting so that the service manager restarts the agent")
         }
-    }
-}
-
-/// Waits up to `timeout` for every interface to exist: at boot, udev may still be renaming
-/// them, and a VLAN or bond may be created later. Interfaces that exist but are down are
-/// fine: the program attaches to them now and runs when they come up.
-fn wait_for_interfaces(ifaces: &[String], timeout: Duration) -> anyhow::Result<()> {
-    let deadline = std::time::Instant::now() + timeout;
-    let mut announced = false;
-    loop {
-        let missing: Vec<&str> = ifaces
-            .iter()
-            .filter(|i| loader::ifindex(i).is_none())
-            .map(String::as_str)
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        if std::time::Instant::now() >= deadline {
-            anyhow::bail!(
-                "interface {} did not appear within {} (--iface-wait); check the name with \
-                 `ip link`, or raise --iface-wait if it is created late in boot",
-                missing.join(", "),
-                crate::human::format_duration(timeout)
-            );
-        }
-        if !announced {
-            tracing::warn!(
-                missing = missing.join(","),
-                "waiting up to {} for the interface to appear",
-                crate::human::format_duration(timeout)
-            );
-            announced = true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// Interfaces where apiban's program still runs from an earlier configuration: it keeps
-/// enforcing there on the shared maps, which may not be what the operator wants.
-fn warn_unconfigured_attachments(config: &AgentConfig) {
-    let Ok(pins) = loader::attached_pins(&config.attach.bpffs_dir) else {
-        return;
-    };
-    for (iface, _) in pins {
-        if !config.attach.ifaces.contains(&iface) && loader::ifindex(&iface).is_some() {
-            tracing::warn!(
-                iface,
-                "apiban's program still runs on this interface, which is not configured; \
-                 `apiban detach --iface {iface}` removes it"
-            );
-        }
-    }
-}
-
-/// The last word on stopping, from what the kernel says runs on each interface now.
-/// `enforced` is how many prefixes the maps hold, when the owner could still say.
-fn report_stop(enforcement: &loader::Enforcement, enforced: Option<usize>) {
-    let mut kept = Vec::new();
-    for (attachment, state) in enforcement.check() {
-        match state {
-            loader::AttachmentState::Enforcing { mode } => {
-                kept.push(format!("{} ({mode})", attachment.iface));
-            }
-            loader::AttachmentState::Replaced { found } => tracing::warn!(
-                iface = attachment.iface,
-                found = %found.map(|p| format!("program {}", p.id)).unwrap_or_else(|| "none".into()),
-                "stopped; apiban's program no longer runs on this interface: nothing is \
-                 enforced there"
-            ),
-            loader::AttachmentState::Gone => {
-                tracing::warn!(iface = attachment.iface, "stopped; the interface is gone")
-            }
-            loader::AttachmentState::Unknown(why) => tracing::warn!(
-                iface = attachment.iface,
-                %why,
-                "stopped; cannot confirm that the program stays attached"
-            ),
-        }
-    }
-    if !kept.is_empty() {
-        let what = match enforced {
-            Some(1) => "1 prefix".to_owned(),
-            Some(n) => format!("{n} prefixes"),
-            None => "the bans in its maps".to_owned(),
-        };
-        tracing::info!(
-            prog_id = enforcement.program_id(),
-            "stopped; checked with the kernel: the XDP program stays attached to {} and keeps \
-             enforcing {what}",
-            kept.join(", ")
-        );
     }
 }
 
@@ -800,41 +640,4 @@ fn unblock_signals() {
         }
         libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
     }
-}
-
-fn log_stats(dataplane: Option<&crate::dataplane::DataplaneReader>, enforced: usize) {
-    let Some(dataplane) = dataplane else {
-        tracing::info!(would_block = enforced, "dry run");
-        return;
-    };
-    match dataplane.stats() {
-        Ok(stats) => {
-            use apiban_common::Verdict;
-            tracing::info!(
-                enforced,
-                dropped = stats.get(Verdict::Dropped).packets,
-                allowed = stats.get(Verdict::Allowed).packets,
-                passed = stats.get(Verdict::Passed).packets,
-                not_ip = stats.get(Verdict::NotIp).packets,
-                malformed = stats.get(Verdict::Malformed).packets,
-                "dataplane counters"
-            )
-        }
-        Err(e) => {
-            tracing::warn!(error = %crate::error_chain(&e), "could not read dataplane counters")
-        }
-    }
-}
-
-/// What a dry run would have blocked, on stdout, one prefix per line.
-fn report_dry_run(enforced: &std::collections::BTreeSet<ipnet::IpNet>) {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    for net in enforced {
-        let _ = writeln!(out, "{net}");
-    }
-    tracing::info!(
-        prefixes = enforced.len(),
-        "dry run: the prefixes above would be blocked"
-    );
 }
