@@ -562,7 +562,8 @@ impl CheckReport {
     }
 }
 
-/// `apiban status --fleet`: one line per node that has a heartbeat in etcd.
+/// `apiban status --fleet`: one line per node that has a heartbeat in etcd. Whoever can write
+/// to etcd writes these beats, so their names are shown as outside text.
 pub fn fleet_text(fleet: &crate::cluster::heartbeat::FleetReport, now: u64) -> String {
     use std::fmt::Write as _;
     let mut o = String::new();
@@ -575,8 +576,8 @@ pub fn fleet_text(fleet: &crate::cluster::heartbeat::FleetReport, now: u64) -> S
         let _ = writeln!(
             o,
             "{:<16} {:<8} {:<7} {:>10} {:>6} {:>9} {:>9} {:>8} {:>9}  {}",
-            n.node,
-            n.version,
+            shown(&n.node),
+            shown(&n.version),
             if n.leader { "polls" } else { "-" },
             n.applied_revision,
             (fleet.revision - n.applied_revision).max(0),
@@ -585,7 +586,7 @@ pub fn fleet_text(fleet: &crate::cluster::heartbeat::FleetReport, now: u64) -> S
             relative(n.at.min(now), now),
             n.clock_offset_ms
                 .map_or("-".to_owned(), |ms| format!("{:+.3}s", ms as f64 / 1000.0)),
-            n.interfaces.join(",")
+            shown(&n.interfaces.join(","))
         );
     }
     if fleet.nodes.is_empty() {
@@ -615,5 +616,30 @@ mod shown_tests {
     #[test]
     fn control_characters_are_shown_not_sent() {
         assert_eq!(super::shown("a\u{1b}]0;x\u{7}b ✓"), "a\\u{1b}]0;x\\u{7}b ✓");
+    }
+
+    /// A heartbeat is whatever a writer of etcd put there: its names reach the operator's
+    /// terminal only as escapes.
+    #[test]
+    fn a_heartbeat_from_etcd_cannot_drive_the_terminal() {
+        use crate::cluster::heartbeat::{FleetReport, NodeBeat};
+        let fleet = FleetReport {
+            revision: 7,
+            nodes: vec![NodeBeat {
+                node: "evil\u{1b}[2J".into(),
+                version: "0.1\u{7}".into(),
+                interfaces: vec!["eth0\u{1b}]0;pwned\u{7}".into()],
+                at: 100,
+                ..NodeBeat::default()
+            }],
+        };
+        let text = super::fleet_text(&fleet, 100);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert!(text.contains("evil\\u{1b}[2J"), "{text}");
+        assert!(text.contains("0.1\\u{7}"), "{text}");
+        assert!(text.contains("eth0\\u{1b}]0;pwned\\u{7}"), "{text}");
     }
 }
