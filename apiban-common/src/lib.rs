@@ -129,7 +129,7 @@ pub mod program_names {
     pub const BENCH_HASH: &str = "bench_hash";
     pub const BENCH_LPM: &str = "bench_lpm";
     /// Prototypes of other host-table layouts (see the benchmark's prototype table).
-    pub const BENCH_PROTOS: [&str; 17] = [
+    pub const BENCH_PROTOS: [&str; 18] = [
         "bench_proto_prod_classify",
         "bench_proto_prod_classify_untracked",
         "bench_proto_prod_counted",
@@ -147,6 +147,7 @@ pub mod program_names {
         "bench_proto_bloom_coloc8_plain",
         "bench_proto_prod_lookup_paced",
         "bench_proto_prod_lookup_booked",
+        "bench_proto_prod_lookup_logged",
     ];
     /// The one-load limit with work added after the load: 48 and 96 additions that do not
     /// wait for it, 48 that do, and the production's per-interface counter (see the

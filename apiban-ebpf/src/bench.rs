@@ -12,7 +12,7 @@ use apiban_common::{
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, TC_ACT_OK, xdp_action},
-    helpers::bpf_redirect,
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns, bpf_redirect},
     macros::{classifier, map, xdp},
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
     programs::{TcContext, XdpContext},
@@ -487,6 +487,50 @@ fn prod_lookup_booked(ctx: &XdpContext, write: bool) -> Result<u32, ()> {
         && write
     {
         crate::write_hit(entry, add, now);
+    }
+    Ok(xdp_action::XDP_DROP)
+}
+
+/// A per-CPU log of the host slots hit, in order, for the agent to fold into the counts: a
+/// prototype of hit bookkeeping that writes only a hot, sequential line on each drop.
+const PROTO_HIT_LOG_ENTRIES: usize = 2048;
+#[repr(C)]
+pub struct ProtoHitLog {
+    jiffies: u64,
+    tick_ns: u64,
+    head: u64,
+    entries: [u32; PROTO_HIT_LOG_ENTRIES],
+}
+#[map]
+static BENCH_PROTO_HIT_LOG: PerCpuArray<ProtoHitLog> = PerCpuArray::with_max_entries(1, 0);
+
+/// The production filter check and host search, then the slot appended to this CPU's hit
+/// log, with the tick's time kept beside it.
+#[xdp]
+pub fn bench_proto_prod_lookup_logged(ctx: XdpContext) -> u32 {
+    prod_lookup_logged(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn prod_lookup_logged(ctx: &XdpContext) -> Result<u32, ()> {
+    let src = parsed_source(ctx)?;
+    let bit = block_filter::v4_bit(u32::from_be_bytes(src));
+    if !crate::may_match(&crate::DENY_V4_FILTER, bit) {
+        return Ok(xdp_action::XDP_PASS);
+    }
+    let slot = crate::v4_host_slot(u32::from_ne_bytes(src)).ok_or(())?;
+    let log = BENCH_PROTO_HIT_LOG.get_ptr_mut(0).ok_or(())?;
+    // SAFETY: a per-CPU slot, only touched by the CPU running this program; the index is
+    // masked into the entries.
+    unsafe {
+        let jiffies = bpf_jiffies64();
+        if (*log).jiffies != jiffies {
+            (*log).jiffies = jiffies;
+            (*log).tick_ns = bpf_ktime_get_ns();
+        }
+        let head = (*log).head;
+        (*log).entries[head as usize & (PROTO_HIT_LOG_ENTRIES - 1)] = slot;
+        (*log).head = head + 1;
     }
     Ok(xdp_action::XDP_DROP)
 }

@@ -364,6 +364,12 @@ fn enforced(entry: *mut HostHits, flags: u32) -> Verdict {
 /// The hit bookkeeping of a banned IPv4 host, if the host table has it.
 #[inline(always)]
 pub(crate) fn v4_host(addr: u32) -> Option<*mut HostHits> {
+    DENY_V4_HOST_HITS.get_ptr_mut(v4_host_slot(addr)?)
+}
+
+/// The slot of a banned IPv4 host in the host table, if the table has it.
+#[inline(always)]
+pub(crate) fn v4_host_slot(addr: u32) -> Option<u32> {
     let buckets = HOST_TABLES.get(0)?.v4_buckets;
     let mut bucket = host_table::home(host_table::v4_hash(addr), buckets);
     for _ in 0..host_table::PROBE_BUCKETS {
@@ -373,7 +379,7 @@ pub(crate) fn v4_host(addr: u32) -> Option<*mut HostHits> {
             // one atomic store, so this sees the old or the new address, never a mix.
             let key = unsafe { (&raw const keys.addrs[slot as usize]).read_volatile() };
             if key == addr {
-                return DENY_V4_HOST_HITS.get_ptr_mut(bucket * host_table::V4_SLOTS + slot);
+                return Some(bucket * host_table::V4_SLOTS + slot);
             }
         }
         bucket += 1;

@@ -577,6 +577,7 @@ fn prototypes(
         "1 MiB filter + key/u32 count line (10 MiB), plain add",
         "ours' filter check + search + hit clock and pace, no write",
         "ours' filter check + search + hit bookkeeping whole",
+        "ours' filter check + search + per-CPU hit log",
     ]) {
         show_both(what, name);
         json.insert(
