@@ -26,6 +26,7 @@ pub mod source;
 pub mod state;
 pub mod status;
 pub mod sync;
+pub mod trust;
 
 /// An error and its causes on one line, for log fields and answers to clients.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

@@ -328,7 +328,7 @@ fn parse_ttl(text: &str) -> Result<HumanDuration, String> {
 }
 
 fn parse_comment(text: &str) -> Result<String, String> {
-    match apiban::engine::comment_problem(text) {
+    match apiban::trust::comment_problem(text) {
         Some(problem) => Err(problem),
         None => Ok(text.to_owned()),
     }

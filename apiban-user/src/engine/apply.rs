@@ -26,7 +26,7 @@ impl<E: Enforcer> Engine<E> {
             .ledger
             .escalations(now, prefix_len, threshold)
             .into_iter()
-            .filter(|d| self.sanitiser.check_net(d.net, &self.allow).is_ok())
+            .filter(|d| self.admit(Provenance::Derived, d.net, None, now).is_ok())
             .collect();
         if *self.derived != derived {
             self.derived = Arc::new(derived);

@@ -10,8 +10,8 @@ use super::{Applied, Enforcer, Engine};
 use crate::{
     ledger::{Record, SourceId},
     rate_budget::{self, BudgetJournal},
-    sanitise::Rejection,
     state::{ApibanCursor, ClusterCursor, PendingChange, PendingKey},
+    trust::{FleetRecordKind, Provenance},
 };
 
 /// One key's change as a watch delivers it.
@@ -168,45 +168,6 @@ impl<E: Enforcer> Engine<E> {
         dropped
     }
 
-    /// Why this node refuses what etcd holds for `net` from `source`, if it does. Whoever
-    /// can write to etcd is an outside party to this node: its records pass the checks a
-    /// feed's entry passes here (special-purpose ranges, the minimum prefix lengths, this
-    /// host's and the fleet's addresses, the allowlist, which an operator's ban is exempt
-    /// from since the allowlist wins in the dataplane anyway), and a comment must be short
-    /// and printable. Another node's detection ban of a peer proven here is refused too:
-    /// this node's own detection would not have made it.
-    fn refused_from_fleet(
-        &self,
-        net: &IpNet,
-        source: &SourceId,
-        record: &Record,
-        now: u64,
-    ) -> Option<&'static str> {
-        match self.sanitiser.check_net(*net, &self.allow) {
-            Ok(()) => {}
-            Err(Rejection::Allowlisted) if *source == SourceId::Manual => {}
-            Err(why) => return Some(why.name()),
-        }
-        if record
-            .comment
-            .as_deref()
-            .and_then(super::comment_problem)
-            .is_some()
-        {
-            return Some("comment");
-        }
-        if *source != SourceId::Detect {
-            return None;
-        }
-        if self.detect_exempt.iter().any(|e| e.contains(&net.addr())) {
-            return Some("detect_exempt");
-        }
-        if self.proven.covers(net.addr(), now) {
-            return Some("proven_peer");
-        }
-        None
-    }
-
     /// Counts a refusal, and logs it once per key.
     fn note_refused(&mut self, key: String, reason: &'static str) {
         *self.counters.fleet_refused.entry(reason).or_default() += 1;
@@ -223,7 +184,8 @@ impl<E: Enforcer> Engine<E> {
     }
 
     /// A record from etcd as this node takes it: None when it refuses it (then it holds no
-    /// record for the key, whatever it held before).
+    /// record for the key, whatever it held before). Whoever can write to etcd is an outside
+    /// party to this node: [`crate::trust`] decides what it may bring.
     fn accept_from_fleet(
         &mut self,
         net: IpNet,
@@ -232,33 +194,26 @@ impl<E: Enforcer> Engine<E> {
         now: u64,
     ) -> Option<Record> {
         let record = record?;
-        match self.refused_from_fleet(&net, source, &record, now) {
-            None => Some(record),
-            // This node's own operator's forced ban, as etcd echoes it back: held here
-            // already, so no outside party made it (what it says must still be printable).
-            Some(reason)
-                if *source == SourceId::Manual
-                    && reason != "comment"
-                    && self.ledger.record(&net, source).is_some() =>
-            {
-                Some(record)
-            }
-            Some(reason) => {
-                self.note_refused(format!("records/{source}/{net}"), reason);
+        let held_here = self.ledger.record(&net, source).is_some();
+        let from = Provenance::FleetRecord(FleetRecordKind::of(source, held_here));
+        match self.admit(from, net, record.comment.as_deref(), now) {
+            Ok(()) => Some(record),
+            Err(why) => {
+                self.note_refused(format!("records/{source}/{net}"), why.reason());
                 None
             }
         }
     }
 
     /// An allowlist entry from etcd as this node takes it: whether it is present.
-    fn accept_allow_from_fleet(&mut self, net: IpNet, present: bool) -> bool {
+    fn accept_allow_from_fleet(&mut self, net: IpNet, present: bool, now: u64) -> bool {
         if !present {
             return false;
         }
-        match self.sanitiser.check_allow(net) {
+        match self.admit(Provenance::FleetAllow, net, None, now) {
             Ok(()) => true,
             Err(why) => {
-                self.note_refused(format!("allow/{net}"), why.name());
+                self.note_refused(format!("allow/{net}"), why.reason());
                 false
             }
         }
@@ -284,7 +239,7 @@ impl<E: Enforcer> Engine<E> {
                     Arc::make_mut(&mut self.ledger).apply_remote(net, source, record);
                 }
                 RemoteChange::Allow { net, present } => {
-                    let present = self.accept_allow_from_fleet(net, present);
+                    let present = self.accept_allow_from_fleet(net, present, now);
                     let manual = Arc::make_mut(&mut self.manual_allow);
                     allow_changed |= if present {
                         manual.insert(net.trunc())
@@ -326,7 +281,7 @@ impl<E: Enforcer> Engine<E> {
         Arc::make_mut(&mut self.ledger).replace_remote(records);
         let allow: BTreeSet<IpNet> = allow
             .into_iter()
-            .filter(|n| self.accept_allow_from_fleet(*n, true))
+            .filter(|n| self.accept_allow_from_fleet(*n, true, now))
             .map(|n| n.trunc())
             .collect();
         self.manual_allow = Arc::new(allow);

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use ipnet::IpNet;
 
 use super::{Applied, Enforcer, Engine, EngineError};
-use crate::ledger::SourceId;
+use crate::{ledger::SourceId, trust::Provenance};
 
 impl<E: Enforcer> Engine<E> {
     /// `apiban ban`: any prefix, the operator's own TTL or none. What would cut the host off
@@ -21,61 +21,14 @@ impl<E: Enforcer> Engine<E> {
         now: u64,
     ) -> Result<Applied, EngineError> {
         let net = net.trunc();
-        let refuse = |why: String| Err(EngineError::Refused(net, why));
-        if net.prefix_len() == 0 {
-            return refuse("a ban of the whole address family".into());
-        }
         if ttl.is_some_and(|t| t.as_secs() == 0) {
-            return refuse(
+            return Err(EngineError::Refused(
+                net,
                 "a TTL under 1s expires at once; omit --ttl for a ban until unbanned".into(),
-            );
+            ));
         }
-        if let Some(problem) = comment.as_deref().and_then(super::comment_problem) {
-            return refuse(problem);
-        }
-        if !force {
-            let loopback: [IpNet; 2] = [
-                IpNet::V4(ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::LOCALHOST, 8).trunc()),
-                IpNet::V6(ipnet::Ipv6Net::new_assert(
-                    std::net::Ipv6Addr::LOCALHOST,
-                    128,
-                )),
-            ];
-            let force_hint = "; add --force to ban it anyway";
-            if let Some(lo) = loopback
-                .iter()
-                .find(|lo| lo.contains(&net) || net.contains(*lo))
-            {
-                return refuse(format!("it covers loopback ({lo}){force_hint}"));
-            }
-            if let Some(own) = self
-                .sanitiser
-                .own_addresses()
-                .into_iter()
-                .find(|a| net.contains(a))
-            {
-                return refuse(format!(
-                    "it covers {own}, an address of this host{force_hint}"
-                ));
-            }
-            if let Some(etcd) = self.sanitiser.covered_fleet_address(&net) {
-                return refuse(format!(
-                    "it covers {etcd}, an etcd endpoint or a node of this fleet{force_hint}"
-                ));
-            }
-            if self.allow.covers(&net) {
-                let entry = self
-                    .allow
-                    .covering(net.network())
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                return refuse(format!(
-                    "the allowlist covers it ({entry}) and wins, so the ban would have no \
-                     effect; remove it from the allowlist first, or add --force to record it \
-                     anyway"
-                ));
-            }
-        }
+        self.admit(Provenance::Operator { force }, net, comment.as_deref(), now)
+            .map_err(|why| EngineError::Refused(net, why.to_string()))?;
         Arc::make_mut(&mut self.ledger).observe(
             net,
             &SourceId::Manual,
@@ -115,12 +68,8 @@ impl<E: Enforcer> Engine<E> {
         now: u64,
     ) -> Result<Applied, EngineError> {
         let net = net.trunc();
-        if let Err(why) = self.sanitiser.check_net(net, &self.allow) {
-            return Err(EngineError::Refused(net, why.to_string()));
-        }
-        if let Some(problem) = comment.as_deref().and_then(super::comment_problem) {
-            return Err(EngineError::Refused(net, problem));
-        }
+        self.admit(Provenance::BanApi, net, comment.as_deref(), now)
+            .map_err(|why| EngineError::Refused(net, why.to_string()))?;
         Arc::make_mut(&mut self.ledger).observe(
             net,
             &self.api_source,

@@ -34,6 +34,7 @@ use crate::{
         ApibanCursor, ClusterCursor, EntriesView, FORMAT_VERSION, ListCursor, Loaded, State,
         StateError, StateStore, StateView,
     },
+    trust::{Checks, Provenance, Refusal},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -44,29 +45,6 @@ pub enum EngineError {
     State(#[from] StateError),
     #[error("{0} is not a prefix the operator can allow or ban here: {1}")]
     Refused(IpNet, String),
-}
-
-/// The longest comment a manual ban may carry, in characters: a note for the operator who
-/// reads `apiban check`, not a document (the state file holds every comment).
-pub const MAX_COMMENT_CHARS: usize = 200;
-
-/// What is wrong with a comment, if anything: too long, or holding control characters,
-/// which `list` and `check` would hand to an operator's terminal (escape sequences can
-/// rewrite the screen or the window title). Every source of a comment is checked with it:
-/// the CLI, the ban API, etcd.
-pub fn comment_problem(comment: &str) -> Option<String> {
-    let chars = comment.chars().count();
-    if chars > MAX_COMMENT_CHARS {
-        return Some(format!(
-            "the comment has {chars} characters; a comment has at most {MAX_COMMENT_CHARS}"
-        ));
-    }
-    comment.chars().find(|c| c.is_control()).map(|c| {
-        format!(
-            "the comment holds a control character ({})",
-            c.escape_unicode()
-        )
-    })
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -449,8 +427,13 @@ impl<E: Enforcer> Engine<E> {
             ..Default::default()
         };
         for item in items {
-            match self.sanitiser.check(item.as_ref(), &self.allow) {
-                Ok(net) => {
+            let Some(net) = crate::sanitise::parse_net(item.as_ref()) else {
+                *report.skipped.entry(Rejection::Invalid).or_default() += 1;
+                *self.counters.skipped.entry(Rejection::Invalid).or_default() += 1;
+                continue;
+            };
+            match self.admit(Provenance::Feed, net, None, now) {
+                Ok(()) => {
                     report.accepted += 1;
                     if Arc::make_mut(&mut self.ledger).observe(
                         net,
@@ -463,12 +446,32 @@ impl<E: Enforcer> Engine<E> {
                     }
                 }
                 Err(why) => {
+                    let why = why.rule();
                     *report.skipped.entry(why).or_default() += 1;
                     *self.counters.skipped.entry(why).or_default() += 1;
                 }
             }
         }
         report
+    }
+
+    /// Whether a ban of `net` of this provenance may enter the ledger: see [`crate::trust`],
+    /// which decides it.
+    fn admit(
+        &self,
+        from: Provenance,
+        net: IpNet,
+        comment: Option<&str>,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        let checks = Checks {
+            sanitiser: &self.sanitiser,
+            allow: &self.allow,
+            detect_exempt: &self.detect_exempt,
+            proven: &self.proven,
+            now,
+        };
+        crate::trust::admit(from, net, comment, &checks)
     }
 
     /// Saves the state after a change. A failed save is logged (once for this change) and

@@ -8,6 +8,7 @@ use crate::{
     ledger::SourceId,
     source::apiban::FIRST_ID,
     state::{ApibanCursor, FullPull},
+    trust::Provenance,
 };
 
 impl<E: Enforcer> Engine<E> {
@@ -132,9 +133,11 @@ impl<E: Enforcer> Engine<E> {
             }
         }
         for ban in &stream.new {
-            let net = match self.sanitiser.check_net(ban.net, &self.allow) {
+            let comment = ban.comment();
+            let net = match self.admit(Provenance::Crowdsec, ban.net, Some(&comment), now) {
                 Ok(()) => ban.net.trunc(),
                 Err(why) => {
+                    let why = why.rule();
                     *report.skipped.entry(why).or_default() += 1;
                     *self.counters.skipped.entry(why).or_default() += 1;
                     continue;
@@ -150,13 +153,8 @@ impl<E: Enforcer> Engine<E> {
             {
                 ttl = ttl.max(until.saturating_sub(now));
             }
-            if Arc::make_mut(&mut self.ledger).observe(
-                net,
-                &source,
-                now,
-                Some(ttl),
-                Some(ban.comment()),
-            ) {
+            if Arc::make_mut(&mut self.ledger).observe(net, &source, now, Some(ttl), Some(comment))
+            {
                 report.new += 1;
             }
         }
@@ -181,7 +179,7 @@ impl<E: Enforcer> Engine<E> {
         now: u64,
     ) -> Result<Applied, super::EngineError> {
         let net = ipnet::IpNet::from(addr);
-        if let Err(why) = self.sanitiser.check_net(net, &self.allow) {
+        if let Err(why) = self.admit(Provenance::Detection, net, None, now) {
             return Err(super::EngineError::Refused(net, why.to_string()));
         }
         let ledger = Arc::make_mut(&mut self.ledger);

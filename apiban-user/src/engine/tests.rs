@@ -1,4 +1,5 @@
 use super::*;
+use crate::trust::MAX_COMMENT_CHARS;
 
 fn net(s: &str) -> IpNet {
     crate::sanitise::parse_net(s).unwrap()

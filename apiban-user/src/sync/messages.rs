@@ -5,7 +5,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::{dataplane::Scope, engine::EngineSettings, engine::IngestReport};
+use crate::{dataplane::Scope, engine::EngineSettings, engine::IngestReport, trust::Provenance};
 
 /// Messages from the sources to the engine's owner.
 #[derive(Debug)]
@@ -73,6 +73,37 @@ pub enum Update {
         on: bool,
         reply: oneshot::Sender<Result<String, ChangeError>>,
     },
+}
+
+impl Update {
+    /// Where this update came from: [`crate::trust`] decides from it what the update must
+    /// pass and where it goes.
+    pub fn provenance(&self) -> Provenance {
+        match self {
+            Update::BeginFullPull { .. }
+            | Update::ApibanBatch { .. }
+            | Update::ApibanDone { .. }
+            | Update::ListSnapshot { .. } => Provenance::Feed,
+            Update::CrowdsecStream { .. } => Provenance::Crowdsec,
+            Update::Detected { .. } => Provenance::Detection,
+            Update::Control { change, .. } => match change {
+                Change::Ban { force, .. } => Provenance::Operator { force: *force },
+                Change::Unban { .. } | Change::AllowAdd { .. } | Change::AllowRemove { .. } => {
+                    Provenance::Operator { force: false }
+                }
+                Change::ApiBan { .. } | Change::ApiUnban { .. } | Change::ApiFlush => {
+                    Provenance::BanApi
+                }
+                // Sent only where the feeds run: a single node, or the fleet's leader.
+                Change::DropList { .. } => Provenance::Feed,
+                Change::Settings { .. } => Provenance::Local,
+            },
+            // What etcd delivers is admitted record by record (`Provenance::FleetRecord`);
+            // as an update it is etcd's already and goes nowhere.
+            Update::Cluster(_) => Provenance::Local,
+            _ => Provenance::Local,
+        }
+    }
 }
 
 /// Why an operator's change was not made.

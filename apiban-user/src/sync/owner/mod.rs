@@ -27,6 +27,7 @@ use crate::{
     snapshot::{Snapshot, SyncStatus},
     source::blocklist,
     state::ApibanCursor,
+    trust::Route,
 };
 
 /// The engine and what the owner tracks beside it.
@@ -45,12 +46,12 @@ pub struct Owner<E: Enforcer> {
     alerts: Option<crate::sync::crowdsec::AlertOutbox>,
 }
 
-/// Who made a change, which decides whether the fleet hears of it.
+/// What the fleet hears of a change: [`crate::trust::route`] decides from where it came.
 enum Origin {
     /// The leader's feeds: written to etcd fenced on its leadership.
     Feed,
-    /// An operator on this node: written to etcd for every node, with a manual allowlist
-    /// entry added (true) or removed (false).
+    /// Written to etcd for every node, with a manual allowlist entry added (true) or removed
+    /// (false).
     Operator(Option<(ipnet::IpNet, bool)>),
     /// This node's alone (its addresses, its settings) or already etcd's.
     Local,
@@ -58,27 +59,20 @@ enum Origin {
 
 impl Origin {
     fn of(update: &Update) -> Self {
-        match update {
-            Update::BeginFullPull { .. }
-            | Update::ApibanBatch { .. }
-            | Update::ApibanDone { .. }
-            | Update::ListSnapshot { .. }
-            | Update::CrowdsecStream { .. } => Origin::Feed,
-            // A detection's ban protects every node of a fleet, like an operator's.
-            Update::Detected { .. } => Origin::Operator(None),
-            Update::Control { change, .. } => match change {
-                Change::Ban { .. }
-                | Change::Unban { .. }
-                | Change::ApiBan { .. }
-                | Change::ApiUnban { .. }
-                | Change::ApiFlush => Origin::Operator(None),
-                Change::AllowAdd { net } => Origin::Operator(Some((*net, true))),
-                Change::AllowRemove { net } => Origin::Operator(Some((*net, false))),
-                // Sent only where the feeds run: a single node, or the fleet's leader.
-                Change::DropList { .. } => Origin::Feed,
-                Change::Settings { .. } => Origin::Local,
-            },
-            _ => Origin::Local,
+        match crate::trust::route(update.provenance()) {
+            Route::Local => Origin::Local,
+            Route::LeaderFenced => Origin::Feed,
+            Route::EveryNode => Origin::Operator(match update {
+                Update::Control {
+                    change: Change::AllowAdd { net },
+                    ..
+                } => Some((*net, true)),
+                Update::Control {
+                    change: Change::AllowRemove { net },
+                    ..
+                } => Some((*net, false)),
+                _ => None,
+            }),
         }
     }
 }
