@@ -1,5 +1,5 @@
 //! The agent's module structure, checked: no import cycles between the top-level modules of
-//! `apiban-user/src`. A module that needs a type or helper another layer also uses takes it
+//! `apiban-user/src`, and none importing a module above it in [`LAYERS`]. A module that needs a type or helper another layer also uses takes it
 //! from below both (see ARCHITECTURE.md); a cycle means one of them reached up. Run as a unit
 //! test, so `cargo xtask test` fails on a new cycle, naming the files that make it.
 //!
@@ -16,21 +16,7 @@ pub type Imports = BTreeMap<String, BTreeMap<String, BTreeSet<String>>>;
 
 /// The imports between the top-level modules of the crate whose source is in `src`.
 pub fn imports(src: &Path) -> std::io::Result<Imports> {
-    let mut modules = BTreeSet::new();
-    for entry in std::fs::read_dir(src)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        match name.strip_suffix(".rs") {
-            Some("lib" | "main") => {}
-            Some(module) => {
-                modules.insert(module.to_owned());
-            }
-            None if entry.path().is_dir() => {
-                modules.insert(name);
-            }
-            None => {}
-        }
-    }
+    let modules: BTreeSet<String> = modules(src)?.into_iter().collect();
     let mut imports = Imports::new();
     for file in rust_files(src)? {
         let rel = file
@@ -87,14 +73,20 @@ fn without_comments(text: &str) -> String {
         .join("\n")
 }
 
-/// The text before its test module (`#[cfg(test)]` then `mod tests`), which by this
-/// crate's convention comes last.
+/// The text before its inline test module (`#[cfg(test)]` then `mod tests {`), which by
+/// this crate's convention comes last. A test module in a file of its own (`mod tests;`) is
+/// only a declaration: the text after it is read on.
 fn without_tests(text: &str) -> String {
     let mut rest = text;
     while let Some(i) = rest.find("#[cfg(test)]") {
         let after = rest[i + "#[cfg(test)]".len()..].trim_start();
-        if after.starts_with("mod ") {
-            return text[..text.len() - rest.len() + i].to_owned();
+        if let Some(module) = after.strip_prefix("mod ") {
+            let inline = module
+                .find(['{', ';'])
+                .is_some_and(|end| module.as_bytes()[end] == b'{');
+            if inline {
+                return text[..text.len() - rest.len() + i].to_owned();
+            }
         }
         rest = &rest[i + 1..];
     }
@@ -153,6 +145,83 @@ fn ident(text: &str) -> &str {
         .find(|c: char| !(c.is_alphanumeric() || c == '_'))
         .unwrap_or(text.len());
     &text[..end]
+}
+
+/// The agent's modules, lowest first: a module imports only modules before it. ARCHITECTURE.md's
+/// code map follows this order. A new module takes its place here; the test fails until it
+/// does.
+pub const LAYERS: [&str; 27] = [
+    // Helpers that import nothing of the crate.
+    "clock",
+    "human",
+    "client_rate",
+    "conn_slots",
+    "notify",
+    "proven_view",
+    "sanitise",
+    "dataplane",
+    "source",
+    "capture_client",
+    // The ledger and what decides what enters it.
+    "rate_budget",
+    "ledger",
+    "trust",
+    "state",
+    "engine",
+    "snapshot",
+    // The fleet, the owner and the servers that send it changes.
+    "cluster",
+    "sync",
+    "host_addresses",
+    "ban_api",
+    "capture",
+    // Settings for all of the above, resolved from flags and the file.
+    "config",
+    "detect",
+    // Readers, the control socket, and the agent that wires everything.
+    "status",
+    "metrics",
+    "control",
+    "agent",
+];
+
+/// Every import from a module to one at or above it in [`LAYERS`], and every module that
+/// [`LAYERS`] does not place: (module, what it imports or "", the files).
+pub fn upward(imports: &Imports, modules: &[String]) -> Vec<(String, String, Vec<String>)> {
+    let layer = |m: &str| LAYERS.iter().position(|l| *l == m);
+    let mut found = Vec::new();
+    for m in modules {
+        if layer(m).is_none() {
+            found.push((m.clone(), String::new(), Vec::new()));
+        }
+    }
+    for (a, used) in imports {
+        for (b, files) in used {
+            if let (Some(la), Some(lb)) = (layer(a), layer(b))
+                && lb >= la
+            {
+                found.push((a.clone(), b.clone(), files.iter().cloned().collect()));
+            }
+        }
+    }
+    found
+}
+
+/// The top-level modules of the crate whose source is in `src`.
+pub fn modules(src: &Path) -> std::io::Result<Vec<String>> {
+    let mut modules = Vec::new();
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        match name.strip_suffix(".rs") {
+            Some("lib" | "main") => {}
+            Some(module) => modules.push(module.to_owned()),
+            None if entry.path().is_dir() => modules.push(name),
+            None => {}
+        }
+    }
+    modules.sort();
+    Ok(modules)
 }
 
 /// The strongly connected components of more than one module: each an import cycle.
@@ -245,15 +314,68 @@ mod tests {
     }
 
     #[test]
+    fn every_module_imports_only_modules_below_it() {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../apiban-user/src");
+        let imports = imports(&src).expect("read apiban-user/src");
+        let modules = modules(&src).expect("read apiban-user/src");
+        let found = upward(&imports, &modules);
+        let explain = |(a, b, files): &(String, String, Vec<String>)| {
+            if b.is_empty() {
+                format!("  {a} has no place in structure::LAYERS: put it above what it imports")
+            } else {
+                format!("  {a} -> {b}, which is not below it: {files:?}")
+            }
+        };
+        assert!(
+            found.is_empty(),
+            "apiban-user's layering is broken (move what both use below both, see \
+             ARCHITECTURE.md):\n{}",
+            found.iter().map(explain).collect::<Vec<_>>().join("\n")
+        );
+    }
+
+    #[test]
+    fn an_upward_import_and_an_unplaced_module_are_found() {
+        let mut imports = Imports::new();
+        imports
+            .entry("ledger".into())
+            .or_default()
+            .entry("engine".into())
+            .or_default()
+            .insert("ledger/mod.rs".into());
+        imports
+            .entry("engine".into())
+            .or_default()
+            .entry("ledger".into())
+            .or_default()
+            .insert("engine/mod.rs".into());
+        let modules = ["engine", "ledger", "newcomer"].map(String::from);
+        let found = upward(&imports, &modules);
+        assert_eq!(
+            found,
+            [
+                ("newcomer".into(), String::new(), Vec::new()),
+                (
+                    "ledger".into(),
+                    "engine".into(),
+                    vec!["ledger/mod.rs".into()]
+                ),
+            ]
+        );
+    }
+
+    #[test]
     fn paths_groups_comments_and_tests_are_read_as_meant() {
         let text = "use crate::{a::X, b, c::{D, e::F}};\n\
                     fn f() { crate::d::g(); my_crate::h::i(); }\n\
                     // crate::commented::Out\n\
                     /// [`crate::doclink`]\n\
+                    #[cfg(test)]\nmod tests_in_a_file;\n\
+                    use crate::e::after_the_declaration;\n\
                     #[cfg(test)]\nmod tests { use crate::only_tests; }\n";
         let used = used_modules(&without_tests(&without_comments(text)));
         let used: Vec<&str> = used.iter().map(String::as_str).collect();
-        assert_eq!(used, ["a", "b", "c", "d"]);
+        assert_eq!(used, ["a", "b", "c", "d", "e"]);
     }
 
     #[test]

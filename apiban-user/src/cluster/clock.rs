@@ -20,8 +20,8 @@ use std::{
 use etcd_client::{EventType, WatchOptions};
 use tokio::sync::watch as tokio_watch;
 
+use super::settings::ClusterSettings;
 use super::{ClusterStats, Retry, connect, heartbeat::NodeBeat, keys::Keys, within};
-use crate::config::ClusterSettings;
 
 /// A beat older than this no longer counts: its node has stopped or is cut off.
 const FRESH: Duration = Duration::from_secs(30);

@@ -16,10 +16,11 @@ use std::{
 use etcd_client::{Client, LeaderKey};
 use tokio::sync::{mpsc, watch as tokio_watch};
 
+use super::settings::ClusterSettings;
 use super::{
     CallError, ClusterUpdate, LEADER_LEASE_SECS, Retry, connect, keys::Keys, within, within_for,
 };
-use crate::{config::ClusterSettings, state::ApibanCursor};
+use crate::state::ApibanCursor;
 
 #[derive(Debug, thiserror::Error)]
 enum Lost {

@@ -8,8 +8,9 @@ use etcd_client::{GetOptions, PutOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch as tokio_watch;
 
+use super::settings::ClusterSettings;
 use super::{ClusterView, Retry, connect, keys::Keys, within};
-use crate::{config::ClusterSettings, snapshot::Snapshot};
+use crate::snapshot::Snapshot;
 
 /// A node's heartbeat lives this long without a renewal.
 pub const HEARTBEAT_LEASE_SECS: i64 = 10;

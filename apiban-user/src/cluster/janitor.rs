@@ -16,6 +16,7 @@ use std::{sync::Arc, time::Duration};
 use etcd_client::{Client, Compare, CompareOp, KeyValue, LeaderKey, Txn, TxnOp};
 use tokio::sync::watch as tokio_watch;
 
+use super::settings::ClusterSettings;
 use super::{
     CallError, ClusterStats, connect,
     keys::{self, Keys},
@@ -23,7 +24,7 @@ use super::{
     within,
     writer::MAX_OPS,
 };
-use crate::{clock::unix_now, config::ClusterSettings};
+use crate::clock::unix_now;
 
 /// How often a leader looks again; its own sweeps delete almost everything before then.
 const EVERY: Duration = Duration::from_secs(3600);

@@ -13,8 +13,8 @@ use std::{
 use etcd_client::{AlarmAction, AlarmType, Client, GetOptions};
 use tokio::sync::watch as tokio_watch;
 
+use super::settings::ClusterSettings;
 use super::{CallError, ClusterStats, connect_options_for, within_for};
-use crate::config::ClusterSettings;
 
 /// How often each member is asked.
 pub(super) const EVERY: Duration = Duration::from_secs(2);

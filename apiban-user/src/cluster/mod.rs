@@ -28,6 +28,7 @@ pub mod keys;
 pub mod members;
 pub mod pages;
 pub mod proofs;
+pub mod settings;
 pub mod watch;
 pub mod writer;
 
@@ -44,12 +45,12 @@ use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot, watch as tokio_watch};
 
 use crate::{
-    config::ClusterSettings,
     engine::{RemoteChange, Touched},
     ledger::{Record, SourceId},
     snapshot::Snapshot,
     state::ApibanCursor,
 };
+use settings::ClusterSettings;
 
 /// How long a leader's lease lives without a keep-alive: a dead leader's successor is
 /// elected within this (plus one election round).

@@ -23,8 +23,9 @@ use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use super::settings::ClusterSettings;
 use super::{CallError, ClusterStats, Retry, connect, keys::Keys, pages::Pages, within};
-use crate::{clock::unix_now, config::ClusterSettings};
+use crate::clock::unix_now;
 
 /// Characters of a proof's description and of a node's name at most.
 const MAX_HOW: usize = 200;

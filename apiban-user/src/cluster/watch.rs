@@ -8,6 +8,7 @@ use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use ipnet::IpNet;
 use tokio::sync::{mpsc, oneshot, watch as tokio_watch};
 
+use super::settings::ClusterSettings;
 use super::{
     CallError, ClusterStats, ClusterUpdate, Retry, connect,
     keys::{self, Keys},
@@ -15,7 +16,6 @@ use super::{
     within,
 };
 use crate::{
-    config::ClusterSettings,
     engine::RemoteChange,
     ledger::{Record, SourceId},
     snapshot::Snapshot,

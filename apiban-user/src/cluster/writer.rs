@@ -11,12 +11,13 @@ use std::sync::Arc;
 use etcd_client::{Client, Compare, CompareOp, LeaderKey, Txn, TxnOp};
 use tokio::sync::{mpsc, watch as tokio_watch};
 
+use super::settings::ClusterSettings;
 use super::{
     BudgetAnswer, BudgetWrite, CallError, Outgoing, Retry, connect,
     keys::{self, Keys, Stamp},
     within,
 };
-use crate::{config::ClusterSettings, state::PendingKey};
+use crate::state::PendingKey;
 
 /// Operations per transaction, one under etcd's default `--max-txn-ops`.
 pub const MAX_OPS: usize = 127;
