@@ -13,33 +13,23 @@
 #![feature(asm_experimental_arch)]
 #![allow(internal_features)]
 
-use core::{
-    intrinsics::{AtomicOrdering, atomic_xadd},
-    mem,
-};
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use apiban_common::{
     AllowEntry, Counter, DEFAULT_ALLOW_V4_ENTRIES, DEFAULT_ALLOW_V6_ENTRIES,
-    DEFAULT_DENY_V4_ENTRIES, DEFAULT_DENY_V6_ENTRIES, DataplaneConfig, DenyEntry, ETH_P_8021AD,
-    ETH_P_8021Q, ETH_P_IPV4, ETH_P_IPV6, EXACT_HITS_PER_TICK, HitClock, HostBucketV4, HostBucketV6,
-    HostHits, HostTables, IFACE_COUNTER_SLOTS, IFACE_SLOT_INDEXES, IPPROTO_AH, IPPROTO_DSTOPTS,
-    IPPROTO_FRAGMENT, IPPROTO_HOPOPTS, IPPROTO_ROUTING, IPPROTO_TCP, IPPROTO_UDP, OBSERVED,
-    SAMPLED_HIT_EVERY, SCOPE_PORT_SLOTS, SampleBudget, VERDICT_COUNT, Verdict, block_filter,
-    host_table, kernel_features,
+    DEFAULT_DENY_V4_ENTRIES, DEFAULT_DENY_V6_ENTRIES, DataplaneConfig, DenyEntry, ETH_P_IPV4,
+    ETH_P_IPV6, HitClock, HostBucketV4, HostBucketV6, HostHits, HostTables, IFACE_COUNTER_SLOTS,
+    IFACE_SLOT_INDEXES, OBSERVED, SCOPE_PORT_SLOTS, SampleBudget, VERDICT_COUNT, Verdict,
+    block_filter, host_table, kernel_features,
 };
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, xdp_action},
-    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
     macros::{map, xdp},
     maps::{Array, LpmTrie, PerCpuArray, lpm_trie::Key},
-    programs::{TcContext, XdpContext},
+    programs::XdpContext,
 };
 use aya_log_ebpf::debug;
-use network_types::{
-    eth::EthHdr,
-    ip::{Ipv4Hdr, Ipv6Hdr},
-    vlan::VlanHdr,
-};
+use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
 
 // Banned single hosts, the bulk of every feed, in open-addressed tables searched inline (see
 // `apiban_common::host_table`). Memory-mapped so that the agent writes slots with plain atomic
@@ -67,7 +57,7 @@ static DENY_V6_HOST_HITS: Array<HostHits> = Array::with_max_entries(
 #[map]
 static HOST_TABLES: Array<HostTables> = Array::with_max_entries(1, 0);
 #[map]
-static HIT_CLOCK: PerCpuArray<HitClock> = PerCpuArray::with_max_entries(1, 0);
+pub(crate) static HIT_CLOCK: PerCpuArray<HitClock> = PerCpuArray::with_max_entries(1, 0);
 // Banned prefixes shorter than a host. An empty trie answers at its root, so feeds of single
 // hosts pay nothing for it.
 #[map]
@@ -104,12 +94,7 @@ static IFACE_SLOTS: Array<u32> = Array::with_max_entries(IFACE_SLOT_INDEXES, 0);
 #[map]
 pub(crate) static CONFIG: Array<DataplaneConfig> = Array::with_max_entries(1, 0);
 #[map]
-static SCOPE_PORTS: Array<u8> = Array::with_max_entries(SCOPE_PORT_SLOTS, 0);
-
-/// How many IPv6 extension headers are walked to find the transport header in port scope.
-/// Real traffic carries zero or one; the bound keeps the verifier happy. A packet with more
-/// is in scope (fail closed): a banned source must not get through by stacking headers.
-const MAX_IPV6_EXT_HEADERS: usize = 4;
+pub(crate) static SCOPE_PORTS: Array<u8> = Array::with_max_entries(SCOPE_PORT_SLOTS, 0);
 
 // The benchmarks' programs and maps, only in the object `cargo xtask bench` and the tests
 // load (feature `bench`): production agents never carry them.
@@ -118,6 +103,16 @@ mod bench;
 mod capture;
 mod detect;
 mod egress;
+mod hits;
+mod packet;
+
+pub(crate) use hits::tick_now_ns;
+use hits::{DenyHit, record_hit};
+#[cfg(feature = "bench")]
+pub(crate) use hits::{hit_sample, write_hit};
+#[cfg(feature = "bench")]
+use packet::ptr_at_mut;
+pub(crate) use packet::{in_port_scope, l3_start, load, ptr_at, v6_in_port_scope};
 
 /// What this kernel lets the program do beyond the drop path (`apiban_common::kernel_features`):
 /// the loader overrides it before the verifier reads it as a constant.
@@ -160,59 +155,6 @@ pub(crate) fn try_apiban(ctx: &XdpContext) -> Result<u32, ()> {
     })
 }
 
-/// A packet whose bytes the program reads directly: the XDP frame, or the linear part of a
-/// socket buffer (where a TC program finds the headers).
-pub(crate) trait Packet {
-    fn start(&self) -> usize;
-    fn end(&self) -> usize;
-}
-
-impl Packet for XdpContext {
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.data()
-    }
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.data_end()
-    }
-}
-
-impl Packet for TcContext {
-    #[inline(always)]
-    fn start(&self) -> usize {
-        self.data()
-    }
-    #[inline(always)]
-    fn end(&self) -> usize {
-        self.data_end()
-    }
-}
-
-/// Every packet access goes through here: the verifier only accepts loads it can prove are
-/// inside `[data, data_end)`.
-#[inline(always)]
-pub(crate) fn ptr_at<T>(ctx: &impl Packet, offset: usize) -> Result<*const T, ()> {
-    let start = ctx.start();
-    let end = ctx.end();
-    if start + offset + mem::size_of::<T>() > end {
-        return Err(());
-    }
-    Ok((start + offset) as *const T)
-}
-
-#[cfg(feature = "bench")]
-#[inline(always)]
-fn ptr_at_mut<T>(ctx: &XdpContext, offset: usize) -> Result<*mut T, ()> {
-    Ok(ptr_at::<T>(ctx, offset)?.cast_mut())
-}
-
-#[inline(always)]
-pub(crate) fn load<T: Copy>(ctx: &impl Packet, offset: usize) -> Result<T, ()> {
-    // SAFETY: bounds-checked by ptr_at; headers are not guaranteed aligned after VLAN tags.
-    Ok(unsafe { ptr_at::<T>(ctx, offset)?.read_unaligned() })
-}
-
 /// `Err` means a header we needed was cut short: the caller counts it as malformed.
 #[inline(always)]
 pub(crate) fn classify(ctx: &XdpContext, flags: u32) -> Result<Verdict, ()> {
@@ -222,35 +164,6 @@ pub(crate) fn classify(ctx: &XdpContext, flags: u32) -> Result<Verdict, ()> {
         ETH_P_IPV6 => classify_v6(ctx, offset, flags),
         _ => Ok(Verdict::NotIp),
     }
-}
-
-/// The ethertype after up to two VLAN tags, and where the network header starts.
-#[inline(always)]
-pub(crate) fn l3_start(ctx: &XdpContext) -> Result<(u16, usize), ()> {
-    let mut offset = EthHdr::LEN;
-    let mut ethertype = u16::from_be(load::<u16>(ctx, mem::offset_of!(EthHdr, ether_type))?);
-    // Up to two tags: 802.1Q, or 802.1ad (QinQ) outer + 802.1Q inner. Written out rather than
-    // looped so the verifier sees two straight-line bounds checks.
-    if is_vlan(ethertype) {
-        ethertype = u16::from_be(load::<u16>(
-            ctx,
-            offset + mem::offset_of!(VlanHdr, ether_type),
-        )?);
-        offset += VlanHdr::LEN;
-        if is_vlan(ethertype) {
-            ethertype = u16::from_be(load::<u16>(
-                ctx,
-                offset + mem::offset_of!(VlanHdr, ether_type),
-            )?);
-            offset += VlanHdr::LEN;
-        }
-    }
-    Ok((ethertype, offset))
-}
-
-#[inline(always)]
-fn is_vlan(ethertype: u16) -> bool {
-    ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD
 }
 
 #[inline(always)]
@@ -419,33 +332,6 @@ fn v6_host(addr: &[u32; 4]) -> Option<*mut HostHits> {
     None
 }
 
-/// A deny entry's hit bookkeeping, and whether it lives in an LPM trie. `DenyEntry` starts
-/// with the fields of `HostHits`, in the same order, so both kinds are read alike; they are
-/// written differently (see `record_hit`).
-#[derive(Clone, Copy)]
-struct DenyHit {
-    hits: *mut HostHits,
-    in_trie: bool,
-}
-
-impl DenyHit {
-    #[inline(always)]
-    fn table(hits: *mut HostHits) -> Self {
-        Self {
-            hits,
-            in_trie: false,
-        }
-    }
-
-    #[inline(always)]
-    fn trie(entry: &DenyEntry) -> Self {
-        Self {
-            hits: (entry as *const DenyEntry).cast_mut().cast::<HostHits>(),
-            in_trie: true,
-        }
-    }
-}
-
 /// False only when no entry of the filter's list covers the source's block. A word the lookup
 /// cannot find (it always can: the index is below the map's size) sends the packet to the full
 /// lookup.
@@ -454,158 +340,6 @@ pub(crate) fn may_match(filter: &Array<u64>, bit: u32) -> bool {
     filter
         .get(bit >> 6)
         .is_none_or(|word| word & (1 << (bit & 63)) != 0)
-}
-
-/// Walks IPv6 extension headers to the transport header. A non-first fragment is in scope
-/// (see `classify_v4`), and so is a chain longer than the walk: whatever follows cannot be
-/// attributed to a port, and a banned source must not pass by stacking headers.
-#[inline(always)]
-fn v6_in_port_scope(ctx: &XdpContext, mut next_header: u8, mut offset: usize) -> Result<bool, ()> {
-    for _ in 0..MAX_IPV6_EXT_HEADERS {
-        match next_header {
-            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
-                let [nh, len] = load::<[u8; 2]>(ctx, offset)?;
-                next_header = nh;
-                offset += (usize::from(len) + 1) * 8;
-            }
-            IPPROTO_AH => {
-                let [nh, len] = load::<[u8; 2]>(ctx, offset)?;
-                next_header = nh;
-                offset += (usize::from(len) + 2) * 4;
-            }
-            IPPROTO_FRAGMENT => {
-                let [nh, _, off_hi, off_lo] = load::<[u8; 4]>(ctx, offset)?;
-                if u16::from_be_bytes([off_hi, off_lo]) >> 3 != 0 {
-                    return Ok(true);
-                }
-                next_header = nh;
-                offset += 8;
-            }
-            _ => return in_port_scope(ctx, next_header, offset),
-        }
-    }
-    Ok(is_ipv6_ext_header(next_header) || in_port_scope(ctx, next_header, offset)?)
-}
-
-#[inline(always)]
-fn is_ipv6_ext_header(next_header: u8) -> bool {
-    matches!(
-        next_header,
-        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
-    )
-}
-
-/// Whether a TCP/UDP packet goes to one of the scoped destination ports. Other protocols
-/// (ICMP, ESP, ...) are out of scope.
-#[inline(always)]
-fn in_port_scope(ctx: &XdpContext, proto: u8, l4_offset: usize) -> Result<bool, ()> {
-    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
-        return Ok(false);
-    }
-    // Source and destination port are the first four bytes of both TCP and UDP headers.
-    let [_, _, hi, lo] = load::<[u8; 4]>(ctx, l4_offset)?;
-    let port = u16::from_be_bytes([hi, lo]);
-    Ok(SCOPE_PORTS.get(u32::from(port)).is_some_and(|on| *on != 0))
-}
-
-/// Counts a hit. A trie entry's value follows its key inside the kernel's trie node, so an
-/// IPv4 entry's count sits 4 bytes off an 8-byte boundary: an atomic add there is an
-/// alignment fault on arm64 (a kernel oops, found by `cargo xtask compat --arch arm64`). A
-/// trie entry's count is read and written plainly: CPUs hitting one banned prefix at once
-/// may lose each other's increments, the price of a count that cannot crash the host.
-#[inline(always)]
-fn record_hit(entry: DenyHit, flags: u32) {
-    if flags & DataplaneConfig::NO_HIT_TRACKING != 0 {
-        return;
-    }
-    if let Some((add, now)) = hit_sample() {
-        if entry.in_trie {
-            write_trie_hit(entry.hits, add, now);
-        } else {
-            write_hit(entry.hits, add, now);
-        }
-    }
-}
-
-/// `write_hit` without the atomic add (see `record_hit`).
-#[inline(always)]
-fn write_trie_hit(entry: *mut HostHits, add: u64, now: u64) {
-    // SAFETY: the pointer comes from a successful map lookup and stays valid for this run
-    // (RCU). Plain loads and stores: arm64 allows them unaligned, unlike its atomics. The
-    // observe mark in bit 63 is kept: the add never reaches it.
-    unsafe {
-        let hits = &raw mut (*entry).hits;
-        hits.write_volatile(hits.read_volatile().wrapping_add(add));
-        let last = &raw mut (*entry).last_hit_ns;
-        if last.read_volatile() != now {
-            last.write_volatile(now);
-        }
-    }
-}
-
-/// Whether this hit is recorded, and as how many hits at what time: this CPU's clock and pace
-/// (see `HitClock`), all on a per-CPU line.
-#[inline(always)]
-pub(crate) fn hit_sample() -> Option<(u64, u64)> {
-    let clock = HIT_CLOCK.get_ptr_mut(0)?;
-    // SAFETY: a helper without arguments.
-    let jiffies = unsafe { bpf_jiffies64() };
-    // SAFETY: a per-CPU slot, only touched by the CPU running this program.
-    unsafe {
-        if (*clock).jiffies != jiffies {
-            (*clock).jiffies = jiffies;
-            (*clock).tick_ns = bpf_ktime_get_ns();
-            (*clock).hits = 0;
-        }
-        (*clock).hits += 1;
-        // See `HitClock`: exact up to a pace, sampled past it.
-        let add = if (*clock).hits <= EXACT_HITS_PER_TICK {
-            1
-        } else if (*clock).countdown > 1 {
-            (*clock).countdown -= 1;
-            return None;
-        } else {
-            (*clock).countdown = SAMPLED_HIT_EVERY;
-            u64::from(SAMPLED_HIT_EVERY)
-        };
-        Some((add, (*clock).tick_ns))
-    }
-}
-
-/// Adds to an entry's count and sets its last-hit time: the entry's own line, cold under a
-/// flood of many sources.
-#[inline(always)]
-pub(crate) fn write_hit(entry: *mut HostHits, add: u64, now: u64) {
-    // SAFETY: the pointer comes from a successful map lookup and stays valid for this run
-    // (RCU). Many CPUs may hit one entry at once: the count is atomic, the timestamp a plain
-    // store where the last writer wins, skipped when it would not change.
-    unsafe {
-        atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*entry).hits, add);
-        let last = &raw mut (*entry).last_hit_ns;
-        if last.read_volatile() != now {
-            last.write_volatile(now);
-        }
-    }
-}
-
-/// CLOCK_MONOTONIC to a tick's precision, read at most once per tick on each CPU (see
-/// `HitClock`).
-#[inline(always)]
-pub(crate) fn tick_now_ns() -> u64 {
-    // SAFETY: helpers without arguments.
-    let jiffies = unsafe { bpf_jiffies64() };
-    let Some(clock) = HIT_CLOCK.get_ptr_mut(0) else {
-        // SAFETY: a helper without arguments.
-        return unsafe { bpf_ktime_get_ns() };
-    };
-    // SAFETY: a per-CPU slot, only touched by the CPU running this program.
-    unsafe {
-        if (*clock).jiffies != jiffies {
-            (*clock).jiffies = jiffies;
-            (*clock).tick_ns = bpf_ktime_get_ns();
-        }
-        (*clock).tick_ns
-    }
 }
 
 /// `len` as a length `bpf_xdp_load_bytes` may copy into a buffer of `max` bytes: `None` for
