@@ -3,11 +3,13 @@
 //! of the owner ([`build`]), so every view agrees; the client prints them ([`text`]).
 
 pub mod build;
+mod check_text;
 pub mod text;
 
 pub use self::{
     build::{check, list, report, source_hits, top_entries},
-    text::{fleet_text, relative, shown, utc},
+    check_text::fleet_text,
+    text::{relative, shown, utc},
 };
 
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
