@@ -2,7 +2,6 @@
 //! nobody configured, what stays enforced when it stops, its periodic counters, and a dry
 //! run's result.
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 
 /// Waits up to `timeout` for every interface to exist: at boot, udev may still be renaming

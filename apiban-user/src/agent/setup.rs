@@ -1,7 +1,6 @@
 //! What `apiban run` works out before it starts anything: the APIBAN client and its key,
 //! what the control socket lets whom do, and what `status` says of the agent itself.
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 
 /// The key, if one is configured; a configured key that cannot be read is an error.

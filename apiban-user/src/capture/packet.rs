@@ -1,7 +1,6 @@
 //! A captured packet on the wire between agent and client, and what the client prints of
 //! it: its addresses, ports, protocol and, for SIP, its first line.
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 
 /// One captured packet as the client gets it.

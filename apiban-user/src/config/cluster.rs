@@ -1,6 +1,5 @@
 //! `--cluster*`: the etcd a fleet shares its ledger through, and this node's name in it.
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 pub use crate::cluster::settings::{ClusterSettings, ClusterTls, DEFAULT_CLUSTER_PREFIX};
 

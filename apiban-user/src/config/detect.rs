@@ -12,7 +12,6 @@ use clap::ValueEnum;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 use crate::human::RateLimit;
 

@@ -1,7 +1,6 @@
 //! Bringing the dataplane to what the ledger wants: the diff, applied by adds before
 //! removes, and the switch between observed and enforced entries.
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 
 impl<E: Enforcer> Engine<E> {

@@ -2,7 +2,6 @@
 //! counters, the sources, detection and the fleet. What each means is in the README's
 //! metrics table.
 
-#[allow(clippy::wildcard_imports)]
 use super::*;
 
 fn labels<const N: usize>(pairs: [(&'static str, &str); N]) -> Labels {
