@@ -33,7 +33,10 @@ fn output(program: &str, args: &[&str]) -> Option<String> {
 
 fn run_step(what: &str, cmd: &mut Command) -> anyhow::Result<()> {
     progress(what, "installing");
+    // An installer's chatter is progress, like ours: on stderr, so that what a command prints
+    // on stdout (`cargo xtask bench --json`) stays what it promises.
     let status = cmd
+        .stdout(std::io::stderr())
         .status()
         .with_context(|| format!("could not run {cmd:?} to install {what}"))?;
     if !status.success() {
