@@ -6,7 +6,7 @@
 //! this host's and the fleet's addresses, the allowlist) and [`route`] says where it goes in a
 //! fleet. The engine asks [`admit`] before anything enters its ledger, the owner asks
 //! [`route`] before anything is written to etcd, and a record read from etcd is admitted as
-//! [`Provenance::Fleet`] on every node, whatever the node that wrote it checked.
+//! [`Provenance::FleetRecord`] on every node, whatever the node that wrote it checked.
 //!
 //! The rule behind every arm: what an outside party sent (a feed, CrowdSec, a packet, a SIP
 //! proxy relaying a remote party, whoever can write to etcd) passes every check; only this

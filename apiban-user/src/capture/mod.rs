@@ -10,6 +10,8 @@
 //! length and that many bytes. [`TAG_PACKET`]: [`Packet::encode`]. [`TAG_SUMMARY`]: the
 //! [`Summary`] as JSON, last. The client ends a capture early by sending `stop\n`, or by
 //! closing the socket.
+//!
+//! Over 600 lines with its tests; the code is 470.
 
 mod packet;
 

@@ -7,6 +7,8 @@
 //!
 //! Here: the engine's state, start-up, apply/commit/save and settings. `sources` takes what
 //! the feeds bring, `manual` what operators change, `enforcer` is where decisions land.
+//! Just over 600 lines: the engine's state and its start-up (the saved ledger, the pinned
+//! maps) are one piece; what each source does to it is in the files beside it.
 
 use std::{
     collections::{BTreeMap, BTreeSet},

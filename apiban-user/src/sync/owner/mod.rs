@@ -6,6 +6,9 @@
 //! one queue in arrival order and, after each, publishes a [`Snapshot`] that every reader
 //! reads instead of the engine; acknowledgements go out after the snapshot, so a client that
 //! was told "banned" sees the ban in the next `check`.
+//!
+//! Just over 600 lines: `apply`, one arm per kind of update, reads best whole; the thread,
+//! the operators' changes and the outbox to etcd are in the files beside it.
 
 use std::{sync::Arc, time::Duration};
 
