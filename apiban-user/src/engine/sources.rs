@@ -144,7 +144,10 @@ impl<E: Enforcer> Engine<E> {
                 }
             };
             report.accepted += 1;
-            let mut ttl = ban.remaining.as_secs().max(1);
+            // Rounded up, and a second more: `now` is the wall clock's whole seconds, up to
+            // one behind the instant LAPI measured from, and a ban lifted a moment after its
+            // decision ends is right where one lifted before it would cut CrowdSec short.
+            let mut ttl = ban.remaining.as_secs_f64().ceil() as u64 + 1;
             if let Some(until) = self
                 .ledger
                 .record(&net, &source)
@@ -259,7 +262,8 @@ mod tests {
             .record(&"45.91.1.2/32".parse().unwrap(), &SourceId::Crowdsec)
             .unwrap()
             .clone();
-        assert_eq!(record.expires, Some(220));
+        // 120 s from a `now` up to a second behind LAPI's: it may end a second late, never early.
+        assert_eq!(record.expires, Some(221));
         assert_eq!(record.comment.as_deref(), Some("test (origin cscli)"));
         // Deleted (LAPI repeats a deletion for a while): lifted once, then nothing to do.
         for _ in 0..2 {
@@ -284,6 +288,35 @@ mod tests {
         assert!(e.enforcer().deny.is_empty());
     }
 
+    /// LAPI counts a decision's end to the nanosecond, the agent's clock in whole seconds:
+    /// whatever the fraction, the ban ends at or after the decision's end (CI saw a 15 s
+    /// decision lifted after 13.9 s when both were rounded down).
+    #[test]
+    fn a_decision_never_ends_before_lapi_ends_it() {
+        for (millis, into_second) in [(14_947, 999), (15_000, 0), (14_001, 500), (0, 999)] {
+            let mut e = engine();
+            let mut decision = ban("45.91.3.3/32", 0);
+            decision.remaining = Duration::from_millis(millis);
+            // The agent read the stream `into_second` ms after Unix second 100 began.
+            e.crowdsec_stream(false, &stream(vec![decision], vec![]), 100);
+            let expires = e
+                .ledger()
+                .record(&"45.91.3.3/32".parse().unwrap(), &SourceId::Crowdsec)
+                .unwrap()
+                .expires
+                .unwrap();
+            let decision_ends_ms = 100_000 + into_second + millis;
+            assert!(
+                expires * 1000 >= decision_ends_ms,
+                "{millis} ms read at 100.{into_second:03}: lifted at {expires}"
+            );
+            assert!(
+                expires * 1000 <= decision_ends_ms + 2000,
+                "{millis} ms: {expires}"
+            );
+        }
+    }
+
     /// LAPI may send two decisions for one address, the shorter after the longer: the ban
     /// lasts as long as the longer.
     #[test]
@@ -301,6 +334,6 @@ mod tests {
             .ledger()
             .record(&"45.91.1.2/32".parse().unwrap(), &SourceId::Crowdsec)
             .unwrap();
-        assert_eq!(record.expires, Some(1900));
+        assert_eq!(record.expires, Some(1901));
     }
 }
