@@ -1,5 +1,5 @@
 //! An independent model of the XDP program's verdict, written from its documented policy
-//! (README, "How it decides"), not from its code, to run side by side with the real program
+//! (docs/design.md, "How it decides"), not from its code, to run side by side with the real program
 //! on generated frames (tests/tests/differential.rs).
 //!
 //! The policy, as the model decides it:

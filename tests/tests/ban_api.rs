@@ -1,5 +1,5 @@
 //! The ban API with the SIP proxy operators run: a real Kamailio in the server namespace,
-//! configured with the pike + http_client snippet the README gives, calls /addip when a
+//! configured with the pike + http_client snippet docs/operating.md gives, calls /addip when a
 //! source floods it, and the XDP program drops that source from then on. The other calls
 //! (removeip, a refused ban, a token) are driven over HTTP like a proxy would.
 
@@ -30,7 +30,7 @@ fn kamailio() -> PathBuf {
     bin
 }
 
-/// The README's snippet, around a proxy that answers everything else 200.
+/// docs/operating.md's snippet, around a proxy that answers everything else 200.
 fn kamailio_cfg(listen: SocketAddr) -> String {
     format!(
         r#"#!KAMAILIO
@@ -148,7 +148,7 @@ fn kamailio_pike_bans_a_flooding_source_through_the_api_and_xdp_drops_it() {
     // A flood past pike's 16 requests per 2 s: Kamailio bans it through the API...
     send_udp(&s.topo.attacker, flooder, kamailio_addr, 200);
     s.wait_verdict(flooder, "banned", Duration::from_secs(10));
-    // What the README shows (run with --nocapture).
+    // What docs/operating.md shows (run with --nocapture).
     println!("{}", s.agent().cli_ok(&["check", "45.95.0.1"]));
     let said = s.check("45.95.0.1");
     assert_eq!(said["records"][0]["source"], "api", "{said}");

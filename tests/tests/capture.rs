@@ -166,7 +166,7 @@ fn a_flood_captured_to_pcap_reads_back_in_tshark_with_its_sources_and_method() {
         [("45.95.7.1".to_owned(), 40), ("45.95.8.9".to_owned(), 10)].into(),
         "only banned sources, in the order they came"
     );
-    // What the README shows.
+    // What docs/operating.md shows.
     let summary = std::process::Command::new(tshark())
         .args(["-r", &pcap_arg, "-c", "2"])
         .output()

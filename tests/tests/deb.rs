@@ -43,13 +43,14 @@ impl Drop for Package {
 /// The ban API's token, which the package makes at install (not a packaged file).
 const TOKEN: &str = "/etc/apiban/ban-api-token";
 
-const FILES: [&str; 6] = [
+const FILES: [&str; 7] = [
     "/usr/bin/apiban",
     "/lib/systemd/system/apiban.service",
     "/usr/share/man/man1/apiban.1.gz",
     "/usr/share/man/man1/apiban-capture.1.gz",
     "/usr/share/bash-completion/completions/apiban",
     "/usr/share/doc/apiban/README.md",
+    "/usr/share/doc/apiban/docs/fleet.md",
 ];
 
 #[test]

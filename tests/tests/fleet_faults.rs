@@ -1,4 +1,4 @@
-//! The fleet's contract under faults (README, "A fleet"): an operator's change accepted on
+//! The fleet's contract under faults (docs/fleet.md): an operator's change accepted on
 //! any node ends in the same state everywhere, its own or a later one, even when the node
 //! never heard etcd's answer to its write, or was killed before it did.
 
@@ -410,7 +410,7 @@ fn fill_etcd(f: &Fleet) {
     }
 }
 
-/// The README's fix: delete what filled it, then disarm the alarm.
+/// docs/fleet.md's fix: delete what filled it, then disarm the alarm.
 fn fix_etcd(f: &Fleet) {
     f.etcd_client(async |c| {
         c.delete(
@@ -425,7 +425,7 @@ fn fix_etcd(f: &Fleet) {
 
 /// etcd's quota full: it refuses every write and raises NOSPACE. Every node says so once,
 /// with the fix; enforcement and APIBAN polling go on; an operator's change made meanwhile
-/// waits, and reaches every node once the operator has done what the README says.
+/// waits, and reaches every node once the operator has done what docs/fleet.md says.
 #[test]
 fn an_etcd_out_of_space_is_named_and_its_fix_lets_changes_through() {
     require_root();

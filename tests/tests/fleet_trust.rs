@@ -1,4 +1,4 @@
-//! What a party that can write to etcd can make a node do (README, "A fleet"): each node
+//! What a party that can write to etcd can make a node do (docs/fleet.md): each node
 //! checks what etcd holds with its own policy, as it checks a feed's entries, so a `/0`, a
 //! special-purpose range, the etcd member's own address, an unprintable comment or a value
 //! it cannot read changes nothing it enforces; each refusal is counted by reason.

@@ -164,7 +164,7 @@ fn both_exposition_formats_pass_promtool_after_real_drops() {
     let post = http_request(ns, addr, "POST", "/metrics", &[]);
     assert_eq!(post.code, 405);
     assert_eq!(post.header("allow"), Some("GET, HEAD"));
-    // What the README shows (run with --nocapture).
+    // What docs/operating.md shows (run with --nocapture).
     println!("{}", text.body);
 }
 

@@ -101,7 +101,7 @@ fn a_list_on_trial_is_counted_not_dropped_then_enforced_in_place() {
     );
     let text = s.agent().cli_ok(&["status"]);
     assert!(text.contains("observed: would be dropped"), "{text}");
-    // What the README shows (run with --nocapture).
+    // What docs/operating.md shows (run with --nocapture).
     println!("{}\n{text}", s.agent().cli_ok(&["check", "45.90.0.1"]));
     let (code, body) = http_get(Some(&s.topo.server), metrics, "/metrics");
     assert_eq!(code, 200);

@@ -104,7 +104,7 @@ enum Cmd {
     /// Build target/debian/apiban_<version>_<arch>.deb (cargo-deb), or with --rpm
     /// target/rpm/RPMS/<arch>/apiban-<version>-1.<arch>.rpm (rpmbuild): the binary, the
     /// systemd unit, /etc/apiban/config.toml as a conffile, man pages, shell completions, the
-    /// README. Built with cargo-zigbuild against glibc 2.31 (Debian 11 and later); arm64 is
+    /// README and docs/. Built with cargo-zigbuild against glibc 2.31 (Debian 11 and later); arm64 is
     /// cross-linked by zig.
     ///
     /// Example: cargo xtask package && dpkg -i target/debian/apiban_*_amd64.deb

@@ -1,6 +1,6 @@
 //! `cargo xtask package`: the .deb (cargo-deb) and the RPM (rpmbuild, packaging/rpm), for amd64
 //! and arm64. Both carry the same files: the binary, the systemd unit, the config as a
-//! conffile, man pages, shell completions, the README; their scripts behave alike (installing
+//! conffile, man pages, shell completions, the README and docs/; their scripts behave alike (installing
 //! starts nothing, an upgrade restarts a running agent onto the new binary while the program
 //! stays attached, the final removal detaches). Both arches are built with cargo-zigbuild
 //! against glibc GLIBC_FLOOR's symbols, so that one package runs from Debian 11 to 13 (a plain
@@ -172,7 +172,7 @@ fn deb(root: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
 fn rpm(root: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
     let release = arch.release_dir(root);
     // What the spec installs, in one directory: the .deb's assets, the binary (stripped by
-    // the build), the config and the README.
+    // the build), the config, the README and docs/.
     let assets = release.join("debian-assets");
     std::fs::copy(release.join("apiban"), assets.join("apiban"))
         .context("cannot copy the binary")?;
@@ -181,6 +181,17 @@ fn rpm(root: &Path, arch: Arch) -> anyhow::Result<PathBuf> {
         assets.join("config.toml"),
     )?;
     std::fs::copy(root.join("README.md"), assets.join("README.md"))?;
+    // The README links these; installed beside it, its links hold.
+    let docs = assets.join("docs");
+    let _ = std::fs::remove_dir_all(&docs);
+    std::fs::create_dir_all(&docs).context("cannot create the docs' asset directory")?;
+    for entry in std::fs::read_dir(root.join("docs")).context("cannot read docs/")? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "md") {
+            std::fs::copy(&path, docs.join(path.file_name().unwrap_or_default()))
+                .with_context(|| format!("cannot copy {}", path.display()))?;
+        }
+    }
     let top = root.join("target/rpm");
     let rpm_arch = match arch {
         Arch::Amd64 => "x86_64",

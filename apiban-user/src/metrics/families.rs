@@ -1,5 +1,5 @@
 //! Every metric family /metrics exposes, written from one status report: the dataplane's
-//! counters, the sources, detection and the fleet. What each means is in the README's
+//! counters, the sources, detection and the fleet. What each means is in docs/operating.md's
 //! metrics table.
 
 use super::*;

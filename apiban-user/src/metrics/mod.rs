@@ -130,7 +130,7 @@ impl Collector for ReportCollector {
 
 type Labels = Vec<(&'static str, String)>;
 
-/// Families by the names the README documents: counters are registered without their
+/// Families by the names docs/operating.md documents: counters are registered without their
 /// `_total`, which the encoder adds to each sample.
 struct Writer<'a> {
     enc: DescriptorEncoder<'a>,

@@ -418,7 +418,7 @@ impl Fleet {
         self.wait_etcd_healthy(Duration::from_secs(30));
     }
 
-    /// What the README tells an operator to do about a NOSPACE alarm: compact to the current
+    /// What docs/fleet.md tells an operator to do about a NOSPACE alarm: compact to the current
     /// revision, defragment every member, disarm the alarms. (Without etcdctl, which Debian
     /// ships apart from the server: the same calls through the client.)
     pub fn clear_nospace(&self) {

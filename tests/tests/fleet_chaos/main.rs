@@ -1,4 +1,4 @@
-//! The fleet's chaos test (README, "A fleet"): operators ban and unban on every node at
+//! The fleet's chaos test (docs/fleet.md): operators ban and unban on every node at
 //! once while, at seeded times, the member that leads etcd's Raft group is killed and
 //! restarted, a node is cut off from etcd (its link down, or only etcd's answers lost) and
 //! healed, and the node that polls APIBAN is SIGKILLed and restarted; APIBAN publishes
