@@ -43,7 +43,7 @@ use tests::{
     BpffsDir, Netns, Topology,
     bench_mode::{Mode, size_label, write_results},
     frame::Frame,
-    in_netns, require_root, spawn_in_netns,
+    in_netns, require_root, spawn_in_netns, spawn_in_netns_at,
 };
 
 #[path = "compare/veth.rs"]

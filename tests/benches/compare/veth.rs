@@ -384,8 +384,9 @@ pub(super) fn veth_flood(mode: Mode, only: Option<&[String]>) -> serde_json::Val
             Duration::from_secs(20),
         ),
         Mode::Quick => (&[10_000], 2_000_000, Duration::from_secs(5)),
-        // 10k: the size the comparison's ratios are taken at.
-        Mode::Smoke => (&[10_000], 20_000, Duration::from_secs(2)),
+        // 10k: the size the comparison's ratios are taken at; 1k first, so that the smoke
+        // run attaches our program a second time on the same veth, as the full run does.
+        Mode::Smoke => (&[1_000, 10_000], 20_000, Duration::from_secs(2)),
     };
     let topo = Topology::new();
     let napi = prepare_receiver(&topo);
@@ -441,11 +442,8 @@ pub(super) fn veth_flood(mode: Mode, only: Option<&[String]>) -> serde_json::Val
                 continue;
             }
             setup_filter(&topo.server, filter, &addrs);
-            let bpffs = (filter == Filter::Xdp).then(|| {
-                let dir = BpffsDir::new();
-                attach_xdp(&topo, &dir, &addrs);
-                dir
-            });
+            let attached = (filter == Filter::Xdp).then(|| attach_xdp(&topo, &addrs));
+            let bpffs = attached.as_ref().map(|a| &a.dir);
             let r = flood(
                 &topo,
                 filter,
@@ -455,9 +453,9 @@ pub(super) fn veth_flood(mode: Mode, only: Option<&[String]>) -> serde_json::Val
                 packets,
                 max_time,
                 sink,
-                bpffs.as_ref(),
+                bpffs,
             );
-            drop(bpffs);
+            drop(attached);
             teardown_filter(&topo.server, filter);
             print_row(filter, n, &r);
             note_generator(&mut json, &r);
@@ -554,8 +552,34 @@ fn xdp_dropped(dir: &BpffsDir) -> u64 {
         .packets
 }
 
-fn attach_xdp(topo: &Topology, dir: &BpffsDir, addrs: &[Ipv4Addr]) {
-    let path = dir.path.clone();
+/// Our program on the server's veth with its maps pinned in a directory of its own. Detached
+/// in the server's namespace on drop: `BpffsDir`'s own drop detaches from the namespace it
+/// runs in, where the veth is not, and the next size's program would find ours still there
+/// (and refuse to replace a program on other maps).
+struct XdpOnServer {
+    dir: BpffsDir,
+    netns: std::path::PathBuf,
+    iface: String,
+}
+
+impl Drop for XdpOnServer {
+    fn drop(&mut self) {
+        let (path, iface) = (self.dir.path.clone(), self.iface.clone());
+        // Best effort: a failure here must not mask the bench's own panic.
+        let _ = spawn_in_netns_at(self.netns.clone(), move || {
+            loader::detach(&path, Some(&iface), true)
+        })
+        .join();
+    }
+}
+
+fn attach_xdp(topo: &Topology, addrs: &[Ipv4Addr]) -> XdpOnServer {
+    let attached = XdpOnServer {
+        dir: BpffsDir::new(),
+        netns: topo.server.path(),
+        iface: topo.server_if.clone(),
+    };
+    let path = attached.dir.path.clone();
     let iface = topo.server_if.clone();
     let nets: Vec<IpNet> = addrs
         .iter()
@@ -576,4 +600,5 @@ fn attach_xdp(topo: &Topology, dir: &BpffsDir, addrs: &[Ipv4Addr]) {
             .expect("load the bans");
         // Dropping the object leaves the pinned link and maps enforcing.
     });
+    attached
 }
