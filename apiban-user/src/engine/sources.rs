@@ -145,8 +145,8 @@ impl<E: Enforcer> Engine<E> {
             };
             report.accepted += 1;
             // Rounded up, and a second more: `now` is the wall clock's whole seconds, up to
-            // one behind the instant LAPI measured from, and a ban lifted a moment after its
-            // decision ends is right where one lifted before it would cut CrowdSec short.
+            // one behind the instant LAPI measured from. Lifting a moment late is harmless;
+            // lifting early would cut CrowdSec's decision short.
             let mut ttl = ban.remaining.as_secs_f64().ceil() as u64 + 1;
             if let Some(until) = self
                 .ledger
